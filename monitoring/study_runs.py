@@ -1,0 +1,122 @@
+"""Read a depth study back from MLflow: the parent run, one child run per member, and their curves.
+
+A study is a parent run tagged ``study_role = parent`` with its members as nested runs
+(``mlflow.parentRunId``). A member may have several child runs (a failed attempt, then a
+finished one); the newest finished run counts, else the newest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+PARENT_ROLE = "parent"  # value of the "study_role" tag on a study's parent run
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class StudyNotFound(LookupError):
+    """No parent run matches; the message says what was searched."""
+
+
+@dataclass
+class MemberRun:
+    name: str  # the member's name in the study file, which is also its MLflow run name
+    run_id: str
+    status: str
+    depth: int
+    residual: bool
+    shortcut: str
+    dataset: str
+    stem: str  # "cifar" or "imagenet": which of the paper's tables and figures it belongs to
+    params: dict[str, str]
+    tags: dict[str, str]
+    final: dict[str, float]  # the last value of every metric
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # key -> [(step, value)]
+
+    @property
+    def label(self) -> str:
+        return f"ResNet-{self.depth}" if self.residual else f"plain-{self.depth}"
+
+    def param(self, key: str, default: Any = None) -> Any:
+        """A flattened config value, parsed back from its string (numbers, booleans, lists)."""
+        raw = self.params.get(key)
+        if raw is None:
+            return default
+        if raw in ("True", "False"):
+            return raw == "True"
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw
+
+
+@dataclass
+class StudyRuns:
+    name: str
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    members: list[MemberRun]
+
+    @property
+    def datasets(self) -> set[str]:
+        return {m.dataset for m in self.members}
+
+
+def _all_experiment_ids(client: Any) -> list[str]:
+    return [e.experiment_id for e in client.search_experiments()]
+
+
+def find_parent(client: Any, study: str, *, experiment: str | None = None) -> Any:
+    """The parent run, by run id or by study name (the newest parent of that name)."""
+    if _RUN_ID.match(study):
+        return client.get_run(study)
+    if experiment:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            raise StudyNotFound(f"experiment {experiment!r} does not exist at {client.tracking_uri}")
+        ids = [exp.experiment_id]
+    else:
+        ids = _all_experiment_ids(client)
+    runs = client.search_runs(ids, filter_string=f"tags.study = '{study}' and tags.study_role = '{PARENT_ROLE}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise StudyNotFound(f"no study named {study!r} at {client.tracking_uri}"
+                            f"{f' in experiment {experiment!r}' if experiment else ''}; pass the parent run id "
+                            f"or the study's name (python -m pipeline.study prints both)")
+    return runs[0]
+
+
+def _pick(runs: list[Any]) -> Any:
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    return max(finished or runs, key=lambda r: r.info.start_time)
+
+
+def load_study(client: Any, study: str, *, experiment: str | None = None,
+               curves: tuple[str, ...] = ("train_top1_error", "val_top1_error")) -> StudyRuns:
+    parent = find_parent(client, study, experiment=experiment)
+    pid = parent.info.run_id
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{pid}'",
+                                  max_results=5000)
+    by_name: dict[str, list[Any]] = {}
+    for r in children:
+        by_name.setdefault(r.info.run_name, []).append(r)
+    members = []
+    for name, runs in by_name.items():
+        r = _pick(runs)
+        tags = r.data.tags
+        if "depth" not in tags:
+            continue  # a run that failed before it was described: nothing to report
+        m = MemberRun(name=name, run_id=r.info.run_id, status=r.info.status, depth=int(tags["depth"]),
+                      residual=tags.get("residual") == "true", shortcut=tags.get("shortcut", ""),
+                      dataset=tags.get("dataset", ""), stem=tags.get("stem", "cifar"), params=dict(r.data.params),
+                      tags=dict(tags), final=dict(r.data.metrics))
+        for key in curves:
+            if key in m.final:
+                m.curves[key] = sorted((h.step, h.value) for h in client.get_metric_history(r.info.run_id, key))
+        members.append(m)
+    members.sort(key=lambda m: (m.residual, m.depth))
+    return StudyRuns(name=parent.data.tags.get("study", parent.info.run_name), parent_run_id=pid,
+                     experiment_id=parent.info.experiment_id, tracking_uri=client.tracking_uri, members=members)

@@ -1,0 +1,110 @@
+"""The Table 2 / Table 6 comparison: final error per depth, plain and residual side by side."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from monitoring.paper import TABLE2, recipe_mismatches, table_for
+from monitoring.study_runs import MemberRun, StudyRuns
+
+
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        lines = [f"**{self.title}**", "", "| " + " | ".join(self.columns) + " |",
+                 "|" + "|".join("---:" for _ in self.columns) + "|"]
+        lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+        if self.notes:
+            lines += [""] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def text(self) -> str:
+        """Aligned columns for the terminal."""
+        widths = [max(len(c), *(len(r[i]) for r in self.rows)) if self.rows else len(c)
+                  for i, c in enumerate(self.columns)]
+        fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+        lines = [self.title, fmt.format(*self.columns), "  ".join("-" * w for w in widths)]
+        lines += [fmt.format(*r) for r in self.rows]
+        lines += [f"  {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def comparison_table(study: StudyRuns) -> Table:
+    members = study.members
+    paper = table_for(members)
+    with_top5 = paper is TABLE2  # top-5 is reported for ImageNet only, as in the paper
+    by_key = {(m.residual, m.depth): m for m in members}
+    depths = sorted({m.depth for m in members})
+    notes: list[str] = []
+
+    # The paper's number goes next to ours only for runs that followed the paper's recipe.
+    matching: dict[tuple[bool, int], bool] = {}
+    differs: list[str] = []
+    for m in members:
+        miss = recipe_mismatches(paper, m)
+        matching[(m.residual, m.depth)] = not miss
+        if miss and paper.paper_top1(m) is not None:
+            differs.append(f"{m.label}: {', '.join(miss)}")
+    arches = [(False, "plain"), (True, "ResNet")]
+    show_paper = {res: any(matching.get((res, d)) and paper.top1.get((res, d)) for d in depths)
+                  for res, _ in arches}
+
+    columns = ["layers"]
+    for res, name in arches:
+        columns.append(f"{name} top-1")
+        if with_top5:
+            columns.append(f"{name} top-5")
+        if show_paper[res]:
+            columns.append(f"{name} top-1 ({paper.metric})")
+    rows = []
+    unfinished = []
+    for d in depths:
+        row = [str(d)]
+        for res, _ in arches:
+            m = by_key.get((res, d))
+            top1 = m.final.get("val_top1_error") if m else None
+            mark = ""
+            if m is not None and m.status != "FINISHED":
+                mark = "*"
+                unfinished.append(f"{m.label} ({m.status.lower()})")
+            row.append(_fmt(top1) + mark)
+            if with_top5:
+                row.append(_fmt(m.final.get("val_top5_error") if m else None) + mark)
+            if show_paper[res]:
+                value = paper.top1.get((res, d)) if m is not None and matching.get((res, d)) else None
+                row.append(value or "—")
+        rows.append(row)
+
+    if any(show_paper.values()):
+        notes.append(f"Paper column: {paper.note}.")
+    if paper.plain_note and any(matching.get((False, d)) for d in depths):
+        notes.append(f"Plain nets: {paper.plain_note}.")
+    if differs:
+        notes.append("Paper numbers not compared where the recipe differs from the paper's: " + "; ".join(differs) + ".")
+    if not any(show_paper.values()) and not differs:
+        datasets = ", ".join(sorted(study.datasets)) or "unknown"
+        notes.append(f"No paper numbers: the paper has none for this dataset ({datasets}) and depths.")
+    if unfinished:
+        notes.append("* not finished: " + ", ".join(unfinished) + "; the last logged value is shown.")
+    title = f"{paper.title.split(' (')[0]} layout: {study.name}, final validation error (%)"
+    return Table(title=title, columns=columns, rows=rows, notes=notes)
+
+
+def member_summary(members: list[MemberRun]) -> Table:
+    """One line per member run, for the page: what ran, how far, and where to find it."""
+    rows = []
+    for m in members:
+        steps = max((s for s, _ in m.curves.get("train_top1_error", [])), default=0)
+        rows.append([m.name, m.label, m.shortcut, m.dataset, m.tags.get("world_size", "?"), str(steps),
+                     _fmt(m.final.get("val_top1_error")), m.status.lower(), m.run_id])
+    return Table(title="Member runs", columns=["member", "network", "shortcut", "dataset", "ranks", "iterations",
+                                               "val top-1", "status", "run id"], rows=rows)

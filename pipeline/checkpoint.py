@@ -1,0 +1,522 @@
+"""Checkpoints on any storage: atomic, verified, uploaded in the background, resumed exactly.
+
+Layout under ``<checkpoint.uri>/<run_id>/``::
+
+    step-<N>/mp_rank_00_model_states.pt, zero_pp_rank_*...   DeepSpeed's files, as it wrote them
+    step-<N>/trainer-rank<R>.pt                              each rank's trainer state (RNG, data position)
+    step-<N>/parts/rank-<R>.json                             what rank R uploaded (size, sha256)
+    step-<N>/manifest.json                                   written last: the checkpoint is committed
+    latest                                                   "step-<N>", moved only after the manifest
+
+Saving: every rank takes part in DeepSpeed's ``save_checkpoint`` into its own node-local staging
+folder; training then goes on while ``checkpoint_upload.Uploader`` copies the files out. Rank 0 writes
+the manifest once every rank's part is stored, moves ``latest``, and applies retention. A crash at any
+point leaves ``latest`` on the previous committed checkpoint; a half-uploaded step has no manifest.
+
+Resuming: the newest committed checkpoint whose files all match the manifest's sizes and sha256 is
+loaded; a missing or corrupt file makes resume fall back to the previous one with a warning naming the
+file. If ``latest`` exists but nothing verifies, start-up fails instead of silently starting over.
+
+Stop requests: the trainer agrees on a stop flag across ranks at its metric reduction (every
+``log_every`` steps), saves through ``save`` and ``close`` waits for the commit before the process
+exits with the requeue code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.checkpoint_upload import PartsMissing, UploadJob, Uploader, read_parts
+from pipeline.config import CheckpointConfig
+from pipeline.storage import Storage, StorageError
+
+log = logging.getLogger("pipeline.checkpoint")
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+FORMAT = 1
+_TAG = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint problem; the message names the URI or file and what to do."""
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step}"
+
+
+def step_of(tag: str) -> int | None:
+    m = _TAG.match(tag)
+    return int(m.group(1)) if m else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Storage-side helpers (no collectives): usable from tools and tests too.
+
+
+def read_manifest(store: Storage, tag: str) -> dict[str, Any] | None:
+    """The manifest of ``tag``; None when it has none (uncommitted). Unreadable JSON raises CheckpointError."""
+    try:
+        text = store.read_text(f"{tag}/{MANIFEST}")
+    except StorageError as e:
+        if e.kind == "not_found":
+            return None
+        raise
+    try:
+        manifest = json.loads(text)
+        if manifest.get("format") != FORMAT or manifest.get("tag") != tag or not manifest.get("files"):
+            raise ValueError("missing fields")
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"manifest {store.url(f'{tag}/{MANIFEST}')} is unreadable ({e})") from e
+    return manifest
+
+
+def list_steps(store: Storage) -> list[str]:
+    """Every step folder of a run, newest first (committed or not)."""
+    tags = [n for n in store.list() if step_of(n) is not None]
+    return sorted(tags, key=lambda t: step_of(t) or 0, reverse=True)
+
+
+def committed_tags(store: Storage) -> list[str]:
+    """Step folders that have a manifest, newest first."""
+    return [t for t in list_steps(store) if store.exists(f"{t}/{MANIFEST}")]
+
+
+def set_aside(store: Storage, tag: str, reason: str) -> None:
+    """Uncommit ``tag`` without losing it: the manifest becomes ``manifest.<reason>.json``."""
+    try:
+        data = store.read_bytes(f"{tag}/{MANIFEST}")
+    except StorageError as e:
+        if e.kind == "not_found":
+            return
+        raise
+    store.write_bytes(f"{tag}/manifest.{reason}.json", data)
+    store.delete(f"{tag}/{MANIFEST}")
+
+
+def apply_retention(store: Storage, *, keep_last: int, keep_every: int, newest: str) -> list[str]:
+    """Delete committed checkpoints beyond the newest ``keep_last`` (sparing every ``keep_every``-th
+    step) and uncommitted leftovers, but only folders older than ``newest``, which was just committed.
+    Returns the deleted tags."""
+    newest_step = step_of(newest) or 0
+    tags = list_steps(store)
+    committed = [t for t in tags if store.exists(f"{t}/{MANIFEST}")]
+    keep = set(committed[:keep_last]) | {newest}
+    if keep_every:
+        keep |= {t for t in committed if (step_of(t) or 0) % keep_every == 0}
+    deleted = []
+    for t in tags:
+        if (step_of(t) or 0) >= newest_step or t in keep:
+            continue  # newer folders may be uploads in flight
+        # Manifest first: a crash halfway leaves an uncommitted folder, never a committed torn one.
+        store.delete(f"{t}/{MANIFEST}")
+        store.delete(t, recursive=True)
+        deleted.append(t)
+    return deleted
+
+
+# --------------------------------------------------------------------------------------------------
+# Collectives on a CPU (gloo) group of our own: cheap, and never on the training stream.
+
+
+class _Comm:
+    def __init__(self) -> None:
+        self.on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.group = None
+        if self.on:
+            self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+    def bcast(self, obj: Any) -> Any:
+        if not self.on:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def gather_all(self, obj: Any) -> list[Any]:
+        if not self.on:
+            return [obj]
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def barrier(self) -> None:
+        if self.on:
+            dist.barrier(group=self.group)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class Checkpointer:
+    """Saves and restores one run's checkpoints; every method is called on every rank."""
+
+    def __init__(self, cfg: CheckpointConfig, *, run_id: str, rank: int, world_size: int, config_hash: str,
+                 staging_dir: str, local_rank: int | None = None) -> None:
+        self.cfg = cfg
+        self.run_id = run_id
+        self.rank = rank
+        self.world_size = world_size
+        self.local_rank = int(os.environ.get("LOCAL_RANK", rank)) if local_rank is None else local_rank
+        self.config_hash = config_hash
+        opts = {"endpoint_url": cfg.endpoint_url, "region": cfg.region, "profile": cfg.profile}
+        self._opts = opts
+        self.store = Storage(cfg.uri, **opts).child(run_id)  # the run folder
+        self.staging = Path(staging_dir) / run_id
+        self._comm = _Comm()
+        # One id per process lifetime, the same on all ranks, so the commit never trusts parts left over
+        # by a crashed earlier attempt at the same step.
+        self.session = self._comm.bcast(uuid.uuid4().hex[:12] if rank == 0 else None)
+        self._uploader: Uploader | None = None
+        self._last_save = time.monotonic()
+        self.blocked_s: list[float] = []  # time the training loop spent inside save(), per save
+        self.last_saved_step: int | None = None
+
+    # ---------------------------------------------------------------------------------------------
+    def check_access(self) -> None:
+        """Fail on every rank, before any training step, when storage or staging is unusable."""
+        err = ""
+        try:
+            self.store.check_access()
+            self.staging.mkdir(parents=True, exist_ok=True)
+        except StorageError as e:
+            err = str(e)
+        except OSError as e:
+            err = (f"cannot create the staging folder {self.staging} ({e}); set checkpoint.staging_dir to a "
+                   f"writable node-local folder")
+        errors = [e for e in self._comm.gather_all(err) if e]
+        if errors:
+            raise CheckpointError(f"checkpoint storage check failed for checkpoint.uri = {self.cfg.uri!r}: "
+                                  f"{errors[0]}")
+
+    def should_save(self, step: int) -> bool:
+        """Same answer on every rank. Time-based saves follow rank 0's clock, agreed by a broadcast
+        every ``time_check_steps`` steps."""
+        if self.cfg.every_steps and step % self.cfg.every_steps == 0:
+            return True
+        if self.cfg.every_minutes and step % self.cfg.time_check_steps == 0:
+            due = time.monotonic() - self._last_save >= 60 * self.cfg.every_minutes if self.rank == 0 else None
+            return bool(self._comm.bcast(due))
+        return False
+
+    # ---------------------------------------------------------------------------------------------
+    def save(self, engine: Any, *, step: int, epoch: int, trainer_state: dict[str, Any]) -> str:
+        """Write this rank's share locally (a collective with DeepSpeed) and queue the upload.
+        Returns the checkpoint's URI; it is committed later (``close`` waits for that)."""
+        t0 = time.monotonic()
+        tag = tag_for(step)
+        uploader = self._ensure_uploader()
+        self._wait_for_room(uploader, tag)
+        save_root = self.staging / f"rank-{self.rank:05d}"
+        local = save_root / tag
+        if local.exists():
+            shutil.rmtree(local)  # left by a crashed attempt: DeepSpeed would mix old and new files
+        engine.save_checkpoint(str(save_root), tag=tag, save_latest=False)
+        torch.save(trainer_state, local / f"trainer-rank{self.rank}.pt")
+        meta = {"format": FORMAT, "run_id": self.run_id, "tag": tag, "step": step, "epoch": epoch,
+                "config_hash": self.config_hash, "world_size": self.world_size,
+                "zero_stage": int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0,
+                "versions": _versions()}
+        uploader.submit(UploadJob(tag=tag, step=step, local_dir=local, meta=meta))
+        self._last_save = time.monotonic()
+        self.last_saved_step = step
+        self.blocked_s.append(self._last_save - t0)
+        if self.rank == 0:
+            log.info("checkpoint %s written locally in %.2f s; uploading to %s in the background", tag,
+                     self.blocked_s[-1], self.store.url(tag))
+        return self.store.url(tag)
+
+    def _ensure_uploader(self) -> Uploader:
+        if self._uploader is None:
+            self._uploader = Uploader(self.store, rank=self.rank, session=self.session,
+                                      commit=self._commit if self.rank == 0 else None)
+        return self._uploader
+
+    def _wait_for_room(self, uploader: Uploader, tag: str) -> None:
+        pending = uploader.pending()
+        if len(pending) < self.cfg.max_pending:
+            return
+        if self.rank == 0:
+            log.warning("checkpoint %s waits: %d uploads still pending (checkpoint.max_pending = %d): %s", tag,
+                        len(pending), self.cfg.max_pending, uploader.describe_pending())
+        while len(uploader.pending()) >= self.cfg.max_pending:
+            pending[0].done.wait(30)
+            pending = uploader.pending() or pending
+
+    def _commit(self, job: UploadJob) -> None:
+        """Rank 0, upload thread: once every rank's part is stored, write the manifest, then ``latest``."""
+        parts = {r: p for r, p in read_parts(self.store, job.tag).items() if p.get("session") == self.session}
+        missing = [r for r in range(self.world_size) if r not in parts]
+        if missing:
+            raise PartsMissing(", ".join(map(str, missing)))
+        files = [f for r in sorted(parts) for f in parts[r]["files"]]
+        manifest = {**job.meta, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "files": sorted(files, key=lambda f: f["path"])}
+        self.store.write_text(f"{job.tag}/{MANIFEST}", json.dumps(manifest, indent=1))
+        self.store.write_text(LATEST, job.tag)
+        log.info("checkpoint %s committed (%d files, %.1f MiB) at %s", job.tag, len(files),
+                 sum(f["size"] for f in files) / 2**20, self.store.url(job.tag))
+        try:
+            deleted = apply_retention(self.store, keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every,
+                                      newest=job.tag)
+            if deleted:
+                log.info("retention: deleted %s", ", ".join(deleted))
+        except StorageError as e:
+            log.warning("retention after %s failed (%s); older checkpoints stay until the next commit", job.tag, e)
+
+    # ---------------------------------------------------------------------------------------------
+    def pending(self) -> str:
+        return self._uploader.describe_pending() if self._uploader else "nothing pending"
+
+    def wait(self, *, timeout_s: float | None = None) -> None:
+        """Every rank waits until all its uploads are done and rank 0 has committed them. A collective.
+
+        The ranks poll together once a second (a tiny gloo all-gather) rather than block in one long
+        collective, so a slow commit never trips the collective timeout."""
+        timeout_s = 60 * self.cfg.close_timeout_min if timeout_s is None else timeout_s
+        t0 = time.monotonic()
+        last_note = t0
+        poll = 0.05
+        while True:
+            idle = self._uploader is None or not self._uploader.pending()
+            give_up = time.monotonic() - t0 > timeout_s
+            states = self._comm.gather_all((idle, give_up, self.pending()))
+            if all(s[0] for s in states):
+                return
+            if states[0][1]:
+                busy = [f"rank {r}: {s[2]}" for r, s in enumerate(states) if not s[0]]
+                raise CheckpointError(
+                    f"checkpoint upload to {self.store.uri} did not finish within {timeout_s / 60:.1f} min "
+                    f"({'; '.join(busy)}); `latest` still names the previous committed checkpoint and the "
+                    f"unsent files are kept in {self.staging}; check the storage and resume")
+            if self.rank == 0 and time.monotonic() - last_note > 30:
+                last_note = time.monotonic()
+                log.warning("waiting for checkpoint uploads to commit: %s",
+                            "; ".join(f"rank {r}: {s[2]}" for r, s in enumerate(states) if not s[0]))
+            time.sleep(poll)
+            poll = min(1.0, poll * 1.5)
+
+    def close(self) -> None:
+        """Wait for every pending checkpoint to be committed, then stop the upload thread."""
+        if self._uploader is None:
+            return
+        try:
+            self.wait()
+        finally:
+            self._uploader.close()
+            self._uploader = None
+
+    # ---------------------------------------------------------------------------------------------
+    def resume(self, engine: Any) -> dict[str, Any] | None:
+        """Load the checkpoint chosen by ``checkpoint.resume``; returns this rank's trainer state,
+        or None when the run starts fresh. A collective."""
+        mode = self.cfg.resume
+        if mode == "never":
+            if self.rank == 0:
+                self._set_aside_all()
+            self._comm.barrier()
+            return None
+        survey = self._comm.bcast(self._survey(mode) if self.rank == 0 else None)
+        if isinstance(survey, str):
+            raise CheckpointError(survey)
+        store = Storage(survey["root"], **self._opts)
+        if not survey["candidates"]:
+            if self.rank == 0:
+                log.info("no committed checkpoint of run %s at %s: starting from scratch", self.run_id, store.uri)
+            return None
+        rejected: list[str] = []
+        for i, (tag, manifest) in enumerate(survey["candidates"]):
+            err = self._fetch(store, tag, manifest) if self.local_rank == 0 else ""
+            errors = [e for e in self._comm.gather_all(err) if e]
+            if errors:
+                rejected.append(tag)
+                nxt = survey["candidates"][i + 1][0] if i + 1 < len(survey["candidates"]) else None
+                if self.rank == 0:
+                    log.warning("checkpoint %s rejected: %s; %s", store.url(tag), errors[0],
+                                f"falling back to {nxt}" if nxt else "no older committed checkpoint is left")
+                continue
+            state = self._load(engine, tag, manifest)
+            if self.rank == 0 and survey["own_run"]:
+                self._after_resume(store, tag, rejected)
+            self._comm.barrier()
+            shutil.rmtree(self._restore_root(), ignore_errors=True)
+            if self.rank == 0:
+                log.info("resumed from %s (step %d, epoch %d, written by %d ranks)", store.url(tag),
+                         manifest["step"], manifest["epoch"], manifest["world_size"])
+                if manifest.get("config_hash") != self.config_hash:
+                    log.warning("the config differs from the one that wrote %s (hash %s, now %s)", tag,
+                                manifest.get("config_hash"), self.config_hash)
+            return state
+        raise CheckpointError(
+            f"no checkpoint of {store.uri} passed verification (tried {', '.join(rejected)}; see the warnings "
+            f"above for each file); refusing to start from scratch: fix or remove them, point "
+            f"checkpoint.resume at a good checkpoint URI, or pass --checkpoint.resume=never")
+
+    def _survey(self, mode: str) -> dict[str, Any] | str:
+        """Rank 0: the candidates to try, newest first, or an error message for every rank to raise."""
+        try:
+            if mode == "auto":
+                store, own = self.store, True
+            else:
+                store, own = Storage(mode, **self._opts), False
+                if store.exists(MANIFEST):  # a step folder itself
+                    tag = store.uri.rstrip("/").rsplit("/", 1)[1]
+                    parent = Storage(store.uri.rsplit("/", 1)[0], **self._opts)
+                    manifest = read_manifest(parent, tag)
+                    return {"root": parent.uri, "own_run": False, "candidates": [(tag, manifest)]}
+                if not store.exists(LATEST) and not list_steps(store):
+                    return (f"checkpoint.resume = {mode!r} holds no checkpoint (no {MANIFEST}, no {LATEST}, no "
+                            f"step-* folders); give a run folder or a step folder")
+            latest, latest_err = None, ""
+            if store.exists(LATEST):
+                try:
+                    latest = store.read_bytes(LATEST).decode("utf-8", "replace").strip()
+                    if step_of(latest) is None:
+                        latest_err, latest = f"it holds {latest[:40]!r}, not a step name", None
+                except StorageError as e:
+                    latest_err = str(e)
+            candidates = []
+            for tag in list_steps(store):
+                try:
+                    manifest = read_manifest(store, tag)
+                except CheckpointError as e:
+                    log.warning("%s; skipping %s", e, tag)
+                    continue
+                if manifest is None:
+                    if tag == latest:
+                        log.warning("%s names %s, which has no manifest (not committed); falling back",
+                                    store.url(LATEST), tag)
+                    continue
+                candidates.append((tag, manifest))
+            if latest_err:
+                log.warning("%s exists but cannot be used (%s); choosing among committed checkpoints",
+                            store.url(LATEST), latest_err)
+            if (latest or latest_err) and not candidates:
+                return (f"{store.url(LATEST)} exists but no committed checkpoint (step-*/{MANIFEST}) was found "
+                        f"under {store.uri}; refusing to start from scratch: restore the checkpoint, point "
+                        f"checkpoint.resume at one, or pass --checkpoint.resume=never")
+            if not latest and not latest_err and candidates:
+                log.warning("%s is missing but committed checkpoints exist; using the newest", store.url(LATEST))
+            return {"root": store.uri, "own_run": own, "candidates": candidates}
+        except (StorageError, CheckpointError) as e:
+            return f"cannot read checkpoints for resume ({e})"
+
+    def _restore_root(self) -> Path:
+        # Per host, so a staging folder on a shared filesystem still gets one copy per node.
+        return self.staging / f"restore-{socket.gethostname()}"
+
+    def _fetch(self, store: Storage, tag: str, manifest: dict[str, Any]) -> str:
+        """Node leader: download every file of ``tag`` and check size and sha256; "" when all match."""
+        root = self._restore_root()
+        shutil.rmtree(root, ignore_errors=True)
+        for f in manifest["files"]:
+            rel = f"{tag}/{f['path']}"
+            try:
+                got = store.get(rel, root / rel)
+            except StorageError as e:
+                return f"file {store.url(rel)} cannot be read ({e})"
+            if got.size != f["size"]:
+                return f"file {store.url(rel)} has {got.size} bytes, the manifest says {f['size']}"
+            if got.sha256 != f["sha256"]:
+                return (f"file {store.url(rel)} fails its checksum (sha256 {got.sha256[:16]}..., the manifest "
+                        f"says {f['sha256'][:16]}...)")
+        return ""
+
+    def _load(self, engine: Any, tag: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        root = self._restore_root()
+        old_world = int(manifest["world_size"])
+        try:
+            if old_world != self.world_size and int(manifest.get("zero_stage", 0)) >= 1:
+                _load_zero1_resharded(engine, root, tag, old_world)
+            else:
+                path, _ = engine.load_checkpoint(str(root), tag=tag)
+                if path is None:
+                    raise CheckpointError(f"DeepSpeed found no checkpoint in {root / tag}")
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a verified checkpoint that does not load is a config mismatch
+            raise CheckpointError(
+                f"checkpoint {self.store.url(tag)} passed verification but DeepSpeed cannot load it ({e}); was "
+                f"it written for another model or ZeRO stage? (config hash {manifest.get('config_hash')}, now "
+                f"{self.config_hash})") from e
+        # A rank that did not exist in the old run takes rank 0's file: only its shared part is used.
+        own = root / tag / f"trainer-rank{self.rank}.pt"
+        return torch.load(own if self.rank < old_world else root / tag / "trainer-rank0.pt", weights_only=False)
+
+    def _after_resume(self, store: Storage, tag: str, rejected: list[str]) -> None:
+        """Rank 0: checkpoints newer than the one resumed belong to an abandoned timeline; uncommit them
+        (manifest renamed, files kept) so a later resume never prefers them, and point ``latest`` here."""
+        step = step_of(tag) or 0
+        try:
+            for t in committed_tags(store):
+                if (step_of(t) or 0) > step:
+                    set_aside(store, t, "rejected" if t in rejected else "abandoned")
+                    log.warning("set aside %s (%s): the run continues from %s", store.url(t),
+                                "failed verification" if t in rejected else "newer than the resumed checkpoint", tag)
+            if not store.exists(LATEST) or store.read_text(LATEST).strip() != tag:
+                store.write_text(LATEST, tag)
+        except StorageError as e:
+            log.warning("could not tidy %s after resuming (%s)", store.uri, e)
+
+    def _set_aside_all(self) -> None:
+        try:
+            tags = committed_tags(self.store)
+            for t in tags:
+                set_aside(self.store, t, "set-aside")
+            self.store.delete(LATEST)
+            if tags:
+                log.warning("checkpoint.resume = never: %d committed checkpoints of run %s at %s were set aside "
+                            "(manifest.json renamed to manifest.set-aside.json) and the run starts from scratch",
+                            len(tags), self.run_id, self.store.uri)
+        except StorageError as e:
+            raise CheckpointError(f"checkpoint.resume = never: cannot set aside the old checkpoints ({e})") from e
+
+
+def _versions() -> dict[str, str]:
+    import deepspeed
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "deepspeed": deepspeed.__version__}
+
+
+def _load_zero1_resharded(engine: Any, root: Path, tag: str, old_world: int) -> None:
+    """ZeRO-1 on a new world size: DeepSpeed refuses to re-partition the optimizer state itself.
+
+    The weights come from the model file (and refresh the fp32 partitions); the optimizer state of every
+    old partition is un-padded and handed to DeepSpeed's own elastic re-partitioning."""
+    from deepspeed.checkpoint.constants import (BASE_OPTIMIZER_STATE, BASE_OPTIMIZER_STATE_STEP, GROUP_PADDINGS,
+                                                OPTIMIZER_STATE_DICT, SINGLE_PARTITION_OF_FP32_GROUPS)
+
+    path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_only=True)
+    if path is None:
+        raise CheckpointError(f"DeepSpeed found no checkpoint in {root / tag}")
+    opt = engine.optimizer
+    states = []
+    for r in range(old_world):
+        f = root / tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+        sd = torch.load(f, map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT]
+        base = sd[BASE_OPTIMIZER_STATE]
+        groups = []
+        for i, fp32 in enumerate(sd[SINGLE_PARTITION_OF_FP32_GROUPS]):
+            n = fp32.numel()  # saved without padding; the optimizer state still has it
+            st = base["state"].get(i, {}) if isinstance(base, dict) else base[i]
+            groups.append({k: (v.flatten()[:n] if torch.is_tensor(v) and v.numel() >= n else v) for k, v in st.items()})
+        states.append({BASE_OPTIMIZER_STATE: groups, SINGLE_PARTITION_OF_FP32_GROUPS: sd[SINGLE_PARTITION_OF_FP32_GROUPS],
+                       BASE_OPTIMIZER_STATE_STEP: base["param_groups"][0].get("step") if isinstance(base, dict) else None,
+                       GROUP_PADDINGS: sd.get(GROUP_PADDINGS)})
+    opt._restore_elastic_base_optimizer_state(states)
+    opt._link_all_hp_params()

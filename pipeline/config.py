@@ -1,0 +1,418 @@
+"""Typed experiment configuration: TOML files plus dotted command-line overrides.
+
+Every component receives only its own section (``cfg.data`` goes to the data sources, ``cfg.optim``
+to the optimizer, ...). Everything is validated before any process group, DALI pipeline or file is
+touched, so a bad config fails identically on every rank instead of hanging a collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and what is allowed."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections. Each field's comment is its one-line documentation (``python -m pipeline.train --help-config``).
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cifar_resnet20"  # a name from pipeline.models.list_models()
+    num_classes: int = 10  # must equal the number of class folders in the dataset
+    shortcut: Literal["", "A", "B", "C"] = ""  # "" keeps the model's default (A for CIFAR, B for ImageNet)
+    stride_in: Literal["", "3x3", "1x1"] = ""  # bottleneck stride placement; "" = model default ("3x3")
+    zero_init_residual: bool = False  # zero the last BN of every residual branch
+    channels_last: bool = False  # NHWC memory format, applied after deepspeed.initialize (GPU speed)
+
+    def overrides(self) -> dict[str, Any]:
+        """Keyword overrides for ``build_model``: only what the config sets explicitly."""
+        out: dict[str, Any] = {}
+        if self.shortcut:
+            out["shortcut"] = self.shortcut
+        if self.stride_in:
+            out["stride_in"] = self.stride_in
+        if self.zero_init_residual:
+            out["zero_init_residual"] = True
+        return out
+
+
+@dataclass
+class DataConfig:
+    source: Literal["folder", "digits", "synthetic"] = "digits"  # folder: ImageFolder at `root`; digits: the offline demo set
+    root: str = ""  # dataset root holding <train_dir>/<class>/*.jpg and <val_dir>/<class>/*.jpg
+    train_dir: str = "train"  # training split folder under root
+    val_dir: str = "val"  # validation split folder under root ("test" for CIFAR-10)
+    style: Literal["cifar", "imagenet"] = "cifar"  # augmentation family: pad+crop+flip, or crop+flip at 224
+    image_size: int = 32  # training/eval crop size
+    flip: bool = True  # random horizontal flip in training (off for digits, whose mirror images change meaning)
+    val_resize: int = 256  # ImageNet eval: shorter side resized to this before the center crop
+    batch_size: int = 128  # per-rank micro-batch
+    num_threads: int = 2  # DALI CPU threads per rank
+    prefetch: int = 2  # DALI prefetch queue depth
+    decoder: Literal["auto", "cpu", "mixed"] = "auto"  # auto: GPU (mixed) decoding when CUDA is present
+    mean: list[float] = field(default_factory=lambda: [0.485 * 255, 0.456 * 255, 0.406 * 255])  # per-channel, 0-255 scale
+    std: list[float] = field(default_factory=lambda: [0.229 * 255, 0.224 * 255, 0.225 * 255])  # per-channel, 0-255 scale
+    synthetic_batches: int = 20  # synthetic source: batches per epoch
+    cache_dir: str = ".cache/datasets"  # where generated/extracted datasets live
+
+    def validate(self) -> None:
+        if self.source == "folder" and not self.root:
+            raise ConfigError("data.root is empty but data.source = 'folder': set data.root to an ImageFolder directory "
+                              "(with train/ and val/ inside), or use data.source = 'digits' for the offline demo set")
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size = {self.batch_size}: must be >= 1")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ConfigError("data.mean and data.std must each have 3 values (R, G, B, 0-255 scale)")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"data.std = {self.std}: every value must be > 0")
+        if self.image_size < 8:
+            raise ConfigError(f"data.image_size = {self.image_size}: must be >= 8")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1  # learning rate at reference_batch images per step (the paper: 0.1 at 256)
+    reference_batch: int = 256  # linear scaling rule: lr_used = lr * global_batch / reference_batch
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = False  # Nesterov momentum
+    weight_decay: float = 1e-4  # L2 weight decay
+    no_decay_bn_bias: bool = False  # exempt BN parameters and biases from weight decay
+    grad_clip: float = 0.0  # clip the global gradient norm to this; 0 disables
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr = {self.lr}: must be > 0")
+        if self.reference_batch < 1:
+            raise ConfigError(f"optim.reference_batch = {self.reference_batch}: must be >= 1")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"optim.momentum = {self.momentum}: must be in [0, 1)")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("optim.nesterov = true needs optim.momentum > 0")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["step", "multistep", "cosine", "plateau", "constant"] = "multistep"  # step == multistep with `milestones`
+    epochs: int = 10  # training length in epochs (ignored when max_steps > 0)
+    max_steps: int = 0  # training length in optimizer steps; > 0 overrides epochs (the CIFAR recipe counts iterations)
+    unit: Literal["epoch", "step"] = "epoch"  # unit of milestones and warmup
+    milestones: list[int] = field(default_factory=list)  # multistep: divide lr by 1/gamma at each of these
+    gamma: float = 0.1  # multistep/plateau factor
+    warmup: int = 0  # linear warm-up length (in `unit`) from warmup_factor*lr to lr
+    warmup_factor: float = 0.1  # starting fraction of lr during warm-up
+    warmup_until_error: float = 0.0  # >0: hold lr*warmup_factor until train top-1 error < this (ResNet-110 recipe), then full lr
+    plateau_patience: int = 5  # plateau: evaluations without improvement before dividing
+    plateau_threshold: float = 1e-3  # plateau: minimum val-error improvement that counts
+    min_lr: float = 0.0  # cosine floor
+
+    def validate(self) -> None:
+        if self.epochs < 1 and self.max_steps < 1:
+            raise ConfigError("schedule.epochs and schedule.max_steps are both < 1: set one of them")
+        if self.kind in ("step", "multistep"):
+            if sorted(self.milestones) != list(self.milestones) or len(set(self.milestones)) != len(self.milestones):
+                raise ConfigError(f"schedule.milestones = {self.milestones}: must be strictly increasing")
+            limit = self.max_steps if self.unit == "step" and self.max_steps else (self.epochs if self.unit == "epoch" else None)
+            if limit is not None and any(m <= 0 or m >= limit for m in self.milestones):
+                raise ConfigError(f"schedule.milestones = {self.milestones}: each must lie inside (0, {limit}) "
+                                  f"{'steps' if self.unit == 'step' else 'epochs'}")
+        if self.unit == "epoch" and self.max_steps and (self.milestones or self.warmup):
+            raise ConfigError("schedule.max_steps is set but schedule.unit = 'epoch': use unit = 'step' for milestones and warmup")
+        if not 0 < self.gamma < 1:
+            raise ConfigError(f"schedule.gamma = {self.gamma}: must be in (0, 1)")
+        if not 0 < self.warmup_factor <= 1:
+            raise ConfigError(f"schedule.warmup_factor = {self.warmup_factor}: must be in (0, 1]")
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16 = DeepSpeed torch_autocast (fp32 master weights)
+
+
+@dataclass
+class DistributedConfig:
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with CUDA, gloo without
+    zero_stage: int = 0  # DeepSpeed ZeRO stage; 0 or 1 are supported for SGD convnets
+    grad_accum: int = 1  # micro-batches per optimizer step
+    timeout_s: int = 600  # collective timeout; a dead peer fails the job instead of hanging forever
+
+    def validate(self) -> None:
+        if self.zero_stage not in (0, 1):
+            raise ConfigError(f"distributed.zero_stage = {self.zero_stage}: allowed values are 0 and 1")
+        if self.grad_accum < 1:
+            raise ConfigError(f"distributed.grad_accum = {self.grad_accum}: must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    uri: str = "runs/checkpoints"  # local folder, file:// or s3://bucket/prefix
+    every_steps: int = 0  # save every N optimizer steps; 0 disables
+    every_minutes: float = 0.0  # save every T minutes; 0 disables
+    at_end: bool = True  # save when training finishes
+    keep_last: int = 2  # keep the newest K committed checkpoints
+    keep_every: int = 0  # additionally keep every M-th step checkpoint; 0 disables
+    resume: str = "auto"  # "auto" (newest committed of this run), "never", or a checkpoint URI
+    staging_dir: str = ""  # node-local staging folder; "" = <output_dir>/staging
+    endpoint_url: str = ""  # S3 endpoint; "" = $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL (credentials: environment or profile only)
+    region: str = ""  # S3 region; "" = $AWS_REGION or $AWS_DEFAULT_REGION
+    profile: str = ""  # AWS profile to take credentials from; "" = $AWS_PROFILE or the default chain
+    max_pending: int = 2  # saves whose upload may still run while training goes on; one more save waits for the oldest
+    time_check_steps: int = 10  # every_minutes: steps between agreeing on rank 0's clock (one small CPU broadcast)
+    close_timeout_min: float = 60.0  # at the end or on a stop signal, wait at most this long for pending commits
+
+    def validate(self) -> None:
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last = {self.keep_last}: must be >= 1")
+        if self.every_steps < 0 or self.every_minutes < 0 or self.keep_every < 0:
+            raise ConfigError("checkpoint.every_steps, every_minutes and keep_every must be >= 0")
+        if self.max_pending < 1 or self.time_check_steps < 1 or self.close_timeout_min <= 0:
+            raise ConfigError("checkpoint.max_pending and time_check_steps must be >= 1, close_timeout_min > 0")
+        if not self.uri:
+            raise ConfigError("checkpoint.uri is empty: give a local folder, file:///path or s3://bucket/prefix")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True  # log to MLflow from global rank 0
+    uri: str = ""  # MLflow tracking URI; "" = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
+    experiment: str = "resnet-depth-study"  # MLflow experiment name
+    run_name: str = ""  # "" = the config name
+    study: str = ""  # study name tag (set by pipeline.study)
+    parent_run_id: str = ""  # nested under this MLflow run (set by pipeline.study)
+    system_metrics: bool = True  # CPU/memory/GPU from local rank 0 of every node
+    system_metrics_interval_s: float = 10.0  # seconds between system-metric samples on each node
+    flush_interval_s: float = 2.0  # seconds between metric batches (log_batch) sent to MLflow
+    max_buffered: int = 100000  # metric points held while MLflow is unreachable; beyond it the oldest are dropped
+    start_timeout_s: float = 15.0  # how long rank 0 waits for MLflow at start before training on without it
+    finish_timeout_s: float = 60.0  # how long the end of a run waits for MLflow to take what is buffered
+    log_model: bool = True  # log the final model with mlflow.pytorch.log_model
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"  # run name; also the default MLflow run name
+    output_dir: str = "runs/{name}"  # where the resolved config, logs and staging go; {name} is substituted
+    run_id: str = ""  # stable id of this run across restarts; "" = derived from name (SLURM requeues keep it)
+    seed: int = 0  # base seed; rank r uses seed + r for its own randomness
+    log_every: int = 10  # optimizer steps between metric reductions (no host sync in between)
+    eval_every: int = 1  # epochs between validation passes
+    progress: bool = True  # rank-0 progress bar
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+        from pipeline.models import list_models, model_spec
+
+        if self.model.name not in list_models():
+            raise ConfigError(f"model.name = {self.model.name!r} is not a registered model; "
+                              f"allowed: {', '.join(list_models())}")
+        try:
+            spec = model_spec(self.model.name, **self.model.overrides())
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from e
+        if self.model.num_classes < 2:
+            raise ConfigError(f"model.num_classes = {self.model.num_classes}: must be >= 2")
+        if spec.stem == "cifar" and self.data.style == "imagenet":
+            raise ConfigError(f"model.name = {self.model.name!r} is a CIFAR network but data.style = 'imagenet'; "
+                              "use data.style = 'cifar' or an ImageNet model (resnetNN / plainNN)")
+        if self.log_every < 1 or self.eval_every < 1:
+            raise ConfigError("log_every and eval_every must be >= 1")
+
+    @property
+    def resolved_output_dir(self) -> str:
+        return self.output_dir.replace("{name}", self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Stable short hash of the resolved config (recorded in checkpoint manifests)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key} = {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (list, tuple):
+        (inner,) = typing.get_args(tp)[:1]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} = {value!r}: expected a list of {_type_name(inner)}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key} = {value!r}: expected {tp}")
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} = {value!r}: expected true or false")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key} = {value!r}: expected an integer")
+    if tp in (float, str) and not isinstance(value, tp):
+        raise ConfigError(f"{key} = {value!r}: expected {tp.__name__}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
+            raise ConfigError(f"unknown config key '{prefix}{key}' in {where}; allowed keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{name} must be a table ([{prefix}{name}]), got {value!r}")
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    """TOML literal if it parses (numbers, booleans, lists, quoted strings), else the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``--section.key=value`` (or ``section.key=value``) override to a raw config dict."""
+    body = item[2:] if item.startswith("--") else item
+    if "=" not in body:
+        raise ConfigError(f"override {item!r} has no '=': write it as --section.key=value (e.g. --optim.lr=0.4)")
+    key, text = body.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
+    node[parts[-1]] = _parse_value(text.strip())
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a TOML file (or start from the defaults), apply dotted overrides, build and validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing TOML file with --config "
+                              f"(examples live in configs/)")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from e
+        data.setdefault("name", p.stem)
+    for item in overrides or []:
+        apply_override(data, item)
+    cfg = _build(TrainConfig, data, "")
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    cfg = _build(TrainConfig, data, "")
+    cfg.validate()
+    return cfg
+
+
+def flatten(cfg: TrainConfig) -> dict[str, str]:
+    """Dotted key -> string value, for MLflow params."""
+    out: dict[str, str] = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else str(v)
+
+    walk(cfg.to_dict(), "")
+    return out
+
+
+def to_toml(cfg: TrainConfig) -> str:
+    """Serialise the resolved config as TOML (written next to the run's outputs)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        return repr(v)
+
+    d = cfg.to_dict()
+    lines = [f"{k} = {fmt(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines.append(f"\n[{k}]")
+            lines += [f"{kk} = {fmt(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+def describe() -> str:
+    """Every key with its default and one-line documentation, read from this file's comments."""
+    import inspect
+    import sys
+
+    src = inspect.getsource(sys.modules[__name__])
+    docs: dict[str, str] = {}
+    section = ""
+    for line in src.splitlines():
+        s = line.strip()
+        if s.startswith("class ") and s.endswith("Config:"):
+            section = s[6:-7].lower()
+        elif ":" in s and "#" in s and not s.startswith(("#", "def", "class", "if", "return", "raise")):
+            name = s.split(":", 1)[0].strip()
+            docs[f"{section}.{name}" if section != "train" else name] = s.split("#", 1)[1].strip()
+    out = []
+    for k, v in flatten(TrainConfig()).items():
+        out.append(f"{k} = {v}    # {docs.get(k, '')}")
+    return "\n".join(out)

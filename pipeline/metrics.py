@@ -1,0 +1,46 @@
+"""Classification metrics accumulated on the device and reduced across ranks only when read.
+
+Keeping the sums as tensors avoids a host synchronisation (``.item()``) on every step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """Number of samples whose label is within the top-k predictions, one entry per k."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices
+    hit = top.eq(labels.view(-1, 1))
+    return torch.stack([hit[:, : min(k, kmax)].any(dim=1).sum() for k in ks]).to(torch.float64)
+
+
+class MetricSums:
+    """Running sums of loss, top-1/top-5 hits and sample count; ``reduce`` sums over all ranks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        # [loss_sum, top1_hits, top5_hits, count]
+        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+
+    @torch.no_grad()
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        n = labels.shape[0]
+        hits = topk_correct(logits.detach(), labels)
+        self.sums += torch.stack([loss.detach().double() * n, hits[0], hits[1],
+                                  torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+
+    def reduce(self) -> dict[str, float]:
+        """Global loss and top-1/top-5 error (percent) over every rank's samples; a collective call."""
+        sums = self.sums.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        loss, top1, top5, n = sums.tolist()
+        n = max(n, 1.0)
+        return {"loss": loss / n, "top1_error": 100.0 * (1 - top1 / n),
+                "top5_error": 100.0 * (1 - top5 / n), "count": int(sums[3].item())}

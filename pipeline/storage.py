@@ -1,0 +1,295 @@
+"""One small storage API over fsspec for local folders, ``file://`` and ``s3://`` (s3fs).
+
+    store = Storage("s3://bucket/prefix")          # or "runs/checkpoints", "file:///data/ckpt"
+    info = store.put("/tmp/model.pt", "run/step-10/model.pt")   # FileInfo(path, size, sha256)
+    store.write_text("run/latest", "step-10")      # atomic: readers see the old or the new text
+
+Paths given to methods are relative to the root URI, with ``/`` separators. Every failure becomes a
+``StorageError`` whose message names the full URI and what to check; ``transient`` tells a caller that
+retrying may help (endpoint unreachable, timeouts) as opposed to a missing bucket or bad credentials.
+
+S3 settings come from the usual AWS variables (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, AWS_REGION / AWS_DEFAULT_REGION) unless given
+explicitly. Credentials are never taken from a config file: configs end up in MLflow params.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import posixpath
+import shutil
+import socket
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+import fsspec
+
+CHUNK = 8 << 20  # streaming hash/copy block; large enough that S3 range reads stay efficient
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str  # relative to the Storage root
+    size: int
+    sha256: str
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; the message names the URI and what to check."""
+
+    def __init__(self, message: str, *, uri: str, kind: str) -> None:
+        super().__init__(message)
+        self.uri = uri
+        self.kind = kind  # "not_found" | "no_bucket" | "permission" | "unreachable" | "other"
+
+    @property
+    def transient(self) -> bool:
+        return self.kind in ("unreachable", "other")
+
+
+def sha256_file(path: str | Path) -> FileInfo:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+            size += len(block)
+    return FileInfo(str(path), size, h.hexdigest())
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    names = {c.__name__ for c in type(exc).__mro__}
+    return bool(names & {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                         "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ConnectionError",
+                         "TimeoutError", "FSTimeoutError"}) or isinstance(exc, (socket.timeout, ConnectionError))
+
+
+def _no_bucket(e: BaseException) -> bool:
+    low = str(e).lower()
+    return "bucket does not exist" in low or "nosuchbucket" in low
+
+
+class Storage:
+    """A root URI plus the filesystem that serves it."""
+
+    def __init__(self, uri: str, *, endpoint_url: str = "", region: str = "", profile: str = "") -> None:
+        if not uri:
+            raise StorageError("empty storage URI: give a local folder, file:///path or s3://bucket/prefix",
+                               uri=uri, kind="other")
+        self.uri = uri.rstrip("/") or uri
+        self.remote = is_remote(self.uri)
+        self._opts = {"endpoint_url": endpoint_url, "region": region, "profile": profile}
+        self.endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
+        if self.uri.startswith("s3://"):
+            self.fs, self.root = self._s3(endpoint_url=self.endpoint_url, region=region, profile=profile)
+        elif self.remote:
+            self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        else:
+            local = self.uri[len("file://"):] if self.uri.startswith("file://") else self.uri
+            self.fs = fsspec.filesystem("file")
+            self.root = str(Path(local).expanduser().absolute())
+
+    def _s3(self, *, endpoint_url: str, region: str, profile: str) -> tuple[Any, str]:
+        import s3fs
+
+        client_kwargs: dict[str, Any] = {}
+        if region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
+            client_kwargs["region_name"] = region or os.environ.get("AWS_REGION") or os.environ["AWS_DEFAULT_REGION"]
+        kwargs: dict[str, Any] = {
+            "endpoint_url": endpoint_url or None, "client_kwargs": client_kwargs,
+            # Other processes write the same prefixes (other ranks, the commit): never trust a cached listing.
+            "use_listings_cache": False,
+            # Fail fast on a dead endpoint; the callers (uploads) have their own retry with backoff.
+            "config_kwargs": {"connect_timeout": 5, "read_timeout": 120,
+                              "retries": {"max_attempts": 3, "mode": "standard"}},
+        }
+        if profile:
+            kwargs["profile"] = profile
+        fs = s3fs.S3FileSystem(**kwargs)
+        return fs, self.uri[len("s3://"):].rstrip("/")
+
+    # ---------------------------------------------------------------------------------------------
+    def child(self, rel: str) -> "Storage":
+        """A Storage rooted at ``rel`` below this one, with the same settings."""
+        return Storage(self.url(rel), **self._opts)
+
+    def url(self, rel: str = "") -> str:
+        return f"{self.uri}/{rel.strip('/')}" if rel.strip("/") else self.uri
+
+    def _path(self, rel: str) -> str:
+        rel = rel.strip("/")
+        return posixpath.join(self.root, rel) if rel else self.root
+
+    @property
+    def bucket(self) -> str:
+        return self.root.split("/", 1)[0] if self.remote else ""
+
+    @contextlib.contextmanager
+    def _errors(self, what: str, rel: str = "") -> Iterator[None]:
+        try:
+            yield
+        except StorageError:
+            raise
+        except BaseException as e:  # noqa: BLE001 - everything below is translated, KeyboardInterrupt aside
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise self._explain(e, what, self.url(rel)) from e
+
+    def _explain(self, e: BaseException, what: str, uri: str) -> StorageError:
+        text = str(e) or type(e).__name__
+        low = text.lower()
+        if type(e).__name__ == "NoCredentialsError" or "unable to locate credentials" in low:
+            return StorageError(f"cannot {what} {uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
+                                f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)", uri=uri, kind="permission")
+        if isinstance(e, FileNotFoundError):
+            if _no_bucket(e):
+                return StorageError(f"cannot {what} {uri}: the bucket {self.bucket!r} does not exist at "
+                                    f"{self.endpoint_url or 'AWS'}; create it or fix the URI (and AWS_ENDPOINT_URL)",
+                                    uri=uri, kind="no_bucket")
+            return StorageError(f"cannot {what} {uri}: it does not exist", uri=uri, kind="not_found")
+        if isinstance(e, PermissionError) or "accessdenied" in low or "access key" in low or "signature" in low:
+            if self.remote:
+                return StorageError(f"cannot {what} {uri}: access denied ({text}); check the credentials "
+                                    f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and that they "
+                                    f"may read and write s3://{self.bucket}", uri=uri, kind="permission")
+            return StorageError(f"cannot {what} {uri}: permission denied ({text}); check the folder's owner "
+                                f"and mode", uri=uri, kind="permission")
+        if _is_connection_error(e):
+            return StorageError(f"cannot {what} {uri}: the endpoint {self.endpoint_url or 'AWS S3'} cannot be "
+                                f"reached ({text}); check AWS_ENDPOINT_URL (or checkpoint.endpoint_url) and "
+                                f"the network", uri=uri, kind="unreachable")
+        return StorageError(f"cannot {what} {uri}: {type(e).__name__}: {text}", uri=uri, kind="other")
+
+    # ---------------------------------------------------------------------------------------------
+    def exists(self, rel: str = "") -> bool:
+        with self._errors("check", rel):
+            return bool(self.fs.exists(self._path(rel)))
+
+    def list(self, rel: str = "") -> list[str]:
+        """Names directly under ``rel`` (files and folders), sorted; [] when it does not exist."""
+        path = self._path(rel)
+        with self._errors("list", rel):
+            try:
+                entries = self.fs.ls(path, detail=False)
+            except FileNotFoundError as e:
+                if _no_bucket(e):
+                    raise
+                return []
+        names = {posixpath.basename(str(p).rstrip("/")) for p in entries}
+        names.discard(posixpath.basename(path))
+        return sorted(n for n in names if n)
+
+    def size(self, rel: str) -> int:
+        with self._errors("stat", rel):
+            return int(self.fs.info(self._path(rel))["size"])
+
+    @contextlib.contextmanager
+    def open(self, rel: str, mode: str = "rb") -> Iterator[IO[Any]]:
+        """Plain streaming access. Writes through ``open`` are not atomic: prefer put/write_bytes."""
+        with self._errors("open", rel):
+            with self.fs.open(self._path(rel), mode) as f:
+                yield f
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self._errors("read", rel):
+            return bytes(self.fs.cat_file(self._path(rel)))
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Atomic small write: a reader sees the old object or the new one, never a torn one."""
+        path = self._path(rel)
+        with self._errors("write", rel):
+            if self.remote:
+                self.fs.pipe_file(path, data)  # one PUT: S3 objects appear whole
+                return
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode())
+
+    def put(self, local: str | Path, rel: str) -> FileInfo:
+        """Upload a local file (atomically: it appears whole or not at all); returns its size and sha256."""
+        local = str(local)
+        info = sha256_file(local)
+        path = self._path(rel)
+        with self._errors("upload to", rel):
+            if self.remote:
+                self.fs.put_file(local, path)
+                got = int(self.fs.info(path)["size"])
+            else:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+                try:
+                    shutil.copyfile(local, tmp)
+                    with open(tmp, "rb+") as f:
+                        os.fsync(f.fileno())
+                    os.replace(tmp, path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
+                got = os.path.getsize(path)
+        if got != info.size:
+            raise StorageError(f"upload of {local} to {self.url(rel)} left {got} bytes instead of {info.size}",
+                               uri=self.url(rel), kind="other")
+        return FileInfo(rel, info.size, info.sha256)
+
+    def get(self, rel: str, local: str | Path) -> FileInfo:
+        """Download to ``local`` in one streamed pass that also computes size and sha256."""
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256()
+        size = 0
+        tmp = local.with_name(f".{local.name}.part")
+        with self._errors("download", rel):
+            with self.fs.open(self._path(rel), "rb", block_size=CHUNK) as src, open(tmp, "wb") as dst:
+                while block := src.read(CHUNK):
+                    h.update(block)
+                    size += len(block)
+                    dst.write(block)
+        os.replace(tmp, local)
+        return FileInfo(rel, size, h.hexdigest())
+
+    def delete(self, rel: str = "", *, recursive: bool = False) -> None:
+        """Remove a file (or a folder with ``recursive``); a missing path is not an error."""
+        path = self._path(rel)
+        with self._errors("delete", rel):
+            try:
+                self.fs.rm(path, recursive=recursive)
+            except FileNotFoundError:
+                pass
+
+    def check_access(self, *, write: bool = True) -> None:
+        """Fail now, with a helpful message, if the root cannot be listed (and written, with ``write``)."""
+        if not self.remote:
+            with self._errors("create", ""):
+                os.makedirs(self.root, exist_ok=True)
+        if self.remote and not self.root.strip("/"):
+            raise StorageError(f"{self.uri!r} names no bucket: use s3://bucket/prefix", uri=self.uri, kind="other")
+        self.list()
+        if write:
+            probe = f".access-check-{uuid.uuid4().hex[:12]}"
+            self.write_bytes(probe, b"ok")
+            self.delete(probe)

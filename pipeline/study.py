@@ -1,0 +1,363 @@
+"""The depth study: plain versus residual networks at every depth, one MLflow child run per member.
+
+    python -m pipeline.study configs/study/cifar10_depth.toml                 # members one after another
+    python -m pipeline.study configs/study/imagenet_depth.toml --slurm        # a SLURM job array
+    python -m pipeline.study configs/study/digits_depth.toml --schedule.epochs=2 --only plain20
+
+A study file names the study, the train config its members start from (``base``), the settings they
+share (``[shared]``, the same keys as a train config) and the members::
+
+    name = "cifar10_depth"
+    base = "configs/cpu/digits_resnet20.toml"
+    nproc = 1                                  # processes per member (torchrun when > 1)
+    [shared.schedule]
+    max_steps = 64000
+    [[members]]
+    name = "plain20"
+    model = "cifar_plain20"                    # model.name
+    overrides = ["schedule.warmup_until_error=80"]   # optional, dotted as on the command line
+    # config = "configs/..."                   # optional: a different base for this member
+
+The study creates (or, when rerun, reopens) a parent MLflow run and runs each member as its own
+training process, nested under it (``mlflow.parentRunId``). A rerun skips members whose run already
+finished, and resumes the others from their checkpoints, into the same child run. One member's
+failure does not stop the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, TrainConfig, apply_override, config_from_dict, to_toml
+from pipeline.signals import STOP_EXIT_CODE
+
+log = logging.getLogger("pipeline.study")
+
+ROOT = Path(__file__).resolve().parent.parent
+SLURM_SCRIPT = "launch/slurm_depth_study.sh"
+PARENT_ROLE = "parent"  # monitoring.study_runs finds a study's parent by this tag
+
+
+@dataclass
+class Member:
+    name: str
+    model: str = ""
+    config: str = ""
+    overrides: list[str] = field(default_factory=list)
+    nproc: int = 0  # 0: the study's
+
+
+@dataclass
+class Study:
+    name: str
+    path: Path
+    base: str
+    experiment: str
+    nproc: int
+    shared: dict[str, Any]
+    members: list[Member]
+
+
+@dataclass
+class MemberOutcome:
+    member: str
+    state: str  # "finished", "skipped" (finished before), "failed", "stopped", "submitted"
+    run_id: str | None = None
+    val_top1_error: float | None = None
+    exit_code: int | None = None
+
+
+def _resolve_path(text: str, *, near: Path) -> Path:
+    """A path as written, else relative to the study file, else to the repository root."""
+    for candidate in (Path(text), near / text, ROOT / text):
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"{text!r} does not exist (looked in the working directory, next to the study file and in "
+                      f"{ROOT})")
+
+
+def read_study(path: str | Path) -> Study:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"study file {str(p)!r} does not exist; studies live in configs/study/")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"study file {str(p)!r} is not valid TOML: {e}") from e
+    allowed = {"name", "base", "experiment", "nproc", "shared", "members"}
+    if unknown := set(raw) - allowed:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in study file {str(p)!r}; allowed: {sorted(allowed)}")
+    members = []
+    for i, m in enumerate(raw.get("members", [])):
+        if unknown := set(m) - {"name", "model", "config", "overrides", "nproc"}:
+            raise ConfigError(f"members[{i}] has unknown key(s) {sorted(unknown)}; allowed: name, model, config, "
+                              f"overrides, nproc")
+        if not m.get("name"):
+            raise ConfigError(f"members[{i}] has no name")
+        members.append(Member(name=m["name"], model=m.get("model", ""), config=m.get("config", ""),
+                              overrides=list(m.get("overrides", [])), nproc=int(m.get("nproc", 0))))
+    if not members:
+        raise ConfigError(f"study file {str(p)!r} lists no [[members]]")
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"member names must be unique; got {names}")
+    return Study(name=raw.get("name", p.stem), path=p, base=raw.get("base", ""), experiment=raw.get("experiment", ""),
+                 nproc=int(raw.get("nproc", 1)), shared=raw.get("shared", {}), members=members)
+
+
+def _merge(into: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = copy.deepcopy(v)
+    return into
+
+
+def member_config(study: Study, member: Member, *, overrides: list[str] | None = None,
+                  parent_run_id: str = "") -> TrainConfig:
+    """The member's full train config: base, shared, member settings, command-line overrides, and the
+    study's own keys (name, run name, study tag, parent run)."""
+    base = member.config or study.base
+    data: dict[str, Any] = tomllib.loads(_resolve_path(base, near=study.path.parent).read_text()) if base else {}
+    _merge(data, study.shared)
+    if member.model:
+        data.setdefault("model", {})["name"] = member.model
+    for item in [*member.overrides, *(overrides or [])]:
+        apply_override(data, item)
+    data["name"] = f"{study.name}_{member.name}"  # checkpoint folder and output dir: unique per member
+    tracking = data.setdefault("tracking", {})
+    tracking.update(run_name=member.name, study=study.name, parent_run_id=parent_run_id)
+    if study.experiment:
+        tracking["experiment"] = study.experiment
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"study member {member.name!r}: {e}") from e
+
+
+# -- MLflow ------------------------------------------------------------------------------------------
+def _client(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def open_parent(client: Any, study: Study, *, experiment: str, configs: dict[str, TrainConfig]) -> str:
+    """Reopen the study's newest parent run, or create it (with the study file as an artifact)."""
+    from mlflow.entities import Param
+
+    from pipeline.tracking import get_or_create_experiment
+    from pipeline.tracking.store import git_commit
+
+    exp_id = get_or_create_experiment(client, experiment)
+    runs = client.search_runs([exp_id], filter_string=f"tags.study = '{study.name}' and tags.study_role = '{PARENT_ROLE}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if runs:
+        parent = runs[0].info.run_id
+        client.update_run(parent, status="RUNNING")
+        return parent
+    first = next(iter(configs.values()))
+    dataset = first.data.source if first.data.source != "folder" else first.data.style
+    run = client.create_run(exp_id, run_name=study.name, tags={
+        "study": study.name, "study_role": PARENT_ROLE, "dataset": dataset, "git_commit": git_commit(),
+        "mlflow.source.name": "pipeline.study", "mlflow.note.content":
+        f"Depth study {study.name}: {', '.join(configs)}. Report: python -m monitoring.report --study {study.name}"})
+    parent = run.info.run_id
+    params = {"study.file": str(study.path), "study.members": ",".join(configs), "study.base": study.base}
+    for m in study.members:
+        params[f"member.{m.name}.model"] = configs[m.name].model.name
+    client.log_batch(parent, params=[Param(k, v[:6000]) for k, v in params.items()])
+    client.log_artifact(parent, str(study.path))
+    return parent
+
+
+def finished_children(client: Any, parent_run_id: str, experiment_id: str) -> dict[str, Any]:
+    """Member name -> its newest FINISHED child run."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                              "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
+                              max_results=5000)
+    out: dict[str, Any] = {}
+    for r in runs:
+        out.setdefault(r.info.run_name, r)
+    return out
+
+
+# -- running ----------------------------------------------------------------------------------------
+def member_command(config_path: Path, *, nproc: int) -> list[str]:
+    if nproc <= 1:
+        return [sys.executable, "-m", "pipeline.train", "--config", str(config_path)]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    return [str(torchrun) if torchrun.exists() else "torchrun", "--standalone", f"--nproc_per_node={nproc}",
+            str(ROOT / "pipeline" / "train.py"), "--config", str(config_path)]
+
+
+def slurm_command(manifest: Path, *, count: int, study: str) -> list[str]:
+    return ["sbatch", f"--array=0-{count - 1}", f"--job-name={study}", SLURM_SCRIPT, str(manifest)]
+
+
+def run_study(study: Study, *, overrides: list[str] | None = None, only: list[str] | None = None, force: bool = False,
+              slurm: bool = False, dry_run: bool = False, out_dir: str | Path | None = None) -> list[MemberOutcome]:
+    """Run (or submit) the members that have not finished yet; returns one outcome per member."""
+    from pipeline.tracking import resolve_uri
+
+    overrides = list(overrides or [])
+    members = [m for m in study.members if not only or m.name in only]
+    if only and (missing := set(only) - {m.name for m in study.members}):
+        raise ConfigError(f"--only names unknown member(s) {sorted(missing)}; the study has "
+                          f"{[m.name for m in study.members]}")
+    # Resolve every member before touching MLflow: a bad member fails the study up front.
+    configs = {m.name: member_config(study, m, overrides=overrides) for m in members}
+    first = next(iter(configs.values()))
+    uri = resolve_uri(first.tracking)
+    experiment = first.tracking.experiment
+    folder = Path(out_dir) if out_dir else Path("runs/studies") / study.name
+    folder.mkdir(parents=True, exist_ok=True)
+    client = _client(uri)
+    parent = open_parent(client, study, experiment=experiment, configs=configs)
+    exp_id = client.get_run(parent).info.experiment_id
+    print(f"study {study.name}: parent run {parent} (experiment {experiment!r}) at {uri}", flush=True)
+    done = {} if force else finished_children(client, parent, exp_id)
+
+    outcomes: list[MemberOutcome] = []
+    todo: list[tuple[Member, Path]] = []
+    for m in members:
+        if m.name in done:
+            r = done[m.name]
+            outcomes.append(MemberOutcome(m.name, "skipped", r.info.run_id, r.data.metrics.get("val_top1_error")))
+            print(f"  {m.name}: already finished (run {r.info.run_id}): skipped", flush=True)
+            continue
+        cfg = member_config(study, m, overrides=[*overrides, *(["checkpoint.resume=never"] if force else [])],
+                            parent_run_id=parent)
+        # Members log to the store the parent is in, whatever the environment of their process says.
+        cfg.tracking.uri = uri
+        path = folder / f"{m.name}.toml"
+        path.write_text(to_toml(cfg))
+        todo.append((m, path))
+
+    if slurm:
+        return outcomes + _submit(study, todo, folder=folder, dry_run=dry_run)
+    for i, (m, path) in enumerate(todo, 1):
+        cmd = member_command(path, nproc=m.nproc or study.nproc)
+        print(f"== [{i}/{len(todo)}] {m.name}: {shlex.join(cmd)}", flush=True)
+        if dry_run:
+            continue
+        outcome = _run_member(m, cmd)
+        outcome.run_id, outcome.val_top1_error = _child_result(client, parent, exp_id, m.name)
+        outcomes.append(outcome)
+        if outcome.state == "stopped":
+            break  # the study itself is being stopped (SLURM time limit, preemption): rerun to continue
+    if not dry_run:
+        all_done = all(o.state in ("finished", "skipped") for o in outcomes) and len(outcomes) == len(members)
+        client.set_terminated(parent, status="FINISHED" if all_done else
+                              ("KILLED" if any(o.state == "stopped" for o in outcomes) else "FAILED"))
+    return outcomes
+
+
+def _run_member(m: Member, cmd: list[str]) -> MemberOutcome:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    try:
+        rc = subprocess.run(cmd, env=env).returncode
+    except KeyboardInterrupt:
+        return MemberOutcome(m.name, "stopped", exit_code=130)
+    if rc == 0:
+        return MemberOutcome(m.name, "finished", exit_code=0)
+    state = "stopped" if rc in (STOP_EXIT_CODE, -2, -15, 130) else "failed"
+    print(f"  {m.name}: {'stopped' if state == 'stopped' else 'failed'} with exit code {rc}"
+          f"{'' if state == 'stopped' else '; the other members go on'}", flush=True)
+    return MemberOutcome(m.name, state, exit_code=rc)
+
+
+def _child_result(client: Any, parent: str, exp_id: str, member: str) -> tuple[str | None, float | None]:
+    try:
+        runs = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and "
+                                  f"attributes.run_name = '{member}'", order_by=["attributes.start_time DESC"],
+                                  max_results=1)
+    except Exception:  # noqa: BLE001 - the summary is informative only
+        return None, None
+    if not runs:
+        return None, None
+    return runs[0].info.run_id, runs[0].data.metrics.get("val_top1_error")
+
+
+def _submit(study: Study, todo: list[tuple[Member, Path]], *, folder: Path, dry_run: bool) -> list[MemberOutcome]:
+    if not todo:
+        print("nothing to submit: every member has finished", flush=True)
+        return []
+    # One resolved member config per line; array task i trains line i+1.
+    manifest = folder / "members.txt"
+    manifest.write_text("".join(f"{p.resolve()}\n" for _, p in todo))
+    cmd = slurm_command(manifest, count=len(todo), study=study.name)
+    print(f"SLURM job array, one task per member ({', '.join(m.name for m, _ in todo)}):\n  {shlex.join(cmd)}",
+          flush=True)
+    if dry_run:
+        return []
+    if shutil.which("sbatch") is None:
+        print("sbatch is not on this machine: not submitted (run the command above on the cluster)", flush=True)
+        return []
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    print(res.stdout.strip() or res.stderr.strip(), flush=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"sbatch failed with exit code {res.returncode}: {res.stderr.strip()}")
+    return [MemberOutcome(m.name, "submitted") for m, _ in todo]
+
+
+def summary(outcomes: list[MemberOutcome]) -> str:
+    lines = [f"{'member':<16} {'state':<10} {'val top-1':>9}  run id"]
+    for o in outcomes:
+        err = f"{o.val_top1_error:.2f}" if o.val_top1_error is not None else "—"
+        lines.append(f"{o.member:<16} {o.state:<10} {err:>9}  {o.run_id or ''}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Other arguments (--section.key=value) override every member's config.")
+    p.add_argument("study", help="study file (configs/study/*.toml)")
+    p.add_argument("--only", help="comma-separated member names to run (default: all)")
+    p.add_argument("--force", action="store_true", help="run finished members again, from scratch")
+    p.add_argument("--slurm", action="store_true", help=f"print (and, where sbatch exists, submit) a SLURM job "
+                   f"array of the unfinished members, using {SLURM_SCRIPT}")
+    p.add_argument("--dry-run", action="store_true", help="print the commands; train and submit nothing")
+    p.add_argument("--report", action="store_true", help="write the report (monitoring.report) when done")
+    args, rest = p.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        study = read_study(args.study)
+        outcomes = run_study(study, overrides=rest, only=args.only.split(",") if args.only else None,
+                             force=args.force, slurm=args.slurm, dry_run=args.dry_run)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if outcomes:
+        print("\n" + summary(outcomes))
+    if args.report and not args.slurm and not args.dry_run:
+        from monitoring.report import main as report_main
+
+        report_main(["--study", study.name, "--tracking-uri", _uri_of(study, rest)])
+    else:
+        print(f"\nreport: python -m monitoring.report --study {study.name}")
+    if any(o.state == "stopped" for o in outcomes):
+        return STOP_EXIT_CODE
+    return 1 if any(o.state == "failed" for o in outcomes) else 0
+
+
+def _uri_of(study: Study, overrides: list[str]) -> str:
+    from pipeline.tracking import resolve_uri
+
+    return resolve_uri(member_config(study, study.members[0], overrides=overrides).tracking)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""The MLflow tracker of global rank 0, and the follower that every other rank runs.
+
+Rank 0 creates (or, on resume, reopens) the run and broadcasts its id; the checkpoint carries it, so
+a requeued job continues the same run. Every MLflow call goes through the background sender: the
+training loop only appends to a queue, and an unreachable server costs it nothing.
+
+Local rank 0 of every other node only samples system metrics into the same run.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import getpass
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import TrackingConfig
+from pipeline.system_metrics import SystemMetricsSampler
+from pipeline.tracking.sender import BatchSender
+from pipeline.tracking.store import (configure_http_for_training, get_or_create_experiment, git_commit,
+                                     gpu_type, resolve_uri, run_url)
+
+log = logging.getLogger("pipeline.tracking")
+
+_MAX_PARAMS = 100  # MLflow's log_batch limits per request
+_MAX_TAGS = 100
+
+
+def _chunks(items: list[Any], n: int) -> list[list[Any]]:
+    return [items[i:i + n] for i in range(0, len(items), n)]
+
+
+def share_run(run_id: str | None, start_time_s: float | None) -> tuple[str | None, float | None]:
+    """Rank 0's run id and start time on every rank (a collective when there are several ranks)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return run_id, start_time_s
+    box: list[Any] = [run_id, start_time_s]
+    dist.broadcast_object_list(box, src=0)
+    return box[0], box[1]
+
+
+def _new_sender(cfg: TrackingConfig, uri: str, name: str,
+                default_run_id: Any = lambda: None) -> BatchSender | None:
+    from mlflow import MlflowClient
+
+    configure_http_for_training()
+    try:
+        client = MlflowClient(uri)
+    except Exception as e:  # noqa: BLE001 - e.g. an unwritable sqlite path: train without tracking
+        log.warning("MLflow at %s cannot be opened (%s): this run is not tracked", uri, e)
+        return None
+    return BatchSender(client, uri=uri, max_buffered=cfg.max_buffered, flush_interval_s=cfg.flush_interval_s,
+                       name=name, default_run_id=default_run_id)
+
+
+def _clean_cpu_copy(model: Any) -> Any:
+    """A CPU copy of the weights in a fresh module, safe to pickle and to upload later.
+
+    The engine's module carries DeepSpeed's hooks and process-group references, which do not pickle;
+    our models keep their ``spec``, from which an identical clean module is built. Other modules are
+    deep-copied with their hooks removed.
+    """
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    spec = getattr(model, "spec", None)
+    if spec is not None:
+        fresh = type(model)(spec)
+    else:
+        fresh = copy.deepcopy(model)
+        for m in fresh.modules():
+            for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+                getattr(m, hooks, {}).clear()
+    fresh.load_state_dict(state)
+    return fresh.cpu().eval()
+
+
+class MLflowTracker:
+    """Global rank 0. Public methods never raise because of MLflow and never wait on the network,
+    except ``start`` (at most ``tracking.start_timeout_s``) and ``finish`` (``tracking.finish_timeout_s``)."""
+
+    def __init__(self, cfg: TrackingConfig, *, run_name: str = "", node_id: int = 0) -> None:
+        self.cfg = cfg
+        self.uri = resolve_uri(cfg)
+        self.run_name = cfg.run_name or run_name
+        self.node_id = node_id
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self.start_time_s: float | None = None
+        self.sender: BatchSender | None = None
+        self._sampler: SystemMetricsSampler | None = None
+        self._finished = False
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def start(self, run_id: str | None = None) -> str | None:
+        """Create the run, or reopen ``run_id`` (a resume). A collective: every rank calls ``start``."""
+        self.run_id = run_id or None  # a resume keeps its id even while the server is away
+        self.sender = _new_sender(self.cfg, self.uri, "mlflow-sender", default_run_id=lambda: self.run_id)
+        if self.sender is not None:
+            done = self.sender.submit(lambda c: self._open_run(c, run_id), "start run")
+            if not done.wait(self.cfg.start_timeout_s):
+                log.warning("MLflow at %s did not answer within %.0f s (tracking.start_timeout_s): training "
+                            "starts anyway; the run is %s once the server is back", self.uri,
+                            self.cfg.start_timeout_s, f"reopened as {run_id}" if run_id else "created")
+        start = self.start_time_s if self.start_time_s is not None else time.time()
+        self.run_id, start = share_run(self.run_id, start)
+        if self.sender is not None and self.cfg.system_metrics:
+            self._sampler = SystemMetricsSampler(node_id=self.node_id, interval_s=self.cfg.system_metrics_interval_s,
+                                                 emit=self.log_metrics, start_time_s=start).start()
+        atexit.register(self._at_exit)
+        return self.run_id
+
+    def _open_run(self, client: Any, resume_id: str | None) -> None:
+        from mlflow.exceptions import MlflowException
+
+        self.experiment_id = get_or_create_experiment(client, self.cfg.experiment)
+        if resume_id:
+            try:
+                run = client.get_run(resume_id)
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                log.warning("MLflow run %s (from the checkpoint) does not exist at %s: starting a new run",
+                            resume_id, self.uri)
+            else:
+                marks = {key: max(m.step for m in client.get_metric_history(resume_id, key))
+                         for key in run.data.metrics}
+                assert self.sender is not None
+                self.sender.set_high_water(resume_id, marks)
+                client.update_run(resume_id, status="RUNNING")
+                self.experiment_id = run.info.experiment_id
+                self.start_time_s = run.info.start_time / 1000
+                self.run_id = resume_id
+                log.info("MLflow: continuing run %s at %s (metrics up to step %d are kept)", resume_id,
+                         self.uri, max(marks.values(), default=0))
+                return
+        commit = git_commit()
+        tags = {"mlflow.source.name": "pipeline.train", "mlflow.source.type": "LOCAL",
+                "mlflow.user": getpass.getuser(), "mlflow.source.git.commit": commit.removesuffix("-dirty"),
+                "git_commit": commit, "gpu_type": gpu_type()}
+        if self.cfg.study:
+            tags["study"] = self.cfg.study
+        if self.cfg.parent_run_id:
+            tags["mlflow.parentRunId"] = self.cfg.parent_run_id
+        run = client.create_run(self.experiment_id, run_name=self.run_name or None, tags=tags)
+        self.start_time_s = run.info.start_time / 1000
+        self.run_id = run.info.run_id
+        log.info("MLflow: run %s in experiment %r: %s", run.info.run_name, self.cfg.experiment,
+                 run_url(self.uri, self.experiment_id, self.run_id))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Record the final state and send what is buffered, waiting at most tracking.finish_timeout_s."""
+        if self._finished or self.sender is None:
+            return
+        if self._sampler is not None:
+            self._sampler.stop()
+        self._submit(lambda c: c.set_terminated(self._rid(), status=status), f"set status {status}")
+        self._finished = True
+        t0 = time.monotonic()
+        if self.sender.close(self.cfg.finish_timeout_s):
+            log.info("MLflow: run %s %s (%d metric points in %d batches, %.1f s to flush)", self.run_id,
+                     status.lower(), self.sender.points_sent, self.sender.batches_sent, time.monotonic() - t0)
+        else:
+            points, ops = self.sender.pending
+            log.warning("MLflow at %s did not take the last data within %.0f s (tracking.finish_timeout_s): "
+                        "%d metric points and %d calls (including the final status %s) were not sent",
+                        self.uri, self.cfg.finish_timeout_s, points, ops, status)
+
+    def _at_exit(self) -> None:
+        # An exception path that skipped finish(): still try to deliver what is buffered, briefly.
+        if not self._finished and self.sender is not None:
+            self._finished = True
+            if self._sampler is not None:
+                self._sampler.stop()
+            self.sender.close(min(10.0, self.cfg.finish_timeout_s))
+
+    # -- logging ------------------------------------------------------------------------------------
+    def _rid(self) -> str:
+        if self.run_id is None:
+            raise RuntimeError("no MLflow run")  # permanent: the run could not be created
+        return self.run_id
+
+    def _submit(self, fn: Any, what: str) -> None:
+        if self.sender is not None and not self._finished:
+            self.sender.submit(fn, what)
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for chunk in _chunks(items, _MAX_PARAMS):
+            self._submit(lambda c, chunk=chunk: c.log_batch(self._rid(), params=chunk), f"log {len(chunk)} params")
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for chunk in _chunks(items, _MAX_TAGS):
+            self._submit(lambda c, chunk=chunk: c.log_batch(self._rid(), tags=chunk), f"set {len(chunk)} tags")
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        if self.sender is None or self._finished:
+            return
+        ts = int(time.time() * 1000)
+        points = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()
+                  if isinstance(v, (int, float))]
+        self.sender.add_metrics(self.run_id, points)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        self._submit(lambda c: c.log_artifact(self._rid(), path, artifact_path), f"upload {Path(path).name}")
+
+    def log_model(self, model: Any) -> None:
+        if not self.cfg.log_model:
+            return
+        try:
+            snapshot = _clean_cpu_copy(model)
+        except Exception as e:  # noqa: BLE001
+            log.warning("MLflow: the model cannot be copied for logging (%s); not logged", e)
+            return
+        self._submit(lambda c: self._log_model(snapshot), "log_model")
+
+    def _log_model(self, model: Any) -> None:
+        import mlflow
+        import mlflow.pytorch
+        import torch
+
+        # The fluent API that log_model uses reads the global URI and experiment; this process has
+        # only this tracker talking to MLflow, so pointing them at our run is safe.
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(experiment_id=self.experiment_id)
+        torch_version = torch.__version__.split("+")[0]
+        # Explicit requirements and code: MLflow would otherwise import the model in a subprocess
+        # to infer them, and the pickle needs the `pipeline` package to load anywhere.
+        # Pickle is chosen deliberately (with the code alongside); MLflow's warning about it is noise.
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+        mlflow.pytorch.log_model(model, name="model", run_id=self._rid(), serialization_format="pickle",
+                                 pip_requirements=[f"torch=={torch_version}"],
+                                 code_paths=[str(Path(__file__).resolve().parents[1])])
+
+
+class FollowerTracker:
+    """Every rank but global 0: receives the run id; on a node's local rank 0 it samples system metrics."""
+
+    def __init__(self, cfg: TrackingConfig, *, node_id: int = 0, is_local_main: bool = False) -> None:
+        self.cfg = cfg
+        self.node_id = node_id
+        self.is_local_main = is_local_main
+        self.run_id: str | None = None
+        self._sender: BatchSender | None = None
+        self._sampler: SystemMetricsSampler | None = None
+
+    def start(self, run_id: str | None = None) -> str | None:
+        self.run_id, start = share_run(None, None)
+        if self.is_local_main and self.cfg.system_metrics and self.run_id:
+            uri = resolve_uri(self.cfg)
+            self._sender = _new_sender(self.cfg, uri, f"mlflow-sender-node{self.node_id}")
+            if self._sender is not None:
+                rid, sender = self.run_id, self._sender
+                from mlflow.entities import Metric
+
+                def emit(step: int, values: dict[str, float]) -> None:
+                    ts = int(time.time() * 1000)
+                    sender.add_metrics(rid, [Metric(k, float(v), ts, step) for k, v in values.items()])
+
+                self._sampler = SystemMetricsSampler(node_id=self.node_id, interval_s=self.cfg.system_metrics_interval_s,
+                                                     emit=emit, start_time_s=start).start()
+                # train.run() finishes the tracker on rank 0 only: deliver this node's samples at exit.
+                atexit.register(self.finish)
+        return self.run_id
+
+    def log_params(self, params: dict[str, str]) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_model(self, model: Any) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None:
+            sampler.stop()
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.close(min(10.0, self.cfg.finish_timeout_s))

@@ -1,0 +1,79 @@
+"""Where runs go and what describes them: the tracking URI, experiments, and run-context tags."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import TrackingConfig
+
+DEFAULT_URI = "sqlite:///mlflow.db"  # embedded store in the working directory; no server needed
+
+# Network calls are retried by our own sender, with backoff and without blocking training. MLflow's
+# default (7 retries with exponential backoff, 120 s timeout) would hold one call for minutes. And
+# the client's "View run at" lines would be written to stdout from the sender thread, into the
+# progress bar; the tracker logs the run's address itself.
+_PROCESS_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+                     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+
+
+def resolve_uri(cfg: TrackingConfig | None = None, *, uri: str = "") -> str:
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else the embedded sqlite store."""
+    return uri or (cfg.uri if cfg else "") or os.environ.get("MLFLOW_TRACKING_URI", "") or DEFAULT_URI
+
+
+def configure_http_for_training() -> None:
+    """Fail fast on network errors in this process (explicit environment settings win)."""
+    for k, v in _PROCESS_DEFAULTS.items():
+        os.environ.setdefault(k, v)
+
+
+def run_url(uri: str, experiment_id: str, run_id: str) -> str:
+    """Where the run is in the UI (a server), or the store and run id (embedded)."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{uri} (run {run_id})"
+
+
+def get_or_create_experiment(client: Any, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another process won the race
+                raise
+            exp = client.get_experiment_by_name(name)
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+@functools.cache
+def git_commit(path: str | None = None) -> str:
+    """The commit of the code that runs (with "-dirty" when the tree has changes), or "unknown"."""
+    where = path or str(Path(__file__).resolve().parents[2])
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def gpu_type() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(torch.cuda.current_device())
+    except Exception:  # noqa: BLE001 - a broken driver is reported as "cpu" rather than failing the run
+        pass
+    return "cpu"

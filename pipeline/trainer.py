@@ -1,0 +1,261 @@
+"""The training loop: one DeepSpeed engine, one train and one val source, a schedule, and its duties.
+
+The loop avoids host synchronisation: losses and hits accumulate on the device and are reduced across
+ranks every ``log_every`` steps. That reduction is also where ranks agree on stop requests and
+non-finite losses, so every rank takes the same branch and no collective is left waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pipeline.engine import set_lr
+from pipeline.metrics import MetricSums
+from pipeline.schedule import LRSchedule
+from pipeline.signals import StopFlag
+from pipeline.tracking import NullTracker, Tracker
+
+log = logging.getLogger("pipeline.trainer")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the message says at which step and what to try."""
+
+
+@dataclass
+class FitResult:
+    step: int
+    epoch: int
+    stopped: bool  # True when a stop signal ended the run early (the caller exits with the requeue code)
+    final_val: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)  # rank 0: one entry per logged step/eval
+
+
+def _all_reduce_max(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+class Trainer:
+    """fit / train_step / evaluate / state_dict. Every collaborator is built elsewhere and passed in."""
+
+    def __init__(self, *, engine: Any, train_source: Any, val_source: Any, schedule: LRSchedule,
+                 total_steps: int, rank: int, world_size: int, device: torch.device,
+                 log_every: int = 10, eval_every: int = 1, progress: bool = True,
+                 tracker: Tracker | None = None, checkpointer: Any = None, stop: StopFlag | None = None,
+                 seed: int = 0, on_log: Callable[[dict[str, float]], None] | None = None) -> None:
+        self.engine = engine
+        self.train_source = train_source
+        self.val_source = val_source
+        self.schedule = schedule
+        self.total_steps = total_steps
+        self.rank = rank
+        self.world_size = world_size
+        self.device = device
+        self.log_every = log_every
+        self.eval_every = eval_every
+        self.progress = progress and rank == 0
+        self.tracker = tracker or NullTracker()
+        self.checkpointer = checkpointer
+        self.stop = stop or StopFlag()
+        self.seed = seed
+        self.on_log = on_log
+        self.grad_accum = engine.gradient_accumulation_steps()
+        self.steps_per_epoch = max(1, len(train_source) // self.grad_accum)
+        self.step = 0  # optimizer steps taken
+        self.epoch = 0  # completed epochs
+        self.micro_in_epoch = 0  # micro-batches consumed in the current epoch
+        self.history: list[dict[str, float]] = []
+        self._sums = MetricSums(device)
+        self._wait = 0.0
+        self._busy = 0.0
+        self._images = 0
+        self._bar: Any = None
+
+    # ---------------------------------------------------------------------------------------------
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One micro-batch: forward, backward, and (at accumulation boundaries) the optimizer step."""
+        set_lr(self.engine.optimizer, self.schedule.lr(self.step))
+        logits = self.engine(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        self.engine.backward(loss)
+        self.engine.step()
+        self._sums.update(loss, logits, labels)
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Loss and top-1/top-5 error over the whole validation split, each image counted once."""
+        self.engine.eval()
+        sums = MetricSums(self.device)
+        for images, labels in self.val_source:
+            logits = self.engine(images)
+            sums.update(F.cross_entropy(logits.float(), labels), logits, labels)
+        self.engine.train()
+        out = sums.reduce()
+        if out["count"] != self.val_source.num_samples:
+            raise RuntimeError(f"evaluation saw {out['count']} images but the validation split has "
+                               f"{self.val_source.num_samples}: the val source's sharding is broken")
+        return {f"val_{k}": v for k, v in out.items() if k != "count"}
+
+    # ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's share of a resume: counters, schedule, data position and every RNG."""
+        return {
+            "step": self.step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
+            "world_size": self.world_size, "schedule": self.schedule.state_dict(),
+            "data": self.train_source.state_dict(), "history": self.history if self.rank == 0 else [],
+            "tracking_run_id": self.tracker.run_id,
+            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
+        self.schedule.load_state_dict(state["schedule"])
+        self.history = list(state.get("history", []))
+        if state["world_size"] == self.world_size:
+            self.train_source.load_state_dict(state["data"])
+            rng = state["rng"]
+            random.setstate(rng["python"])
+            np.random.set_state(rng["numpy"])
+            torch.set_rng_state(rng["torch"])
+            if rng["cuda"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        else:
+            # A different world size reshards the data: the epoch restarts, which the log says.
+            if self.rank == 0:
+                log.warning("resuming on %d ranks from a checkpoint written by %d: the data order restarts "
+                            "epoch %d (%d micro-batches of it were already seen)", self.world_size,
+                            state["world_size"], self.epoch, self.micro_in_epoch)
+            self.micro_in_epoch = 0
+
+    # ---------------------------------------------------------------------------------------------
+    def _timed_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        it = iter(self.train_source)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self._wait += time.perf_counter() - t0
+            yield batch
+
+    def _log(self, *, final: bool = False) -> bool:
+        """Reduce metrics across ranks; returns True when the ranks agree to stop. A collective call."""
+        m = self._sums.reduce()
+        elapsed = self._busy  # wall time of the loop since the last log, data waits included
+        rates = _all_reduce_max([float(self.stop.is_set), elapsed, self._wait], self.device)
+        stop_any, elapsed_max, wait_max = rates
+        if not math.isfinite(m["loss"]):
+            raise TrainingDiverged(
+                f"training loss became {m['loss']} at step {self.step} (epoch {self.epoch}); lower --optim.lr "
+                f"(now {self.schedule.lr(self.step):g}), add warm-up (--schedule.warmup), or enable "
+                f"--optim.grad_clip; the last committed checkpoint is kept")
+        row = {"step": self.step, "epoch": self.epoch + self.micro_in_epoch / max(1, len(self.train_source)),
+               "train_loss": m["loss"], "train_top1_error": m["top1_error"], "train_top5_error": m["top5_error"],
+               "lr": self.schedule.lr(max(0, self.step - 1)),
+               "images_per_s": self._images * self.world_size / max(elapsed_max, 1e-9),
+               "data_wait_share": wait_max / max(elapsed_max, 1e-9)}
+        if self.schedule.observe_train_error(m["top1_error"]) and self.rank == 0:
+            log.info("train error %.1f%% is below the warm-up threshold: lr goes to %g", m["top1_error"],
+                     self.schedule.lr(self.step))
+        self._record(row)
+        self._sums.reset()
+        self._wait = self._busy = 0.0
+        self._images = 0
+        return bool(stop_any)
+
+    def _record(self, row: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        self.history.append(row)
+        metrics = {k: v for k, v in row.items() if k not in ("step",)}
+        self.tracker.log_metrics(int(row["step"]), metrics)
+        if self.on_log:
+            self.on_log(row)
+        if self._bar is not None:
+            short = {"loss": f"{row['train_loss']:.3f}" if "train_loss" in row else None,
+                     "err": f"{row['train_top1_error']:.1f}%" if "train_top1_error" in row else None,
+                     "val": f"{row['val_top1_error']:.2f}%" if "val_top1_error" in row else None,
+                     "img/s": f"{row['images_per_s']:.0f}" if "images_per_s" in row else None,
+                     "wait": f"{100 * row['data_wait_share']:.0f}%" if "data_wait_share" in row else None}
+            self._bar.set_postfix({k: v for k, v in short.items() if v is not None}, refresh=False)
+
+    def _save(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.save(self.engine, step=self.step, epoch=self.epoch, trainer_state=self.state_dict())
+
+    def _eval_and_record(self) -> dict[str, float]:
+        val = self.evaluate()
+        self.schedule.observe_val_error(val["val_top1_error"])
+        self._record({"step": self.step, "epoch": float(self.epoch), **val})
+        return val
+
+    # ---------------------------------------------------------------------------------------------
+    def fit(self) -> FitResult:
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                             desc="train")
+        self.engine.train()
+        stopped = False
+        val: dict[str, float] = {}
+        try:
+            while self.step < self.total_steps and not stopped:
+                t_mark = time.perf_counter()
+                for images, labels in self._timed_batches():
+                    before = self.engine.global_steps
+                    self.train_step(images, labels)
+                    self.micro_in_epoch += 1
+                    self._images += labels.shape[0]
+                    if self.engine.global_steps == before:
+                        continue  # inside a gradient-accumulation window
+                    self.step += 1
+                    now = time.perf_counter()
+                    self._busy += now - t_mark
+                    t_mark = now
+                    if self._bar is not None:
+                        self._bar.update(1)
+                    last = self.step >= self.total_steps
+                    if self.step % self.log_every == 0 or last:
+                        if self._log():
+                            stopped = True
+                    if stopped or (self.checkpointer is not None and self.checkpointer.should_save(self.step)
+                                   and not last):
+                        self._save()
+                    if stopped or last:
+                        break
+                else:
+                    # The epoch ran to its end.
+                    self.epoch += 1
+                    self.micro_in_epoch = 0
+                    if self.epoch % self.eval_every == 0 and self.step < self.total_steps:
+                        val = self._eval_and_record()
+                    continue
+                if self.micro_in_epoch >= len(self.train_source):
+                    self.epoch += 1
+                    self.micro_in_epoch = 0
+            if not stopped:
+                val = self._eval_and_record()
+                if self.checkpointer is not None and self.checkpointer.cfg.at_end:
+                    self._save()
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+        return FitResult(step=self.step, epoch=self.epoch, stopped=stopped, final_val=val, history=self.history)

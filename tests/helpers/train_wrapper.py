@@ -1,0 +1,73 @@
+"""`pipeline/train.py` with test hooks, run under torchrun by tests/test_checkpoint_e2e.py.
+
+Hooks (environment variables, read here only; the pipeline itself has no test switches):
+  TEST_LOSSES=path        rank 0 appends {"step", "train_loss"} per logged step as JSON lines
+  TEST_SIGNAL_AT=N        rank 0 sends itself SIGUSR1 while computing step N (a real signal, at a known step)
+  TEST_PAUSE_UPLOAD=tag:rank:dir
+                          that rank's upload thread, about to upload the 2nd file of checkpoint `tag`,
+                          writes dir/paused-rank<R> (holding its pid) and waits until dir/go exists
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from pipeline import train as train_mod  # noqa: E402
+from pipeline import trainer as trainer_mod  # noqa: E402
+
+RANK = int(os.environ.get("RANK", "0"))
+
+
+def _install() -> None:
+    losses = os.environ.get("TEST_LOSSES")
+    if losses and RANK == 0:
+        orig_record = trainer_mod.Trainer._record
+
+        def _record(self, row):  # type: ignore[no-untyped-def]
+            if "train_loss" in row:
+                with open(losses, "a") as f:
+                    f.write(json.dumps({"step": int(row["step"]), "train_loss": row["train_loss"]}) + "\n")
+            return orig_record(self, row)
+
+        trainer_mod.Trainer._record = _record
+    sig_at = int(os.environ.get("TEST_SIGNAL_AT", "0"))
+    if sig_at and RANK == 0:
+        orig_step = trainer_mod.Trainer.train_step
+
+        def train_step(self, images, labels):  # type: ignore[no-untyped-def]
+            if self.step == sig_at - 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return orig_step(self, images, labels)
+
+        trainer_mod.Trainer.train_step = train_step
+    pause = os.environ.get("TEST_PAUSE_UPLOAD")
+    if pause:
+        tag, rank, folder = pause.split(":", 2)
+        if int(rank) == RANK:
+            from pipeline import storage
+
+            orig_put = storage.Storage.put
+            seen: list[str] = []
+
+            def put(self, local, rel):  # type: ignore[no-untyped-def]
+                if rel.startswith(f"{tag}/"):
+                    seen.append(rel)
+                    if len(seen) == 2:
+                        Path(folder, f"paused-rank{RANK}").write_text(str(os.getpid()))
+                        while not Path(folder, "go").exists():
+                            time.sleep(0.05)
+                return orig_put(self, local, rel)
+
+            storage.Storage.put = put
+
+
+if __name__ == "__main__":
+    _install()
+    sys.exit(train_mod.main())

@@ -1,0 +1,206 @@
+"""A real S3-compatible server for tests: ``moto_server`` on 127.0.0.1, spoken to exactly like AWS.
+
+    with start_moto_server() as endpoint_url:
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint_url, key="testing", secret="testing")
+
+Nothing global is set: callers pass ``endpoint_url`` (and ``aws_env(endpoint_url)`` to subprocesses).
+
+Outages: moto keeps its objects in memory, so a real restart would lose every bucket. The endpoint is
+therefore a small TCP forwarder in front of the moto process: ``stop_server`` closes the listening port
+and cuts every open connection (clients see "connection refused", as with a dead server) and
+``restart_server`` opens the same port again with the data intact. ``stop_server(..., lose_data=True)``
+kills moto itself.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+_SERVERS: dict[str, "_Server"] = {}  # endpoint_url -> server, so stop/restart can find it
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def aws_env(endpoint_url: str, *, key: str = "testing", secret: str = "testing") -> dict[str, str]:
+    """Environment variables that point boto/s3fs in a child process at this server."""
+    return {"AWS_ENDPOINT_URL": endpoint_url, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+class _Forwarder:
+    """Accepts on ``port`` and pipes every connection to ``backend_port``; can drop everything at once."""
+
+    def __init__(self, port: int, backend_port: int) -> None:
+        self.port, self.backend_port = port, backend_port
+        self._listener: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", self.port))
+        ls.listen(64)
+        self._listener = ls
+        self._thread = threading.Thread(target=self._accept, args=(ls,), daemon=True, name="s3-forwarder")
+        self._thread.start()
+
+    def _accept(self, ls: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = ls.accept()
+            except OSError:
+                return  # listener closed: the endpoint is "down"
+            try:
+                backend = socket.create_connection(("127.0.0.1", self.backend_port))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns.update((client, backend))
+            for a, b in ((client, backend), (backend, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+                with self._lock:
+                    self._conns.discard(s)
+
+    def stop(self) -> None:
+        if self._listener is not None:
+            # shutdown() wakes the thread blocked in accept(); close() alone does not on Linux.
+            try:
+                self._listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._listener.close()
+            self._listener = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    @property
+    def running(self) -> bool:
+        return self._listener is not None
+
+
+class _Server:
+    def __init__(self, *, auth: bool, log_dir: Path | None) -> None:
+        self.auth = auth
+        self.log_dir = log_dir
+        self.backend_port = _free_port()
+        self.port = _free_port()
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.forwarder = _Forwarder(self.port, self.backend_port)
+
+    def start_moto(self) -> None:
+        exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+        cmd = [exe, "-H", "127.0.0.1", "-p", str(self.backend_port)] if exe else \
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.backend_port)]
+        env = dict(os.environ)
+        if self.auth:
+            # Every request is checked against IAM, which knows no keys: any credentials are "wrong".
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
+        out = open(self.log_dir / f"moto-{self.backend_port}.log", "wb") if self.log_dir else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moto_server exited with {self.proc.returncode} at start-up: {cmd}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.backend_port}/moto-api/", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.stop_moto()
+        raise RuntimeError(f"moto_server did not answer on port {self.backend_port} within 30 s")
+
+    def stop_moto(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@contextmanager
+def start_moto_server(*, auth: bool = False, log_dir: str | Path | None = None) -> Iterator[str]:
+    """Start moto_server on a free local port; yields its endpoint URL and stops it on exit.
+
+    ``auth=True`` makes the server check credentials (none are valid), for wrong-credential tests.
+    """
+    server = _Server(auth=auth, log_dir=Path(log_dir) if log_dir else None)
+    server.start_moto()
+    try:
+        server.forwarder.start()
+        _SERVERS[server.endpoint_url] = server
+        yield server.endpoint_url
+    finally:
+        _SERVERS.pop(server.endpoint_url, None)
+        server.forwarder.stop()
+        server.stop_moto()
+
+
+def stop_server(endpoint_url: str, *, lose_data: bool = False) -> None:
+    """Take the endpoint down: new connections are refused and open ones are cut."""
+    server = _SERVERS[endpoint_url]
+    server.forwarder.stop()
+    if lose_data:
+        server.stop_moto()
+
+
+def restart_server(endpoint_url: str) -> None:
+    """Bring a stopped endpoint back on the same port (with its data unless it was stopped with lose_data)."""
+    server = _SERVERS[endpoint_url]
+    if server.proc is None:
+        server.start_moto()
+    if not server.forwarder.running:
+        server.forwarder.start()
+
+
+@contextmanager
+def outage(endpoint_url: str) -> Iterator[None]:
+    """The endpoint is down inside the block and back afterwards."""
+    stop_server(endpoint_url)
+    try:
+        yield
+    finally:
+        restart_server(endpoint_url)

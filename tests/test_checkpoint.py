@@ -1,0 +1,326 @@
+"""pipeline.checkpoint: commit order, retention, verification and fallback, outages, bad storage input.
+
+Most tests drive the Checkpointer in-process with a stand-in engine (world of one, fast); the tests at
+the end run a tiny real DeepSpeed engine on 2 ranks under torchrun (gloo, CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from pipeline.checkpoint import CheckpointError, Checkpointer, committed_tags, read_manifest
+from pipeline.config import CheckpointConfig
+from pipeline.storage import Storage, sha256_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakeEngine:
+    """The two DeepSpeed engine calls the Checkpointer makes, on one tensor."""
+
+    def __init__(self, value: float = 0.0) -> None:
+        self.w = torch.full((4096,), value)
+
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = True) -> None:
+        d = Path(save_dir) / tag
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save({"w": self.w.clone()}, d / "mp_rank_00_model_states.pt")
+
+    def load_checkpoint(self, load_dir: str, tag: str, **_: Any) -> tuple[str | None, dict[str, Any]]:
+        f = Path(load_dir) / tag / "mp_rank_00_model_states.pt"
+        if not f.exists():
+            return None, {}
+        self.w = torch.load(f)["w"]
+        return str(f), {}
+
+
+def _aws(monkeypatch: pytest.MonkeyPatch, endpoint: str, key: str = "testing") -> None:
+    from s3_server import aws_env
+
+    for k, v in aws_env(endpoint, key=key, secret=key).items():
+        monkeypatch.setenv(k, v)
+
+
+def _ck(uri: str, tmp_path: Path, **cfg: Any) -> Checkpointer:
+    return Checkpointer(CheckpointConfig(uri=uri, **cfg), run_id="run", rank=0, world_size=1, config_hash="h",
+                        staging_dir=str(tmp_path / "staging"))
+
+
+def _save(ck: Checkpointer, step: int) -> FakeEngine:
+    eng = FakeEngine(float(step))
+    ck.save(eng, step=step, epoch=step // 10, trainer_state={"step": step})
+    return eng
+
+
+@pytest.fixture(params=["local", "s3"])
+def uri(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "local":
+        return str(tmp_path / "ckpt")
+    bucket = request.getfixturevalue("s3_bucket")
+    _aws(monkeypatch, request.getfixturevalue("s3_endpoint"))
+    return f"{bucket}/ckpt"
+
+
+def test_commit_manifest_latest_and_retention(uri: str, tmp_path: Path) -> None:
+    ck = _ck(uri, tmp_path, keep_last=2, keep_every=3)
+    ck.check_access()
+    for step in range(1, 8):
+        _save(ck, step)
+    ck.close()
+    run = Storage(uri).child("run")
+    assert run.read_text("latest") == "step-7"
+    assert committed_tags(run) == ["step-7", "step-6", "step-3"]  # newest 2, plus every 3rd
+    assert [n for n in run.list() if n.startswith("step-")] == ["step-3", "step-6", "step-7"]
+    m = read_manifest(run, "step-7")
+    assert (m["step"], m["epoch"], m["config_hash"], m["world_size"]) == (7, 0, "h", 1)
+    got = run.get("step-7/mp_rank_00_model_states.pt", tmp_path / "m.pt")
+    (f,) = [f for f in m["files"] if f["path"] == "mp_rank_00_model_states.pt"]
+    assert (f["size"], f["sha256"]) == (got.size, got.sha256)
+    assert {f["path"] for f in m["files"]} == {"mp_rank_00_model_states.pt", "trainer-rank0.pt"}
+    assert not list((tmp_path / "staging").rglob("*.pt"))  # staged files go once uploaded
+
+
+def test_resume_restores_newest(uri: str, tmp_path: Path) -> None:
+    ck = _ck(uri, tmp_path)
+    for step in (2, 4):
+        _save(ck, step)
+    ck.close()
+    eng = FakeEngine(-1.0)
+    state = _ck(uri, tmp_path).resume(eng)
+    assert state == {"step": 4} and torch.equal(eng.w, torch.full((4096,), 4.0))
+
+
+def _flip_byte(path: Path, offset: int = 1000) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_file_falls_back_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    uri = str(tmp_path / "ckpt")
+    ck = _ck(uri, tmp_path, keep_last=3)
+    for step in (1, 2, 3):
+        _save(ck, step)
+    ck.close()
+    bad = tmp_path / "ckpt" / "run" / "step-3" / "mp_rank_00_model_states.pt"
+    _flip_byte(bad)
+    (tmp_path / "ckpt" / "run" / "step-2" / "trainer-rank0.pt").unlink()  # step-2 is incomplete
+    eng = FakeEngine()
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        state = _ck(uri, tmp_path).resume(eng)
+    assert state == {"step": 1} and float(eng.w[0]) == 1.0
+    text = caplog.text
+    assert f"{bad}" in text and "checksum" in text and "falling back to step-2" in text
+    assert "step-2/trainer-rank0.pt cannot be read" in text and "falling back to step-1" in text
+    run = Storage(uri).child("run")
+    # The rejected ones are uncommitted but kept for inspection; latest follows the resumed one.
+    assert run.read_text("latest") == "step-1" and committed_tags(run) == ["step-1"]
+    assert run.exists("step-3/manifest.rejected.json")
+
+
+def test_s3_corrupt_object_is_rejected(s3_bucket: str, s3_endpoint: str, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    _aws(monkeypatch, s3_endpoint)
+    uri = f"{s3_bucket}/ckpt"
+    ck = _ck(uri, tmp_path)
+    for step in (1, 2):
+        _save(ck, step)
+    ck.close()
+    run = Storage(uri).child("run")
+    obj = "step-2/mp_rank_00_model_states.pt"
+    data = bytearray(run.read_bytes(obj))
+    data[-10] ^= 0x80
+    run.write_bytes(obj, bytes(data))
+    eng = FakeEngine()
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        assert _ck(uri, tmp_path).resume(eng) == {"step": 1}
+    assert run.url(obj) in caplog.text and "checksum" in caplog.text
+
+
+def test_latest_present_but_nothing_valid_refuses_to_start(tmp_path: Path) -> None:
+    uri = str(tmp_path / "ckpt")
+    ck = _ck(uri, tmp_path)
+    _save(ck, 1)
+    ck.close()
+    _flip_byte(tmp_path / "ckpt" / "run" / "step-1" / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointError, match="refusing to start from scratch.*resume=never"):
+        _ck(uri, tmp_path).resume(FakeEngine())
+    # latest exists but is unreadable, and no manifest at all
+    run = Storage(uri).child("run")
+    run.delete("step-1", recursive=True)
+    (tmp_path / "ckpt" / "run" / "latest").write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(CheckpointError, match="latest exists but no committed checkpoint"):
+        _ck(uri, tmp_path).resume(FakeEngine())
+
+
+def test_no_checkpoint_starts_fresh_and_never_sets_aside(tmp_path: Path) -> None:
+    uri = str(tmp_path / "ckpt")
+    assert _ck(uri, tmp_path).resume(FakeEngine()) is None
+    ck = _ck(uri, tmp_path)
+    _save(ck, 5)
+    ck.close()
+    assert _ck(uri, tmp_path, resume="never").resume(FakeEngine()) is None
+    run = Storage(uri).child("run")
+    assert committed_tags(run) == [] and run.exists("step-5/manifest.set-aside.json") and not run.exists("latest")
+
+
+def test_resume_from_explicit_uri(tmp_path: Path) -> None:
+    uri = str(tmp_path / "ckpt")
+    ck = _ck(uri, tmp_path, keep_last=3)
+    for step in (1, 2):
+        _save(ck, step)
+    ck.close()
+    other = Checkpointer(CheckpointConfig(uri=str(tmp_path / "other"), resume=f"{uri}/run/step-1"), run_id="new",
+                         rank=0, world_size=1, config_hash="h", staging_dir=str(tmp_path / "s2"))
+    eng = FakeEngine()
+    assert other.resume(eng) == {"step": 1} and float(eng.w[0]) == 1.0
+    assert Storage(uri).child("run").read_text("latest") == "step-2"  # another run's folder is left alone
+
+
+def test_outage_retries_in_background_then_commits(s3_bucket: str, s3_endpoint: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    from s3_server import restart_server, stop_server
+
+    _aws(monkeypatch, s3_endpoint)
+    uri = f"{s3_bucket}/ckpt"
+    ck = _ck(uri, tmp_path)
+    _save(ck, 1)
+    ck.wait()
+    stop_server(s3_endpoint)
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        t0 = time.monotonic()
+        _save(ck, 2)
+        assert time.monotonic() - t0 < 2  # the training loop is not held up by the dead endpoint
+        deadline = time.monotonic() + 20
+        while "retry 2" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert "step-2" in ck.pending() and "cannot be reached" in caplog.text and "pending: step-2" in caplog.text
+    assert (tmp_path / "staging" / "run" / "rank-00000" / "step-2").is_dir()  # nothing lost meanwhile
+    restart_server(s3_endpoint)
+    ck.close()
+    assert Storage(uri).child("run").read_text("latest") == "step-2"
+
+
+def test_crash_during_outage_keeps_previous_latest(s3_bucket: str, s3_endpoint: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from s3_server import outage
+
+    _aws(monkeypatch, s3_endpoint)
+    uri = f"{s3_bucket}/ckpt"
+    ck = _ck(uri, tmp_path)
+    _save(ck, 1)
+    ck.wait()
+    with outage(s3_endpoint):
+        _save(ck, 2)
+        time.sleep(0.5)
+        ck._uploader.close()  # the process "dies" with step-2 unsent
+    run = Storage(uri).child("run")
+    assert run.read_text("latest") == "step-1" and committed_tags(run) == ["step-1"]
+    eng = FakeEngine()
+    assert _ck(uri, tmp_path).resume(eng) == {"step": 1}
+
+
+def test_time_based_saves_follow_the_clock(tmp_path: Path) -> None:
+    ck = _ck(str(tmp_path / "c"), tmp_path, every_minutes=0.5 / 60, time_check_steps=2)
+    assert not ck.should_save(1) and not ck.should_save(2)
+    time.sleep(0.6)
+    assert not ck.should_save(3)  # only checked every time_check_steps
+    assert ck.should_save(4)
+    assert _ck(str(tmp_path / "c"), tmp_path, every_steps=5).should_save(10)
+
+
+@pytest.mark.parametrize("case", ["no_bucket", "credentials", "unreachable"])
+def test_bad_storage_fails_at_start(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    request: pytest.FixtureRequest) -> None:
+    from s3_server import _free_port, start_moto_server
+
+    if case == "no_bucket":
+        _aws(monkeypatch, request.getfixturevalue("s3_endpoint"))
+        expect = "bucket 'missing-bucket' does not exist"
+    elif case == "unreachable":
+        _aws(monkeypatch, f"http://127.0.0.1:{_free_port()}")
+        expect = "cannot be reached"
+    if case == "credentials":
+        with start_moto_server(auth=True, log_dir=tmp_path) as url:
+            _aws(monkeypatch, url, key="wrong")
+            with pytest.raises(CheckpointError) as e:
+                _ck("s3://missing-bucket/ckpt", tmp_path).check_access()
+        expect = "check the credentials"
+    else:
+        with pytest.raises(CheckpointError) as e:
+            _ck("s3://missing-bucket/ckpt", tmp_path).check_access()
+    msg = str(e.value)
+    assert "s3://missing-bucket/ckpt" in msg and expect in msg, msg
+
+
+# --------------------------------------------------------------------------------------------------
+# A real DeepSpeed engine on 2 ranks (torchrun, gloo on CPU).
+
+
+def _torchrun(nproc: int, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           str(ROOT / "tests" / "helpers" / "ckpt_worker.py"), *args]
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=240)
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,zero", [("local", 0), ("s3", 1)])
+def test_deepspeed_two_ranks_roundtrip(backend: str, zero: int, tmp_path: Path,
+                                       request: pytest.FixtureRequest) -> None:
+    env: dict[str, str] = {}
+    uri = str(tmp_path / "ckpt")
+    if backend == "s3":
+        from s3_server import aws_env
+
+        env = aws_env(request.getfixturevalue("s3_endpoint"))
+        uri = f"{request.getfixturevalue('s3_bucket')}/ckpt"
+    common = ["--uri", uri, "--out", str(tmp_path), "--zero", str(zero)]
+    p = _torchrun(2, "--phase", "train", "--steps", "4", "--save-at", "2,4", *common, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    # Same world size, then (ZeRO-1) a smaller one: DeepSpeed alone refuses to re-partition.
+    for nproc in ((2, 1) if zero else (2,)):
+        p = _torchrun(nproc, "--phase", "resume", *common, env=env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        for r in range(nproc):
+            a = torch.load(tmp_path / f"train-rank{r}.pt", weights_only=False)
+            b = torch.load(tmp_path / f"resume-rank{r}.pt", weights_only=False)
+            assert all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"])
+            assert torch.equal(a["momentum"], b["momentum"])
+            assert b["state"]["step"] == 4 and b["state"]["rank"] == r
+            assert torch.equal(b["state"]["gen"], a["state"]["gen"] if a["state"] else b["state"]["gen"])
+    if backend == "local":
+        m = json.loads((tmp_path / "ckpt" / "unit" / "step-4" / "manifest.json").read_text())
+        for f in m["files"]:
+            assert sha256_file(tmp_path / "ckpt" / "unit" / "step-4" / f["path"]).sha256 == f["sha256"]
+        assert m["world_size"] == 2 and {f["rank"] for f in m["files"]} == {0, 1}
+
+
+@pytest.mark.slow
+def test_deepspeed_zero1_grows_world(tmp_path: Path) -> None:
+    common = ["--uri", str(tmp_path / "ckpt"), "--out", str(tmp_path), "--zero", "1"]
+    assert (p := _torchrun(1, "--phase", "train", "--steps", "3", "--save-at", "3", *common)).returncode == 0, \
+        p.stderr[-3000:]
+    p = _torchrun(2, "--phase", "resume", *common)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a = torch.load(tmp_path / "train-rank0.pt", weights_only=False)
+    for r in range(2):
+        b = torch.load(tmp_path / f"resume-rank{r}.pt", weights_only=False)
+        assert all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"])
+        assert torch.equal(a["momentum"], b["momentum"])
+        assert b["state"]["step"] == 3 and b["state"]["rank"] == 0  # rank 1 gets rank 0's shared part

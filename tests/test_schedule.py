@@ -1,0 +1,64 @@
+"""LR schedules: the paper's step rule, warm-up, cosine, plateau, and the ResNet-110 warm-up gate."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from pipeline.config import ScheduleConfig
+from pipeline.schedule import LRSchedule, scaled_lr
+
+
+def sched(**kw) -> LRSchedule:
+    return LRSchedule(ScheduleConfig(**kw), base_lr=0.1, steps_per_epoch=10)
+
+
+def test_multistep_in_epochs_divides_by_ten():
+    s = sched(kind="multistep", epochs=9, milestones=[3, 6])
+    assert [s.lr(x) for x in (0, 29, 30, 59, 60, 89)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    assert s.total_steps == 90
+
+
+def test_cifar_recipe_in_iterations():
+    s = sched(kind="multistep", max_steps=64000, unit="step", milestones=[32000, 48000])
+    assert s.total_steps == 64000
+    assert s.lr(31999) == pytest.approx(0.1) and s.lr(32000) == pytest.approx(0.01)
+    assert s.lr(48000) == pytest.approx(0.001)
+
+
+def test_linear_warmup_reaches_base_lr():
+    s = sched(kind="multistep", epochs=10, milestones=[5], warmup=2, warmup_factor=0.1)
+    assert s.lr(0) == pytest.approx(0.01)
+    assert s.lr(10) == pytest.approx(0.1 * (0.1 + 0.9 * 0.5))
+    assert s.lr(20) == pytest.approx(0.1)
+
+
+def test_cosine_ends_at_floor():
+    s = sched(kind="cosine", epochs=10, min_lr=0.0)
+    assert s.lr(0) == pytest.approx(0.1) and s.lr(50) == pytest.approx(0.05) and s.lr(100) == pytest.approx(0.0)
+
+
+def test_plateau_divides_after_patience_and_round_trips():
+    s = sched(kind="plateau", epochs=10, plateau_patience=2)
+    assert not s.observe_val_error(50.0)
+    assert not s.observe_val_error(50.0)
+    assert s.observe_val_error(50.0)
+    assert s.lr(0) == pytest.approx(0.01)
+    t = sched(kind="plateau", epochs=10, plateau_patience=2)
+    t.load_state_dict(s.state_dict())
+    assert t.lr(0) == pytest.approx(0.01)
+
+
+def test_resnet110_warmup_until_train_error_below_80():
+    s = sched(kind="multistep", max_steps=1000, unit="step", milestones=[500], warmup_until_error=80.0)
+    assert s.lr(0) == pytest.approx(0.01)
+    assert not s.observe_train_error(85.0)
+    assert s.lr(100) == pytest.approx(0.01)
+    assert s.observe_train_error(79.0)
+    assert s.lr(101) == pytest.approx(0.1)
+    assert math.isinf(s.best_error)
+
+
+def test_linear_scaling_rule():
+    assert scaled_lr(0.1, reference_batch=256, global_batch=8192) == pytest.approx(3.2)

@@ -1,0 +1,247 @@
+"""MLflow tracking against a real ``mlflow server``: what a run records, resume, outages.
+
+The fast tests drive the tracker directly; the slow ones train the digits demo network for a few
+steps (one process, or two "nodes" of one process each) and read back what the server holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from pipeline.config import TrackingConfig, flatten, load_config
+from pipeline.tracking import NullTracker, build_tracker
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = ["--data.batch_size=32", "--schedule.max_steps=10", "--schedule.unit=step", "--schedule.milestones=[]",
+        "--schedule.warmup=0", "--log_every=2", "--progress=false"]
+
+
+def _cfg(uri: str, **kw: object) -> TrackingConfig:
+    return TrackingConfig(uri=uri, experiment=kw.pop("experiment", "unit"), flush_interval_s=0.2,  # type: ignore[arg-type]
+                          system_metrics_interval_s=1.0, **kw)  # type: ignore[arg-type]
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+# -- the tracker itself -----------------------------------------------------------------------------
+def test_tracker_records_params_tags_metrics_artifacts_and_model(mlflow_server, tmp_path: Path) -> None:
+    client = MlflowClient(mlflow_server.uri)
+    parent = client.create_run(client.create_experiment("unit"), run_name="parent").info.run_id
+    tracker = build_tracker(_cfg(mlflow_server.uri, study="s1", parent_run_id=parent), is_main=True,
+                            run_name="cfg-name")
+    run_id = tracker.start(None)
+    assert run_id
+    tracker.log_params({"model.name": "cifar_resnet20", "optim.lr": "0.1"})
+    tracker.set_tags({"depth": "20", "residual": "true"})
+    calls = 60
+    for step in range(1, calls + 1):
+        tracker.log_metrics(step, {"train_loss": 1.0 / step, "lr": 0.1})
+    (tmp_path / "config.toml").write_text("name = 'x'\n")
+    tracker.log_artifact(str(tmp_path / "config.toml"))
+    tracker.log_model(torch.nn.Linear(4, 3))
+    tracker.finish("FINISHED")
+
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "cfg-name"
+    assert run.data.params == {"model.name": "cifar_resnet20", "optim.lr": "0.1"}
+    tags = run.data.tags
+    assert tags["depth"] == "20" and tags["residual"] == "true" and tags["study"] == "s1"
+    assert tags["mlflow.parentRunId"] == parent
+    assert tags["gpu_type"] == ("cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name(0))
+    assert tags["git_commit"]
+    assert _steps(client, run_id, "train_loss") == list(range(1, calls + 1))
+    # Batched: far fewer requests than log_metrics calls.
+    assert tracker.sender.batches_sent < calls / 4
+    assert [a.path for a in client.list_artifacts(run_id)] == ["config.toml"]
+    models = client.search_logged_models([run.info.experiment_id])
+    assert [m.source_run_id for m in models] == [run_id]
+
+
+def test_resume_continues_the_same_run_without_duplicate_points(mlflow_server) -> None:
+    client = MlflowClient(mlflow_server.uri)
+    first = build_tracker(_cfg(mlflow_server.uri), is_main=True, run_name="r")
+    run_id = first.start(None)
+    for step in range(2, 21, 2):
+        first.log_metrics(step, {"train_loss": float(step)})
+    first.finish("KILLED")
+    assert client.get_run(run_id).info.status == "KILLED"
+
+    # The checkpoint was at step 12: steps 14..20 are logged again, with new values.
+    second = build_tracker(_cfg(mlflow_server.uri), is_main=True, run_name="r")
+    assert second.start(run_id) == run_id
+    assert client.get_run(run_id).info.status == "RUNNING"
+    for step in range(14, 31, 2):
+        second.log_metrics(step, {"train_loss": -float(step)})
+    second.finish("FINISHED")
+
+    history = client.get_metric_history(run_id, "train_loss")
+    assert [m.step for m in history] == list(range(2, 31, 2))
+    assert {m.step: m.value for m in history}[20] == 20.0  # the first value of a step is kept
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+
+
+def test_outage_buffers_metrics_and_delivers_them_after_restart(mlflow_server, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="pipeline.tracking")
+    client = MlflowClient(mlflow_server.uri)
+    tracker = build_tracker(_cfg(mlflow_server.uri, system_metrics=False), is_main=True, run_name="o")
+    run_id = tracker.start(None)
+    for step in range(1, 11):
+        tracker.log_metrics(step, {"train_loss": 1.0})
+    assert tracker.sender.flush(10)
+    mlflow_server.stop(kill=True)
+    t0 = time.monotonic()
+    for step in range(11, 41):
+        tracker.log_metrics(step, {"train_loss": 2.0})
+        time.sleep(0.05)
+    assert time.monotonic() - t0 < 5  # logging never waits for the server
+    deadline = time.monotonic() + 10
+    while "unreachable" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "unreachable" in caplog.text
+    mlflow_server.start()
+    tracker.finish("FINISHED")
+    assert _steps(client, run_id, "train_loss") == list(range(1, 41))
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert "reachable again" in caplog.text
+
+
+def test_unreachable_server_never_blocks_and_the_buffer_is_bounded(caplog) -> None:
+    from mlflow_server import free_port
+
+    caplog.set_level(logging.WARNING, logger="pipeline.tracking")
+    cfg = _cfg(f"http://127.0.0.1:{free_port()}", max_buffered=50, start_timeout_s=1.0, finish_timeout_s=1.0,
+               system_metrics=False)
+    tracker = build_tracker(cfg, is_main=True)
+    t0 = time.monotonic()
+    assert tracker.start(None) is None
+    for step in range(200):
+        tracker.log_metrics(step, {"train_loss": 1.0})
+    tracker.log_params({"a": "1"})
+    tracker.finish("FINISHED")
+    assert time.monotonic() - t0 < 10
+    assert tracker.sender.points_dropped == 150
+    assert "buffer full" in caplog.text and "were not sent" in caplog.text
+
+
+def test_disabled_tracking_and_followers_do_nothing() -> None:
+    assert isinstance(build_tracker(TrackingConfig(enabled=False), is_main=True), NullTracker)
+    follower = build_tracker(TrackingConfig(uri="http://127.0.0.1:9"), is_main=False, is_local_main=False)
+    assert follower.start("abc") is None  # no process group: nothing was broadcast
+    follower.log_metrics(1, {"x": 1.0})
+    follower.finish()
+
+
+# -- end to end: pipeline.train through the server ----------------------------------------------------
+def _train_args(tmp_path: Path, uri: str, *extra: str) -> list[str]:
+    return ["--config", str(REPO / "configs/cpu/digits_resnet20.toml"), *TINY,
+            f"--data.cache_dir={REPO / '.cache/datasets'}", f"--checkpoint.uri={tmp_path / 'ckpt'}",
+            f"--output_dir={tmp_path / 'runs/{name}'}", f"--tracking.uri={uri}", "--tracking.experiment=e2e",
+            "--tracking.flush_interval_s=0.5", "--tracking.system_metrics_interval_s=1", *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": ""}
+
+
+@pytest.mark.slow
+def test_two_rank_run_logs_exactly_one_run(mlflow_server, tmp_path: Path) -> None:
+    """Two nodes of one rank each: rank 0 logs the run; node 1 adds its system metrics to it."""
+    from mlflow_server import free_port
+
+    args = _train_args(tmp_path, mlflow_server.uri, "--name=two_rank", "--tracking.study=unit-study")
+    port = str(free_port())
+    procs = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node",
+                               "1", "--master_addr", "127.0.0.1", "--master_port", port,
+                               str(REPO / "pipeline/train.py"), *args],
+                              cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for node in (0, 1)]
+    outs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "two_rank"
+    expected = flatten(load_config(args[1], args[2:]))
+    assert run.data.params == expected
+    tags = run.data.tags
+    assert {k: tags[k] for k in ("depth", "residual", "shortcut", "dataset", "study", "world_size")} == {
+        "depth": "20", "residual": "true", "shortcut": "A", "dataset": "digits", "study": "unit-study",
+        "world_size": "2"}
+    assert tags["gpu_type"] and tags["git_commit"]
+    rid = run.info.run_id
+    for key in ("train_loss", "lr", "images_per_s", "data_wait_share", "train_top1_error", "train_top5_error"):
+        assert _steps(client, rid, key) == [2, 4, 6, 8, 10], key
+    for key in ("val_loss", "val_top1_error", "val_top5_error"):
+        assert _steps(client, rid, key) == [10], key
+    assert any(k.startswith("system/node_0/cpu") for k in run.data.metrics)
+    assert any(k.startswith("system/node_1/cpu") for k in run.data.metrics)
+    assert [a.path for a in client.list_artifacts(rid)] == ["config.toml"]
+    assert [m.source_run_id for m in client.search_logged_models([exp.experiment_id])] == [rid]
+    # Only rank 0 talks to the console.
+    assert "MLflow" not in outs[1]
+
+
+@pytest.mark.slow
+def test_server_killed_mid_run_then_resume_continues_the_run(mlflow_server, tmp_path: Path) -> None:
+    """Kill the server while training: training finishes and the buffered metrics arrive after a
+    restart. Then a longer run of the same id resumes from its step-8 checkpoint into the same MLflow
+    run, logging step 10 a second time without a duplicate point."""
+    client = MlflowClient(mlflow_server.uri)
+    common = ["--name=outage", "--checkpoint.every_steps=4", "--checkpoint.at_end=false",
+              "--tracking.system_metrics=false"]
+    cmd = [sys.executable, "-m", "pipeline.train", *_train_args(tmp_path, mlflow_server.uri, *common),
+           "--schedule.max_steps=30"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 300
+        run_id = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                      filter_string="attributes.run_name = 'outage'")
+            if runs and runs[0].data.metrics.get("train_loss") is not None:
+                run_id = runs[0].info.run_id
+                break
+            time.sleep(0.5)
+        assert run_id, "no metric arrived"
+        assert proc.poll() is None, "training ended before the outage"
+        mlflow_server.stop(kill=True)
+        time.sleep(4)
+        assert proc.poll() is None, "training ended during the outage (make it longer)"
+        mlflow_server.start()
+        out = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, out[-3000:]
+    assert "unreachable" in out
+    assert _steps(client, run_id, "train_loss") == list(range(2, 31, 2))
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+    # Resume: the newest checkpoint is step 28 (every 4 steps, none at the end); 30 is logged again.
+    cmd[-1] = "--schedule.max_steps=34"
+    res = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "resumed run outage at step 28" in res.stderr
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
+    assert _steps(client, run_id, "train_loss") == list(range(2, 35, 2))
+    assert client.get_run(run_id).info.status == "FINISHED"

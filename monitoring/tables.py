@@ -16,7 +16,7 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
     def markdown(self) -> str:
-        lines = [f"**{self.title}**", "", "| " + " | ".join(self.columns) + " |",
+        lines = ([f"**{self.title}**", ""] if self.title else []) + ["| " + " | ".join(self.columns) + " |",
                  "|" + "|".join("---:" for _ in self.columns) + "|"]
         lines += ["| " + " | ".join(r) + " |" for r in self.rows]
         if self.notes:
@@ -28,7 +28,7 @@ class Table:
         widths = [max(len(c), *(len(r[i]) for r in self.rows)) if self.rows else len(c)
                   for i, c in enumerate(self.columns)]
         fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-        lines = [self.title, fmt.format(*self.columns), "  ".join("-" * w for w in widths)]
+        lines = ([self.title] if self.title else []) + [fmt.format(*self.columns), "  ".join("-" * w for w in widths)]
         lines += [fmt.format(*r) for r in self.rows]
         lines += [f"  {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
@@ -106,5 +106,5 @@ def member_summary(members: list[MemberRun]) -> Table:
         steps = max((s for s, _ in m.curves.get("train_top1_error", [])), default=0)
         rows.append([m.name, m.label, m.shortcut, m.dataset, m.tags.get("world_size", "?"), str(steps),
                      _fmt(m.final.get("val_top1_error")), m.status.lower(), m.run_id])
-    return Table(title="Member runs", columns=["member", "network", "shortcut", "dataset", "ranks", "iterations",
+    return Table(title="", columns=["member", "network", "shortcut", "dataset", "ranks", "iterations",
                                                "val top-1", "status", "run id"], rows=rows)

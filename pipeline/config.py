@@ -33,7 +33,10 @@ class ModelConfig:
     shortcut: Literal["", "A", "B", "C"] = ""  # "" keeps the model's default (A for CIFAR, B for ImageNet)
     stride_in: Literal["", "3x3", "1x1"] = ""  # bottleneck stride placement; "" = model default ("3x3")
     zero_init_residual: bool = False  # zero the last BN of every residual branch
-    channels_last: bool = False  # NHWC memory format, applied after deepspeed.initialize (GPU speed)
+    channels_last: bool | Literal["auto"] = "auto"  # NHWC memory format, applied after deepspeed.initialize; auto: on with CUDA
+    compile: Literal["auto", "off", "module", "engine"] = "auto"  # torch.compile: module = in place before deepspeed.initialize, engine = DeepSpeed's engine.compile(); auto: engine with CUDA, off without
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"  # torch.compile mode; reduce-overhead adds CUDA graphs (small, launch-bound nets)
+    compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" traces forward and backward without generating code (checks)
 
     def overrides(self) -> dict[str, Any]:
         """Keyword overrides for ``build_model``: only what the config sets explicitly."""
@@ -65,6 +68,14 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229 * 255, 0.224 * 255, 0.225 * 255])  # per-channel, 0-255 scale
     synthetic_batches: int = 20  # synthetic source: batches per epoch
     cache_dir: str = ".cache/datasets"  # where generated/extracted datasets live
+    root_sha256: str = ""  # expected sha256 of data.root when it is a .tar.gz/.tgz/.tar archive (checked before extracting); "" = unchecked
+    in_memory: bool = False  # decode each split once (DALI) into device memory and augment per batch with tensor ops (CIFAR-sized data)
+    val_batch_size: int = 0  # evaluation micro-batch; 0 = batch_size (one that divides the val split keeps a single compiled shape)
+    augment: Literal["paper", "rrc"] = "paper"  # imagenet style: "paper" = shorter side random in data.scale, then a random image_size crop (He et al. 3.4); "rrc" = random-resized crop (modern recipe)
+    scale: list[int] = field(default_factory=lambda: [256, 480])  # augment = "paper": [min, max] of the random shorter side
+    lighting: float = 0.1  # imagenet style: std of AlexNet's PCA colour augmentation (0.1 in the paper); 0 disables
+    mean_image: str = ""  # imagenet style: per-pixel mean (.npy, image_size x image_size x 3, 0-255) used instead of data.mean; a relative path is under data.root ("mean_image.npy" is what prepare writes)
+    exclude_list: str = ""  # list written by `python -m pipeline.data.validate --write-list`: images to skip or to read from a converted copy; "" = none
 
     def validate(self) -> None:
         if self.source == "folder" and not self.root:
@@ -78,6 +89,25 @@ class DataConfig:
             raise ConfigError(f"data.std = {self.std}: every value must be > 0")
         if self.image_size < 8:
             raise ConfigError(f"data.image_size = {self.image_size}: must be >= 8")
+        if self.root_sha256 and (len(self.root_sha256) != 64 or any(c not in "0123456789abcdef" for c in self.root_sha256)):
+            raise ConfigError(f"data.root_sha256 = {self.root_sha256!r}: must be 64 lowercase hex digits (sha256sum's output) "
+                              "or empty")
+        if self.in_memory and (self.source == "synthetic" or self.style != "cifar"):
+            raise ConfigError(f"data.in_memory = true needs data.style = 'cifar' and an image dataset (folder or digits); got "
+                              f"source {self.source!r}, style {self.style!r}")
+        if self.val_batch_size < 0:
+            raise ConfigError(f"data.val_batch_size = {self.val_batch_size}: must be >= 0 (0 = data.batch_size)")
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise ConfigError(f"data.scale = {self.scale}: must be [min, max] shorter-side lengths with 0 < min <= max "
+                              f"(the paper: [256, 480])")
+        if self.style == "imagenet" and self.augment == "paper" and self.scale[0] < self.image_size:
+            raise ConfigError(f"data.scale = {self.scale} starts below data.image_size = {self.image_size}: the random "
+                              f"{self.image_size}x{self.image_size} crop would not fit; raise data.scale[0]")
+        if self.lighting < 0:
+            raise ConfigError(f"data.lighting = {self.lighting}: must be >= 0 (0 disables the colour augmentation)")
+        if self.mean_image and self.style != "imagenet":
+            raise ConfigError(f"data.mean_image = {self.mean_image!r} needs data.style = 'imagenet' (the CIFAR pipeline "
+                              f"normalises with data.mean/data.std); set data.mean_image = ''")
 
 
 @dataclass
@@ -89,6 +119,7 @@ class OptimConfig:
     weight_decay: float = 1e-4  # L2 weight decay
     no_decay_bn_bias: bool = False  # exempt BN parameters and biases from weight decay
     grad_clip: float = 0.0  # clip the global gradient norm to this; 0 disables
+    fused: bool | Literal["auto"] = "auto"  # fused SGD: one kernel for the whole update; auto: on with CUDA
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -138,7 +169,8 @@ class ScheduleConfig:
 
 @dataclass
 class PrecisionConfig:
-    dtype: Literal["fp32", "bf16"] = "fp32"  # bf16 = DeepSpeed torch_autocast (fp32 master weights)
+    dtype: Literal["fp32", "bf16", "auto"] = "auto"  # bf16 = DeepSpeed torch_autocast (fp32 master weights); auto: bf16 with CUDA, fp32 without
+    cudnn_benchmark: bool | Literal["auto"] = "auto"  # cuDNN times its convolution algorithms once per shape; auto: on with CUDA
 
 
 @dataclass
@@ -281,7 +313,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key} = {value!r}: expected {tp}")
+        raise ConfigError(f"{key} = {value!r}: expected {' or '.join(_type_name(a) for a in typing.get_args(tp))}")
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is bool and not isinstance(value, bool):

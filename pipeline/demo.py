@@ -1,8 +1,14 @@
-"""`make demo`: plain-20 versus ResNet-20 on real handwritten digits, on whatever this machine has.
+"""`make demo`: the depth study on real handwritten digits, then its report, on whatever this machine has.
+
+Runs ``configs/study/digits_depth.toml`` (plain-20 and ResNet-20) as a study: a parent MLflow run with
+one child run per network, in the embedded store ``sqlite:///mlflow.db`` unless tracking.uri or
+$MLFLOW_TRACKING_URI says otherwise. Then it writes the report (the Table 6 and Figure 6 layouts),
+prints the table, and says where everything is. Running it again skips the finished networks;
+``--fresh`` starts a new study.
 
 No data is needed: scikit-learn's bundled digits are written as 32x32 JPEGs in the ImageFolder layout
 and go through the full path (DALI, DeepSpeed, checkpoints). ``--data DIR`` uses any ImageFolder
-dataset instead.
+dataset instead. Other arguments (--section.key=value) override both networks' configs.
 """
 
 from __future__ import annotations
@@ -12,35 +18,69 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.config import load_config
-from pipeline.train import run
+from pipeline.config import ConfigError
+from pipeline.study import member_config, read_study, run_study, summary
 
-CONFIGS = ("configs/cpu/digits_plain20.toml", "configs/cpu/digits_resnet20.toml")
 ROOT = Path(__file__).resolve().parent.parent
+STUDY = ROOT / "configs/study/digits_depth.toml"
+
+
+def _store_and_ui(uri: str) -> tuple[str, str]:
+    """Where the runs are, and the one command that opens the MLflow UI on them."""
+    mlflow = Path(sys.executable).with_name("mlflow")
+    exe = str(mlflow) if mlflow.exists() else "mlflow"
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///")).resolve()
+        return str(db), f"{exe} ui --backend-store-uri sqlite:///{db} --port 5000   # then open http://127.0.0.1:5000"
+    if uri.startswith(("http://", "https://")):
+        return uri, f"open {uri} in a browser (the server is already running)"
+    return uri, f"{exe} ui --backend-store-uri {uri} --port 5000"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="an ImageFolder dataset (DIR/train/<class>/*.jpg, DIR/val/<class>/*.jpg)")
     p.add_argument("--num-classes", type=int, help="class count of --data (default: counted from DIR/train)")
+    p.add_argument("--fresh", action="store_true", help="start a new study instead of continuing the last one")
     args, rest = p.parse_known_args(argv)
     overrides = list(rest)
+    study = read_study(STUDY)
     if args.data:
         n = args.num_classes or sum(1 for d in Path(args.data, "train").iterdir() if d.is_dir())
         overrides += ["--data.source=folder", f"--data.root={args.data}", f"--model.num_classes={n}"]
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    results = {}
-    for path in CONFIGS:
-        cfg = load_config(ROOT / path, [f"--run_id={Path(path).stem}-{stamp}", *overrides])
-        print(f"== {cfg.model.name}: training on {'digits' if not args.data else args.data}", flush=True)
-        outcome = run(cfg)
-        if outcome.exit_code:
-            return outcome.exit_code
-        results[cfg.model.name] = outcome.final_val["val_top1_error"]
-    print("\nvalidation top-1 error")
-    for name, err in results.items():
-        print(f"  {name:<16} {err:6.2f}%")
-    return 0
+        study.name = f"{study.name}_{Path(args.data).resolve().name}"
+    if args.fresh:
+        study.name = f"{study.name}_{time.strftime('%Y%m%d-%H%M%S')}"
+
+    from mlflow import MlflowClient
+
+    from monitoring.report import build_report
+    from pipeline.tracking import resolve_uri
+
+    try:
+        first = member_config(study, study.members[0], overrides=overrides)
+        uri = resolve_uri(first.tracking)
+        print(f"== depth study {study.name}: {', '.join(m.name for m in study.members)} on "
+              f"{args.data or 'the embedded digits'}", flush=True)
+        outcomes = run_study(study, overrides=overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\n" + summary(outcomes))
+    failed = [o for o in outcomes if o.state not in ("finished", "skipped")]
+    if failed and len(failed) == len(outcomes):
+        print("error: no network finished; nothing to report", file=sys.stderr)
+        return 1
+
+    report = build_report(MlflowClient(uri), study.name, out_dir=Path("runs/reports") / study.name)
+    store, ui = _store_and_ui(uri)
+    print(f"\nMLflow store: {store} (experiment {first.tracking.experiment!r}, parent run "
+          f"{report.study.parent_run_id})")
+    print(f"MLflow UI:    {ui}")
+    print(f"report:       {report.page.resolve()}")
+    print("\n" + report.table.text())
+    print(f"figure: {report.figure.resolve()}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

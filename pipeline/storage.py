@@ -140,7 +140,7 @@ class Storage:
         except StorageError:
             raise
         except BaseException as e:  # noqa: BLE001 - everything below is translated, KeyboardInterrupt aside
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):  # GeneratorExit: a consumer closed open()
                 raise
             raise self._explain(e, what, self.url(rel)) from e
 
@@ -187,6 +187,40 @@ class Storage:
         names = {posixpath.basename(str(p).rstrip("/")) for p in entries}
         names.discard(posixpath.basename(path))
         return sorted(n for n in names if n)
+
+    def list_dirs(self, rel: str = "") -> list[str]:
+        """Names of the folders (S3: common prefixes) directly under ``rel``, sorted; [] when it does not exist."""
+        path = self._path(rel)
+        with self._errors("list", rel):
+            try:
+                entries = self.fs.ls(path, detail=True)
+            except FileNotFoundError as e:
+                if _no_bucket(e):
+                    raise
+                return []
+        names = {posixpath.basename(str(e["name"]).rstrip("/")) for e in entries if e.get("type") == "directory"}
+        names.discard(posixpath.basename(path))
+        return sorted(n for n in names if n)
+
+    def find(self, rel: str = "") -> dict[str, int]:
+        """Every file below ``rel`` (recursively) as {path relative to ``rel``: size}; {} when it does not
+        exist. One paginated listing on S3 instead of a request per file (dataset trees, manifests)."""
+        path = self._path(rel)
+        with self._errors("list", rel):
+            try:
+                found = self.fs.find(path, detail=True)
+            except FileNotFoundError as e:
+                if _no_bucket(e):
+                    raise
+                return {}
+        prefix = path.rstrip("/") + "/"
+        out: dict[str, int] = {}
+        for p, info in found.items():
+            p = str(p)
+            if info.get("type") == "directory" or not p.startswith(prefix):
+                continue
+            out[p[len(prefix):]] = int(info.get("size") or 0)
+        return out
 
     def size(self, rel: str) -> int:
         with self._errors("stat", rel):

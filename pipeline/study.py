@@ -49,6 +49,10 @@ SLURM_SCRIPT = "launch/slurm_depth_study.sh"
 PARENT_ROLE = "parent"  # monitoring.study_runs finds a study's parent by this tag
 
 
+class SubmitError(RuntimeError):
+    """sbatch refused the job array; the message carries its error."""
+
+
 @dataclass
 class Member:
     name: str
@@ -154,20 +158,31 @@ def _client(uri: str) -> Any:
     return MlflowClient(uri)
 
 
-def open_parent(client: Any, study: Study, *, experiment: str, configs: dict[str, TrainConfig]) -> str:
-    """Reopen the study's newest parent run, or create it (with the study file as an artifact)."""
+def open_parent(client: Any, study: Study, *, experiment: str, configs: dict[str, TrainConfig],
+                create: bool = True) -> str | None:
+    """Reopen the study's newest parent run, or create it (with the study file as an artifact).
+    ``create=False`` only looks (None when there is none yet) and changes nothing."""
     from mlflow.entities import Param
 
     from pipeline.tracking import get_or_create_experiment
     from pipeline.tracking.store import git_commit
 
-    exp_id = get_or_create_experiment(client, experiment)
+    if create:
+        exp_id = get_or_create_experiment(client, experiment)
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        exp_id = exp.experiment_id
     runs = client.search_runs([exp_id], filter_string=f"tags.study = '{study.name}' and tags.study_role = '{PARENT_ROLE}'",
                               order_by=["attributes.start_time DESC"], max_results=1)
     if runs:
         parent = runs[0].info.run_id
-        client.update_run(parent, status="RUNNING")
+        if create:
+            client.update_run(parent, status="RUNNING")
         return parent
+    if not create:
+        return None
     first = next(iter(configs.values()))
     dataset = first.data.source if first.data.source != "folder" else first.data.style
     run = client.create_run(exp_id, run_name=study.name, tags={
@@ -218,17 +233,23 @@ def run_study(study: Study, *, overrides: list[str] | None = None, only: list[st
         raise ConfigError(f"--only names unknown member(s) {sorted(missing)}; the study has "
                           f"{[m.name for m in study.members]}")
     # Resolve every member before touching MLflow: a bad member fails the study up front.
-    configs = {m.name: member_config(study, m, overrides=overrides) for m in members}
+    configs = {m.name: member_config(study, m, overrides=overrides) for m in study.members}
     first = next(iter(configs.values()))
     uri = resolve_uri(first.tracking)
     experiment = first.tracking.experiment
     folder = Path(out_dir) if out_dir else Path("runs/studies") / study.name
     folder.mkdir(parents=True, exist_ok=True)
     client = _client(uri)
-    parent = open_parent(client, study, experiment=experiment, configs=configs)
-    exp_id = client.get_run(parent).info.experiment_id
-    print(f"study {study.name}: parent run {parent} (experiment {experiment!r}) at {uri}", flush=True)
-    done = {} if force else finished_children(client, parent, exp_id)
+    parent = open_parent(client, study, experiment=experiment, configs=configs, create=not dry_run)
+    if parent is None:
+        print(f"study {study.name}: no parent run yet in experiment {experiment!r} at {uri} (dry run: none created)",
+              flush=True)
+        done: dict[str, Any] = {}
+        exp_id = ""
+    else:
+        exp_id = client.get_run(parent).info.experiment_id
+        print(f"study {study.name}: parent run {parent} (experiment {experiment!r}) at {uri}", flush=True)
+        done = {} if force else finished_children(client, parent, exp_id)
 
     outcomes: list[MemberOutcome] = []
     todo: list[tuple[Member, Path]] = []
@@ -239,7 +260,7 @@ def run_study(study: Study, *, overrides: list[str] | None = None, only: list[st
             print(f"  {m.name}: already finished (run {r.info.run_id}): skipped", flush=True)
             continue
         cfg = member_config(study, m, overrides=[*overrides, *(["checkpoint.resume=never"] if force else [])],
-                            parent_run_id=parent)
+                            parent_run_id=parent or "")
         # Members log to the store the parent is in, whatever the environment of their process says.
         cfg.tracking.uri = uri
         path = folder / f"{m.name}.toml"
@@ -247,6 +268,9 @@ def run_study(study: Study, *, overrides: list[str] | None = None, only: list[st
         todo.append((m, path))
 
     if slurm:
+        if not todo and parent is not None:
+            client.set_terminated(parent, status="FINISHED")
+        # The parent stays RUNNING while the array runs; rerunning the study once it is done closes it.
         return outcomes + _submit(study, todo, folder=folder, dry_run=dry_run)
     for i, (m, path) in enumerate(todo, 1):
         cmd = member_command(path, nproc=m.nproc or study.nproc)
@@ -258,7 +282,7 @@ def run_study(study: Study, *, overrides: list[str] | None = None, only: list[st
         outcomes.append(outcome)
         if outcome.state == "stopped":
             break  # the study itself is being stopped (SLURM time limit, preemption): rerun to continue
-    if not dry_run:
+    if not dry_run and parent is not None:
         all_done = all(o.state in ("finished", "skipped") for o in outcomes) and len(outcomes) == len(members)
         client.set_terminated(parent, status="FINISHED" if all_done else
                               ("KILLED" if any(o.state == "stopped" for o in outcomes) else "FAILED"))
@@ -309,7 +333,7 @@ def _submit(study: Study, todo: list[tuple[Member, Path]], *, folder: Path, dry_
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     print(res.stdout.strip() or res.stderr.strip(), flush=True)
     if res.returncode != 0:
-        raise RuntimeError(f"sbatch failed with exit code {res.returncode}: {res.stderr.strip()}")
+        raise SubmitError(f"sbatch failed with exit code {res.returncode}: {res.stderr.strip()}")
     return [MemberOutcome(m.name, "submitted") for m, _ in todo]
 
 
@@ -340,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SubmitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if outcomes:
         print("\n" + summary(outcomes))
     if args.report and not args.slurm and not args.dry_run:

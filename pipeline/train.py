@@ -91,7 +91,8 @@ def run(cfg: TrainConfig, *, stop: StopFlag | None = None) -> RunOutcome:
         lr = scaled_lr(cfg.optim.lr, reference_batch=cfg.optim.reference_batch, global_batch=global_batch)
         engine = build_engine(model, optim=cfg.optim, precision=cfg.precision, distributed=cfg.distributed,
                               lr=lr, micro_batch=cfg.data.batch_size, world_size=env.world_size,
-                              device=env.device, channels_last=cfg.model.channels_last)
+                              device=env.device, channels_last=cfg.model.channels_last, compile=cfg.model.compile,
+                              compile_mode=cfg.model.compile_mode, compile_backend=cfg.model.compile_backend)
         steps_per_epoch = len(sources["train"]) // cfg.distributed.grad_accum
         if steps_per_epoch < 1:
             raise ConfigError(f"data.batch_size = {cfg.data.batch_size} x {env.world_size} ranks x grad_accum "
@@ -125,7 +126,7 @@ def run(cfg: TrainConfig, *, stop: StopFlag | None = None) -> RunOutcome:
                 tracker.log_params(flatten(cfg))
             tracker.set_tags({**spec.tags(), "model": cfg.model.name,
                               "dataset": cfg.data.source if cfg.data.source != "folder" else cfg.data.style,
-                              "world_size": str(env.world_size)})
+                              "world_size": str(env.world_size), **engine.fast_path.as_params()})
             tracker.log_artifact(str(out_dir / "config.toml"))
             log.info("%s: %s, %d ranks on %s, global batch %d, lr %g, %d steps (%d per epoch)", run_id,
                      cfg.model.name, env.world_size, env.device.type, global_batch, lr, schedule.total_steps,

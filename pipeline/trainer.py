@@ -96,8 +96,26 @@ class Trainer:
         return loss
 
     @torch.no_grad()
+    def sync_buffers(self) -> None:
+        """Average BN running statistics over ranks (timm's distribute_bn).
+
+        DeepSpeed all-reduces gradients but, unlike DDP, never touches buffers, so each rank's running
+        mean/var drift with its own shard. Averaging them at every metric reduction, evaluation and
+        save makes every replica the same model, the saved one the consensus rather than rank 0's
+        view, and keeps a resumed run bitwise on the path of an uninterrupted one (both sync at the
+        same steps; stop-signal saves happen at metric reductions).
+        """
+        if not dist.is_initialized() or self.world_size == 1:
+            return
+        for buf in self.engine.module.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf)
+                buf /= self.world_size
+
+    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Loss and top-1/top-5 error over the whole validation split, each image counted once."""
+        self.sync_buffers()
         self.engine.eval()
         sums = MetricSums(self.device)
         for images, labels in self.val_source:
@@ -157,6 +175,7 @@ class Trainer:
 
     def _log(self, *, final: bool = False) -> bool:
         """Reduce metrics across ranks; returns True when the ranks agree to stop. A collective call."""
+        self.sync_buffers()
         m = self._sums.reduce()
         elapsed = self._busy  # wall time of the loop since the last log, data waits included
         rates = _all_reduce_max([float(self.stop.is_set), elapsed, self._wait], self.device)
@@ -198,6 +217,7 @@ class Trainer:
 
     def _save(self) -> None:
         if self.checkpointer is not None:
+            self.sync_buffers()
             self.checkpointer.save(self.engine, step=self.step, epoch=self.epoch, trainer_state=self.state_dict())
 
     def _eval_and_record(self) -> dict[str, float]:

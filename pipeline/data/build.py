@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 
 from .errors import DataError
@@ -29,6 +31,14 @@ def prepare_dataset_root(cfg: DataConfig) -> str:
             raise DataError("data.root is empty but data.source = 'folder': set --data.root to an ImageFolder "
                             f"directory (with {cfg.train_dir}/ and {cfg.val_dir}/ inside), or use "
                             "--data.source=digits for the offline demo set")
+        from .folder import is_url
+
+        if is_url(cfg.root):
+            return cfg.root.rstrip("/")  # listed (and checked) through pipeline.storage when a source is built
+        from .cifar10 import extract_archive, is_archive
+
+        if is_archive(cfg.root):
+            return extract_archive(cfg.root, cache_dir=cfg.cache_dir, sha256=cfg.root_sha256)
         if not os.path.isdir(cfg.root):
             raise DataError(f"dataset root {cfg.root} does not exist; set --data.root to a folder holding "
                             f"{cfg.train_dir}/<class>/<image> and {cfg.val_dir}/<class>/<image>")
@@ -61,6 +71,8 @@ def build_source(
     seed: int,
     num_classes: int,
     root: str | None = None,
+    eval_mode: Literal["center", "10crop", "multiscale"] = "center",
+    scales: tuple[int, ...] = (224, 256, 384, 480, 640),
 ) -> DataSource:
     """The data of ``split`` for global ``rank`` of ``world_size``, delivered on ``device``.
 
@@ -71,6 +83,10 @@ def build_source(
     Training sources yield the same number of batches on every rank; evaluation sources yield
     every image exactly once across ranks, so their batch counts may differ between ranks (reduce
     sums after the loop). See :mod:`pipeline.data.loader`.
+
+    ``eval_mode`` (val only, ImageNet style) picks the test views: ``"center"`` crop, ``"10crop"``
+    (images of shape (N, 10, 3, H, W)) or ``"multiscale"`` (the whole image at each of ``scales``:
+    a list per scale of per-image (3, H, W) tensors).
     """
     if split not in ("train", "val"):
         raise DataError(f"split = {split!r}: must be 'train' or 'val'")
@@ -92,9 +108,49 @@ def build_source(
     if root is None:
         root = prepare_dataset_root(cfg)
     decoder = resolve_decoder(cfg.decoder, device)
+    fixes = None
+    if cfg.exclude_list:
+        from .folder import read_exclude_list
+
+        fixes = read_exclude_list(cfg.exclude_list, root=root)
     index = scan_dataset(root, split_dir=cfg.train_dir if split == "train" else cfg.val_dir,
-                         train_dir=cfg.train_dir, val_dir=cfg.val_dir, num_classes=num_classes)
+                         train_dir=cfg.train_dir, val_dir=cfg.val_dir, num_classes=num_classes, fixes=fixes)
+    batch_size = (cfg.val_batch_size or cfg.batch_size) if split == "val" else cfg.batch_size
+    if cfg.in_memory:
+        from .memory import InMemorySource
+
+        return InMemorySource(index, split=split, rank=rank, world_size=world_size, device=device, seed=seed,
+                              num_classes=num_classes, batch_size=batch_size, image_size=cfg.image_size,
+                              mean=cfg.mean, std=cfg.std, flip=cfg.flip, decoder=decoder, num_threads=cfg.num_threads)
     return DaliSource(index, split=split, rank=rank, world_size=world_size, device=device, seed=seed,
-                      num_classes=num_classes, batch_size=cfg.batch_size, style=cfg.style, image_size=cfg.image_size,
+                      num_classes=num_classes, batch_size=batch_size, style=cfg.style, image_size=cfg.image_size,
                       val_resize=cfg.val_resize, mean=cfg.mean, std=cfg.std, num_threads=cfg.num_threads,
-                      prefetch=cfg.prefetch, decoder=decoder)
+                      prefetch=cfg.prefetch, decoder=decoder, flip=cfg.flip, augment=cfg.augment, scale=cfg.scale,
+                      lighting=cfg.lighting if cfg.style == "imagenet" else 0.0,
+                      mean_image=load_mean_image(cfg.mean_image, root=root, image_size=cfg.image_size)
+                      if cfg.mean_image else None,
+                      eval_mode=eval_mode, scales=scales, root=root)
+
+
+def load_mean_image(path: str, *, root: str, image_size: int) -> np.ndarray:
+    """The per-pixel mean image (H x W x 3 float32, 0-255) at ``path`` (relative paths are under ``root``)."""
+    from pipeline.storage import Storage, StorageError
+
+    from .folder import is_url
+
+    full = path if is_url(path) or os.path.isabs(path) else (f"{root.rstrip('/')}/{path}" if is_url(root)
+                                                           else os.path.join(root, path))
+    parent, name = full.rsplit("/", 1)
+    try:
+        data = Storage(parent).read_bytes(name)
+        mean = np.load(io.BytesIO(data), allow_pickle=False)
+    except StorageError as e:
+        raise DataError(f"data.mean_image = {path!r}: cannot read {full} ({e}); write it with `python -m "
+                        f"pipeline.data.prepare mean-image {root}` or set data.mean_image = '' (per-channel mean)") from e
+    except ValueError as e:
+        raise DataError(f"data.mean_image = {path!r}: {full} is not a .npy array ({e})") from e
+    if mean.shape != (image_size, image_size, 3):
+        raise DataError(f"data.mean_image = {path!r}: {full} has shape {mean.shape}, but data.image_size = "
+                        f"{image_size} needs ({image_size}, {image_size}, 3); recompute it with `python -m "
+                        f"pipeline.data.prepare mean-image {root} --size {image_size}`")
+    return mean.astype(np.float32)

@@ -4,12 +4,21 @@ The file and label lists built here are handed to ``fn.readers.file`` explicitly
 DALI walk ``file_root`` itself: that way the class index is ours (sorted folder names, as
 torchvision's ImageFolder), and every layout mistake becomes a :class:`DataError` naming the path
 before a pipeline or a process group exists, instead of a C++ exception on one rank mid-job.
+
+A root may be a local folder or an object-store URL (``s3://bucket/imagenet``). Remote trees are
+listed through :mod:`pipeline.storage` (one paginated listing per split) and the files are handed
+to DALI as URLs, which its own S3 client reads.
+
+An exclude list (``data.exclude_list``, written by ``python -m pipeline.data.validate``) removes
+images DALI cannot decode, or points them at converted copies, before the index is built.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import posixpath
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 from .errors import DataError
 
@@ -22,21 +31,83 @@ class SplitIndex:
 
     path: str  # the split folder
     classes: tuple[str, ...]  # class folder names; a label is a position in this tuple
-    files: tuple[str, ...]  # absolute paths, grouped by class, sorted within a class
+    files: tuple[str, ...]  # absolute paths (or URLs), grouped by class, sorted within a class
     labels: tuple[int, ...]
 
     def __len__(self) -> int:
         return len(self.files)
 
 
+@dataclass(frozen=True)
+class FileFixes:
+    """What an exclude list says about individual images, keyed by path relative to the dataset root."""
+
+    source: str  # the list's own path, for messages
+    skip: frozenset[str] = frozenset()
+    replace: dict[str, str] = field(default_factory=dict)  # relative path -> path or URL of a converted copy
+
+    def __bool__(self) -> bool:
+        return bool(self.skip or self.replace)
+
+
+def is_url(path: str) -> bool:
+    """An object-store root (``s3://...``); ``file://`` and plain paths are local."""
+    return "://" in path and not path.startswith("file://")
+
+
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
+def _join(base: str, *parts: str) -> str:
+    return posixpath.join(base.rstrip("/"), *parts) if is_url(base) else os.path.join(base, *parts)
+
+
+def _store(url: str):
+    from pipeline.storage import Storage
+
+    return Storage(url)
+
+
+def _storage_call(url: str, fn, *args):
+    """A Storage call whose StorageError (no bucket, no credentials, endpoint down) becomes a DataError."""
+    from pipeline.storage import StorageError
+
+    try:
+        return fn(*args)
+    except StorageError as e:
+        raise DataError(f"cannot read the dataset at {url}: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------------
+# Listing: the same questions answered for a local folder and for an object-store prefix.
+
+
 def list_classes(split_path: str) -> list[str]:
     """Sorted class folder names of a split; hidden folders (``.ipynb_checkpoints``) are not classes."""
+    if is_url(split_path):
+        return [n for n in _storage_call(split_path, _store(split_path).list_dirs) if not n.startswith(".")]
     with os.scandir(split_path) as entries:
         return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def _split_exists(split_path: str) -> bool:
+    if is_url(split_path):
+        return bool(_storage_call(split_path, _store(split_path).list))
+    return os.path.isdir(split_path)
+
+
+def _top_level_names(split_path: str) -> list[str]:
+    if is_url(split_path):
+        return [n for n in _storage_call(split_path, _store(split_path).list) if not n.startswith(".")]
+    with os.scandir(split_path) as entries:
+        return sorted(e.name for e in entries if not e.name.startswith("."))
+
+
+def _walk_order(rel: str) -> tuple[tuple[str, ...], str]:
+    # os.walk order (a folder's own files, then its sub-folders in name order), for listed paths.
+    parts = rel.split("/")
+    return tuple(parts[:-1]), parts[-1]
 
 
 def _class_images(class_path: str) -> list[str]:
@@ -51,11 +122,24 @@ def _class_images(class_path: str) -> list[str]:
     return found
 
 
+def _remote_split_images(split_path: str, classes: Iterable[str]) -> dict[str, list[str]]:
+    """Every image URL under each class of a remote split, from one recursive listing."""
+    wanted = set(classes)
+    listing = _storage_call(split_path, _store(split_path).find)
+    per_class: dict[str, list[str]] = {c: [] for c in wanted}
+    for rel in sorted(listing, key=_walk_order):
+        parts = rel.split("/")
+        if len(parts) < 2 or parts[0] not in wanted or any(p.startswith(".") for p in parts[1:-1]):
+            continue
+        if _is_image(parts[-1]):
+            per_class[parts[0]].append(_join(split_path, rel))
+    return per_class
+
+
 def _check_split_layout(split_path: str, classes: list[str]) -> None:
     if classes:
         return
-    with os.scandir(split_path) as entries:
-        names = sorted(e.name for e in entries if not e.name.startswith("."))
+    names = _top_level_names(split_path)
     if not names:
         raise DataError(f"{split_path} is empty: expected an ImageFolder layout {split_path}/<class>/<image> "
                         f"with one folder per class")
@@ -65,17 +149,100 @@ def _check_split_layout(split_path: str, classes: list[str]) -> None:
                     f"no class folders and {what}; move the images into one sub-folder per class")
 
 
-def scan_split(split_path: str) -> SplitIndex:
-    """Index one split folder; raise :class:`DataError` for a missing, flat, empty or partly empty split."""
-    if not os.path.isdir(split_path):
+# --------------------------------------------------------------------------------------------------
+# Exclude lists
+
+
+def read_exclude_list(path: str, *, root: str) -> FileFixes:
+    """Parse an exclude list: ``rel/path`` to skip an image, ``rel/path<TAB>replacement`` to read a
+    converted copy instead; ``#`` starts a comment line. ``path`` may be relative to ``root``."""
+    from pipeline.storage import StorageError
+
+    candidates = [path] if os.path.isabs(path) or is_url(path) else [path, _join(root, path)]
+    text = None
+    for cand in candidates:
+        try:
+            if is_url(cand):
+                parent, name = cand.rsplit("/", 1)
+                text = _store(parent).read_text(name)
+            elif os.path.isfile(cand):
+                with open(cand, encoding="utf-8") as f:
+                    text = f.read()
+        except StorageError:
+            continue
+        if text is not None:
+            path = cand
+            break
+    if text is None:
+        raise DataError(f"data.exclude_list = {path!r} does not exist (looked at {', '.join(candidates)}); write it "
+                        f"with `python -m pipeline.data.validate {root} --write-list LIST` or set data.exclude_list = ''")
+    skip: set[str] = set()
+    replace: dict[str, str] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.rstrip("\n")
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        rel, _, new = line.partition("\t")
+        rel = rel.strip().strip("/")
+        if not rel or rel.startswith("..") or os.path.isabs(rel):
+            raise DataError(f"{path}, line {lineno}: {line!r} is not a path relative to the dataset root "
+                            f"(e.g. 'train/n01440764/x.JPEG'); fix the line or re-run pipeline.data.validate")
+        if new.strip():
+            replace[rel] = new.strip()
+        else:
+            skip.add(rel)
+    return FileFixes(source=path, skip=frozenset(skip), replace=replace)
+
+
+def _apply_fixes(root: str, split_dir: str, split_path: str, files: list[str], fixes: FileFixes) -> list[str]:
+    prefix = split_dir.strip("/") + "/"
+    mine = {r for r in (fixes.skip | set(fixes.replace)) if r.startswith(prefix)}
+    if not mine:
+        return files
+    out = []
+    seen = set()
+    for f in files:
+        rel = prefix + (f[len(split_path):].lstrip("/") if is_url(split_path)
+                        else os.path.relpath(f, split_path).replace(os.sep, "/"))
+        if rel in fixes.skip:
+            seen.add(rel)
+            continue
+        if rel in fixes.replace:
+            seen.add(rel)
+            out.append(fixes.replace[rel])
+            continue
+        out.append(f)
+    unknown = sorted(mine - seen)
+    if unknown:
+        shown = ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        raise DataError(f"exclude list {fixes.source} names {len(unknown)} image(s) that are not in {split_path} "
+                        f"({shown}): it was written for another tree; re-run `python -m pipeline.data.validate "
+                        f"{root} --write-list {fixes.source}`")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Scanning
+
+
+def scan_split(split_path: str, *, root: str = "", split_dir: str = "", fixes: FileFixes | None = None) -> SplitIndex:
+    """Index one split folder; raise :class:`DataError` for a missing, flat, empty or partly empty split.
+
+    ``fixes`` (with ``root`` and ``split_dir``, which locate the split in the list's paths) removes or
+    replaces the images an exclude list names; a class left without images is an error like any other.
+    """
+    if not _split_exists(split_path):
         raise DataError(f"split folder {split_path} does not exist; expected {split_path}/<class>/<image>")
     classes = list_classes(split_path)
     _check_split_layout(split_path, classes)
+    remote = _remote_split_images(split_path, classes) if is_url(split_path) else None
     files: list[str] = []
     labels: list[int] = []
     empty: list[str] = []
     for label, name in enumerate(classes):
-        images = _class_images(os.path.join(split_path, name))
+        images = remote[name] if remote is not None else _class_images(os.path.join(split_path, name))
+        if fixes:
+            images = _apply_fixes(root, split_dir, split_path, images, fixes)
         if not images:
             empty.append(name)
         files.extend(images)
@@ -85,9 +252,10 @@ def scan_split(split_path: str) -> SplitIndex:
         if len(empty) == len(classes):
             raise DataError(f"{split_path} has {len(classes)} class folders but no images ({exts}) in any of them; "
                             f"put the images in {split_path}/<class>/")
-        shown = ", ".join(os.path.join(split_path, n) for n in empty[:5]) + (", ..." if len(empty) > 5 else "")
+        shown = ", ".join(_join(split_path, n) for n in empty[:5]) + (", ..." if len(empty) > 5 else "")
         raise DataError(f"{len(empty)} class folder(s) contain no images ({exts}): {shown}; "
-                        f"add images or remove the folder(s) from both splits")
+                        f"add images or remove the folder(s) from both splits"
+                        + (f" (or take them out of the exclude list {fixes.source})" if fixes else ""))
     return SplitIndex(path=split_path, classes=tuple(classes), files=tuple(files), labels=tuple(labels))
 
 
@@ -95,36 +263,44 @@ def _check_root(root: str, train_dir: str, val_dir: str) -> None:
     if not root:
         raise DataError("data.root is empty; set --data.root to a folder holding "
                         f"{train_dir}/<class>/<image> and {val_dir}/<class>/<image>")
-    if not os.path.isdir(root):
+    if is_url(root):
+        present = [n for n in _storage_call(root, _store(root).list_dirs) if not n.startswith(".")]
+        if not present:
+            raise DataError(f"dataset root {root} does not exist or is empty; set --data.root to a prefix holding "
+                            f"{train_dir}/<class>/<image> and {val_dir}/<class>/<image> (AWS_ENDPOINT_URL selects "
+                            f"a non-AWS endpoint)")
+    elif not os.path.isdir(root):
         raise DataError(f"dataset root {root} does not exist; set --data.root to a folder holding "
                         f"{train_dir}/<class>/<image> and {val_dir}/<class>/<image>")
+    else:
+        with os.scandir(root) as entries:
+            present = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
     for key, sub in (("train_dir", train_dir), ("val_dir", val_dir)):
-        if not os.path.isdir(os.path.join(root, sub)):
-            with os.scandir(root) as entries:
-                present = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+        if sub not in present if is_url(root) else not os.path.isdir(os.path.join(root, sub)):
             raise DataError(f"dataset root {root} has no {sub}/ folder (data.{key} = {sub!r}); folders there: "
-                            f"{', '.join(present) or 'none'}. Create {os.path.join(root, sub)}/<class>/<image> "
+                            f"{', '.join(present) or 'none'}. Create {_join(root, sub)}/<class>/<image> "
                             f"or set --data.{key} to the right folder name")
 
 
-def scan_dataset(root: str, *, split_dir: str, train_dir: str, val_dir: str, num_classes: int) -> SplitIndex:
+def scan_dataset(root: str, *, split_dir: str, train_dir: str, val_dir: str, num_classes: int,
+                 fixes: FileFixes | None = None) -> SplitIndex:
     """Index ``root/split_dir`` and check it against the other split and the model.
 
     The other split only has its class folder names listed (cheap even for ImageNet); its images
     are checked when its own source is built.
     """
     _check_root(root, train_dir, val_dir)
-    index = scan_split(os.path.join(root, split_dir))
+    index = scan_split(_join(root, split_dir), root=root, split_dir=split_dir, fixes=fixes)
     other_dir = val_dir if split_dir == train_dir else train_dir
-    other_path = os.path.join(root, other_dir)
+    other_path = _join(root, other_dir)
     other = list_classes(other_path)
     _check_split_layout(other_path, other)
     if list(index.classes) != other:
         train_classes, val_classes = (index.classes, other) if split_dir == train_dir else (other, index.classes)
         only_train = sorted(set(train_classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(train_classes))
-        raise DataError(f"class folders differ between {os.path.join(root, train_dir)} and "
-                        f"{os.path.join(root, val_dir)}: "
+        raise DataError(f"class folders differ between {_join(root, train_dir)} and "
+                        f"{_join(root, val_dir)}: "
                         f"only in {train_dir}: {_names(only_train)}; only in {val_dir}: {_names(only_val)}. "
                         f"Both splits need the same class folders, or the labels would not mean the same thing")
     if len(index.classes) != num_classes:

@@ -13,13 +13,22 @@ different rules and both must be exact:
   shards. Ranks may therefore yield different numbers of batches (and samples): reduce metric
   *sums* across ranks after the loop, and never put a collective inside the evaluation loop.
 
-``state_dict`` records (epoch, batch) plus DALI's own checkpoint (reader position, shuffle buffer
+* Shuffling: the file list is permuted once by the run's seed (the same on every rank), and DALI
+  permutes that whole list again at every epoch with the epoch number as its seed. All ranks hold the
+  same order, so the shards of one epoch are disjoint and together read every image exactly once;
+  the order changes every epoch and depends on the seed only.
+
+``state_dict`` records (epoch, batch) plus DALI's own checkpoint (reader position, shuffle
 RNG, augmentation RNGs); a rebuilt source that loads it continues with bitwise-identical batches.
+
+An image DALI cannot read or decode stops iteration with a :class:`DataError` that names the file
+(see :func:`explain_pipeline_error`); nothing is skipped silently.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
@@ -27,9 +36,12 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .folder import SplitIndex
+from .folder import SplitIndex, is_url
 from .pipelines import READER_NAME, train_pipeline, val_pipeline
 from .source import STATE_FORMAT, check_state, derive_seed
+
+EVAL_MODES = ("center", "10crop", "multiscale")
+PAPER_SCALES = (224, 256, 384, 480, 640)  # multi-scale testing: shorter sides of section 3.4
 
 
 def shard_sizes(num_samples: int, world_size: int) -> list[int]:
@@ -66,9 +78,22 @@ class DaliSource:
         num_threads: int,
         prefetch: int,
         decoder: Literal["cpu", "mixed"],
+        flip: bool = True,
+        augment: Literal["paper", "rrc"] = "paper",
+        scale: Sequence[int] = (256, 480),
+        lighting: float = 0.0,
+        mean_image: np.ndarray | None = None,
+        eval_mode: Literal["center", "10crop", "multiscale"] = "center",
+        scales: Sequence[int] = PAPER_SCALES,
+        root: str = "",
     ) -> None:
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world_size {world_size}")
+        if eval_mode not in EVAL_MODES:
+            raise DataError(f"evaluation mode {eval_mode!r} is not one of {', '.join(EVAL_MODES)}")
+        if eval_mode != "center" and (split != "val" or style != "imagenet"):
+            raise DataError(f"evaluation mode {eval_mode!r} needs the val split and data.style = 'imagenet' "
+                            f"(got split {split!r}, style {style!r}); CIFAR-style data is tested on the single view")
         self.index = index
         self.split = split
         self.rank = rank
@@ -79,15 +104,24 @@ class DaliSource:
         self.num_samples = len(index)
         self.batch_size = batch_size
         self.decoder = decoder
+        self.eval_mode = eval_mode
+        self.root = root or index.path
+        files, labels = index.files, index.labels
+        if split == "train":
+            order = epoch_order(len(files), seed)
+            files, labels = tuple(files[i] for i in order), tuple(labels[i] for i in order)
+        self._files = files
         self._pipe_kwargs: dict[str, Any] = dict(
-            files=index.files, labels=index.labels, shard_id=rank, num_shards=world_size, style=style,
-            image_size=image_size, mean=list(mean), std=list(std), decoder=decoder,
+            files=files, labels=labels, shard_id=rank, num_shards=world_size, style=style,
+            image_size=image_size, mean=list(mean), std=list(std), decoder=decoder, mean_image=mean_image,
             batch_size=batch_size, num_threads=num_threads, prefetch_queue_depth=prefetch,
             seed=derive_seed(seed, rank, split),
             device_id=_device_id(self.device) if decoder == "mixed" else None,
         )
         if split == "val":
-            self._pipe_kwargs["val_resize"] = val_resize
+            self._pipe_kwargs.update(val_resize=val_resize, eval_mode=eval_mode, scales=tuple(scales))
+        else:
+            self._pipe_kwargs.update(flip=flip, augment=augment, scale=tuple(scale), lighting=lighting)
 
         n_max = math.ceil(self.num_samples / world_size)
         self._reader_batches = math.ceil(n_max / batch_size)  # DALI's epoch length, same on all ranks
@@ -140,10 +174,17 @@ class DaliSource:
 
     def _finish_epoch(self, pipe) -> None:
         while self._batch < self._reader_batches:
-            pipe.run()
+            self._run(pipe)
             self._batch += 1
         self._epoch += 1
         self._batch = 0
+
+    def _run(self, pipe, *args):
+        try:
+            return pipe.run(*args)
+        except RuntimeError as e:
+            self._pipe = None  # DALI: "Current pipeline object is no longer valid"
+            raise explain_pipeline_error(e, files=self._files, root=self.root) from e
 
     # ------------------------------------------------------------------------------------------
     def _pipeline(self):
@@ -151,7 +192,10 @@ class DaliSource:
             build = train_pipeline if self.split == "train" else val_pipeline
             pipe = build(**self._pipe_kwargs, enable_checkpointing=self.split == "train",
                          checkpoint=self._pending_checkpoint)
-            pipe.build()
+            try:
+                pipe.build()
+            except RuntimeError as e:
+                raise explain_pipeline_error(e, files=self._files, root=self.root) from e
             meta = pipe.reader_meta(READER_NAME)
             expected = math.ceil(self.num_samples / self.world_size) * self.world_size
             if meta["epoch_size"] != self.num_samples or meta["epoch_size_padded"] != expected:
@@ -161,30 +205,38 @@ class DaliSource:
             self._pending_checkpoint = None
         return self._pipe
 
-    def _next_batch(self, pipe, valid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next_batch(self, pipe, valid: int):
         if self.decoder == "mixed":
-            from nvidia.dali.plugin.pytorch import feed_ndarray
-
             # Outputs bound to torch's stream: no host sync, and DALI may only reuse their memory
             # once that stream has passed the copies queued below.
             stream = torch.cuda.current_stream(self.device)
-            images, labels = (o.as_tensor() for o in pipe.run(stream))
-            x = torch.empty(images.shape(), dtype=torch.float32, device=self.device)
-            y = torch.empty(labels.shape(), dtype=torch.int32, device=self.device)
-            feed_ndarray(images, x, cuda_stream=stream)
-            feed_ndarray(labels, y, cuda_stream=stream)
+            outputs = self._run(pipe, stream)
         else:
-            # Copied out of DALI's buffers via numpy; pinned when headed for a GPU (decoder="cpu"
-            # on a GPU machine) so the upload is asynchronous.
-            images, labels = (np.array(o.as_tensor()) for o in pipe.run())
-            x, y = torch.from_numpy(images), torch.from_numpy(labels)
-            pin = self.device.type == "cuda"
-            x = x.pin_memory().to(self.device, non_blocking=True) if pin else x
-            y = y.to(self.device)
-        y = y.view(-1).long()
-        if valid < self.batch_size:
-            x, y = x[:valid], y[:valid]
-        return x, y
+            outputs = self._run(pipe)
+            stream = None
+        *image_outputs, labels = outputs
+        y = self._to_torch(labels.as_tensor(), stream).view(-1).long()[:valid]
+        if self.eval_mode == "multiscale":
+            # Sizes differ between images: one (3, H, W) tensor per image and scale.
+            x = [[self._to_torch(out[i], stream) for i in range(valid)] for out in image_outputs]
+            return x, y
+        x = self._to_torch(image_outputs[0].as_tensor(), stream)
+        return (x[:valid] if valid < self.batch_size else x), y
+
+    def _to_torch(self, tensor, stream) -> torch.Tensor:
+        if stream is not None:
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            dtype = torch.int32 if tensor.dtype == _dali_int32() else torch.float32
+            out = torch.empty(tensor.shape(), dtype=dtype, device=self.device)
+            feed_ndarray(tensor, out, cuda_stream=stream)
+            return out
+        # Copied out of DALI's buffers via numpy; pinned when headed for a GPU (decoder="cpu" on a
+        # GPU machine) so the upload is asynchronous.
+        out = torch.from_numpy(np.array(tensor))
+        if self.device.type == "cuda":
+            return out.pin_memory().to(self.device, non_blocking=True) if out.is_floating_point() else out.to(self.device)
+        return out
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -219,6 +271,76 @@ class DaliSource:
         self._pending_checkpoint = bytes(pipeline) if pipeline is not None else None
         self._epoch = int(state["epoch"])
         self._batch = int(state["batch"]) if self.split == "train" else 0
+
+
+def epoch_order(n: int, seed: int) -> list[int]:
+    """The seed's permutation of the training list (the same on every rank; DALI reshuffles it per epoch)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, 0x5EED]))
+    return rng.permutation(n).tolist()
+
+
+def _dali_int32():
+    import nvidia.dali.types as types
+
+    return types.DALIDataType.INT32
+
+
+def explain_pipeline_error(error: BaseException, *, files: Sequence[str], root: str) -> DataError:
+    """Turn a DALI pipeline error into a DataError that names the image at fault and the fix.
+
+    DALI 2.4 names the file for some failures ("Failed to decode sample #1 : <path>", "File mapping
+    failed: <path>", "S3 Object not found. bucket=B object=K") and not for others ("nvImageCodec
+    failure: '#4'" for bytes that are no image at all, or an empty object on S3). In the second case
+    the split's files are checked quickly (size and leading bytes, see
+    :func:`pipeline.data.validate.quick_scan`) to find the culprit.
+    """
+    text = str(error)
+    reason = _dali_reason(text)
+    fix = (f"find every such file with `python -m pipeline.data.validate {root} --write-list bad.txt` and set "
+           f"--data.exclude_list=bad.txt (or replace the file)")
+    path = _named_file(text, files)
+    if path is not None:
+        return DataError(f"{path}: DALI cannot read or decode this image ({reason}); {fix}")
+    remote = any(is_url(f) for f in files[:1])
+    low = text.lower()
+    if remote and "s3" in low and any(w in low for w in ("not supported", "unsupported", "not compiled",
+                                                          "unknown scheme", "no filesystem", "not built")):
+        return DataError(f"this DALI build cannot read s3:// URLs ({reason}); copy the dataset to a local or "
+                         f"node-local folder (e.g. `aws s3 sync {root} /local/imagenet`) and set --data.root to it, "
+                         f"or install a DALI wheel with S3 support (nvidia-dali-cuda* >= 1.41)")
+    if remote and any(w in low for w in ("curl", "timeout", "could not connect", "connection", "credentials",
+                                          "access denied", "forbidden")):
+        return DataError(f"DALI cannot read {root} from object storage ({reason}); check AWS_ENDPOINT_URL, "
+                         f"AWS_REGION and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
+    from .validate import quick_scan
+
+    suspects = quick_scan(files, time_budget_s=120.0)
+    if suspects:
+        shown = "; ".join(f"{p}: {why}" for p, why in suspects[:5]) + ("; ..." if len(suspects) > 5 else "")
+        return DataError(f"DALI failed on an image it did not name ({reason}); these files are not valid images: "
+                         f"{shown}; {fix}")
+    return DataError(f"DALI failed while reading {root} ({reason}) without naming a file, and a quick check of the "
+                     f"{len(files)} files found nothing; {fix}")
+
+
+def _dali_reason(text: str) -> str:
+    # DALI's message: a traceback of the graph, then "encountered:" and the operator's own words.
+    body = text.split("encountered:", 1)[1] if "encountered:" in text else text
+    lines = [ln.strip() for ln in body.splitlines() if ln.strip() and "no longer valid" not in ln
+             and not ln.strip().startswith("C++ context")]
+    return " ".join(lines[:2])[:300] or text[:300]
+
+
+def _named_file(text: str, files: Sequence[str]) -> str | None:
+    m = re.search(r"bucket=(\S+) object=(\S+?):?\s", text + " ")
+    if m:
+        return f"s3://{m.group(1)}/{m.group(2)}"
+    known = set(files)
+    for token in re.findall(r"[^\s'\"`]+", text):
+        token = token.rstrip(".,:;)")
+        if token in known:
+            return token
+    return None
 
 
 def _device_id(device: torch.device) -> int:

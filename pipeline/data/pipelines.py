@@ -9,6 +9,21 @@ Every reader is created with ``pad_last_batch=True``: each shard then returns th
 batches per epoch (ceil(ceil(N / num_shards) / batch_size)), the padding being the shard's last
 sample repeated at the end of the epoch. The loader relies on that to keep every rank's reader on
 the same epoch boundary and to know which samples are padding.
+
+Augmentation (training):
+
+* ``style="cifar"``: 4-pixel zero padding, a random 32x32 crop, a horizontal flip (section 4.2).
+* ``style="imagenet"``, ``augment="paper"`` (section 3.4): the shorter side resized to a length drawn
+  uniformly from the integers in ``scale`` ([256, 480]), a random ``image_size`` crop, a horizontal
+  flip, the mean subtracted (per channel, or the per-pixel ``mean_image``), and AlexNet's PCA
+  colour augmentation (``lighting`` = its std, 0.1).
+* ``style="imagenet"``, ``augment="rrc"``: random-resized crop (8%-100% of the area, aspect 3/4-4/3),
+  the modern recipe; ``lighting`` applies to it too when > 0.
+
+Evaluation (``eval_mode``): ``"center"`` (shorter side to ``val_resize``, centre crop), ``"10crop"``
+(the 4 corner crops and the centre crop of that image, each also flipped: 10 views per image, stacked
+as (10, 3, H, W)) and ``"multiscale"`` (the whole image with its shorter side at each of ``scales``,
+one output per scale, for a fully-convolutional network).
 """
 
 from __future__ import annotations
@@ -16,12 +31,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
 READER_NAME = "Reader"  # for reader_meta(); the loader checks its epoch arithmetic against DALI's
 CIFAR_PAD = 4  # "4 pixels are padded on each side" (He et al. 2015, section 4.2)
+
+# AlexNet's PCA colour augmentation on ImageNet (Krizhevsky et al. 2012; the values of
+# fb.resnet.torch, computed on RGB in [0, 1]): an RGB offset eigvec @ (alpha * eigval), alpha ~ N(0, sigma).
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
+              (-0.5808, -0.0045, -0.8140),
+              (-0.5836, -0.6948, 0.4203))
+
+# The 10-crop views in output order: (crop_pos_x, crop_pos_y, mirrored).
+TEN_CROP_VIEWS = tuple((x, y, m) for x, y in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))
+                       for m in (0, 1))
 
 # nvJPEG scratch sizes that fit ImageNet's largest images, from NVIDIA's ConvNets example: without
 # them the decoder reallocates (and synchronises) whenever a bigger image shows up.
@@ -40,9 +67,46 @@ def _decode(jpegs, *, decoder: Literal["cpu", "mixed"], style: str):
     return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=0.65, **extra)
 
 
+def _device(decoder: str) -> str:
+    return "gpu" if decoder == "mixed" else "cpu"
+
+
 def _labels(labels, decoder: str):
     # Labels go to the device with the images, so a GPU pipeline's outputs are all on one device.
     return labels.gpu() if decoder == "mixed" else labels
+
+
+def _lighting_offset(sigma: float):
+    """Per-sample RGB offset (0-255 scale) of AlexNet's PCA lighting, as a CPU tensor of shape (3,)."""
+    alpha = fn.random.normal(shape=[3], stddev=sigma)
+    scaled = alpha * types.Constant(np.asarray(PCA_EIGVAL, np.float32) * 255.0)
+    # coord_transform multiplies the innermost dimension by M: here the one 3-vector by the eigenvectors.
+    offset = fn.coord_transform(fn.reshape(scaled, shape=[1, 3]), M=np.asarray(PCA_EIGVEC, np.float32).ravel().tolist())
+    return fn.reshape(offset, shape=[3])
+
+
+def _normalise(images, *, mean: Sequence[float], std: Sequence[float], mean_image: np.ndarray | None,
+               crop: tuple[int, int] | None = None, crop_pos: tuple = (0.5, 0.5), mirror=0, offset=None,
+               pad: bool = False, device: str = "cpu"):
+    """Crop, mirror and normalise to CHW float: (x + offset - mean) / std.
+
+    With ``mean_image`` the crop is taken first and the per-pixel mean subtracted from it (so the
+    mean image lines up with the crop, whatever its position), then mirrored and scaled.
+    """
+    extra = {"out_of_bounds_policy": "pad"} if pad else {}
+    if mean_image is not None:
+        if crop is not None:
+            images = fn.crop(images, crop=crop, crop_pos_x=crop_pos[0], crop_pos_y=crop_pos[1], **extra)
+        images = fn.cast(images, dtype=types.FLOAT) - types.Constant(np.asarray(mean_image, np.float32), device=device)
+        centre = types.Constant(np.zeros(3, np.float32))
+        return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
+                                        mean=centre - offset if offset is not None else [0.0, 0.0, 0.0],
+                                        std=list(std))
+    centre = types.Constant(np.asarray(mean, np.float32))
+    crop_args = dict(crop=crop, crop_pos_x=crop_pos[0], crop_pos_y=crop_pos[1], **extra) if crop is not None else {}
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
+                                    mean=centre - offset if offset is not None else list(mean), std=list(std),
+                                    **crop_args)
 
 
 @pipeline_def
@@ -57,18 +121,24 @@ def train_pipeline(
     mean: Sequence[float],
     std: Sequence[float],
     decoder: Literal["cpu", "mixed"],
+    flip: bool = True,
+    augment: Literal["paper", "rrc"] = "paper",
+    scale: Sequence[int] = (256, 480),
+    lighting: float = 0.0,
+    mean_image: np.ndarray | None = None,
 ):
     """Shuffled, augmented training batches.
 
-    ``random_shuffle=True`` makes DALI permute the file list once with a fixed seed (identical on
-    every rank, so the shards stay disjoint) and shuffle each epoch through a buffer seeded from the
-    pipeline seed. ``stick_to_shard=False`` moves every rank to the next shard after each epoch,
-    so over ``num_shards`` epochs each rank sees all of the data.
+    ``shuffle_after_epoch=True`` makes DALI permute the whole file list at every epoch, identically
+    on every rank (its seed is the epoch number), so the shards of one epoch are disjoint and cover
+    every image exactly once, and each epoch draws a fresh global order. The loader hands in the list
+    already permuted by the run's seed, which makes the orders differ between seeds.
     """
     jpegs, label = fn.readers.file(files=list(files), labels=list(labels), shard_id=shard_id,
-                                   num_shards=num_shards, random_shuffle=True, pad_last_batch=True,
-                                   stick_to_shard=False, name=READER_NAME)
+                                   num_shards=num_shards, shuffle_after_epoch=True, pad_last_batch=True,
+                                   name=READER_NAME)
     images = _decode(jpegs, decoder=decoder, style=style)
+    mirror = fn.random.coin_flip(probability=0.5) if flip else 0
     if style == "cifar":
         # Zero padding happens on the uint8 image (so pad pixels normalise to -mean/std, as with
         # torchvision's RandomCrop(padding=4) before Normalize); then a crop at one of the
@@ -77,15 +147,21 @@ def train_pipeline(
         padded = image_size + 2 * CIFAR_PAD
         images = fn.crop(images, crop=(padded, padded), out_of_bounds_policy="pad", fill_values=0)
         offsets = [i / (2 * CIFAR_PAD) for i in range(2 * CIFAR_PAD + 1)]
-        pos_x = fn.random.uniform(values=offsets)
-        pos_y = fn.random.uniform(values=offsets)
+        pos = (fn.random.uniform(values=offsets), fn.random.uniform(values=offsets))
+        return _normalise(images, mean=mean, std=std, mean_image=None, crop=(image_size, image_size),
+                          crop_pos=pos, mirror=mirror), _labels(label, decoder)
+    if augment == "paper":
+        # An integer length, each equally likely (a rounded continuous draw would halve the end points).
+        shorter = fn.random.uniform(values=[float(v) for v in range(int(scale[0]), int(scale[1]) + 1)])
+        images = fn.resize(images, resize_shorter=shorter)
+        pos = (fn.random.uniform(range=(0.0, 1.0)), fn.random.uniform(range=(0.0, 1.0)))
     else:
         images = fn.random_resized_crop(images, size=(image_size, image_size), random_area=(0.08, 1.0),
                                         random_aspect_ratio=(3 / 4, 4 / 3))
-        pos_x = pos_y = 0.5
-    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                      crop=(image_size, image_size), crop_pos_x=pos_x, crop_pos_y=pos_y,
-                                      mean=list(mean), std=list(std), mirror=fn.random.coin_flip(probability=0.5))
+        pos = (0.5, 0.5)
+    offset = _lighting_offset(lighting) if lighting > 0 else None
+    images = _normalise(images, mean=mean, std=std, mean_image=mean_image, crop=(image_size, image_size),
+                        crop_pos=pos, mirror=mirror, offset=offset, device=_device(decoder))
     return images, _labels(label, decoder)
 
 
@@ -102,21 +178,36 @@ def val_pipeline(
     mean: Sequence[float],
     std: Sequence[float],
     decoder: Literal["cpu", "mixed"],
+    eval_mode: Literal["center", "10crop", "multiscale"] = "center",
+    scales: Sequence[int] = (224, 256, 384, 480, 640),
+    mean_image: np.ndarray | None = None,
 ):
     """Deterministic evaluation batches, in file order within each shard.
 
     ``stick_to_shard=True`` keeps each rank on its own shard, so every pass reads the same images;
-    the padding at the end of a shard is dropped by the loader.
+    the padding at the end of a shard is dropped by the loader. Outputs: ``(images, labels)`` for
+    ``center`` and ``10crop`` (images of shape (10, 3, H, W) per sample), and one image output per
+    scale followed by the labels for ``multiscale`` (sizes differ between images).
     """
     jpegs, label = fn.readers.file(files=list(files), labels=list(labels), shard_id=shard_id,
                                    num_shards=num_shards, random_shuffle=False, pad_last_batch=True,
                                    stick_to_shard=True, name=READER_NAME)
     images = _decode(jpegs, decoder=decoder, style=style)
+    crop = (image_size, image_size)
+    if eval_mode == "multiscale":
+        # Whole images: a per-pixel mean has no fixed geometry here, so its per-channel average is used.
+        channel_mean = list(mean) if mean_image is None else [float(v) for v in mean_image.mean(axis=(0, 1))]
+        outputs = [_normalise(fn.resize(images, resize_shorter=float(s)), mean=channel_mean, std=std, mean_image=None)
+                   for s in scales]
+        return (*outputs, _labels(label, decoder))
     if style == "imagenet":
-        images = fn.resize(images, resize_shorter=val_resize)
+        images = fn.resize(images, resize_shorter=float(val_resize))
+    if eval_mode == "10crop":
+        views = [_normalise(images, mean=mean, std=std, mean_image=mean_image, crop=crop, crop_pos=(x, y), mirror=m,
+                            pad=True, device=_device(decoder))
+                 for x, y, m in TEN_CROP_VIEWS]
+        return fn.stack(*views), _labels(label, decoder)
     # For CIFAR-style images (already image_size) the centre crop is a no-op; it only keeps a
     # stray larger image from breaking the batch, and pads a smaller one instead of failing.
-    images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                      crop=(image_size, image_size), out_of_bounds_policy="pad",
-                                      mean=list(mean), std=list(std))
+    images = _normalise(images, mean=mean, std=std, mean_image=mean_image, crop=crop, pad=True, device=_device(decoder))
     return images, _labels(label, decoder)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -42,11 +40,6 @@ def sbatch(cluster: SlurmCluster, *args: str, env: dict[str, str] | None = None,
     r = cluster.run("sbatch", "--parsable", *args, env=cluster.env(env), cwd=cwd, check=False)
     assert r.returncode == 0, f"sbatch {' '.join(args)} failed: {r.stderr}"
     return Job(cluster, r.stdout.strip().split(";")[0])
-
-
-def venv_path() -> str:
-    """PATH with the project's venv first, as in a shell where the user activated it."""
-    return f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def wait_for(cond: Callable[[], T], timeout_s: float, what: str, poll_s: float = 0.5) -> T:

@@ -58,3 +58,97 @@ def ids(images: torch.Tensor) -> list[int]:
     """The index encoded in each image's centre pixel."""
     s = images.shape[-1]
     return pixel_values(images)[:, 0, s // 2, s // 2].round().long().tolist()
+
+
+# -- ILSVRC-2012-format archives -----------------------------------------------------------------
+
+WNIDS = ("n01440764", "n01443537", "n01484850")
+
+
+def _jpeg(seed: int, size: tuple[int, int]) -> bytes:
+    import io
+
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(rng.normal(120, 40, (*size, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _add(tar, name: str, data: bytes) -> None:
+    import io
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def write_meta_mat(path: str, wnids: tuple[str, ...], *, inner_nodes: int = 2) -> None:
+    """A devkit ``meta.mat``: a ``synsets`` struct array like ILSVRC-2012's (leaves first, ids 1..N,
+    then WordNet inner nodes with children, which are not classes)."""
+    import scipy.io
+
+    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
+              "num_train_images"]
+    rows = [(i + 1, w, f"class {i}", f"gloss {i}", 0, np.zeros((0,), np.float64), 0, 4)
+            for i, w in enumerate(wnids)]
+    rows += [(len(wnids) + 1 + k, f"n0999999{k}", f"inner {k}", "an inner node", 2,
+              np.array([1.0, 2.0]), 1, 0) for k in range(inner_nodes)]
+    arr = np.zeros((len(rows),), dtype=[(f, "O") for f in fields])
+    for i, row in enumerate(rows):
+        arr[i] = row
+    scipy.io.savemat(path, {"synsets": arr})
+
+
+def write_ilsvrc_archives(folder: str, *, wnids: tuple[str, ...] = WNIDS, train_per_class: int = 4,
+                          val_per_class: int = 2, size: tuple[int, int] = (20, 28)) -> dict:
+    """Tiny archives in the official ILSVRC-2012 formats: a tar of per-class tars, a flat val tar,
+    the devkit (ground truth + meta.mat, as .tar.gz) and a LOC_val_solution.csv.
+
+    Returns their paths and the expected tree: ``{"train": {wnid: {name: bytes}}, "val": {...}}``.
+    """
+    import io
+    import os
+    import tarfile
+
+    os.makedirs(folder, exist_ok=True)
+    expected: dict[str, dict[str, dict[str, bytes]]] = {"train": {}, "val": {}}
+    paths = {k: os.path.join(folder, n) for k, n in (
+        ("train", "ILSVRC2012_img_train.tar"), ("val", "ILSVRC2012_img_val.tar"),
+        ("devkit", "ILSVRC2012_devkit_t12.tar.gz"), ("csv", "LOC_val_solution.csv"))}
+    seed = 0
+    with tarfile.open(paths["train"], "w") as outer:
+        for w in wnids:
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode="w") as inner:
+                for k in range(train_per_class):
+                    name, data = f"{w}_{k + 1}.JPEG", _jpeg(seed, size)
+                    seed += 1
+                    _add(inner, name, data)
+                    expected["train"].setdefault(w, {})[name] = data
+            _add(outer, f"{w}.tar", buf.getvalue())
+    # Validation images of all classes interleaved, as in the real archive.
+    order = [w for _ in range(val_per_class) for w in wnids]
+    order = [order[i] for i in np.random.default_rng(1).permutation(len(order))]
+    truth = []
+    with tarfile.open(paths["val"], "w") as tar:
+        for i, w in enumerate(order, 1):
+            name, data = f"ILSVRC2012_val_{i:08d}.JPEG", _jpeg(1000 + i, size)
+            _add(tar, name, data)
+            expected["val"].setdefault(w, {})[name] = data
+            truth.append(wnids.index(w) + 1)
+    meta = os.path.join(folder, "meta.mat")
+    write_meta_mat(meta, wnids)
+    with tarfile.open(paths["devkit"], "w:gz") as tar:
+        with open(meta, "rb") as f:
+            _add(tar, "ILSVRC2012_devkit_t12/data/meta.mat", f.read())
+        _add(tar, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt",
+             "".join(f"{t}\n" for t in truth).encode())
+        _add(tar, "ILSVRC2012_devkit_t12/readme.txt", b"devkit")
+    os.remove(meta)
+    with open(paths["csv"], "w") as f:
+        f.write("ImageId,PredictionString\n")
+        for i, w in enumerate(order, 1):
+            f.write(f"ILSVRC2012_val_{i:08d},{w} 1 2 10 12 {w} 3 4 8 9\n")
+    return {"paths": paths, "expected": expected}

@@ -3,8 +3,8 @@
 Hooks (environment variables, read here only; the pipeline itself has no test switches):
   TEST_LOSSES=path        rank 0 appends {"step", "train_loss"} per logged step as JSON lines
   TEST_SIGNAL_AT=N        rank 0 sends itself SIGUSR1 while computing step N (a real signal, at a known step)
-  TEST_PAUSE_UPLOAD=tag:rank:dir
-                          that rank's upload thread, about to upload the 2nd file of checkpoint `tag`,
+  TEST_PAUSE_UPLOAD=tag:rank:nth:dir
+                          that rank's upload thread, about to upload the nth file of checkpoint `tag`,
                           writes dir/paused-rank<R> (holding its pid) and waits until dir/go exists
 """
 
@@ -49,7 +49,7 @@ def _install() -> None:
         trainer_mod.Trainer.train_step = train_step
     pause = os.environ.get("TEST_PAUSE_UPLOAD")
     if pause:
-        tag, rank, folder = pause.split(":", 2)
+        tag, rank, nth, folder = pause.split(":", 3)
         if int(rank) == RANK:
             from pipeline import storage
 
@@ -59,7 +59,7 @@ def _install() -> None:
             def put(self, local, rel):  # type: ignore[no-untyped-def]
                 if rel.startswith(f"{tag}/"):
                     seen.append(rel)
-                    if len(seen) == 2:
+                    if len(seen) == int(nth):
                         Path(folder, f"paused-rank{RANK}").write_text(str(os.getpid()))
                         while not Path(folder, "go").exists():
                             time.sleep(0.05)

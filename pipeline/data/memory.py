@@ -1,0 +1,243 @@
+"""CIFAR-sized datasets held in device memory: decoded once with DALI, augmented per batch with tensor ops.
+
+The CIFAR networks are so small that per-image decoding and host-to-device copies would cost more than
+the step itself. This source decodes a split once (``fn.decoders.image``, on the GPU when the decoder
+is ``mixed``) into one uint8 tensor on the training device, and then every batch is a few kernels:
+gather the images, pad-4 + random 32x32 crop + horizontal flip as one indexed gather from a zero-padded
+copy, and normalisation. Nothing in a batch waits on the host.
+
+Epoch and sharding rules are those of :class:`~pipeline.data.loader.DaliSource`:
+
+* Training: each epoch is one permutation of the whole split, drawn from ``(seed, epoch)`` and so the
+  same on every rank; rank ``r`` takes its contiguous part (shard sizes as DALI cuts them) and yields
+  ``(num_samples // world_size) // batch_size`` batches, the same count on every rank. The crop offsets
+  and flips of an epoch are drawn from ``(seed, rank, epoch)`` with a CPU ``torch.Generator``, so a
+  resume at any (epoch, batch) gives bit-identical batches, on any device.
+* Evaluation: rank ``r`` yields its shard, in file order, each image once; the last batch may be
+  partial, and ranks may yield different numbers of batches (reduce sums after the loop).
+
+Images come out NCHW float32, normalised, and stored channels-last (the gather produces that layout
+for free, and it is the layout the GPU fast path runs in); labels are int64 on the same device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DataError
+from .folder import SplitIndex
+from .loader import shard_sizes
+from .source import STATE_FORMAT, check_state
+
+CIFAR_PAD = 4  # "4 pixels are padded on each side" (He et al. 2015, section 4.2)
+_DECODE_BATCH = 1000
+
+
+def _generator(*key: int) -> torch.Generator:
+    seed = np.random.SeedSequence([k & 0xFFFFFFFFFFFFFFFF for k in key]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(seed[0]) << 32 | int(seed[1]))
+
+
+def decode_split(index: SplitIndex, *, image_size: int, device: torch.device, decoder: Literal["cpu", "mixed"],
+                 num_threads: int) -> torch.Tensor:
+    """Every image of ``index`` as one uint8 NHWC tensor on ``device``, in index order.
+
+    Images are centre-cropped (or zero-padded) to ``image_size``, which leaves CIFAR's 32x32 untouched."""
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    n = len(index)
+    batch = min(_DECODE_BATCH, n)
+    mixed = decoder == "mixed"
+
+    @pipeline_def(batch_size=batch, num_threads=max(1, num_threads), prefetch_queue_depth=2,
+                  device_id=(device.index if device.index is not None else torch.cuda.current_device()) if mixed
+                  else None)
+    def decode():
+        jpegs, _ = fn.readers.file(files=list(index.files), random_shuffle=False, pad_last_batch=True, name="Reader")
+        images = fn.decoders.image(jpegs, device="mixed" if mixed else "cpu", output_type=types.RGB)
+        return fn.crop(images, crop=(image_size, image_size), out_of_bounds_policy="pad", fill_values=0)
+
+    pipe = decode()
+    pipe.build()
+    out = torch.empty((n, image_size, image_size, 3), dtype=torch.uint8, device=device)
+    for start in range(0, n, batch):
+        (images,) = pipe.run()
+        images = images.as_tensor()
+        take = min(batch, n - start)  # the reader repeats the last image to fill the final batch
+        if mixed:
+            from nvidia.dali.plugin.pytorch import feed_ndarray
+
+            full = torch.empty(images.shape(), dtype=torch.uint8, device=device)
+            feed_ndarray(images, full, cuda_stream=torch.cuda.current_stream(device))
+            out[start:start + take] = full[:take]
+        else:
+            out[start:start + take] = torch.from_numpy(np.array(images)[:take]).to(device)
+    del pipe
+    return out
+
+
+class InMemorySource:
+    """One split of an ImageFolder dataset in device memory, for one rank; see the module docstring."""
+
+    def __init__(
+        self,
+        index: SplitIndex,
+        *,
+        split: Literal["train", "val"],
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        seed: int,
+        num_classes: int,
+        batch_size: int,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        flip: bool = True,
+        pad: int = CIFAR_PAD,
+        decoder: Literal["cpu", "mixed"] = "cpu",
+        num_threads: int = 2,
+        images: torch.Tensor | None = None,
+    ) -> None:
+        """``images`` (uint8 NHWC, index order) skips decoding: tests and callers that hold the split already."""
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world_size {world_size}")
+        self.index = index
+        self.split = split
+        self.rank = rank
+        self.world_size = world_size
+        self.device = torch.device(device)
+        self.seed = seed
+        self.num_classes = num_classes
+        self.num_samples = len(index)
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.flip = flip
+        self.pad = pad
+        n, w, b = self.num_samples, world_size, batch_size
+        starts = np.cumsum([0, *shard_sizes(n, w)]).tolist()
+        self._shard_start = starts[rank]
+        if split == "train":
+            self._len = (n // w) // b
+            if self._len == 0:
+                raise DataError(f"{index.path} has {n} images: fewer than world_size * batch_size = {w} * {b}, so "
+                                f"an epoch would have no full batch; lower --data.batch_size or use fewer ranks")
+            self._starts = starts
+        else:
+            if n < w:
+                raise DataError(f"{index.path} has {n} images, fewer than the {w} ranks that would each read a shard "
+                                f"of it; add images or use fewer ranks")
+            self._shard_len = starts[rank + 1] - starts[rank]
+            self._len = math.ceil(self._shard_len / b)
+        if images is None:
+            images = decode_split(index, image_size=image_size, device=self.device, decoder=decoder,
+                                  num_threads=num_threads)
+        if tuple(images.shape) != (n, image_size, image_size, 3) or images.dtype != torch.uint8:
+            raise DataError(f"decoded {index.path} to {tuple(images.shape)} {images.dtype}, expected "
+                            f"({n}, {image_size}, {image_size}, 3) uint8")
+        images = images.to(self.device)
+        if split == "train":
+            # Zero padding on the uint8 image, so pad pixels normalise to -mean/std, as with torchvision's
+            # RandomCrop(padding=4) before Normalize and as in the DALI pipeline.
+            images = F.pad(images.permute(0, 3, 1, 2), (pad, pad, pad, pad)).permute(0, 2, 3, 1).contiguous()
+        self._images = images
+        self._labels = torch.tensor(index.labels, dtype=torch.int64, device=self.device)
+        self._scale = (1.0 / torch.tensor(list(std), dtype=torch.float32)).view(1, 3, 1, 1).to(self.device)
+        self._shift = (-torch.tensor(list(mean), dtype=torch.float32)).view(1, 3, 1, 1).to(self.device) * self._scale
+        self._ar = torch.arange(image_size, device=self.device)
+        self._epoch = 0
+        self._batch = 0
+        self._generation = 0
+        self._plan_epoch = -1
+        self._plan: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._generation += 1
+        return self._iterate(self._generation)
+
+    def _iterate(self, generation: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.split == "val":
+            self._batch = 0
+        elif self._batch >= self._len:
+            self._epoch, self._batch = self._epoch + 1, 0
+        while self._batch < self._len:
+            batch = self._train_batch(self._batch) if self.split == "train" else self._val_batch(self._batch)
+            self._batch += 1
+            yield batch
+            if generation != self._generation:
+                return
+        self._epoch, self._batch = self._epoch + 1, 0
+
+    # ------------------------------------------------------------------------------------------
+    def plan(self, epoch: int) -> dict[str, torch.Tensor]:
+        """This rank's sample indices, crop offsets and flips for a whole training epoch (CPU tensors)."""
+        count = self._len * self.batch_size
+        perm = torch.randperm(self.num_samples, generator=_generator(self.seed, epoch, 0))
+        start = self._starts[self.rank]
+        g = _generator(self.seed, epoch, 1, self.rank)
+        span = 2 * self.pad + 1
+        return {
+            "index": perm[start:start + count],
+            "dy": torch.randint(0, span, (count,), generator=g),
+            "dx": torch.randint(0, span, (count,), generator=g),
+            "flip": torch.randint(0, 2, (count,), generator=g).bool() if self.flip else torch.zeros(count, dtype=torch.bool),
+        }
+
+    def _device_plan(self) -> dict[str, torch.Tensor]:
+        if self._plan_epoch != self._epoch:
+            p = self.plan(self._epoch)
+            s = self.image_size
+            rev = s - 1 - torch.arange(s)
+            rows = p["dy"][:, None] + torch.arange(s)
+            cols = p["dx"][:, None] + torch.where(p["flip"][:, None], rev, torch.arange(s))
+            # Once per epoch, so the per-batch work has no host-to-device copy in it.
+            self._plan = {"index": p["index"].to(self.device), "rows": rows.to(self.device),
+                          "cols": cols.to(self.device)}
+            self._plan_epoch = self._epoch
+        return self._plan
+
+    def _train_batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        plan = self._device_plan()
+        sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+        idx, rows, cols = plan["index"][sl], plan["rows"][sl], plan["cols"][sl]
+        # Pad + crop + flip as one gather: output pixel (i, j) of sample k is padded[idx_k, rows_ki, cols_kj].
+        x = self._images[idx[:, None, None], rows[:, :, None], cols[:, None, :]]
+        return self._normalise(x), self._labels[idx]
+
+    def _val_batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lo = self._shard_start + b * self.batch_size
+        hi = min(self._shard_start + self._shard_len, lo + self.batch_size)
+        return self._normalise(self._images[lo:hi]), self._labels[lo:hi]
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self._shift, x.permute(0, 3, 1, 2).float(), self._scale)
+
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": STATE_FORMAT, "kind": "memory", "split": self.split, "epoch": self._epoch,
+                "batch": self._batch, "rank": self.rank, "world_size": self.world_size,
+                "batch_size": self.batch_size, "num_samples": self.num_samples, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state(state, kind="memory", expect={"split": self.split, "rank": self.rank,
+                                                  "world_size": self.world_size, "batch_size": self.batch_size,
+                                                  "num_samples": self.num_samples, "seed": self.seed})
+        self._generation += 1  # a live generator stops at its next step
+        self._epoch = int(state["epoch"])
+        self._batch = int(state["batch"]) if self.split == "train" else 0

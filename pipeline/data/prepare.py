@@ -1,0 +1,572 @@
+"""Prepare ImageNet (ILSVRC-2012) from its official archives as an ImageFolder tree, locally or on S3.
+
+    python -m pipeline.data.prepare imagenet \\
+        --train-tar /archives/ILSVRC2012_img_train.tar --val-tar /archives/ILSVRC2012_img_val.tar \\
+        --devkit /archives/ILSVRC2012_devkit_t12.tar.gz --out /datasets/imagenet     # or s3://bucket/imagenet
+    python -m pipeline.data.prepare imagenet --out /datasets/imagenet --verify     # re-check a prepared tree
+    python -m pipeline.data.prepare mean-image /datasets/imagenet                  # (re)compute the mean image
+
+The tree it writes (the archives may be local files or URLs too)::
+
+    train/<wnid>/<wnid>_NNNN.JPEG          1,281,167 images in 1,000 classes
+    val/<wnid>/ILSVRC2012_val_NNNNNNNN.JPEG    50,000 images
+    .manifest/<split>/<wnid>.json          per class: every file's size and sha256
+    mean_image.npy                         per-pixel mean (224 x 224 x 3, 0-255) for data.mean_image
+    manifest.json                          per class: file count, bytes, sha256 of its file list; written last
+
+Each archive is read once, as a stream (one image in memory at a time); images are written by a
+pool of threads. A class becomes visible only when complete: locally it is written under
+``.partial/`` and renamed into place; on S3 (no rename) objects are written in place and the class
+counts as done once its ``.manifest`` entry exists, written after its files were listed back and
+matched. An interrupted run is resumed by running the same command: classes whose entry matches
+what is stored are skipped. The sizes are always checked against the manifest; ``--verify``
+re-reads every file and checks its sha256 too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import shutil
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from .errors import DataError
+from .folder import is_url
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+MEAN_IMAGE = "mean_image.npy"
+PARTS = ".manifest"
+STAGING = ".partial"
+SPLITS = ("train", "val")
+
+
+def _storage(url: str):
+    from pipeline.storage import Storage
+
+    return Storage(url)
+
+
+def _digest(files: dict[str, list]) -> str:
+    """sha256 of a class's file list ({name: [size, sha256]}), recorded in manifest.json."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class _Tree:
+    """The output tree: where files go, what is already there, and the per-class records."""
+
+    def __init__(self, out: str, *, write: bool = False) -> None:
+        from pipeline.storage import StorageError
+
+        self.url = out.rstrip("/")
+        self.remote = is_url(out)
+        self.store = _storage(self.url)
+        self.local = None if self.remote else self.store.root
+        try:
+            if write:
+                self.store.check_access(write=True)
+            elif not self.store.exists():
+                raise DataError(f"{out} does not exist")
+        except StorageError as e:
+            raise DataError(f"{out}: {e}") from e
+
+    # -- per-class records ----------------------------------------------------------------------
+    def part(self, split: str, cls: str) -> dict[str, Any] | None:
+        from pipeline.storage import StorageError
+
+        try:
+            return json.loads(self.store.read_text(f"{PARTS}/{split}/{cls}.json"))
+        except StorageError as e:
+            if e.kind == "not_found":
+                return None
+            raise
+        except ValueError:
+            return None  # unreadable: the class is redone
+
+    def write_part(self, split: str, cls: str, files: dict[str, list]) -> None:
+        part = {"format": FORMAT, "split": split, "class": cls, "files": files}
+        self.store.write_text(f"{PARTS}/{split}/{cls}.json", json.dumps(part, sort_keys=True))
+
+    def parts(self, split: str) -> list[str]:
+        return sorted(n[:-5] for n in self.store.list(f"{PARTS}/{split}") if n.endswith(".json"))
+
+    def stored(self, split: str, cls: str) -> dict[str, int]:
+        """{name: size} of the class folder as stored now."""
+        return {k: v for k, v in self.store.find(f"{split}/{cls}").items() if "/" not in k}
+
+    def complete(self, split: str, cls: str) -> bool:
+        part = self.part(split, cls)
+        if part is None:
+            return False
+        return self.stored(split, cls) == {n: s for n, (s, _) in part["files"].items()}
+
+    # -- writing ---------------------------------------------------------------------------------
+    def staging(self, split: str, cls: str) -> str:
+        assert self.local is not None
+        return os.path.join(self.local, STAGING, split, cls)
+
+    def staged(self, split: str, cls: str) -> dict[str, int]:
+        """What an earlier attempt already wrote for this class (for the per-file resume of val)."""
+        if self.remote:
+            return self.stored(split, cls)
+        folder = self.staging(split, cls)
+        if not os.path.isdir(folder):
+            return {}
+        return {e.name: e.stat().st_size for e in os.scandir(folder) if e.is_file() and not e.name.endswith(".tmp")}
+
+    def begin(self, split: str, cls: str, *, fresh: bool) -> None:
+        if self.remote:
+            return
+        folder = self.staging(split, cls)
+        if fresh:
+            shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder, exist_ok=True)
+
+    def write(self, split: str, cls: str, name: str, data: bytes) -> None:
+        if self.remote:
+            self.store.write_bytes(f"{split}/{cls}/{name}", data)  # one PUT: an object appears whole
+            return
+        path = os.path.join(self.staging(split, cls), name)
+        with open(path + ".tmp", "wb") as f:
+            f.write(data)
+        os.replace(path + ".tmp", path)  # a file under its final name is always whole (resume trusts it)
+
+    def commit(self, split: str, cls: str, files: dict[str, list]) -> None:
+        """Make the class visible, check it against ``files`` and record it."""
+        if self.remote:
+            for extra in sorted(set(self.stored(split, cls)) - set(files)):
+                self.store.delete(f"{split}/{cls}/{extra}")  # left by another archive: it would be trained on
+        else:
+            final = os.path.join(self.local, split, cls)
+            if os.path.exists(final):
+                shutil.rmtree(final)  # complete but unrecorded (interrupted right after the rename)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(self.staging(split, cls), final)
+        stored = self.stored(split, cls)
+        expected = {n: s for n, (s, _) in files.items()}
+        if stored != expected:
+            bad = sorted(n for n in set(stored) | set(expected) if stored.get(n) != expected.get(n))
+            raise DataError(f"{self.store.url(f'{split}/{cls}')}: after writing, {len(bad)} file(s) are missing or "
+                            f"have the wrong size (e.g. {bad[0]}: stored {stored.get(bad[0])} bytes, expected "
+                            f"{expected.get(bad[0])}); check the free space and the storage, then run again")
+        self.write_part(split, cls, files)
+
+
+class _Writer:
+    """A bounded pool of write threads: the stream never runs more than ``4 * workers`` images ahead."""
+
+    def __init__(self, workers: int) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="prepare-write")
+        self.slots = threading.Semaphore(4 * max(1, workers))
+        self.futures: list[Future] = []
+
+    def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self.slots.acquire()
+        fut = self.pool.submit(fn, *args)
+        fut.add_done_callback(lambda _: self.slots.release())
+        self.futures.append(fut)
+
+    def drain(self) -> None:
+        futures, self.futures = self.futures, []
+        for fut in futures:
+            fut.result()  # the first failed write raises here, naming its URI (StorageError) or path
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, dynamic_ncols=True)
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _size_of(path: str) -> int:
+    from .imagenet import open_input
+
+    with open_input(path) as (_, size):
+        return size
+
+
+# --------------------------------------------------------------------------------------------------
+# The splits
+
+
+def _prepare_train(tree: _Tree, train_tar: str, writer: _Writer, *, progress: bool) -> tuple[int, int]:
+    """Returns (classes written, classes skipped as already complete)."""
+    from .imagenet import iter_train_classes
+
+    bar = _progress(_size_of(train_tar), progress, "train")
+    written = skipped = 0
+    try:
+        for cls, archived, images in iter_train_classes(train_tar):
+            if tree.complete("train", cls):
+                skipped += 1
+                bar.update(archived)
+                continue
+            tree.begin("train", cls, fresh=True)
+            files: dict[str, list] = {}
+            for name, data in images:
+                files[name] = [len(data), hashlib.sha256(data).hexdigest()]
+                writer.submit(tree.write, "train", cls, name, data)
+                bar.update(len(data))
+            writer.drain()
+            if not files:
+                raise DataError(f"{train_tar}: the class archive {cls}.tar holds no images")
+            tree.commit("train", cls, files)
+            written += 1
+    finally:
+        bar.close()
+    return written, skipped
+
+
+def _prepare_val(tree: _Tree, val_tar: str, labels: dict[str, str], writer: _Writer, *,
+                 progress: bool) -> tuple[int, int]:
+    from .imagenet import iter_val_images
+
+    classes = sorted(set(labels.values()))
+    done = {c for c in classes if tree.complete("val", c)}
+    if len(done) == len(classes):
+        return 0, len(classes)
+    todo = [c for c in classes if c not in done]
+    present = {c: tree.staged("val", c) for c in todo}
+    for c in todo:
+        tree.begin("val", c, fresh=False)  # val images of all classes arrive interleaved: keep what is there
+    files: dict[str, dict[str, list]] = {c: {} for c in todo}
+    seen = 0
+    bar = _progress(_size_of(val_tar), progress, "val")
+    try:
+        for name, data in iter_val_images(val_tar):
+            cls = labels.get(name)
+            if cls is None:
+                raise DataError(f"{val_tar} holds {name}, which the validation labels do not list: the labels "
+                                f"(--devkit / --val-labels) belong to another set of images")
+            seen += 1
+            bar.update(len(data))
+            if cls in done:
+                continue
+            files[cls][name] = [len(data), hashlib.sha256(data).hexdigest()]
+            if present[cls].get(name) != len(data):
+                writer.submit(tree.write, "val", cls, name, data)
+        writer.drain()
+    finally:
+        bar.close()
+    expected = len(labels)
+    if seen != expected:
+        missing = sorted(set(labels) - _names_seen(files, done, labels))[:3]
+        raise DataError(f"{val_tar} holds {seen} images but the validation labels list {expected} (missing e.g. "
+                        f"{', '.join(missing)}): is the archive complete?")
+    for c in todo:
+        tree.commit("val", c, files[c])
+    return len(todo), len(done)
+
+
+def _names_seen(files: dict[str, dict[str, list]], done: set[str], labels: dict[str, str]) -> set[str]:
+    seen = {n for per in files.values() for n in per}
+    return seen | {n for n, c in labels.items() if c in done}
+
+
+def _val_labels(devkit: str, val_labels: str) -> dict[str, str]:
+    from .imagenet import read_devkit, read_loc_csv
+
+    if devkit and val_labels:
+        raise DataError("give the validation labels once: --devkit ILSVRC2012_devkit_t12.tar.gz or --val-labels "
+                        "LOC_val_solution.csv, not both")
+    if devkit:
+        return read_devkit(devkit)
+    if val_labels:
+        return read_loc_csv(val_labels)
+    raise DataError("--val-tar needs the validation labels: --devkit ILSVRC2012_devkit_t12.tar.gz (ground truth + "
+                    "meta.mat) or --val-labels LOC_val_solution.csv")
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifest
+
+
+def build_manifest(tree_url: str, *, mean_image: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Summarise every class record of the tree; raise if the splits' classes disagree."""
+    tree = _Tree(tree_url)
+    splits: dict[str, Any] = {}
+    for split in SPLITS:
+        classes = {}
+        for cls in tree.parts(split):
+            part = tree.part(split, cls)
+            if part is None:
+                continue
+            classes[cls] = {"files": len(part["files"]), "bytes": sum(s for s, _ in part["files"].values()),
+                            "sha256": _digest(part["files"])}
+        if classes:
+            splits[split] = {"classes": classes, "files": sum(c["files"] for c in classes.values()),
+                             "bytes": sum(c["bytes"] for c in classes.values())}
+    if "train" in splits and "val" in splits and set(splits["train"]["classes"]) != set(splits["val"]["classes"]):
+        only_train = sorted(set(splits["train"]["classes"]) - set(splits["val"]["classes"]))
+        only_val = sorted(set(splits["val"]["classes"]) - set(splits["train"]["classes"]))
+        raise DataError(f"{tree_url}: the training and validation classes differ (only in train: "
+                        f"{', '.join(only_train[:5]) or 'none'}; only in val: {', '.join(only_val[:5]) or 'none'}): "
+                        f"the archives and the labels are not from the same release")
+    manifest: dict[str, Any] = {"format": FORMAT, "dataset": "ILSVRC2012",
+                                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "splits": splits}
+    if mean_image:
+        manifest["mean_image"] = mean_image
+    return manifest
+
+
+def read_manifest(tree_url: str) -> dict[str, Any]:
+    from pipeline.storage import StorageError
+
+    try:
+        return json.loads(_storage(tree_url).read_text(MANIFEST))
+    except StorageError as e:
+        if e.kind == "not_found":
+            raise DataError(f"{tree_url} has no {MANIFEST}: it was not written by pipeline.data.prepare, or the "
+                            f"preparation did not finish (run the same prepare command again to resume)") from e
+        raise DataError(f"cannot read {tree_url}/{MANIFEST}: {e}") from e
+    except ValueError as e:
+        raise DataError(f"{tree_url}/{MANIFEST} is not valid JSON ({e}); run prepare again to rewrite it") from e
+
+
+def verify_tree(tree_url: str, *, workers: int = 8, progress: bool = True) -> list[str]:
+    """Re-check a prepared tree against its manifest: every class record, every file's presence, size
+    and sha256. Returns the problems found, each naming the file; [] when the tree is intact."""
+    tree = _Tree(tree_url)
+    manifest = read_manifest(tree_url)
+    problems: list[str] = []
+    to_hash: list[tuple[str, str, int, str]] = []  # (split, rel, size, sha256)
+    for split, info in manifest.get("splits", {}).items():
+        for cls, summary in info["classes"].items():
+            part = tree.part(split, cls)
+            where = tree.store.url(f"{split}/{cls}")
+            if part is None:
+                problems.append(f"{where}: its record {PARTS}/{split}/{cls}.json is missing or unreadable")
+                continue
+            if _digest(part["files"]) != summary["sha256"]:
+                problems.append(f"{where}: its record {PARTS}/{split}/{cls}.json does not match {MANIFEST}")
+            stored = tree.stored(split, cls)
+            for name, (size, sha) in sorted(part["files"].items()):
+                rel = f"{split}/{cls}/{name}"
+                if name not in stored:
+                    problems.append(f"{tree.store.url(rel)}: missing")
+                elif stored[name] != size:
+                    problems.append(f"{tree.store.url(rel)}: {stored[name]} bytes, the manifest says {size}")
+                else:
+                    to_hash.append((split, rel, size, sha))
+            for extra in sorted(set(stored) - set(part["files"])):
+                problems.append(f"{tree.store.url(f'{split}/{cls}/{extra}')}: not in the manifest (it would be "
+                                f"trained on)")
+    bar = _progress(sum(s for _, _, s, _ in to_hash), progress, "verify")
+
+    def check(item: tuple[str, str, int, str]) -> str | None:
+        _, rel, size, sha = item
+        h = hashlib.sha256()
+        with tree.store.open(rel) as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        bar.update(size)
+        return None if h.hexdigest() == sha else f"{tree.store.url(rel)}: sha256 differs from the manifest"
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        problems += [p for p in pool.map(check, to_hash) if p]
+    bar.close()
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------
+# Mean image
+
+
+def compute_mean_image(tree_url: str, *, size: int = 224, resize: int = 256, samples: int = 10000,
+                       split: str = "train", workers: int = 8, progress: bool = True) -> tuple[np.ndarray, int]:
+    """The per-pixel mean (size x size x 3, float32, 0-255) of training images seen as the centre-crop
+    evaluation sees them (shorter side ``resize``, centre ``size`` crop), over up to ``samples`` images
+    spread evenly across the classes (the first files of each class, so the result is reproducible)."""
+    from PIL import Image
+
+    from .folder import scan_split
+
+    root = tree_url.rstrip("/")
+    split_path = f"{root}/{split}" if is_url(root) else os.path.join(root, split)
+    index = scan_split(split_path)
+    per_class = max(1, math.ceil(samples / len(index.classes)))
+    chosen: list[str] = []
+    counts: dict[int, int] = {}
+    for path, label in zip(index.files, index.labels, strict=True):
+        if counts.get(label, 0) < per_class:
+            counts[label] = counts.get(label, 0) + 1
+            chosen.append(path)
+
+    def load(path: str) -> np.ndarray:
+        if is_url(path):
+            parent, name = path.rsplit("/", 1)
+            data = _storage(parent).read_bytes(name)
+        else:
+            with open(path, "rb") as f:
+                data = f.read()
+        with Image.open(io.BytesIO(data)) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            scale = resize / min(w, h)
+            im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+            w, h = im.size
+            left, top = (w - size) // 2, (h - size) // 2
+            return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float64)
+
+    total = np.zeros((size, size, 3), np.float64)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(chosen), unit="img", desc="mean image", dynamic_ncols=True)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for arr in pool.map(load, chosen):
+            total += arr
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return (total / len(chosen)).astype(np.float32), len(chosen)
+
+
+def write_mean_image(tree_url: str, *, size: int = 224, resize: int = 256, samples: int = 10000, workers: int = 8,
+                     progress: bool = True) -> dict[str, Any]:
+    mean, n = compute_mean_image(tree_url, size=size, resize=resize, samples=samples, workers=workers,
+                                 progress=progress)
+    buf = io.BytesIO()
+    np.save(buf, mean, allow_pickle=False)
+    _storage(tree_url).write_bytes(MEAN_IMAGE, buf.getvalue())
+    return {"file": MEAN_IMAGE, "size": size, "resize": resize, "samples": n,
+            "channel_mean": [round(float(v), 3) for v in mean.mean(axis=(0, 1))]}
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+
+
+def prepare_imagenet(out: str, *, train_tar: str = "", val_tar: str = "", devkit: str = "", val_labels: str = "",
+                     workers: int = 8, mean_samples: int = 10000, image_size: int = 224, resize: int = 256,
+                     progress: bool = True) -> dict[str, Any]:
+    """Write (or finish writing) the ImageFolder tree at ``out`` from the archives; returns the manifest."""
+    if not (train_tar or val_tar):
+        raise DataError("nothing to prepare: give --train-tar and/or --val-tar (or --verify to check an existing tree)")
+    labels = _val_labels(devkit, val_labels) if val_tar else None  # bad labels fail before any writing
+    tree = _Tree(out, write=True)
+    writer = _Writer(workers)
+    report = []
+    train_written = 0
+    try:
+        if train_tar:
+            train_written, skipped = _prepare_train(tree, train_tar, writer, progress=progress)
+            report.append(f"train: {train_written} classes written, {skipped} already complete")
+        if val_tar:
+            assert labels is not None
+            written, skipped = _prepare_val(tree, val_tar, labels, writer, progress=progress)
+            report.append(f"val: {written} classes written, {skipped} already complete")
+    finally:
+        writer.close()
+    if not tree.remote:
+        shutil.rmtree(os.path.join(tree.local, STAGING), ignore_errors=True)
+    previous = _previous_mean(tree.url)
+    mean_info = previous
+    stale = previous is None or (previous.get("size"), previous.get("resize")) != (image_size, resize)
+    if mean_samples > 0 and train_tar and (stale or train_written):
+        mean_info = write_mean_image(tree.url, size=image_size, resize=resize, samples=mean_samples, workers=workers,
+                                     progress=progress)
+    manifest = build_manifest(tree.url, mean_image=mean_info)
+    tree.store.write_text(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    for line in report:
+        print(line, file=sys.stderr)
+    return manifest
+
+
+def _previous_mean(tree_url: str) -> dict[str, Any] | None:
+    try:
+        return read_manifest(tree_url).get("mean_image")
+    except DataError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.data.prepare", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    im = sub.add_parser("imagenet", help="ILSVRC-2012 archives -> ImageFolder tree (or --verify a tree)")
+    im.add_argument("--out", required=True, help="tree root: a local folder or s3://bucket/prefix")
+    im.add_argument("--train-tar", default="", help="ILSVRC2012_img_train.tar (path or URL)")
+    im.add_argument("--val-tar", default="", help="ILSVRC2012_img_val.tar (path or URL)")
+    im.add_argument("--devkit", default="", help="ILSVRC2012_devkit_t12.tar.gz: validation labels")
+    im.add_argument("--val-labels", default="", help="LOC_val_solution.csv: validation labels (instead of --devkit)")
+    im.add_argument("--workers", type=int, default=8, help="parallel writes (default 8; more for S3)")
+    im.add_argument("--mean-samples", type=int, default=10000,
+                    help="training images averaged into mean_image.npy (default 10000; 0 skips it)")
+    im.add_argument("--verify", action="store_true", help="re-read every file and check it against the manifest")
+    im.add_argument("--no-progress", action="store_true")
+    mi = sub.add_parser("mean-image", help="(re)compute ROOT/mean_image.npy from the training split")
+    mi.add_argument("root")
+    mi.add_argument("--size", type=int, default=224, help="crop size = data.image_size (default 224)")
+    mi.add_argument("--resize", type=int, default=256, help="shorter side before the centre crop (default 256)")
+    mi.add_argument("--samples", type=int, default=10000)
+    mi.add_argument("--workers", type=int, default=8)
+    mi.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    from pipeline.storage import StorageError
+
+    try:
+        if args.command == "mean-image":
+            info = write_mean_image(args.root, size=args.size, resize=args.resize, samples=args.samples,
+                                    workers=args.workers, progress=not args.no_progress)
+            try:
+                manifest = read_manifest(args.root)
+                manifest["mean_image"] = info
+                _storage(args.root).write_text(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+            except DataError:
+                pass  # a tree not written by prepare: the .npy alone is what training reads
+            print(f"wrote {args.root.rstrip('/')}/{MEAN_IMAGE} from {info['samples']} images "
+                  f"(per-channel mean {info['channel_mean']}); use --data.mean_image={MEAN_IMAGE}")
+            return 0
+        if args.train_tar or args.val_tar:
+            manifest = prepare_imagenet(args.out, train_tar=args.train_tar, val_tar=args.val_tar, devkit=args.devkit,
+                                        val_labels=args.val_labels, workers=args.workers,
+                                        mean_samples=args.mean_samples, progress=not args.no_progress)
+            for split, info in manifest["splits"].items():
+                print(f"{split}: {info['files']} images in {len(info['classes'])} classes, "
+                      f"{info['bytes'] / 2**30:.2f} GiB")
+        elif not args.verify:
+            p.error("give --train-tar and/or --val-tar to prepare, or --verify to check an existing tree")
+        if args.verify:
+            problems = verify_tree(args.out, workers=args.workers, progress=not args.no_progress)
+            for line in problems:
+                print(f"BAD {line}")
+            if problems:
+                print(f"{args.out}: {len(problems)} problem(s); run the prepare command again to rewrite the "
+                      f"classes concerned (delete their {PARTS}/<split>/<class>.json first)", file=sys.stderr)
+                return 1
+            print(f"{args.out}: every file matches {MANIFEST}")
+    except (DataError, StorageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""Find the images of a dataset tree that DALI cannot decode, or that are not what their name says.
+
+    python -m pipeline.data.validate /datasets/imagenet --write-list /datasets/imagenet-bad.txt
+    python -m pipeline.data.validate s3://bucket/imagenet --write-list bad.txt --convert-to s3://bucket/imagenet-fixed
+    torchrun ... pipeline/train.py --config ... --data.exclude_list=/datasets/imagenet-bad.txt
+
+Every image the loader would read (``*.jpg``, ``*.jpeg``, ``*.png`` below the root, hidden folders
+aside) is read once and checked:
+
+* ``empty``: zero bytes. DALI stops the training on it.
+* ``not-an-image``: the bytes are no image format at all. DALI stops on it.
+* ``corrupt``: DALI's own CPU decoder (the one training uses) fails on it, e.g. a truncated JPEG.
+* ``wrong-format``: a different format than the name says (ImageNet has a PNG named ``.JPEG``).
+  DALI decodes by content, so this trains, but other tools may not.
+* ``cmyk``: CMYK JPEG (ImageNet has 22). DALI decodes it; colours may differ from an RGB conversion.
+* ``grayscale``: one channel; DALI replicates it to RGB. Reported for information.
+
+The first three are errors (exit status 1). ``--write-list`` writes an exclude list for
+``data.exclude_list``: the errors are skipped; with ``--convert-to DIR`` the warnings are re-encoded
+as RGB JPEGs under DIR and the list points training at those copies (``--strict`` skips them instead).
+List format: one path relative to the root per line, optionally ``<TAB>replacement``; ``#`` comments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from .errors import DataError
+from .folder import IMAGE_EXTENSIONS, is_url
+
+ERRORS = ("empty", "not-an-image", "corrupt")  # DALI stops on these
+WARNINGS = ("wrong-format", "cmyk", "grayscale")  # DALI decodes these
+_MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF8", "gif"), (b"BM", "bmp"),
+          (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"))
+_EXPECTED = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png"}
+_BATCH = 64  # images per DALI decode call; a failing batch is decoded image by image to find the culprit
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str  # relative to the validated root, "/"-separated
+    kind: str  # one of ERRORS or WARNINGS
+    detail: str
+
+    @property
+    def is_error(self) -> bool:
+        return self.kind in ERRORS
+
+
+def sniff(head: bytes) -> str | None:
+    """The image format the leading bytes announce (jpeg, png, gif, bmp, tiff, webp), or None."""
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic):
+            return fmt
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+# --------------------------------------------------------------------------------------------------
+# The quick check the loader runs when DALI fails without naming a file
+
+
+def quick_scan(files: Sequence[str], *, time_budget_s: float = 120.0, workers: int = 16) -> list[tuple[str, str]]:
+    """Files (paths or URLs) that are plainly not valid images, from their size and first/last bytes.
+
+    Cheap enough to run over a whole split after a training failure: no decoding. Stops looking
+    after ``time_budget_s`` and returns what it found. A JPEG that does not end with its end-of-image
+    marker is reported as probably truncated (some valid JPEGs carry trailing bytes, so this is a
+    suspicion, not a verdict; ``pipeline.data.validate`` decides with DALI's decoder).
+    """
+    deadline = time.monotonic() + time_budget_s
+
+    def check(path: str) -> tuple[str, str] | None:
+        if time.monotonic() > deadline:
+            return None
+        try:
+            head, tail, size = _head_tail(path)
+        except OSError as e:
+            return path, f"cannot be read ({e})"
+        except Exception as e:  # noqa: BLE001 - storage errors of any kind are worth reporting as such
+            return path, f"cannot be read ({e})"
+        if size == 0:
+            return path, "empty (0 bytes)"
+        fmt = sniff(head)
+        if fmt is None:
+            return path, f"not an image (starts with {head[:8]!r})"
+        if fmt == "jpeg" and tail != b"\xff\xd9":
+            return path, "JPEG without its end-of-image marker (truncated?)"
+        return None
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        found = [r for r in pool.map(check, files) if r is not None]
+    return found
+
+
+def _head_tail(path: str) -> tuple[bytes, bytes, int]:
+    if is_url(path):
+        from pipeline.storage import Storage
+
+        parent, name = path.rsplit("/", 1)
+        with Storage(parent).open(name) as f:
+            size = int(f.size)
+            head = f.read(16)
+            if size > 16:
+                f.seek(size - 2)
+            tail = f.read(2) if size > 16 else head[-2:]
+        return head, tail, size
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+        if size > 16:
+            f.seek(-2, os.SEEK_END)
+        tail = f.read(2) if size > 16 else head[-2:]
+    return head, tail, size
+
+
+# --------------------------------------------------------------------------------------------------
+# The full check
+
+
+class _Tree:
+    """Read access to every image below a local folder or an object-store prefix."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/") if is_url(root) else os.path.abspath(root[7:] if root.startswith("file://") else root)
+        self.remote = is_url(root)
+        if self.remote:
+            from pipeline.storage import Storage
+
+            self.store = Storage(self.root)
+
+    def images(self) -> list[str]:
+        if self.remote:
+            from pipeline.storage import StorageError
+
+            try:
+                listing = self.store.find()
+            except StorageError as e:
+                raise DataError(f"cannot list {self.root}: {e}") from e
+            return sorted(r for r in listing if _is_image(r.rsplit("/", 1)[-1])
+                          and not any(p.startswith(".") for p in r.split("/")[:-1]))
+        if not os.path.isdir(self.root):
+            raise DataError(f"{self.root} does not exist or is not a folder; give the dataset root (holding "
+                            f"train/ and val/) or one split folder")
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel = os.path.relpath(dirpath, self.root)
+            out.extend((f if rel == "." else f"{rel}/{f}").replace(os.sep, "/") for f in sorted(filenames)
+                       if _is_image(f))
+        return out
+
+    def read(self, rel: str) -> bytes:
+        if self.remote:
+            return self.store.read_bytes(rel)
+        with open(os.path.join(self.root, rel), "rb") as f:
+            return f.read()
+
+    def url(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if self.remote else os.path.join(self.root, rel)
+
+
+def _inspect(rel: str, data: bytes) -> Problem | None:
+    """Checks that need no decoding: size, format against the name, colour mode."""
+    if not data:
+        return Problem(rel, "empty", "0 bytes")
+    fmt = sniff(data[:16])
+    if fmt is None:
+        return Problem(rel, "not-an-image", f"{len(data)} bytes starting with {data[:8]!r}")
+    ext = os.path.splitext(rel)[1].lower()
+    if _EXPECTED.get(ext, fmt) != fmt:
+        return Problem(rel, "wrong-format", f"{fmt.upper()} data named {ext}")
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            mode = im.mode
+    except Exception:  # noqa: BLE001 - the decoder check below reports the reason
+        return None
+    if mode == "CMYK":
+        return Problem(rel, "cmyk", "CMYK JPEG")
+    if mode in ("L", "LA", "1", "I", "I;16", "F"):
+        return Problem(rel, "grayscale", f"one channel (mode {mode})")
+    return None
+
+
+def _pil_reason(data: bytes) -> str:
+    from PIL import Image, ImageFile
+
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except Exception as e:  # noqa: BLE001 - any failure is the reason we want
+        return str(e) or type(e).__name__
+    return ""
+
+
+class _Decoder:
+    """DALI's CPU image decoder in dynamic mode (the decoder training uses), or PIL without DALI."""
+
+    def __init__(self) -> None:
+        try:
+            import nvidia.dali.experimental.dynamic as ndd  # noqa: F401
+
+            self.ndd = ndd
+        except ImportError:  # pragma: no cover - DALI is a dependency; a stripped install falls back
+            self.ndd = None
+
+    def failures(self, items: list[tuple[str, bytes]]) -> dict[str, str]:
+        """{rel: reason} for every image of ``items`` the decoder rejects."""
+        if not items:
+            return {}
+        if self.ndd is None:
+            return {rel: why for rel, data in items if (why := _pil_reason(data))}
+        import numpy as np
+
+        ndd = self.ndd
+        try:
+            out = ndd.decoders.image(ndd.as_batch([np.frombuffer(d, np.uint8) for _, d in items]), device="cpu")
+            out.evaluate()
+            return {}
+        except Exception:  # noqa: BLE001 - find the culprit(s) image by image
+            pass
+        bad = {}
+        for rel, data in items:
+            try:
+                ndd.decoders.image(ndd.as_tensor(np.frombuffer(data, np.uint8)), device="cpu").evaluate()
+            except Exception as e:  # noqa: BLE001
+                why = _pil_reason(data) or " ".join(str(e).split())[:200]
+                bad[rel] = why
+        return bad
+
+
+def validate_tree(root: str, *, workers: int = 8, progress: bool = True) -> tuple[list[Problem], int]:
+    """Check every image below ``root``; returns (problems sorted by path, number of images checked)."""
+    tree = _Tree(root)
+    images = tree.images()
+    if not images:
+        raise DataError(f"{tree.root} holds no images ({'/'.join(IMAGE_EXTENSIONS)}); give the dataset root or a "
+                        f"split folder")
+    decoder = _Decoder()
+    problems: list[Problem] = []
+    bar = _bar(len(images), progress, "validate")
+
+    def load(rel: str) -> tuple[str, bytes | None, str]:
+        try:
+            return rel, tree.read(rel), ""
+        except Exception as e:  # noqa: BLE001 - an unreadable file is a finding, not a crash
+            return rel, None, str(e)
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for chunk in _chunks(images, _BATCH):
+            to_decode = []
+            for rel, data, err in pool.map(load, chunk):
+                if data is None:
+                    problems.append(Problem(rel, "corrupt", f"cannot be read: {err}"))
+                    continue
+                found = _inspect(rel, data)
+                if found is not None:
+                    problems.append(found)
+                if found is None or not found.is_error:
+                    to_decode.append((rel, data))
+            warned = {p.path for p in problems}
+            for rel, why in decoder.failures(to_decode).items():
+                if rel in warned:  # a decode failure outranks a format warning
+                    problems[:] = [p for p in problems if p.path != rel]
+                problems.append(Problem(rel, "corrupt", why or "DALI cannot decode it"))
+            if bar is not None:
+                bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    return sorted(problems, key=lambda p: p.path), len(images)
+
+
+def _chunks(items: list[str], n: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def _bar(total: int, enabled: bool, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def convert_to_rgb_jpeg(data: bytes, *, quality: int = 95) -> bytes:
+    """Re-encode any image PIL reads as a baseline RGB JPEG."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        rgb = im.convert("RGB")
+    out = io.BytesIO()
+    rgb.save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def write_list(problems: Iterable[Problem], *, root: str, list_path: str, convert_to: str = "",
+               strict: bool = False) -> tuple[int, int]:
+    """Write the exclude list (and converted copies); returns (skipped, replaced) counts."""
+    from pipeline.storage import Storage
+
+    tree = _Tree(root)
+    out_store = Storage(convert_to) if convert_to else None
+    lines = [f"# written by `python -m pipeline.data.validate {tree.root}` on "
+             f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+             "# <path relative to the root>[<TAB><converted copy>]; use it as --data.exclude_list"]
+    skipped = replaced = 0
+    for p in problems:
+        if not p.is_error and not convert_to and not strict:
+            continue
+        if not p.is_error and out_store is not None and not strict:
+            out_store.write_bytes(p.path, convert_to_rgb_jpeg(tree.read(p.path)))
+            lines += [f"# {p.kind}: {p.detail}; converted to RGB JPEG", f"{p.path}\t{out_store.url(p.path)}"]
+            replaced += 1
+            continue
+        lines += [f"# {p.kind}: {p.detail}", p.path]
+        skipped += 1
+    text = "\n".join(lines) + "\n"
+    if is_url(list_path):
+        parent, name = list_path.rsplit("/", 1)
+        Storage(parent).write_text(name, text)
+    else:
+        folder = os.path.dirname(os.path.abspath(list_path))
+        Storage(folder).write_text(os.path.basename(list_path), text)
+    return skipped, replaced
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.data.validate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("root", help="dataset root or split folder: a local path or s3://bucket/prefix")
+    p.add_argument("--write-list", metavar="LIST", default="", help="write an exclude list for data.exclude_list")
+    p.add_argument("--convert-to", metavar="DIR", default="",
+                   help="re-encode the warnings (wrong format, CMYK, grayscale) as RGB JPEGs here, and list them")
+    p.add_argument("--strict", action="store_true", help="list the warnings as skipped too (no conversion)")
+    p.add_argument("--workers", type=int, default=8, help="parallel reads (default 8)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    if args.convert_to and not args.write_list:
+        p.error("--convert-to needs --write-list: training finds the converted copies through the list")
+    try:
+        problems, total = validate_tree(args.root, workers=args.workers, progress=not args.no_progress)
+        for prob in problems:
+            print(f"{'ERROR' if prob.is_error else 'warning'} {prob.kind}: {_Tree(args.root).url(prob.path)}: "
+                  f"{prob.detail}")
+        errors = sum(prob.is_error for prob in problems)
+        print(f"checked {total} images under {args.root}: {errors} error(s), {len(problems) - errors} warning(s)")
+        if args.write_list:
+            skipped, replaced = write_list(problems, root=args.root, list_path=args.write_list,
+                                           convert_to=args.convert_to, strict=args.strict)
+            print(f"wrote {args.write_list}: {skipped} skipped, {replaced} replaced; train with "
+                  f"--data.exclude_list={args.write_list}")
+    except (DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - storage errors carry their own explanation
+        if type(e).__name__ == "StorageError":
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Evaluate a trained checkpoint on the validation split: top-1 and top-5 error under the paper's tests.
+
+    python -m pipeline.evaluate --config configs/imagenet/resnet50.toml \\
+        --checkpoint s3://bucket/checkpoints/<run_id> --mode 10crop
+    torchrun --nproc_per_node 8 -m pipeline.evaluate --config configs/imagenet/resnet152.toml \\
+        --checkpoint /shared/ckpt/<run_id>/step-600000 --mode multiscale --data.root=/datasets/imagenet
+
+Modes (section 3.4 and Table 3/4 of the paper):
+
+* ``center``: shorter side resized to ``data.val_resize`` (256), the centre ``data.image_size`` crop.
+* ``10crop``: the four corner crops and the centre crop of that image, and their mirror images;
+  the ten softmax score vectors are averaged.
+* ``multiscale``: the whole image, fully convolutional (global average pooling before the classifier),
+  with its shorter side at each of ``--scales`` (224, 256, 384, 480, 640); the scores are averaged.
+  Images of the same size within a batch are run together, the others one by one.
+
+``--checkpoint`` is a run folder (its ``latest`` committed checkpoint is used), a step folder, or any
+folder holding DeepSpeed's ``mp_rank_00_model_states.pt``; only the model weights (``module``) are
+read, on every rank. The validation images are sharded by global rank, each scored exactly once, and
+the per-rank sums are all-reduced; the total is checked against the size of the split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # `torchrun pipeline/evaluate.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import ConfigError, load_config
+
+MODEL_FILE = "mp_rank_00_model_states.pt"
+MODES = ("center", "10crop", "multiscale")
+
+
+class EvaluationError(RuntimeError):
+    """A checkpoint or evaluation problem; the message names the URI or file and the fix."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint
+
+
+def resolve_checkpoint(uri: str) -> tuple[str, dict[str, Any] | None]:
+    """The folder holding the model file, and its checkpoint manifest (None if it has none)."""
+    from pipeline.checkpoint import LATEST, MANIFEST, committed_tags, read_manifest
+    from pipeline.storage import Storage, StorageError
+
+    try:
+        store = Storage(uri)
+        if store.exists(MODEL_FILE):
+            parent, tag = store.uri.rsplit("/", 1) if "/" in store.uri else (".", store.uri)
+            manifest = read_manifest(Storage(parent), tag) if store.exists(MANIFEST) else None
+            return store.uri, manifest
+        tag = ""
+        if store.exists(LATEST):
+            tag = store.read_text(LATEST).strip()
+        if not tag:
+            tags = committed_tags(store)
+            tag = tags[0] if tags else ""
+        if not tag or not store.exists(f"{tag}/{MODEL_FILE}"):
+            raise EvaluationError(f"--checkpoint {uri}: no committed checkpoint found (no {MODEL_FILE}, no {LATEST}, "
+                                  f"no step-*/{MANIFEST}); give a run folder (<checkpoint.uri>/<run_id>) or a step "
+                                  f"folder")
+        return store.url(tag), read_manifest(store, tag)
+    except StorageError as e:
+        raise EvaluationError(f"--checkpoint {uri}: {e}") from e
+
+
+def load_model_state(uri: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The model weights of the checkpoint at ``uri`` (verified against its manifest when it has one),
+    and the folder they came from."""
+    from pipeline.storage import Storage, StorageError
+
+    folder, manifest = resolve_checkpoint(uri)
+    with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
+        local = Path(tmp) / MODEL_FILE
+        try:
+            got = Storage(folder).get(MODEL_FILE, local)
+        except StorageError as e:
+            raise EvaluationError(f"cannot download {folder}/{MODEL_FILE}: {e}") from e
+        if manifest is not None:
+            entry = next((f for f in manifest.get("files", []) if f.get("path") == MODEL_FILE), None)
+            if entry is not None and (entry["size"], entry["sha256"]) != (got.size, got.sha256):
+                raise EvaluationError(f"{folder}/{MODEL_FILE} does not match its manifest (size {got.size} vs "
+                                      f"{entry['size']}, or sha256): the checkpoint is damaged; use an older one")
+        # DeepSpeed's file also holds its config and versions (plain Python objects); the weights are
+        # all this reads from it.
+        state = torch.load(local, map_location="cpu", weights_only=False)
+    if not isinstance(state, dict) or "module" not in state:
+        raise EvaluationError(f"{folder}/{MODEL_FILE} has no 'module' entry: it is not a DeepSpeed model-states file")
+    return _strip_prefixes(state["module"]), folder
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # torch.compile's wrapper and DDP-style wrappers prefix every key; the plain model has none.
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("_orig_mod.", "module."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _scores(model: torch.nn.Module, images: Any, mode: str) -> torch.Tensor:
+    """Averaged class probabilities, (N, classes), for one batch of the val source."""
+    if mode == "center":
+        return model(images).float().softmax(dim=1)
+    if mode == "10crop":
+        n, views = images.shape[:2]
+        probs = model(images.flatten(0, 1)).float().softmax(dim=1)
+        return probs.view(n, views, -1).mean(dim=1)
+    # multiscale: images[s][i] is image i at scale s, (3, H, W); same-size images run together.
+    n = len(images[0])
+    total: torch.Tensor | None = None
+    for per_scale in images:
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, img in enumerate(per_scale):
+            groups.setdefault(tuple(img.shape), []).append(i)
+        for shape, idx in groups.items():
+            probs = model(torch.stack([per_scale[i] for i in idx])).float().softmax(dim=1)
+            if total is None:
+                total = torch.zeros(n, probs.shape[1], dtype=torch.float32, device=probs.device)
+            total[idx] += probs
+    assert total is not None
+    return total / len(images)
+
+
+@torch.no_grad()
+def evaluate_source(model: torch.nn.Module, source: Any, *, mode: str, device: torch.device,
+                    autocast_dtype: torch.dtype | None = None, progress: bool = False) -> dict[str, float]:
+    """Top-1/top-5 error (%) and the loss of the averaged scores over the whole split: every rank runs
+    its shard, then the sums are all-reduced (a collective when a process group exists)."""
+    import torch.distributed as dist
+
+    from pipeline.metrics import topk_correct
+
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nll, top-1 hits, top-5 hits, images
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(source), unit="batch", desc=f"evaluate {mode}", dynamic_ncols=True)
+    for images, labels in source:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            probs = _scores(model, images, mode)
+        hits = topk_correct(probs, labels)
+        nll = -probs.gather(1, labels.view(-1, 1)).clamp_min(1e-12).log().sum()
+        sums += torch.stack([nll.double(), hits[0], hits[1], torch.tensor(float(len(labels)), dtype=torch.float64,
+                                                                          device=device)])
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+    loss, top1, top5, count = sums.tolist()
+    if int(count) != source.num_samples:
+        raise EvaluationError(f"evaluation scored {int(count)} images but the validation split has "
+                              f"{source.num_samples}: the sharding is broken")
+    count = max(count, 1.0)
+    return {"top1_error": 100.0 * (1 - top1 / count), "top5_error": 100.0 * (1 - top5 / count),
+            "loss": loss / count, "images": int(sums[3].item())}
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any config key can be overridden as --section.key=value (e.g. --data.root).")
+    p.add_argument("--config", required=True, help="the experiment TOML the checkpoint was trained with")
+    p.add_argument("--checkpoint", required=True, help="run folder, step folder, local or s3://")
+    p.add_argument("--mode", choices=MODES, default="center")
+    p.add_argument("--scales", default="224,256,384,480,640", help="multiscale: shorter sides, comma-separated")
+    p.add_argument("--batch-size", type=int, default=0, help="images per rank and batch (default: data.val_batch_size "
+                                                               "or data.batch_size)")
+    p.add_argument("--json", default="", help="also write the result as JSON here (rank 0)")
+    return p.parse_known_args(argv)
+
+
+def run(argv: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate as the command line says; every rank returns the same result."""
+    import torch.distributed as dist
+
+    from pipeline.data import build_source, prepare_dataset_root
+    from pipeline.distributed import read_env
+    from pipeline.models import build_model
+
+    args, overrides = parse_args(argv)
+    cfg = load_config(args.config, overrides)
+    try:
+        scales = tuple(int(s) for s in args.scales.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"--scales {args.scales!r}: give comma-separated integers, e.g. 224,256,384,480,640") from None
+    if not scales or min(scales) < 1:
+        raise ConfigError(f"--scales {args.scales!r}: give at least one positive shorter-side length")
+    if args.mode != "center" and cfg.data.style != "imagenet":
+        raise ConfigError(f"--mode {args.mode} needs data.style = 'imagenet' (this config has {cfg.data.style!r}); "
+                          f"CIFAR-style networks are tested on the single image (--mode center)")
+    if args.batch_size < 0:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.batch_size:
+        cfg.data.val_batch_size = args.batch_size
+    env = read_env()
+    if env.world_size > 1 and not dist.is_initialized():
+        from datetime import timedelta
+
+        if env.device.type == "cuda":
+            torch.cuda.set_device(env.device)
+        dist.init_process_group(backend=env.backend, timeout=timedelta(seconds=cfg.distributed.timeout_s))
+    try:
+        root = prepare_dataset_root(cfg.data) if env.rank == 0 else None
+        if dist.is_initialized():
+            box = [root]
+            dist.broadcast_object_list(box, src=0)
+            root = box[0]
+        source = build_source(cfg.data, split="val", rank=env.rank, world_size=env.world_size, device=env.device,
+                              seed=cfg.seed, num_classes=cfg.model.num_classes, root=root, eval_mode=args.mode,
+                              scales=scales)
+        state, folder = load_model_state(args.checkpoint)
+        model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, **cfg.model.overrides())
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise EvaluationError(f"{folder}/{MODEL_FILE} does not fit model.name = {cfg.model.name!r} with "
+                                  f"num_classes = {cfg.model.num_classes} and {cfg.model.overrides() or 'no overrides'} "
+                                  f"({str(e).splitlines()[0]}): evaluate with the config it was trained with") from e
+        model.to(env.device)
+        bf16 = cfg.precision.dtype == "bf16" or (cfg.precision.dtype == "auto" and env.device.type == "cuda")
+        autocast = torch.bfloat16 if bf16 and env.device.type == "cuda" else None
+        result = evaluate_source(model, source, mode=args.mode, device=env.device, autocast_dtype=autocast,
+                                 progress=env.rank == 0 and cfg.progress)
+        result.update(mode=args.mode, checkpoint=folder, world_size=env.world_size,
+                      **({"scales": list(scales)} if args.mode == "multiscale" else {}))
+        if env.rank == 0 and args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return result
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        result = run(argv)
+    except (ConfigError, ValueError, EvaluationError) as e:
+        if rank == 0 or type(e).__name__ not in ("ConfigError", "DataError"):
+            print(f"error{'' if rank == 0 else f' (rank {rank})'}: {e}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        print(f"{result['mode']}: top-1 error {result['top1_error']:.2f}%  top-5 error {result['top5_error']:.2f}%  "
+              f"({result['images']} images, {result['world_size']} rank(s), {result['checkpoint']})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,282 @@
+"""End-to-end launch tests on a real two-node SLURM cluster (tests/cluster/slurm_cluster.py).
+
+What each test runs is what the README's "Running on a SLURM cluster" section tells users to type:
+``sbatch --nodes=2 --gpus-per-node=2 launch/slurm_resnet152.sh`` with the environment variables the
+script documents, and plain ``torchrun --nnodes 2 ...`` in both rendezvous forms. The only test-only
+choices are a tiny CPU config (digits, ResNet-20, batch 32, a few dozen steps) and where the servers
+listen: moto (S3) and MLflow are reached from inside the nodes' namespaces at the bridge address.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from slurm_cluster import BRIDGE_ADDR, NODES, SlurmCluster, TcpForwarder, netns_pids
+from slurm_jobs import REPO, Job, read, sbatch, wait_for
+
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+            "DEADLINE", "PREEMPTED"}
+CONFIG = "configs/cpu/digits_resnet20.toml"
+# The venv's torchrun, named rather than put first on PATH: PATH decides which `ninja` builds
+# DeepSpeed's CPU ops, and the venv's ninja (1.13) and the system's (1.11) hash build commands
+# differently, so alternating between them rebuilds the op (a minute or more) in every other run.
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+BUCKET = "ckpt"
+
+
+def tiny(steps: int, out: Path, *extra: str) -> list[str]:
+    """Overrides that make the CPU config a few dozen steps long."""
+    return ["--data.batch_size=32", f"--schedule.max_steps={steps}", "--schedule.unit=step",
+            "--schedule.milestones=[]", "--schedule.warmup=0", "--log_every=1", "--progress=false",
+            f"--output_dir={out}/runs/{{name}}", *extra]
+
+
+@dataclass
+class Services:
+    s3_url: str  # as the nodes reach it (bridge address)
+    mlflow_uri: str
+    fs: object  # s3fs filesystem for the test's own checks
+    aws_env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def services(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    import s3fs
+    from mlflow_server import MlflowServer, make_template_db
+    from s3_server import aws_env, start_moto_server
+
+    d = tmp_path_factory.mktemp("cluster-services")
+    with start_moto_server(log_dir=d) as local_url:
+        # moto listens on loopback, which inside a node is the node's own: forward from the bridge.
+        fwd = TcpForwarder("127.0.0.1", int(local_url.rsplit(":", 1)[1]))
+        try:
+            fs = s3fs.S3FileSystem(endpoint_url=local_url, key="testing", secret="testing",
+                                   skip_instance_cache=True)
+            fs.mkdir(BUCKET)
+            with MlflowServer(d / "mlflow", host=BRIDGE_ADDR,
+                              template_db=make_template_db(d / "template.db")) as mlflow:
+                url = f"http://{fwd.address}"
+                yield Services(s3_url=url, mlflow_uri=mlflow.uri, fs=fs, aws_env=aws_env(url))
+        finally:
+            fwd.close()
+
+
+class Submission:
+    """One `sbatch launch/slurm_resnet152.sh` the way the README shows it, plus where its output lands."""
+
+    def __init__(self, cluster: SlurmCluster, services: Services, tmp: Path, name: str, steps: int,
+                 *overrides: str) -> None:
+        self.cluster, self.services, self.name = cluster, services, name
+        self.logs = tmp / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.experiment = f"cluster-{name}"
+        env = {
+            "TORCHRUN": TORCHRUN,
+            "CONFIG": CONFIG,
+            "CHECKPOINT_URI": f"s3://{BUCKET}",
+            "MLFLOW_TRACKING_URI": services.mlflow_uri,
+            "LOG_DIR": str(self.logs / "nodes"),
+            "TRAIN_ARGS": " ".join(tiny(steps, tmp, f"--tracking.experiment={self.experiment}",
+                                        "--tracking.system_metrics_interval_s=1")),
+            **services.aws_env,
+        }
+        self.job: Job = sbatch(cluster, f"--job-name={name}", "--nodes=2", "--gpus-per-node=2",
+                               f"--output={self.logs}/%x-%j.out", "launch/slurm_resnet152.sh", *overrides,
+                               env=env)
+        self.run_id = f"{name}-{self.job.id}"
+
+    @property
+    def batch_log(self) -> str:
+        return read(self.logs / f"{self.name}-{self.job.id}.out")
+
+    def node_log(self, node: str) -> str:
+        return read(self.logs / "nodes" / f"{node}.log")
+
+    def all_logs(self) -> str:
+        parts = [f"--- batch log ---\n{self.batch_log[-4000:]}"]
+        parts += [f"--- {n}.log ---\n{self.node_log(n)[-6000:]}" for n in NODES]
+        return "\n".join(parts)
+
+    def wait_done(self, timeout_s: float) -> dict[str, str]:
+        try:
+            return self.job.wait(TERMINAL, timeout_s, what=f"({self.name})")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.all_logs()}") from None
+
+    def latest(self) -> str | None:
+        path = f"{BUCKET}/{self.run_id}/latest"
+        fs = self.services.fs
+        fs.invalidate_cache()
+        return fs.cat(path).decode().strip() if fs.exists(path) else None
+
+    def mlflow_runs(self) -> list:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.services.mlflow_uri)
+        exp = client.get_experiment_by_name(self.experiment)
+        return [] if exp is None else client.search_runs([exp.experiment_id])
+
+    def loss_history(self, run_id: str) -> list[tuple[int, float]]:
+        from mlflow import MlflowClient
+
+        hist = MlflowClient(self.services.mlflow_uri).get_metric_history(run_id, "train_loss")
+        return sorted((m.step, m.value) for m in hist)
+
+
+def _training_pids() -> dict[str, list[int]]:
+    """Training processes still alive on each node."""
+    out = {}
+    for node in NODES:
+        pids = []
+        for pid in netns_pids(node):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"pipeline/train.py" in cmd or b"torchrun" in cmd:
+                pids.append(pid)
+        out[node] = pids
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def test_srun_reaches_both_nodes(slurm_cluster: SlurmCluster):
+    """The harness itself: one task per node, each node with its own hostname and address."""
+    r = slurm_cluster.run("srun", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=2", "sh", "-c",
+                          'echo "$(hostname) $SLURM_NODEID $SLURM_GPUS_ON_NODE"', timeout=60)
+    lines = sorted(r.stdout.split("\n")[:-1])
+    assert lines == ["node1 0 2", "node2 1 2"], r.stdout + r.stderr
+
+
+@pytest.mark.slow
+def test_sbatch_trains_across_two_nodes(slurm_cluster: SlurmCluster, services: Services, tmp_path: Path):
+    """2 nodes x 2 processes: one rendezvous, one MLflow run fed by both nodes, checkpoints in S3."""
+    sub = Submission(slurm_cluster, services, tmp_path, "e2e", 20)
+    info = sub.wait_done(480)
+    assert info["JobState"] == "COMPLETED", sub.all_logs()
+    assert re.search(r"2 nodes \[node1 node2\] x 2 processes, rendezvous node1:\d+", sub.batch_log), sub.batch_log
+    # Both torchruns took part: each node log has its own torchrun, and rank 0 saw 4 ranks.
+    for node in NODES:
+        assert "torch/distributed/run.py" in sub.node_log(node), sub.all_logs()
+    assert "4 ranks on cpu" in sub.node_log("node1") + sub.node_log("node2"), sub.all_logs()
+
+    runs = sub.mlflow_runs()
+    assert len(runs) == 1, f"expected one MLflow run, got {[r.info.run_id for r in runs]}"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags.get("world_size") == "4"
+    # Local rank 0 of each node samples system metrics into the same run.
+    nodes_reporting = {k.split("/")[1] for k in run.data.metrics if k.startswith("system/")}
+    assert nodes_reporting == {"node_0", "node_1"}, sorted(run.data.metrics)
+    assert [s for s, _ in sub.loss_history(run.info.run_id)] == list(range(1, 21))
+    assert sub.latest() == "step-20"
+    assert services.fs.exists(f"{BUCKET}/{sub.run_id}/step-20/manifest.json")
+
+
+@pytest.mark.slow
+def test_usr1_saves_requeues_and_resumes(slurm_cluster: SlurmCluster, services: Services, tmp_path: Path):
+    """`scancel --signal=USR1` (what --signal=USR1@T sends near the time limit): save, requeue, resume."""
+    steps = 24
+    sub = Submission(slurm_cluster, services, tmp_path, "requeue", steps, "--checkpoint.every_steps=4")
+    wait_for(sub.latest, 420, f"a first checkpoint of {sub.run_id}\n{sub.all_logs()}", poll_s=1)
+    slurm_cluster.run("scancel", "--signal=USR1", sub.job.id)
+    info = sub.wait_done(420)
+    assert info["JobState"] == "COMPLETED", sub.all_logs()
+    assert info.get("Restarts") == "1", info
+    log = sub.batch_log
+    assert "requeueing job" in log and re.search(r"job \d+ \(requeue\) restart 1:", log), log
+    for node in NODES:
+        # The stop reached every node's workers, and the wrapper reported "stopped", not "failed".
+        assert re.search(r"launch: torchrun exited \d+ after SIGUSR1: exit 75", sub.node_log(node)), sub.all_logs()
+    node_logs = sub.node_log("node1") + sub.node_log("node2")
+    stopped = re.search(r"stopped by SIG\w+ at step (\d+); checkpoint committed", node_logs)
+    resumed = re.search(rf"resumed run {sub.run_id} at step (\d+)", node_logs)
+    assert stopped and resumed, sub.all_logs()
+    assert int(resumed.group(1)) == int(stopped.group(1)) > 0
+
+    # One MLflow run across both allocations; the loss curve goes on from the resume step.
+    runs = sub.mlflow_runs()
+    assert len(runs) == 1, f"expected one MLflow run across the requeue, got {len(runs)}"
+    assert runs[0].info.status == "FINISHED"
+    history = sub.loss_history(runs[0].info.run_id)
+    assert [s for s, _ in history] == list(range(1, steps + 1)), history
+    assert sub.latest() == f"step-{steps}"
+
+
+@pytest.mark.slow
+def test_lost_node_fails_fast_and_resumes(slurm_cluster: SlurmCluster, services: Services, tmp_path: Path):
+    """node2's slurmd dies mid-run: the job ends (no hang until a rendezvous or collective timeout),
+    the committed checkpoint survives, and once the node is back the requeued job resumes from it."""
+    steps = 24
+    sub = Submission(slurm_cluster, services, tmp_path, "nodefail", steps, "--checkpoint.every_steps=4")
+    wait_for(sub.latest, 420, f"a first checkpoint of {sub.run_id}\n{sub.all_logs()}", poll_s=1)
+    slurm_cluster.kill_slurmd("node2")
+    t_kill = time.monotonic()
+    try:
+        # SLURM notices within SlurmdTimeout (20 s here), kills the job and, as it is --requeue, requeues it.
+        info = wait_for(lambda: (i := sub.job.info()).get("JobState") != "RUNNING" and i, 120,
+                        f"job {sub.job.id} to leave RUNNING after node2 died\n{sub.all_logs()}", poll_s=1)
+        left_after = time.monotonic() - t_kill
+        reason = f"{info.get('JobState')} {info.get('Reason')}"
+        ctld_log = read(slurm_cluster.dir / "log" / "slurmctld.log")
+        assert re.search(rf"JobId={sub.job.id} due to failure of node node2", ctld_log), ctld_log[-3000:]
+        # No training process outlives the job by more than a short while, on either node.
+        wait_for(lambda: not any(_training_pids().values()), 90,
+                 f"training processes to end after the job was killed: {_training_pids()}")
+        committed = sub.latest()
+        assert committed and services.fs.exists(f"{BUCKET}/{sub.run_id}/{committed}/manifest.json")
+    finally:
+        slurm_cluster.restart_slurmd("node2")
+    assert left_after < 90, f"the job stayed RUNNING {left_after:.0f}s after node2 died ({reason})"
+
+    info = sub.wait_done(480)
+    assert info["JobState"] == "COMPLETED", sub.all_logs()
+    assert int(info.get("Restarts", "0")) >= 1, info
+    node_logs = sub.node_log("node1") + sub.node_log("node2")
+    resumed = re.search(rf"resumed run {sub.run_id} at step (\d+)", node_logs)
+    assert resumed and int(resumed.group(1)) >= 4, sub.all_logs()
+    runs = sub.mlflow_runs()
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", [(r.info.run_id, r.info.status) for r in runs]
+    assert sub.latest() == f"step-{steps}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["c10d", "static"])
+def test_plain_torchrun_two_nodes(slurm_cluster: SlurmCluster, tmp_path: Path, form: str):
+    """`torchrun --nnodes 2 pipeline/train.py ...` typed on each node, as the README shows both forms."""
+    port = 29400 if form == "c10d" else 29401
+    procs = {}
+    for rank, node in enumerate(NODES):
+        if form == "c10d":
+            rdzv = ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"node1:{port}", "--rdzv_id", f"plain-{form}"]
+        else:
+            rdzv = ["--node_rank", str(rank), "--master_addr", "node1", "--master_port", str(port)]
+        cmd = [TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1",
+               *rdzv, "pipeline/train.py", "--config", CONFIG,
+               *tiny(5, tmp_path, f"--checkpoint.uri={tmp_path}/ckpt", "--tracking.enabled=false",
+                     f"--name=plain-{form}")]
+        log = open(tmp_path / f"{node}.log", "w")
+        procs[node] = (slurm_cluster.nsexec(node, cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                            env=slurm_cluster.env()), log)
+    try:
+        for node, (p, log) in procs.items():
+            rc = p.wait(timeout=300)
+            log.close()
+            assert rc == 0, f"{node}: torchrun exited {rc}\n" + "\n".join(
+                f"--- {n} ---\n{read(tmp_path / f'{n}.log')[-5000:]}" for n in NODES)
+    finally:
+        for p, _ in procs.values():
+            if p.poll() is None:
+                p.kill()
+    assert "2 ranks on cpu" in read(tmp_path / "node1.log") + read(tmp_path / "node2.log")
+    assert (tmp_path / "ckpt" / f"plain-{form}" / "latest").read_text().strip() == "step-5"

@@ -1,0 +1,206 @@
+"""End to end: `pipeline/train.py` on 2 CPU ranks under torchrun, stopped, killed and resumed.
+
+Every run is the digits demo cut to 6 steps of batch 16. A reference run goes straight through; the
+others are stopped by SIGUSR1, lose a rank or the S3 endpoint in the middle of an upload, and are
+resumed; each must reproduce the reference's loss at every step and its final weights bit for bit.
+Test hooks (the signal at a known step, pausing an upload) live in tests/helpers/train_wrapper.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from pipeline.signals import STOP_EXIT_CODE
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 6
+ARGS = ["--config", "configs/cpu/digits_resnet20.toml", "--data.batch_size=16", f"--schedule.max_steps={STEPS}",
+        "--schedule.unit=step", "--schedule.milestones=[]", "--schedule.warmup=0", "--log_every=1",
+        "--tracking.enabled=false", "--progress=false", "--checkpoint.every_steps=2"]
+
+
+def _launch(tmp: Path, name: str, *, run_id: str, uri: str, env: dict[str, str] | None = None,
+            extra: list[str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+    log = tmp / f"{name}.log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "helpers" / "train_wrapper.py"), *ARGS, f"--run_id={run_id}",
+           f"--output_dir={tmp / 'out' / name}", f"--checkpoint.uri={uri}",
+           f"--checkpoint.staging_dir={tmp / 'staging' / name}", *(extra or [])]
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                "TEST_LOSSES": str(tmp / f"{name}.jsonl"), **(env or {})}
+    # A session of its own, so a test can kill the launcher and its workers together.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    return proc, log
+
+
+def _run(tmp: Path, name: str, **kw: Any) -> tuple[int, str]:
+    proc, log = _launch(tmp, name, **kw)
+    try:
+        rc = proc.wait(timeout=300)
+    finally:
+        _kill(proc)
+    return rc, log.read_text(errors="replace")
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _losses(*files: Path) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for f in files:
+        for line in f.read_text().splitlines():
+            row = json.loads(line)
+            out[row["step"]] = row["train_loss"]
+    return out
+
+
+def _final(uri_dir: Path | bytes) -> dict[str, Any]:
+    import io
+
+    sd = torch.load(io.BytesIO(uri_dir) if isinstance(uri_dir, bytes) else uri_dir, weights_only=False)
+    return {"module": sd["module"], "optimizer": sd["optimizer"]}
+
+
+def _assert_same_weights(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a["module"].keys() == b["module"].keys()
+    for k in a["module"]:
+        assert torch.equal(a["module"][k], b["module"][k]), k
+    ma = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    mb = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+    assert len(ma) == len(mb) and all(torch.equal(x, y) for x, y in zip(ma, mb))
+
+
+def _wait_for(pred: Any, what: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended (rc {proc.returncode}) before {what}:\n{log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("reference")
+    rc, text = _run(tmp, "ref", run_id="ref", uri=str(tmp / "ckpt"))
+    assert rc == 0, text[-4000:]
+    losses = _losses(tmp / "ref.jsonl")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return {"losses": losses, "final": _final(tmp / "ckpt" / "ref" / f"step-{STEPS}" / "mp_rank_00_model_states.pt")}
+
+
+def _s3(request: pytest.FixtureRequest) -> tuple[str, dict[str, str], Any]:
+    import s3fs
+    from s3_server import aws_env
+
+    endpoint = request.getfixturevalue("s3_endpoint")
+    bucket = request.getfixturevalue("s3_bucket")
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing", skip_instance_cache=True,
+                           use_listings_cache=False)
+    return f"{bucket}/ckpt", aws_env(endpoint), fs
+
+
+def _stop_then_resume(tmp: Path, uri: str, env: dict[str, str]) -> str:
+    rc, text = _run(tmp, "stopped", run_id="r", uri=uri, env={**env, "TEST_SIGNAL_AT": "3"})
+    # Rank 0 exits with the requeue code once step-3 is committed (torchrun itself reports a failure).
+    assert f"exitcode  : {STOP_EXIT_CODE}" in text, text[-4000:]
+    assert "stopped by SIGUSR1 at step 3; checkpoint committed" in text
+    assert sorted(_losses(tmp / "stopped.jsonl")) == [1, 2, 3]
+    return text
+
+
+def test_exact_resume_local(reference: dict[str, Any], tmp_path: Path) -> None:
+    uri = str(tmp_path / "ckpt")
+    _stop_then_resume(tmp_path, uri, {})
+    assert (tmp_path / "ckpt" / "r" / "latest").read_text() == "step-3"
+    rc, text = _run(tmp_path, "resumed", run_id="r", uri=uri)
+    assert rc == 0, text[-4000:]
+    assert "resumed run r at step 3" in text
+    assert _losses(tmp_path / "stopped.jsonl", tmp_path / "resumed.jsonl") == reference["losses"]
+    _assert_same_weights(reference["final"], _final(tmp_path / "ckpt" / "r" / f"step-{STEPS}" /
+                                                    "mp_rank_00_model_states.pt"))
+
+
+def test_exact_resume_s3_and_sigkill_mid_upload(reference: dict[str, Any], tmp_path: Path,
+                                               request: pytest.FixtureRequest) -> None:
+    uri, env, fs = _s3(request)
+    run = f"{uri[5:]}/r"
+    _stop_then_resume(tmp_path, uri, env)
+    assert fs.cat_file(f"{run}/latest") == b"step-3"
+    # Resume, and SIGKILL rank 0 halfway through uploading step-4 (one of its two files sent).
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    proc, log = _launch(tmp_path, "killed", run_id="r", uri=uri,
+                        env={**env, "TEST_PAUSE_UPLOAD": f"step-4:0:2:{pause}"})
+    try:
+        _wait_for(lambda: (pause / "paused-rank0").exists(), "the paused upload", proc, log)
+        os.kill(int((pause / "paused-rank0").read_text()), signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        _kill(proc)
+    assert fs.cat_file(f"{run}/latest") == b"step-3"
+    assert not fs.exists(f"{run}/step-4/manifest.json") and fs.exists(f"{run}/step-3/manifest.json")
+    rc, text = _run(tmp_path, "resumed", run_id="r", uri=uri, env=env)
+    assert rc == 0, text[-4000:]
+    assert "resumed run r at step 3" in text
+    assert _losses(tmp_path / "stopped.jsonl", tmp_path / "resumed.jsonl") == reference["losses"]
+    _assert_same_weights(reference["final"], _final(fs.cat_file(f"{run}/step-{STEPS}/mp_rank_00_model_states.pt")))
+
+
+def test_server_outage_mid_upload(reference: dict[str, Any], tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    from s3_server import restart_server, stop_server
+
+    uri, env, fs = _s3(request)
+    endpoint = env["AWS_ENDPOINT_URL"]
+    run = f"{uri[5:]}/r"
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    proc, log = _launch(tmp_path, "outage", run_id="r", uri=uri, env={**env, "TEST_PAUSE_UPLOAD": f"step-4:0:2:{pause}"})
+    try:
+        _wait_for(lambda: (pause / "paused-rank0").exists(), "the paused upload", proc, log)
+        stop_server(endpoint)  # the endpoint dies halfway through step-4's upload
+        (pause / "go").touch()
+        losses = tmp_path / "outage.jsonl"
+        _wait_for(lambda: STEPS in _losses(losses), "training to go on while S3 is down", proc, log)
+        _wait_for(lambda: "retry 2 in" in log.read_text(), "the upload retries", proc, log)
+        text = log.read_text()
+        assert "pending: step-4 (1 of 2 files" in text and "cannot be reached" in text
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole job dies while the endpoint is down
+        proc.wait(timeout=60)
+    finally:
+        _kill(proc)
+        restart_server(endpoint)
+    assert fs.cat_file(f"{run}/latest") == b"step-2"
+    assert not fs.exists(f"{run}/step-4/manifest.json")
+    rc, text = _run(tmp_path, "resumed", run_id="r", uri=uri, env=env)
+    assert rc == 0, text[-4000:]
+    assert "resumed run r at step 2" in text
+    merged = {**_losses(tmp_path / "outage.jsonl"), **_losses(tmp_path / "resumed.jsonl")}
+    assert merged == reference["losses"]
+    _assert_same_weights(reference["final"], _final(fs.cat_file(f"{run}/step-{STEPS}/mp_rank_00_model_states.pt")))
+
+
+def test_missing_bucket_fails_before_training(tmp_path: Path, s3_endpoint: str) -> None:
+    from s3_server import aws_env
+
+    rc, text = _run(tmp_path, "bad", run_id="b", uri="s3://no-such-bucket/ckpt", env=aws_env(s3_endpoint))
+    assert rc != 0
+    assert "s3://no-such-bucket/ckpt" in text and "bucket 'no-such-bucket' does not exist" in text, text[-3000:]
+    assert not (tmp_path / "bad.jsonl").exists()  # not a single step ran

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast venv clean
+.PHONY: demo test test-fast venv clean cluster-deps
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"
+
+# SLURM and munge for the two-node test cluster (tests/cluster/); the tests install them too when root.
+cluster-deps:
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends slurm-wlm munge
 
 clean:
 	rm -rf $(VENV) .cache

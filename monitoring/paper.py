@@ -69,7 +69,8 @@ _CIFAR: list[Check] = [
 
 _IMAGENET: list[Check] = [
     ("ImageNet (1000 classes)", lambda m: m.dataset == "imagenet" and int(m.param("model.num_classes", 0)) == 1000),
-    ("lr 0.1 per 256 images", lambda m: _global_batch(m) > 0 and abs(_effective_lr(m) * 256 / _global_batch(m) - 0.1) < 1e-9),
+    ("lr 0.1 per 256 images",
+     lambda m: _global_batch(m) > 0 and abs(_effective_lr(m) * 256 / _global_batch(m) - 0.1) < 1e-9),
     ("about 60e4 iterations at batch 256 (>= 100 epochs)",
      lambda m: int(m.param("schedule.max_steps", 0)) * _global_batch(m) >= 0.9 * 60e4 * 256
      or int(m.param("schedule.epochs", 0)) >= 100),

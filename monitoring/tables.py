@@ -89,7 +89,8 @@ def comparison_table(study: StudyRuns) -> Table:
     if paper.plain_note and any(matching.get((False, d)) for d in depths):
         notes.append(f"Plain nets: {paper.plain_note}.")
     if differs:
-        notes.append("Paper numbers not compared where the recipe differs from the paper's: " + "; ".join(differs) + ".")
+        notes.append("Paper numbers not compared where the recipe differs from the paper's: "
+                     + "; ".join(differs) + ".")
     if not any(show_paper.values()) and not differs:
         datasets = ", ".join(sorted(study.datasets)) or "unknown"
         notes.append(f"No paper numbers: the paper has none for this dataset ({datasets}) and depths.")

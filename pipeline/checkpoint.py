@@ -248,15 +248,21 @@ class Checkpointer:
         return self._uploader
 
     def _wait_for_room(self, uploader: Uploader, tag: str) -> None:
-        pending = uploader.pending()
-        if len(pending) < self.cfg.max_pending:
-            return
-        if self.rank == 0:
-            log.warning("checkpoint %s waits: %d uploads still pending (checkpoint.max_pending = %d): %s", tag,
-                        len(pending), self.cfg.max_pending, uploader.describe_pending())
-        while len(uploader.pending()) >= self.cfg.max_pending:
-            pending[0].done.wait(30)
-            pending = uploader.pending() or pending
+        """Bound the staged-but-unsent checkpoints (local disk) and never restage a tag still uploading."""
+        def busy() -> list[UploadJob]:
+            jobs = uploader.pending()
+            if not uploader.alive and jobs:
+                raise CheckpointError(f"the checkpoint upload thread on rank {self.rank} has stopped (see the "
+                                      f"error above); unsent checkpoints stay in {self.staging}")
+            return jobs if len(jobs) >= self.cfg.max_pending else [j for j in jobs if j.tag == tag]
+
+        jobs = busy()
+        if jobs and self.rank == 0:
+            log.warning("checkpoint %s waits for earlier uploads (checkpoint.max_pending = %d): %s", tag,
+                        self.cfg.max_pending, uploader.describe_pending())
+        while jobs:
+            jobs[0].done.wait(5)
+            jobs = busy()
 
     def _commit(self, job: UploadJob) -> None:
         """Rank 0, upload thread: once every rank's part is stored, write the manifest, then ``latest``."""
@@ -294,11 +300,12 @@ class Checkpointer:
         poll = 0.05
         while True:
             idle = self._uploader is None or not self._uploader.pending()
-            give_up = time.monotonic() - t0 > timeout_s
+            dead = self._uploader is not None and not idle and not self._uploader.alive
+            give_up = time.monotonic() - t0 > timeout_s or dead
             states = self._comm.gather_all((idle, give_up, self.pending()))
             if all(s[0] for s in states):
                 return
-            if states[0][1]:
+            if any(s[1] for s in states):
                 busy = [f"rank {r}: {s[2]}" for r, s in enumerate(states) if not s[0]]
                 raise CheckpointError(
                     f"checkpoint upload to {self.store.uri} did not finish within {timeout_s / 60:.1f} min "
@@ -359,7 +366,7 @@ class Checkpointer:
                 log.info("resumed from %s (step %d, epoch %d, written by %d ranks)", store.url(tag),
                          manifest["step"], manifest["epoch"], manifest["world_size"])
                 if manifest.get("config_hash") != self.config_hash:
-                    log.warning("the config differs from the one that wrote %s (hash %s, now %s)", tag,
+                    log.info("the config differs from the one that wrote %s (hash %s, now %s)", tag,
                                 manifest.get("config_hash"), self.config_hash)
             return state
         raise CheckpointError(

@@ -79,6 +79,10 @@ class Uploader:
             self._pending.append(job)
         self._queue.put(job)
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def pending(self) -> list[UploadJob]:
         with self._lock:
             return list(self._pending)

@@ -34,7 +34,6 @@ if __package__ in (None, ""):  # `torchrun pipeline/evaluate.py` runs this file 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
-import torch.nn.functional as F
 
 from pipeline.config import ConfigError, load_config
 
@@ -209,7 +208,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         scales = tuple(int(s) for s in args.scales.split(",") if s.strip())
     except ValueError:
-        raise ConfigError(f"--scales {args.scales!r}: give comma-separated integers, e.g. 224,256,384,480,640") from None
+        raise ConfigError(f"--scales {args.scales!r}: give comma-separated integers, e.g. "
+                          f"224,256,384,480,640") from None
     if not scales or min(scales) < 1:
         raise ConfigError(f"--scales {args.scales!r}: give at least one positive shorter-side length")
     if args.mode != "center" and cfg.data.style != "imagenet":
@@ -240,8 +240,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
+            overrides = cfg.model.overrides() or "no overrides"
             raise EvaluationError(f"{folder}/{MODEL_FILE} does not fit model.name = {cfg.model.name!r} with "
-                                  f"num_classes = {cfg.model.num_classes} and {cfg.model.overrides() or 'no overrides'} "
+                                  f"num_classes = {cfg.model.num_classes} and {overrides} "
                                   f"({str(e).splitlines()[0]}): evaluate with the config it was trained with") from e
         model.to(env.device)
         bf16 = cfg.precision.dtype == "bf16" or (cfg.precision.dtype == "auto" and env.device.type == "cuda")

@@ -174,7 +174,8 @@ def open_parent(client: Any, study: Study, *, experiment: str, configs: dict[str
         if exp is None:
             return None
         exp_id = exp.experiment_id
-    runs = client.search_runs([exp_id], filter_string=f"tags.study = '{study.name}' and tags.study_role = '{PARENT_ROLE}'",
+    where = f"tags.study = '{study.name}' and tags.study_role = '{PARENT_ROLE}'"
+    runs = client.search_runs([exp_id], filter_string=where,
                               order_by=["attributes.start_time DESC"], max_results=1)
     if runs:
         parent = runs[0].info.run_id

@@ -280,7 +280,7 @@ def _torchrun(nproc: int, *args: str, env: dict[str, str] | None = None) -> subp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend,zero", [("local", 0), ("s3", 1)])
+@pytest.mark.parametrize("backend,zero", [("s3", 1)])  # ZeRO-0 on 2 local ranks: test_checkpoint_e2e.py
 def test_deepspeed_two_ranks_roundtrip(backend: str, zero: int, tmp_path: Path,
                                        request: pytest.FixtureRequest) -> None:
     env: dict[str, str] = {}
@@ -293,8 +293,8 @@ def test_deepspeed_two_ranks_roundtrip(backend: str, zero: int, tmp_path: Path,
     common = ["--uri", uri, "--out", str(tmp_path), "--zero", str(zero)]
     p = _torchrun(2, "--phase", "train", "--steps", "4", "--save-at", "2,4", *common, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
-    # Same world size, then (ZeRO-1) a smaller one: DeepSpeed alone refuses to re-partition.
-    for nproc in ((2, 1) if zero else (2,)):
+    # ZeRO-1 on a smaller world, which DeepSpeed alone refuses to re-partition (same-size resumes: e2e tests).
+    for nproc in ((1,) if zero else (2,)):
         p = _torchrun(nproc, "--phase", "resume", *common, env=env)
         assert p.returncode == 0, p.stderr[-3000:]
         for r in range(nproc):

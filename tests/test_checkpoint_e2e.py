@@ -56,9 +56,20 @@ def _run(tmp: Path, name: str, **kw: Any) -> tuple[int, str]:
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    """SIGKILL the launcher and every worker (torchrun puts workers in sessions of their own)."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+    proc.wait()
 
 
 def _losses(*files: Path) -> dict[int, float]:
@@ -117,8 +128,9 @@ def _s3(request: pytest.FixtureRequest) -> tuple[str, dict[str, str], Any]:
     return f"{bucket}/ckpt", aws_env(endpoint), fs
 
 
-def _stop_then_resume(tmp: Path, uri: str, env: dict[str, str]) -> str:
-    rc, text = _run(tmp, "stopped", run_id="r", uri=uri, env={**env, "TEST_SIGNAL_AT": "3"})
+def _stop_then_resume(tmp: Path, uri: str, env: dict[str, str], *, second_signal: bool = False) -> str:
+    extra = {"TEST_SECOND_SIGNAL": "1"} if second_signal else {}
+    rc, text = _run(tmp, "stopped", run_id="r", uri=uri, env={**env, "TEST_SIGNAL_AT": "3", **extra})
     # Rank 0 exits with the requeue code once step-3 is committed (torchrun itself reports a failure).
     assert f"exitcode  : {STOP_EXIT_CODE}" in text, text[-4000:]
     assert "stopped by SIGUSR1 at step 3; checkpoint committed" in text
@@ -128,7 +140,7 @@ def _stop_then_resume(tmp: Path, uri: str, env: dict[str, str]) -> str:
 
 def test_exact_resume_local(reference: dict[str, Any], tmp_path: Path) -> None:
     uri = str(tmp_path / "ckpt")
-    _stop_then_resume(tmp_path, uri, {})
+    _stop_then_resume(tmp_path, uri, {}, second_signal=True)  # a SIGTERM lands on every rank during the save
     assert (tmp_path / "ckpt" / "r" / "latest").read_text() == "step-3"
     rc, text = _run(tmp_path, "resumed", run_id="r", uri=uri)
     assert rc == 0, text[-4000:]
@@ -182,8 +194,7 @@ def test_server_outage_mid_upload(reference: dict[str, Any], tmp_path: Path, req
         _wait_for(lambda: "retry 2 in" in log.read_text(), "the upload retries", proc, log)
         text = log.read_text()
         assert "pending: step-4 (1 of 2 files" in text and "cannot be reached" in text
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole job dies while the endpoint is down
-        proc.wait(timeout=60)
+        _kill(proc)  # the whole job dies while the endpoint is down
     finally:
         _kill(proc)
         restart_server(endpoint)

@@ -41,6 +41,7 @@ def test_roundtrip(store: Storage, tmp_path: Path) -> None:
     store.write_text("a/marker", "two")  # replaced whole
     assert store.read_text("a/marker") == "two"
     assert store.list("a") == ["b", "marker"] and store.list("nothing/here") == []
+    assert store.find("a") == {"b/blob.bin": len(data), "marker": 3} and store.find("nothing") == {}
     assert store.exists("a/b/blob.bin") and not store.exists("a/missing")
     assert store.size("a/b/blob.bin") == len(data)
     with store.open("a/b/blob.bin") as f:

@@ -126,8 +126,9 @@ def test_two_member_study_nests_children_reports_and_skips_finished_members(mlfl
     (parent,) = [r for r in runs if r.data.tags.get("study_role") == "parent"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(runs) == 3 and parent.info.status == "FINISHED"
-    assert sorted((r.info.run_name, r.data.tags["residual"], r.data.tags["depth"], r.info.status) for r in children) == [
-        ("plain20", "false", "20", "FINISHED"), ("resnet20", "true", "20", "FINISHED")]
+    described = sorted((r.info.run_name, r.data.tags["residual"], r.data.tags["depth"], r.info.status)
+                       for r in children)
+    assert described == [("plain20", "false", "20", "FINISHED"), ("resnet20", "true", "20", "FINISHED")]
     assert all(r.data.tags["study"] == "digits_depth" for r in children)
 
     # The report rendered from them: printed, written, logged on the parent.

@@ -28,8 +28,8 @@ TINY = ["--data.batch_size=32", "--schedule.max_steps=10", "--schedule.unit=step
 
 
 def _cfg(uri: str, **kw: object) -> TrackingConfig:
-    return TrackingConfig(uri=uri, experiment=kw.pop("experiment", "unit"), flush_interval_s=0.2,  # type: ignore[arg-type]
-                          system_metrics_interval_s=1.0, **kw)  # type: ignore[arg-type]
+    kw.setdefault("experiment", "unit")
+    return TrackingConfig(uri=uri, flush_interval_s=0.2, system_metrics_interval_s=1.0, **kw)  # type: ignore[arg-type]
 
 
 def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:

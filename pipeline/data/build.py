@@ -146,7 +146,8 @@ def load_mean_image(path: str, *, root: str, image_size: int) -> np.ndarray:
         mean = np.load(io.BytesIO(data), allow_pickle=False)
     except StorageError as e:
         raise DataError(f"data.mean_image = {path!r}: cannot read {full} ({e}); write it with `python -m "
-                        f"pipeline.data.prepare mean-image {root}` or set data.mean_image = '' (per-channel mean)") from e
+                        f"pipeline.data.prepare mean-image {root}` or set data.mean_image = '' (per-channel "
+                        f"mean)") from e
     except ValueError as e:
         raise DataError(f"data.mean_image = {path!r}: {full} is not a .npy array ({e})") from e
     if mean.shape != (image_size, image_size, 3):

@@ -175,7 +175,8 @@ def read_exclude_list(path: str, *, root: str) -> FileFixes:
             break
     if text is None:
         raise DataError(f"data.exclude_list = {path!r} does not exist (looked at {', '.join(candidates)}); write it "
-                        f"with `python -m pipeline.data.validate {root} --write-list LIST` or set data.exclude_list = ''")
+                        f"with `python -m pipeline.data.validate {root} --write-list LIST` or set "
+                        f"data.exclude_list = ''")
     skip: set[str] = set()
     replace: dict[str, str] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -183,8 +184,8 @@ def read_exclude_list(path: str, *, root: str) -> FileFixes:
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         rel, _, new = line.partition("\t")
-        rel = rel.strip().strip("/")
-        if not rel or rel.startswith("..") or os.path.isabs(rel):
+        rel = rel.strip()
+        if not rel or rel.startswith(("..", "/")) or is_url(rel) or os.path.isabs(rel):
             raise DataError(f"{path}, line {lineno}: {line!r} is not a path relative to the dataset root "
                             f"(e.g. 'train/n01440764/x.JPEG'); fix the line or re-run pipeline.data.validate")
         if new.strip():
@@ -194,31 +195,31 @@ def read_exclude_list(path: str, *, root: str) -> FileFixes:
     return FileFixes(source=path, skip=frozenset(skip), replace=replace)
 
 
-def _apply_fixes(root: str, split_dir: str, split_path: str, files: list[str], fixes: FileFixes) -> list[str]:
+def _apply_fixes(split_dir: str, split_path: str, files: list[str], fixes: FileFixes, seen: set[str]) -> list[str]:
+    """Drop or replace the images the list names; the relative paths it matched go into ``seen``."""
     prefix = split_dir.strip("/") + "/"
-    mine = {r for r in (fixes.skip | set(fixes.replace)) if r.startswith(prefix)}
-    if not mine:
-        return files
     out = []
-    seen = set()
     for f in files:
         rel = prefix + (f[len(split_path):].lstrip("/") if is_url(split_path)
                         else os.path.relpath(f, split_path).replace(os.sep, "/"))
         if rel in fixes.skip:
             seen.add(rel)
-            continue
-        if rel in fixes.replace:
+        elif rel in fixes.replace:
             seen.add(rel)
             out.append(fixes.replace[rel])
-            continue
-        out.append(f)
-    unknown = sorted(mine - seen)
+        else:
+            out.append(f)
+    return out
+
+
+def _check_fixes_used(root: str, split_dir: str, split_path: str, fixes: FileFixes, seen: set[str]) -> None:
+    prefix = split_dir.strip("/") + "/"
+    unknown = sorted(r for r in (fixes.skip | set(fixes.replace)) if r.startswith(prefix) and r not in seen)
     if unknown:
         shown = ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")
         raise DataError(f"exclude list {fixes.source} names {len(unknown)} image(s) that are not in {split_path} "
                         f"({shown}): it was written for another tree; re-run `python -m pipeline.data.validate "
                         f"{root} --write-list {fixes.source}`")
-    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,14 +240,17 @@ def scan_split(split_path: str, *, root: str = "", split_dir: str = "", fixes: F
     files: list[str] = []
     labels: list[int] = []
     empty: list[str] = []
+    matched: set[str] = set()
     for label, name in enumerate(classes):
         images = remote[name] if remote is not None else _class_images(os.path.join(split_path, name))
         if fixes:
-            images = _apply_fixes(root, split_dir, split_path, images, fixes)
+            images = _apply_fixes(split_dir, split_path, images, fixes, matched)
         if not images:
             empty.append(name)
         files.extend(images)
         labels.extend([label] * len(images))
+    if fixes:
+        _check_fixes_used(root, split_dir, split_path, fixes, matched)
     if empty:
         exts = "/".join(IMAGE_EXTENSIONS)
         if len(empty) == len(classes):
@@ -290,6 +294,11 @@ def scan_dataset(root: str, *, split_dir: str, train_dir: str, val_dir: str, num
     are checked when its own source is built.
     """
     _check_root(root, train_dir, val_dir)
+    if fixes:
+        stray = sorted(r for r in fixes.skip | set(fixes.replace) if not r.startswith((f"{train_dir}/", f"{val_dir}/")))
+        if stray:
+            raise DataError(f"exclude list {fixes.source} names {len(stray)} path(s) outside {train_dir}/ and "
+                            f"{val_dir}/ (e.g. {stray[0]!r}); paths are relative to the dataset root {root}")
     index = scan_split(_join(root, split_dir), root=root, split_dir=split_dir, fixes=fixes)
     other_dir = val_dir if split_dir == train_dir else train_dir
     other_path = _join(root, other_dir)

@@ -1,25 +1,26 @@
 """DALI pipelines wrapped as epoch-structured, resumable torch data sources.
 
-Epoch accounting is done here, not by DALI's framework iterators, because the two splits need
-different rules and both must be exact:
+Sharding, shuffling and epoch accounting are done here, not by DALI's reader or framework
+iterators, because they must be exact:
 
-* Training: every rank yields ``(num_samples // world_size) // batch_size`` batches per epoch,
-  whatever the size of its shard, so all ranks issue the same number of collectives. The
-  reader's epoch is ``ceil(ceil(N / W) / B)`` batches on every rank (``pad_last_batch``); the 0 or
-  1 trailing batch beyond the yielded count (which holds the remainder and the padding) is
-  decoded and dropped, which keeps all readers on the same epoch boundary.
-* Evaluation: every image is yielded exactly once over all ranks. A rank yields its shard's
-  ``n_r`` real images, the last batch partially, and drops the padding DALI adds to even out
-  shards. Ranks may therefore yield different numbers of batches (and samples): reduce metric
-  *sums* across ranks after the loop, and never put a collective inside the evaluation loop.
+* Sharding: each rank's pipeline reads an explicit list, its shard ``[N*r/W, N*(r+1)/W)`` of the
+  split (``shard_id = global rank``, ``num_shards = world size``), padded to a whole number of
+  batches with images of the same shard. DALI's own sharding and ``pad_last_batch`` are not used:
+  with an S3 root, DALI 2.4 returns garbage bytes for padded samples that start a batch.
+* Training: epoch ``e`` reads a fresh global permutation of the split drawn from (seed, e), the same
+  on every rank, so the shards of one epoch are disjoint and together read every image exactly
+  once; the order differs every epoch and depends on the seed only. The pipeline is rebuilt at each
+  epoch boundary (seeded by seed, rank and epoch) with that epoch's list. Every rank yields
+  ``(num_samples // world_size) // batch_size`` batches, so all ranks issue the same number of
+  collectives; the rest of its shard (fewer than ``batch_size`` images, plus at most one image) is
+  read and dropped, a different rest each epoch.
+* Evaluation: every image is yielded exactly once over all ranks, in file order. A rank yields its
+  shard's ``n_r`` images, the last batch partially, and drops the padding. Ranks may therefore
+  yield different numbers of batches (and samples): reduce metric *sums* across ranks after the
+  loop, and never put a collective inside the evaluation loop.
 
-* Shuffling: the file list is permuted once by the run's seed (the same on every rank), and DALI
-  permutes that whole list again at every epoch with the epoch number as its seed. All ranks hold the
-  same order, so the shards of one epoch are disjoint and together read every image exactly once;
-  the order changes every epoch and depends on the seed only.
-
-``state_dict`` records (epoch, batch) plus DALI's own checkpoint (reader position, shuffle
-RNG, augmentation RNGs); a rebuilt source that loads it continues with bitwise-identical batches.
+``state_dict`` records (epoch, batch) plus DALI's own checkpoint (reader position, augmentation
+RNGs); a rebuilt source that loads it continues with bitwise-identical batches.
 
 An image DALI cannot read or decode stops iteration with a :class:`DataError` that names the file
 (see :func:`explain_pipeline_error`); nothing is skipped silently.
@@ -45,9 +46,22 @@ PAPER_SCALES = (224, 256, 384, 480, 640)  # multi-scale testing: shorter sides o
 
 
 def shard_sizes(num_samples: int, world_size: int) -> list[int]:
-    """Real samples in each shard, split as DALI does (shard r starts at floor(N * r / W))."""
+    """Real samples in each shard: shard r is [floor(N * r / W), floor(N * (r + 1) / W))."""
     starts = [num_samples * r // world_size for r in range(world_size + 1)]
     return [starts[r + 1] - starts[r] for r in range(world_size)]
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The global training order of ``epoch``: a permutation of range(n), the same on every rank."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, epoch, 0x5EED]))
+    return rng.permutation(n)
+
+
+def _pipeline_seed(seed: int, rank: int, split: str, epoch: int) -> int:
+    # Augmentation draws differ between ranks and between epochs (each epoch has a new pipeline).
+    base = derive_seed(seed, rank, split)
+    state = np.random.SeedSequence([base, epoch]).generate_state(1, dtype=np.uint32)
+    return int(state[0]) & 0x7FFFFFFF
 
 
 class DaliSource:
@@ -106,16 +120,9 @@ class DaliSource:
         self.decoder = decoder
         self.eval_mode = eval_mode
         self.root = root or index.path
-        files, labels = index.files, index.labels
-        if split == "train":
-            order = epoch_order(len(files), seed)
-            files, labels = tuple(files[i] for i in order), tuple(labels[i] for i in order)
-        self._files = files
         self._pipe_kwargs: dict[str, Any] = dict(
-            files=files, labels=labels, shard_id=rank, num_shards=world_size, style=style,
-            image_size=image_size, mean=list(mean), std=list(std), decoder=decoder, mean_image=mean_image,
-            batch_size=batch_size, num_threads=num_threads, prefetch_queue_depth=prefetch,
-            seed=derive_seed(seed, rank, split),
+            style=style, image_size=image_size, mean=list(mean), std=list(std), decoder=decoder,
+            mean_image=mean_image, batch_size=batch_size, num_threads=num_threads, prefetch_queue_depth=prefetch,
             device_id=_device_id(self.device) if decoder == "mixed" else None,
         )
         if split == "val":
@@ -123,8 +130,10 @@ class DaliSource:
         else:
             self._pipe_kwargs.update(flip=flip, augment=augment, scale=tuple(scale), lighting=lighting)
 
-        n_max = math.ceil(self.num_samples / world_size)
-        self._reader_batches = math.ceil(n_max / batch_size)  # DALI's epoch length, same on all ranks
+        starts = [self.num_samples * r // world_size for r in range(world_size + 1)]
+        self._start, self._stop = starts[rank], starts[rank + 1]
+        shard = self._stop - self._start
+        self._reader_batches = math.ceil(shard / batch_size)  # this rank's reader epoch
         if split == "train":
             self._len = (self.num_samples // world_size) // batch_size
             if self._len == 0:
@@ -136,10 +145,12 @@ class DaliSource:
             if self.num_samples < world_size:
                 raise DataError(f"{index.path} has {self.num_samples} images, fewer than the {world_size} ranks that "
                                 f"would each read a shard of it; add images or use fewer ranks")
-            self._shard_len = shard_sizes(self.num_samples, world_size)[rank]
-            self._len = math.ceil(self._shard_len / batch_size)
+            self._shard_len = shard
+            self._len = self._reader_batches
 
         self._pipe = None
+        self._pipe_epoch = -1
+        self._files: tuple[str, ...] = ()
         self._pending_checkpoint: bytes | None = None
         self._epoch = 0
         self._batch = 0  # reader batches consumed in the current epoch (yielded + dropped)
@@ -153,16 +164,24 @@ class DaliSource:
     def epoch(self) -> int:
         return self._epoch
 
+    def shard(self, epoch: int) -> list[int]:
+        """Indices into ``index.files`` that this rank reads in ``epoch``, padding included."""
+        if self.split == "train":
+            chosen = epoch_order(self.num_samples, self.seed, epoch)[self._start:self._stop].tolist()
+        else:
+            chosen = list(range(self._start, self._stop))
+        # Padding (read, never yielded) repeats the shard from its start: a whole number of batches.
+        need = self._reader_batches * self.batch_size - len(chosen)
+        return chosen + [chosen[k % len(chosen)] for k in range(need)]
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._generation += 1
         return self._iterate(self._generation)
 
     def _iterate(self, generation: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if (self.split == "train" and self._batch >= self._len) or (self.split == "val" and self._batch > 0):
+            self._finish_epoch()
         pipe = self._pipeline()
-        if self.split == "train" and self._batch >= self._len:
-            self._finish_epoch(pipe)
-        elif self.split == "val" and self._batch > 0:
-            self._finish_epoch(pipe)
         while self._batch < self._len:
             valid = min(self.batch_size, self._shard_len - self._batch * self.batch_size)
             batch = self._next_batch(pipe, valid)
@@ -170,40 +189,52 @@ class DaliSource:
             yield batch
             if generation != self._generation:
                 return
-        self._finish_epoch(pipe)
+        self._finish_epoch()
 
-    def _finish_epoch(self, pipe) -> None:
+    def _finish_epoch(self) -> None:
+        pipe = self._pipeline()
         while self._batch < self._reader_batches:
             self._run(pipe)
             self._batch += 1
         self._epoch += 1
         self._batch = 0
+        if self.split == "train":
+            self._drop_pipeline()  # the next epoch reads another list
 
     def _run(self, pipe, *args):
         try:
             return pipe.run(*args)
         except RuntimeError as e:
-            self._pipe = None  # DALI: "Current pipeline object is no longer valid"
+            self._drop_pipeline()  # DALI: "Current pipeline object is no longer valid"
             raise explain_pipeline_error(e, files=self._files, root=self.root) from e
 
     # ------------------------------------------------------------------------------------------
     def _pipeline(self):
-        if self._pipe is None:
+        epoch = self._epoch if self.split == "train" else 0
+        if self._pipe is None or self._pipe_epoch != epoch:
+            self._drop_pipeline()
+            order = self.shard(epoch)
+            self._files = tuple(self.index.files[i] for i in order)
+            labels = [self.index.labels[i] for i in order]
             build = train_pipeline if self.split == "train" else val_pipeline
-            pipe = build(**self._pipe_kwargs, enable_checkpointing=self.split == "train",
-                         checkpoint=self._pending_checkpoint)
+            pipe = build(files=self._files, labels=labels, **self._pipe_kwargs,
+                         seed=_pipeline_seed(self.seed, self.rank, self.split, epoch),
+                         enable_checkpointing=self.split == "train", checkpoint=self._pending_checkpoint)
             try:
                 pipe.build()
             except RuntimeError as e:
                 raise explain_pipeline_error(e, files=self._files, root=self.root) from e
             meta = pipe.reader_meta(READER_NAME)
-            expected = math.ceil(self.num_samples / self.world_size) * self.world_size
-            if meta["epoch_size"] != self.num_samples or meta["epoch_size_padded"] != expected:
-                raise RuntimeError(f"DALI reader epoch {meta} does not match the loader's arithmetic "
-                                   f"(N={self.num_samples}, padded={expected}); the DALI version changed behaviour")
-            self._pipe = pipe
+            if meta["epoch_size"] != len(order) or meta["epoch_size_padded"] != len(order):
+                raise RuntimeError(f"DALI reader epoch {meta} does not match the loader's list of {len(order)} "
+                                   f"files; the DALI version changed behaviour")
+            self._pipe, self._pipe_epoch = pipe, epoch
             self._pending_checkpoint = None
         return self._pipe
+
+    def _drop_pipeline(self) -> None:
+        pipe, self._pipe, self._pipe_epoch = self._pipe, None, -1
+        del pipe  # its worker threads and buffers go now, before the next epoch's pipeline starts
 
     def _next_batch(self, pipe, valid: int):
         if self.decoder == "mixed":
@@ -235,13 +266,17 @@ class DaliSource:
         # GPU machine) so the upload is asynchronous.
         out = torch.from_numpy(np.array(tensor))
         if self.device.type == "cuda":
-            return out.pin_memory().to(self.device, non_blocking=True) if out.is_floating_point() else out.to(self.device)
+            if out.is_floating_point():
+                return out.pin_memory().to(self.device, non_blocking=True)
+            return out.to(self.device)
         return out
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         if self.split == "train":
-            pipeline = self._pipe.checkpoint() if self._pipe is not None else self._pending_checkpoint
+            # An epoch's pipeline is rebuilt from (seed, rank, epoch): at batch 0 none is needed.
+            live = self._pipe is not None and self._pipe_epoch == self._epoch
+            pipeline = self._pipe.checkpoint() if live else self._pending_checkpoint
         else:
             pipeline = None  # every evaluation pass is identical; only the counter matters
         return {
@@ -262,21 +297,15 @@ class DaliSource:
                                                 "world_size": self.world_size, "batch_size": self.batch_size,
                                                 "num_samples": self.num_samples})
         pipeline = state.get("pipeline")
-        if self.split == "train" and pipeline is None and (state["epoch"], state["batch"]) != (0, 0):
+        if self.split == "train" and pipeline is None and state["batch"] != 0:
             raise DataError(f"data state at epoch {state['epoch']}, batch {state['batch']} has no DALI checkpoint, "
                             f"so the position cannot be restored exactly; resume from a checkpoint written by "
                             f"DaliSource.state_dict()")
-        self._pipe = None  # rebuilt lazily from the checkpoint; a live generator is cut off below
+        self._drop_pipeline()  # rebuilt lazily from the checkpoint; a live generator is cut off below
         self._generation += 1
         self._pending_checkpoint = bytes(pipeline) if pipeline is not None else None
         self._epoch = int(state["epoch"])
         self._batch = int(state["batch"]) if self.split == "train" else 0
-
-
-def epoch_order(n: int, seed: int) -> list[int]:
-    """The seed's permutation of the training list (the same on every rank; DALI reshuffles it per epoch)."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, 0x5EED]))
-    return rng.permutation(n).tolist()
 
 
 def _dali_int32():

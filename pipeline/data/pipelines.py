@@ -1,14 +1,11 @@
 """DALI graphs for training and evaluation, as plain ``@pipeline_def`` functions.
 
-Both read an explicit file/label list (see :mod:`pipeline.data.folder`) sharded by global rank,
-decode on the CPU (``decoder="cpu"``) or with nvJPEG (``decoder="mixed"``), and emit NCHW float32
-images normalised with mean/std given on the 0-255 scale, plus int32 labels of shape (1,) per
-sample. The loader (:mod:`pipeline.data.loader`) owns batching policy and epoch accounting.
-
-Every reader is created with ``pad_last_batch=True``: each shard then returns the same number of
-batches per epoch (ceil(ceil(N / num_shards) / batch_size)), the padding being the shard's last
-sample repeated at the end of the epoch. The loader relies on that to keep every rank's reader on
-the same epoch boundary and to know which samples are padding.
+Both read, in order, an explicit file/label list that the loader (:mod:`pipeline.data.loader`)
+built for one rank and one epoch: its shard, already shuffled for training and padded to a whole
+number of batches. The loader owns sharding, shuffling, batching policy and epoch accounting; the
+graphs decode on the CPU (``decoder="cpu"``) or with nvJPEG (``decoder="mixed"``) and emit NCHW
+float32 images normalised with mean/std given on the 0-255 scale, plus int32 labels of shape (1,)
+per sample.
 
 Augmentation (training):
 
@@ -114,8 +111,6 @@ def train_pipeline(
     *,
     files: Sequence[str],
     labels: Sequence[int],
-    shard_id: int,
-    num_shards: int,
     style: Literal["cifar", "imagenet"],
     image_size: int,
     mean: Sequence[float],
@@ -127,16 +122,8 @@ def train_pipeline(
     lighting: float = 0.0,
     mean_image: np.ndarray | None = None,
 ):
-    """Shuffled, augmented training batches.
-
-    ``shuffle_after_epoch=True`` makes DALI permute the whole file list at every epoch, identically
-    on every rank (its seed is the epoch number), so the shards of one epoch are disjoint and cover
-    every image exactly once, and each epoch draws a fresh global order. The loader hands in the list
-    already permuted by the run's seed, which makes the orders differ between seeds.
-    """
-    jpegs, label = fn.readers.file(files=list(files), labels=list(labels), shard_id=shard_id,
-                                   num_shards=num_shards, shuffle_after_epoch=True, pad_last_batch=True,
-                                   name=READER_NAME)
+    """Augmented training batches of ``files`` (one rank's shard of one epoch, already shuffled)."""
+    jpegs, label = fn.readers.file(files=list(files), labels=list(labels), random_shuffle=False, name=READER_NAME)
     images = _decode(jpegs, decoder=decoder, style=style)
     mirror = fn.random.coin_flip(probability=0.5) if flip else 0
     if style == "cifar":
@@ -170,8 +157,6 @@ def val_pipeline(
     *,
     files: Sequence[str],
     labels: Sequence[int],
-    shard_id: int,
-    num_shards: int,
     style: Literal["cifar", "imagenet"],
     image_size: int,
     val_resize: int,
@@ -182,16 +167,13 @@ def val_pipeline(
     scales: Sequence[int] = (224, 256, 384, 480, 640),
     mean_image: np.ndarray | None = None,
 ):
-    """Deterministic evaluation batches, in file order within each shard.
+    """Deterministic evaluation batches of ``files`` (one rank's shard), in order; every pass is the same.
 
-    ``stick_to_shard=True`` keeps each rank on its own shard, so every pass reads the same images;
-    the padding at the end of a shard is dropped by the loader. Outputs: ``(images, labels)`` for
-    ``center`` and ``10crop`` (images of shape (10, 3, H, W) per sample), and one image output per
-    scale followed by the labels for ``multiscale`` (sizes differ between images).
+    Outputs: ``(images, labels)`` for ``center`` and ``10crop`` (images of shape (10, 3, H, W) per
+    sample), and one image output per scale followed by the labels for ``multiscale`` (sizes differ
+    between images).
     """
-    jpegs, label = fn.readers.file(files=list(files), labels=list(labels), shard_id=shard_id,
-                                   num_shards=num_shards, random_shuffle=False, pad_last_batch=True,
-                                   stick_to_shard=True, name=READER_NAME)
+    jpegs, label = fn.readers.file(files=list(files), labels=list(labels), random_shuffle=False, name=READER_NAME)
     images = _decode(jpegs, decoder=decoder, style=style)
     crop = (image_size, image_size)
     if eval_mode == "multiscale":

@@ -170,12 +170,20 @@ class _Writer:
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="prepare-write")
         self.slots = threading.Semaphore(4 * max(1, workers))
         self.futures: list[Future] = []
+        self.failed: Future | None = None
 
     def submit(self, fn: Callable[..., None], *args: Any) -> None:
+        if self.failed is not None:
+            self.failed.result()  # stop reading the archive as soon as a write has failed
         self.slots.acquire()
         fut = self.pool.submit(fn, *args)
-        fut.add_done_callback(lambda _: self.slots.release())
+        fut.add_done_callback(self._done)
         self.futures.append(fut)
+
+    def _done(self, fut: Future) -> None:
+        if fut.exception() is not None and self.failed is None:
+            self.failed = fut
+        self.slots.release()
 
     def drain(self) -> None:
         futures, self.futures = self.futures, []

@@ -135,7 +135,8 @@ class _Tree:
     """Read access to every image below a local folder or an object-store prefix."""
 
     def __init__(self, root: str) -> None:
-        self.root = root.rstrip("/") if is_url(root) else os.path.abspath(root[7:] if root.startswith("file://") else root)
+        local = root[len("file://"):] if root.startswith("file://") else root
+        self.root = root.rstrip("/") if is_url(root) else os.path.abspath(local)
         self.remote = is_url(root)
         if self.remote:
             from pipeline.storage import Storage

@@ -231,6 +231,7 @@ class MLflowTracker:
 
         # The fluent API that log_model uses reads the global URI and experiment; this process has
         # only this tracker talking to MLflow, so pointing them at our run is safe.
+        run_id = self._rid()
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(experiment_id=self.experiment_id)
         torch_version = torch.__version__.split("+")[0]
@@ -238,7 +239,7 @@ class MLflowTracker:
         # to infer them, and the pickle needs the `pipeline` package to load anywhere.
         # Pickle is chosen deliberately (with the code alongside); MLflow's warning about it is noise.
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-        mlflow.pytorch.log_model(model, name="model", run_id=self._rid(), serialization_format="pickle",
+        mlflow.pytorch.log_model(model, name="model", run_id=run_id, serialization_format="pickle",
                                  pip_requirements=[f"torch=={torch_version}"],
                                  code_paths=[str(Path(__file__).resolve().parents[1])])
 
@@ -267,8 +268,8 @@ class FollowerTracker:
                     ts = int(time.time() * 1000)
                     sender.add_metrics(rid, [Metric(k, float(v), ts, step) for k, v in values.items()])
 
-                self._sampler = SystemMetricsSampler(node_id=self.node_id, interval_s=self.cfg.system_metrics_interval_s,
-                                                     emit=emit, start_time_s=start).start()
+                self._sampler = SystemMetricsSampler(node_id=self.node_id, emit=emit, start_time_s=start,
+                                                     interval_s=self.cfg.system_metrics_interval_s).start()
                 # train.run() finishes the tracker on rank 0 only: deliver this node's samples at exit.
                 atexit.register(self.finish)
         return self.run_id

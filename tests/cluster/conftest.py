@@ -1,8 +1,9 @@
-"""The two-node SLURM cluster as a session fixture.
+"""The two-node SLURM cluster as a module fixture.
 
-It comes up once per session (about a second once SLURM is installed; apt-get installs it the first
-time) and is torn down at the end, also after a failed test or Ctrl-C. Where it cannot run (not root,
-no apt-get to install SLURM, no network namespaces) the tests that use it are skipped with the reason.
+It comes up once per test module (about a second once SLURM is installed; apt-get installs it the first
+time) and is torn down when the module's tests are done, also after a failure or Ctrl-C, so nothing of
+it is left while the rest of the suite runs. Where it cannot run (not root, no apt-get to install SLURM,
+no network namespaces) the tests that use it are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ sys.path.insert(0, str(HERE.parent))  # tests/: the shared s3_server and mlflow_
 from slurm_cluster import ClusterUnavailable, SlurmCluster, leftovers  # noqa: E402
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory: pytest.TempPathFactory):
     cluster = SlurmCluster(tmp_path_factory.mktemp("slurm-cluster"))
     try:

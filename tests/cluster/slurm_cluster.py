@@ -6,14 +6,15 @@
 
 Layout (every name starts with ``slt`` so that teardown can find exactly what this file created):
 
-    host network namespace          slt-node1 (net + UTS ns)    slt-node2 (net + UTS ns)
+    host network namespace          slt-node1 (net, UTS, IPC ns)  slt-node2 (net, UTS, IPC ns)
     munged, slurmctld  ── sltbr0 ── eth0 10.201.0.11 ─ slurmd    eth0 10.201.0.12 ─ slurmd
     10.201.0.1 (bridge address)
 
 Why it is built this way (each point was found by trying):
 - one slurmd per node, each in its own network namespace so that two nodes can use the same ports and
-  a rendezvous on "node1" really crosses a network, and in its own UTS namespace so that ``hostname``
-  (which torchrun's c10d rendezvous compares with the endpoint) is the node name;
+  a rendezvous on "node1" really crosses a network, in its own UTS namespace so that ``hostname``
+  (which torchrun's c10d rendezvous compares with the endpoint) is the node name, and with its own
+  /dev/shm and SysV IPC, so ranks on different nodes cannot meet through shared memory;
 - ``nsenter --net`` rather than ``ip netns exec``: the latter remounts /sys and slurmd then fails in its
   cgroup setup; with ProctrackType=proctrack/linuxproc and TaskPlugin=task/none no cgroup is needed;
 - munged and slurmctld run in the host namespace; the munge socket is a path, which every namespace
@@ -73,7 +74,11 @@ def _missing_tools() -> list[str]:
 
 
 def ensure_installed(log: Path | None = None) -> None:
-    """Install SLURM and munge with apt-get when they are missing; raise ClusterUnavailable if we cannot."""
+    """Install SLURM and munge with apt-get when they are missing.
+
+    ClusterUnavailable (a skip) where the cluster cannot run at all: not Linux, not root, no apt-get.
+    A failing apt-get is an error: root with apt-get is where the cluster is expected to run (CI).
+    """
     if not sys.platform.startswith("linux"):
         raise ClusterUnavailable("the SLURM test cluster needs Linux network namespaces")
     if os.geteuid() != 0:
@@ -93,14 +98,14 @@ def ensure_installed(log: Path | None = None) -> None:
                      *PACKAGES, "iproute2", "util-linux", "procps"]):
             r = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=900)
             if r.returncode != 0:
-                raise ClusterUnavailable(f"{' '.join(cmd)} failed with {r.returncode}" +
-                                         (f" (log: {log})" if log else ""))
+                raise RuntimeError(f"{' '.join(cmd)} failed with exit code {r.returncode}" +
+                                   (f"; log: {log}" if log else ""))
     finally:
         if log:
             out.close()
     still = _missing_tools()
     if still:
-        raise ClusterUnavailable(f"apt-get installed {' '.join(PACKAGES)} but {', '.join(still)} is still missing")
+        raise RuntimeError(f"apt-get installed {' '.join(PACKAGES)} but {', '.join(still)} is still missing")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,7 +293,7 @@ class TcpForwarder:
 class SlurmCluster:
     """Bring-up and teardown of the two-node cluster; ``workdir`` holds configs, spool and logs."""
 
-    def __init__(self, workdir: str | Path, *, slurmd_timeout_s: int = 20, cred_expire_s: int = 10) -> None:
+    def __init__(self, workdir: str | Path, *, slurmd_timeout_s: int = 12, cred_expire_s: int = 10) -> None:
         self.dir = Path(workdir).resolve()
         self.conf = self.dir / "etc" / "slurm.conf"
         self.munge_socket = self.dir / "munge" / "munge.socket"
@@ -476,13 +481,24 @@ PartitionName=batch Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
             out.append(f"==> {f.name} <==\n" + "\n".join(lines))
         return "\n".join(out)
 
-    def kill_slurmd(self, node: str) -> None:
-        """SIGKILL a node's slurmd only: its job processes stay, as when the daemon crashes."""
+    def kill_node(self, node: str) -> None:
+        """The node dies: its network goes silent first (no FIN or RST reaches the peers, as after a power
+        loss), then its slurmd and every process on it are SIGKILLed."""
+        _run(["ip", "-n", netns_name(node), "link", "set", "eth0", "down"])
+        for pid in netns_pids(node):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         p = self.procs[f"slurmd-{node}"]
-        p.kill()
         p.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while netns_pids(node) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
-    def restart_slurmd(self, node: str) -> None:
+    def revive_node(self, node: str) -> None:
+        """The node boots again: network up and a fresh slurmd, which re-registers with slurmctld."""
+        _run(["ip", "-n", netns_name(node), "link", "set", "eth0", "up"])
         self._slurmd(node)
 
     @staticmethod

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 import torch
 from datatree import MEAN, STD, ids, pixel_values
@@ -135,27 +136,70 @@ def test_imagenet_val_resizes_shorter_side_then_centre_crops(tree, make_cfg):
 
 # -- sharding ------------------------------------------------------------------------------------
 
+def record_reader(src) -> list[list[int]]:
+    """Record every batch the source's DALI pipelines produce (yielded or dropped by the loader):
+    one list of image ids per reader batch."""
+    batches: list[list[int]] = []
+    real_run = src._run
+
+    def run(pipe, *args):
+        out = real_run(pipe, *args)
+        batches.append(ids(torch.from_numpy(np.array(out[0].as_tensor()))))
+        return out
+
+    src._run = run
+    return batches
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_train_shards_disjoint_equal_length(tree, make_cfg, world_size):
+def test_train_shards_read_every_image_exactly_once_per_epoch(tree, make_cfg, world_size):
     root, index = two_class_tree(tree, n_train=23)  # 23 = not divisible by 2 or 3
     cfg = make_cfg(batch_size=3)
     ranks = [source(cfg, root, rank=r, world_size=world_size, seed=5) for r in range(world_size)]
     expected_len = (23 // world_size) // 3
     assert [len(s) for s in ranks] == [expected_len] * world_size
     train_ids = {i for p, i in index.items() if "/train/" in p}
+    sizes = shard_sizes(23, world_size)
+    reader = [record_reader(s) for s in ranks]
     seen_over_epochs: set[int] = set()
-    for _ in range(world_size + 1):
+    orders = []
+    for epoch in range(world_size + 1):
         seen = []
-        for s in ranks:
+        read = []
+        for r, s in enumerate(ranks):
+            start = len(reader[r])
             batches = list(s)
             assert len(batches) == expected_len
             seen += [i for x, _ in batches for i in ids(x)]
-        assert len(seen) == len(set(seen)) == world_size * expected_len * 3  # disjoint, rest dropped
-        assert set(seen) <= train_ids
+            # What the reader produced this epoch: the shard's images, then padding.
+            produced = [i for b in reader[r][start:] for i in b]
+            real, padding = produced[:sizes[r]], produced[sizes[r]:]
+            assert padding == real[:len(padding)]  # whole batches: the shard's start again, never yielded
+            read += real
+        # Every training image is read exactly once per epoch across the ranks ...
+        assert sorted(read) == sorted(train_ids), epoch
+        # ... and the yielded batches are disjoint (the < world_size * batch_size rest is dropped).
+        assert len(seen) == len(set(seen)) == world_size * expected_len * 3
         seen_over_epochs |= set(seen)
+        orders.append(read)
     assert all(s.epoch == world_size + 1 for s in ranks)
-    # shards rotate between epochs, so no rank is stuck with the same subset
-    assert len(seen_over_epochs) > 0.9 * len(train_ids)
+    assert len({tuple(o) for o in orders}) == len(orders)  # a new global order every epoch
+    assert seen_over_epochs == train_ids  # what one epoch drops, another one uses
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_multi_rank_shuffle_is_seeded(tree, make_cfg, world_size):
+    root, _ = two_class_tree(tree, n_train=24)
+    cfg = make_cfg(batch_size=2)
+
+    def epochs(seed, n=3):
+        ranks = [source(cfg, root, rank=r, world_size=world_size, seed=seed) for r in range(world_size)]
+        return [[ids(x) for s in ranks for x, _ in s] for _ in range(n)]
+
+    a, b, c = epochs(7), epochs(7), epochs(8)
+    assert a == b  # same seed, same order on every rank, epoch after epoch
+    assert a[0] != a[1] != a[2]  # a different order each epoch
+    assert a != c  # another seed, another order
 
 
 @pytest.mark.parametrize("world_size, batch_size", [(2, 4), (3, 4), (3, 2), (4, 3)])
@@ -287,19 +331,31 @@ def test_val_needs_an_image_per_rank(tree, make_cfg):
         source(make_cfg(), root, split="val", world_size=3)
 
 
-@pytest.mark.parametrize("style", ["cifar", "imagenet"])
-def test_mixed_graphs_are_well_formed_without_a_gpu(style):
-    # Defining the graph checks every operator argument against DALI's schema and places the
-    # outputs, without the CUDA context that building would need: the most a CPU machine can do.
+def _mixed_graphs():
     from pipeline.data.pipelines import train_pipeline, val_pipeline
 
-    common = dict(files=["a.jpg", "b.jpg"], labels=[0, 1], shard_id=0, num_shards=1, style=style, image_size=16,
-                  mean=MEAN, std=STD, decoder="mixed", batch_size=2, num_threads=1, device_id=None, seed=1)
-    for pipe in (train_pipeline(enable_checkpointing=True, **common), val_pipeline(val_resize=18, **common)):
+    mean_image = np.zeros((16, 16, 3), np.float32)
+    for style in ("cifar", "imagenet"):
+        common = dict(files=["a.jpg", "b.jpg"], labels=[0, 1], style=style, image_size=16, mean=MEAN, std=STD,
+                      decoder="mixed", batch_size=2, num_threads=1, device_id=None, seed=1)
+        yield f"{style}-train", 2, train_pipeline(enable_checkpointing=True, **common)
+        yield f"{style}-val", 2, val_pipeline(val_resize=18, **common)
+    common.update(style="imagenet")
+    yield "paper+lighting+mean", 2, train_pipeline(augment="paper", scale=(16, 20), lighting=0.1,
+                                                   mean_image=mean_image, **common)
+    yield "rrc+lighting", 2, train_pipeline(augment="rrc", lighting=0.1, **common)
+    yield "10crop+mean", 2, val_pipeline(val_resize=18, eval_mode="10crop", mean_image=mean_image, **common)
+    yield "multiscale", 4, val_pipeline(val_resize=18, eval_mode="multiscale", scales=(16, 20, 24), **common)
+
+
+def test_mixed_graphs_are_well_formed_without_a_gpu():
+    # Defining the graph checks every operator argument against DALI's schema and places the
+    # outputs, without the CUDA context that building would need: the most a CPU machine can do.
+    for name, outputs, pipe in _mixed_graphs():
         if not hasattr(pipe, "_build_graph"):
             pytest.skip("this DALI version has no graph-only build step")
         pipe._build_graph()
-        assert [o.device for o in pipe._graph_outputs] == ["gpu", "gpu"]
+        assert [o.device for o in pipe._graph_outputs] == ["gpu"] * outputs, name
 
 
 def test_jpeg_and_upper_case_extensions_decode(tree, make_cfg):

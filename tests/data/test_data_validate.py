@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from datatree import _jpeg, write_tree
+from datatree import _jpeg
 from PIL import Image
 
 from pipeline.data import DataError, build_source

@@ -3,6 +3,7 @@
 Hooks (environment variables, read here only; the pipeline itself has no test switches):
   TEST_LOSSES=path        rank 0 appends {"step", "train_loss"} per logged step as JSON lines
   TEST_SIGNAL_AT=N        rank 0 sends itself SIGUSR1 while computing step N (a real signal, at a known step)
+  TEST_SECOND_SIGNAL=1    every rank sends itself SIGTERM as it starts the stop save (a second signal)
   TEST_PAUSE_UPLOAD=tag:rank:nth:dir
                           that rank's upload thread, about to upload the nth file of checkpoint `tag`,
                           writes dir/paused-rank<R> (holding its pid) and waits until dir/go exists
@@ -47,6 +48,17 @@ def _install() -> None:
             return orig_step(self, images, labels)
 
         trainer_mod.Trainer.train_step = train_step
+    if os.environ.get("TEST_SECOND_SIGNAL"):
+        from pipeline import checkpoint
+
+        orig_save = checkpoint.Checkpointer.save
+
+        def save(self, engine, **kw):  # type: ignore[no-untyped-def]
+            if kw.get("step") == sig_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return orig_save(self, engine, **kw)
+
+        checkpoint.Checkpointer.save = save
     pause = os.environ.get("TEST_PAUSE_UPLOAD")
     if pause:
         tag, rank, nth, folder = pause.split(":", 3)

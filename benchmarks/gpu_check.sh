@@ -18,7 +18,8 @@
 #               and on DALI over the JPEGs, compiled via engine.compile() and in place before
 #               deepspeed.initialize, and eager; host syncs counted in the step (~2.5 min, mostly compiling)
 #   rn152_rn18  ResNet-152 (batch 128) and ResNet-18 (batch 256), eager: reference and DeepSpeed (~1 min)
-#   pipeline    the DALI pipeline alone at ResNet-50's batch (~20 s)
+#   pipeline    the DALI pipeline alone at ResNet-50's batch, with the paper's scale augmentation (what the
+#               training rows use; configs/imagenet) and with random-resized crops (configs/imagenet/modern)
 #   cifar       only if .gpudata/cifar10-jpeg.tar.gz is there and time is left: CIFAR ResNet-56 in device
 #               memory through DeepSpeed, compile mode reduce-overhead (CUDA graphs) then default
 set -uo pipefail
@@ -89,8 +90,8 @@ if [ "${RN152_COMPILE:-0}" = 1 ]; then
 fi
 phase rn152_rn18 100 "${BENCH[@]}" --no-matmul --model "$R152,$R18" \
     --data "synthetic,folder:$JPEGS" --compile off --reference eager --warmup "$WARM" --steps "$STEPS"
-phase pipeline 60 "${BENCH[@]}" --model "$R50" --data "folder:$JPEGS" --pipeline-only --warmup 5 \
-    --steps $((STEPS + 20))
+phase pipeline 60 "${BENCH[@]}" --model "$R50" --data "folder:$JPEGS" --augment paper,rrc --pipeline-only \
+    --warmup 5 --steps $((STEPS + 20))
 if [ -f "$CIFAR" ]; then
     for mode in reduce-overhead default; do
         phase "cifar_$mode" 90 "${BENCH[@]}" --no-matmul --config configs/cifar10/cifar_resnet56.toml \

@@ -288,6 +288,10 @@ def project_main(args: argparse.Namespace) -> int:
     errors = [r for r in rows if "error" in r]
     for r in errors:
         print(f"probe of {r.get('name', r.get('model'))} failed: {r['error']}", flush=True)
+    got = sum("alone_steps_s" in r for r in rows)
+    if args.expect and got < args.expect and not errors:
+        print(f"only {got} of {args.expect} probe processes reported (a crash leaves no row: see their logs)")
+        return 2
     try:
         p = project(rows, startup_s=args.startup_s)
     except ValueError as e:
@@ -335,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     j.add_argument("--limit-s", type=float, default=570.0)
     j.add_argument("--startup-s", type=float, default=20.0, help="process start, data decode, engine build")
     j.add_argument("--json", help="write the projection here")
+    j.add_argument("--expect", type=int, default=0, help="probe processes that should have reported")
     args, rest = p.parse_known_args(argv)
     if args.cmd != "run" and rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")

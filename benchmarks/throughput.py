@@ -19,9 +19,9 @@ so every row carries its ratio to the reference from the same machine and minute
     python benchmarks/throughput.py --device cpu --model cifar_resnet20:8 --image-size 32 --steps 2
     python benchmarks/throughput.py --table results.jsonl      # the summary table of a results file
 
-``--data`` takes ``synthetic``, ``folder:DIR`` (an ImageFolder with train/ and val/, decoded by DALI)
-and ``s3://bucket/prefix`` (the same layout in S3, read by DALI's own S3 client; ``--s3-endpoint``
-or $AWS_ENDPOINT_URL for S3-compatible stores).
+``--data`` takes ``synthetic``, ``folder:DIR`` (an ImageFolder, of which only train/ is read, decoded by
+DALI) and ``s3://bucket/prefix`` (the same layout in S3, listed by pipeline.storage and read by DALI's own
+S3 client; ``--s3-endpoint`` or $AWS_ENDPOINT_URL for S3-compatible stores).
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class Case:
     image_size: int
     data: str  # "synthetic", "folder:DIR", "s3://...", "config"
     compile: str = "off"
+    augment: str = "paper"  # ImageNet style: the paper's scale augmentation + lighting, or random-resized crop
     cfg: TrainConfig | None = None  # --config runs: everything else comes from here
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -138,28 +139,9 @@ def _reset_peak(device: torch.device) -> None:
 
 
 # -- data --------------------------------------------------------------------------------------------------
-def s3_index(uri: str, *, split_dir: str, endpoint_url: str = ""):
-    """A SplitIndex of ``uri/split_dir/<class>/<image>`` in S3, with s3:// paths DALI reads itself."""
-    import fsspec
-
-    from pipeline.data.folder import IMAGE_EXTENSIONS, SplitIndex
-
-    fs = fsspec.filesystem("s3", **({"endpoint_url": endpoint_url} if endpoint_url else {}))
-    base = uri.removeprefix("s3://").rstrip("/") + "/" + split_dir
-    found = sorted(p for p in fs.find(base) if p.lower().endswith(IMAGE_EXTENSIONS))
-    if not found:
-        raise FileNotFoundError(f"no images under s3://{base}/<class>/")
-    classes = sorted({p[len(base) + 1:].split("/")[0] for p in found})
-    label = {c: i for i, c in enumerate(classes)}
-    files = [p for c in classes for p in found if p[len(base) + 1:].split("/")[0] == c]
-    return SplitIndex(path=f"s3://{base}", classes=tuple(classes), files=tuple(f"s3://{p}" for p in files),
-                      labels=tuple(label[p[len(base) + 1:].split("/")[0]] for p in files))
-
-
 def build_data(case: Case, args: argparse.Namespace, device: torch.device, *, split: str = "train"):
     """The data source of ``case`` through the project's own builders (DaliSource, SyntheticSource...)."""
-    from pipeline.data import build_source, prepare_dataset_root, resolve_decoder
-    from pipeline.data.loader import DaliSource
+    from pipeline.data import build_source, prepare_dataset_root
 
     if case.cfg is not None:
         cfg = case.cfg
@@ -167,28 +149,27 @@ def build_data(case: Case, args: argparse.Namespace, device: torch.device, *, sp
         return build_source(cfg.data, split=split, rank=0, world_size=1, device=device,  # type: ignore[arg-type]
                             seed=cfg.seed, num_classes=cfg.model.num_classes, root=root)
     style = "cifar" if case.model.startswith("cifar_") else "imagenet"
+    # The project's ImageNet recipes: "paper" (configs/imagenet: shorter side in [256, 480], crop, PCA lighting
+    # 0.1) or "rrc" (configs/imagenet/modern: random-resized crop, no lighting).
     data = DataConfig(source="synthetic", style=style, image_size=case.image_size, val_resize=case.image_size,
                       batch_size=case.batch, num_threads=args.threads, prefetch=args.prefetch, decoder=args.decoder,
-                      mean=IMAGENET_MEAN, std=IMAGENET_STD, synthetic_batches=64)
+                      mean=IMAGENET_MEAN, std=IMAGENET_STD, synthetic_batches=64, augment=case.augment,  # type: ignore[arg-type]
+                      lighting=0.1 if case.augment == "paper" else 0.0,
+                      scale=[max(256, case.image_size), max(480, case.image_size)])
     if case.data == "synthetic":
         return build_source(data, split="train", rank=0, world_size=1, device=device, seed=0,
                             num_classes=args.num_classes)
-    if case.data.startswith("folder:"):
+    if case.data.startswith(("folder:", "s3://")):
         from pipeline.data.folder import list_classes
 
-        # Only train/ is needed (val_dir = train); the class count is the folder's, so any tree works.
-        data = replace(data, source="folder", root=case.data.removeprefix("folder:"), val_dir="train")
+        root = case.data.removeprefix("folder:")
+        if root.startswith("s3://") and args.s3_endpoint:
+            os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint  # the listing (pipeline.storage) and DALI's reader
+        # Only train/ is needed (val_dir = train); the class count is the tree's, so any tree works.
+        data = replace(data, source="folder", root=root, val_dir="train")
+        train = root.rstrip("/") + "/train" if root.startswith("s3://") else os.path.join(root, "train")
         return build_source(data, split="train", rank=0, world_size=1, device=device, seed=0,
-                            num_classes=len(list_classes(os.path.join(data.root, "train"))))
-    if case.data.startswith("s3://"):
-        if args.s3_endpoint:
-            os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint  # DALI's S3 client reads it
-        index = s3_index(case.data, split_dir="train", endpoint_url=args.s3_endpoint)
-        return DaliSource(index, split="train", rank=0, world_size=1, device=device, seed=0,
-                          num_classes=len(index.classes), batch_size=case.batch, style=style,
-                          image_size=case.image_size, val_resize=case.image_size, mean=IMAGENET_MEAN,
-                          std=IMAGENET_STD, num_threads=args.threads, prefetch=args.prefetch,
-                          decoder=resolve_decoder(args.decoder, device))
+                            num_classes=len(list_classes(train)))
     raise ValueError(f"--data {case.data!r}: use synthetic, folder:DIR or s3://bucket/prefix")
 
 
@@ -372,6 +353,8 @@ class Bench:
         a = self.args
         base = {"kind": "deepspeed", "model": case.model, "batch": case.batch, "image_size": case.image_size,
                 "data": case.data, "compile": case.compile, **case.extra}
+        if case.cfg is None and case.data != "synthetic":
+            base["augment"] = case.augment
         try:
             self._fresh_compile_state(case.model)
             source = build_data(case, a, self.device)
@@ -398,13 +381,15 @@ class Bench:
             del trainer, source
             return self.emit(row)
         except Exception as e:  # noqa: BLE001
+            if a.probe_dir:
+                (Path(a.probe_dir) / f"failed-{a.probe_slot}").write_text(f"{type(e).__name__}: {e}")
             return self.emit({**base, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]})
 
     def pipeline(self, case: Case) -> None:
         """The data source alone: batches/s with nothing else on the device."""
         a = self.args
         base = {"kind": "pipeline", "model": "", "batch": case.batch, "image_size": case.image_size,
-                "data": case.data}
+                "data": case.data, "augment": case.augment}
         try:
             source = build_data(case, a, self.device)
             batches = endless(source)
@@ -431,6 +416,9 @@ class Bench:
         (d / f"ready-{a.probe_slot}").write_text(str(time.time()))
         deadline = time.time() + a.probe_timeout
         while len(list(d.glob("ready-*"))) < a.probe_slots:
+            if failed := sorted(d.glob("failed-*")):
+                raise RuntimeError(f"probe process {failed[0].name.removeprefix('failed-')} failed "
+                                   f"({failed[0].read_text()[:200]}); the timetable cannot be kept")
             if time.time() > deadline:
                 raise TimeoutError(f"only {len(list(d.glob('ready-*')))} of {a.probe_slots} probe processes got "
                                    f"ready within {a.probe_timeout} s")
@@ -475,6 +463,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             continue
         data = str(r.get("data", ""))
         data = data if len(data) <= 22 else "…" + data[-21:]
+        if r.get("augment") and r.get("kind") in ("deepspeed", "pipeline"):
+            data = (data[:17] + "/" + r["augment"]) if len(data) + len(r["augment"]) > 21 else f"{data}/{r['augment']}"
         if "error" in r:
             out.append(f"{r.get('kind', ''):<10} {r.get('model', ''):<16} {r.get('batch', ''):>5} {data:<22} "
                        f"{r.get('compile', ''):<8} FAILED: {r['error'][:90]}")
@@ -573,6 +563,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "engine, auto (model.compile)")
     p.add_argument("--compile-mode", default="default", help="torch.compile mode for every compiled run")
     p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--augment", default="paper", help="comma-separated ImageNet augmentations of the DALI "
+                   "sources: paper (configs/imagenet), rrc (configs/imagenet/modern)")
     p.add_argument("--reference", default="eager", help="comma-separated: eager, compiled, none")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--channels-last", default="auto", type=lambda s: s if s == "auto" else s.lower() == "true")
@@ -599,7 +591,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe-slot", type=int, default=0)
     p.add_argument("--probe-slots", type=int, default=1)
     p.add_argument("--probe-seconds", type=float, default=4.0, help="length of each probe window")
-    p.add_argument("--probe-timeout", type=float, default=400.0)
+    p.add_argument("--probe-timeout", type=float, default=300.0, help="longest wait for the other processes")
     p.add_argument("--probe-max-steps", type=int, default=0, help="steps the full run will take (default: config)")
     return p.parse_args(argv)
 
@@ -615,8 +607,9 @@ def _cases(args: argparse.Namespace) -> list[Case]:
         name, _, batch = item.partition(":")
         size = args.image_size or (32 if name.startswith("cifar_") else 224)
         for data in args.data.split(","):
-            for mode in args.compile.split(","):
-                cases.append(Case(name, int(batch or 256), size, data, compile=mode))
+            for augment in (args.augment.split(",") if data != "synthetic" else ["paper"]):
+                for mode in args.compile.split(","):
+                    cases.append(Case(name, int(batch or 256), size, data, compile=mode, augment=augment))
     return cases
 
 
@@ -638,7 +631,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # One process compiles several engines of one network (reference, module, engine); the default limit
     # of 8 graphs per code object would silently send later ones back to eager.
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for limit in ("recompile_limit", "cache_size_limit"):  # the newer name, and the older one of torch <= 2.5
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     if args.device == "cuda" and device.type != "cuda":
         print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
@@ -649,8 +644,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.pipeline_only:
         seen = set()
         for c in cases:
-            if (c.data, c.batch, c.image_size) not in seen:
-                seen.add((c.data, c.batch, c.image_size))
+            if (c.data, c.batch, c.image_size, c.augment) not in seen:
+                seen.add((c.data, c.batch, c.image_size, c.augment))
                 bench.pipeline(c)
         return 0
     refs = [r for r in args.reference.split(",") if r and r != "none"]

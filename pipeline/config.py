@@ -280,8 +280,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Stable short hash of the resolved config (recorded in checkpoint manifests)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """Short hash of what defines the experiment (recorded in checkpoint manifests).
+
+        Where things are written or logged (output, checkpoint and tracking sections, progress, the
+        run's names) is left out, so a requeued or relocated run still matches its checkpoints.
+        """
+        d = self.to_dict()
+        for key in ("name", "output_dir", "run_id", "progress", "checkpoint", "tracking"):
+            d.pop(key, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------

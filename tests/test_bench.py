@@ -138,7 +138,8 @@ def test_throughput_benchmark_runs_the_real_step_on_the_cpu(tmp_path, tiny_jpegs
     res = tmp_path / "res.jsonl"
     r = run_py(["benchmarks/throughput.py", "--device", "cpu", "--model", "cifar_resnet20:4", "--num-classes", "10",
                 "--image-size", "32", "--data", f"synthetic,folder:{tiny_jpegs}", "--warmup", "1", "--steps", "2",
-                "--threads", "1", "--reference", "eager", "--matmul-size", "128", "--out", str(res)])
+                "--threads", "1", "--augment", "rrc", "--reference", "eager", "--matmul-size", "128",
+                "--out", str(res)])
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in res.read_text().splitlines()]
     assert [r["kind"] for r in rows] == ["matmul_peak", "reference", "deepspeed", "deepspeed"]
@@ -167,7 +168,8 @@ def test_throughput_pipeline_alone_and_dali_over_s3(tmp_path, tiny_jpegs, s3_end
     res = tmp_path / "res.jsonl"
     env = {**ENV, **aws_env(s3_endpoint), "AWS_REGION": "us-east-1"}
     common = ["benchmarks/throughput.py", "--device", "cpu", "--model", "resnet18:4", "--image-size", "32",
-              "--warmup", "1", "--steps", "3", "--threads", "1", "--out", str(res), "--no-matmul"]
+              "--warmup", "1", "--steps", "3", "--threads", "1", "--augment", "rrc", "--out", str(res),
+              "--no-matmul"]
     for extra in (["--data", "s3://bench/ds,folder:" + str(tiny_jpegs), "--pipeline-only"],
                   ["--data", "s3://bench/ds", "--reference", "none"]):
         r = subprocess.run([sys.executable, *common, *extra], cwd=REPO, env=env, capture_output=True, text=True,

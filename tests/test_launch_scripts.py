@@ -78,7 +78,7 @@ FAKE_TORCHRUN = r'''#!/usr/bin/env python3
 """Behaves like torchrun where the wrapper depends on it: starts workers as children in their own
 sessions, does not handle USR1 (so its default action would kill it), turns any non-zero worker exit
 into exit 1, and on SIGTERM stops its workers and exits 143."""
-import os, signal, subprocess, sys, time
+import os, signal, subprocess, sys
 out = os.environ["FAKE_OUT"]
 workers = [subprocess.Popen([sys.executable, os.environ["FAKE_WORKER"], str(i)], start_new_session=True)
            for i in range(2)]

@@ -75,9 +75,12 @@ def decode_split(index: SplitIndex, *, image_size: int, device: torch.device, de
         if mixed:
             from nvidia.dali.plugin.pytorch import feed_ndarray
 
+            stream = torch.cuda.current_stream(device)
             full = torch.empty(images.shape(), dtype=torch.uint8, device=device)
-            feed_ndarray(images, full, cuda_stream=torch.cuda.current_stream(device))
+            feed_ndarray(images, full, cuda_stream=stream)
             out[start:start + take] = full[:take]
+            # Once per decode batch, at start-up: DALI may reuse this output's memory on its next run().
+            stream.synchronize()
         else:
             out[start:start + take] = torch.from_numpy(np.array(images)[:take]).to(device)
     del pipe

@@ -338,7 +338,7 @@ class SlurmCluster:
         return self
 
     def _record(self) -> None:
-        self._state["pids"] = {f"{name}": p.pid for name, p in self.procs.items()}
+        self._state["pids"] = {name: p.pid for name, p in self.procs.items()}
         STATE_FILE.write_text(json.dumps(self._state))
 
     def _network(self) -> None:
@@ -414,7 +414,9 @@ GresTypes=gpu
 SlurmdParameters=config_overrides
 ReturnToService=2
 SlurmdTimeout={self.slurmd_timeout_s}
+# Finished jobs stay visible to scontrol for the tests' checks.
 MinJobAge=3600
+# SIGTERM-to-SIGKILL grace when a job is killed (default 30 s): shorter keeps node-failure tests short.
 KillWait=10
 InactiveLimit=0
 JobRequeue=1
@@ -442,14 +444,14 @@ PartitionName=batch Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
                                f"--socket={self.munge_socket}", f"--pid-file={self.dir}/munge/munged.pid",
                                f"--log-file={self.dir}/log/munged.log", f"--seed-file={self.dir}/munge/seed"])
         self._wait(lambda: _run(["munge", "-S", str(self.munge_socket), "-n"], check=False).returncode == 0,
-                   "munged to answer", 20, "munged")
+                   "munged to answer", 20)
 
     def _slurmctld(self) -> None:
         # slurmctld insists that the local hostname is SlurmctldHost's name: give it its own UTS namespace.
         self._spawn("slurmctld", ["unshare", "--uts", "sh", "-c",
                                   f'hostname {CTL_NAME} && exec slurmctld -D -i -f "$SLURM_CONF"'])
         self._wait(lambda: self.run("scontrol", "ping", check=False, timeout=10).stdout.count("UP") > 0,
-                   "slurmctld to answer scontrol ping", 30, "slurmctld")
+                   "slurmctld to answer scontrol ping", 30)
 
     def _slurmd(self, node: str) -> None:
         self._spawn(f"slurmd-{node}", self._on_node(node, ["slurmd", "-D", "-N", node, "-f", str(self.conf)]))
@@ -460,9 +462,9 @@ PartitionName=batch Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=U
             states = dict(line.split() for line in out if line.strip())
             return all(states.get(n, "").startswith("idle") for n in NODES)
 
-        self._wait(idle, "both nodes to be idle", timeout_s, "slurmd-node1")
+        self._wait(idle, "both nodes to be idle", timeout_s)
 
-    def _wait(self, cond, what: str, timeout_s: float, daemon: str) -> None:
+    def _wait(self, cond, what: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if cond():

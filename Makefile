@@ -16,14 +16,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
+# The venv first on PATH: DeepSpeed JIT-builds a CPU op with whichever ninja it finds, and a
+# different ninja (the system's) hashes the build differently and rebuilds it (~1 min) every time.
+RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
+
 demo: $(STAMP)
-	$(BIN)/python -m pipeline.demo
+	$(RUN) $(BIN)/python -m pipeline.demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(RUN) $(BIN)/python -m pytest tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests -m "not slow"
+	$(RUN) $(BIN)/python -m pytest tests -m "not slow"
 
 # SLURM and munge for the two-node test cluster (tests/cluster/); the tests install them too when root.
 cluster-deps:

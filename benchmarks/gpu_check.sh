@@ -29,12 +29,13 @@ PY=${PYTHON:-python3}
 CIFAR=.gpudata/cifar10-jpeg.tar.gz
 # Sizes: the H100's, or toy ones for a CPU dry run (the same commands, the same code paths).
 R50=resnet50:256 R152=resnet152:128 R18=resnet18:256 STEPS=40 WARM=10 NJPEG=4000 CIFAR_STEPS=300
-EXTRA=() JPEG_EXTRA=() DEVICE=cuda SCALE=1
+EXTRA=() JPEG_EXTRA=() CIFAR_EXTRA=() DEVICE=cuda SCALE=1
 if [ "${1:-}" = --cpu ]; then
     OUT=${OUT:-runs/gpu_check_cpu} BUDGET_S=${BUDGET_S:-2400} DEVICE=cpu SCALE=5
     R50=resnet50:2 R152=resnet152:2 R18=resnet18:2 STEPS=2 WARM=1 NJPEG=24 CIFAR_STEPS=2
     EXTRA=(--device cpu --image-size 64 --compile-backend aot_eager --compile-warmup 1 --threads 2)
     JPEG_EXTRA=(--min-side 64 --max-side 128 --target-kib 4 --workers 2)
+    CIFAR_EXTRA=(--set model.compile_backend=aot_eager)
     JPEGS=${JPEGS:-/tmp/bench-jpegs-cpu}
     [ -f "$CIFAR" ] || CIFAR=../shared/datasets/cifar10-jpeg.tar.gz
 fi
@@ -85,17 +86,17 @@ phase make_jpegs 90 "$PY" benchmarks/make_jpegs.py "$JPEGS" --count "$NJPEG" "${
 phase resnet50 200 "${BENCH[@]}" --model "$R50" --data "synthetic,folder:$JPEGS" \
     --compile engine,module,off --reference eager,compiled --warmup "$WARM" --steps "$STEPS" --sync-check
 if [ "${RN152_COMPILE:-0}" = 1 ]; then
-    phase resnet152_compiled 300 "${BENCH[@]}" --no-matmul --model "$R152" --data "folder:$JPEGS" \
+    phase resnet152_compiled 300 "${BENCH[@]}" --model "$R152" --data "folder:$JPEGS" \
         --compile engine --reference compiled --warmup "$WARM" --steps "$STEPS"
 fi
-phase rn152_rn18 100 "${BENCH[@]}" --no-matmul --model "$R152,$R18" \
+phase rn152_rn18 100 "${BENCH[@]}" --model "$R152,$R18" \
     --data "synthetic,folder:$JPEGS" --compile off --reference eager --warmup "$WARM" --steps "$STEPS"
 phase pipeline 60 "${BENCH[@]}" --model "$R50" --data "folder:$JPEGS" --augment paper,rrc --pipeline-only \
     --warmup 5 --steps $((STEPS + 20))
 if [ -f "$CIFAR" ]; then
     for mode in reduce-overhead default; do
-        phase "cifar_$mode" 90 "${BENCH[@]}" --no-matmul --config configs/cifar10/cifar_resnet56.toml \
-            --set "data.root=$CIFAR" --set "model.compile_mode=$mode" --set progress=false \
+        phase "cifar_$mode" 90 "${BENCH[@]}" --config configs/cifar10/cifar_resnet56.toml \
+            --set "data.root=$CIFAR" --set "model.compile_mode=$mode" --set progress=false "${CIFAR_EXTRA[@]}" \
             --reference compiled --warmup "$WARM" --compile-warmup "$WARM" --steps "$CIFAR_STEPS"
     done
 else

@@ -280,7 +280,8 @@ def _check_root(root: str, train_dir: str, val_dir: str) -> None:
         with os.scandir(root) as entries:
             present = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
     for key, sub in (("train_dir", train_dir), ("val_dir", val_dir)):
-        if sub not in present if is_url(root) else not os.path.isdir(os.path.join(root, sub)):
+        missing = sub not in present if is_url(root) else not os.path.isdir(os.path.join(root, sub))
+        if missing:
             raise DataError(f"dataset root {root} has no {sub}/ folder (data.{key} = {sub!r}); folders there: "
                             f"{', '.join(present) or 'none'}. Create {_join(root, sub)}/<class>/<image> "
                             f"or set --data.{key} to the right folder name")

@@ -138,6 +138,30 @@ def test_prepare_dataset_root_takes_an_archive_as_data_root(tmp_path):
     assert os.path.isdir(os.path.join(root, "test", "a"))
 
 
+def test_official_python_download_becomes_an_image_tree(tmp_path):
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = {b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), b"labels": [0, 9, 0]}
+    with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as tar:
+        for name, batch in batches.items():
+            data = pickle.dumps(batch)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out = tmp_path / "tree"
+    archives.tree_from_python_archive(str(tmp_path / "cifar-10-python.tar.gz"), str(out))
+    assert sorted(os.listdir(out / "train")) == ["airplane", "truck"]
+    assert len(os.listdir(out / "train" / "airplane")) == 10 and len(os.listdir(out / "test" / "truck")) == 1
+    first = np.asarray(Image.open(out / "train" / "airplane" / "00000.png"))
+    assert np.array_equal(first, batches["data_batch_1"][b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0))
+
+
 # -- the real CIFAR-10 ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory) -> str:

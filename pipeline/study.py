@@ -323,7 +323,7 @@ def _submit(study: Study, todo: list[tuple[Member, Path]], *, folder: Path, dry_
     # One resolved member config per line; array task i trains line i+1.
     manifest = folder / "members.txt"
     manifest.write_text("".join(f"{p.resolve()}\n" for _, p in todo))
-    cmd = slurm_command(manifest, count=len(todo), study=study.name)
+    cmd = slurm_command(manifest.resolve(), count=len(todo), study=study.name)
     print(f"SLURM job array, one task per member ({', '.join(m.name for m, _ in todo)}):\n  {shlex.join(cmd)}",
           flush=True)
     if dry_run:

@@ -81,8 +81,12 @@ SERVER_PID=
 MPS=0
 # shellcheck disable=SC2329  # called by the EXIT trap
 cleanup() {
-    [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null
+    local jobs_left=()
+    # Whatever this script started and is still running (the MLflow server, probe processes after an interrupt).
+    mapfile -t jobs_left < <(jobs -p)
+    ((${#jobs_left[@]})) && kill "${jobs_left[@]}" 2>/dev/null
     [ "$MPS" = 1 ] && echo quit | nvidia-cuda-mps-control
+    return 0
 }
 trap cleanup EXIT
 if "$PY" -c "import mlflow, sqlalchemy, alembic" 2>/dev/null; then

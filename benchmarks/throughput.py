@@ -307,10 +307,10 @@ class Bench:
         # Graphs of another network would only count against dynamo's recompile limit; another instance
         # of the same network reuses them (parameters are graph inputs), as a second run on the machine
         # would find them in the compile cache.
-        import torch._dynamo
+        import torch._dynamo as dynamo
 
         if model != self._compiled_model:
-            torch._dynamo.reset()
+            dynamo.reset()
             self._compiled_model = model
         _reset_peak(self.device)
 
@@ -632,15 +632,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks: read_env picks CUDA whenever it sees a GPU
-    env = init_distributed(DistributedConfig())
-    device = env.device
-    import torch._dynamo
+    if args.pipeline_only:
+        # No engine, so no process group (and no DeepSpeed start-up).
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = init_distributed(DistributedConfig()).device
+    import torch._dynamo as dynamo
 
     # One process compiles several engines of one network (reference, module, engine); the default limit
     # of 8 graphs per code object would silently send later ones back to eager.
     for limit in ("recompile_limit", "cache_size_limit"):  # the newer name, and the older one of torch <= 2.5
-        if hasattr(torch._dynamo.config, limit):
-            setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+        if hasattr(dynamo.config, limit):
+            setattr(dynamo.config, limit, max(getattr(dynamo.config, limit), 64))
     if args.device == "cuda" and device.type != "cuda":
         print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2

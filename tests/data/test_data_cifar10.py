@@ -183,9 +183,10 @@ def test_real_cifar10_archive_has_the_paper_splits(cifar_root):
 
 @needs_cifar
 @pytest.mark.slow
-def test_real_cifar10_trains_through_the_full_path(cifar_root, tmp_path):
+def test_real_cifar10_trains_through_the_full_path(cifar_root, tmp_path, monkeypatch):
     """A short run of the Table 6 ResNet-20 config on the real archive: in-memory source, DeepSpeed, checkpoint."""
     from pipeline.config import load_config
+    from pipeline.signals import StopFlag
     from pipeline.train import run
 
     cfg = load_config(REPO / "configs/cifar10/cifar_resnet20.toml", [
@@ -194,10 +195,12 @@ def test_real_cifar10_trains_through_the_full_path(cifar_root, tmp_path):
         "--progress=false", "--tracking.enabled=false", f"--output_dir={tmp_path}/out",
         f"--checkpoint.uri={tmp_path}/ckpt", "--checkpoint.every_minutes=0"])
     assert cfg.data.in_memory and cfg.data.val_dir == "test"
+    # DeepSpeed's CPU op build folder, one per checkout (see tests/test_bench.py).
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions")))
     env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
                                           "MASTER_PORT")}
     try:
-        outcome = run(cfg)
+        outcome = run(cfg, stop=StopFlag())  # not installed: the test process keeps its own signal handlers
     finally:
         for k, v in env.items():
             if v is None:

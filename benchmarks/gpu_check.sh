@@ -13,7 +13,8 @@
 # compile ResNet-152: ~3 more minutes; its compiled step was slower than eager in ../shared/README.md).
 #
 # Phases, most important first, each under its own time limit so a failed or slow one costs only itself:
-#   make_jpegs  4,000 ImageNet-shaped JPEGs in $JPEGS (~10 s)
+#   make_jpegs  8,000 ImageNet-shaped JPEGs in $JPEGS (~15 s; an epoch of 31 batches of 256, so the rows
+#               also report the cost of each epoch start and the rate with ImageNet-sized epochs)
 #   resnet50    batch 256: plain-PyTorch reference eager and compiled; the DeepSpeed step on synthetic data
 #               and on DALI over the JPEGs, compiled via engine.compile() and in place before
 #               deepspeed.initialize, and eager; host syncs counted in the step (~2.5 min, mostly compiling)
@@ -28,7 +29,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 CIFAR=.gpudata/cifar10-jpeg.tar.gz
 # Sizes: the H100's, or toy ones for a CPU dry run (the same commands, the same code paths).
-R50=resnet50:256 R152=resnet152:128 R18=resnet18:256 STEPS=40 WARM=10 NJPEG=4000 CIFAR_STEPS=300
+R50=resnet50:256 R152=resnet152:128 R18=resnet18:256 STEPS=40 WARM=10 NJPEG=8000 CIFAR_STEPS=300
 EXTRA=() JPEG_EXTRA=() CIFAR_EXTRA=() DEVICE=cuda SCALE=1
 if [ "${1:-}" = --cpu ]; then
     OUT=${OUT:-runs/gpu_check_cpu} BUDGET_S=${BUDGET_S:-2400} DEVICE=cpu SCALE=5
@@ -97,7 +98,7 @@ if [ -f "$CIFAR" ]; then
     for mode in reduce-overhead default; do
         phase "cifar_$mode" 90 "${BENCH[@]}" --config configs/cifar10/cifar_resnet56.toml \
             --set "data.root=$CIFAR" --set "model.compile_mode=$mode" --set progress=false "${CIFAR_EXTRA[@]}" \
-            --reference compiled --warmup "$WARM" --compile-warmup "$WARM" --steps "$CIFAR_STEPS"
+            --reference compiled --warmup "$WARM" --compile-warmup "$WARM" --steps "$CIFAR_STEPS" --sync-check
     done
 else
     echo "-- cifar: skipped ($CIFAR is not there)"

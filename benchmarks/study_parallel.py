@@ -261,23 +261,24 @@ def project(rows: list[dict[str, Any]], *, startup_s: float = 20.0) -> dict[str,
 
     Concurrent: every member keeps the rate it had with all of them running (conservative: a member
     that finishes early frees the GPU for the rest), plus its evaluations at the same slowdown. In turn:
-    each member at its rate alone. Both add the probe's warm-up (compilation, which the real runs
-    partly take from the compile cache) and process start-up."""
+    each member at its rate alone. Both add the probe's start-up (at least ``startup_s``) and warm-up
+    (compilation, which the real runs partly take from the compile cache)."""
     members = []
     for r in rows:
         if "alone_steps_s" not in r:
             continue
         steps = r["max_steps"]
         evals = steps // max(1, r["steps_per_epoch"] * r.get("eval_every", 1)) + 1
+        # Start-up as the probe measured it (imports, data, engine), never below the floor given.
         members.append({"name": r.get("name", r.get("model")), "steps": steps, "evals": evals,
                         "alone": r["alone_steps_s"], "together": r["together_steps_s"], "eval_s": r["eval_s"],
-                        "warm_s": r["warmup_and_compile_s"]})
+                        "warm_s": r["warmup_and_compile_s"], "start_s": max(startup_s, r.get("startup_s", 0.0))})
     if not members:
         raise ValueError("no probe rows (with alone_steps_s) in the input")
-    warm = max(m["warm_s"] for m in members)
-    concurrent = startup_s + warm + max(
+    warm = max(m["start_s"] + m["warm_s"] for m in members)
+    concurrent = warm + max(
         m["steps"] / m["together"] + m["evals"] * m["eval_s"] * m["alone"] / m["together"] for m in members)
-    sequential = sum(startup_s + m["warm_s"] + m["steps"] / m["alone"] + m["evals"] * m["eval_s"] for m in members)
+    sequential = sum(m["start_s"] + m["warm_s"] + m["steps"] / m["alone"] + m["evals"] * m["eval_s"] for m in members)
     best = "concurrent" if concurrent <= sequential else "sequential"
     return {"members": members, "concurrent_s": concurrent, "sequential_s": sequential, "best": best,
             "best_s": min(concurrent, sequential), "parallel": len(members) if best == "concurrent" else 1}
@@ -337,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     j = sub.add_parser("project", help="projected wall time from a throughput.py probe")
     j.add_argument("probe", help="the probe's JSON lines")
     j.add_argument("--limit-s", type=float, default=570.0)
-    j.add_argument("--startup-s", type=float, default=20.0, help="process start, data decode, engine build")
+    j.add_argument("--startup-s", type=float, default=20.0, help="floor of the start-up time per member "
+                   "(imports, data decode, engine build); the probe's own measurement counts when larger")
     j.add_argument("--json", help="write the projection here")
     j.add_argument("--expect", type=int, default=0, help="probe processes that should have reported")
     args, rest = p.parse_known_args(argv)

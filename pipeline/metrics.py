@@ -32,8 +32,10 @@ class MetricSums:
     def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         n = labels.shape[0]
         hits = topk_correct(logits.detach(), labels)
-        self.sums += torch.stack([loss.detach().double() * n, hits[0], hits[1],
-                                  torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+        # The count is a Python int added in place: building a tensor from it would be a blocking
+        # host-to-device copy, one host sync per step on a GPU.
+        self.sums[:3] += torch.stack([loss.detach().double() * n, hits[0], hits[1]])
+        self.sums[3] += n
 
     def reduce(self) -> dict[str, float]:
         """Global loss and top-1/top-5 error (percent) over every rank's samples; a collective call."""

@@ -96,6 +96,8 @@ def train(e, steps=3):
 out = {}
 a = engine()
 assert a.enable_backward_allreduce is False  # one rank: the identity all-reduce is skipped
+out["clipping"] = a.gradient_clipping()  # DeepSpeed's default would be 1.0
+out["throughput_timer"] = a.tput_timer.config.enabled  # it synchronises the device twice per step
 b = engine()
 b.enable_backward_allreduce = True
 train(a); train(b)
@@ -119,10 +121,12 @@ print("RESULT " + json.dumps(out))
 
 @pytest.mark.slow
 def test_engine_options_change_no_number_and_keep_checkpoint_keys():
+    """Also: no hidden gradient clipping (DeepSpeed's default is 1.0) and no throughput-timer syncs."""
     r = run_py(["-c", ENGINE_CHECK], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.split("RESULT ", 1)[1])
     assert out["allreduce_skip_identical"], "skipping the one-rank all-reduce changed the weights"
+    assert out["clipping"] == 0.0 and out["throughput_timer"] is False
     for mode in ("module", "engine"):
         assert out[f"{mode}_keys_same"], f"compile={mode} renamed the parameters (checkpoints would not load)"
         assert out[f"{mode}_close"] and out[f"{mode}_fast_path"] == mode
@@ -192,7 +196,9 @@ def test_summary_table_and_targets_read_one_run():
              "img_s": 5600.0},
             {"kind": "deepspeed", "model": "resnet50", "batch": 256, "data": "folder:/tmp/j", "compile": "engine",
              "img_s": 5800.0, "data_wait_share": 0.01, "step_ms": 44.0, "host_syncs_per_step": 0.0,
-             "ratio_vs_ref_compiled": 5800 / 5600, "ratio_vs_ref_eager": 1.45},
+             "ratio_vs_ref_compiled": 5800 / 5600, "ratio_vs_ref_eager": 1.45, "steps": 40, "epoch_starts": 2,
+             "epoch_start_s": 1.5, "img_s_in_epoch": 6100.0, "data_wait_share_in_epoch": 0.004,
+             "img_s_imagenet_epoch": 6090.0},
             {"kind": "pipeline", "batch": 256, "data": "folder:/tmp/j", "img_s": 15000.0, "threads": 12},
             {"kind": "deepspeed", "model": "resnet152", "batch": 128, "data": "folder:/tmp/j", "compile": "off",
              "error": "RuntimeError: boom"}]
@@ -202,6 +208,8 @@ def test_summary_table_and_targets_read_one_run():
     assert "MET  resnet50 DALI+DeepSpeed (engine) 5800 img/s = 1.04 x the compiled" in t
     assert "MISS DALI pipeline alone 15000 img/s = 2.6 x" in t
     assert "MET  host syncs in the step: 0.0" in t and "n/a  resnet152" in t
+    assert "with ImageNet-sized epochs (this set starts an epoch every 20 steps, 1.50 s each): 6090 img/s = 1.09 x" in t
+    assert "2 epoch starts of 1.50 s" in text
 
 
 # -- the JPEG writer ---------------------------------------------------------------------------------------------
@@ -243,6 +251,8 @@ def test_projection_picks_the_faster_launch_and_refuses_over_the_limit(tmp_path,
     assert p["concurrent_s"] == pytest.approx(10 + 30 + 64000 / 150 + 165 * 0.1 * 200 / 150)
     assert p["sequential_s"] == pytest.approx(2 * 40 + 64000 / 400 + 64000 / 200 + 2 * 165 * 0.1)
     assert p["best"] == "concurrent" and p["parallel"] == 2
+    measured = study_parallel.project([probe_row("a", 400, 200, startup_s=50.0), probe_row("b", 200, 150)], startup_s=10)
+    assert measured["concurrent_s"] == pytest.approx(p["concurrent_s"] + 40), "the probe's own start-up counts"
     slow = [probe_row("a", 400, 100), probe_row("b", 400, 100)]
     assert study_parallel.project(slow)["parallel"] == 1
     f = tmp_path / "probe.jsonl"

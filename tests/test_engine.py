@@ -19,7 +19,8 @@ def test_bf16_goes_through_torch_autocast_not_bf16_weights():
 def test_fp32_has_no_autocast():
     cfg = deepspeed_config(precision=PrecisionConfig(), distributed=DistributedConfig(grad_accum=2),
                            grad_clip=0.0, micro_batch=8, world_size=1)
-    assert "torch_autocast" not in cfg and "gradient_clipping" not in cfg
+    # gradient_clipping must be given as 0: DeepSpeed's default (1.0) would clip every run.
+    assert "torch_autocast" not in cfg and cfg["gradient_clipping"] == 0.0
     assert cfg["train_batch_size"] == 16 and cfg["gradient_accumulation_steps"] == 2
 
 

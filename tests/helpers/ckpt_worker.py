@@ -57,13 +57,26 @@ def main() -> int:
     ck = Checkpointer(cfg, run_id=args.run_id, rank=rank, world_size=world, config_hash="unit",
                       staging_dir=str(out / "staging"))
     try:
-        ck.check_access()
-        if args.phase == "check":
-            return 0
-        state = ck.resume(engine) if args.phase == "resume" else None
-    except CheckpointError as e:
-        print(f"CheckpointError: {e}", file=sys.stderr)
-        return 3
+        try:
+            ck.check_access()
+            if args.phase == "check":
+                return 0
+            state = ck.resume(engine) if args.phase == "resume" else None
+        except CheckpointError as e:
+            print(f"CheckpointError: {e}", file=sys.stderr)
+            return 3
+        _run(args, engine, ck, state, rank, world)
+        ck.close()
+        torch.distributed.barrier()
+        return 0
+    finally:
+        # A rank that exits with its gloo group still open can abort in the C++ destructor ("terminate called
+        # without an active exception", seen once in CI), so every exit path tears the group down.
+        torch.distributed.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, engine, ck, state, rank: int, world: int) -> None:
+    out = Path(args.out)
     if args.phase == "train":
         saves = {int(s) for s in args.save_at.split(",") if s}
         g = torch.Generator().manual_seed(rank)
@@ -75,12 +88,10 @@ def main() -> int:
             if step in saves:
                 ck.save(engine, step=step, epoch=0, trainer_state={"step": step, "rank": rank, "world_size": world,
                                                                    "gen": g.get_state()})
-        ck.close()
     full_sd = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
     opt_state = engine.optimizer.state_dict() if args.zero == 0 else None
     torch.save({"module": full_sd, "optimizer": opt_state, "state": state, "momentum": _momentum(engine, args.zero)},
                out / f"{args.phase}-rank{rank}.pt")
-    return 0
 
 
 def _momentum(engine, zero: int) -> torch.Tensor | None:

@@ -45,17 +45,7 @@ log_dir=${LOG_DIR:-logs/$job_name-${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}/task-$ta
 nproc=$(procs_per_node 1)
 
 overrides=()
-if [[ -n ${CHECKPOINT_URI:-} ]]; then
-  overrides+=(--checkpoint.uri="$CHECKPOINT_URI")
-fi
-if [[ -n ${MLFLOW_TRACKING_URI:-} ]]; then
-  overrides+=(--tracking.uri="$MLFLOW_TRACKING_URI")
-fi
-if [[ -n ${TRAIN_ARGS:-} ]]; then
-  read -r -a extra <<<"$TRAIN_ARGS"
-  overrides+=("${extra[@]}")
-fi
-overrides+=("$@")
+add_overrides "$@"
 
 say "array task $task of job ${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}:" \
   "$config on $(hostname) x $nproc processes, logs in $log_dir/"

@@ -29,6 +29,24 @@ procs_per_node() {
   echo "${GPUS_PER_NODE:-${gpus##*:}}"
 }
 
+# add_overrides ARGS...: append to the caller's `overrides` array the config overrides for
+# pipeline/train.py that every batch script takes, in this order: CHECKPOINT_URI, MLFLOW_TRACKING_URI,
+# TRAIN_ARGS (split on spaces), then ARGS (the script's own arguments).
+add_overrides() {
+  local extra=()
+  if [[ -n ${CHECKPOINT_URI:-} ]]; then
+    overrides+=(--checkpoint.uri="$CHECKPOINT_URI")
+  fi
+  if [[ -n ${MLFLOW_TRACKING_URI:-} ]]; then
+    overrides+=(--tracking.uri="$MLFLOW_TRACKING_URI")
+  fi
+  if [[ -n ${TRAIN_ARGS:-} ]]; then
+    read -r -a extra <<<"$TRAIN_ARGS"
+    overrides+=("${extra[@]}")
+  fi
+  overrides+=("$@")
+}
+
 # run_on_nodes LOG_DIR NODES COMMAND...: one task per node, each node's output in LOG_DIR/<node>.log;
 # returns srun's exit code (75 when the training stopped to be requeued).
 run_on_nodes() {

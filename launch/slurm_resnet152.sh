@@ -65,17 +65,7 @@ mapfile -t nodes < <(scontrol show hostnames "${SLURM_JOB_NODELIST:?}")
 rdzv_host=${nodes[0]}
 
 overrides=(--run_id="$run_id")
-if [[ -n ${CHECKPOINT_URI:-} ]]; then
-  overrides+=(--checkpoint.uri="$CHECKPOINT_URI")
-fi
-if [[ -n ${MLFLOW_TRACKING_URI:-} ]]; then
-  overrides+=(--tracking.uri="$MLFLOW_TRACKING_URI")
-fi
-if [[ -n ${TRAIN_ARGS:-} ]]; then
-  read -r -a extra <<<"$TRAIN_ARGS"
-  overrides+=("${extra[@]}")
-fi
-overrides+=("$@")
+add_overrides "$@"
 
 say "job $SLURM_JOB_ID ($job_name) restart ${SLURM_RESTART_COUNT:-0}: ${#nodes[@]} nodes [${nodes[*]}]" \
   "x $nproc processes, rendezvous $rdzv_host:$rdzv_port, run id $run_id, config $config," \

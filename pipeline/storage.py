@@ -25,7 +25,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator
 
 import fsspec
 
@@ -71,6 +71,30 @@ def _is_connection_error(exc: BaseException) -> bool:
     return bool(names & {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
                          "ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ConnectionError",
                          "TimeoutError", "FSTimeoutError"}) or isinstance(exc, (socket.timeout, ConnectionError))
+
+
+def _replace_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a local file through a temporary sibling, fsync it and rename it over ``path``: readers see the
+    old file or the whole new one, never a torn one, and a failure leaves no temporary behind."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _child_names(paths: Iterable[str], parent: str) -> list[str]:
+    # fsspec may list the folder itself among its children (S3 does for a "folder/" marker object).
+    names = {posixpath.basename(p.rstrip("/")) for p in paths}
+    names.discard(posixpath.basename(parent))
+    return sorted(n for n in names if n)
 
 
 def _no_bucket(e: BaseException) -> bool:
@@ -174,46 +198,32 @@ class Storage:
         with self._errors("check", rel):
             return bool(self.fs.exists(self._path(rel)))
 
-    def list(self, rel: str = "") -> list[str]:
-        """Names directly under ``rel`` (files and folders), sorted; [] when it does not exist."""
-        path = self._path(rel)
+    def _listing(self, rel: str, method: str, empty: Any, **kwargs: Any) -> Any:
+        """``fs.<method>(path)`` under this store's error translation; ``empty`` when ``rel`` does not exist
+        (a missing bucket is still an error: it is a wrong URI, not an empty folder)."""
         with self._errors("list", rel):
             try:
-                entries = self.fs.ls(path, detail=False)
+                return getattr(self.fs, method)(self._path(rel), **kwargs)
             except FileNotFoundError as e:
                 if _no_bucket(e):
                     raise
-                return []
-        names = {posixpath.basename(str(p).rstrip("/")) for p in entries}
-        names.discard(posixpath.basename(path))
-        return sorted(n for n in names if n)
+                return empty
+
+    def list(self, rel: str = "") -> list[str]:
+        """Names directly under ``rel`` (files and folders), sorted; [] when it does not exist."""
+        entries = self._listing(rel, "ls", [], detail=False)
+        return _child_names((str(p) for p in entries), self._path(rel))
 
     def list_dirs(self, rel: str = "") -> list[str]:
         """Names of the folders (S3: common prefixes) directly under ``rel``, sorted; [] when it does not exist."""
-        path = self._path(rel)
-        with self._errors("list", rel):
-            try:
-                entries = self.fs.ls(path, detail=True)
-            except FileNotFoundError as e:
-                if _no_bucket(e):
-                    raise
-                return []
-        names = {posixpath.basename(str(e["name"]).rstrip("/")) for e in entries if e.get("type") == "directory"}
-        names.discard(posixpath.basename(path))
-        return sorted(n for n in names if n)
+        entries = self._listing(rel, "ls", [], detail=True)
+        return _child_names((str(e["name"]) for e in entries if e.get("type") == "directory"), self._path(rel))
 
     def find(self, rel: str = "") -> dict[str, int]:
         """Every file below ``rel`` (recursively) as {path relative to ``rel``: size}; {} when it does not
         exist. One paginated listing on S3 instead of a request per file (dataset trees, manifests)."""
-        path = self._path(rel)
-        with self._errors("list", rel):
-            try:
-                found = self.fs.find(path, detail=True)
-            except FileNotFoundError as e:
-                if _no_bucket(e):
-                    raise
-                return {}
-        prefix = path.rstrip("/") + "/"
+        found = self._listing(rel, "find", {}, detail=True)
+        prefix = self._path(rel).rstrip("/") + "/"
         out: dict[str, int] = {}
         for p, info in found.items():
             p = str(p)
@@ -247,18 +257,10 @@ class Storage:
             if self.remote:
                 self.fs.pipe_file(path, data)  # one PUT: S3 objects appear whole
                 return
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            def write(f: IO[bytes]) -> None:
+                f.write(data)
+
+            _replace_atomically(path, write)
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode())
@@ -273,17 +275,11 @@ class Storage:
                 self.fs.put_file(local, path)
                 got = int(self.fs.info(path)["size"])
             else:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-                try:
-                    shutil.copyfile(local, tmp)
-                    with open(tmp, "rb+") as f:
-                        os.fsync(f.fileno())
-                    os.replace(tmp, path)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-                    raise
+                def copy(f: IO[bytes]) -> None:
+                    with open(local, "rb") as src:
+                        shutil.copyfileobj(src, f, 1 << 20)
+
+                _replace_atomically(path, copy)
                 got = os.path.getsize(path)
         if got != info.size:
             raise StorageError(f"upload of {local} to {self.url(rel)} left {got} bytes instead of {info.size}",

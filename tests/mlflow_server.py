@@ -22,11 +22,7 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from servers import free_port
 
 
 def _mlflow_executable() -> list[str]:

@@ -16,106 +16,24 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from servers import TcpForwarder
+from servers import free_port as _free_port  # also imported by the storage and checkpoint tests
+
 _SERVERS: dict[str, "_Server"] = {}  # endpoint_url -> server, so stop/restart can find it
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def aws_env(endpoint_url: str, *, key: str = "testing", secret: str = "testing") -> dict[str, str]:
     """Environment variables that point boto/s3fs in a child process at this server."""
     return {"AWS_ENDPOINT_URL": endpoint_url, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-
-
-class _Forwarder:
-    """Accepts on ``port`` and pipes every connection to ``backend_port``; can drop everything at once."""
-
-    def __init__(self, port: int, backend_port: int) -> None:
-        self.port, self.backend_port = port, backend_port
-        self._listener: socket.socket | None = None
-        self._conns: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        ls = socket.socket()
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        ls.bind(("127.0.0.1", self.port))
-        ls.listen(64)
-        self._listener = ls
-        self._thread = threading.Thread(target=self._accept, args=(ls,), daemon=True, name="s3-forwarder")
-        self._thread.start()
-
-    def _accept(self, ls: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = ls.accept()
-            except OSError:
-                return  # listener closed: the endpoint is "down"
-            try:
-                backend = socket.create_connection(("127.0.0.1", self.backend_port))
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._conns.update((client, backend))
-            for a, b in ((client, backend), (backend, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-                with self._lock:
-                    self._conns.discard(s)
-
-    def stop(self) -> None:
-        if self._listener is not None:
-            # shutdown() wakes the thread blocked in accept(); close() alone does not on Linux.
-            try:
-                self._listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._listener.close()
-            self._listener = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        with self._lock:
-            conns, self._conns = list(self._conns), set()
-        for s in conns:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    @property
-    def running(self) -> bool:
-        return self._listener is not None
 
 
 class _Server:
@@ -126,7 +44,7 @@ class _Server:
         self.port = _free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.forwarder = _Forwarder(self.port, self.backend_port)
+        self.forwarder = TcpForwarder("127.0.0.1", self.backend_port, port=self.port, name="s3-forwarder")
 
     def start_moto(self) -> None:
         exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")

@@ -65,13 +65,26 @@ def _save(ck: Checkpointer, step: int) -> FakeEngine:
     return eng
 
 
+@pytest.fixture
+def s3_uri(s3_bucket: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A checkpoint folder in the test bucket, with this process's AWS settings pointing at the server."""
+    _aws(monkeypatch, s3_endpoint)
+    return f"{s3_bucket}/ckpt"
+
+
 @pytest.fixture(params=["local", "s3"])
-def uri(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+def uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "local":
         return str(tmp_path / "ckpt")
-    bucket = request.getfixturevalue("s3_bucket")
-    _aws(monkeypatch, request.getfixturevalue("s3_endpoint"))
-    return f"{bucket}/ckpt"
+    return request.getfixturevalue("s3_uri")
+
+
+def _ck_with_step_1(uri: str, tmp_path: Path) -> Checkpointer:
+    """A Checkpointer whose step-1 is saved and committed."""
+    ck = _ck(uri, tmp_path)
+    _save(ck, 1)
+    ck.wait()
+    return ck
 
 
 def test_commit_manifest_latest_and_retention(uri: str, tmp_path: Path) -> None:
@@ -131,22 +144,19 @@ def test_corrupt_file_falls_back_with_warning(tmp_path: Path, caplog: pytest.Log
     assert run.exists("step-3/manifest.rejected.json")
 
 
-def test_s3_corrupt_object_is_rejected(s3_bucket: str, s3_endpoint: str, tmp_path: Path,
-                                       monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    _aws(monkeypatch, s3_endpoint)
-    uri = f"{s3_bucket}/ckpt"
-    ck = _ck(uri, tmp_path)
+def test_s3_corrupt_object_is_rejected(s3_uri: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ck = _ck(s3_uri, tmp_path)
     for step in (1, 2):
         _save(ck, step)
     ck.close()
-    run = Storage(uri).child("run")
+    run = Storage(s3_uri).child("run")
     obj = "step-2/mp_rank_00_model_states.pt"
     data = bytearray(run.read_bytes(obj))
     data[-10] ^= 0x80
     run.write_bytes(obj, bytes(data))
     eng = FakeEngine()
     with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
-        assert _ck(uri, tmp_path).resume(eng) == {"step": 1}
+        assert _ck(s3_uri, tmp_path).resume(eng) == {"step": 1}
     assert run.url(obj) in caplog.text and "checksum" in caplog.text
 
 
@@ -190,16 +200,11 @@ def test_resume_from_explicit_uri(tmp_path: Path) -> None:
     assert Storage(uri).child("run").read_text("latest") == "step-2"  # another run's folder is left alone
 
 
-def test_outage_retries_in_background_then_commits(s3_bucket: str, s3_endpoint: str, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch,
+def test_outage_retries_in_background_then_commits(s3_uri: str, s3_endpoint: str, tmp_path: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     from s3_server import restart_server, stop_server
 
-    _aws(monkeypatch, s3_endpoint)
-    uri = f"{s3_bucket}/ckpt"
-    ck = _ck(uri, tmp_path)
-    _save(ck, 1)
-    ck.wait()
+    ck = _ck_with_step_1(s3_uri, tmp_path)
     stop_server(s3_endpoint)
     with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
         t0 = time.monotonic()
@@ -212,26 +217,21 @@ def test_outage_retries_in_background_then_commits(s3_bucket: str, s3_endpoint: 
     assert (tmp_path / "staging" / "run" / "rank-00000" / "step-2").is_dir()  # nothing lost meanwhile
     restart_server(s3_endpoint)
     ck.close()
-    assert Storage(uri).child("run").read_text("latest") == "step-2"
+    assert Storage(s3_uri).child("run").read_text("latest") == "step-2"
 
 
-def test_crash_during_outage_keeps_previous_latest(s3_bucket: str, s3_endpoint: str, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_during_outage_keeps_previous_latest(s3_uri: str, s3_endpoint: str, tmp_path: Path) -> None:
     from s3_server import outage
 
-    _aws(monkeypatch, s3_endpoint)
-    uri = f"{s3_bucket}/ckpt"
-    ck = _ck(uri, tmp_path)
-    _save(ck, 1)
-    ck.wait()
+    ck = _ck_with_step_1(s3_uri, tmp_path)
     with outage(s3_endpoint):
         _save(ck, 2)
         time.sleep(0.5)
         ck._uploader.close()  # the process "dies" with step-2 unsent
-    run = Storage(uri).child("run")
+    run = Storage(s3_uri).child("run")
     assert run.read_text("latest") == "step-1" and committed_tags(run) == ["step-1"]
     eng = FakeEngine()
-    assert _ck(uri, tmp_path).resume(eng) == {"step": 1}
+    assert _ck(s3_uri, tmp_path).resume(eng) == {"step": 1}
 
 
 def test_time_based_saves_follow_the_clock(tmp_path: Path) -> None:

@@ -290,6 +290,18 @@ def test_depth_study_array_task_trains_its_line_of_the_members_file(fakes, tmp_p
     assert r.returncode == 0 and "requeue 4123" in (Path(fakes["FAKE_OUT"]) / "scontrol-calls").read_text()
 
 
+def test_depth_study_takes_the_same_overrides_as_resnet152(fakes, tmp_path):
+    members = tmp_path / "members.txt"
+    members.write_text("/s/plain20.toml\n")
+    r = _batch("slurm_depth_study.sh", fakes, str(members), "--optim.lr=0.2", CHECKPOINT_URI="s3://b/ckpt",
+               MLFLOW_TRACKING_URI="http://mlflow:5000", TRAIN_ARGS="--data.batch_size=64 --log_every=5")
+    assert r.returncode == 0, r.stderr
+    a = _srun_args(fakes)
+    assert a[a.index("pipeline/train.py") + 1:] == [
+        "--config", "/s/plain20.toml", "--checkpoint.uri=s3://b/ckpt", "--tracking.uri=http://mlflow:5000",
+        "--data.batch_size=64", "--log_every=5", "--optim.lr=0.2"]
+
+
 def test_torchrun_local(fakes):
     env = {**os.environ, **fakes, "NPROC_PER_NODE": "3", "FAKE_MODE": "finish"}
     r = subprocess.run([str(LAUNCH / "torchrun_local.sh"), "configs/cpu/digits_resnet20.toml", "--optim.lr=0.2"],

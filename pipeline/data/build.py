@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .source import DataSource
+from .source import DataSource, SourceOptions
 
 if TYPE_CHECKING:
     from pipeline.config import DataConfig
@@ -94,16 +94,19 @@ def build_source(
         raise DataError(f"rank {rank} / world_size {world_size}: need 0 <= rank < world_size")
     if cfg.batch_size < 1:
         raise DataError(f"data.batch_size = {cfg.batch_size}: must be >= 1")
-    device = torch.device(device)
+    batch_size = cfg.batch_size
+    if split == "val" and cfg.source != "synthetic":  # synthetic batches keep one shape on both splits
+        batch_size = cfg.val_batch_size or cfg.batch_size
+    options = SourceOptions(split=split, rank=rank, world_size=world_size, device=device, seed=seed,
+                            num_classes=num_classes, batch_size=batch_size)
     if cfg.source == "synthetic":
         from .synthetic import SyntheticSource
 
-        return SyntheticSource(batch_size=cfg.batch_size, image_size=cfg.image_size, num_batches=cfg.synthetic_batches,
-                               num_classes=num_classes, rank=rank, world_size=world_size, device=device, seed=seed,
-                               split=split)
+        return SyntheticSource(options, image_size=cfg.image_size, num_batches=cfg.synthetic_batches)
 
     from .folder import scan_dataset
     from .loader import DaliSource
+    from .pipelines import TrainAugment
 
     if root is None:
         root = prepare_dataset_root(cfg)
@@ -115,18 +118,17 @@ def build_source(
         fixes = read_exclude_list(cfg.exclude_list, root=root)
     index = scan_dataset(root, split_dir=cfg.train_dir if split == "train" else cfg.val_dir,
                          train_dir=cfg.train_dir, val_dir=cfg.val_dir, num_classes=num_classes, fixes=fixes)
-    batch_size = (cfg.val_batch_size or cfg.batch_size) if split == "val" else cfg.batch_size
     if cfg.in_memory:
         from .memory import InMemorySource
 
-        return InMemorySource(index, split=split, rank=rank, world_size=world_size, device=device, seed=seed,
-                              num_classes=num_classes, batch_size=batch_size, image_size=cfg.image_size,
-                              mean=cfg.mean, std=cfg.std, flip=cfg.flip, decoder=decoder, num_threads=cfg.num_threads)
-    return DaliSource(index, split=split, rank=rank, world_size=world_size, device=device, seed=seed,
-                      num_classes=num_classes, batch_size=batch_size, style=cfg.style, image_size=cfg.image_size,
-                      val_resize=cfg.val_resize, mean=cfg.mean, std=cfg.std, num_threads=cfg.num_threads,
-                      prefetch=cfg.prefetch, decoder=decoder, flip=cfg.flip, augment=cfg.augment, scale=cfg.scale,
-                      lighting=cfg.lighting if cfg.style == "imagenet" else 0.0,
+        return InMemorySource(index, options, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std, flip=cfg.flip,
+                              decoder=decoder, num_threads=cfg.num_threads)
+    # PCA lighting is ImageNet's colour augmentation; CIFAR-style training has none.
+    augmentation = TrainAugment(flip=cfg.flip, augment=cfg.augment, scale=(cfg.scale[0], cfg.scale[1]),
+                                lighting=cfg.lighting if cfg.style == "imagenet" else 0.0)
+    return DaliSource(index, options, style=cfg.style, image_size=cfg.image_size, val_resize=cfg.val_resize,
+                      mean=cfg.mean, std=cfg.std, num_threads=cfg.num_threads, prefetch=cfg.prefetch, decoder=decoder,
+                      augmentation=augmentation,
                       mean_image=load_mean_image(cfg.mean_image, root=root, image_size=cfg.image_size)
                       if cfg.mean_image else None,
                       eval_mode=eval_mode, scales=scales, root=root)

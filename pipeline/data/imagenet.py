@@ -23,8 +23,8 @@ import posixpath
 import re
 import tarfile
 import zlib
-from collections.abc import Iterator
-from typing import IO
+from collections.abc import Callable, Iterator
+from typing import IO, TypeVar
 
 from .errors import DataError
 from .folder import is_url
@@ -36,6 +36,7 @@ META = "meta.mat"
 _READ = 1 << 20  # tarfile's read size on the stream: few, large reads suit object storage
 # What a truncated or corrupted archive raises while streaming (not I/O errors of the storage itself).
 _BROKEN = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+_T = TypeVar("_T")
 
 
 @contextlib.contextmanager
@@ -159,24 +160,35 @@ def read_loc_csv(path: str) -> dict[str, str]:
 # Archives
 
 
+def _archive_files(path: str, entry: Callable[[tarfile.TarFile, tarfile.TarInfo, str], _T]) -> Iterator[_T]:
+    """Yield ``entry(tar, member, basename)`` for each regular file of the tar at ``path``, in stream order.
+
+    ``entry`` runs inside the guard, so a stream that breaks while it reads a member is reported as
+    a damaged archive like one that breaks between members.
+    """
+    try:
+        with open_input(path) as (f, _), tarfile.open(fileobj=f, mode="r|", bufsize=_READ) as tar:
+            for member in tar:
+                if member.isfile():
+                    yield entry(tar, member, posixpath.basename(member.name))
+    except _BROKEN as e:
+        raise _damaged(path, e) from e
+
+
 def iter_train_classes(path: str) -> Iterator[tuple[str, int, Iterator[tuple[str, bytes]]]]:
     """Yield ``(wnid, archived_size, images)`` per class tar of the training archive.
 
     ``images`` yields ``(name, data)``; it must be consumed (or dropped) before the next class is
     requested, since the archive is one stream. Dropping it skips the class (its bytes are still read).
     """
-    try:
-        with open_input(path) as (f, _), tarfile.open(fileobj=f, mode="r|", bufsize=_READ) as outer:
-            for member in outer:
-                if not member.isfile():
-                    continue
-                name = posixpath.basename(member.name)
-                if not name.endswith(".tar") or not WNID.match(name[:-4]):
-                    raise DataError(f"{path} holds {member.name!r}; the training archive must hold one tar per class "
-                                    f"named nXXXXXXXX.tar (ILSVRC2012_img_train.tar). Was it unpacked and re-packed?")
-                yield name[:-4], member.size, _inner_images(outer.extractfile(member), path, name)
-    except _BROKEN as e:
-        raise _damaged(path, e) from e
+    def entry(outer: tarfile.TarFile, member: tarfile.TarInfo,
+              name: str) -> tuple[str, int, Iterator[tuple[str, bytes]]]:
+        if not name.endswith(".tar") or not WNID.match(name[:-4]):
+            raise DataError(f"{path} holds {member.name!r}; the training archive must hold one tar per class "
+                            f"named nXXXXXXXX.tar (ILSVRC2012_img_train.tar). Was it unpacked and re-packed?")
+        return name[:-4], member.size, _inner_images(outer.extractfile(member), path, name)
+
+    yield from _archive_files(path, entry)
 
 
 def _inner_images(f: IO[bytes], archive: str, class_tar: str) -> Iterator[tuple[str, bytes]]:
@@ -196,15 +208,10 @@ def _inner_images(f: IO[bytes], archive: str, class_tar: str) -> Iterator[tuple[
 
 def iter_val_images(path: str) -> Iterator[tuple[str, bytes]]:
     """Yield ``(name, data)`` for every image of the validation archive."""
-    try:
-        with open_input(path) as (f, _), tarfile.open(fileobj=f, mode="r|", bufsize=_READ) as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = posixpath.basename(member.name)
-                if not VAL_NAME.match(name):
-                    raise DataError(f"{path} holds {member.name!r}; the validation archive holds "
-                                    f"ILSVRC2012_val_NNNNNNNN.JPEG files only (ILSVRC2012_img_val.tar)")
-                yield name, tar.extractfile(member).read()
-    except _BROKEN as e:
-        raise _damaged(path, e) from e
+    def entry(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> tuple[str, bytes]:
+        if not VAL_NAME.match(name):
+            raise DataError(f"{path} holds {member.name!r}; the validation archive holds "
+                            f"ILSVRC2012_val_NNNNNNNN.JPEG files only (ILSVRC2012_img_val.tar)")
+        return name, tar.extractfile(member).read()
+
+    yield from _archive_files(path, entry)

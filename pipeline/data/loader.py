@@ -38,17 +38,11 @@ import torch
 
 from .errors import DataError
 from .folder import SplitIndex, is_url
-from .pipelines import READER_NAME, train_pipeline, val_pipeline
-from .source import STATE_FORMAT, check_state, derive_seed
+from .pipelines import READER_NAME, TrainAugment, train_pipeline, val_pipeline
+from .source import STATE_FORMAT, EpochSource, SourceOptions, check_state, derive_seed, shard_range
 
 EVAL_MODES = ("center", "10crop", "multiscale")
 PAPER_SCALES = (224, 256, 384, 480, 640)  # multi-scale testing: shorter sides of section 3.4
-
-
-def shard_sizes(num_samples: int, world_size: int) -> list[int]:
-    """Real samples in each shard: shard r is [floor(N * r / W), floor(N * (r + 1) / W))."""
-    starts = [num_samples * r // world_size for r in range(world_size + 1)]
-    return [starts[r + 1] - starts[r] for r in range(world_size)]
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -64,7 +58,7 @@ def _pipeline_seed(seed: int, rank: int, split: str, epoch: int) -> int:
     return int(state[0]) & 0x7FFFFFFF
 
 
-class DaliSource:
+class DaliSource(EpochSource):
     """One split of an ImageFolder dataset for one rank; see the module docstring for epoch rules.
 
     Iterating yields the rest of the current epoch. For training a new ``iter()`` continues where
@@ -76,14 +70,8 @@ class DaliSource:
     def __init__(
         self,
         index: SplitIndex,
+        options: SourceOptions,
         *,
-        split: Literal["train", "val"],
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        seed: int,
-        num_classes: int,
-        batch_size: int,
         style: Literal["cifar", "imagenet"],
         image_size: int,
         val_resize: int,
@@ -92,78 +80,45 @@ class DaliSource:
         num_threads: int,
         prefetch: int,
         decoder: Literal["cpu", "mixed"],
-        flip: bool = True,
-        augment: Literal["paper", "rrc"] = "paper",
-        scale: Sequence[int] = (256, 480),
-        lighting: float = 0.0,
+        augmentation: TrainAugment = TrainAugment(),
         mean_image: np.ndarray | None = None,
         eval_mode: Literal["center", "10crop", "multiscale"] = "center",
         scales: Sequence[int] = PAPER_SCALES,
         root: str = "",
     ) -> None:
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is outside world_size {world_size}")
+        split = options.split
         if eval_mode not in EVAL_MODES:
             raise DataError(f"evaluation mode {eval_mode!r} is not one of {', '.join(EVAL_MODES)}")
         if eval_mode != "center" and (split != "val" or style != "imagenet"):
             raise DataError(f"evaluation mode {eval_mode!r} needs the val split and data.style = 'imagenet' "
                             f"(got split {split!r}, style {style!r}); CIFAR-style data is tested on the single view")
-        self.index = index
-        self.split = split
-        self.rank = rank
-        self.world_size = world_size
-        self.device = torch.device(device)
-        self.seed = seed
-        self.num_classes = num_classes
-        self.num_samples = len(index)
-        self.batch_size = batch_size
-        self.decoder = decoder
-        self.eval_mode = eval_mode
-        self.root = root or index.path
         self._pipe_kwargs: dict[str, Any] = dict(
             style=style, image_size=image_size, mean=list(mean), std=list(std), decoder=decoder,
-            mean_image=mean_image, batch_size=batch_size, num_threads=num_threads, prefetch_queue_depth=prefetch,
-            device_id=_device_id(self.device) if decoder == "mixed" else None,
+            mean_image=mean_image, batch_size=options.batch_size, num_threads=num_threads,
+            prefetch_queue_depth=prefetch, device_id=_device_id(options.device) if decoder == "mixed" else None,
         )
         if split == "val":
             self._pipe_kwargs.update(val_resize=val_resize, eval_mode=eval_mode, scales=tuple(scales))
         else:
-            self._pipe_kwargs.update(flip=flip, augment=augment, scale=tuple(scale), lighting=lighting)
+            self._pipe_kwargs.update(augmentation=augmentation)
+        super().__init__(options, num_samples=len(index), num_batches=options.epoch_length(len(index), path=index.path))
+        self.index = index
+        self.decoder = decoder
+        self.eval_mode = eval_mode
+        self.root = root or index.path
 
-        starts = [self.num_samples * r // world_size for r in range(world_size + 1)]
-        self._start, self._stop = starts[rank], starts[rank + 1]
-        shard = self._stop - self._start
-        self._reader_batches = math.ceil(shard / batch_size)  # this rank's reader epoch
-        if split == "train":
-            self._len = (self.num_samples // world_size) // batch_size
-            if self._len == 0:
-                raise DataError(f"{index.path} has {self.num_samples} images: fewer than world_size * batch_size = "
-                                f"{world_size} * {batch_size}, so an epoch would have no full batch; "
-                                f"lower --data.batch_size or use fewer ranks")
-            self._shard_len = self._len * batch_size
-        else:
-            if self.num_samples < world_size:
-                raise DataError(f"{index.path} has {self.num_samples} images, fewer than the {world_size} ranks that "
-                                f"would each read a shard of it; add images or use fewer ranks")
-            self._shard_len = shard
-            self._len = self._reader_batches
+        self._start, self._stop = shard_range(self.num_samples, self.world_size, self.rank)
+        # The reader epoch: this rank's whole shard, padded to whole batches. Here ``_batch`` counts
+        # reader batches (yielded + dropped), so it runs past ``len()`` when training drops a rest.
+        self._reader_batches = math.ceil((self._stop - self._start) / self.batch_size)
+        self._shard_len = self._len * self.batch_size if split == "train" else self._stop - self._start
 
         self._pipe = None
         self._pipe_epoch = -1
         self._files: tuple[str, ...] = ()
         self._pending_checkpoint: bytes | None = None
-        self._epoch = 0
-        self._batch = 0  # reader batches consumed in the current epoch (yielded + dropped)
-        self._generation = 0  # bumped per iter(); an older, abandoned generator then stops
 
     # ------------------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return self._len
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
     def shard(self, epoch: int) -> list[int]:
         """Indices into ``index.files`` that this rank reads in ``epoch``, padding included."""
         if self.split == "train":
@@ -174,11 +129,8 @@ class DaliSource:
         need = self._reader_batches * self.batch_size - len(chosen)
         return chosen + [chosen[k % len(chosen)] for k in range(need)]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self._generation += 1
-        return self._iterate(self._generation)
-
     def _iterate(self, generation: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # Not the shared rule: the reader must also read (and drop) the rest of an epoch's shard.
         if (self.split == "train" and self._batch >= self._len) or (self.split == "val" and self._batch > 0):
             self._finish_epoch()
         pipe = self._pipeline()

@@ -22,8 +22,7 @@ for free, and it is the layout the GPU fast path runs in); labels are int64 on t
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -32,8 +31,7 @@ import torch.nn.functional as F
 
 from .errors import DataError
 from .folder import SplitIndex
-from .loader import shard_sizes
-from .source import STATE_FORMAT, check_state
+from .source import STATE_FORMAT, EpochSource, SourceOptions, check_state, shard_range
 
 CIFAR_PAD = 4  # "4 pixels are padded on each side" (He et al. 2015, section 4.2)
 _DECODE_BATCH = 1000
@@ -87,20 +85,14 @@ def decode_split(index: SplitIndex, *, image_size: int, device: torch.device, de
     return out
 
 
-class InMemorySource:
+class InMemorySource(EpochSource):
     """One split of an ImageFolder dataset in device memory, for one rank; see the module docstring."""
 
     def __init__(
         self,
         index: SplitIndex,
+        options: SourceOptions,
         *,
-        split: Literal["train", "val"],
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        seed: int,
-        num_classes: int,
-        batch_size: int,
         image_size: int,
         mean: Sequence[float],
         std: Sequence[float],
@@ -111,35 +103,14 @@ class InMemorySource:
         images: torch.Tensor | None = None,
     ) -> None:
         """``images`` (uint8 NHWC, index order) skips decoding: tests and callers that hold the split already."""
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is outside world_size {world_size}")
+        n = len(index)
+        super().__init__(options, num_samples=n, num_batches=options.epoch_length(n, path=index.path))
         self.index = index
-        self.split = split
-        self.rank = rank
-        self.world_size = world_size
-        self.device = torch.device(device)
-        self.seed = seed
-        self.num_classes = num_classes
-        self.num_samples = len(index)
-        self.batch_size = batch_size
         self.image_size = image_size
         self.flip = flip
         self.pad = pad
-        n, w, b = self.num_samples, world_size, batch_size
-        starts = np.cumsum([0, *shard_sizes(n, w)]).tolist()
-        self._shard_start = starts[rank]
-        if split == "train":
-            self._len = (n // w) // b
-            if self._len == 0:
-                raise DataError(f"{index.path} has {n} images: fewer than world_size * batch_size = {w} * {b}, so "
-                                f"an epoch would have no full batch; lower --data.batch_size or use fewer ranks")
-            self._starts = starts
-        else:
-            if n < w:
-                raise DataError(f"{index.path} has {n} images, fewer than the {w} ranks that would each read a shard "
-                                f"of it; add images or use fewer ranks")
-            self._shard_len = starts[rank + 1] - starts[rank]
-            self._len = math.ceil(self._shard_len / b)
+        self._shard_start, shard_stop = shard_range(n, self.world_size, self.rank)
+        self._shard_len = shard_stop - self._shard_start
         if images is None:
             images = decode_split(index, image_size=image_size, device=self.device, decoder=decoder,
                                   num_threads=num_threads)
@@ -147,7 +118,7 @@ class InMemorySource:
             raise DataError(f"decoded {index.path} to {tuple(images.shape)} {images.dtype}, expected "
                             f"({n}, {image_size}, {image_size}, 3) uint8")
         images = images.to(self.device)
-        if split == "train":
+        if self.split == "train":
             # Zero padding on the uint8 image, so pad pixels normalise to -mean/std, as with torchvision's
             # RandomCrop(padding=4) before Normalize and as in the DALI pipeline.
             images = F.pad(images.permute(0, 3, 1, 2), (pad, pad, pad, pad)).permute(0, 2, 3, 1).contiguous()
@@ -156,43 +127,18 @@ class InMemorySource:
         self._scale = (1.0 / torch.tensor(list(std), dtype=torch.float32)).view(1, 3, 1, 1).to(self.device)
         self._shift = (-torch.tensor(list(mean), dtype=torch.float32)).view(1, 3, 1, 1).to(self.device) * self._scale
         self._ar = torch.arange(image_size, device=self.device)
-        self._epoch = 0
-        self._batch = 0
-        self._generation = 0
         self._plan_epoch = -1
         self._plan: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return self._len
+    def _make_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._train_batch(batch) if self.split == "train" else self._val_batch(batch)
 
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self._generation += 1
-        return self._iterate(self._generation)
-
-    def _iterate(self, generation: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self.split == "val":
-            self._batch = 0
-        elif self._batch >= self._len:
-            self._epoch, self._batch = self._epoch + 1, 0
-        while self._batch < self._len:
-            batch = self._train_batch(self._batch) if self.split == "train" else self._val_batch(self._batch)
-            self._batch += 1
-            yield batch
-            if generation != self._generation:
-                return
-        self._epoch, self._batch = self._epoch + 1, 0
-
-    # ------------------------------------------------------------------------------------------
     def plan(self, epoch: int) -> dict[str, torch.Tensor]:
         """This rank's sample indices, crop offsets and flips for a whole training epoch (CPU tensors)."""
         count = self._len * self.batch_size
         perm = torch.randperm(self.num_samples, generator=_generator(self.seed, epoch, 0))
-        start = self._starts[self.rank]
+        start = self._shard_start
         g = _generator(self.seed, epoch, 1, self.rank)
         span = 2 * self.pad + 1
         return {

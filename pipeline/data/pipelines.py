@@ -7,7 +7,7 @@ graphs decode on the CPU (``decoder="cpu"``) or with nvJPEG (``decoder="mixed"``
 float32 images normalised with mean/std given on the 0-255 scale, plus int32 labels of shape (1,)
 per sample.
 
-Augmentation (training):
+Augmentation (training, :class:`TrainAugment`):
 
 * ``style="cifar"``: 4-pixel zero padding, a random 32x32 crop, a horizontal flip (section 4.2).
 * ``style="imagenet"``, ``augment="paper"`` (section 3.4): the shorter side resized to a length drawn
@@ -26,6 +26,7 @@ one output per scale, for a fully-convolutional network).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -51,6 +52,16 @@ TEN_CROP_VIEWS = tuple((x, y, m) for x, y in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0)
 # them the decoder reallocates (and synchronises) whenever a bigger image shows up.
 _IMAGENET_DEVICE_PADDING = 211025920
 _IMAGENET_HOST_PADDING = 140544512
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainAugment:
+    """The training augmentation of the module docstring; the loader hands it to the graph unread."""
+
+    flip: bool = True
+    augment: Literal["paper", "rrc"] = "paper"
+    scale: tuple[int, int] = (256, 480)  # augment = "paper": [min, max] of the random shorter side
+    lighting: float = 0.0  # std of the PCA colour augmentation; 0 disables it
 
 
 def _decode(jpegs, *, decoder: Literal["cpu", "mixed"], style: str):
@@ -116,16 +127,13 @@ def train_pipeline(
     mean: Sequence[float],
     std: Sequence[float],
     decoder: Literal["cpu", "mixed"],
-    flip: bool = True,
-    augment: Literal["paper", "rrc"] = "paper",
-    scale: Sequence[int] = (256, 480),
-    lighting: float = 0.0,
+    augmentation: TrainAugment = TrainAugment(),
     mean_image: np.ndarray | None = None,
 ):
     """Augmented training batches of ``files`` (one rank's shard of one epoch, already shuffled)."""
     jpegs, label = fn.readers.file(files=list(files), labels=list(labels), random_shuffle=False, name=READER_NAME)
     images = _decode(jpegs, decoder=decoder, style=style)
-    mirror = fn.random.coin_flip(probability=0.5) if flip else 0
+    mirror = fn.random.coin_flip(probability=0.5) if augmentation.flip else 0
     if style == "cifar":
         # Zero padding happens on the uint8 image (so pad pixels normalise to -mean/std, as with
         # torchvision's RandomCrop(padding=4) before Normalize); then a crop at one of the
@@ -137,16 +145,17 @@ def train_pipeline(
         pos = (fn.random.uniform(values=offsets), fn.random.uniform(values=offsets))
         return _normalise(images, mean=mean, std=std, mean_image=None, crop=(image_size, image_size),
                           crop_pos=pos, mirror=mirror), _labels(label, decoder)
-    if augment == "paper":
+    if augmentation.augment == "paper":
         # An integer length, each equally likely (a rounded continuous draw would halve the end points).
-        shorter = fn.random.uniform(values=[float(v) for v in range(int(scale[0]), int(scale[1]) + 1)])
+        low, high = augmentation.scale
+        shorter = fn.random.uniform(values=[float(v) for v in range(int(low), int(high) + 1)])
         images = fn.resize(images, resize_shorter=shorter)
         pos = (fn.random.uniform(range=(0.0, 1.0)), fn.random.uniform(range=(0.0, 1.0)))
     else:
         images = fn.random_resized_crop(images, size=(image_size, image_size), random_area=(0.08, 1.0),
                                         random_aspect_ratio=(3 / 4, 4 / 3))
         pos = (0.5, 0.5)
-    offset = _lighting_offset(lighting) if lighting > 0 else None
+    offset = _lighting_offset(augmentation.lighting) if augmentation.lighting > 0 else None
     images = _normalise(images, mean=mean, std=std, mean_image=mean_image, crop=(image_size, image_size),
                         crop_pos=pos, mirror=mirror, offset=offset, device=_device(decoder))
     return images, _labels(label, decoder)

@@ -1,10 +1,13 @@
 """The interface every data source implements (DALI folders, the digits set, synthetic data),
-and the pieces of its saved state that all sources share."""
+and what all sources share: their options, sharding and epoch bookkeeping, and the pieces of
+their saved state."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -38,6 +41,111 @@ class DataSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a position saved by :meth:`state_dict` on the same rank of a same-sized job."""
         ...
+
+
+def shard_range(num_samples: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``[start, stop)`` of shard ``rank``: ``[floor(N * r / W), floor(N * (r + 1) / W))``."""
+    return num_samples * rank // world_size, num_samples * (rank + 1) // world_size
+
+
+def shard_sizes(num_samples: int, world_size: int) -> list[int]:
+    """Real samples in each shard (see :func:`shard_range`)."""
+    return [stop - start for start, stop in (shard_range(num_samples, world_size, r) for r in range(world_size))]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SourceOptions:
+    """What every source is built for: one split, one rank of the job, its device and batch size.
+
+    Built once by :func:`~pipeline.data.build.build_source` and handed to whichever source it picks,
+    so the rank check and the epoch arithmetic below hold for all of them alike.
+    """
+
+    split: Literal["train", "val"]
+    rank: int
+    world_size: int
+    device: torch.device
+    seed: int  # the run's base seed; a source derives its own streams from it (derive_seed)
+    num_classes: int
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise DataError(f"rank {self.rank} is outside world_size {self.world_size}")
+        # A device given as a string ("cuda:1") must compare equal to the tensors' devices later.
+        object.__setattr__(self, "device", torch.device(self.device))
+
+    def epoch_length(self, num_samples: int, *, path: str) -> int:
+        """Batches this rank yields per epoch of a split of ``num_samples`` images read from ``path``.
+
+        Training: ``(num_samples // world_size) // batch_size``, the same on every rank, so all ranks
+        issue the same number of collectives. Evaluation: this rank's whole shard, the last batch
+        partial. Raises :class:`DataError` for a split too small to give every rank something.
+        """
+        n, w, b = num_samples, self.world_size, self.batch_size
+        if self.split == "train":
+            batches = (n // w) // b
+            if batches == 0:
+                raise DataError(f"{path} has {n} images: fewer than world_size * batch_size = {w} * {b}, so an epoch "
+                                f"would have no full batch; lower --data.batch_size or use fewer ranks")
+            return batches
+        if n < w:
+            raise DataError(f"{path} has {n} images, fewer than the {w} ranks that would each read a shard of it; "
+                            f"add images or use fewer ranks")
+        start, stop = shard_range(n, w, self.rank)
+        return math.ceil((stop - start) / b)
+
+
+class EpochSource:
+    """Epoch bookkeeping for a :class:`DataSource`: ``len()``, ``epoch`` and iteration by generations.
+
+    A training ``iter()`` continues where the last one stopped (that is what resuming needs) and an
+    epoch that was fully consumed moves on to the next; an evaluation ``iter()`` is one whole pass.
+    Subclasses yield batches through :meth:`_make_batch`, or replace :meth:`_iterate` entirely.
+    """
+
+    def __init__(self, options: SourceOptions, *, num_samples: int, num_batches: int) -> None:
+        self.options = options
+        # Plain attributes, read by the subclasses' hot paths and by callers that inspect a source.
+        self.split, self.rank, self.world_size = options.split, options.rank, options.world_size
+        self.device, self.seed = options.device, options.seed
+        self.num_classes, self.batch_size = options.num_classes, options.batch_size
+        self.num_samples = num_samples
+        self._len = num_batches
+        self._epoch = 0
+        self._batch = 0  # batches consumed in the current epoch
+        self._generation = 0  # bumped per iter() and per load_state_dict(); an older generator then stops
+
+    def __len__(self) -> int:
+        return self._len
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._generation += 1
+        return self._iterate(self._generation)
+
+    def _restarts_each_pass(self) -> bool:
+        return self.split == "val"
+
+    def _iterate(self, generation: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self._restarts_each_pass():
+            self._batch = 0
+        elif self._batch >= self._len:
+            self._epoch, self._batch = self._epoch + 1, 0
+        while self._batch < self._len:
+            batch = self._make_batch(self._batch)
+            self._batch += 1
+            yield batch
+            if generation != self._generation:
+                return
+        self._epoch, self._batch = self._epoch + 1, 0
+
+    def _make_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch number ``batch`` of the current epoch."""
+        raise NotImplementedError
 
 
 def derive_seed(seed: int, rank: int, split: str) -> int:

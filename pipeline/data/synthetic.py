@@ -7,73 +7,35 @@ decoding or host-to-device copies.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from .errors import DataError
-from .source import STATE_FORMAT, check_state, derive_seed
+from .source import STATE_FORMAT, EpochSource, SourceOptions, check_state, derive_seed
 
 
-class SyntheticSource:
+class SyntheticSource(EpochSource):
     """Same interface and epoch/resume rules as a training :class:`~pipeline.data.loader.DaliSource`."""
 
-    def __init__(
-        self,
-        *,
-        batch_size: int,
-        image_size: int,
-        num_batches: int,
-        num_classes: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        seed: int,
-        split: str = "train",
-    ) -> None:
+    def __init__(self, options: SourceOptions, *, image_size: int, num_batches: int) -> None:
         if num_batches < 1:
             raise DataError(f"data.synthetic_batches = {num_batches}: must be >= 1")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} is outside world_size {world_size}")
-        self.num_classes = num_classes
-        self.num_samples = num_batches * batch_size * world_size
-        self.batch_size = batch_size
-        self.rank = rank
-        self.world_size = world_size
-        self._len = num_batches
-        self._epoch = 0
-        self._batch = 0
-        self._generation = 0
-        device = torch.device(device)
+        b = options.batch_size
+        super().__init__(options, num_samples=num_batches * b * options.world_size, num_batches=num_batches)
         # Generated on the CPU and copied: CPU and CUDA generators give different streams for
         # the same seed, and the same seed should mean the same data on any machine.
-        gen = torch.Generator().manual_seed(derive_seed(seed, rank, split))
-        images = torch.randn((batch_size, 3, image_size, image_size), generator=gen, dtype=torch.float32)
-        labels = torch.randint(0, num_classes, (batch_size,), generator=gen, dtype=torch.int64)
-        self._images = images.to(device)
-        self._labels = labels.to(device)
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, self.split))
+        images = torch.randn((b, 3, image_size, image_size), generator=gen, dtype=torch.float32)
+        labels = torch.randint(0, self.num_classes, (b,), generator=gen, dtype=torch.int64)
+        self._images = images.to(self.device)
+        self._labels = labels.to(self.device)
 
-    def __len__(self) -> int:
-        return self._len
+    def _restarts_each_pass(self) -> bool:
+        return False  # the val split too follows the training rules, as the docstring promises
 
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self._generation += 1
-        return self._iterate(self._generation)
-
-    def _iterate(self, generation: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        if self._batch >= self._len:
-            self._epoch, self._batch = self._epoch + 1, 0
-        while self._batch < self._len:
-            self._batch += 1
-            yield self._images, self._labels
-            if generation != self._generation:
-                return
-        self._epoch, self._batch = self._epoch + 1, 0
+    def _make_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._images, self._labels
 
     def state_dict(self) -> dict[str, Any]:
         return {"format": STATE_FORMAT, "kind": "synthetic", "epoch": self._epoch, "batch": self._batch}

@@ -66,7 +66,29 @@ def make_shortcut(
     return None
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+    """What both block types share: the optional shortcut and the final add-and-ReLU."""
+
+    expansion = 1
+
+    def __init__(self, *, stride: int, residual: bool, downsample: nn.Module | None) -> None:
+        super().__init__()
+        if downsample is not None and not residual:
+            raise ValueError("a plain block (residual=False) cannot have a downsample shortcut")
+        self.relu = nn.ReLU(inplace=True)
+        self.residual = residual
+        self.stride = stride
+
+    def _merge(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # `residual` is a Python bool fixed at construction, so a plain block
+        # traces (torch.fx, torch.compile) to a graph with no addition at all.
+        if self.residual:
+            identity = x if self.downsample is None else self.downsample(x)
+            out += identity
+        return self.relu(out)
+
+
+class BasicBlock(_Block):
     expansion = 1
 
     def __init__(
@@ -78,33 +100,22 @@ class BasicBlock(nn.Module):
         residual: bool = True,
         downsample: nn.Module | None = None,
     ) -> None:
-        super().__init__()
-        if downsample is not None and not residual:
-            raise ValueError("a plain block (residual=False) cannot have a downsample shortcut")
+        super().__init__(stride=stride, residual=residual, downsample=downsample)
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample
-        self.residual = residual
-        self.stride = stride
+        self.downsample = downsample  # registered last, as in torchvision, so state_dict keys keep its order
 
     def last_bn(self) -> nn.BatchNorm2d:
         return self.bn2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        # `residual` is a Python bool fixed at construction, so a plain block
-        # traces (torch.fx, torch.compile) to a graph with no addition at all.
-        if self.residual:
-            identity = x if self.downsample is None else self.downsample(x)
-            out += identity
-        return self.relu(out)
+        return self._merge(self.bn2(self.conv2(out)), x)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_Block):
     expansion = 4
 
     def __init__(
@@ -117,9 +128,7 @@ class Bottleneck(nn.Module):
         downsample: nn.Module | None = None,
         stride_in: StrideIn = "3x3",
     ) -> None:
-        super().__init__()
-        if downsample is not None and not residual:
-            raise ValueError("a plain block (residual=False) cannot have a downsample shortcut")
+        super().__init__(stride=stride, residual=residual, downsample=downsample)
         if stride_in not in STRIDE_INS:
             raise ValueError(f"stride_in={stride_in!r} is not allowed; choose one of '3x3', '1x1'")
         # The 2015 paper strides the first 1x1 conv, which discards 3/4 of the
@@ -133,10 +142,7 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = conv1x1(planes, planes * self.expansion)
         self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
-        self.residual = residual
-        self.stride = stride
 
     def last_bn(self) -> nn.BatchNorm2d:
         return self.bn3
@@ -144,8 +150,4 @@ class Bottleneck(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        if self.residual:
-            identity = x if self.downsample is None else self.downsample(x)
-            out += identity
-        return self.relu(out)
+        return self._merge(self.bn3(self.conv3(out)), x)

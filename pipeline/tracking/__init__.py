@@ -6,52 +6,11 @@ The trainer only sees ``Tracker``. ``start`` is a collective when tracking is en
 
 from __future__ import annotations
 
-from typing import Any, Protocol
-
 from pipeline.config import TrackingConfig
+from pipeline.tracking.base import NullTracker, Tracker
 from pipeline.tracking.store import DEFAULT_URI, get_or_create_experiment, resolve_uri
 
 __all__ = ["DEFAULT_URI", "NullTracker", "Tracker", "build_tracker", "get_or_create_experiment", "resolve_uri"]
-
-
-class Tracker(Protocol):
-    run_id: str | None
-
-    def start(self, run_id: str | None = None) -> str | None: ...
-    def log_params(self, params: dict[str, str]) -> None: ...
-    def set_tags(self, tags: dict[str, str]) -> None: ...
-    def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
-    def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
-    def log_model(self, model: Any) -> None: ...
-    def finish(self, status: str = "FINISHED") -> None: ...
-
-
-class NullTracker:
-    """What tracking.enabled = false gives every rank: every call does nothing."""
-
-    run_id: str | None = None
-
-    def start(self, run_id: str | None = None) -> str | None:
-        self.run_id = run_id
-        return run_id
-
-    def log_params(self, params: dict[str, str]) -> None:
-        pass
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        pass
-
-    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        pass
-
-    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        pass
-
-    def log_model(self, model: Any) -> None:
-        pass
-
-    def finish(self, status: str = "FINISHED") -> None:
-        pass
 
 
 def build_tracker(cfg: TrackingConfig, *, is_main: bool, node_id: int = 0, is_local_main: bool | None = None,

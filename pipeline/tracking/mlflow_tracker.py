@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline.config import TrackingConfig
 from pipeline.system_metrics import SystemMetricsSampler
+from pipeline.tracking.base import NullTracker
 from pipeline.tracking.sender import BatchSender
 from pipeline.tracking.store import (configure_http_for_training, get_or_create_experiment, git_commit,
                                      gpu_type, resolve_uri, run_url)
@@ -244,7 +245,7 @@ class MLflowTracker:
                                  code_paths=[str(Path(__file__).resolve().parents[1])])
 
 
-class FollowerTracker:
+class FollowerTracker(NullTracker):
     """Every rank but global 0: receives the run id; on a node's local rank 0 it samples system metrics."""
 
     def __init__(self, cfg: TrackingConfig, *, node_id: int = 0, is_local_main: bool = False) -> None:
@@ -273,21 +274,6 @@ class FollowerTracker:
                 # train.run() finishes the tracker on rank 0 only: deliver this node's samples at exit.
                 atexit.register(self.finish)
         return self.run_id
-
-    def log_params(self, params: dict[str, str]) -> None:
-        pass
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        pass
-
-    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        pass
-
-    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
-        pass
-
-    def log_model(self, model: Any) -> None:
-        pass
 
     def finish(self, status: str = "FINISHED") -> None:
         sampler, self._sampler = self._sampler, None

@@ -33,13 +33,17 @@ import json
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent.parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))  # tests/servers.py, also when this file runs as a script
+
+import servers  # noqa: E402
 
 PREFIX = "slt"
 BRIDGE = f"{PREFIX}br0"
@@ -222,72 +226,21 @@ def cleanup_stale() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-class TcpForwarder:
+class TcpForwarder(servers.TcpForwarder):
     """Listens on the bridge address and pipes connections to a server bound to 127.0.0.1.
 
     Test servers (moto, MLflow) usually bind loopback, which inside a node's namespace is that node's
-    own loopback; this makes them reachable from the nodes at ``BRIDGE_ADDR:port``.
+    own loopback; this makes them reachable from the nodes at ``BRIDGE_ADDR:port``. It listens from
+    construction on (on a free port) until ``close()``.
     """
 
     def __init__(self, target_host: str, target_port: int, *, listen_host: str = BRIDGE_ADDR) -> None:
-        self.target = (target_host, target_port)
-        self._ls = socket.socket()
-        self._ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._ls.bind((listen_host, 0))
-        self._ls.listen(64)
-        self.port = self._ls.getsockname()[1]
-        self.address = f"{listen_host}:{self.port}"
-        self._open: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True, name="slt-forwarder").start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._ls.accept()
-            except OSError:
-                return
-            try:
-                backend = socket.create_connection(self.target, timeout=10)
-                backend.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._open.update((client, backend))
-            for a, b in ((client, backend), (backend, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                s.close()
-                with self._lock:
-                    self._open.discard(s)
+        super().__init__(target_host, target_port, listen_host=listen_host, connect_timeout=10,
+                         name="slt-forwarder")
+        self.start()
 
     def close(self) -> None:
-        try:
-            self._ls.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._ls.close()
-        with self._lock:
-            conns, self._open = list(self._open), set()
-        for s in conns:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
+        self.stop()
 
 
 class SlurmCluster:

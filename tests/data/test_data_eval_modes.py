@@ -12,8 +12,8 @@ from datatree import ids, pixel_values
 from PIL import Image
 
 from pipeline.data import DataError, build_source
-from pipeline.data.loader import shard_sizes
 from pipeline.data.pipelines import TEN_CROP_VIEWS
+from pipeline.data.source import shard_sizes
 
 CPU = torch.device("cpu")
 W, H = 20, 24  # the test image: 20 wide, 24 tall, so val_resize = 20 leaves it unscaled

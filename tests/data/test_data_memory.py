@@ -16,6 +16,7 @@ import torch
 from pipeline.data import DataError, build_source
 from pipeline.data.folder import SplitIndex
 from pipeline.data.memory import CIFAR_PAD, InMemorySource
+from pipeline.data.source import SourceOptions
 
 S = 8  # image size: small, but wider than the 4-pixel padding
 MEAN = [10.0, 20.0, 30.0]
@@ -34,9 +35,9 @@ def make(n: int = 30, *, split: str = "train", rank: int = 0, world: int = 1, ba
          flip: bool = True) -> InMemorySource:
     index = SplitIndex(path=f"/mem/{split}", classes=("a", "b", "c"), files=tuple(f"/mem/{i}.png" for i in range(n)),
                        labels=tuple(i % 3 for i in range(n)))
-    return InMemorySource(index, split=split, rank=rank, world_size=world, device=torch.device("cpu"), seed=seed,
-                          num_classes=3, batch_size=batch, image_size=S, mean=MEAN, std=STD, flip=flip,
-                          images=coded_images(n))
+    options = SourceOptions(split=split, rank=rank, world_size=world, device=torch.device("cpu"), seed=seed,
+                            num_classes=3, batch_size=batch)
+    return InMemorySource(index, options, image_size=S, mean=MEAN, std=STD, flip=flip, images=coded_images(n))
 
 
 def pixels(x: torch.Tensor) -> torch.Tensor:

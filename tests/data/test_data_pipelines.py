@@ -13,7 +13,7 @@ import torch
 from datatree import MEAN, STD, ids, pixel_values
 
 from pipeline.data import DataError, DataSource, build_source, resolve_decoder
-from pipeline.data.loader import shard_sizes
+from pipeline.data.source import shard_sizes
 
 CPU = torch.device("cpu")
 
@@ -332,7 +332,7 @@ def test_val_needs_an_image_per_rank(tree, make_cfg):
 
 
 def _mixed_graphs():
-    from pipeline.data.pipelines import train_pipeline, val_pipeline
+    from pipeline.data.pipelines import TrainAugment, train_pipeline, val_pipeline
 
     mean_image = np.zeros((16, 16, 3), np.float32)
     for style in ("cifar", "imagenet"):
@@ -341,9 +341,9 @@ def _mixed_graphs():
         yield f"{style}-train", 2, train_pipeline(enable_checkpointing=True, **common)
         yield f"{style}-val", 2, val_pipeline(val_resize=18, **common)
     common.update(style="imagenet")
-    yield "paper+lighting+mean", 2, train_pipeline(augment="paper", scale=(16, 20), lighting=0.1,
-                                                   mean_image=mean_image, **common)
-    yield "rrc+lighting", 2, train_pipeline(augment="rrc", lighting=0.1, **common)
+    paper = TrainAugment(augment="paper", scale=(16, 20), lighting=0.1)
+    yield "paper+lighting+mean", 2, train_pipeline(augmentation=paper, mean_image=mean_image, **common)
+    yield "rrc+lighting", 2, train_pipeline(augmentation=TrainAugment(augment="rrc", lighting=0.1), **common)
     yield "10crop+mean", 2, val_pipeline(val_resize=18, eval_mode="10crop", mean_image=mean_image, **common)
     yield "multiscale", 4, val_pipeline(val_resize=18, eval_mode="multiscale", scales=(16, 20, 24), **common)
 

@@ -1,0 +1,45 @@
+"""The tracker interface the trainer sees, and the tracker that does nothing."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class Tracker(Protocol):
+    run_id: str | None
+
+    def start(self, run_id: str | None = None) -> str | None: ...
+    def log_params(self, params: dict[str, str]) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
+    def log_model(self, model: Any) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class NullTracker:
+    """What tracking.enabled = false gives every rank: every call does nothing."""
+
+    run_id: str | None = None
+
+    def start(self, run_id: str | None = None) -> str | None:
+        self.run_id = run_id
+        return run_id
+
+    def log_params(self, params: dict[str, str]) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_model(self, model: Any) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass

@@ -1,13 +1,13 @@
 """The depth study: plain versus residual networks at every depth, one MLflow child run per member.
 
-    python -m pipeline.study configs/study/cifar10_depth.toml                 # members one after another
+    python -m pipeline.study configs/study/cifar10_table6.toml                # members one after another
     python -m pipeline.study configs/study/imagenet_depth.toml --slurm        # a SLURM job array
     python -m pipeline.study configs/study/digits_depth.toml --schedule.epochs=2 --only plain20
 
 A study file names the study, the train config its members start from (``base``), the settings they
 share (``[shared]``, the same keys as a train config) and the members::
 
-    name = "cifar10_depth"
+    name = "my_study"
     base = "configs/cpu/digits_resnet20.toml"
     nproc = 1                                  # processes per member (torchrun when > 1)
     [shared.schedule]

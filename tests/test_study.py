@@ -33,7 +33,7 @@ def test_every_study_file_resolves_to_valid_member_configs(name: str) -> None:
 
 
 def test_paper_studies_list_the_paper_members() -> None:
-    cifar = read_study(REPO / "configs/study/cifar10_depth.toml")
+    cifar = read_study(REPO / "configs/study/cifar10_table6.toml")
     assert [m.name for m in cifar.members] == ["plain20", "plain32", "plain44", "plain56", "resnet20", "resnet32",
                                                "resnet44", "resnet56", "resnet110"]
     r110 = member_config(cifar, cifar.members[-1])
@@ -78,22 +78,22 @@ def test_slurm_prints_the_array_command_and_submits_only_with_sbatch(tmp_path: P
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     monkeypatch.setenv("PATH", str(bin_dir))  # no sbatch yet
-    study = str(REPO / "configs/study/cifar10_depth.toml")
+    study = str(REPO / "configs/study/cifar10_table6.toml")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert main([study, "--slurm", "--dry-run", f"--tracking.uri={uri}"]) == 0
     out = capsys.readouterr().out
-    assert "sbatch --array=0-8 --job-name=cifar10_depth launch/slurm_depth_study.sh" in out
+    assert "sbatch --array=0-8 --job-name=cifar10_table6 launch/slurm_depth_study.sh" in out
     assert "dry run: none created" in out
-    assert MlflowClient(uri).get_experiment_by_name("cifar10-depth-study") is None
+    assert MlflowClient(uri).get_experiment_by_name("cifar10-table6") is None
 
     assert main([study, "--slurm", f"--tracking.uri={uri}", "--only=resnet20,resnet110"]) == 0
     out = capsys.readouterr().out
-    assert "sbatch --array=0-1 --job-name=cifar10_depth" in out and "not submitted" in out
-    manifest = tmp_path / "runs/studies/cifar10_depth/members.txt"
+    assert "sbatch --array=0-1 --job-name=cifar10_table6" in out and "not submitted" in out
+    manifest = tmp_path / "runs/studies/cifar10_table6/members.txt"
     lines = manifest.read_text().splitlines()
     assert [Path(p).name for p in lines] == ["resnet20.toml", "resnet110.toml"]
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("cifar10-depth-study")
+    exp = client.get_experiment_by_name("cifar10-table6")
     (parent,) = client.search_runs([exp.experiment_id])
     assert parent.data.tags["study_role"] == "parent" and parent.info.status == "RUNNING"
     assert f'parent_run_id = "{parent.info.run_id}"' in Path(lines[0]).read_text()
@@ -106,7 +106,7 @@ def test_slurm_prints_the_array_command_and_submits_only_with_sbatch(tmp_path: P
     out = capsys.readouterr().out
     assert "Submitted batch job 42" in out
     assert (tmp_path / "sbatch.args").read_text().split()[:3] == [
-        "--array=0-0", "--job-name=cifar10_depth", "launch/slurm_depth_study.sh"]
+        "--array=0-0", "--job-name=cifar10_table6", "launch/slurm_depth_study.sh"]
     assert len(client.search_runs([exp.experiment_id])) == 1  # the same parent, reopened
 
 

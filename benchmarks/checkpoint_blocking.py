@@ -56,20 +56,18 @@ def _measure(uri: str, size_mib: int, staging: Path, repeats: int) -> dict[str, 
     ck = Checkpointer(CheckpointConfig(uri=uri, keep_last=1), run_id=f"bench-{size_mib}", rank=0, world_size=1,
                       config_hash="bench", staging_dir=str(staging))
     ck.check_access()
-    blocked, committed, actual = [], [], 0
+    blocked, committed = [], []
     for i in range(repeats):
         t0 = time.perf_counter()
         ck.save(engine, step=i + 1, epoch=0, trainer_state={"step": i + 1})
         blocked.append(time.perf_counter() - t0)
         ck.wait()
         committed.append(time.perf_counter() - t0)
-        actual = sum(p.stat().st_size for p in staging.rglob("*") if p.is_file()) or actual
     ck.close()
     from pipeline.storage import Storage
 
     store = Storage(uri).child(f"bench-{size_mib}")
-    files = [f for f in store.list(f"step-{repeats}") if f.endswith(".pt")]
-    actual = sum(store.size(f"step-{repeats}/{f}") for f in files)
+    actual = sum(size for f, size in store.find(f"step-{repeats}").items() if f.endswith(".pt"))
     return {"size_mib": actual / 2**20, "blocked_s": statistics.median(blocked),
             "committed_s": statistics.median(committed)}
 

@@ -51,8 +51,6 @@ from pipeline.config import DataConfig, DistributedConfig, OptimConfig, Precisio
 from pipeline.engine import FastPath, resolve_fast_path
 
 PROCESS_START = time.time()  # the probe reports how long start-up (imports, data, engine) took
-IMAGENET_MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
-IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 
 
 # -- what one configuration is -------------------------------------------------------------------------
@@ -154,7 +152,7 @@ def build_data(case: Case, args: argparse.Namespace, device: torch.device, *, sp
     # 0.1) or "rrc" (configs/imagenet/modern: random-resized crop, no lighting).
     data = DataConfig(source="synthetic", style=style, image_size=case.image_size, val_resize=case.image_size,
                       batch_size=case.batch, num_threads=args.threads, prefetch=args.prefetch, decoder=args.decoder,
-                      mean=IMAGENET_MEAN, std=IMAGENET_STD, synthetic_batches=64, augment=case.augment,  # type: ignore[arg-type]
+                      synthetic_batches=64, augment=case.augment,  # type: ignore[arg-type]
                       lighting=0.1 if case.augment == "paper" else 0.0,
                       scale=[max(256, case.image_size), max(480, case.image_size)])
     if case.data == "synthetic":
@@ -208,13 +206,12 @@ def build_trainer(case: Case, args: argparse.Namespace, device: torch.device, so
     from pipeline.config import ScheduleConfig
     from pipeline.engine import build_engine
     from pipeline.models import build_model
-    from pipeline.schedule import LRSchedule
+    from pipeline.schedule import LRSchedule, scaled_lr
     from pipeline.trainer import Trainer
 
     if case.cfg is not None:
         cfg = case.cfg
         model_cfg, optim, precision, distributed = cfg.model, cfg.optim, cfg.precision, cfg.distributed
-        lr = cfg.optim.lr * case.batch / cfg.optim.reference_batch
     else:
         model_cfg = replace(TrainConfig().model, name=case.model, num_classes=source.num_classes,
                             channels_last=args.channels_last, compile=case.compile, compile_mode=args.compile_mode,
@@ -222,7 +219,7 @@ def build_trainer(case: Case, args: argparse.Namespace, device: torch.device, so
         optim = OptimConfig(lr=0.1, reference_batch=256)
         precision = PrecisionConfig(dtype=args.precision)
         distributed = DistributedConfig()
-        lr = 0.1 * case.batch / 256
+    lr = scaled_lr(optim.lr, reference_batch=optim.reference_batch, global_batch=case.batch)
     model = build_model(model_cfg.name, num_classes=model_cfg.num_classes, **model_cfg.overrides())
     engine = build_engine(model, optim=optim, precision=precision, distributed=distributed, lr=lr,
                           micro_batch=case.batch, world_size=1, device=device, channels_last=model_cfg.channels_last,

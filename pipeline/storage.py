@@ -19,13 +19,12 @@ import contextlib
 import hashlib
 import os
 import posixpath
-import shutil
 import socket
 import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator
+from typing import IO, Any, Callable, Iterable, Iterator, TypeVar
 
 import fsspec
 
@@ -52,6 +51,9 @@ class StorageError(RuntimeError):
         return self.kind in ("unreachable", "other")
 
 
+T = TypeVar("T")
+
+
 def sha256_file(path: str | Path) -> FileInfo:
     h = hashlib.sha256()
     size = 0
@@ -73,14 +75,15 @@ def _is_connection_error(exc: BaseException) -> bool:
                          "TimeoutError", "FSTimeoutError"}) or isinstance(exc, (socket.timeout, ConnectionError))
 
 
-def _replace_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
+def _replace_atomically(path: str, write: Callable[[IO[bytes]], T]) -> T:
     """Write a local file through a temporary sibling, fsync it and rename it over ``path``: readers see the
-    old file or the whole new one, never a torn one, and a failure leaves no temporary behind."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    old file or the whole new one, never a torn one, and a failure leaves no temporary behind. Returns what
+    ``write`` returns."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            result = write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -88,6 +91,17 @@ def _replace_atomically(path: str, write: Callable[[IO[bytes]], None]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    return result
+
+
+def _copy_hashing(src: IO[bytes], dst: IO[bytes], *, name: str) -> FileInfo:
+    h = hashlib.sha256()
+    size = 0
+    while block := src.read(CHUNK):
+        h.update(block)
+        size += len(block)
+        dst.write(block)
+    return FileInfo(name, size, h.hexdigest())
 
 
 def _child_names(paths: Iterable[str], parent: str) -> list[str]:
@@ -268,18 +282,16 @@ class Storage:
     def put(self, local: str | Path, rel: str) -> FileInfo:
         """Upload a local file (atomically: it appears whole or not at all); returns its size and sha256."""
         local = str(local)
-        info = sha256_file(local)
         path = self._path(rel)
         with self._errors("upload to", rel):
             if self.remote:
+                info = sha256_file(local)
                 self.fs.put_file(local, path)
                 got = int(self.fs.info(path)["size"])
             else:
-                def copy(f: IO[bytes]) -> None:
-                    with open(local, "rb") as src:
-                        shutil.copyfileobj(src, f, 1 << 20)
-
-                _replace_atomically(path, copy)
+                # One read of the source serves both the copy and its checksum.
+                with open(local, "rb") as src:
+                    info = _replace_atomically(path, lambda f: _copy_hashing(src, f, name=local))
                 got = os.path.getsize(path)
         if got != info.size:
             raise StorageError(f"upload of {local} to {self.url(rel)} left {got} bytes instead of {info.size}",
@@ -287,20 +299,12 @@ class Storage:
         return FileInfo(rel, info.size, info.sha256)
 
     def get(self, rel: str, local: str | Path) -> FileInfo:
-        """Download to ``local`` in one streamed pass that also computes size and sha256."""
-        local = Path(local)
-        local.parent.mkdir(parents=True, exist_ok=True)
-        h = hashlib.sha256()
-        size = 0
-        tmp = local.with_name(f".{local.name}.part")
+        """Download to ``local`` in one streamed pass that also computes size and sha256; ``local`` appears
+        whole or not at all."""
         with self._errors("download", rel):
-            with self.fs.open(self._path(rel), "rb", block_size=CHUNK) as src, open(tmp, "wb") as dst:
-                while block := src.read(CHUNK):
-                    h.update(block)
-                    size += len(block)
-                    dst.write(block)
-        os.replace(tmp, local)
-        return FileInfo(rel, size, h.hexdigest())
+            with self.fs.open(self._path(rel), "rb", block_size=CHUNK) as src:
+                info = _replace_atomically(str(local), lambda f: _copy_hashing(src, f, name=rel))
+        return FileInfo(rel, info.size, info.sha256)
 
     def delete(self, rel: str = "", *, recursive: bool = False) -> None:
         """Remove a file (or a folder with ``recursive``); a missing path is not an error."""

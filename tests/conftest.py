@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -9,6 +10,10 @@ from typing import Iterator
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # so tests can `import s3_server`
+# DeepSpeed JIT-builds a CPU op (~1 min) in ~/.cache/torch_extensions, shared by every checkout on the machine,
+# which then rebuild it in turn; one folder per checkout, inherited by every DeepSpeed process a test starts,
+# builds it once.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
 
 
 # -- S3 (checkpoint storage) ---------------------------------------------------------------------------

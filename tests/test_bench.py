@@ -24,10 +24,6 @@ import study_parallel  # noqa: E402
 import throughput  # noqa: E402
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}
-# DeepSpeed's CPU backend JIT-builds a C++ op into ~/.cache/torch_extensions/<python>_<cuda>/, a folder that
-# every checkout on the machine shares: two checkouts rebuild it in turn (about a minute each time). One per
-# checkout keeps the build done once.
-ENV.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 for _k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT", "MLFLOW_TRACKING_URI"):
     ENV.pop(_k, None)
 

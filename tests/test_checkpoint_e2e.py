@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from pipeline.signals import STOP_EXIT_CODE
+from pipeline.storage import sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -146,8 +147,13 @@ def test_exact_resume_local(reference: dict[str, Any], tmp_path: Path) -> None:
     assert rc == 0, text[-4000:]
     assert "resumed run r at step 3" in text
     assert _losses(tmp_path / "stopped.jsonl", tmp_path / "resumed.jsonl") == reference["losses"]
-    _assert_same_weights(reference["final"], _final(tmp_path / "ckpt" / "r" / f"step-{STEPS}" /
-                                                    "mp_rank_00_model_states.pt"))
+    final = tmp_path / "ckpt" / "r" / f"step-{STEPS}"
+    _assert_same_weights(reference["final"], _final(final / "mp_rank_00_model_states.pt"))
+    # The manifest lists every rank's files with checksums that match what is stored.
+    m = json.loads((final / "manifest.json").read_text())
+    assert m["world_size"] == 2 and {f["rank"] for f in m["files"]} == {0, 1}
+    for f in m["files"]:
+        assert sha256_file(final / f["path"]).sha256 == f["sha256"]
 
 
 def test_exact_resume_s3_and_sigkill_mid_upload(reference: dict[str, Any], tmp_path: Path,

@@ -16,7 +16,6 @@ TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 CPU_CONFIG = "configs/cpu/digits_resnet20.toml"
 SHORT = ["--schedule.unit=step", "--schedule.milestones=[]", "--schedule.warmup=0", "--progress=false",
          "--tracking.enabled=false"]
-CIFAR_ARCHIVE = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 
 
 def torchrun(args: list[str], *, cwd: Path, timeout: int = 600, nproc: int = 2) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .source import DataSource, SourceOptions
+from .source import PAPER_SCALES, DataSource, SourceOptions
 
 if TYPE_CHECKING:
     from pipeline.config import DataConfig
@@ -72,7 +72,7 @@ def build_source(
     num_classes: int,
     root: str | None = None,
     eval_mode: Literal["center", "10crop", "multiscale"] = "center",
-    scales: tuple[int, ...] = (224, 256, 384, 480, 640),
+    scales: tuple[int, ...] = PAPER_SCALES,
 ) -> DataSource:
     """The data of ``split`` for global ``rank`` of ``world_size``, delivered on ``device``.
 
@@ -122,7 +122,7 @@ def build_source(
         from .memory import InMemorySource
 
         return InMemorySource(index, options, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std, flip=cfg.flip,
-                              decoder=decoder, num_threads=cfg.num_threads)
+                              decoder=decoder, num_threads=cfg.num_threads, root=root)
     # PCA lighting is ImageNet's colour augmentation; CIFAR-style training has none.
     augmentation = TrainAugment(flip=cfg.flip, augment=cfg.augment, scale=(cfg.scale[0], cfg.scale[1]),
                                 lighting=cfg.lighting if cfg.style == "imagenet" else 0.0)

@@ -15,22 +15,18 @@ into the same tree (PNGs), for ``--data.root=OUT``.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import os
 import shutil
 import subprocess
 import tarfile
-import tempfile
 from pathlib import Path
 
+from .cache import build_once
 from .errors import DataError
 
 # ../shared/datasets/cifar10-jpeg.tar.gz (see ../shared/datasets/README.md).
 CIFAR10_SHA256 = "efac85c8ed52f4ead1e1f1b670d8dcf435d551fccebdd8b6365e0a01a504f3a4"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
-_MARKER = ".complete"
 _VERSION = 1
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,18 +52,17 @@ def resolve_archive(path: str) -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from pipeline.storage import sha256_file
+
+    return sha256_file(path).sha256
 
 
 def extract_archive(path: str, *, cache_dir: str, sha256: str = "") -> str:
     """Extract the archive at ``path`` once into ``cache_dir`` and return the dataset root inside it.
 
     The root is the archive's single top-level folder when it has exactly one (``cifar10-jpeg/``), else
-    the extraction folder. Raises :class:`DataError` for a missing, unreadable or mismatching archive.
+    the extraction folder. Raises :class:`DataError` for a missing, unreadable or mismatching archive, and
+    for a folder at ``<cache_dir>/<archive name>`` that was not extracted here (it is never deleted).
     """
     archive = resolve_archive(path)
     if not archive.is_file():
@@ -75,70 +70,26 @@ def extract_archive(path: str, *, cache_dir: str, sha256: str = "") -> str:
                         f"{_REPO_ROOT}). {HOW_TO_GET_CIFAR10}")
     st = archive.stat()
     stamp = {"version": _VERSION, "archive": str(archive.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-    cache = Path(cache_dir).expanduser().resolve()
     name = archive.name
     for suffix in ARCHIVE_SUFFIXES:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
-    dest = cache / name
-    done = _completed(dest, stamp)
-    if done is not None:
-        return done
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create data.cache_dir {cache}: {e}; set --data.cache_dir to a writable folder") from e
-    with open(cache / f".{name}.lock", "w") as lock:
-        # Ranks of one node wait for the first instead of all unpacking the same archive.
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            done = _completed(dest, stamp)
-            if done is None:
-                _extract(archive, dest, stamp=stamp, sha256=sha256)
-                done = _completed(dest, stamp)
-                assert done is not None
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-    return done
-
-
-def _completed(dest: Path, stamp: dict) -> str | None:
-    try:
-        marker = json.loads((dest / _MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    if any(marker.get(k) != v for k, v in stamp.items()):
-        return None
+    dest = Path(cache_dir).expanduser().resolve() / name
+    marker = build_once(dest, stamp=stamp, build=lambda tmp: _extract(archive, tmp, sha256=sha256))
     return str(dest / marker["root"]) if marker.get("root") else str(dest)
 
 
-def _extract(archive: Path, dest: Path, *, stamp: dict, sha256: str) -> None:
+def _extract(archive: Path, into: Path, *, sha256: str) -> dict[str, str]:
     if sha256:
         got = sha256_of(archive)
         if got != sha256.lower():
             raise DataError(f"dataset archive {archive} has sha256 {got}, but data.root_sha256 = {sha256}: the file is "
                             f"damaged or a different dataset; fetch it again, or set --data.root_sha256='' to skip "
                             f"the check. {HOW_TO_GET_CIFAR10}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-tmp-", dir=dest.parent))
-    try:
-        _unpack(archive, tmp)
-        entries = [e for e in tmp.iterdir() if not e.name.startswith(".")]
-        root = entries[0].name if len(entries) == 1 and entries[0].is_dir() else ""
-        (tmp / _MARKER).write_text(json.dumps({**stamp, "root": root}))
-        if dest.exists():
-            # A stale or half-written tree: move it aside first, since rename() cannot replace a non-empty folder.
-            stale = Path(tempfile.mkdtemp(prefix=f".{dest.name}-stale-", dir=dest.parent))
-            os.rename(dest, stale / dest.name)
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            # Another node won the race through a shared filesystem; its tree is identical.
-            if _completed(dest, stamp) is None:
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _unpack(archive, into)
+    entries = [e for e in into.iterdir() if not e.name.startswith(".")]
+    return {"root": entries[0].name if len(entries) == 1 and entries[0].is_dir() else ""}
 
 
 def _unpack(archive: Path, into: Path) -> None:

@@ -13,17 +13,12 @@ and every rank builds byte-identical trees.
 
 from __future__ import annotations
 
-import fcntl
-import json
 import os
-import shutil
-import tempfile
 
-from .errors import DataError
+from .cache import build_once
 
 DIGITS_DIR = "digits"
 _VERSION = 1  # bump when the images or the split change; an older tree is then rebuilt
-_MARKER = ".complete"
 _VAL_FRACTION = 0.2
 _SPLIT_SEED = 0
 _IMAGE_SIZE = 32
@@ -32,59 +27,12 @@ _IMAGE_SIZE = 32
 def prepare_digits(cache_dir: str) -> str:
     """Build the digits tree under ``cache_dir`` once, and return its (absolute) root.
 
-    Safe to call from many ranks at once, on one node or several sharing a filesystem: the tree
-    is written to a private temporary folder and renamed into place, so readers only ever see a
-    complete tree; a file lock keeps ranks of one node from all doing the (few-second) work.
+    Safe to call from many ranks at once, on one node or several sharing a filesystem (see
+    :func:`pipeline.data.cache.build_once`): readers only ever see a complete tree.
     """
-    cache_dir = os.path.abspath(cache_dir)
-    root = os.path.join(cache_dir, DIGITS_DIR)
-    if _is_complete(root):
-        return root
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create data.cache_dir {cache_dir}: {e}; "
-                        f"set --data.cache_dir to a writable folder") from e
-    with open(os.path.join(cache_dir, f".{DIGITS_DIR}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            if not _is_complete(root):
-                _build(cache_dir, root)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    root = os.path.join(os.path.abspath(cache_dir), DIGITS_DIR)
+    build_once(root, stamp={"version": _VERSION}, build=lambda tmp: _write_tree(str(tmp)))
     return root
-
-
-def _is_complete(root: str) -> bool:
-    try:
-        with open(os.path.join(root, _MARKER)) as f:
-            return json.load(f).get("version") == _VERSION
-    except (OSError, ValueError):
-        return False
-
-
-def _build(cache_dir: str, root: str) -> None:
-    tmp = tempfile.mkdtemp(prefix=f".{DIGITS_DIR}-tmp-", dir=cache_dir)
-    try:
-        counts = _write_tree(tmp)
-        with open(os.path.join(tmp, _MARKER), "w") as f:
-            json.dump({"version": _VERSION, **counts}, f)
-        if _is_complete(root):
-            return  # another node finished first, through a shared filesystem
-        if os.path.exists(root):
-            # A stale version or a half-copied tree not made by us: move it aside first, since
-            # rename() cannot replace a non-empty directory.
-            stale = tempfile.mkdtemp(prefix=f".{DIGITS_DIR}-stale-", dir=cache_dir)
-            os.rename(root, os.path.join(stale, DIGITS_DIR))
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            # Another node won the race through a shared filesystem; its tree is identical.
-            if not _is_complete(root):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def stratified_split(labels, *, val_fraction: float = _VAL_FRACTION, seed: int = _SPLIT_SEED):

@@ -39,10 +39,10 @@ import torch
 from .errors import DataError
 from .folder import SplitIndex, is_url
 from .pipelines import READER_NAME, TrainAugment, train_pipeline, val_pipeline
-from .source import STATE_FORMAT, EpochSource, SourceOptions, check_state, derive_seed, shard_range
+from .source import (PAPER_SCALES, STATE_FORMAT, EpochSource, SourceOptions, check_state, derive_seed,
+                     shard_range)
 
 EVAL_MODES = ("center", "10crop", "multiscale")
-PAPER_SCALES = (224, 256, 384, 480, 640)  # multi-scale testing: shorter sides of section 3.4
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

@@ -31,9 +31,8 @@ import torch.nn.functional as F
 
 from .errors import DataError
 from .folder import SplitIndex
-from .source import STATE_FORMAT, EpochSource, SourceOptions, check_state, shard_range
+from .source import CIFAR_PAD, STATE_FORMAT, EpochSource, SourceOptions, check_state, shard_range
 
-CIFAR_PAD = 4  # "4 pixels are padded on each side" (He et al. 2015, section 4.2)
 _DECODE_BATCH = 1000
 
 
@@ -43,31 +42,40 @@ def _generator(*key: int) -> torch.Generator:
 
 
 def decode_split(index: SplitIndex, *, image_size: int, device: torch.device, decoder: Literal["cpu", "mixed"],
-                 num_threads: int) -> torch.Tensor:
+                 num_threads: int, root: str = "") -> torch.Tensor:
     """Every image of ``index`` as one uint8 NHWC tensor on ``device``, in index order.
 
-    Images are centre-cropped (or zero-padded) to ``image_size``, which leaves CIFAR's 32x32 untouched."""
+    Images are centre-cropped (or zero-padded) to ``image_size``, which leaves CIFAR's 32x32 untouched. An
+    image DALI cannot read or decode raises :class:`DataError` naming the file, as in :class:`DaliSource`
+    (``root``, the dataset root, defaults to the split folder and only appears in that message)."""
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
+
+    from .loader import _device_id, explain_pipeline_error
 
     n = len(index)
     batch = min(_DECODE_BATCH, n)
     mixed = decoder == "mixed"
 
     @pipeline_def(batch_size=batch, num_threads=max(1, num_threads), prefetch_queue_depth=2,
-                  device_id=(device.index if device.index is not None else torch.cuda.current_device()) if mixed
-                  else None)
+                  device_id=_device_id(device) if mixed else None)
     def decode():
         jpegs, _ = fn.readers.file(files=list(index.files), random_shuffle=False, pad_last_batch=True, name="Reader")
         images = fn.decoders.image(jpegs, device="mixed" if mixed else "cpu", output_type=types.RGB)
         return fn.crop(images, crop=(image_size, image_size), out_of_bounds_policy="pad", fill_values=0)
 
     pipe = decode()
-    pipe.build()
+    try:
+        pipe.build()
+    except RuntimeError as e:
+        raise explain_pipeline_error(e, files=index.files, root=root or index.path) from e
     out = torch.empty((n, image_size, image_size, 3), dtype=torch.uint8, device=device)
     for start in range(0, n, batch):
-        (images,) = pipe.run()
+        try:
+            (images,) = pipe.run()
+        except RuntimeError as e:
+            raise explain_pipeline_error(e, files=index.files, root=root or index.path) from e
         images = images.as_tensor()
         take = min(batch, n - start)  # the reader repeats the last image to fill the final batch
         if mixed:
@@ -97,10 +105,10 @@ class InMemorySource(EpochSource):
         mean: Sequence[float],
         std: Sequence[float],
         flip: bool = True,
-        pad: int = CIFAR_PAD,
         decoder: Literal["cpu", "mixed"] = "cpu",
         num_threads: int = 2,
         images: torch.Tensor | None = None,
+        root: str = "",
     ) -> None:
         """``images`` (uint8 NHWC, index order) skips decoding: tests and callers that hold the split already."""
         n = len(index)
@@ -108,12 +116,11 @@ class InMemorySource(EpochSource):
         self.index = index
         self.image_size = image_size
         self.flip = flip
-        self.pad = pad
         self._shard_start, shard_stop = shard_range(n, self.world_size, self.rank)
         self._shard_len = shard_stop - self._shard_start
         if images is None:
             images = decode_split(index, image_size=image_size, device=self.device, decoder=decoder,
-                                  num_threads=num_threads)
+                                  num_threads=num_threads, root=root)
         if tuple(images.shape) != (n, image_size, image_size, 3) or images.dtype != torch.uint8:
             raise DataError(f"decoded {index.path} to {tuple(images.shape)} {images.dtype}, expected "
                             f"({n}, {image_size}, {image_size}, 3) uint8")
@@ -121,7 +128,7 @@ class InMemorySource(EpochSource):
         if self.split == "train":
             # Zero padding on the uint8 image, so pad pixels normalise to -mean/std, as with torchvision's
             # RandomCrop(padding=4) before Normalize and as in the DALI pipeline.
-            images = F.pad(images.permute(0, 3, 1, 2), (pad, pad, pad, pad)).permute(0, 2, 3, 1).contiguous()
+            images = F.pad(images.permute(0, 3, 1, 2), (CIFAR_PAD,) * 4).permute(0, 2, 3, 1).contiguous()
         self._images = images
         self._labels = torch.tensor(index.labels, dtype=torch.int64, device=self.device)
         self._scale = (1.0 / torch.tensor(list(std), dtype=torch.float32)).view(1, 3, 1, 1).to(self.device)
@@ -140,7 +147,7 @@ class InMemorySource(EpochSource):
         perm = torch.randperm(self.num_samples, generator=_generator(self.seed, epoch, 0))
         start = self._shard_start
         g = _generator(self.seed, epoch, 1, self.rank)
-        span = 2 * self.pad + 1
+        span = 2 * CIFAR_PAD + 1
         return {
             "index": perm[start:start + count],
             "dy": torch.randint(0, span, (count,), generator=g),

@@ -34,8 +34,9 @@ import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
+from .source import CIFAR_PAD, PAPER_SCALES
+
 READER_NAME = "Reader"  # for reader_meta(); the loader checks its epoch arithmetic against DALI's
-CIFAR_PAD = 4  # "4 pixels are padded on each side" (He et al. 2015, section 4.2)
 
 # AlexNet's PCA colour augmentation on ImageNet (Krizhevsky et al. 2012; the values of
 # fb.resnet.torch, computed on RGB in [0, 1]): an RGB offset eigvec @ (alpha * eigval), alpha ~ N(0, sigma).
@@ -173,7 +174,7 @@ def val_pipeline(
     std: Sequence[float],
     decoder: Literal["cpu", "mixed"],
     eval_mode: Literal["center", "10crop", "multiscale"] = "center",
-    scales: Sequence[int] = (224, 256, 384, 480, 640),
+    scales: Sequence[int] = PAPER_SCALES,
     mean_image: np.ndarray | None = None,
 ):
     """Deterministic evaluation batches of ``files`` (one rank's shard), in order; every pass is the same.

@@ -15,6 +15,8 @@ import torch
 from .errors import DataError
 
 STATE_FORMAT = 1  # bump when a source's state_dict layout changes
+CIFAR_PAD = 4  # "4 pixels are padded on each side" (He et al. 2015, section 4.2)
+PAPER_SCALES = (224, 256, 384, 480, 640)  # multi-scale testing: shorter sides of section 3.4
 
 
 @runtime_checkable
@@ -105,7 +107,6 @@ class EpochSource:
     """
 
     def __init__(self, options: SourceOptions, *, num_samples: int, num_batches: int) -> None:
-        self.options = options
         # Plain attributes, read by the subclasses' hot paths and by callers that inspect a source.
         self.split, self.rank, self.world_size = options.split, options.rank, options.world_size
         self.device, self.seed = options.device, options.seed

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from .errors import DataError
-from .folder import IMAGE_EXTENSIONS, is_url
+from .folder import IMAGE_EXTENSIONS, _is_image, is_url
 
 ERRORS = ("empty", "not-an-image", "corrupt")  # DALI stops on these
 WARNINGS = ("wrong-format", "cmyk", "grayscale")  # DALI decodes these
@@ -63,10 +63,6 @@ def sniff(head: bytes) -> str | None:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
     return None
-
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 import threading
 import time
@@ -128,6 +129,18 @@ def test_concurrent_callers_extract_once(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert len(calls) == 1 and len(set(roots)) == 1 and len(roots) == 4
+
+
+def test_a_folder_not_extracted_here_is_never_deleted(tmp_path):
+    make_archive(tmp_path / "ds.tar.gz", TREE)
+    mine = tmp_path / "cache" / "ds"
+    (mine / "train" / "a").mkdir(parents=True)  # e.g. a user's own tree where the extraction would go
+    (mine / "train" / "a" / "keep.jpg").write_bytes(b"precious")
+    with pytest.raises(DataError, match=re.escape(str(mine)) + r" exists but was not made by this pipeline.*move it away.*"
+                                        r"--data.cache_dir"):
+        archives.extract_archive(str(tmp_path / "ds.tar.gz"), cache_dir=str(tmp_path / "cache"))
+    assert (mine / "train" / "a" / "keep.jpg").read_bytes() == b"precious"
+    assert sorted(os.listdir(tmp_path / "cache")) == [".ds.lock", "ds"]  # no temporary folders left
 
 
 def test_prepare_dataset_root_takes_an_archive_as_data_root(tmp_path):

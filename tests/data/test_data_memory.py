@@ -217,3 +217,22 @@ def test_in_memory_needs_cifar_style_image_data():
     for bad in (dict(source="synthetic"), dict(style="imagenet", source="digits")):
         with pytest.raises(ConfigError, match="in_memory"):
             DataConfig(in_memory=True, **bad).validate()
+
+
+@pytest.mark.parametrize("bad", ["zero-byte", "truncated"])
+def test_a_bad_image_stops_decoding_with_its_path(make_cfg, tree, bad):
+    import io
+    from pathlib import Path
+
+    from PIL import Image
+
+    root, index = tree({"train": {"a": 5, "b": 4}, "val": {"a": 3, "b": 2}}, size=(12, 12))
+    path = Path(root) / "train" / "b" / "broken.jpg"
+    buf = io.BytesIO()
+    Image.effect_noise((12, 12), 64).convert("RGB").save(buf, format="JPEG")
+    path.write_bytes(b"" if bad == "zero-byte" else buf.getvalue()[:200])
+    cfg = make_cfg(root=root, in_memory=True, image_size=12, batch_size=4)
+    with pytest.raises(DataError, match="broken.jpg") as err:
+        build_source(cfg, split="train", rank=0, world_size=1, device=torch.device("cpu"), seed=0, num_classes=2,
+                     root=root)
+    assert str(path) in str(err.value) and f"pipeline.data.validate {root} " in str(err.value)

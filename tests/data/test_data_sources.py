@@ -160,9 +160,21 @@ def test_digits_lost_race_keeps_the_winner(tmp_path, monkeypatch):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".digits-")]
 
 
-def test_digits_replaces_an_incomplete_tree(tmp_path):
+def test_digits_leaves_a_tree_it_did_not_make_alone(tmp_path):
     root = os.path.join(tmp_path, "digits")
     os.makedirs(os.path.join(root, "train", "0"))  # e.g. an interrupted manual copy, no marker
+    with pytest.raises(DataError, match=r"digits exists but was not made by this pipeline.*move it away.*"
+                                        r"--data.cache_dir"):
+        digits_module.prepare_digits(str(tmp_path))
+    assert os.path.isdir(os.path.join(root, "train", "0"))
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".digits-")]
+
+
+def test_digits_replaces_an_older_version(tmp_path):
+    root = os.path.join(tmp_path, "digits")
+    os.makedirs(os.path.join(root, "train", "0"))
+    with open(os.path.join(root, ".complete"), "w") as f:
+        json.dump({"version": digits_module._VERSION - 1}, f)  # ours, but stale
     assert digits_module.prepare_digits(str(tmp_path)) == root
     assert sum(count_images(root).values()) == 1797
 

@@ -97,6 +97,64 @@ def committed_tags(store: Storage) -> list[str]:
     return [t for t in list_steps(store) if store.exists(f"{t}/{MANIFEST}")]
 
 
+def storage_options(cfg: CheckpointConfig) -> dict[str, str]:
+    """The Storage keyword arguments (endpoint, region, profile) that ``checkpoint.*`` configures."""
+    return {"endpoint_url": cfg.endpoint_url, "region": cfg.region, "profile": cfg.profile}
+
+
+def committed_candidates(store: Storage) -> list[tuple[str, dict[str, Any]]]:
+    """The committed checkpoints of a run folder with their manifests, newest first: the ones to try,
+    in order, when resuming or evaluating. Step folders without a manifest (uncommitted, set aside) or
+    with an unreadable one are skipped with a warning; so is a ``latest`` that names an uncommitted tag
+    or holds no step name. Raises CheckpointError when ``latest`` exists but nothing is committed (the
+    checkpoints were lost, which must never read as "no checkpoint yet")."""
+    latest, latest_err = None, ""
+    if store.exists(LATEST):
+        try:
+            latest = store.read_bytes(LATEST).decode("utf-8", "replace").strip()
+            if step_of(latest) is None:
+                latest_err, latest = f"it holds {latest[:40]!r}, not a step name", None
+        except StorageError as e:
+            latest_err = str(e)
+    candidates = []
+    for tag in list_steps(store):
+        try:
+            manifest = read_manifest(store, tag)
+        except CheckpointError as e:
+            log.warning("%s; skipping %s", e, tag)
+            continue
+        if manifest is None:
+            if tag == latest:
+                log.warning("%s names %s, which has no manifest (not committed); falling back",
+                            store.url(LATEST), tag)
+            continue
+        candidates.append((tag, manifest))
+    if latest_err:
+        log.warning("%s exists but cannot be used (%s); choosing among committed checkpoints",
+                    store.url(LATEST), latest_err)
+    if (latest or latest_err) and not candidates:
+        raise CheckpointError(f"{store.url(LATEST)} exists but no committed checkpoint (step-*/{MANIFEST}) was "
+                              f"found under {store.uri}")
+    if not latest and not latest_err and candidates:
+        log.warning("%s is missing but committed checkpoints exist; using the newest", store.url(LATEST))
+    return candidates
+
+
+def verified_file(store: Storage, rel: str, local: str | Path, entry: dict[str, Any]) -> Path:
+    """Download ``rel`` to ``local`` and check it against its manifest ``entry`` (size and sha256).
+    Returns the local path; raises CheckpointError naming the file when it cannot be read or differs."""
+    try:
+        got = store.get(rel, local)
+    except StorageError as e:
+        raise CheckpointError(f"file {store.url(rel)} cannot be read ({e})") from e
+    if got.size != entry["size"]:
+        raise CheckpointError(f"file {store.url(rel)} has {got.size} bytes, the manifest says {entry['size']}")
+    if got.sha256 != entry["sha256"]:
+        raise CheckpointError(f"file {store.url(rel)} fails its checksum (sha256 {got.sha256[:16]}..., the "
+                              f"manifest says {entry['sha256'][:16]}...)")
+    return Path(local)
+
+
 def set_aside(store: Storage, tag: str, reason: str) -> None:
     """Uncommit ``tag`` without losing it: the manifest becomes ``manifest.<reason>.json``."""
     try:
@@ -174,9 +232,8 @@ class Checkpointer:
         self.world_size = world_size
         self.local_rank = int(os.environ.get("LOCAL_RANK", rank)) if local_rank is None else local_rank
         self.config_hash = config_hash
-        opts = {"endpoint_url": cfg.endpoint_url, "region": cfg.region, "profile": cfg.profile}
-        self._opts = opts
-        self.store = Storage(cfg.uri, **opts).child(run_id)  # the run folder
+        self._opts = storage_options(cfg)
+        self.store = Storage(cfg.uri, **self._opts).child(run_id)  # the run folder
         self.staging = Path(staging_dir) / run_id
         self._comm = _Comm()
         # One id per process lifetime, the same on all ranks, so the commit never trusts parts left over
@@ -302,11 +359,17 @@ class Checkpointer:
             idle = self._uploader is None or not self._uploader.pending()
             dead = self._uploader is not None and not idle and not self._uploader.alive
             give_up = time.monotonic() - t0 > timeout_s or dead
-            states = self._comm.gather_all((idle, give_up, self.pending()))
+            states = self._comm.gather_all((idle, give_up, self.pending(), dead))
             if all(s[0] for s in states):
                 return
             if any(s[1] for s in states):
                 busy = [f"rank {r}: {s[2]}" for r, s in enumerate(states) if not s[0]]
+                stopped = [r for r, s in enumerate(states) if s[3]]
+                if stopped:
+                    raise CheckpointError(
+                        f"the checkpoint upload thread on rank {', '.join(map(str, stopped))} has stopped (see the "
+                        f"error logged above; {'; '.join(busy)}); `latest` still names the previous committed "
+                        f"checkpoint and the unsent files are kept in {self.staging}; check the storage and resume")
                 raise CheckpointError(
                     f"checkpoint upload to {self.store.uri} did not finish within {timeout_s / 60:.1f} min "
                     f"({'; '.join(busy)}); `latest` still names the previous committed checkpoint and the "
@@ -366,7 +429,7 @@ class Checkpointer:
                 log.info("resumed from %s (step %d, epoch %d, written by %d ranks)", store.url(tag),
                          manifest["step"], manifest["epoch"], manifest["world_size"])
                 if manifest.get("config_hash") != self.config_hash:
-                    log.info("the config differs from the one that wrote %s (hash %s, now %s)", tag,
+                    log.warning("the config differs from the one that wrote %s (hash %s, now %s)", tag,
                                 manifest.get("config_hash"), self.config_hash)
             return state
         raise CheckpointError(
@@ -389,36 +452,11 @@ class Checkpointer:
                 if not store.exists(LATEST) and not list_steps(store):
                     return (f"checkpoint.resume = {mode!r} holds no checkpoint (no {MANIFEST}, no {LATEST}, no "
                             f"step-* folders); give a run folder or a step folder")
-            latest, latest_err = None, ""
-            if store.exists(LATEST):
-                try:
-                    latest = store.read_bytes(LATEST).decode("utf-8", "replace").strip()
-                    if step_of(latest) is None:
-                        latest_err, latest = f"it holds {latest[:40]!r}, not a step name", None
-                except StorageError as e:
-                    latest_err = str(e)
-            candidates = []
-            for tag in list_steps(store):
-                try:
-                    manifest = read_manifest(store, tag)
-                except CheckpointError as e:
-                    log.warning("%s; skipping %s", e, tag)
-                    continue
-                if manifest is None:
-                    if tag == latest:
-                        log.warning("%s names %s, which has no manifest (not committed); falling back",
-                                    store.url(LATEST), tag)
-                    continue
-                candidates.append((tag, manifest))
-            if latest_err:
-                log.warning("%s exists but cannot be used (%s); choosing among committed checkpoints",
-                            store.url(LATEST), latest_err)
-            if (latest or latest_err) and not candidates:
-                return (f"{store.url(LATEST)} exists but no committed checkpoint (step-*/{MANIFEST}) was found "
-                        f"under {store.uri}; refusing to start from scratch: restore the checkpoint, point "
-                        f"checkpoint.resume at one, or pass --checkpoint.resume=never")
-            if not latest and not latest_err and candidates:
-                log.warning("%s is missing but committed checkpoints exist; using the newest", store.url(LATEST))
+            try:
+                candidates = committed_candidates(store)
+            except CheckpointError as e:  # `latest` exists but nothing is committed
+                return (f"{e}; refusing to start from scratch: restore the checkpoint, point checkpoint.resume "
+                        f"at one, or pass --checkpoint.resume=never")
             return {"root": store.uri, "own_run": own, "candidates": candidates}
         except (StorageError, CheckpointError) as e:
             return f"cannot read checkpoints for resume ({e})"
@@ -434,14 +472,9 @@ class Checkpointer:
         for f in manifest["files"]:
             rel = f"{tag}/{f['path']}"
             try:
-                got = store.get(rel, root / rel)
-            except StorageError as e:
-                return f"file {store.url(rel)} cannot be read ({e})"
-            if got.size != f["size"]:
-                return f"file {store.url(rel)} has {got.size} bytes, the manifest says {f['size']}"
-            if got.sha256 != f["sha256"]:
-                return (f"file {store.url(rel)} fails its checksum (sha256 {got.sha256[:16]}..., the manifest "
-                        f"says {f['sha256'][:16]}...)")
+                verified_file(store, rel, root / rel, f)
+            except CheckpointError as e:
+                return str(e)
         return ""
 
     def _load(self, engine: Any, tag: str, manifest: dict[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -40,6 +41,8 @@ from pipeline.config import ConfigError, load_config
 MODEL_FILE = "mp_rank_00_model_states.pt"
 MODES = ("center", "10crop", "multiscale")
 
+log = logging.getLogger("pipeline.evaluate")
+
 
 class EvaluationError(RuntimeError):
     """A checkpoint or evaluation problem; the message names the URI or file and the fix."""
@@ -49,49 +52,88 @@ class EvaluationError(RuntimeError):
 # Checkpoint
 
 
-def resolve_checkpoint(uri: str) -> tuple[str, dict[str, Any] | None]:
-    """The folder holding the model file, and its checkpoint manifest (None if it has none)."""
-    from pipeline.checkpoint import LATEST, MANIFEST, committed_tags, read_manifest
+def resolve_checkpoint(uri: str, local: str | Path | None = None, *,
+                       storage: dict[str, str] | None = None) -> tuple[str, dict[str, Any] | None]:
+    """The folder whose model file is used, and its checkpoint manifest (None for a bare DeepSpeed folder).
+
+    A run folder yields its newest committed checkpoint whose model file matches the manifest (size and
+    sha256), falling back to older committed ones with a warning, as ``Checkpointer.resume`` does; step
+    folders without a manifest are never taken from a run folder. The model file is downloaded to
+    ``local`` (to a temporary file, then deleted, when None). ``storage``: Storage options
+    (``checkpoint.storage_options(cfg.checkpoint)``)."""
+    if local is None:
+        with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
+            return resolve_checkpoint(uri, Path(tmp) / MODEL_FILE, storage=storage)
+    from pipeline.checkpoint import LATEST, MANIFEST, CheckpointError, committed_candidates, read_manifest, step_of
     from pipeline.storage import Storage, StorageError
 
+    opts = storage or {}
     try:
-        store = Storage(uri)
-        if store.exists(MODEL_FILE):
+        store = Storage(uri, **opts)
+        if store.exists(MODEL_FILE):  # a step folder, or DeepSpeed's files alone
+            if not store.exists(MANIFEST):
+                if step_of(store.uri.rsplit("/", 1)[-1]) is not None:
+                    log.warning("%s has no %s (not committed, or set aside): its %s is used unverified",
+                                store.uri, MANIFEST, MODEL_FILE)
+                try:
+                    store.get(MODEL_FILE, local)
+                except StorageError as e:
+                    raise EvaluationError(f"cannot download {store.url(MODEL_FILE)}: {e}") from e
+                return store.uri, None
             parent, tag = store.uri.rsplit("/", 1) if "/" in store.uri else (".", store.uri)
-            manifest = read_manifest(Storage(parent), tag) if store.exists(MANIFEST) else None
+            parent_store = Storage(parent, **opts)
+            manifest = read_manifest(parent_store, tag)
+            if manifest is None:
+                raise EvaluationError(f"--checkpoint {uri}: its {MANIFEST} disappeared while reading it; retry")
+            try:
+                _verified_model(parent_store, tag, manifest, local)
+            except CheckpointError as e:
+                raise EvaluationError(f"{store.url(MODEL_FILE)} does not match its manifest ({e}): the checkpoint "
+                                      f"is damaged; use an older one") from e
             return store.uri, manifest
-        tag = ""
-        if store.exists(LATEST):
-            tag = store.read_text(LATEST).strip()
-        if not tag:
-            tags = committed_tags(store)
-            tag = tags[0] if tags else ""
-        if not tag or not store.exists(f"{tag}/{MODEL_FILE}"):
+        try:
+            candidates = committed_candidates(store)
+        except CheckpointError as e:  # `latest` exists, nothing is committed
+            raise EvaluationError(f"--checkpoint {uri}: {e}; restore the checkpoint, or give a step folder "
+                                  f"(<checkpoint.uri>/<run_id>/step-<N>) to evaluate it unverified") from e
+        if not candidates:
             raise EvaluationError(f"--checkpoint {uri}: no committed checkpoint found (no {MODEL_FILE}, no {LATEST}, "
                                   f"no step-*/{MANIFEST}); give a run folder (<checkpoint.uri>/<run_id>) or a step "
                                   f"folder")
-        return store.url(tag), read_manifest(store, tag)
-    except StorageError as e:
+        rejected: list[str] = []
+        for i, (tag, manifest) in enumerate(candidates):
+            try:
+                _verified_model(store, tag, manifest, local)
+            except CheckpointError as e:
+                rejected.append(f"{tag}: {e}")
+                nxt = candidates[i + 1][0] if i + 1 < len(candidates) else None
+                log.warning("checkpoint %s rejected: %s; %s", store.url(tag), e,
+                            f"falling back to {nxt}" if nxt else "no older committed checkpoint is left")
+                continue
+            return store.url(tag), manifest
+        raise EvaluationError(f"--checkpoint {uri}: the {MODEL_FILE} of every committed checkpoint is missing or "
+                              f"does not match its manifest ({'; '.join(rejected)}); the checkpoints are damaged: "
+                              f"restore them, or give a step folder of another copy")
+    except (StorageError, CheckpointError) as e:
         raise EvaluationError(f"--checkpoint {uri}: {e}") from e
 
 
-def load_model_state(uri: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The model weights of the checkpoint at ``uri`` (verified against its manifest when it has one),
-    and the folder they came from."""
-    from pipeline.storage import Storage, StorageError
+def _verified_model(store: Any, tag: str, manifest: dict[str, Any], local: str | Path) -> None:
+    """Download ``tag``'s model file to ``local``, checked against ``manifest``; CheckpointError if it fails."""
+    from pipeline.checkpoint import MANIFEST, CheckpointError, verified_file
 
-    folder, manifest = resolve_checkpoint(uri)
+    entry = next((f for f in manifest.get("files", []) if f.get("path") == MODEL_FILE), None)
+    if entry is None:
+        raise CheckpointError(f"the manifest {store.url(f'{tag}/{MANIFEST}')} does not list {MODEL_FILE}")
+    verified_file(store, f"{tag}/{MODEL_FILE}", local, entry)
+
+
+def load_model_state(uri: str, *, storage: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """The model weights of the checkpoint at ``uri`` (verified against its manifest when it has one),
+    and the folder they came from. ``storage``: Storage options, as for ``resolve_checkpoint``."""
     with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
         local = Path(tmp) / MODEL_FILE
-        try:
-            got = Storage(folder).get(MODEL_FILE, local)
-        except StorageError as e:
-            raise EvaluationError(f"cannot download {folder}/{MODEL_FILE}: {e}") from e
-        if manifest is not None:
-            entry = next((f for f in manifest.get("files", []) if f.get("path") == MODEL_FILE), None)
-            if entry is not None and (entry["size"], entry["sha256"]) != (got.size, got.sha256):
-                raise EvaluationError(f"{folder}/{MODEL_FILE} does not match its manifest (size {got.size} vs "
-                                      f"{entry['size']}, or sha256): the checkpoint is damaged; use an older one")
+        folder, _ = resolve_checkpoint(uri, local, storage=storage)
         # DeepSpeed's file also holds its config and versions (plain Python objects); the weights are
         # all this reads from it.
         state = torch.load(local, map_location="cpu", weights_only=False)
@@ -199,6 +241,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Evaluate as the command line says; every rank returns the same result."""
     import torch.distributed as dist
 
+    from pipeline.checkpoint import storage_options
     from pipeline.data import build_source, prepare_dataset_root
     from pipeline.distributed import read_env
     from pipeline.models import build_model
@@ -235,7 +278,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         source = build_source(cfg.data, split="val", rank=env.rank, world_size=env.world_size, device=env.device,
                               seed=cfg.seed, num_classes=cfg.model.num_classes, root=root, eval_mode=args.mode,
                               scales=scales)
-        state, folder = load_model_state(args.checkpoint)
+        state, folder = load_model_state(args.checkpoint, storage=storage_options(cfg.checkpoint))
         model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, **cfg.model.overrides())
         try:
             model.load_state_dict(state, strict=True)
@@ -261,10 +304,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.storage import StorageError
+
     rank = int(os.environ.get("RANK", "0"))
     try:
         result = run(argv)
-    except (ConfigError, ValueError, EvaluationError) as e:
+    except (ConfigError, ValueError, EvaluationError, CheckpointError, StorageError) as e:
         if rank == 0 or type(e).__name__ not in ("ConfigError", "DataError"):
             print(f"error{'' if rank == 0 else f' (rank {rank})'}: {e}", file=sys.stderr)
         return 2

@@ -116,6 +116,36 @@ def test_resume_restores_newest(uri: str, tmp_path: Path) -> None:
     assert state == {"step": 4} and torch.equal(eng.w, torch.full((4096,), 4.0))
 
 
+def test_resume_under_another_config_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    uri = str(tmp_path / "ckpt")
+    ck = _ck(uri, tmp_path)
+    _save(ck, 1)
+    ck.close()
+    other = Checkpointer(CheckpointConfig(uri=uri), run_id="run", rank=0, world_size=1, config_hash="changed",
+                         staging_dir=str(tmp_path / "staging"))
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        assert other.resume(FakeEngine()) == {"step": 1}
+    (rec,) = [r for r in caplog.records if "config differs" in r.getMessage()]
+    assert rec.levelno == logging.WARNING and "hash h, now changed" in rec.getMessage()
+
+
+def test_stopped_upload_thread_is_reported_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.checkpoint_upload import Uploader
+
+    def broken(self: Uploader, job: Any) -> None:
+        raise RuntimeError("a bug in the upload thread")
+
+    monkeypatch.setattr(Uploader, "_run", broken)
+    ck = _ck(str(tmp_path / "ckpt"), tmp_path)
+    _save(ck, 1)
+    with pytest.raises(CheckpointError) as e:
+        ck.close()
+    msg = str(e.value)
+    assert "upload thread on rank 0 has stopped" in msg and "did not finish within" not in msg, msg
+    assert "step-1" in msg and str(tmp_path / "staging" / "run") in msg, msg
+    assert (tmp_path / "staging" / "run" / "rank-00000" / "step-1" / "mp_rank_00_model_states.pt").exists()
+
+
 def _flip_byte(path: Path, offset: int = 1000) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x01

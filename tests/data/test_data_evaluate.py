@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -135,6 +136,86 @@ def test_checkpoint_lookup(tmp_path):
         ev.resolve_checkpoint(str(tmp_path / "empty"))
 
 
+def test_run_folder_never_loads_an_unverified_checkpoint(tmp_path, caplog):
+    """As Checkpointer.resume does: only committed checkpoints whose model file verifies are taken from a
+    run folder, newest first, whatever `latest` says; the others are skipped with a warning."""
+    good, other = biased_model(), biased_model(bias=(0.0, 1.0, 2.0))
+    run = tmp_path / "run"
+    save_checkpoint(run, good, step=2)
+    newer = save_checkpoint(run, other, step=5, commit=False)  # uploaded, never committed
+    (run / "latest").write_text("step-5")  # hand-edited, or a torn commit elsewhere
+
+    def loaded() -> tuple[str, torch.Tensor]:
+        state, folder = ev.load_model_state(str(run))
+        return folder, state["fc.bias"]
+
+    with caplog.at_level(logging.WARNING):
+        folder, bias = loaded()
+    assert folder == str(run / "step-2") and torch.equal(bias, good.fc.bias)
+    assert "names step-5, which has no manifest" in caplog.text
+    # rejected by an earlier resume: the manifest was set aside
+    save_checkpoint(run, other, step=5)
+    (newer / "manifest.json").rename(newer / "manifest.rejected.json")
+    assert loaded()[0] == str(run / "step-2")
+    # `latest` holds no step name
+    (run / "latest").write_text("garbage")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert loaded()[0] == str(run / "step-2")
+    assert "not a step name" in caplog.text
+    # the newest committed checkpoint lost its model file: the older one is used, not "nothing found"
+    save_checkpoint(run, other, step=5)
+    assert loaded()[0] == str(run / "step-5")
+    (newer / ev.MODEL_FILE).unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        folder, bias = loaded()
+    assert folder == str(run / "step-2") and torch.equal(bias, good.fc.bias)
+    assert f"{newer / ev.MODEL_FILE} cannot be read" in caplog.text and "falling back to step-2" in caplog.text
+    # `latest` exists but nothing is committed: an error that names the run, never an unverified load
+    (newer / "manifest.json").unlink()
+    (run / "step-2" / "manifest.json").unlink()
+    with pytest.raises(ev.EvaluationError, match=f"--checkpoint {run}: .*latest exists but no committed "
+                                                 f"checkpoint.*restore the checkpoint"):
+        ev.resolve_checkpoint(str(run))
+    # a step folder named explicitly is still evaluated (DeepSpeed's files alone), with a warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert ev.resolve_checkpoint(str(run / "step-2")) == (str(run / "step-2"), None)
+    assert "used unverified" in caplog.text
+
+
+def test_damaged_step_folder_is_refused(tmp_path):
+    run = tmp_path / "run"
+    tag = save_checkpoint(run, biased_model())
+    data = bytearray((tag / ev.MODEL_FILE).read_bytes())
+    data[-5] ^= 0x01
+    (tag / ev.MODEL_FILE).write_bytes(bytes(data))
+    with pytest.raises(ev.EvaluationError, match="does not match its manifest.*fails its checksum"):
+        ev.load_model_state(str(tag))
+
+
+def test_checkpoint_storage_settings_come_from_the_config(tmp_path, imagenet, s3_bucket, s3_endpoint, monkeypatch,
+                                                          capsys):
+    from s3_server import aws_env
+
+    from pipeline.storage import Storage
+
+    root, config = imagenet
+    for k, v in aws_env(s3_endpoint).items():
+        monkeypatch.setenv(k, v)
+    local = save_checkpoint(tmp_path / "run", biased_model()).parent
+    store = Storage(f"{s3_bucket}/ckpt/cfg-run")
+    for f in local.rglob("*"):
+        if f.is_file():
+            store.put(f, str(f.relative_to(local)))
+    for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(k, raising=False)
+    code = ev.main(["--config", config, "--checkpoint", store.uri, f"--checkpoint.endpoint_url={s3_endpoint}"])
+    assert code == 0, capsys.readouterr().err
+    assert f"{store.uri}/step-3" in capsys.readouterr().out
+
+
 def test_checkpoint_from_s3(tmp_path, s3_bucket, s3_endpoint, monkeypatch):
     from s3_server import aws_env
 
@@ -170,6 +251,10 @@ def test_errors_name_the_problem(tmp_path, imagenet, capsys):
     assert "does not match its manifest" in capsys.readouterr().err
     assert ev.main(["--config", config, "--checkpoint", str(tmp_path / "nothing")]) == 2
     assert "no committed checkpoint found" in capsys.readouterr().err
+    (tag / "manifest.json").write_text("{not json")
+    assert ev.main(["--config", config, "--checkpoint", str(tag)]) == 2
+    err = capsys.readouterr().err
+    assert f"manifest {tag / 'manifest.json'} is unreadable" in err and "Traceback" not in err
     assert ev.main(["--config", config, "--checkpoint", str(run), "--scales", "a,b"]) == 2
     assert "--scales 'a,b'" in capsys.readouterr().err
     cifar = tmp_path / "cifar.toml"

@@ -77,6 +77,7 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.epoch = 0  # completed epochs
         self.micro_in_epoch = 0  # micro-batches consumed in the current epoch
+        self._buffers_synced_at = -1  # the step whose BN buffers were last averaged over ranks
         self.history: list[dict[str, float]] = []
         self._sums = MetricSums(device)
         self._wait = 0.0
@@ -105,8 +106,11 @@ class Trainer:
         view, and keeps a resumed run bitwise on the path of an uninterrupted one (both sync at the
         same steps; stop-signal saves happen at metric reductions).
         """
-        if not dist.is_initialized() or self.world_size == 1:
+        if not dist.is_initialized() or self.world_size == 1 or self._buffers_synced_at == self.step:
+            # Buffers change only in training steps: a log, an evaluation and a save at the same step need one
+            # average, and averaging averaged values again is not exact on world sizes that are not powers of 2.
             return
+        self._buffers_synced_at = self.step
         # One collective per dtype instead of one per buffer: ResNet-152 has over 450 BN buffers.
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for buf in self.engine.module.buffers():
@@ -150,6 +154,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
+        self._buffers_synced_at = self.step  # a checkpoint's buffers were averaged when it was saved
         self.schedule.load_state_dict(state["schedule"])
         self.history = list(state.get("history", []))
         if state["world_size"] == self.world_size:

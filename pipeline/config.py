@@ -1,12 +1,24 @@
 """Typed experiment configuration: TOML files plus dotted command-line overrides.
 
 Every component receives only its own section (``cfg.data`` goes to the data sources, ``cfg.optim``
-to the optimizer, ...). Everything is validated before any process group, DALI pipeline or file is
-touched, so a bad config fails identically on every rank instead of hanging a collective.
+to the optimizer, ...). Every section checks its values when it is built, and ``TrainConfig`` checks
+what spans sections, so a bad config - read from a file or built in code - fails identically on every
+rank, before any process group, DALI pipeline or file is touched, instead of hanging a collective.
+
+A config file may start from another one: ``base = "_paper.toml"`` (a path relative to the file that
+names it; bases may chain). The file's keys override the base's: tables are merged key by key, lists
+and scalars replaced. The run is named by the file given (``name``, else its file name), never by a
+base. ``--section.key=value`` overrides apply last. ``python -m pipeline.train --help-config`` prints
+every key with its default and documentation, as TOML.
+
+Datasets: ``python -m pipeline.tools.prepare`` builds an ImageNet tree (``data.root``, the per-pixel
+``data.mean_image``), ``python -m pipeline.tools.validate`` lists the images DALI cannot decode
+(``data.exclude_list``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -15,28 +27,41 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and what is allowed."""
 
 
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with its default and its one-line documentation (what ``--help-config`` prints
+    beside it). A list default is a ``field(default_factory=..., metadata={"doc": ...})`` of its own."""
+    return field(default=default, metadata={"doc": text})
+
+
 # --------------------------------------------------------------------------------------------------
-# Sections. Each field's comment is its one-line documentation (``python -m pipeline.train --help-config``).
+# Sections. Every field carries its one-line documentation in ``metadata["doc"]`` (``doc(default, text)``).
 
 
 @dataclass
 class ModelConfig:
-    name: str = "cifar_resnet20"  # a name from pipeline.models.list_models()
-    num_classes: int = 10  # must equal the number of class folders in the dataset
-    shortcut: Literal["", "A", "B", "C"] = ""  # "" keeps the model's default (A for CIFAR, B for ImageNet)
-    stride_in: Literal["", "3x3", "1x1"] = ""  # bottleneck stride placement; "" = model default ("3x3")
-    zero_init_residual: bool = False  # zero the last BN of every residual branch
-    channels_last: bool | Literal["auto"] = "auto"  # NHWC memory format, applied after deepspeed.initialize; auto: on with CUDA
-    compile: Literal["auto", "off", "module", "engine"] = "auto"  # torch.compile: module = in place before deepspeed.initialize, engine = DeepSpeed's engine.compile(); auto: engine with CUDA, off without
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"  # torch.compile mode; reduce-overhead adds CUDA graphs (small, launch-bound nets)
-    compile_backend: str = "inductor"  # torch.compile backend; "aot_eager" traces forward and backward without generating code (checks)
+    name: str = doc("cifar_resnet20", "a name from pipeline.models.list_models()")
+    num_classes: int = doc(10, "must equal the number of class folders in the dataset")
+    shortcut: Literal["", "A", "B", "C"] = doc("", "\"\" keeps the model's default (A for CIFAR, B for ImageNet)")
+    stride_in: Literal["", "3x3", "1x1"] = doc("", 'bottleneck stride placement; "" = model default ("3x3")')
+    zero_init_residual: bool = doc(False, "zero the last BN of every residual branch")
+    channels_last: bool | Literal["auto"] = doc(
+        "auto", "NHWC memory format, applied after deepspeed.initialize; auto: on with CUDA")
+    compile: Literal["auto", "off", "module", "engine"] = doc(
+        "auto", "torch.compile: module = in place before deepspeed.initialize, engine = DeepSpeed's engine.compile(); "
+        "auto: engine with CUDA, off without")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = doc(
+        "default", "torch.compile mode; reduce-overhead adds CUDA graphs (small, launch-bound nets)")
+    compile_backend: str = doc(
+        "inductor", 'torch.compile backend; "aot_eager" traces forward and backward without generating code (checks)')
 
     def overrides(self) -> dict[str, Any]:
         """Keyword overrides for ``build_model``: only what the config sets explicitly."""
@@ -52,35 +77,50 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["folder", "digits", "synthetic"] = "digits"  # folder: ImageFolder at `root`; digits: the offline demo set
-    root: str = ""  # dataset root holding <train_dir>/<class>/*.jpg and <val_dir>/<class>/*.jpg
-    train_dir: str = "train"  # training split folder under root
-    val_dir: str = "val"  # validation split folder under root ("test" for CIFAR-10)
-    style: Literal["cifar", "imagenet"] = "cifar"  # augmentation family: pad+crop+flip, or crop+flip at 224
-    image_size: int = 32  # training/eval crop size
-    flip: bool = True  # random horizontal flip in training (off for digits, whose mirror images change meaning)
-    val_resize: int = 256  # ImageNet eval: shorter side resized to this before the center crop
-    batch_size: int = 128  # per-rank micro-batch
-    num_threads: int = 2  # DALI CPU threads per rank
-    prefetch: int = 2  # DALI prefetch queue depth
-    decoder: Literal["auto", "cpu", "mixed"] = "auto"  # auto: GPU (mixed) decoding when CUDA is present
-    mean: list[float] = field(default_factory=lambda: [0.485 * 255, 0.456 * 255, 0.406 * 255])  # per-channel, 0-255 scale
-    std: list[float] = field(default_factory=lambda: [0.229 * 255, 0.224 * 255, 0.225 * 255])  # per-channel, 0-255 scale
-    synthetic_batches: int = 20  # synthetic source: batches per epoch
-    cache_dir: str = ".cache/datasets"  # where generated/extracted datasets live
-    root_sha256: str = ""  # expected sha256 of data.root when it is a .tar.gz/.tgz/.tar archive (checked before extracting); "" = unchecked
-    in_memory: bool = False  # decode each split once (DALI) into device memory and augment per batch with tensor ops (CIFAR-sized data)
-    val_batch_size: int = 0  # evaluation micro-batch; 0 = batch_size (one that divides the val split keeps a single compiled shape)
-    augment: Literal["paper", "rrc"] = "paper"  # imagenet style: "paper" = shorter side random in data.scale, then a random image_size crop (He et al. 3.4); "rrc" = random-resized crop (modern recipe)
-    scale: list[int] = field(default_factory=lambda: [256, 480])  # augment = "paper": [min, max] of the random shorter side
-    lighting: float = 0.1  # imagenet style: std of AlexNet's PCA colour augmentation (0.1 in the paper); 0 disables
-    mean_image: str = ""  # imagenet style: per-pixel mean (.npy, image_size x image_size x 3, 0-255) used instead of data.mean; a relative path is under data.root ("mean_image.npy" is what prepare writes)
-    exclude_list: str = ""  # list written by `python -m pipeline.data.validate --write-list`: images to skip or to read from a converted copy; "" = none
+    source: Literal["folder", "digits", "synthetic"] = doc(
+        "digits", "folder: ImageFolder at `root`; digits: the offline demo set")
+    root: str = doc("", "dataset root holding <train_dir>/<class>/*.jpg and <val_dir>/<class>/*.jpg")
+    train_dir: str = doc("train", "training split folder under root")
+    val_dir: str = doc("val", 'validation split folder under root ("test" for CIFAR-10)')
+    style: Literal["cifar", "imagenet"] = doc("cifar", "augmentation family: pad+crop+flip, or crop+flip at 224")
+    image_size: int = doc(32, "training/eval crop size")
+    flip: bool = doc(True, "random horizontal flip in training (off for digits, whose mirror images change meaning)")
+    val_resize: int = doc(256, "ImageNet eval: shorter side resized to this before the center crop")
+    batch_size: int = doc(128, "per-rank micro-batch")
+    num_threads: int = doc(2, "DALI CPU threads per rank")
+    prefetch: int = doc(2, "DALI prefetch queue depth")
+    decoder: Literal["auto", "cpu", "mixed"] = doc("auto", "auto: GPU (mixed) decoding when CUDA is present")
+    mean: list[float] = field(default_factory=lambda: [0.485 * 255, 0.456 * 255, 0.406 * 255],
+                              metadata={"doc": "per-channel mean, 0-255 scale (ImageNet's)"})
+    std: list[float] = field(default_factory=lambda: [0.229 * 255, 0.224 * 255, 0.225 * 255],
+                             metadata={"doc": "per-channel std, 0-255 scale (ImageNet's)"})
+    synthetic_batches: int = doc(20, "synthetic source: batches per epoch")
+    cache_dir: str = doc(".cache/datasets", "where generated/extracted datasets live")
+    root_sha256: str = doc(
+        "", 'expected sha256 of data.root when it is a .tar.gz/.tgz/.tar archive (checked before extracting); "" = '
+        "unchecked")
+    in_memory: bool = doc(
+        False, "decode each split once (DALI) into device memory and augment per batch with tensor ops (CIFAR-sized "
+        "data)")
+    val_batch_size: int = doc(
+        0, "evaluation micro-batch; 0 = batch_size (one that divides the val split keeps a single compiled shape)")
+    augment: Literal["paper", "rrc"] = doc(
+        "paper", 'imagenet style: "paper" = shorter side random in data.scale, then a random image_size crop (He et '
+        'al. 3.4); "rrc" = random-resized crop (modern recipe)')
+    scale: list[int] = field(default_factory=lambda: [256, 480],
+                             metadata={"doc": 'augment = "paper": [min, max] of the random shorter side'})
+    lighting: float = doc(
+        0.1, "imagenet style: std of AlexNet's PCA colour augmentation (0.1 in the paper); 0 disables")
+    mean_image: str = doc(
+        "", "imagenet style: per-pixel mean (.npy, image_size x image_size x 3, 0-255) used instead of data.mean; a "
+        'relative path is under data.root ("mean_image.npy" is what `python -m pipeline.tools.prepare` writes)')
+    exclude_list: str = doc(
+        "", "list written by `python -m pipeline.tools.validate --write-list`: images to skip or to read from a "
+        'converted copy; "" = none')
 
-    def validate(self) -> None:
-        if self.source == "folder" and not self.root:
-            raise ConfigError("data.root is empty but data.source = 'folder': set data.root to an ImageFolder directory "
-                              "(with train/ and val/ inside), or use data.source = 'digits' for the offline demo set")
+    def __post_init__(self) -> None:
+        # data.root may stay empty here: the data layer takes the root from its caller; a run needs one
+        # (TrainConfig checks it).
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size = {self.batch_size}: must be >= 1")
         if len(self.mean) != 3 or len(self.std) != 3:
@@ -112,16 +152,16 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.1  # learning rate at reference_batch images per step (the paper: 0.1 at 256)
-    reference_batch: int = 256  # linear scaling rule: lr_used = lr * global_batch / reference_batch
-    momentum: float = 0.9  # SGD momentum
-    nesterov: bool = False  # Nesterov momentum
-    weight_decay: float = 1e-4  # L2 weight decay
-    no_decay_bn_bias: bool = False  # exempt BN parameters and biases from weight decay
-    grad_clip: float = 0.0  # clip the global gradient norm to this; 0 disables
-    fused: bool | Literal["auto"] = "auto"  # fused SGD: one kernel for the whole update; auto: on with CUDA
+    lr: float = doc(0.1, "learning rate at reference_batch images per step (the paper: 0.1 at 256)")
+    reference_batch: int = doc(256, "linear scaling rule: lr_used = lr * global_batch / reference_batch")
+    momentum: float = doc(0.9, "SGD momentum")
+    nesterov: bool = doc(False, "Nesterov momentum")
+    weight_decay: float = doc(1e-4, "L2 weight decay")
+    no_decay_bn_bias: bool = doc(False, "exempt BN parameters and biases from weight decay")
+    grad_clip: float = doc(0.0, "clip the global gradient norm to this; 0 disables")
+    fused: bool | Literal["auto"] = doc("auto", "fused SGD: one kernel for the whole update; auto: on with CUDA")
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.lr <= 0:
             raise ConfigError(f"optim.lr = {self.lr}: must be > 0")
         if self.reference_batch < 1:
@@ -136,20 +176,24 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    kind: Literal["step", "multistep", "cosine", "plateau", "constant"] = "multistep"  # step == multistep with `milestones`
-    epochs: int = 10  # training length in epochs (ignored when max_steps > 0)
-    max_steps: int = 0  # training length in optimizer steps; > 0 overrides epochs (the CIFAR recipe counts iterations)
-    unit: Literal["epoch", "step"] = "epoch"  # unit of milestones and warmup
-    milestones: list[int] = field(default_factory=list)  # multistep: divide lr by 1/gamma at each of these
-    gamma: float = 0.1  # multistep/plateau factor
-    warmup: int = 0  # linear warm-up length (in `unit`) from warmup_factor*lr to lr
-    warmup_factor: float = 0.1  # starting fraction of lr during warm-up
-    warmup_until_error: float = 0.0  # >0: hold lr*warmup_factor until train top-1 error < this (ResNet-110 recipe), then full lr
-    plateau_patience: int = 5  # plateau: evaluations without improvement before dividing
-    plateau_threshold: float = 1e-3  # plateau: minimum val-error improvement that counts
-    min_lr: float = 0.0  # cosine floor
+    kind: Literal["step", "multistep", "cosine", "plateau", "constant"] = doc(
+        "multistep", "step == multistep with `milestones`")
+    epochs: int = doc(10, "training length in epochs (ignored when max_steps > 0)")
+    max_steps: int = doc(
+        0, "training length in optimizer steps; > 0 overrides epochs (the CIFAR recipe counts iterations)")
+    unit: Literal["epoch", "step"] = doc("epoch", "unit of milestones and warmup")
+    milestones: list[int] = field(default_factory=list,
+                                  metadata={"doc": "multistep: divide lr by 1/gamma at each of these"})
+    gamma: float = doc(0.1, "multistep/plateau factor")
+    warmup: int = doc(0, "linear warm-up length (in `unit`) from warmup_factor*lr to lr")
+    warmup_factor: float = doc(0.1, "starting fraction of lr during warm-up")
+    warmup_until_error: float = doc(
+        0.0, ">0: hold lr*warmup_factor until train top-1 error < this (ResNet-110 recipe), then full lr")
+    plateau_patience: int = doc(5, "plateau: evaluations without improvement before dividing")
+    plateau_threshold: float = doc(1e-3, "plateau: minimum val-error improvement that counts")
+    min_lr: float = doc(0.0, "cosine floor")
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.epochs < 1 and self.max_steps < 1:
             raise ConfigError("schedule.epochs and schedule.max_steps are both < 1: set one of them")
         if self.kind in ("step", "multistep"):
@@ -169,18 +213,20 @@ class ScheduleConfig:
 
 @dataclass
 class PrecisionConfig:
-    dtype: Literal["fp32", "bf16", "auto"] = "auto"  # bf16 = DeepSpeed torch_autocast (fp32 master weights); auto: bf16 with CUDA, fp32 without
-    cudnn_benchmark: bool | Literal["auto"] = "auto"  # cuDNN times its convolution algorithms once per shape; auto: on with CUDA
+    dtype: Literal["fp32", "bf16", "auto"] = doc(
+        "auto", "bf16 = DeepSpeed torch_autocast (fp32 master weights); auto: bf16 with CUDA, fp32 without")
+    cudnn_benchmark: bool | Literal["auto"] = doc(
+        "auto", "cuDNN times its convolution algorithms once per shape; auto: on with CUDA")
 
 
 @dataclass
 class DistributedConfig:
-    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with CUDA, gloo without
-    zero_stage: int = 0  # DeepSpeed ZeRO stage; 0 or 1 are supported for SGD convnets
-    grad_accum: int = 1  # micro-batches per optimizer step
-    timeout_s: int = 600  # collective timeout; a dead peer fails the job instead of hanging forever
+    backend: Literal["auto", "gloo", "nccl"] = doc("auto", "auto: nccl with CUDA, gloo without")
+    zero_stage: int = doc(0, "DeepSpeed ZeRO stage; 0 or 1 are supported for SGD convnets")
+    grad_accum: int = doc(1, "micro-batches per optimizer step")
+    timeout_s: int = doc(600, "collective timeout; a dead peer fails the job instead of hanging forever")
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1):
             raise ConfigError(f"distributed.zero_stage = {self.zero_stage}: allowed values are 0 and 1")
         if self.grad_accum < 1:
@@ -189,22 +235,24 @@ class DistributedConfig:
 
 @dataclass
 class CheckpointConfig:
-    uri: str = "runs/checkpoints"  # local folder, file:// or s3://bucket/prefix
-    every_steps: int = 0  # save every N optimizer steps; 0 disables
-    every_minutes: float = 0.0  # save every T minutes; 0 disables
-    at_end: bool = True  # save when training finishes
-    keep_last: int = 2  # keep the newest K committed checkpoints
-    keep_every: int = 0  # additionally keep every M-th step checkpoint; 0 disables
-    resume: str = "auto"  # "auto" (newest committed of this run), "never", or a checkpoint URI
-    staging_dir: str = ""  # node-local staging folder; "" = <output_dir>/staging
-    endpoint_url: str = ""  # S3 endpoint; "" = $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL (credentials: environment or profile only)
-    region: str = ""  # S3 region; "" = $AWS_REGION or $AWS_DEFAULT_REGION
-    profile: str = ""  # AWS profile to take credentials from; "" = $AWS_PROFILE or the default chain
-    max_pending: int = 2  # saves whose upload may still run while training goes on; one more save waits for the oldest
-    time_check_steps: int = 10  # every_minutes: steps between agreeing on rank 0's clock (one small CPU broadcast)
-    close_timeout_min: float = 60.0  # at the end or on a stop signal, wait at most this long for pending commits
+    uri: str = doc("runs/checkpoints", "local folder, file:// or s3://bucket/prefix")
+    every_steps: int = doc(0, "save every N optimizer steps; 0 disables")
+    every_minutes: float = doc(0.0, "save every T minutes; 0 disables")
+    at_end: bool = doc(True, "save when training finishes")
+    keep_last: int = doc(2, "keep the newest K committed checkpoints")
+    keep_every: int = doc(0, "additionally keep every M-th step checkpoint; 0 disables")
+    resume: str = doc("auto", '"auto" (newest committed of this run), "never", or a checkpoint URI')
+    staging_dir: str = doc("", 'node-local staging folder; "" = <output_dir>/staging')
+    endpoint_url: str = doc(
+        "", 'S3 endpoint; "" = $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL (credentials: environment or profile only)')
+    region: str = doc("", 'S3 region; "" = $AWS_REGION or $AWS_DEFAULT_REGION')
+    profile: str = doc("", 'AWS profile to take credentials from; "" = $AWS_PROFILE or the default chain')
+    max_pending: int = doc(
+        2, "saves whose upload may still run while training goes on; one more save waits for the oldest")
+    time_check_steps: int = doc(10, "every_minutes: steps between agreeing on rank 0's clock (one small CPU broadcast)")
+    close_timeout_min: float = doc(60.0, "at the end or on a stop signal, wait at most this long for pending commits")
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if self.keep_last < 1:
             raise ConfigError(f"checkpoint.keep_last = {self.keep_last}: must be >= 1")
         if self.every_steps < 0 or self.every_minutes < 0 or self.keep_every < 0:
@@ -217,30 +265,30 @@ class CheckpointConfig:
 
 @dataclass
 class TrackingConfig:
-    enabled: bool = True  # log to MLflow from global rank 0
-    uri: str = ""  # MLflow tracking URI; "" = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
-    experiment: str = "resnet-depth-study"  # MLflow experiment name
-    run_name: str = ""  # "" = the config name
-    study: str = ""  # study name tag (set by pipeline.study)
-    parent_run_id: str = ""  # nested under this MLflow run (set by pipeline.study)
-    system_metrics: bool = True  # CPU/memory/GPU from local rank 0 of every node
-    system_metrics_interval_s: float = 10.0  # seconds between system-metric samples on each node
-    flush_interval_s: float = 2.0  # seconds between metric batches (log_batch) sent to MLflow
-    max_buffered: int = 100000  # metric points held while MLflow is unreachable; beyond it the oldest are dropped
-    start_timeout_s: float = 15.0  # how long rank 0 waits for MLflow at start before training on without it
-    finish_timeout_s: float = 60.0  # how long the end of a run waits for MLflow to take what is buffered
-    log_model: bool = True  # log the final model with mlflow.pytorch.log_model
+    enabled: bool = doc(True, "log to MLflow from global rank 0")
+    uri: str = doc("", 'MLflow tracking URI; "" = $MLFLOW_TRACKING_URI or sqlite:///mlflow.db')
+    experiment: str = doc("resnet-depth-study", "MLflow experiment name")
+    run_name: str = doc("", '"" = the config name')
+    study: str = doc("", "study name tag (set by pipeline.study)")
+    parent_run_id: str = doc("", "nested under this MLflow run (set by pipeline.study)")
+    system_metrics: bool = doc(True, "CPU/memory/GPU from local rank 0 of every node")
+    system_metrics_interval_s: float = doc(10.0, "seconds between system-metric samples on each node")
+    flush_interval_s: float = doc(2.0, "seconds between metric batches (log_batch) sent to MLflow")
+    max_buffered: int = doc(100000, "metric points held while MLflow is unreachable; beyond it the oldest are dropped")
+    start_timeout_s: float = doc(15.0, "how long rank 0 waits for MLflow at start before training on without it")
+    finish_timeout_s: float = doc(60.0, "how long the end of a run waits for MLflow to take what is buffered")
+    log_model: bool = doc(True, "log the final model with mlflow.pytorch.log_model")
 
 
 @dataclass
 class TrainConfig:
-    name: str = "run"  # run name; also the default MLflow run name
-    output_dir: str = "runs/{name}"  # where the resolved config, logs and staging go; {name} is substituted
-    run_id: str = ""  # stable id of this run across restarts; "" = derived from name (SLURM requeues keep it)
-    seed: int = 0  # base seed; rank r uses seed + r for its own randomness
-    log_every: int = 10  # optimizer steps between metric reductions (no host sync in between)
-    eval_every: int = 1  # epochs between validation passes
-    progress: bool = True  # rank-0 progress bar
+    name: str = doc("run", "run name; also the default MLflow run name")
+    output_dir: str = doc("runs/{name}", "where the resolved config, logs and staging go; {name} is substituted")
+    run_id: str = doc("", 'stable id of this run across restarts; "" = derived from name (SLURM requeues keep it)')
+    seed: int = doc(0, "base seed; rank r uses seed + r for its own randomness")
+    log_every: int = doc(10, "optimizer steps between metric reductions (no host sync in between)")
+    eval_every: int = doc(1, "epochs between validation passes")
+    progress: bool = doc(True, "rank-0 progress bar")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -250,13 +298,14 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
-    def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            section = getattr(self, f.name)
-            if hasattr(section, "validate"):
-                section.validate()
+    def __post_init__(self) -> None:
+        # Each section checked itself when it was built; what follows needs more than one section.
         from pipeline.models import list_models, model_spec
 
+        if self.data.source == "folder" and not self.data.root:
+            raise ConfigError("data.root is empty but data.source = 'folder': set data.root to an ImageFolder "
+                              "directory (with train/ and val/ inside), or use data.source = 'digits' for the offline "
+                              "demo set")
         if self.model.name not in list_models():
             raise ConfigError(f"model.name = {self.model.name!r} is not a registered model; "
                               f"allowed: {', '.join(list_models())}")
@@ -296,14 +345,24 @@ class TrainConfig:
 
 
 def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return "tables"
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+def _coerce(value: Any, tp: Any, key: str, noun: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected, and a
+    table where a dataclass is expected is built into one."""
     origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            header = f"[[{key.rsplit('[', 1)[0]}]]" if key.endswith("]") else f"[{key}]"  # a list's entry: [[key]]
+            raise ConfigError(f"{key} must be a table ({header}), got {value!r}")
+        return _build(tp, value, f"{key}.", noun)
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
@@ -313,11 +372,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (inner,) = typing.get_args(tp)[:1]
         if not isinstance(value, list):
             raise ConfigError(f"{key} = {value!r}: expected a list of {_type_name(inner)}")
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, inner, f"{key}[{i}]", noun) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table ([{key}]), got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, noun)
             except ConfigError:
                 pass
         raise ConfigError(f"{key} = {value!r}: expected {' or '.join(_type_name(a) for a in typing.get_args(tp))}")
@@ -332,23 +395,32 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+def _build(cls: type[T], data: dict[str, Any], prefix: str, noun: str) -> T:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in names:
-            where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
-            raise ConfigError(f"unknown config key '{prefix}{key}' in {where}; allowed keys: {', '.join(sorted(names))}")
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{prefix}{name} must be a table ([{prefix}{name}]), got {value!r}")
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+            table = prefix.rstrip(".")
+            where = "the top level" if not table else table if table.endswith("]") else f"[{table}]"
+            raise ConfigError(f"unknown {noun} '{prefix}{key}' in {where}; allowed keys: {', '.join(sorted(names))}")
+    return cls(**{name: _coerce(value, hints[name], f"{prefix}{name}", noun) for name, value in data.items()})
+
+
+def from_table(cls: type[T], data: dict[str, Any], *, noun: str = "config key") -> T:
+    """Build the dataclass ``cls`` from a TOML table: unknown keys and wrong types are errors naming the
+    dotted key (``noun`` words the unknown-key error), nested dataclasses and lists of them are built from
+    their tables, and each dataclass checks its values as it is built."""
+    return _build(cls, data, "", noun)
+
+
+def merge_tables(into: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` over ``into``, in place: tables merged key by key, lists and scalars replaced."""
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            merge_tables(into[k], v)
         else:
-            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
-    return cls(**kwargs)
+            into[k] = copy.deepcopy(v)
+    return into
 
 
 def _parse_value(text: str) -> Any:
@@ -374,30 +446,61 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     node[parts[-1]] = _parse_value(text.strip())
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file's table with its chain of ``base`` files merged under it (the file's keys win).
+
+    A base's ``name`` is dropped: the file given names the run, never a base."""
+    return _read_chain(Path(path), named_by=None, chain=())
+
+
+def read_toml(path: Path, *, what: str) -> dict[str, Any]:
+    """The table of a TOML file; ``what`` names the file in the error when it does not parse."""
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} is not valid TOML: {e}") from e
+
+
+def _read_chain(p: Path, *, named_by: Path | None, chain: tuple[Path, ...]) -> dict[str, Any]:
+    what = f"config file {str(p)!r}" if named_by is None else f"base {str(p)!r} (named by {str(named_by)!r})"
+    data = read_toml(p, what=what)
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{what}: base = {base!r}: expected the path of another config file, relative to this one")
+    path = p.parent / base
+    if not path.is_file():
+        raise ConfigError(f"{what} names base = {base!r}, but {str(path)!r} does not exist (a base is found "
+                          f"relative to the file that names it)")
+    here = (*chain, p.resolve())
+    if path.resolve() in here:
+        loop = " -> ".join(str(x) for x in (*here, path.resolve()))
+        raise ConfigError(f"{what} names base = {base!r}, which is already in its chain of bases ({loop}): a "
+                          f"cycle; remove one of the base keys")
+    inherited = _read_chain(path, named_by=p, chain=here)
+    inherited.pop("name", None)  # a base never names the run
+    return merge_tables(inherited, data)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a TOML file (or start from the defaults), apply dotted overrides, build and validate."""
+    """Read a TOML file and its bases (or start from the defaults), apply dotted overrides, build
+    (which validates)."""
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing TOML file with --config "
                               f"(examples live in configs/)")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from e
+        data = read_config_file(p)
         data.setdefault("name", p.stem)
     for item in overrides or []:
         apply_override(data, item)
-    cfg = _build(TrainConfig, data, "")
-    cfg.validate()
-    return cfg
+    return from_table(TrainConfig, data)
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    cfg = _build(TrainConfig, data, "")
-    cfg.validate()
-    return cfg
+    return from_table(TrainConfig, data)
 
 
 def flatten(cfg: TrainConfig) -> dict[str, str]:
@@ -415,43 +518,42 @@ def flatten(cfg: TrainConfig) -> dict[str, str]:
     return out
 
 
+def _toml_value(v: Any) -> str:
+    """A TOML literal for a config value (floats as Python's shortest repr, which reads back exactly)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
 def to_toml(cfg: TrainConfig) -> str:
     """Serialise the resolved config as TOML (written next to the run's outputs)."""
-
-    def fmt(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(fmt(x) for x in v) + "]"
-        return repr(v)
-
     d = cfg.to_dict()
-    lines = [f"{k} = {fmt(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
     for k, v in d.items():
         if isinstance(v, dict):
             lines.append(f"\n[{k}]")
-            lines += [f"{kk} = {fmt(vv)}" for kk, vv in v.items()]
+            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
     return "\n".join(lines) + "\n"
 
 
 def describe() -> str:
-    """Every key with its default and one-line documentation, read from this file's comments."""
-    import inspect
-    import sys
+    """Every key with its default and its documentation (the field's ``doc``), as a TOML file.
 
-    src = inspect.getsource(sys.modules[__name__])
-    docs: dict[str, str] = {}
-    section = ""
-    for line in src.splitlines():
-        s = line.strip()
-        if s.startswith("class ") and s.endswith("Config:"):
-            section = s[6:-7].lower()
-        elif ":" in s and "#" in s and not s.startswith(("#", "def", "class", "if", "return", "raise")):
-            name = s.split(":", 1)[0].strip()
-            docs[f"{section}.{name}" if section != "train" else name] = s.split("#", 1)[1].strip()
-    out = []
-    for k, v in flatten(TrainConfig()).items():
-        out.append(f"{k} = {v}    # {docs.get(k, '')}")
-    return "\n".join(out)
+    One line per key, ``section.key = default  # documentation``: a dotted key is TOML for a key of the
+    table ``[section]``, and is spelt as on the command line (``--section.key=value``)."""
+    lines: list[str] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                lines.append(f"{prefix}{f.name} = {_toml_value(value)}  # {f.metadata.get('doc', '')}")
+
+    walk(TrainConfig(), "")
+    return "\n".join(lines)

@@ -18,6 +18,10 @@ share (``[shared]``, the same keys as a train config) and the members::
     overrides = ["schedule.warmup_until_error=80"]   # optional, dotted as on the command line
     # config = "configs/..."                   # optional: a different base for this member
 
+Every key is a documented field of :class:`Study` or :class:`Member`, read and checked like a train
+config's keys (``pipeline.config.from_table``): an unknown key or a wrong type is an error naming it.
+A member's config may itself name a ``base`` recipe (see ``pipeline.config``).
+
 The study creates (or, when rerun, reopens) a parent MLflow run and runs each member as its own
 training process, nested under it (``mlflow.parentRunId``). A rerun skips members whose run already
 finished, and resumes the others from their checkpoints, into the same child run. One member's
@@ -27,19 +31,18 @@ failure does not stop the others.
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import shlex
 import shutil
 import subprocess
 import sys
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, TrainConfig, apply_override, config_from_dict, to_toml
+from pipeline.config import (ConfigError, TrainConfig, apply_override, config_from_dict, doc, from_table,
+                             merge_tables, read_config_file, read_toml, to_toml)
 from pipeline.signals import STOP_EXIT_CODE
 
 log = logging.getLogger("pipeline.study")
@@ -55,22 +58,40 @@ class SubmitError(RuntimeError):
 
 @dataclass
 class Member:
-    name: str
-    model: str = ""
-    config: str = ""
-    overrides: list[str] = field(default_factory=list)
-    nproc: int = 0  # 0: the study's
+    """One network of the study: a ``[[members]]`` table."""
+
+    name: str = doc("", "the member's name: its MLflow child run, and its run name is <study>_<name>")
+    model: str = doc("", 'model.name for this member; "" keeps the one of its base config')
+    config: str = doc("", 'a train config to start from instead of the study\'s base; "" = the study\'s base')
+    overrides: list[str] = field(default_factory=list, metadata={
+        "doc": 'dotted overrides as on the command line, e.g. "schedule.warmup=0"'})
+    nproc: int = doc(0, "processes for this member (torchrun when > 1); 0 = the study's nproc")
 
 
 @dataclass
 class Study:
-    name: str
-    path: Path
-    base: str
-    experiment: str
-    nproc: int
-    shared: dict[str, Any]
-    members: list[Member]
+    """A study file: what its members share, and the members."""
+
+    name: str = doc("", "the study's name: its MLflow parent run and its members' run-name prefix; default the "
+                    "file's name")
+    base: str = doc("", "the train config every member starts from: a path as written, next to the study file "
+                    "or under the repository root")
+    experiment: str = doc("", 'MLflow experiment; "" = tracking.experiment of the members\' configs')
+    nproc: int = doc(1, "processes per member (torchrun when > 1)")
+    shared: dict[str, Any] = field(default_factory=dict, metadata={
+        "doc": "settings every member shares: tables and keys as in a train config"})
+    members: list[Member] = field(default_factory=list, metadata={"doc": "the networks, one [[members]] table each"})
+    path: Path = field(default=Path(), init=False)  # the study file (read_study sets it); not a key of the file
+
+    def __post_init__(self) -> None:
+        if not self.members:
+            raise ConfigError("the study lists no [[members]]: add one [[members]] table (with a name) per network")
+        for i, m in enumerate(self.members):
+            if not m.name:
+                raise ConfigError(f"members[{i}] has no name")
+        names = [m.name for m in self.members]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"member names must be unique; got {names}")
 
 
 @dataclass
@@ -95,38 +116,14 @@ def read_study(path: str | Path) -> Study:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"study file {str(p)!r} does not exist; studies live in configs/study/")
+    raw = read_toml(p, what=f"study file {str(p)!r}")
+    raw.setdefault("name", p.stem)
     try:
-        raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"study file {str(p)!r} is not valid TOML: {e}") from e
-    allowed = {"name", "base", "experiment", "nproc", "shared", "members"}
-    if unknown := set(raw) - allowed:
-        raise ConfigError(f"unknown key(s) {sorted(unknown)} in study file {str(p)!r}; allowed: {sorted(allowed)}")
-    members = []
-    for i, m in enumerate(raw.get("members", [])):
-        if unknown := set(m) - {"name", "model", "config", "overrides", "nproc"}:
-            raise ConfigError(f"members[{i}] has unknown key(s) {sorted(unknown)}; allowed: name, model, config, "
-                              f"overrides, nproc")
-        if not m.get("name"):
-            raise ConfigError(f"members[{i}] has no name")
-        members.append(Member(name=m["name"], model=m.get("model", ""), config=m.get("config", ""),
-                              overrides=list(m.get("overrides", [])), nproc=int(m.get("nproc", 0))))
-    if not members:
-        raise ConfigError(f"study file {str(p)!r} lists no [[members]]")
-    names = [m.name for m in members]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"member names must be unique; got {names}")
-    return Study(name=raw.get("name", p.stem), path=p, base=raw.get("base", ""), experiment=raw.get("experiment", ""),
-                 nproc=int(raw.get("nproc", 1)), shared=raw.get("shared", {}), members=members)
-
-
-def _merge(into: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            _merge(into[k], v)
-        else:
-            into[k] = copy.deepcopy(v)
-    return into
+        study = from_table(Study, raw, noun="key")
+    except ConfigError as e:
+        raise ConfigError(f"study file {str(p)!r}: {e}") from e
+    study.path = p
+    return study
 
 
 def member_config(study: Study, member: Member, *, overrides: list[str] | None = None,
@@ -134,8 +131,8 @@ def member_config(study: Study, member: Member, *, overrides: list[str] | None =
     """The member's full train config: base, shared, member settings, command-line overrides, and the
     study's own keys (name, run name, study tag, parent run)."""
     base = member.config or study.base
-    data: dict[str, Any] = tomllib.loads(_resolve_path(base, near=study.path.parent).read_text()) if base else {}
-    _merge(data, study.shared)
+    data = read_config_file(_resolve_path(base, near=study.path.parent)) if base else {}
+    merge_tables(data, study.shared)
     if member.model:
         data.setdefault("model", {})["name"] = member.model
     for item in [*member.overrides, *(overrides or [])]:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, TrainConfig, describe, flatten, load_config, to_toml
+from pipeline.config import ConfigError, DataConfig, TrainConfig, describe, flatten, load_config, to_toml
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.toml") if "study" not in p.parts)
@@ -87,3 +91,96 @@ def test_every_config_file_loads_and_builds_its_model(path):
     cfg = load_config(path)
     model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, **cfg.model.overrides())
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_every_toml_under_configs_is_valid_toml():
+    for path in (ROOT / "configs").rglob("*.toml"):
+        tomllib.loads(path.read_text())
+
+
+def _significant_lines(path: Path) -> list[str]:
+    """The file's lines without blank lines, comments and trailing comments (a '#' in a string stays)."""
+    out = []
+    for line in path.read_text().splitlines():
+        quote, code = "", line
+        for i, c in enumerate(line):
+            if quote:
+                quote = "" if c == quote else quote
+            elif c in "\"'":
+                quote = c
+            elif c == "#":
+                code = line[:i]
+                break
+        if code.strip():
+            out.append(code.strip())
+    return out
+
+
+def test_no_two_config_files_share_six_lines():
+    """A recipe lives in one base file; a config repeats none of it (the test that keeps it that way)."""
+    run = 6
+    seen: dict[tuple[str, ...], Path] = {}
+    shared = []
+    for path in sorted((ROOT / "configs").rglob("*.toml")):
+        lines = _significant_lines(path)
+        windows = {tuple(lines[i:i + run]) for i in range(len(lines) - run + 1)}
+        for w in windows:
+            if w in seen:
+                shared.append(f"{seen[w].relative_to(ROOT)} and {path.relative_to(ROOT)} share:\n  " + "\n  ".join(w))
+            else:
+                seen[w] = path
+    assert not shared, "move the shared lines into a base file (base = ...):\n" + "\n".join(shared[:3])
+
+
+def test_bases_chain_merge_tables_and_never_name_the_run(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "_root.toml").write_text(
+        'name = "root"\nlog_every = 3\n[optim]\nlr = 0.2\nmomentum = 0.8\n[schedule]\nepochs = 20\n'
+        'milestones = [5, 10]\n')
+    (tmp_path / "recipes" / "_mid.toml").write_text('base = "_root.toml"\nname = "mid"\n[optim]\nlr = 0.3\n')
+    child = tmp_path / "exp.toml"
+    child.write_text('base = "recipes/_mid.toml"\n[schedule]\nmilestones = [15]\n[data]\nflip = false\n')
+    cfg = load_config(child, ["--optim.momentum=0.7"])
+    assert cfg.name == "exp"  # the file given names the run, never a base
+    assert (cfg.log_every, cfg.optim.lr, cfg.optim.momentum) == (3, 0.3, 0.7)
+    assert (cfg.schedule.epochs, cfg.schedule.milestones, cfg.data.flip) == (20, [15], False)  # a list is replaced
+    child.write_text('base = "recipes/_mid.toml"\nname = "mine"\n')
+    assert load_config(child).name == "mine"
+
+
+@pytest.mark.parametrize("files, needle", [
+    ({"exp.toml": 'base = "nope.toml"\n'}, "names base = 'nope.toml'"),
+    ({"exp.toml": 'base = "b.toml"\n', "b.toml": "[optim\n"}, "is not valid TOML"),
+    ({"exp.toml": 'base = "b.toml"\n', "b.toml": 'base = "exp.toml"\n'}, "a cycle"),
+    ({"exp.toml": 'base = "exp.toml"\n'}, "a cycle"),
+    ({"exp.toml": "base = 3\n"}, "base = 3"),
+])
+def test_bad_base_names_both_files(tmp_path, files, needle):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "exp.toml")
+    assert needle in str(e.value) and "exp.toml" in str(e.value)
+    if len(files) > 1:
+        assert "b.toml" in str(e.value)
+
+
+def test_configs_built_in_code_are_validated():
+    with pytest.raises(ConfigError, match="data.batch_size = 0"):
+        DataConfig(batch_size=0)
+    with pytest.raises(ConfigError, match="data.root is empty"):
+        TrainConfig(data=DataConfig(source="folder"))
+    with pytest.raises(ConfigError, match="schedule.gamma"):
+        dataclasses.replace(TrainConfig().schedule, gamma=2.0)
+    DataConfig(source="folder")  # the data layer takes the root from its caller: a run checks it
+
+
+def test_help_config_is_a_toml_file_of_the_defaults(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "pipeline.train", "--help-config"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == describe()
+    path = tmp_path / "x.toml"
+    path.write_text(r.stdout)
+    assert load_config(path).to_dict() == TrainConfig().to_dict()

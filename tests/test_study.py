@@ -6,6 +6,7 @@ reruns the study to check that finished members are skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import ConfigError
-from pipeline.study import main, member_config, read_study
+from pipeline.study import Member, Study, main, member_config, read_study
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--data.batch_size=32", "--schedule.max_steps=10", "--schedule.unit=step", "--schedule.milestones=[]",
@@ -71,6 +72,18 @@ def test_bad_study_files_say_what_is_wrong(tmp_path: Path, text: str, message: s
         study = read_study(f)
         for m in study.members:
             member_config(study, m)
+
+
+def test_study_file_keys_are_documented_and_checked_like_config_keys(tmp_path: Path) -> None:
+    for cls in (Study, Member):
+        assert all(f.metadata.get("doc") for f in dataclasses.fields(cls) if f.init), cls.__name__
+    f = tmp_path / "s.toml"
+    f.write_text('nproc = "8"\n[[members]]\nname = "a"\n')
+    with pytest.raises(ConfigError, match="nproc = '8': expected an integer"):
+        read_study(f)
+    f.write_text('[[members]]\nname = "a"\nmodle = "x"\n')
+    with pytest.raises(ConfigError, match=r"unknown key 'members\[0\]\.modle'"):
+        read_study(f)
 
 
 def test_slurm_prints_the_array_command_and_submits_only_with_sbatch(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from monitoring.report import main
-from monitoring.study_runs import MemberRun, StudyRuns
+from pipeline.tracking.study_runs import MemberRun, StudyRuns
 from monitoring.tables import comparison_table
 
 CIFAR_RECIPE = {"data.batch_size": "128", "distributed.grad_accum": "1", "optim.lr": "0.1",

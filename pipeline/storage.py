@@ -158,7 +158,7 @@ class Storage:
     # ---------------------------------------------------------------------------------------------
     @classmethod
     def of_file(cls, path: str, *, endpoint_url: str = "", region: str = "",
-                profile: str = "") -> tuple["Storage", str]:
+                profile: str = "") -> tuple[Storage, str]:
         """The Storage of the folder holding ``path`` (a local path, file:// or s3:// URL), and the file's name in
         it: one file named by its full path, read or written through the same API as a tree."""
         path = path.rstrip("/")

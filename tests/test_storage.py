@@ -60,7 +60,7 @@ def test_walk_is_dir_rename_and_of_file(store: Storage) -> None:
     walked = store.walk("t")
     assert walked == sorted(walked) and walked[0] == ("", [".hidden", "a", "a-b"], ["top.txt"])
     assert [d for d, _, _ in walked] == ["", ".hidden", "a", "a-b", "a/sub"]  # sorted(os.walk(...)) order
-    assert dict((d, f) for d, _, f in walked)["a"] == ["1.jpg"]
+    assert {d: f for d, _, f in walked}["a"] == ["1.jpg"]
     assert [d for d, _, _ in store.walk("t", skip_hidden=True)] == ["", "a", "a-b", "a/sub"]
     assert store.walk("nothing") == []
     assert store.is_dir("t/a") and not store.is_dir("t/top.txt") and not store.is_dir("nothing")

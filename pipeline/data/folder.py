@@ -5,9 +5,9 @@ DALI walk ``file_root`` itself: that way the class index is ours (sorted folder 
 torchvision's ImageFolder), and every layout mistake becomes a :class:`DataError` naming the path
 before a pipeline or a process group exists, instead of a C++ exception on one rank mid-job.
 
-A root may be a local folder or an object-store URL (``s3://bucket/imagenet``). Remote trees are
-listed through :mod:`pipeline.storage` (one paginated listing per split) and the files are handed
-to DALI as URLs, which its own S3 client reads.
+A root may be a local folder or an object-store URL (``s3://bucket/imagenet``). Both are listed
+through :mod:`pipeline.storage` (a local walk, or one paginated listing per split); remote files are
+handed to DALI as URLs, which its own S3 client reads.
 
 An exclude list (``data.exclude_list``, written by ``python -m pipeline.tools.validate``) removes
 images DALI cannot decode, or points them at converted copies, before the index is built.
@@ -22,7 +22,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pipeline.storage import Storage, StorageError
-from pipeline.storage import is_remote as is_url  # an object-store URL (s3://...); file:// and plain paths are local
+
+# is_url: an object-store URL (s3://...); file:// and plain paths are local
+from pipeline.storage import is_remote as is_url
 
 from .errors import DataError
 

@@ -39,13 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import (
-    ConfigError,
-    TrainConfig,
-    apply_override,
-    config_from_dict,
-    to_toml,
-)
+from pipeline.config import ConfigError, TrainConfig, apply_override, config_from_dict, to_toml
 from pipeline.signals import STOP_EXIT_CODE
 from pipeline.tracking.study_runs import PARENT_ROLE, child_runs, newest_parent
 

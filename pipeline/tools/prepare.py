@@ -44,13 +44,7 @@ from pipeline.data.errors import DataError
 from pipeline.data.folder import is_url, scan_split
 from pipeline.storage import Storage, StorageError
 
-from .ilsvrc import (
-    iter_train_classes,
-    iter_val_images,
-    open_input,
-    read_devkit,
-    read_loc_csv,
-)
+from .ilsvrc import iter_train_classes, iter_val_images, open_input, read_devkit, read_loc_csv
 
 DATASET_FORMAT = 1  # of the dataset manifest and its per-class records (not pipeline.checkpoint's manifests)
 DATASET_MANIFEST = "manifest.json"

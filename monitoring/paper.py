@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from monitoring.study_runs import MemberRun
+from pipeline.tracking.study_runs import MemberRun
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ table.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -18,8 +19,8 @@ from pathlib import Path
 
 from monitoring.figures import plot_depth_curves
 from monitoring.paper import table_for
-from monitoring.study_runs import StudyNotFound, StudyRuns, load_study
 from monitoring.tables import Table, comparison_table, member_summary
+from pipeline.tracking.study_runs import StudyNotFound, StudyRuns, load_study
 
 
 @dataclass
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", default="", help="MLflow URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     p.add_argument("--out", help="output folder (default runs/reports/<study>)")
     p.add_argument("--no-log", action="store_true", help="do not log the report as artifacts of the parent run")
+    p.add_argument("--json", action="store_true", help="print where everything went as one JSON object (for "
+                   "programs such as pipeline.demo) instead of the table")
     args = p.parse_args(argv)
 
     from mlflow import MlflowClient
@@ -97,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     except StudyNotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.json:
+        print(json.dumps({"parent_run_id": report.study.parent_run_id, "page": str(report.page.resolve()),
+                          "figure": str(report.figure.resolve()), "table": report.table.text()}))
+        return 0
     print(report.table.text())
     print(f"figure: {report.figure.resolve()}")
     print(f"report: {report.page.resolve()}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from monitoring.paper import TABLE2, recipe_mismatches, table_for
-from monitoring.study_runs import MemberRun, StudyRuns
+from pipeline.tracking.study_runs import MemberRun, StudyRuns
 
 
 @dataclass

@@ -14,12 +14,13 @@ dataset instead. Other arguments (--section.key=value) override both networks' c
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
 
 from pipeline.config import ConfigError
-from pipeline.study import member_config, read_study, run_study, summary
+from pipeline.study import member_config, read_study, run_report, run_study, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "configs/study/digits_depth.toml"
@@ -52,9 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.fresh:
         study.name = f"{study.name}_{time.strftime('%Y%m%d-%H%M%S')}"
 
-    from mlflow import MlflowClient
-
-    from monitoring.report import build_report
     from pipeline.tracking import resolve_uri
 
     try:
@@ -72,14 +70,18 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no network finished; nothing to report", file=sys.stderr)
         return 1
 
-    report = build_report(MlflowClient(uri), study.name, out_dir=Path("runs/reports") / study.name)
+    done = run_report(study.name, tracking_uri=uri, args=("--out", str(Path("runs/reports") / study.name), "--json"),
+                      capture=True)
+    if done.returncode != 0:
+        return done.returncode  # the report said why on stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
     store, ui = _store_and_ui(uri)
     print(f"\nMLflow store: {store} (experiment {first.tracking.experiment!r}, parent run "
-          f"{report.study.parent_run_id})")
+          f"{report['parent_run_id']})")
     print(f"MLflow UI:    {ui}")
-    print(f"report:       {report.page.resolve()}")
-    print("\n" + report.table.text())
-    print(f"figure: {report.figure.resolve()}")
+    print(f"report:       {report['page']}")
+    print("\n" + report["table"])
+    print(f"figure: {report['figure']}")
     return 1 if failed else 0
 
 

@@ -156,6 +156,18 @@ class Storage:
         return fs, self.uri[len("s3://"):].rstrip("/")
 
     # ---------------------------------------------------------------------------------------------
+    @classmethod
+    def of_file(cls, path: str, *, endpoint_url: str = "", region: str = "",
+                profile: str = "") -> tuple[Storage, str]:
+        """The Storage of the folder holding ``path`` (a local path, file:// or s3:// URL), and the file's name in
+        it: one file named by its full path, read or written through the same API as a tree."""
+        path = path.rstrip("/")
+        if "://" in path:
+            parent, name = path.rsplit("/", 1)
+        else:
+            parent, name = os.path.split(os.path.abspath(path))
+        return cls(parent, endpoint_url=endpoint_url, region=region, profile=profile), name
+
     def child(self, rel: str) -> "Storage":
         """A Storage rooted at ``rel`` below this one, with the same settings."""
         return Storage(self.url(rel), **self._opts)
@@ -246,6 +258,41 @@ class Storage:
             out[p[len(prefix):]] = int(info.get("size") or 0)
         return out
 
+    def is_dir(self, rel: str = "") -> bool:
+        """A local folder (symlinks followed), or an object-store prefix holding at least one object."""
+        if self.remote:
+            return bool(self.list(rel))
+        with self._errors("check", rel):
+            return os.path.isdir(self._path(rel))
+
+    def walk(self, rel: str = "", *, skip_hidden: bool = False) -> list[tuple[str, list[str], list[str]]]:
+        """``sorted(os.walk(rel))`` for any store: (folder relative to ``rel`` with "/" separators, "" for ``rel``
+        itself; its sub-folder names; its file names), names sorted, folders in path order (torchvision's
+        ImageFolder order). Local symlinked folders are followed; on an object store it is one paginated listing.
+        ``skip_hidden`` leaves out folders whose name starts with "." and everything below them. [] when ``rel``
+        does not exist."""
+        if self.remote:
+            tree: dict[str, tuple[set[str], list[str]]] = {}
+            for path in self.find(rel):
+                *dirs, name = path.split("/")
+                if skip_hidden and any(d.startswith(".") for d in dirs):
+                    continue
+                for i in range(len(dirs) + 1):
+                    tree.setdefault("/".join(dirs[:i]), (set(), []))
+                    if i < len(dirs):
+                        tree["/".join(dirs[:i])][0].add(dirs[i])
+                tree["/".join(dirs)][1].append(name)
+            return sorted((d, sorted(subs), sorted(files)) for d, (subs, files) in tree.items())
+        top = self._path(rel)
+        out = []
+        with self._errors("list", rel):
+            for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+                if skip_hidden:
+                    dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                sub = os.path.relpath(dirpath, top)
+                out.append(("" if sub == "." else sub.replace(os.sep, "/"), sorted(dirnames), sorted(filenames)))
+        return sorted(out)
+
     def size(self, rel: str) -> int:
         with self._errors("stat", rel):
             return int(self.fs.info(self._path(rel))["size"])
@@ -305,6 +352,21 @@ class Storage:
             with self.fs.open(self._path(rel), "rb", block_size=CHUNK) as src:
                 info = _replace_atomically(str(local), lambda f: _copy_hashing(src, f, name=rel))
         return FileInfo(rel, info.size, info.sha256)
+
+    def rename(self, src: str, dst: str) -> None:
+        """Move the file or folder ``src`` to ``dst`` (which must not exist). Locally one rename, so a folder
+        appears whole; an object store has no rename: it copies, then deletes, and readers may see both."""
+        if self.remote:
+            moves = {f"{src}/{p}": f"{dst}/{p}" for p in self.find(src)} or {src: dst}
+            for a, b in moves.items():
+                with self._errors("copy", a):
+                    self.fs.copy(self._path(a), self._path(b))
+            for a in moves:
+                self.delete(a)
+            return
+        with self._errors("rename", src):
+            os.makedirs(os.path.dirname(self._path(dst)), exist_ok=True)
+            os.replace(self._path(src), self._path(dst))
 
     def delete(self, rel: str = "", *, recursive: bool = False) -> None:
         """Remove a file (or a folder with ``recursive``); a missing path is not an error."""

@@ -44,12 +44,12 @@ from typing import Any
 from pipeline.config import (ConfigError, TrainConfig, apply_override, config_from_dict, doc, from_table,
                              merge_tables, read_config_file, read_toml, to_toml)
 from pipeline.signals import STOP_EXIT_CODE
+from pipeline.tracking.study_runs import PARENT_ROLE, child_runs, newest_parent
 
 log = logging.getLogger("pipeline.study")
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM_SCRIPT = "launch/slurm_depth_study.sh"
-PARENT_ROLE = "parent"  # monitoring.study_runs finds a study's parent by this tag
 
 
 class SubmitError(RuntimeError):
@@ -171,11 +171,9 @@ def open_parent(client: Any, study: Study, *, experiment: str, configs: dict[str
         if exp is None:
             return None
         exp_id = exp.experiment_id
-    where = f"tags.study = '{study.name}' and tags.study_role = '{PARENT_ROLE}'"
-    runs = client.search_runs([exp_id], filter_string=where,
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    if runs:
-        parent = runs[0].info.run_id
+    found = newest_parent(client, study.name, [exp_id])
+    if found is not None:
+        parent = found.info.run_id
         if create:
             client.update_run(parent, status="RUNNING")
         return parent
@@ -198,11 +196,8 @@ def open_parent(client: Any, study: Study, *, experiment: str, configs: dict[str
 
 def finished_children(client: Any, parent_run_id: str, experiment_id: str) -> dict[str, Any]:
     """Member name -> its newest FINISHED child run."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and "
-                              "attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"],
-                              max_results=5000)
     out: dict[str, Any] = {}
-    for r in runs:
+    for r in child_runs(client, parent_run_id, experiment_id, finished_only=True):
         out.setdefault(r.info.run_name, r)
     return out
 
@@ -288,9 +283,8 @@ def run_study(study: Study, *, overrides: list[str] | None = None, only: list[st
 
 
 def _run_member(m: Member, cmd: list[str]) -> MemberOutcome:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     try:
-        rc = subprocess.run(cmd, env=env).returncode
+        rc = subprocess.run(cmd, env=_child_env()).returncode
     except KeyboardInterrupt:
         return MemberOutcome(m.name, "stopped", exit_code=130)
     if rc == 0:
@@ -368,14 +362,26 @@ def main(argv: list[str] | None = None) -> int:
     if outcomes:
         print("\n" + summary(outcomes))
     if args.report and not args.slurm and not args.dry_run:
-        from monitoring.report import main as report_main
-
-        report_main(["--study", study.name, "--tracking-uri", _uri_of(study, rest)])
+        sys.stdout.flush()  # the report's lines follow the summary
+        run_report(study.name, tracking_uri=_uri_of(study, rest))
     else:
         print(f"\nreport: python -m monitoring.report --study {study.name}")
     if any(o.state == "stopped" for o in outcomes):
         return STOP_EXIT_CODE
     return 1 if any(o.state == "failed" for o in outcomes) else 0
+
+
+def run_report(study: str, *, tracking_uri: str, args: tuple[str, ...] = (),
+               capture: bool = False) -> subprocess.CompletedProcess:
+    """``python -m monitoring.report --study STUDY`` with this interpreter: the report is a separate program, so
+    the pipeline never imports it. Its stdout goes to this process's, or into the result with ``capture``."""
+    cmd = [sys.executable, "-m", "monitoring.report", "--study", study, "--tracking-uri", tracking_uri, *args]
+    return subprocess.run(cmd, env=_child_env(), stdout=subprocess.PIPE if capture else None, text=True, check=False)
+
+
+def _child_env() -> dict[str, str]:
+    """This environment, with the checkout importable wherever the child starts."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def _uri_of(study: Study, overrides: list[str]) -> str:

@@ -6,6 +6,7 @@ members) and runs the command line; the others check the table logic on in-memor
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from monitoring.report import main
-from monitoring.study_runs import MemberRun, StudyRuns
+from pipeline.tracking.study_runs import MemberRun, StudyRuns
 from monitoring.tables import comparison_table
 
 CIFAR_RECIPE = {"data.batch_size": "128", "distributed.grad_accum": "1", "optim.lr": "0.1",
@@ -82,6 +83,13 @@ def test_report_from_a_synthetic_cifar_study(mlflow_server, tmp_path: Path, caps
     assert main(again) == 0
     assert (tmp_path / "r2" / "table.md").read_text() == (out / "table.md").read_text()
     assert main(["--study", "nope", "--tracking-uri", mlflow_server.uri, "--no-log"]) == 2
+    capsys.readouterr()
+
+    # --json (what pipeline.demo reads): the same table and files, as one object.
+    assert main(again + ["--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["parent_run_id"] == parent and summary["table"].splitlines()[0] in printed
+    assert summary["page"] == str((tmp_path / "r2" / "report.md").resolve()) and Path(summary["figure"]).is_file()
 
 
 def _member(depth: int, residual: bool, *, top1: float, top5: float, dataset: str, params: dict[str, str],

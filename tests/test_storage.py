@@ -54,6 +54,31 @@ def test_roundtrip(store: Storage, tmp_path: Path) -> None:
     assert [n for n in store.list() if not n.startswith(".")] == []
 
 
+def test_walk_is_dir_rename_and_of_file(store: Storage) -> None:
+    for rel in ("t/a/1.jpg", "t/a/sub/2.jpg", "t/a-b/3.jpg", "t/.hidden/4.jpg", "t/top.txt"):
+        store.write_bytes(rel, b"x")
+    walked = store.walk("t")
+    assert walked == sorted(walked) and walked[0] == ("", [".hidden", "a", "a-b"], ["top.txt"])
+    assert [d for d, _, _ in walked] == ["", ".hidden", "a", "a-b", "a/sub"]  # sorted(os.walk(...)) order
+    assert {d: f for d, _, f in walked}["a"] == ["1.jpg"]
+    assert [d for d, _, _ in store.walk("t", skip_hidden=True)] == ["", "a", "a-b", "a/sub"]
+    assert store.walk("nothing") == []
+    assert store.is_dir("t/a") and not store.is_dir("t/top.txt") and not store.is_dir("nothing")
+    store.rename("t/a", "u/a")
+    assert not store.exists("t/a/1.jpg") and store.read_bytes("u/a/sub/2.jpg") == b"x"
+    parent, name = Storage.of_file(store.url("u/a/1.jpg"))
+    assert name == "1.jpg" and parent.url() == store.url("u/a") and parent.read_bytes(name) == b"x"
+    store.delete("t", recursive=True)
+    store.delete("u", recursive=True)
+
+
+def test_of_file_takes_a_relative_local_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    parent, name = Storage.of_file("lists/bad.txt")
+    parent.write_text(name, "x")
+    assert (tmp_path / "lists" / "bad.txt").read_text() == "x" and parent.root == str(tmp_path / "lists")
+
+
 def test_missing_file_is_not_found(store: Storage) -> None:
     with pytest.raises(StorageError) as e:
         store.read_text("no/such/file")

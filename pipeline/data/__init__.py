@@ -6,8 +6,8 @@
     for images, labels in train: ...               # one epoch, already on `device`
     state = train.state_dict()                     # per rank; load_state_dict() resumes exactly
 
-Commands: ``python -m pipeline.data.prepare imagenet`` (ILSVRC-2012 archives -> ImageFolder tree, local
-or s3://) and ``python -m pipeline.data.validate ROOT`` (images DALI cannot decode -> exclude list).
+Commands: ``python -m pipeline.tools.prepare imagenet`` (ILSVRC-2012 archives -> ImageFolder tree, local
+or s3://) and ``python -m pipeline.tools.validate ROOT`` (images DALI cannot decode -> exclude list).
 """
 
 from .build import build_source, prepare_dataset_root, resolve_decoder

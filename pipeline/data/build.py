@@ -23,7 +23,7 @@ def prepare_dataset_root(cfg: DataConfig) -> str:
     if cfg.source == "synthetic":
         return ""
     if cfg.source == "digits":
-        from .digits import prepare_digits
+        from pipeline.tools.digits import prepare_digits
 
         return prepare_digits(cfg.cache_dir)
     if cfg.source == "folder":
@@ -35,7 +35,7 @@ def prepare_dataset_root(cfg: DataConfig) -> str:
 
         if is_url(cfg.root):
             return cfg.root.rstrip("/")  # listed (and checked) through pipeline.storage when a source is built
-        from .cifar10 import extract_archive, is_archive
+        from pipeline.tools.archive import extract_archive, is_archive
 
         if is_archive(cfg.root):
             return extract_archive(cfg.root, cache_dir=cfg.cache_dir, sha256=cfg.root_sha256)
@@ -148,12 +148,12 @@ def load_mean_image(path: str, *, root: str, image_size: int) -> np.ndarray:
         mean = np.load(io.BytesIO(data), allow_pickle=False)
     except StorageError as e:
         raise DataError(f"data.mean_image = {path!r}: cannot read {full} ({e}); write it with `python -m "
-                        f"pipeline.data.prepare mean-image {root}` or set data.mean_image = '' (per-channel "
+                        f"pipeline.tools.prepare mean-image {root}` or set data.mean_image = '' (per-channel "
                         f"mean)") from e
     except ValueError as e:
         raise DataError(f"data.mean_image = {path!r}: {full} is not a .npy array ({e})") from e
     if mean.shape != (image_size, image_size, 3):
         raise DataError(f"data.mean_image = {path!r}: {full} has shape {mean.shape}, but data.image_size = "
                         f"{image_size} needs ({image_size}, {image_size}, 3); recompute it with `python -m "
-                        f"pipeline.data.prepare mean-image {root} --size {image_size}`")
+                        f"pipeline.tools.prepare mean-image {root} --size {image_size}`")
     return mean.astype(np.float32)

@@ -5,22 +5,26 @@ DALI walk ``file_root`` itself: that way the class index is ours (sorted folder 
 torchvision's ImageFolder), and every layout mistake becomes a :class:`DataError` naming the path
 before a pipeline or a process group exists, instead of a C++ exception on one rank mid-job.
 
-A root may be a local folder or an object-store URL (``s3://bucket/imagenet``). Remote trees are
-listed through :mod:`pipeline.storage` (one paginated listing per split) and the files are handed
-to DALI as URLs, which its own S3 client reads.
+A root may be a local folder or an object-store URL (``s3://bucket/imagenet``). Both are listed
+through :mod:`pipeline.storage` (a local walk, or one paginated listing per split); remote files are
+handed to DALI as URLs, which its own S3 client reads.
 
-An exclude list (``data.exclude_list``, written by ``python -m pipeline.data.validate``) removes
+An exclude list (``data.exclude_list``, written by ``python -m pipeline.tools.validate``) removes
 images DALI cannot decode, or points them at converted copies, before the index is built.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from pipeline.storage import is_remote as is_url  # an object-store URL (s3://...); file:// and plain paths are local
+from pipeline.storage import Storage, StorageError
+
+# is_url: an object-store URL (s3://...); file:// and plain paths are local
+from pipeline.storage import is_remote as is_url
 
 from .errors import DataError
 
@@ -60,76 +64,49 @@ def _join(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *parts) if is_url(base) else os.path.join(base, *parts)
 
 
-def _store(url: str):
-    from pipeline.storage import Storage
-
-    return Storage(url)
-
-
-def _storage_call(url: str, fn, *args):
-    """A Storage call whose StorageError (no bucket, no credentials, endpoint down) becomes a DataError."""
-    from pipeline.storage import StorageError
-
+@contextlib.contextmanager
+def _reading(url: str) -> Iterator[None]:
+    """Storage errors (no bucket, no credentials, endpoint down) become a DataError naming the dataset."""
     try:
-        return fn(*args)
+        yield
     except StorageError as e:
         raise DataError(f"cannot read the dataset at {url}: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------------
-# Listing: the same questions answered for a local folder and for an object-store prefix.
+# Listing: the same questions answered for a local folder and for an object-store prefix, through Storage.
 
 
 def list_classes(split_path: str) -> list[str]:
     """Sorted class folder names of a split; hidden folders (``.ipynb_checkpoints``) are not classes."""
-    if is_url(split_path):
-        return [n for n in _storage_call(split_path, _store(split_path).list_dirs) if not n.startswith(".")]
-    with os.scandir(split_path) as entries:
-        return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    with _reading(split_path):
+        return [n for n in Storage(split_path).list_dirs() if not n.startswith(".")]
 
 
 def _split_exists(split_path: str) -> bool:
-    if is_url(split_path):
-        return bool(_storage_call(split_path, _store(split_path).list))
-    return os.path.isdir(split_path)
+    with _reading(split_path):
+        return Storage(split_path).is_dir()
 
 
 def _top_level_names(split_path: str) -> list[str]:
-    if is_url(split_path):
-        return [n for n in _storage_call(split_path, _store(split_path).list) if not n.startswith(".")]
-    with os.scandir(split_path) as entries:
-        return sorted(e.name for e in entries if not e.name.startswith("."))
+    with _reading(split_path):
+        return [n for n in Storage(split_path).list() if not n.startswith(".")]
 
 
-def _walk_order(rel: str) -> tuple[tuple[str, ...], str]:
-    # os.walk order (a folder's own files, then its sub-folders in name order), for listed paths.
-    parts = rel.split("/")
-    return tuple(parts[:-1]), parts[-1]
-
-
-def _class_images(class_path: str) -> list[str]:
-    # Same walk and order as torchvision's ImageFolder, so sample order matches it; symlinked
-    # trees (a common way to assemble ImageNet splits) are followed.
-    found = []
-    for dirpath, _, filenames in sorted(os.walk(class_path, followlinks=True)):
-        rel = os.path.relpath(dirpath, class_path)
-        if rel != "." and any(part.startswith(".") for part in rel.split(os.sep)):
-            continue
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if _is_image(f))
-    return found
-
-
-def _remote_split_images(split_path: str, classes: Iterable[str]) -> dict[str, list[str]]:
-    """Every image URL under each class of a remote split, from one recursive listing."""
+def _split_images(split_path: str, classes: Iterable[str]) -> dict[str, list[str]]:
+    """Every image path (or URL) under each class of a split, from one walk (one listing on S3), in
+    torchvision's ImageFolder order: folders in path order, files sorted within a folder. Symlinked
+    folders (a common way to assemble ImageNet splits) are followed; hidden folders are skipped."""
     wanted = set(classes)
-    listing = _storage_call(split_path, _store(split_path).find)
+    with _reading(split_path):
+        walked = Storage(split_path).walk(skip_hidden=True)
     per_class: dict[str, list[str]] = {c: [] for c in wanted}
-    for rel in sorted(listing, key=_walk_order):
-        parts = rel.split("/")
-        if len(parts) < 2 or parts[0] not in wanted or any(p.startswith(".") for p in parts[1:-1]):
+    for folder, _, names in walked:
+        parts = folder.split("/") if folder else []
+        if not parts or parts[0] not in wanted:
             continue
-        if _is_image(parts[-1]):
-            per_class[parts[0]].append(_join(split_path, rel))
+        # Joined onto split_path as given (not Storage's absolute root): _apply_fixes slices them by its length.
+        per_class[parts[0]].extend(_join(split_path, *parts, n) for n in names if _is_image(n))
     return per_class
 
 
@@ -153,26 +130,19 @@ def _check_split_layout(split_path: str, classes: list[str]) -> None:
 def read_exclude_list(path: str, *, root: str) -> FileFixes:
     """Parse an exclude list: ``rel/path`` to skip an image, ``rel/path<TAB>replacement`` to read a
     converted copy instead; ``#`` starts a comment line. ``path`` may be relative to ``root``."""
-    from pipeline.storage import StorageError
-
     candidates = [path] if os.path.isabs(path) or is_url(path) else [path, _join(root, path)]
     text = None
     for cand in candidates:
+        folder, name = Storage.of_file(cand)
         try:
-            if is_url(cand):
-                parent, name = cand.rsplit("/", 1)
-                text = _store(parent).read_text(name)
-            elif os.path.isfile(cand):
-                with open(cand, encoding="utf-8") as f:
-                    text = f.read()
+            text = folder.read_text(name)
         except StorageError:
             continue
-        if text is not None:
-            path = cand
-            break
+        path = cand
+        break
     if text is None:
         raise DataError(f"data.exclude_list = {path!r} does not exist (looked at {', '.join(candidates)}); write it "
-                        f"with `python -m pipeline.data.validate {root} --write-list LIST` or set "
+                        f"with `python -m pipeline.tools.validate {root} --write-list LIST` or set "
                         f"data.exclude_list = ''")
     skip: set[str] = set()
     replace: dict[str, str] = {}
@@ -183,7 +153,7 @@ def read_exclude_list(path: str, *, root: str) -> FileFixes:
         rel = rel.strip()
         if not rel or rel.startswith(("..", "/")) or is_url(rel) or os.path.isabs(rel):
             raise DataError(f"{path}, line {lineno}: {line!r} is not a path relative to the dataset root "
-                            f"(e.g. 'train/n01440764/x.JPEG'); fix the line or re-run pipeline.data.validate")
+                            f"(e.g. 'train/n01440764/x.JPEG'); fix the line or re-run pipeline.tools.validate")
         if new.strip():
             replace[rel] = new.strip()
         else:
@@ -216,7 +186,7 @@ def _check_fixes_used(root: str, split_dir: str, split_path: str, fixes: FileFix
     if unknown:
         shown = ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")
         raise DataError(f"exclude list {fixes.source} names {len(unknown)} image(s) that are not in {split_path} "
-                        f"({shown}): it was written for another tree; re-run `python -m pipeline.data.validate "
+                        f"({shown}): it was written for another tree; re-run `python -m pipeline.tools.validate "
                         f"{root} --write-list {fixes.source}`")
 
 
@@ -234,13 +204,13 @@ def scan_split(split_path: str, *, root: str = "", split_dir: str = "", fixes: F
         raise DataError(f"split folder {split_path} does not exist; expected {split_path}/<class>/<image>")
     classes = list_classes(split_path)
     _check_split_layout(split_path, classes)
-    remote = _remote_split_images(split_path, classes) if is_url(split_path) else None
+    per_class = _split_images(split_path, classes)
     files: list[str] = []
     labels: list[int] = []
     empty: list[str] = []
     matched: set[str] = set()
     for label, name in enumerate(classes):
-        images = remote[name] if remote is not None else _class_images(os.path.join(split_path, name))
+        images = per_class[name]
         if fixes:
             images = _apply_fixes(split_dir, split_path, images, fixes, matched)
         if not images:
@@ -265,20 +235,19 @@ def _check_root(root: str, train_dir: str, val_dir: str) -> None:
     if not root:
         raise DataError("data.root is empty; set --data.root to a folder holding "
                         f"{train_dir}/<class>/<image> and {val_dir}/<class>/<image>")
-    if is_url(root):
-        present = [n for n in _storage_call(root, _store(root).list_dirs) if not n.startswith(".")]
-        if not present:
-            raise DataError(f"dataset root {root} does not exist or is empty; set --data.root to a prefix holding "
-                            f"{train_dir}/<class>/<image> and {val_dir}/<class>/<image> (AWS_ENDPOINT_URL selects "
-                            f"a non-AWS endpoint)")
-    elif not os.path.isdir(root):
+    store = Storage(root)
+    with _reading(root):
+        exists = store.is_dir()
+        present = [n for n in store.list_dirs() if not n.startswith(".")] if exists else []
+    if is_url(root) and not present:
+        raise DataError(f"dataset root {root} does not exist or is empty; set --data.root to a prefix holding "
+                        f"{train_dir}/<class>/<image> and {val_dir}/<class>/<image> (AWS_ENDPOINT_URL selects "
+                        f"a non-AWS endpoint)")
+    if not exists:
         raise DataError(f"dataset root {root} does not exist; set --data.root to a folder holding "
                         f"{train_dir}/<class>/<image> and {val_dir}/<class>/<image>")
-    else:
-        with os.scandir(root) as entries:
-            present = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
     for key, sub in (("train_dir", train_dir), ("val_dir", val_dir)):
-        missing = sub not in present if is_url(root) else not os.path.isdir(os.path.join(root, sub))
+        missing = sub not in present
         if missing:
             raise DataError(f"dataset root {root} has no {sub}/ folder (data.{key} = {sub!r}); folders there: "
                             f"{', '.join(present) or 'none'}. Create {_join(root, sub)}/<class>/<image> "

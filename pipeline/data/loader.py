@@ -273,11 +273,11 @@ def explain_pipeline_error(error: BaseException, *, files: Sequence[str], root: 
     failed: <path>", "S3 Object not found. bucket=B object=K") and not for others ("nvImageCodec
     failure: '#4'" for bytes that are no image at all, or an empty object on S3). In the second case
     the split's files are checked quickly (size and leading bytes, see
-    :func:`pipeline.data.validate.quick_scan`) to find the culprit.
+    :func:`pipeline.data.sniff.quick_scan`) to find the culprit.
     """
     text = str(error)
     reason = _dali_reason(text)
-    fix = (f"find every such file with `python -m pipeline.data.validate {root} --write-list bad.txt` and set "
+    fix = (f"find every such file with `python -m pipeline.tools.validate {root} --write-list bad.txt` and set "
            f"--data.exclude_list=bad.txt (or replace the file)")
     path = _named_file(text, files)
     if path is not None:
@@ -293,7 +293,7 @@ def explain_pipeline_error(error: BaseException, *, files: Sequence[str], root: 
                                           "access denied", "forbidden")):
         return DataError(f"DALI cannot read {root} from object storage ({reason}); check AWS_ENDPOINT_URL, "
                          f"AWS_REGION and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
-    from .validate import quick_scan
+    from .sniff import quick_scan
 
     suspects = quick_scan(files, time_budget_s=120.0)
     if suspects:

@@ -16,7 +16,7 @@ import torch
 from datatree import write_ilsvrc_archives
 
 from pipeline import evaluate as ev
-from pipeline.data.prepare import prepare_imagenet
+from pipeline.tools.prepare import prepare_imagenet
 from pipeline.models import build_model
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -235,4 +235,4 @@ def test_a_bad_image_stops_decoding_with_its_path(make_cfg, tree, bad):
     with pytest.raises(DataError, match="broken.jpg") as err:
         build_source(cfg, split="train", rank=0, world_size=1, device=torch.device("cpu"), seed=0, num_classes=2,
                      root=root)
-    assert str(path) in str(err.value) and f"pipeline.data.validate {root} " in str(err.value)
+    assert str(path) in str(err.value) and f"pipeline.tools.validate {root} " in str(err.value)

@@ -108,7 +108,7 @@ def test_an_empty_s3_object_is_named(tmp_path, s3, make_cfg):
 
 
 def test_validate_and_exclude_list_on_s3(tmp_path, s3, make_cfg, capsys):
-    from pipeline.data.validate import main as validate
+    from pipeline.tools.validate import main as validate
 
     root, _ = upload_tree(tmp_path, s3, "checked")
     store = Storage(root)

@@ -1,4 +1,4 @@
-"""python -m pipeline.data.validate, data.exclude_list, and what training does with a bad image.
+"""python -m pipeline.tools.validate, data.exclude_list, and what training does with a bad image.
 
 DALI 2.4's CPU decoder, inside a training pipeline, was checked directly: a truncated JPEG raises
 "Failed to decode sample #k : <path>", a zero-byte local file "File mapping failed: <path>", and bytes
@@ -18,7 +18,8 @@ from datatree import _jpeg
 from PIL import Image
 
 from pipeline.data import DataError, build_source
-from pipeline.data.validate import main, quick_scan, validate_tree
+from pipeline.data.sniff import quick_scan
+from pipeline.tools.validate import main, validate_tree
 
 CPU = torch.device("cpu")
 
@@ -107,7 +108,7 @@ def test_training_stops_with_the_file_in_the_error(tree, make_cfg, bad, split):
         epoch(make_cfg(style="imagenet"), root, split)
     msg = str(e.value)
     assert os.path.join(root, rel[0]) in msg, msg
-    assert "pipeline.data.validate" in msg and "--data.exclude_list" in msg
+    assert "pipeline.tools.validate" in msg and "--data.exclude_list" in msg
 
 
 def test_exclude_list_skips_and_converted_copies_are_read(tree, make_cfg, tmp_path, capsys):

@@ -39,7 +39,7 @@ def prepared(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
     p = write_ilsvrc_archives(str(base / "archives"))["paths"]
     tree = base / "imagenet"
-    proc = run(["-m", "pipeline.data.prepare", "imagenet", "--train-tar", p["train"], "--val-tar", p["val"],
+    proc = run(["-m", "pipeline.tools.prepare", "imagenet", "--train-tar", p["train"], "--val-tar", p["val"],
                 "--devkit", p["devkit"], "--out", str(tree), "--mean-samples", "50", "--no-progress", "--verify"])
     assert proc.returncode == 0, proc.stderr
     assert "every file matches manifest.json" in proc.stdout
@@ -49,7 +49,7 @@ def prepared(tmp_path_factory):
 @pytest.mark.slow
 def test_archives_to_evaluated_checkpoint(prepared, tmp_path):
     base, tree = prepared
-    proc = run(["-m", "pipeline.data.validate", str(tree), "--no-progress"])
+    proc = run(["-m", "pipeline.tools.validate", str(tree), "--no-progress"])
     assert proc.returncode == 0 and "0 error(s)" in proc.stdout, proc.stdout + proc.stderr
     train = run(["pipeline/train.py", "--config", CONFIG, *tiny(str(tree), tmp_path)], nproc=2)
     assert train.returncode == 0, train.stderr[-4000:]
@@ -72,4 +72,4 @@ def test_a_truncated_image_stops_training_with_its_path(prepared, tmp_path):
     bad.write_bytes(_jpeg(7, (40, 40))[:400])
     proc = run(["pipeline/train.py", "--config", CONFIG, *tiny(str(broken), tmp_path), "--data.batch_size=13"])
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert str(bad) in proc.stderr and "pipeline.data.validate" in proc.stderr
+    assert str(bad) in proc.stderr and "pipeline.tools.validate" in proc.stderr

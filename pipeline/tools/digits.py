@@ -13,9 +13,11 @@ and every rank builds byte-identical trees.
 
 from __future__ import annotations
 
+import io
 import os
 
-from .cache import build_once
+from pipeline.data.cache import build_once
+from pipeline.storage import Storage
 
 DIGITS_DIR = "digits"
 _VERSION = 1  # bump when the images or the split change; an older tree is then rebuilt
@@ -58,10 +60,11 @@ def _write_tree(out: str) -> dict[str, int]:
     digits = load_digits()
     images = np.clip(digits.images * (255.0 / 16.0), 0, 255).round().astype(np.uint8)  # 0..16 ink levels
     train, val = stratified_split(digits.target)
+    tree = Storage(out)
     for split, indices in (("train", train), ("val", val)):
-        for c in range(10):
-            os.makedirs(os.path.join(out, split, str(c)), exist_ok=True)
         for i in indices:
             img = Image.fromarray(images[i]).resize((_IMAGE_SIZE, _IMAGE_SIZE), Image.Resampling.BICUBIC)
-            img.convert("RGB").save(os.path.join(out, split, str(int(digits.target[i])), f"{i:04d}.jpg"), quality=95)
+            jpeg = io.BytesIO()
+            img.convert("RGB").save(jpeg, format="JPEG", quality=95)
+            tree.write_bytes(f"{split}/{int(digits.target[i])}/{i:04d}.jpg", jpeg.getvalue())
     return {"train": len(train), "val": len(val), "classes": 10}

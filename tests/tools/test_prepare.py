@@ -1,4 +1,4 @@
-"""python -m pipeline.data.prepare: official-format archives (built here, tiny) -> ImageFolder tree,
+"""python -m pipeline.tools.prepare: official-format archives (built here, tiny) -> ImageFolder tree,
 locally and on a real S3 server; resume, manifest, --verify, and every bad input a user can bring."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import pytest
 from datatree import WNIDS, _add, _jpeg, write_ilsvrc_archives, write_meta_mat
 
 from pipeline.data import DataError
-from pipeline.data import prepare as prepare_mod
-from pipeline.data.prepare import MANIFEST, MEAN_IMAGE, main, prepare_imagenet, verify_tree
+from pipeline.tools import prepare as prepare_mod
+from pipeline.tools.prepare import DATASET_MANIFEST as MANIFEST
+from pipeline.tools.prepare import MEAN_IMAGE, main, prepare_imagenet, verify_tree
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_prepare_writes_the_imagefolder_tree(tmp_path, archives, labels):
 
 def test_resume_skips_finished_classes(tmp_path, archives, monkeypatch):
     out = str(tmp_path / "imagenet")
-    real_write = prepare_mod._Tree.write
+    real_write = prepare_mod._PreparedTree.write
     writes = []
 
     def failing(self, split, cls, name, data):
@@ -66,14 +67,15 @@ def test_resume_skips_finished_classes(tmp_path, archives, monkeypatch):
         writes.append((split, cls))
         return real_write(self, split, cls, name, data)
 
-    monkeypatch.setattr(prepare_mod._Tree, "write", failing)
+    monkeypatch.setattr(prepare_mod._PreparedTree, "write", failing)
     with pytest.raises(OSError, match="simulated crash"):
         run_prepare(out, archives)
     assert os.listdir(os.path.join(out, "train")) == [WNIDS[0]]  # only the finished class is visible
     assert not os.path.exists(os.path.join(out, MANIFEST))
 
     writes.clear()
-    monkeypatch.setattr(prepare_mod._Tree, "write", lambda self, *a: (writes.append(a[:2]), real_write(self, *a)))
+    monkeypatch.setattr(prepare_mod._PreparedTree, "write",
+                        lambda self, *a: (writes.append(a[:2]), real_write(self, *a)))
     run_prepare(out, archives)
     assert ("train", WNIDS[0]) not in writes and ("train", WNIDS[1]) in writes  # the finished class is not redone
     assert tree_contents(out) == archives["expected"]
@@ -86,7 +88,7 @@ def test_resume_skips_finished_classes(tmp_path, archives, monkeypatch):
 
 def test_interrupted_validation_keeps_written_images(tmp_path, archives, monkeypatch):
     out = str(tmp_path / "imagenet")
-    real_write = prepare_mod._Tree.write
+    real_write = prepare_mod._PreparedTree.write
     count = {"val": 0}
 
     def failing(self, split, cls, name, data):
@@ -96,7 +98,7 @@ def test_interrupted_validation_keeps_written_images(tmp_path, archives, monkeyp
                 raise OSError("simulated crash")
         return real_write(self, split, cls, name, data)
 
-    monkeypatch.setattr(prepare_mod._Tree, "write", failing)
+    monkeypatch.setattr(prepare_mod._PreparedTree, "write", failing)
     with pytest.raises(OSError):
         run_prepare(out, archives)
     assert not os.path.exists(os.path.join(out, "val"))  # nothing half-done is visible
@@ -273,7 +275,7 @@ def test_prepare_from_and_to_s3(tmp_path, archives, s3_bucket, s3_endpoint, monk
         src.put(path, os.path.basename(path))
     p = {k: src.url(os.path.basename(v)) for k, v in archives["paths"].items()}
     out = f"{s3_bucket}/imagenet"
-    real_write = prepare_mod._Tree.write
+    real_write = prepare_mod._PreparedTree.write
     calls = []
 
     def crash_on_third_class(self, split, cls, name, data):
@@ -282,11 +284,11 @@ def test_prepare_from_and_to_s3(tmp_path, archives, s3_bucket, s3_endpoint, monk
         calls.append(cls)
         return real_write(self, split, cls, name, data)
 
-    monkeypatch.setattr(prepare_mod._Tree, "write", crash_on_third_class)
+    monkeypatch.setattr(prepare_mod._PreparedTree, "write", crash_on_third_class)
     with pytest.raises(OSError):
         prepare_imagenet(out, train_tar=p["train"], val_tar=p["val"], devkit=p["devkit"], workers=4,
                          mean_samples=50, image_size=16, resize=18, progress=False)
-    monkeypatch.setattr(prepare_mod._Tree, "write", real_write)
+    monkeypatch.setattr(prepare_mod._PreparedTree, "write", real_write)
     manifest = prepare_imagenet(out, train_tar=p["train"], val_tar=p["val"], devkit=p["devkit"], workers=4,
                                 mean_samples=50, image_size=16, resize=18, progress=False)
     assert manifest["splits"]["train"]["files"] == 12 and manifest["splits"]["val"]["files"] == 6

@@ -1,8 +1,9 @@
-"""Read a depth study back from MLflow: the parent run, one child run per member, and their curves.
+"""A depth study in MLflow: the queries the study runner (:mod:`pipeline.study`) and the report
+(:mod:`monitoring.report`) share, and the study read back with its members' curves.
 
-A study is a parent run tagged ``study_role = parent`` with its members as nested runs
-(``mlflow.parentRunId``). A member may have several child runs (a failed attempt, then a
-finished one); the newest finished run counts, else the newest.
+A study is a parent run tagged ``study = <name>`` and ``study_role = parent`` with its members as nested
+runs (``mlflow.parentRunId``). A member may have several child runs (a failed attempt, then a finished
+one); the newest finished run counts, else the newest.
 """
 
 from __future__ import annotations
@@ -69,6 +70,22 @@ def _all_experiment_ids(client: Any) -> list[str]:
     return [e.experiment_id for e in client.search_experiments()]
 
 
+def newest_parent(client: Any, study: str, experiment_ids: list[str]) -> Any | None:
+    """The newest parent run of the study named ``study`` in these experiments, or None."""
+    runs = client.search_runs(experiment_ids,
+                              filter_string=f"tags.study = '{study}' and tags.study_role = '{PARENT_ROLE}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def child_runs(client: Any, parent_run_id: str, experiment_id: str, *, finished_only: bool = False) -> list[Any]:
+    """The runs nested under the parent (every attempt of every member), newest first."""
+    where = f"tags.mlflow.parentRunId = '{parent_run_id}'" + (" and attributes.status = 'FINISHED'"
+                                                               if finished_only else "")
+    return client.search_runs([experiment_id], filter_string=where, order_by=["attributes.start_time DESC"],
+                              max_results=5000)
+
+
 def find_parent(client: Any, study: str, *, experiment: str | None = None) -> Any:
     """The parent run, by run id or by study name (the newest parent of that name)."""
     if _RUN_ID.match(study):
@@ -80,13 +97,12 @@ def find_parent(client: Any, study: str, *, experiment: str | None = None) -> An
         ids = [exp.experiment_id]
     else:
         ids = _all_experiment_ids(client)
-    runs = client.search_runs(ids, filter_string=f"tags.study = '{study}' and tags.study_role = '{PARENT_ROLE}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
+    parent = newest_parent(client, study, ids)
+    if parent is None:
         raise StudyNotFound(f"no study named {study!r} at {client.tracking_uri}"
                             f"{f' in experiment {experiment!r}' if experiment else ''}; pass the parent run id "
                             f"or the study's name (python -m pipeline.study prints both)")
-    return runs[0]
+    return parent
 
 
 def _pick(runs: list[Any]) -> Any:
@@ -98,8 +114,7 @@ def load_study(client: Any, study: str, *, experiment: str | None = None,
                curves: tuple[str, ...] = ("train_top1_error", "val_top1_error")) -> StudyRuns:
     parent = find_parent(client, study, experiment=experiment)
     pid = parent.info.run_id
-    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{pid}'",
-                                  max_results=5000)
+    children = child_runs(client, pid, parent.info.experiment_id)
     by_name: dict[str, list[Any]] = {}
     for r in children:
         by_name.setdefault(r.info.run_name, []).append(r)

@@ -1,7 +1,7 @@
 """Find the images of a dataset tree that DALI cannot decode, or that are not what their name says.
 
-    python -m pipeline.data.validate /datasets/imagenet --write-list /datasets/imagenet-bad.txt
-    python -m pipeline.data.validate s3://bucket/imagenet --write-list bad.txt --convert-to s3://bucket/imagenet-fixed
+    python -m pipeline.tools.validate /datasets/imagenet --write-list /datasets/imagenet-bad.txt
+    python -m pipeline.tools.validate s3://bucket/imagenet --write-list bad.txt --convert-to s3://bucket/imagenet-fixed
     torchrun ... pipeline/train.py --config ... --data.exclude_list=/datasets/imagenet-bad.txt
 
 Every image the loader would read (``*.jpg``, ``*.jpeg``, ``*.png`` below the root, hidden folders
@@ -27,19 +27,18 @@ import argparse
 import io
 import os
 import sys
-import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from .errors import DataError
-from .folder import IMAGE_EXTENSIONS, _is_image, is_url
+from pipeline.data.errors import DataError
+from pipeline.data.folder import IMAGE_EXTENSIONS, _is_image, is_url
+from pipeline.data.sniff import sniff
+from pipeline.storage import Storage, StorageError
 
 ERRORS = ("empty", "not-an-image", "corrupt")  # DALI stops on these
 WARNINGS = ("wrong-format", "cmyk", "grayscale")  # DALI decodes these
-_MAGIC = ((b"\xff\xd8\xff", "jpeg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF8", "gif"), (b"BM", "bmp"),
-          (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"))
 _EXPECTED = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png"}
 _BATCH = 64  # images per DALI decode call; a failing batch is decoded image by image to find the culprit
 
@@ -55,119 +54,27 @@ class Problem:
         return self.kind in ERRORS
 
 
-def sniff(head: bytes) -> str | None:
-    """The image format the leading bytes announce (jpeg, png, gif, bmp, tiff, webp), or None."""
-    for magic, fmt in _MAGIC:
-        if head.startswith(magic):
-            return fmt
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
-# The quick check the loader runs when DALI fails without naming a file
-
-
-def quick_scan(files: Sequence[str], *, time_budget_s: float = 120.0, workers: int = 16) -> list[tuple[str, str]]:
-    """Files (paths or URLs) that are plainly not valid images, from their size and first/last bytes.
-
-    Cheap enough to run over a whole split after a training failure: no decoding. Stops looking
-    after ``time_budget_s`` and returns what it found. A JPEG that does not end with its end-of-image
-    marker is reported as probably truncated (some valid JPEGs carry trailing bytes, so this is a
-    suspicion, not a verdict; ``pipeline.data.validate`` decides with DALI's decoder).
-    """
-    deadline = time.monotonic() + time_budget_s
-
-    def check(path: str) -> tuple[str, str] | None:
-        if time.monotonic() > deadline:
-            return None
-        try:
-            head, tail, size = _head_tail(path)
-        except OSError as e:
-            return path, f"cannot be read ({e})"
-        except Exception as e:  # noqa: BLE001 - storage errors of any kind are worth reporting as such
-            return path, f"cannot be read ({e})"
-        if size == 0:
-            return path, "empty (0 bytes)"
-        fmt = sniff(head)
-        if fmt is None:
-            return path, f"not an image (starts with {head[:8]!r})"
-        if fmt == "jpeg" and tail != b"\xff\xd9":
-            return path, "JPEG without its end-of-image marker (truncated?)"
-        return None
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        found = [r for r in pool.map(check, files) if r is not None]
-    return found
-
-
-def _head_tail(path: str) -> tuple[bytes, bytes, int]:
-    if is_url(path):
-        from pipeline.storage import Storage
-
-        parent, name = path.rsplit("/", 1)
-        with Storage(parent).open(name) as f:
-            size = int(f.size)
-            head = f.read(16)
-            if size > 16:
-                f.seek(size - 2)
-            tail = f.read(2) if size > 16 else head[-2:]
-        return head, tail, size
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(16)
-        if size > 16:
-            f.seek(-2, os.SEEK_END)
-        tail = f.read(2) if size > 16 else head[-2:]
-    return head, tail, size
-
-
 # --------------------------------------------------------------------------------------------------
 # The full check
 
 
-class _Tree:
-    """Read access to every image below a local folder or an object-store prefix."""
+def _image_tree(root: str) -> Storage:
+    """The dataset tree at ``root``; a local root is made absolute, so that messages name every file fully."""
+    if is_url(root):
+        return Storage(root)
+    return Storage(os.path.abspath(root.removeprefix("file://")))
 
-    def __init__(self, root: str) -> None:
-        local = root[len("file://"):] if root.startswith("file://") else root
-        self.root = root.rstrip("/") if is_url(root) else os.path.abspath(local)
-        self.remote = is_url(root)
-        if self.remote:
-            from pipeline.storage import Storage
 
-            self.store = Storage(self.root)
-
-    def images(self) -> list[str]:
-        if self.remote:
-            from pipeline.storage import StorageError
-
-            try:
-                listing = self.store.find()
-            except StorageError as e:
-                raise DataError(f"cannot list {self.root}: {e}") from e
-            return sorted(r for r in listing if _is_image(r.rsplit("/", 1)[-1])
-                          and not any(p.startswith(".") for p in r.split("/")[:-1]))
-        if not os.path.isdir(self.root):
-            raise DataError(f"{self.root} does not exist or is not a folder; give the dataset root (holding "
+def _images(tree: Storage) -> list[str]:
+    """Every image the loader would read below ``tree`` (hidden folders aside), "/"-separated, in walk order."""
+    try:
+        if not tree.is_dir():
+            raise DataError(f"{tree.uri} does not exist or is not a folder; give the dataset root (holding "
                             f"train/ and val/) or one split folder")
-        out = []
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            rel = os.path.relpath(dirpath, self.root)
-            out.extend((f if rel == "." else f"{rel}/{f}").replace(os.sep, "/") for f in sorted(filenames)
-                       if _is_image(f))
-        return out
-
-    def read(self, rel: str) -> bytes:
-        if self.remote:
-            return self.store.read_bytes(rel)
-        with open(os.path.join(self.root, rel), "rb") as f:
-            return f.read()
-
-    def url(self, rel: str) -> str:
-        return f"{self.root}/{rel}" if self.remote else os.path.join(self.root, rel)
+        walked = tree.walk(skip_hidden=True)
+    except StorageError as e:
+        raise DataError(f"cannot list {tree.uri}: {e}") from e
+    return [f"{folder}/{name}" if folder else name for folder, _, names in walked for name in names if _is_image(name)]
 
 
 def _inspect(rel: str, data: bytes) -> Problem | None:
@@ -244,10 +151,10 @@ class _Decoder:
 
 def validate_tree(root: str, *, workers: int = 8, progress: bool = True) -> tuple[list[Problem], int]:
     """Check every image below ``root``; returns (problems sorted by path, number of images checked)."""
-    tree = _Tree(root)
-    images = tree.images()
+    tree = _image_tree(root)
+    images = _images(tree)
     if not images:
-        raise DataError(f"{tree.root} holds no images ({'/'.join(IMAGE_EXTENSIONS)}); give the dataset root or a "
+        raise DataError(f"{tree.uri} holds no images ({'/'.join(IMAGE_EXTENSIONS)}); give the dataset root or a "
                         f"split folder")
     decoder = _Decoder()
     problems: list[Problem] = []
@@ -255,7 +162,7 @@ def validate_tree(root: str, *, workers: int = 8, progress: bool = True) -> tupl
 
     def load(rel: str) -> tuple[str, bytes | None, str]:
         try:
-            return rel, tree.read(rel), ""
+            return rel, tree.read_bytes(rel), ""
         except Exception as e:  # noqa: BLE001 - an unreadable file is a finding, not a crash
             return rel, None, str(e)
 
@@ -314,11 +221,9 @@ def convert_to_rgb_jpeg(data: bytes, *, quality: int = 95) -> bytes:
 def write_list(problems: Iterable[Problem], *, root: str, list_path: str, convert_to: str = "",
                strict: bool = False) -> tuple[int, int]:
     """Write the exclude list (and converted copies); returns (skipped, replaced) counts."""
-    from pipeline.storage import Storage
-
-    tree = _Tree(root)
+    tree = _image_tree(root)
     out_store = Storage(convert_to) if convert_to else None
-    lines = [f"# written by `python -m pipeline.data.validate {tree.root}` on "
+    lines = [f"# written by `python -m pipeline.tools.validate {tree.uri}` on "
              f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}",
              "# <path relative to the root>[<TAB><converted copy>]; use it as --data.exclude_list"]
     skipped = replaced = 0
@@ -326,24 +231,19 @@ def write_list(problems: Iterable[Problem], *, root: str, list_path: str, conver
         if not p.is_error and not convert_to and not strict:
             continue
         if not p.is_error and out_store is not None and not strict:
-            out_store.write_bytes(p.path, convert_to_rgb_jpeg(tree.read(p.path)))
+            out_store.write_bytes(p.path, convert_to_rgb_jpeg(tree.read_bytes(p.path)))
             lines += [f"# {p.kind}: {p.detail}; converted to RGB JPEG", f"{p.path}\t{out_store.url(p.path)}"]
             replaced += 1
             continue
         lines += [f"# {p.kind}: {p.detail}", p.path]
         skipped += 1
-    text = "\n".join(lines) + "\n"
-    if is_url(list_path):
-        parent, name = list_path.rsplit("/", 1)
-        Storage(parent).write_text(name, text)
-    else:
-        folder = os.path.dirname(os.path.abspath(list_path))
-        Storage(folder).write_text(os.path.basename(list_path), text)
+    folder, name = Storage.of_file(list_path)
+    folder.write_text(name, "\n".join(lines) + "\n")
     return skipped, replaced
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.data.validate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m pipeline.tools.validate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", help="dataset root or split folder: a local path or s3://bucket/prefix")
     p.add_argument("--write-list", metavar="LIST", default="", help="write an exclude list for data.exclude_list")
@@ -358,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         problems, total = validate_tree(args.root, workers=args.workers, progress=not args.no_progress)
         for prob in problems:
-            print(f"{'ERROR' if prob.is_error else 'warning'} {prob.kind}: {_Tree(args.root).url(prob.path)}: "
+            print(f"{'ERROR' if prob.is_error else 'warning'} {prob.kind}: {_image_tree(args.root).url(prob.path)}: "
                   f"{prob.detail}")
         errors = sum(prob.is_error for prob in problems)
         print(f"checked {total} images under {args.root}: {errors} error(s), {len(problems) - errors} warning(s)")
@@ -367,14 +267,9 @@ def main(argv: list[str] | None = None) -> int:
                                            convert_to=args.convert_to, strict=args.strict)
             print(f"wrote {args.write_list}: {skipped} skipped, {replaced} replaced; train with "
                   f"--data.exclude_list={args.write_list}")
-    except (DataError, OSError) as e:
+    except (DataError, StorageError, OSError) as e:  # storage errors carry their own explanation
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - storage errors carry their own explanation
-        if type(e).__name__ == "StorageError":
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
     return 1 if errors else 0
 
 

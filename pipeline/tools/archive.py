@@ -9,8 +9,8 @@ sha256 is given) and unpacked into a private temporary folder that is renamed in
 written last, so a reader only ever sees a complete tree, and a second call, from any rank, returns at
 once. A changed archive (another size or mtime) is extracted again.
 
-Without ../shared, ``python -m pipeline.data.cifar10 cifar-10-python.tar.gz OUT`` turns the official download
-into the same tree (PNGs), for ``--data.root=OUT``.
+Training calls it at start-up (``pipeline.data.build.prepare_dataset_root``) when ``data.root`` names an archive;
+:mod:`pipeline.tools.cifar10` writes such a tree from the official CIFAR-10 download.
 """
 
 from __future__ import annotations
@@ -21,21 +21,14 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from .cache import build_once
-from .errors import DataError
+from pipeline.data.cache import build_once
+from pipeline.data.errors import DataError
 
-# ../shared/datasets/cifar10-jpeg.tar.gz (see ../shared/datasets/README.md).
-CIFAR10_SHA256 = "efac85c8ed52f4ead1e1f1b670d8dcf435d551fccebdd8b6365e0a01a504f3a4"
+from .cifar10 import HOW_TO_GET_CIFAR10
+
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _VERSION = 1
 _REPO_ROOT = Path(__file__).resolve().parents[2]
-
-HOW_TO_GET_CIFAR10 = (
-    "CIFAR-10 as JPEGs in class folders is ../shared/datasets/cifar10-jpeg.tar.gz beside the checkout; without it, "
-    "download the python version (cifar-10-python.tar.gz) from https://www.cs.toronto.edu/~kriz/cifar.html, run "
-    "`python -m pipeline.data.cifar10 cifar-10-python.tar.gz data/cifar10` (writes data/cifar10/{train,test}/<class>/"
-    "*.png) and pass --data.root=data/cifar10 --data.root_sha256=''"
-)
 
 
 def is_archive(path: str) -> bool:
@@ -115,48 +108,3 @@ def _unpack(archive: Path, into: Path) -> None:
             if os.path.islink(p) or not (os.path.isfile(p) or os.path.isdir(p)):
                 raise DataError(f"dataset archive {archive} holds {os.path.relpath(p, into)}, a link or special "
                                 f"file; an image dataset has only folders and files, so it is not extracted")
-
-
-# -- CIFAR-10 from the official download ---------------------------------------------------------------------
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-
-def tree_from_python_archive(archive: str, out: str) -> str:
-    """Write the official ``cifar-10-python.tar.gz`` as ``out/{train,test}/<class>/NNNNN.png`` (lossless).
-
-    The batches are numpy pickles (the format the CIFAR page documents); only that archive's own members are
-    unpickled, so pass the file downloaded from https://www.cs.toronto.edu/~kriz/cifar.html."""
-    import pickle
-
-    import numpy as np
-    from PIL import Image
-
-    names = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
-    counts = {"train": [0] * 10, "test": [0] * 10}
-    with tarfile.open(archive) as tar:
-        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-        for split, batches in names.items():
-            for b in batches:
-                if b not in members:
-                    raise DataError(f"{archive} has no {b}: not the python version of CIFAR-10")
-                f = tar.extractfile(members[b])
-                assert f is not None
-                batch = pickle.load(f, encoding="bytes")
-                images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-                for img, label in zip(images, batch[b"labels"]):
-                    folder = Path(out) / split / CIFAR10_CLASSES[label]
-                    folder.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(img).save(folder / f"{counts[split][label]:05d}.png")
-                    counts[split][label] += 1
-    return out
-
-
-if __name__ == "__main__":
-    import sys
-
-    if len(sys.argv) != 3:
-        print("usage: python -m pipeline.data.cifar10 cifar-10-python.tar.gz OUT_DIR\n"
-              "writes OUT_DIR/train/<class>/*.png and OUT_DIR/test/<class>/*.png; then train with\n"
-              "--data.root=OUT_DIR --data.root_sha256=''", file=sys.stderr)
-        sys.exit(2)
-    print(tree_from_python_archive(sys.argv[1], sys.argv[2]))

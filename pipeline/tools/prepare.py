@@ -1,10 +1,10 @@
 """Prepare ImageNet (ILSVRC-2012) from its official archives as an ImageFolder tree, locally or on S3.
 
-    python -m pipeline.data.prepare imagenet \\
+    python -m pipeline.tools.prepare imagenet \\
         --train-tar /archives/ILSVRC2012_img_train.tar --val-tar /archives/ILSVRC2012_img_val.tar \\
         --devkit /archives/ILSVRC2012_devkit_t12.tar.gz --out /datasets/imagenet     # or s3://bucket/imagenet
-    python -m pipeline.data.prepare imagenet --out /datasets/imagenet --verify     # re-check a prepared tree
-    python -m pipeline.data.prepare mean-image /datasets/imagenet                  # (re)compute the mean image
+    python -m pipeline.tools.prepare imagenet --out /datasets/imagenet --verify     # re-check a prepared tree
+    python -m pipeline.tools.prepare mean-image /datasets/imagenet                  # (re)compute the mean image
 
 The tree it writes (the archives may be local files or URLs too)::
 
@@ -31,7 +31,6 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
 import threading
 from collections.abc import Callable
@@ -41,21 +40,18 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError
-from .folder import is_url
+from pipeline.data.errors import DataError
+from pipeline.data.folder import is_url, scan_split
+from pipeline.storage import Storage, StorageError
 
-FORMAT = 1
-MANIFEST = "manifest.json"
+from .ilsvrc import iter_train_classes, iter_val_images, open_input, read_devkit, read_loc_csv
+
+DATASET_FORMAT = 1  # of the dataset manifest and its per-class records (not pipeline.checkpoint's manifests)
+DATASET_MANIFEST = "manifest.json"
 MEAN_IMAGE = "mean_image.npy"
 PARTS = ".manifest"
 STAGING = ".partial"
 SPLITS = ("train", "val")
-
-
-def _storage(url: str):
-    from pipeline.storage import Storage
-
-    return Storage(url)
 
 
 def _digest(files: dict[str, list]) -> str:
@@ -63,16 +59,14 @@ def _digest(files: dict[str, list]) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-class _Tree:
-    """The output tree: where files go, what is already there, and the per-class records."""
+class _PreparedTree:
+    """The tree being prepared: where a class's files go while it is written, what is stored, and the per-class
+    records (``.manifest/<split>/<class>.json``) that mark a class as done."""
 
     def __init__(self, out: str, *, write: bool = False) -> None:
-        from pipeline.storage import StorageError
-
         self.url = out.rstrip("/")
         self.remote = is_url(out)
-        self.store = _storage(self.url)
-        self.local = None if self.remote else self.store.root
+        self.store = Storage(self.url)
         try:
             if write:
                 self.store.check_access(write=True)
@@ -83,8 +77,6 @@ class _Tree:
 
     # -- per-class records ----------------------------------------------------------------------
     def part(self, split: str, cls: str) -> dict[str, Any] | None:
-        from pipeline.storage import StorageError
-
         try:
             return json.loads(self.store.read_text(f"{PARTS}/{split}/{cls}.json"))
         except StorageError as e:
@@ -95,7 +87,7 @@ class _Tree:
             return None  # unreadable: the class is redone
 
     def write_part(self, split: str, cls: str, files: dict[str, list]) -> None:
-        part = {"format": FORMAT, "split": split, "class": cls, "files": files}
+        part = {"format": DATASET_FORMAT, "split": split, "class": cls, "files": files}
         self.store.write_text(f"{PARTS}/{split}/{cls}.json", json.dumps(part, sort_keys=True))
 
     def parts(self, split: str) -> list[str]:
@@ -103,7 +95,11 @@ class _Tree:
 
     def stored(self, split: str, cls: str) -> dict[str, int]:
         """{name: size} of the class folder as stored now."""
-        return {k: v for k, v in self.store.find(f"{split}/{cls}").items() if "/" not in k}
+        return self._files(f"{split}/{cls}")
+
+    def _files(self, folder: str) -> dict[str, int]:
+        # Hidden names are the temporaries of an interrupted atomic write, never images.
+        return {k: v for k, v in self.store.find(folder).items() if "/" not in k and not k.startswith(".")}
 
     def complete(self, split: str, cls: str) -> bool:
         part = self.part(split, cls)
@@ -112,35 +108,22 @@ class _Tree:
         return self.stored(split, cls) == {n: s for n, (s, _) in part["files"].items()}
 
     # -- writing ---------------------------------------------------------------------------------
-    def staging(self, split: str, cls: str) -> str:
-        assert self.local is not None
-        return os.path.join(self.local, STAGING, split, cls)
+    def _writing(self, split: str, cls: str) -> str:
+        # Locally a class is written under .partial/ and renamed into place whole; an object store has no
+        # rename, so objects go to their final place and the class record written last marks it done.
+        return f"{split}/{cls}" if self.remote else f"{STAGING}/{split}/{cls}"
 
     def staged(self, split: str, cls: str) -> dict[str, int]:
         """What an earlier attempt already wrote for this class (for the per-file resume of val)."""
-        if self.remote:
-            return self.stored(split, cls)
-        folder = self.staging(split, cls)
-        if not os.path.isdir(folder):
-            return {}
-        return {e.name: e.stat().st_size for e in os.scandir(folder) if e.is_file() and not e.name.endswith(".tmp")}
+        return self._files(self._writing(split, cls))
 
     def begin(self, split: str, cls: str, *, fresh: bool) -> None:
-        if self.remote:
-            return
-        folder = self.staging(split, cls)
-        if fresh:
-            shutil.rmtree(folder, ignore_errors=True)
-        os.makedirs(folder, exist_ok=True)
+        if fresh and not self.remote:
+            self.store.delete(self._writing(split, cls), recursive=True)
 
     def write(self, split: str, cls: str, name: str, data: bytes) -> None:
-        if self.remote:
-            self.store.write_bytes(f"{split}/{cls}/{name}", data)  # one PUT: an object appears whole
-            return
-        path = os.path.join(self.staging(split, cls), name)
-        with open(path + ".tmp", "wb") as f:
-            f.write(data)
-        os.replace(path + ".tmp", path)  # a file under its final name is always whole (resume trusts it)
+        # Atomic: a file under its final name is always whole (resume trusts it); on S3 one PUT.
+        self.store.write_bytes(f"{self._writing(split, cls)}/{name}", data)
 
     def commit(self, split: str, cls: str, files: dict[str, list]) -> None:
         """Make the class visible, check it against ``files`` and record it."""
@@ -148,11 +131,9 @@ class _Tree:
             for extra in sorted(set(self.stored(split, cls)) - set(files)):
                 self.store.delete(f"{split}/{cls}/{extra}")  # left by another archive: it would be trained on
         else:
-            final = os.path.join(self.local, split, cls)
-            if os.path.exists(final):
-                shutil.rmtree(final)  # complete but unrecorded (interrupted right after the rename)
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.replace(self.staging(split, cls), final)
+            # A complete but unrecorded class (interrupted right after the rename) is replaced.
+            self.store.delete(f"{split}/{cls}", recursive=True)
+            self.store.rename(self._writing(split, cls), f"{split}/{cls}")
         stored = self.stored(split, cls)
         expected = {n: s for n, (s, _) in files.items()}
         if stored != expected:
@@ -211,8 +192,6 @@ class _NoBar:
 
 
 def _size_of(path: str) -> int:
-    from .imagenet import open_input
-
     with open_input(path) as (_, size):
         return size
 
@@ -221,10 +200,8 @@ def _size_of(path: str) -> int:
 # The splits
 
 
-def _prepare_train(tree: _Tree, train_tar: str, writer: _Writer, *, progress: bool) -> tuple[int, int]:
+def _prepare_train(tree: _PreparedTree, train_tar: str, writer: _Writer, *, progress: bool) -> tuple[int, int]:
     """Returns (classes written, classes skipped as already complete)."""
-    from .imagenet import iter_train_classes
-
     bar = _progress(_size_of(train_tar), progress, "train")
     written = skipped = 0
     try:
@@ -249,10 +226,8 @@ def _prepare_train(tree: _Tree, train_tar: str, writer: _Writer, *, progress: bo
     return written, skipped
 
 
-def _prepare_val(tree: _Tree, val_tar: str, labels: dict[str, str], writer: _Writer, *,
+def _prepare_val(tree: _PreparedTree, val_tar: str, labels: dict[str, str], writer: _Writer, *,
                  progress: bool) -> tuple[int, int]:
-    from .imagenet import iter_val_images
-
     classes = sorted(set(labels.values()))
     done = {c for c in classes if tree.complete("val", c)}
     if len(done) == len(classes):
@@ -296,8 +271,6 @@ def _names_seen(files: dict[str, dict[str, list]], done: set[str], labels: dict[
 
 
 def _val_labels(devkit: str, val_labels: str) -> dict[str, str]:
-    from .imagenet import read_devkit, read_loc_csv
-
     if devkit and val_labels:
         raise DataError("give the validation labels once: --devkit ILSVRC2012_devkit_t12.tar.gz or --val-labels "
                         "LOC_val_solution.csv, not both")
@@ -313,9 +286,9 @@ def _val_labels(devkit: str, val_labels: str) -> dict[str, str]:
 # Manifest
 
 
-def build_manifest(tree_url: str, *, mean_image: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_dataset_manifest(tree_url: str, *, mean_image: dict[str, Any] | None = None) -> dict[str, Any]:
     """Summarise every class record of the tree; raise if the splits' classes disagree."""
-    tree = _Tree(tree_url)
+    tree = _PreparedTree(tree_url)
     splits: dict[str, Any] = {}
     for split in SPLITS:
         classes = {}
@@ -334,32 +307,31 @@ def build_manifest(tree_url: str, *, mean_image: dict[str, Any] | None = None) -
         raise DataError(f"{tree_url}: the training and validation classes differ (only in train: "
                         f"{', '.join(only_train[:5]) or 'none'}; only in val: {', '.join(only_val[:5]) or 'none'}): "
                         f"the archives and the labels are not from the same release")
-    manifest: dict[str, Any] = {"format": FORMAT, "dataset": "ILSVRC2012",
+    manifest: dict[str, Any] = {"format": DATASET_FORMAT, "dataset": "ILSVRC2012",
                                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "splits": splits}
     if mean_image:
         manifest["mean_image"] = mean_image
     return manifest
 
 
-def read_manifest(tree_url: str) -> dict[str, Any]:
-    from pipeline.storage import StorageError
-
+def read_dataset_manifest(tree_url: str) -> dict[str, Any]:
     try:
-        return json.loads(_storage(tree_url).read_text(MANIFEST))
+        return json.loads(Storage(tree_url).read_text(DATASET_MANIFEST))
     except StorageError as e:
         if e.kind == "not_found":
-            raise DataError(f"{tree_url} has no {MANIFEST}: it was not written by pipeline.data.prepare, or the "
-                            f"preparation did not finish (run the same prepare command again to resume)") from e
-        raise DataError(f"cannot read {tree_url}/{MANIFEST}: {e}") from e
+            raise DataError(f"{tree_url} has no {DATASET_MANIFEST}: it was not written by pipeline.tools.prepare, or "
+                            f"the preparation did not finish (run the same prepare command again to resume)") from e
+        raise DataError(f"cannot read {tree_url}/{DATASET_MANIFEST}: {e}") from e
     except ValueError as e:
-        raise DataError(f"{tree_url}/{MANIFEST} is not valid JSON ({e}); run prepare again to rewrite it") from e
+        raise DataError(f"{tree_url}/{DATASET_MANIFEST} is not valid JSON ({e}); run prepare again to rewrite "
+                        f"it") from e
 
 
 def verify_tree(tree_url: str, *, workers: int = 8, progress: bool = True) -> list[str]:
     """Re-check a prepared tree against its manifest: every class record, every file's presence, size
     and sha256. Returns the problems found, each naming the file; [] when the tree is intact."""
-    tree = _Tree(tree_url)
-    manifest = read_manifest(tree_url)
+    tree = _PreparedTree(tree_url)
+    manifest = read_dataset_manifest(tree_url)
     problems: list[str] = []
     to_hash: list[tuple[str, str, int, str]] = []  # (split, rel, size, sha256)
     for split, info in manifest.get("splits", {}).items():
@@ -370,7 +342,7 @@ def verify_tree(tree_url: str, *, workers: int = 8, progress: bool = True) -> li
                 problems.append(f"{where}: its record {PARTS}/{split}/{cls}.json is missing or unreadable")
                 continue
             if _digest(part["files"]) != summary["sha256"]:
-                problems.append(f"{where}: its record {PARTS}/{split}/{cls}.json does not match {MANIFEST}")
+                problems.append(f"{where}: its record {PARTS}/{split}/{cls}.json does not match {DATASET_MANIFEST}")
             stored = tree.stored(split, cls)
             for name, (size, sha) in sorted(part["files"].items()):
                 rel = f"{split}/{cls}/{name}"
@@ -411,8 +383,6 @@ def compute_mean_image(tree_url: str, *, size: int = 224, resize: int = 256, sam
     spread evenly across the classes (the first files of each class, so the result is reproducible)."""
     from PIL import Image
 
-    from .folder import scan_split
-
     root = tree_url.rstrip("/")
     split_path = f"{root}/{split}" if is_url(root) else os.path.join(root, split)
     index = scan_split(split_path)
@@ -425,12 +395,8 @@ def compute_mean_image(tree_url: str, *, size: int = 224, resize: int = 256, sam
             chosen.append(path)
 
     def load(path: str) -> np.ndarray:
-        if is_url(path):
-            parent, name = path.rsplit("/", 1)
-            data = _storage(parent).read_bytes(name)
-        else:
-            with open(path, "rb") as f:
-                data = f.read()
+        folder, name = Storage.of_file(path)
+        data = folder.read_bytes(name)
         with Image.open(io.BytesIO(data)) as im:
             im = im.convert("RGB")
             w, h = im.size
@@ -462,7 +428,7 @@ def write_mean_image(tree_url: str, *, size: int = 224, resize: int = 256, sampl
                                  progress=progress)
     buf = io.BytesIO()
     np.save(buf, mean, allow_pickle=False)
-    _storage(tree_url).write_bytes(MEAN_IMAGE, buf.getvalue())
+    Storage(tree_url).write_bytes(MEAN_IMAGE, buf.getvalue())
     return {"file": MEAN_IMAGE, "size": size, "resize": resize, "samples": n,
             "channel_mean": [round(float(v), 3) for v in mean.mean(axis=(0, 1))]}
 
@@ -478,7 +444,7 @@ def prepare_imagenet(out: str, *, train_tar: str = "", val_tar: str = "", devkit
     if not (train_tar or val_tar):
         raise DataError("nothing to prepare: give --train-tar and/or --val-tar (or --verify to check an existing tree)")
     labels = _val_labels(devkit, val_labels) if val_tar else None  # bad labels fail before any writing
-    tree = _Tree(out, write=True)
+    tree = _PreparedTree(out, write=True)
     writer = _Writer(workers)
     report = []
     train_written = 0
@@ -492,16 +458,15 @@ def prepare_imagenet(out: str, *, train_tar: str = "", val_tar: str = "", devkit
             report.append(f"val: {written} classes written, {skipped} already complete")
     finally:
         writer.close()
-    if not tree.remote:
-        shutil.rmtree(os.path.join(tree.local, STAGING), ignore_errors=True)
+    tree.store.delete(STAGING, recursive=True)
     previous = _previous_mean(tree.url)
     mean_info = previous
     stale = previous is None or (previous.get("size"), previous.get("resize")) != (image_size, resize)
     if mean_samples > 0 and train_tar and (stale or train_written):
         mean_info = write_mean_image(tree.url, size=image_size, resize=resize, samples=mean_samples, workers=workers,
                                      progress=progress)
-    manifest = build_manifest(tree.url, mean_image=mean_info)
-    tree.store.write_text(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+    manifest = build_dataset_manifest(tree.url, mean_image=mean_info)
+    tree.store.write_text(DATASET_MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     for line in report:
         print(line, file=sys.stderr)
     return manifest
@@ -509,13 +474,13 @@ def prepare_imagenet(out: str, *, train_tar: str = "", val_tar: str = "", devkit
 
 def _previous_mean(tree_url: str) -> dict[str, Any] | None:
     try:
-        return read_manifest(tree_url).get("mean_image")
+        return read_dataset_manifest(tree_url).get("mean_image")
     except DataError:
         return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.data.prepare", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m pipeline.tools.prepare", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     im = sub.add_parser("imagenet", help="ILSVRC-2012 archives -> ImageFolder tree (or --verify a tree)")
@@ -537,16 +502,14 @@ def main(argv: list[str] | None = None) -> int:
     mi.add_argument("--workers", type=int, default=8)
     mi.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    from pipeline.storage import StorageError
-
     try:
         if args.command == "mean-image":
             info = write_mean_image(args.root, size=args.size, resize=args.resize, samples=args.samples,
                                     workers=args.workers, progress=not args.no_progress)
             try:
-                manifest = read_manifest(args.root)
+                manifest = read_dataset_manifest(args.root)
                 manifest["mean_image"] = info
-                _storage(args.root).write_text(MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+                Storage(args.root).write_text(DATASET_MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
             except DataError:
                 pass  # a tree not written by prepare: the .npy alone is what training reads
             print(f"wrote {args.root.rstrip('/')}/{MEAN_IMAGE} from {info['samples']} images "
@@ -569,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.out}: {len(problems)} problem(s); run the prepare command again to rewrite the "
                       f"classes concerned (delete their {PARTS}/<split>/<class>.json first)", file=sys.stderr)
                 return 1
-            print(f"{args.out}: every file matches {MANIFEST}")
+            print(f"{args.out}: every file matches {DATASET_MANIFEST}")
     except (DataError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,12 +20,13 @@ import pytest
 
 from pipeline.config import DataConfig
 from pipeline.data import DataError, prepare_dataset_root
-from pipeline.data import cifar10 as archives
+from pipeline.tools import archive as archives
+from pipeline.tools import cifar10
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 needs_cifar = pytest.mark.skipif(not SHARED_ARCHIVE.is_file(), reason=f"the real CIFAR-10 archive is not at "
-                                 f"{SHARED_ARCHIVE} (a fresh clone has no ../shared); see pipeline/data/cifar10.py")
+                                 f"{SHARED_ARCHIVE} (a fresh clone has no ../shared); see pipeline/tools/cifar10.py")
 
 
 def make_archive(path: Path, files: dict[str, bytes], *, top: str = "ds") -> str:
@@ -168,7 +169,7 @@ def test_official_python_download_becomes_an_image_tree(tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     out = tmp_path / "tree"
-    archives.tree_from_python_archive(str(tmp_path / "cifar-10-python.tar.gz"), str(out))
+    cifar10.tree_from_python_archive(str(tmp_path / "cifar-10-python.tar.gz"), str(out))
     assert sorted(os.listdir(out / "train")) == ["airplane", "truck"]
     assert len(os.listdir(out / "train" / "airplane")) == 10 and len(os.listdir(out / "test" / "truck")) == 1
     first = np.asarray(Image.open(out / "train" / "airplane" / "00000.png"))
@@ -179,7 +180,7 @@ def test_official_python_download_becomes_an_image_tree(tmp_path):
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory) -> str:
     cache = tmp_path_factory.mktemp("cifar-cache")
-    return archives.extract_archive(str(SHARED_ARCHIVE), cache_dir=str(cache), sha256=archives.CIFAR10_SHA256)
+    return archives.extract_archive(str(SHARED_ARCHIVE), cache_dir=str(cache), sha256=cifar10.CIFAR10_SHA256)
 
 
 @needs_cifar

@@ -9,7 +9,8 @@
   (``ImageId,PredictionString``, the first token of PredictionString being the WNID).
 
 Archives are read with ``tarfile`` in stream mode (``r|``): one sequential pass, one image in memory
-at a time, from a local file or an object-store URL (through :mod:`pipeline.storage`).
+at a time, from a local file or an object-store URL (through :mod:`pipeline.storage`). Used by
+:mod:`pipeline.tools.prepare`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import contextlib
 import csv
 import gzip
 import io
-import os
 import posixpath
 import re
 import tarfile
@@ -26,8 +26,8 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import IO, TypeVar
 
-from .errors import DataError
-from .folder import is_url
+from pipeline.data.errors import DataError
+from pipeline.storage import Storage, StorageError
 
 WNID = re.compile(r"^n\d{8}$")
 VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})\.JPEG$")
@@ -42,22 +42,21 @@ _T = TypeVar("_T")
 @contextlib.contextmanager
 def open_input(path: str) -> Iterator[tuple[IO[bytes], int]]:
     """A binary stream over a local file or URL, and its size in bytes (for progress)."""
-    if is_url(path):
-        from pipeline.storage import Storage, StorageError
-
-        parent, name = path.rstrip("/").rsplit("/", 1)
-        store = Storage(parent)
+    store, name = Storage.of_file(path)
+    try:
+        size = store.size(name)
+    except StorageError as e:
+        if e.kind == "not_found":
+            raise DataError(f"{path} does not exist (or is not a file); give the path or URL of the archive") from e
+        raise DataError(f"cannot read {path}: {e}") from e
+    with contextlib.ExitStack() as stack:
+        f = stack.enter_context(store.open(name))
         try:
-            size = store.size(name)
-        except StorageError as e:
-            raise DataError(f"cannot read {path}: {e}") from e
-        with store.open(name) as f:
             yield f, size
-        return
-    if not os.path.isfile(path):
-        raise DataError(f"{path} does not exist (or is not a file); give the path or URL of the archive")
-    with open(path, "rb") as f:
-        yield f, os.path.getsize(path)
+        finally:
+            # Closed without the caller's exception: Storage.open would turn a damaged archive's TarError (or a
+            # DataError of the caller) into a StorageError about opening the file.
+            stack.close()
 
 
 def _damaged(path: str, e: BaseException) -> DataError:

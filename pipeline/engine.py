@@ -1,6 +1,6 @@
 """DeepSpeed engine construction: optimizer param groups, the DeepSpeed config dict, precision.
 
-Facts that shaped this (measured on one H100, ResNet-50, see ../shared/README.md):
+Facts that shaped this (measured on one H100, ResNet-50, recorded in benchmarks/RESULTS.md):
 - bf16 goes through DeepSpeed's ``torch_autocast`` section (fp32 master weights): 3,496 img/s, versus
   2,170 img/s for the ``bf16`` section (bf16 weights) and 2,300 img/s for an outer torch.autocast,
   which the engine silently disables.

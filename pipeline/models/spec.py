@@ -72,7 +72,7 @@ class ModelSpec:
     num_classes: int = 1000
 
     def __post_init__(self) -> None:
-        # Lists from YAML/JSON configs are accepted but stored as tuples so the
+        # Lists from TOML configs are accepted but stored as tuples so the
         # spec stays hashable and comparable.
         object.__setattr__(self, "layers", tuple(self.layers))
         object.__setattr__(self, "widths", tuple(self.widths))

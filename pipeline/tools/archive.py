@@ -36,7 +36,7 @@ def is_archive(path: str) -> bool:
 
 
 def resolve_archive(path: str) -> Path:
-    """``path`` as given, else relative to the repository (configs name ``../shared/...`` from there)."""
+    """``path`` as given, else relative to the repository (configs name their archives relative to the checkout)."""
     p = Path(path).expanduser()
     if p.is_file() or p.is_absolute():
         return p

@@ -2,8 +2,8 @@
 
     python -m pipeline.tools.cifar10 cifar-10-python.tar.gz OUT     # OUT/{train,test}/<class>/NNNNN.png
 
-for ``--data.root=OUT`` when ../shared/datasets/cifar10-jpeg.tar.gz (extracted by :mod:`pipeline.tools.archive`)
-is not at hand.
+for ``--data.root=OUT`` when the CIFAR-10 JPEG archive that the configs name (extracted by
+:mod:`pipeline.tools.archive`) is not at hand.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from pathlib import Path
 from pipeline.data.errors import DataError
 from pipeline.storage import Storage
 
-# ../shared/datasets/cifar10-jpeg.tar.gz (see ../shared/datasets/README.md).
+# sha256 of cifar10-jpeg.tar.gz, the CIFAR-10 JPEG archive (class folders) that configs/cifar10 names.
 CIFAR10_SHA256 = "efac85c8ed52f4ead1e1f1b670d8dcf435d551fccebdd8b6365e0a01a504f3a4"
 HOW_TO_GET_CIFAR10 = (
-    "CIFAR-10 as JPEGs in class folders is ../shared/datasets/cifar10-jpeg.tar.gz beside the checkout; without it, "
-    "download the python version (cifar-10-python.tar.gz) from https://www.cs.toronto.edu/~kriz/cifar.html, run "
+    "the configs in configs/cifar10 read the CIFAR-10 JPEG archive cifar10-jpeg.tar.gz (class folders) at data.root; "
+    "without it, download the python version (cifar-10-python.tar.gz) from https://www.cs.toronto.edu/~kriz/cifar.html, run "
     "`python -m pipeline.tools.cifar10 cifar-10-python.tar.gz data/cifar10` (writes data/cifar10/{train,test}/<class>/"
     "*.png) and pass --data.root=data/cifar10 --data.root_sha256=''"
 )

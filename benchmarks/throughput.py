@@ -1,10 +1,10 @@
 """Training throughput of the project's step (DeepSpeed engine + Trainer.train_step) against plain PyTorch.
 
-For each model and data source it builds the real pieces (``build_source``, ``build_engine``,
-``Trainer``), runs warm-up steps (compilation included) and then timed steps of ``Trainer.train_step``,
-and prints one JSON line per configuration: images/s, step time, the share of wall time spent waiting
-for data, peak memory, and model FLOP utilisation against a matmul peak measured in the same process
-(bf16 on a GPU, fp32 on the CPU). In the same process it times a hand-written PyTorch reference step
+For each model and data source it builds the real pieces as training does (a TrainConfig through
+``pipeline.wiring.build_run``), runs warm-up steps (compilation included) and then timed steps of
+``Trainer.train_step``, and prints one JSON line per configuration: images/s, step time, the share of wall
+time spent waiting for data, peak memory, and model FLOP utilisation against a matmul peak measured in the
+same process (bf16 on a GPU, fp32 on the CPU). In the same process it times a hand-written PyTorch reference step
 (same model and precision, channels_last, fused SGD with momentum, optionally compiled, synthetic data),
 so every row carries its ratio to the reference from the same machine and minute.
 
@@ -47,8 +47,8 @@ if __package__ in (None, ""):  # `python benchmarks/throughput.py`
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import (DataConfig, DistributedConfig, OptimConfig, PrecisionConfig, ScheduleConfig, TrackingConfig,
-                             TrainConfig, load_config)
+from pipeline.config import (DataConfig, DistributedConfig, OptimConfig, PrecisionConfig, ScheduleConfig,
+                             TrackingConfig, TrainConfig, load_config)
 from pipeline.engine import FastPath, resolve_fast_path
 
 if TYPE_CHECKING:

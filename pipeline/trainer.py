@@ -3,6 +3,9 @@
 The loop avoids host synchronisation: losses and hits accumulate on the device and are reduced across
 ranks every ``log_every`` steps. That reduction is also where ranks agree on stop requests and
 non-finite losses, so every rank takes the same branch and no collective is left waiting.
+
+The trainer counts optimizer steps only; which epoch and which batch of it the run is at is the
+training source's :attr:`~pipeline.data.source.DataSource.position`, saved and restored with the source.
 """
 
 from __future__ import annotations

@@ -110,7 +110,8 @@ def test_resume_from_a_save_at_an_epoch_end_continues_like_the_uninterrupted_run
     (the plateau schedule's state depends on it), and its history and weights are the uninterrupted run's."""
     import torch
 
-    common = ["--data.in_memory=true", "--data.batch_size=128", "--log_every=2", "--schedule.kind=plateau",
+    # log_every=1: a log row averages the steps since the previous log, and a resumed run has only its own.
+    common = ["--data.in_memory=true", "--data.batch_size=128", "--log_every=1", "--schedule.kind=plateau",
               "--schedule.plateau_patience=1", "--schedule.max_steps=14", "--checkpoint.every_steps=1",
               "--checkpoint.keep_last=20", f"--checkpoint.uri={tmp_path}/ckpt",
               f"--data.cache_dir={ROOT / '.cache/datasets'}", *SHORT]

@@ -1,10 +1,10 @@
 """Training throughput of the project's step (DeepSpeed engine + Trainer.train_step) against plain PyTorch.
 
-For each model and data source it builds the real pieces (``build_source``, ``build_engine``,
-``Trainer``), runs warm-up steps (compilation included) and then timed steps of ``Trainer.train_step``,
-and prints one JSON line per configuration: images/s, step time, the share of wall time spent waiting
-for data, peak memory, and model FLOP utilisation against a matmul peak measured in the same process
-(bf16 on a GPU, fp32 on the CPU). In the same process it times a hand-written PyTorch reference step
+For each model and data source it builds the real pieces as training does (a TrainConfig through
+``pipeline.wiring.build_run``), runs warm-up steps (compilation included) and then timed steps of
+``Trainer.train_step``, and prints one JSON line per configuration: images/s, step time, the share of wall
+time spent waiting for data, peak memory, and model FLOP utilisation against a matmul peak measured in the
+same process (bf16 on a GPU, fp32 on the CPU). In the same process it times a hand-written PyTorch reference step
 (same model and precision, channels_last, fused SGD with momentum, optionally compiled, synthetic data),
 so every row carries its ratio to the reference from the same machine and minute.
 
@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 if __package__ in (None, ""):  # `python benchmarks/throughput.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -47,8 +47,13 @@ if __package__ in (None, ""):  # `python benchmarks/throughput.py`
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import DataConfig, DistributedConfig, OptimConfig, PrecisionConfig, TrainConfig, load_config
+from pipeline.config import (DataConfig, DistributedConfig, OptimConfig, PrecisionConfig, ScheduleConfig,
+                             TrackingConfig, TrainConfig, load_config)
 from pipeline.engine import FastPath, resolve_fast_path
+
+if TYPE_CHECKING:
+    from pipeline.distributed import DistEnv
+    from pipeline.trainer import Trainer
 
 PROCESS_START = time.time()  # the probe reports how long start-up (imports, data, engine) took
 
@@ -137,16 +142,14 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-# -- data --------------------------------------------------------------------------------------------------
-def build_data(case: Case, args: argparse.Namespace, device: torch.device, *, split: str = "train"):
-    """The data source of ``case`` through the project's own builders (DaliSource, SyntheticSource...)."""
-    from pipeline.data import build_source, prepare_dataset_root
-
+# -- what one configuration trains --------------------------------------------------------------------------------
+def bench_config(case: Case, args: argparse.Namespace) -> TrainConfig:
+    """The training config of ``case``: a --config file as it is, or one built from the command line. Either way
+    nothing is tracked, and the lr is constant (the benchmark's steps never reach a schedule's milestones)."""
     if case.cfg is not None:
         cfg = case.cfg
-        root = prepare_dataset_root(cfg.data)
-        return build_source(cfg.data, split=split, rank=0, world_size=1, device=device,  # type: ignore[arg-type]
-                            seed=cfg.seed, num_classes=cfg.model.num_classes, root=root)
+        return replace(cfg, progress=False, schedule=ScheduleConfig(kind="constant"),
+                       tracking=replace(cfg.tracking, enabled=False))
     style = "cifar" if case.model.startswith("cifar_") else "imagenet"
     # The project's ImageNet recipes: "paper" (configs/imagenet: shorter side in [256, 480], crop, PCA lighting
     # 0.1) or "rrc" (configs/imagenet/modern: random-resized crop, no lighting).
@@ -155,9 +158,7 @@ def build_data(case: Case, args: argparse.Namespace, device: torch.device, *, sp
                       synthetic_batches=64, augment=case.augment,  # type: ignore[arg-type]
                       lighting=0.1 if case.augment == "paper" else 0.0,
                       scale=[max(256, case.image_size), max(480, case.image_size)])
-    if case.data == "synthetic":
-        return build_source(data, split="train", rank=0, world_size=1, device=device, seed=0,
-                            num_classes=args.num_classes)
+    num_classes = args.num_classes
     if case.data.startswith(("folder:", "s3://")):
         from pipeline.data.folder import list_classes
 
@@ -167,9 +168,24 @@ def build_data(case: Case, args: argparse.Namespace, device: torch.device, *, sp
         # Only train/ is needed (val_dir = train); the class count is the tree's, so any tree works.
         data = replace(data, source="folder", root=root, val_dir="train")
         train = root.rstrip("/") + "/train" if root.startswith("s3://") else os.path.join(root, "train")
-        return build_source(data, split="train", rank=0, world_size=1, device=device, seed=0,
-                            num_classes=len(list_classes(train)))
-    raise ValueError(f"--data {case.data!r}: use synthetic, folder:DIR or s3://bucket/prefix")
+        num_classes = len(list_classes(train))
+    elif case.data != "synthetic":
+        raise ValueError(f"--data {case.data!r}: use synthetic, folder:DIR or s3://bucket/prefix")
+    model = replace(TrainConfig().model, name=case.model, num_classes=num_classes, channels_last=args.channels_last,
+                    compile=case.compile, compile_mode=args.compile_mode, compile_backend=args.compile_backend)
+    return TrainConfig(name=f"bench-{case.model}", progress=False, model=model, data=data,
+                       optim=OptimConfig(lr=0.1, reference_batch=256), schedule=ScheduleConfig(kind="constant"),
+                       precision=PrecisionConfig(dtype=args.precision), distributed=DistributedConfig(),
+                       tracking=TrackingConfig(enabled=False))
+
+
+def build_data(case: Case, args: argparse.Namespace, device: torch.device):
+    """The training source of ``case`` alone (--pipeline-only: no engine, no process group)."""
+    from pipeline.data import build_source, prepare_dataset_root
+
+    cfg = bench_config(case, args)
+    return build_source(cfg.data, split="train", rank=0, world_size=1, device=device, seed=cfg.seed,
+                        num_classes=cfg.model.num_classes, root=prepare_dataset_root(cfg.data))
 
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -202,34 +218,14 @@ class Endless:
 
 
 # -- the project's step ---------------------------------------------------------------------------------------
-def build_trainer(case: Case, args: argparse.Namespace, device: torch.device, source, val_source=None):
-    from pipeline.config import ScheduleConfig
-    from pipeline.engine import build_engine
-    from pipeline.models import build_model
-    from pipeline.schedule import LRSchedule, scaled_lr
-    from pipeline.trainer import Trainer
+def build_trainer(case: Case, args: argparse.Namespace, env: DistEnv, *, evaluation: bool = False) -> Trainer:
+    """The DeepSpeed trainer of ``case``, wired by pipeline.wiring.build_run exactly as pipeline.train wires it.
 
-    if case.cfg is not None:
-        cfg = case.cfg
-        model_cfg, optim, precision, distributed = cfg.model, cfg.optim, cfg.precision, cfg.distributed
-    else:
-        model_cfg = replace(TrainConfig().model, name=case.model, num_classes=source.num_classes,
-                            channels_last=args.channels_last, compile=case.compile, compile_mode=args.compile_mode,
-                            compile_backend=args.compile_backend)
-        optim = OptimConfig(lr=0.1, reference_batch=256)
-        precision = PrecisionConfig(dtype=args.precision)
-        distributed = DistributedConfig()
-    lr = scaled_lr(optim.lr, reference_batch=optim.reference_batch, global_batch=case.batch)
-    model = build_model(model_cfg.name, num_classes=model_cfg.num_classes, **model_cfg.overrides())
-    engine = build_engine(model, optim=optim, precision=precision, distributed=distributed, lr=lr,
-                          micro_batch=case.batch, world_size=1, device=device, channels_last=model_cfg.channels_last,
-                          compile=model_cfg.compile, compile_mode=model_cfg.compile_mode,
-                          compile_backend=model_cfg.compile_backend)
-    schedule = LRSchedule(ScheduleConfig(kind="constant"), base_lr=lr, steps_per_epoch=len(source))
-    # log_every is out of reach: the benchmark's steps, like training's between logs, never sync the host.
-    return Trainer(engine=engine, train_source=source, val_source=val_source or source, schedule=schedule,
-                   total_steps=2**62,
-                   rank=0, world_size=1, device=device, log_every=2**62, progress=False)
+    Only ``train_step`` (and in the probe ``evaluate``) is timed, never ``fit``: no checkpointer is built, and
+    without ``evaluation`` the validation source is the training one."""
+    from pipeline.wiring import build_run
+
+    return build_run(bench_config(case, args), env=env, checkpointing=False, evaluation=evaluation).trainer
 
 
 def count_host_syncs(step, batches, device: torch.device, steps: int = 3) -> int | None:
@@ -318,9 +314,10 @@ def reference_step(case: Case, fast: FastPath, device: torch.device, *, compiled
 
 # -- one configuration -------------------------------------------------------------------------------------------
 class Bench:
-    def __init__(self, args: argparse.Namespace, device: torch.device) -> None:
+    def __init__(self, args: argparse.Namespace, device: torch.device, dist_env: DistEnv | None = None) -> None:
         self.args = args
         self.device = device
+        self.dist_env = dist_env  # pipeline.distributed's DistEnv; None with --pipeline-only (no process group)
         self.env = environment(device)
         self.peak: dict[str, Any] = {}
         self.refs: dict[tuple, dict[str, float]] = {}  # (model, batch, size) -> {"eager": img/s, "compiled": ...}
@@ -391,9 +388,8 @@ class Bench:
             base["augment"] = case.augment
         try:
             self._fresh_compile_state(case.model)
-            source = build_data(case, a, self.device)
-            val = build_data(case, a, self.device, split="val") if a.probe_dir and case.cfg is not None else None
-            trainer = build_trainer(case, a, self.device, source, val)
+            trainer = build_trainer(case, a, self.dist_env, evaluation=bool(a.probe_dir) and case.cfg is not None)
+            source = trainer.train_source
             fast: FastPath = trainer.engine.fast_path
             base.update(compile=fast.compile, compile_mode=fast.compile_mode if fast.compile != "off" else "",
                         dtype=fast.dtype, channels_last=fast.channels_last, fused_sgd=fast.fused_sgd,
@@ -683,11 +679,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks: read_env picks CUDA whenever it sees a GPU
+    dist_env = None
     if args.pipeline_only:
         # No engine, so no process group (and no DeepSpeed start-up).
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     else:
-        device = init_distributed(DistributedConfig()).device
+        dist_env = init_distributed(DistributedConfig())
+        device = dist_env.device
     import torch._dynamo as dynamo
 
     # One process compiles several engines of one network (reference, module, engine); the default limit
@@ -698,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and device.type != "cuda":
         print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
-    bench = Bench(args, device)
+    bench = Bench(args, device, dist_env)
     cases = _cases(args)
     if not args.no_matmul and not args.pipeline_only and not args.probe_dir:
         bench.matmul()

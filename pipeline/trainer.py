@@ -3,6 +3,9 @@
 The loop avoids host synchronisation: losses and hits accumulate on the device and are reduced across
 ranks every ``log_every`` steps. That reduction is also where ranks agree on stop requests and
 non-finite losses, so every rank takes the same branch and no collective is left waiting.
+
+The trainer counts optimizer steps only; which epoch and which batch of it the run is at is the
+training source's :attr:`~pipeline.data.source.DataSource.position`, saved and restored with the source.
 """
 
 from __future__ import annotations
@@ -74,15 +77,16 @@ class Trainer:
         self.on_log = on_log
         self.grad_accum = engine.gradient_accumulation_steps()
         self.steps_per_epoch = max(1, len(train_source) // self.grad_accum)
-        self.step = 0  # optimizer steps taken
-        self.epoch = 0  # completed epochs
-        self.micro_in_epoch = 0  # micro-batches consumed in the current epoch
+        self.step = 0  # optimizer steps taken; the epoch and batch within it are the train source's position
         self._buffers_synced_at = -1  # the step whose BN buffers were last averaged over ranks
         self.history: list[dict[str, float]] = []
         self._sums = MetricSums(device)
         self._wait = 0.0
         self._busy = 0.0
         self._images = 0
+        self._mark = 0.0  # when the current step's time started counting
+        self._epoch_batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._last_val: dict[str, float] = {}
         self._bar: Any = None
 
     # ---------------------------------------------------------------------------------------------
@@ -140,10 +144,18 @@ class Trainer:
         return {f"val_{k}": v for k, v in out.items() if k != "count"}
 
     # ---------------------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """Epochs completed, as the training source counts them (it owns the data position)."""
+        return self.train_source.position[0]
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's share of a resume: counters, schedule, data position and every RNG."""
+        epoch, micro_in_epoch = self.train_source.position
         return {
-            "step": self.step, "epoch": self.epoch, "micro_in_epoch": self.micro_in_epoch,
+            # "epoch" and "micro_in_epoch" repeat the data position for a resume on another number of ranks,
+            # where the data state cannot be loaded (and for readers of older checkpoints).
+            "step": self.step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
             "world_size": self.world_size, "schedule": self.schedule.state_dict(),
             "data": self.train_source.state_dict(), "history": self.history if self.rank == 0 else [],
             "tracking_run_id": self.tracker.run_id,
@@ -153,12 +165,12 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.epoch, self.micro_in_epoch = state["step"], state["epoch"], state["micro_in_epoch"]
+        self.step = state["step"]
         self._buffers_synced_at = self.step  # a checkpoint's buffers were averaged when it was saved
         self.schedule.load_state_dict(state["schedule"])
         self.history = list(state.get("history", []))
         if state["world_size"] == self.world_size:
-            self.train_source.load_state_dict(state["data"])
+            self.train_source.load_state_dict(state["data"])  # the exact position, epoch included
             rng = state["rng"]
             random.setstate(rng["python"])
             np.random.set_state(rng["numpy"])
@@ -170,20 +182,24 @@ class Trainer:
             if self.rank == 0:
                 log.warning("resuming on %d ranks from a checkpoint written by %d: the data order restarts "
                             "epoch %d (%d micro-batches of it were already seen)", self.world_size,
-                            state["world_size"], self.epoch, self.micro_in_epoch)
-            self.micro_in_epoch = 0
+                            state["world_size"], state["epoch"], state["micro_in_epoch"])
+            self.train_source.start_epoch(state["epoch"])
 
     # ---------------------------------------------------------------------------------------------
-    def _timed_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        it = iter(self.train_source)
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next micro-batch, from the next epoch once the current one is used up; the wait is timed."""
+        t0 = time.perf_counter()
         while True:
-            t0 = time.perf_counter()
+            if self._epoch_batches is None:
+                # One iter() per epoch: it yields the rest of the source's current epoch.
+                self._epoch_batches = iter(self.train_source)
             try:
-                batch = next(it)
+                batch = next(self._epoch_batches)
+                break
             except StopIteration:
-                return
-            self._wait += time.perf_counter() - t0
-            yield batch
+                self._epoch_batches = None
+        self._wait += time.perf_counter() - t0
+        return batch
 
     def _log(self, *, final: bool = False) -> bool:
         """Reduce metrics across ranks; returns True when the ranks agree to stop. A collective call."""
@@ -197,7 +213,8 @@ class Trainer:
                 f"training loss became {m['loss']} at step {self.step} (epoch {self.epoch}); lower --optim.lr "
                 f"(now {self.schedule.lr(self.step):g}), add warm-up (--schedule.warmup), or enable "
                 f"--optim.grad_clip; the last committed checkpoint is kept")
-        row = {"step": self.step, "epoch": self.epoch + self.micro_in_epoch / max(1, len(self.train_source)),
+        epoch, batch = self.train_source.position
+        row = {"step": self.step, "epoch": epoch + batch / max(1, len(self.train_source)),
                "train_loss": m["loss"], "train_top1_error": m["top1_error"], "train_top5_error": m["top5_error"],
                "lr": self.schedule.lr(max(0, self.step - 1)),
                "images_per_s": self._images * self.world_size / max(elapsed_max, 1e-9),
@@ -236,58 +253,83 @@ class Trainer:
         val = self.evaluate()
         self.schedule.observe_val_error(val["val_top1_error"])
         self._record({"step": self.step, "epoch": float(self.epoch), **val})
+        self._last_val = val
         return val
 
     # ---------------------------------------------------------------------------------------------
+    def _optimizer_step(self) -> bool:
+        """Micro-batches up to and including the next optimizer step (``grad_accum`` of them).
+
+        An epoch may end inside the accumulation window: it is closed there, before the window's other
+        micro-batches. Returns True when the step's own last micro-batch ended an epoch (the caller closes
+        that one, after the step's log).
+        """
+        before = self.engine.global_steps
+        while True:
+            images, labels = self._next_batch()
+            self.train_step(images, labels)
+            self._images += labels.shape[0]
+            epoch_ended = self.train_source.position[1] == 0
+            if self.engine.global_steps != before:
+                break
+            if epoch_ended:
+                self._end_epoch()
+        self.step += 1
+        now = time.perf_counter()
+        self._busy += now - self._mark
+        self._mark = now
+        if self._bar is not None:
+            self._bar.update(1)
+        return epoch_ended
+
+    def _end_epoch(self) -> None:
+        """Evaluate every ``eval_every`` epochs. Not called at the last step: the final evaluation covers it."""
+        if self.epoch % self.eval_every == 0:
+            self._eval_and_record()
+            self._mark = time.perf_counter()  # evaluation time is not training time in images_per_s
+
+    def _save_due(self) -> bool:
+        # should_save may be a collective (every_minutes): every rank calls it at every step that is not stopping.
+        return self.checkpointer is not None and self.checkpointer.should_save(self.step)
+
     def fit(self) -> FitResult:
+        """Optimizer steps up to ``total_steps``; after each: log, stop, close an epoch, save, in that order.
+
+        Logging every ``log_every`` steps (and at the last) is where ranks agree on a stop request: a stop
+        saves and ends the run without evaluating. An epoch that ends with the step is evaluated before a
+        periodic save, so a resume from that save neither repeats nor skips the evaluation. A run that was
+        not stopped ends with a final evaluation and, with checkpoint.at_end, a save.
+        """
         if self.progress:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                              desc="train")
         self.engine.train()
+        self._epoch_batches = None
+        self._last_val = {}  # a stopped run reports the last epoch's evaluation, if any
+        self._mark = time.perf_counter()
         stopped = False
-        val: dict[str, float] = {}
         try:
             while self.step < self.total_steps and not stopped:
-                t_mark = time.perf_counter()
-                for images, labels in self._timed_batches():
-                    before = self.engine.global_steps
-                    self.train_step(images, labels)
-                    self.micro_in_epoch += 1
-                    self._images += labels.shape[0]
-                    if self.engine.global_steps == before:
-                        continue  # inside a gradient-accumulation window
-                    self.step += 1
-                    now = time.perf_counter()
-                    self._busy += now - t_mark
-                    t_mark = now
-                    if self._bar is not None:
-                        self._bar.update(1)
-                    last = self.step >= self.total_steps
-                    if self.step % self.log_every == 0 or last:
-                        if self._log():
-                            stopped = True
-                    if stopped or (self.checkpointer is not None and self.checkpointer.should_save(self.step)
-                                   and not last):
+                epoch_ended = self._optimizer_step()
+                last = self.step >= self.total_steps
+                if self.step % self.log_every == 0 or last:
+                    stopped = self._log()
+                if stopped:
+                    self._save()
+                elif not last:
+                    if epoch_ended:
+                        self._end_epoch()
+                    if self._save_due():
                         self._save()
-                    if stopped or last:
-                        break
-                else:
-                    # The epoch ran to its end.
-                    self.epoch += 1
-                    self.micro_in_epoch = 0
-                    if self.epoch % self.eval_every == 0 and self.step < self.total_steps:
-                        val = self._eval_and_record()
-                    continue
-                if self.micro_in_epoch >= len(self.train_source):
-                    self.epoch += 1
-                    self.micro_in_epoch = 0
             if not stopped:
-                val = self._eval_and_record()
+                self._eval_and_record()
                 if self.checkpointer is not None and self.checkpointer.cfg.at_end:
                     self._save()
         finally:
             if self._bar is not None:
                 self._bar.close()
-        return FitResult(step=self.step, epoch=self.epoch, stopped=stopped, final_val=val, history=self.history)
+            self._epoch_batches = None
+        return FitResult(step=self.step, epoch=self.epoch, stopped=stopped, final_val=self._last_val,
+                         history=self.history)

@@ -93,3 +93,46 @@ def test_bad_input_fails_before_training(tmp_path, args, needle):
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").rglob("*.pt"))
+
+
+def train_cli(args: list[str], *, cwd: Path) -> subprocess.CompletedProcess:
+    """One process, no torchrun."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+        env.pop(k, None)
+    return subprocess.run([sys.executable, str(ROOT / "pipeline/train.py"), "--config", str(ROOT / CPU_CONFIG), *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_resume_from_a_save_at_an_epoch_end_continues_like_the_uninterrupted_run(tmp_path):
+    """The save lands on an epoch's last step: the resumed run neither skips nor repeats that epoch's evaluation
+    (the plateau schedule's state depends on it), and its history and weights are the uninterrupted run's."""
+    import torch
+
+    # log_every=1: a log row averages the steps since the previous log, and a resumed run has only its own.
+    common = ["--data.in_memory=true", "--data.batch_size=128", "--log_every=1", "--schedule.kind=plateau",
+              "--schedule.plateau_patience=1", "--schedule.max_steps=14", "--checkpoint.every_steps=1",
+              "--checkpoint.keep_last=20", f"--checkpoint.uri={tmp_path}/ckpt",
+              f"--data.cache_dir={ROOT / '.cache/datasets'}", *SHORT]
+    r = train_cli([*common, "--run_id=a", f"--output_dir={tmp_path}/a"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def saved(run: str, step: int) -> tuple[list[dict], dict]:
+        d = tmp_path / "ckpt" / run / f"step-{step}"
+        history = torch.load(d / "trainer-rank0.pt", weights_only=False)["history"]
+        timing = ("images_per_s", "data_wait_share")
+        module = torch.load(d / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        return [{k: v for k, v in row.items() if k not in timing} for row in history], module
+
+    history, weights = saved("a", 14)
+    epoch_end = next(row["step"] for row in history if "val_top1_error" in row)
+    assert 1 < epoch_end < 14 and [row["epoch"] for row in history if "val_top1_error" in row] == [1.0, 1.0]
+    r = train_cli([*common, "--run_id=b", f"--output_dir={tmp_path}/b",
+                   f"--checkpoint.resume={tmp_path}/ckpt/a/step-{epoch_end}"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed run b at step {epoch_end} (epoch 1)" in r.stderr
+    resumed_history, resumed_weights = saved("b", 14)
+    assert resumed_history == history
+    assert resumed_weights.keys() == weights.keys()
+    assert all(torch.equal(weights[k], resumed_weights[k]) for k in weights)

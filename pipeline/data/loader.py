@@ -253,11 +253,13 @@ class DaliSource(EpochSource):
             raise DataError(f"data state at epoch {state['epoch']}, batch {state['batch']} has no DALI checkpoint, "
                             f"so the position cannot be restored exactly; resume from a checkpoint written by "
                             f"DaliSource.state_dict()")
-        self._drop_pipeline()  # rebuilt lazily from the checkpoint; a live generator is cut off below
-        self._generation += 1
-        self._pending_checkpoint = bytes(pipeline) if pipeline is not None else None
-        self._epoch = int(state["epoch"])
-        self._batch = int(state["batch"]) if self.split == "train" else 0
+        self._seek(int(state["epoch"]), int(state["batch"]) if self.split == "train" else 0)
+        self._pending_checkpoint = bytes(pipeline) if pipeline is not None else None  # _pipeline() rebuilds from it
+
+    def _seek(self, epoch: int, batch: int) -> None:
+        self._drop_pipeline()  # rebuilt lazily for the new position
+        self._pending_checkpoint = None
+        super()._seek(epoch, batch)
 
 
 def _dali_int32():

@@ -194,6 +194,4 @@ class InMemorySource(EpochSource):
         check_state(state, kind="memory", expect={"split": self.split, "rank": self.rank,
                                                   "world_size": self.world_size, "batch_size": self.batch_size,
                                                   "num_samples": self.num_samples, "seed": self.seed})
-        self._generation += 1  # a live generator stops at its next step
-        self._epoch = int(state["epoch"])
-        self._batch = int(state["batch"]) if self.split == "train" else 0
+        self._seek(int(state["epoch"]), int(state["batch"]) if self.split == "train" else 0)

@@ -25,6 +25,8 @@ class DataSource(Protocol):
 
     Iterating yields the rest of the current epoch as ``(images, labels)``: images are float32
     NCHW and normalised, labels are int64 of shape (N,), both already on the requested device.
+    A training source is the one owner of the data position (:attr:`position`): the trainer asks it
+    which epoch and batch it is at rather than counting on its own.
     """
 
     num_samples: int  # images in the split, over all ranks
@@ -34,6 +36,15 @@ class DataSource(Protocol):
 
     def __len__(self) -> int:
         """Batches this rank yields in a full epoch."""
+        ...
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """``(epoch, batch)``: epochs completed and batches yielded of the current one (``batch < len()``)."""
+        ...
+
+    def start_epoch(self, epoch: int) -> None:
+        """Go to the first batch of ``epoch`` (a resume whose saved position does not apply here)."""
         ...
 
     def state_dict(self) -> dict[str, Any]:
@@ -99,11 +110,12 @@ class SourceOptions:
 
 
 class EpochSource:
-    """Epoch bookkeeping for a :class:`DataSource`: ``len()``, ``epoch`` and iteration by generations.
+    """Epoch bookkeeping for a :class:`DataSource`: ``len()``, ``position`` and iteration by generations.
 
     A training ``iter()`` continues where the last one stopped (that is what resuming needs) and an
     epoch that was fully consumed moves on to the next; an evaluation ``iter()`` is one whole pass.
-    Subclasses yield batches through :meth:`_make_batch`, or replace :meth:`_iterate` entirely.
+    Subclasses yield batches through :meth:`_make_batch`, or replace :meth:`_iterate` entirely, and
+    jump to another position only through :meth:`_seek` (which a subclass extends to drop its reader).
     """
 
     def __init__(self, options: SourceOptions, *, num_samples: int, num_batches: int) -> None:
@@ -121,8 +133,25 @@ class EpochSource:
         return self._len
 
     @property
+    def position(self) -> tuple[int, int]:
+        # An epoch whose last batch was yielded is complete, even before its generator has run on to the
+        # end (DaliSource reads the dropped rest of its shard there): a save at that moment resumes in the
+        # next epoch, and the trainer sees the epoch end right after the batch that ended it.
+        if self._batch >= self._len:
+            return self._epoch + 1, 0
+        return self._epoch, self._batch
+
+    @property
     def epoch(self) -> int:
-        return self._epoch
+        """Epochs completed."""
+        return self.position[0]
+
+    def start_epoch(self, epoch: int) -> None:
+        self._seek(epoch, 0)
+
+    def _seek(self, epoch: int, batch: int) -> None:
+        self._generation += 1  # a live generator stops at its next step
+        self._epoch, self._batch = epoch, batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._generation += 1

@@ -42,5 +42,4 @@ class SyntheticSource(EpochSource):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_state(state, kind="synthetic", expect={})
-        self._generation += 1
-        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
+        self._seek(int(state["epoch"]), int(state["batch"]))

@@ -285,6 +285,23 @@ def test_resume_inside_an_epoch_finishes_that_epoch(tree, make_cfg):
     assert len(list(resumed)) == 6 and resumed.epoch == 2
 
 
+def test_position_counts_an_epoch_done_at_its_last_batch_and_start_epoch_jumps_there(tree, make_cfg):
+    root, _ = two_class_tree(tree)
+    cfg = make_cfg()
+    src = source(cfg, root, seed=3)
+    it = iter(src)
+    for _ in range(len(src) - 1):
+        next(it)
+    assert src.position == (0, len(src) - 1)
+    next(it)
+    assert src.position == (1, 0) and src.epoch == 1, "an epoch whose last batch was yielded is complete"
+    assert (src.state_dict()["epoch"], src.state_dict()["batch"]) == (0, len(src))  # the reader's rest is unread
+    second = epoch_ids(src)
+    jumped = source(cfg, root, seed=3)
+    jumped.start_epoch(1)  # a resume on another number of ranks: that epoch's own order, from its start
+    assert jumped.position == (1, 0) and epoch_ids(jumped) == second and jumped.position == (2, 0)
+
+
 def test_state_from_another_world_size_is_refused(tree, make_cfg):
     root, _ = two_class_tree(tree)
     cfg = make_cfg()

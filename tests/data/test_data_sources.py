@@ -57,6 +57,19 @@ def test_synthetic_resume():
         resumed.load_state_dict({"format": 1, "kind": "dali"})
 
 
+def test_synthetic_position_and_start_epoch():
+    src = synthetic()
+    it = iter(src)
+    for _ in range(4):
+        next(it)
+    assert src.position == (0, 4)
+    next(it)
+    assert src.position == (1, 0) and src.epoch == 1
+    src.start_epoch(3)
+    assert src.position == (3, 0) and next(it, None) is None, "a jump ends the live generator"
+    assert len(list(src)) == 5 and src.position == (4, 0)
+
+
 def test_synthetic_needs_no_dataset(tmp_path):
     cfg = DataConfig(source="synthetic", root=str(tmp_path / "missing"))
     assert prepare_dataset_root(cfg) == ""

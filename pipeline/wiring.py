@@ -1,0 +1,137 @@
+"""One training run's components, built from its config on one rank: the one place they are wired together.
+
+``pipeline.train.run`` builds a run here, starts it, fits and closes it; the throughput benchmark
+(benchmarks/throughput.py) gets its DeepSpeed trainer here too, so what it times is what users train.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.checkpoint import Checkpointer
+from pipeline.config import ConfigError, TrainConfig, flatten, to_toml
+from pipeline.data import DataSource, build_source, prepare_dataset_root
+from pipeline.distributed import DistEnv
+from pipeline.engine import build_engine
+from pipeline.models import build_model, model_spec
+from pipeline.schedule import LRSchedule, scaled_lr
+from pipeline.signals import StopFlag
+from pipeline.tracking import Tracker, build_tracker
+from pipeline.trainer import Trainer
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class TrainingRun:
+    """What :func:`build_run` made. ``start`` resumes and opens the tracking run; the caller fits and closes."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    sources: dict[str, DataSource]  # "train" and "val"
+    engine: Any  # the DeepSpeed engine
+    lr: float  # cfg.optim.lr scaled to the global batch
+    global_batch: int  # images per optimizer step over all ranks
+    steps_per_epoch: int
+    schedule: LRSchedule
+    checkpointer: Checkpointer | None
+    trainer: Trainer
+    tracker: Tracker  # built, not started: start() opens it
+
+    @property
+    def run_id(self) -> str:
+        return self.cfg.run_id or self.cfg.name
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.resolved_output_dir)
+
+    def start(self) -> dict[str, Any] | None:
+        """Resume from the run's checkpoint if there is one, open the tracking run (a collective: every rank
+        calls it) and, on rank 0, write the run's records. Returns the resumed trainer state, or None."""
+        cfg, env, trainer = self.cfg, self.env, self.trainer
+        state = self.checkpointer.resume(self.engine) if self.checkpointer is not None else None
+        if state is not None:
+            trainer.load_state_dict(state)
+            if env.is_main:
+                log.info("resumed run %s at step %d (epoch %d)", self.run_id, trainer.step, trainer.epoch)
+        # Rank 0 creates or reopens the MLflow run and broadcasts its id.
+        self.tracker.start((state or {}).get("tracking_run_id"))
+        if env.is_main:
+            out_dir = self.output_dir
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.toml").write_text(to_toml(cfg))
+            if state is None:
+                self.tracker.log_params(flatten(cfg))
+            spec = model_spec(cfg.model.name, **cfg.model.overrides())
+            self.tracker.set_tags({**spec.tags(), "model": cfg.model.name,
+                                   "dataset": cfg.data.source if cfg.data.source != "folder" else cfg.data.style,
+                                   "world_size": str(env.world_size), **self.engine.fast_path.as_params()})
+            self.tracker.log_artifact(str(out_dir / "config.toml"))
+            log.info("%s: %s, %d ranks on %s, global batch %d, lr %g, %d steps (%d per epoch)", self.run_id,
+                     cfg.model.name, env.world_size, env.device.type, self.global_batch, self.lr,
+                     self.schedule.total_steps, self.steps_per_epoch)
+        return state
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_run(cfg: TrainConfig, *, env: DistEnv, stop: StopFlag | None = None, checkpointing: bool = True,
+              evaluation: bool = True) -> TrainingRun:
+    """Every component of ``cfg``'s run on this rank, each from its own config section. Called on every rank
+    of an initialised process group (a collective: rank 0 prepares the dataset and shares its root).
+
+    ``checkpointing=False`` builds no Checkpointer (nothing touches checkpoint.uri) and ``evaluation=False``
+    no validation source (the trainer's val source is then the training one): for callers that time
+    ``Trainer.train_step`` and never call ``fit``, such as the throughput benchmark.
+    """
+    seed_everything(cfg.seed + env.rank)
+    root = prepare_dataset_root(cfg.data) if env.is_main else None
+    if torch.distributed.is_initialized():
+        box = [root]
+        torch.distributed.broadcast_object_list(box, src=0)
+        root = box[0]
+    sources = {split: build_source(cfg.data, split=split, rank=env.rank, world_size=env.world_size,
+                                   device=env.device, seed=cfg.seed, num_classes=cfg.model.num_classes, root=root)
+               for split in (("train", "val") if evaluation else ("train",))}
+    model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, **cfg.model.overrides())
+    global_batch = cfg.data.batch_size * cfg.distributed.grad_accum * env.world_size
+    lr = scaled_lr(cfg.optim.lr, reference_batch=cfg.optim.reference_batch, global_batch=global_batch)
+    engine = build_engine(model, optim=cfg.optim, precision=cfg.precision, distributed=cfg.distributed,
+                          lr=lr, micro_batch=cfg.data.batch_size, world_size=env.world_size,
+                          device=env.device, channels_last=cfg.model.channels_last, compile=cfg.model.compile,
+                          compile_mode=cfg.model.compile_mode, compile_backend=cfg.model.compile_backend)
+    steps_per_epoch = len(sources["train"]) // cfg.distributed.grad_accum
+    if steps_per_epoch < 1:
+        raise ConfigError(f"data.batch_size = {cfg.data.batch_size} x {env.world_size} ranks x grad_accum "
+                          f"{cfg.distributed.grad_accum} is larger than the training split "
+                          f"({sources['train'].num_samples} images): lower --data.batch_size")
+    schedule = LRSchedule(cfg.schedule, base_lr=lr, steps_per_epoch=steps_per_epoch)
+    checkpointer = None
+    if checkpointing:
+        checkpointer = Checkpointer(cfg.checkpoint, run_id=cfg.run_id or cfg.name, rank=env.rank,
+                                    world_size=env.world_size, config_hash=cfg.hash(),
+                                    staging_dir=cfg.checkpoint.staging_dir
+                                    or str(Path(cfg.resolved_output_dir) / "staging"))
+        checkpointer.check_access()
+    tracker = build_tracker(cfg.tracking, is_main=env.is_main, node_id=env.node_rank,
+                            is_local_main=env.is_local_main, run_name=cfg.name)
+    trainer = Trainer(engine=engine, train_source=sources["train"], val_source=sources.get("val", sources["train"]),
+                      schedule=schedule, total_steps=schedule.total_steps, rank=env.rank,
+                      world_size=env.world_size, device=env.device, log_every=cfg.log_every,
+                      eval_every=cfg.eval_every, progress=cfg.progress, tracker=tracker,
+                      checkpointer=checkpointer, stop=stop, seed=cfg.seed)
+    return TrainingRun(cfg=cfg, env=env, sources=sources, engine=engine, lr=lr, global_batch=global_batch,
+                       steps_per_epoch=steps_per_epoch, schedule=schedule, checkpointer=checkpointer,
+                       trainer=trainer, tracker=tracker)

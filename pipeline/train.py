@@ -62,7 +62,7 @@ def run(cfg: TrainConfig, *, stop: StopFlag | None = None) -> RunOutcome:
     """Build every component from its own config section, train, and close. Called on every rank."""
     from pipeline.checkpoint import Checkpointer
     from pipeline.data import build_source, prepare_dataset_root
-    from pipeline.distributed import close_distributed, init_distributed
+    from pipeline.distributed import broadcast_object, close_distributed, init_distributed
     from pipeline.engine import build_engine
     from pipeline.models import build_model, model_spec
     from pipeline.schedule import LRSchedule, scaled_lr
@@ -77,11 +77,7 @@ def run(cfg: TrainConfig, *, stop: StopFlag | None = None) -> RunOutcome:
     run_id = cfg.run_id or cfg.name
     tracker = None
     try:
-        root = prepare_dataset_root(cfg.data) if env.is_main else None
-        if torch.distributed.is_initialized():
-            box = [root]
-            torch.distributed.broadcast_object_list(box, src=0)
-            root = box[0]
+        root = broadcast_object(prepare_dataset_root(cfg.data) if env.is_main else None)
         sources = {split: build_source(cfg.data, split=split, rank=env.rank, world_size=env.world_size,
                                        device=env.device, seed=cfg.seed, num_classes=cfg.model.num_classes,
                                        root=root)

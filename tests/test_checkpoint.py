@@ -130,7 +130,7 @@ def test_resume_under_another_config_warns(tmp_path: Path, caplog: pytest.LogCap
 
 
 def test_stopped_upload_thread_is_reported_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.checkpoint_upload import Uploader
+    from pipeline.checkpoint.upload import Uploader
 
     def broken(self: Uploader, job: Any) -> None:
         raise RuntimeError("a bug in the upload thread")
@@ -262,6 +262,26 @@ def test_crash_during_outage_keeps_previous_latest(s3_uri: str, s3_endpoint: str
     assert run.read_text("latest") == "step-1" and committed_tags(run) == ["step-1"]
     eng = FakeEngine()
     assert _ck(s3_uri, tmp_path).resume(eng) == {"step": 1}
+
+
+def test_zero1_reshard_on_a_deepspeed_without_its_private_methods_names_the_fix(tmp_path: Path) -> None:
+    class Zero1Engine(FakeEngine):
+        optimizer = object()  # an optimizer without DeepSpeed 0.19.8's private re-partitioning methods
+
+        def zero_optimization_stage(self) -> int:
+            return 1
+
+    uri = str(tmp_path / "ckpt")
+    ck = _ck(uri, tmp_path)
+    ck.save(Zero1Engine(1.0), step=1, epoch=0, trainer_state={"step": 1})
+    ck.close()
+    bigger = Checkpointer(CheckpointConfig(uri=uri), run_id="run", rank=0, world_size=2, config_hash="h",
+                          staging_dir=str(tmp_path / "staging"))
+    with pytest.raises(CheckpointError) as e:
+        bigger.resume(Zero1Engine())
+    msg = str(e.value)
+    assert "resharding it is unsupported on DeepSpeed" in msg and "_restore_elastic_base_optimizer_state" in msg, msg
+    assert "resume at the old world size (1 ranks)" in msg and "deepspeed==0.19.8" in msg, msg
 
 
 def test_time_based_saves_follow_the_clock(tmp_path: Path) -> None:

@@ -174,6 +174,32 @@ def test_corrupt_file_falls_back_with_warning(tmp_path: Path, caplog: pytest.Log
     assert run.exists("step-3/manifest.rejected.json")
 
 
+def test_first_good_walks_newest_first_and_names_the_fallback(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.checkpoint import committed_candidates, first_good
+
+    ck = _ck(str(tmp_path / "ckpt"), tmp_path, keep_last=3)
+    for step in (1, 2, 3):
+        _save(ck, step)
+    ck.close()
+    run = Storage(str(tmp_path / "ckpt")).child("run")
+    candidates = committed_candidates(run)
+
+    def check(tag: str, manifest: dict[str, Any]) -> None:
+        if tag != "step-1":
+            raise CheckpointError(f"{tag} is bad")
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        chosen, rejected = first_good(run, candidates, check)
+    assert chosen is not None and chosen[0] == "step-1" and chosen[1]["step"] == 1
+    assert rejected == [("step-3", "step-3 is bad"), ("step-2", "step-2 is bad")]
+    assert f"checkpoint {run.url('step-3')} rejected: step-3 is bad; falling back to step-2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        chosen, rejected = first_good(run, candidates[:2], check, announce=False)
+    assert chosen is None and [t for t, _ in rejected] == ["step-3", "step-2"] and not caplog.records
+
+
 def test_s3_corrupt_object_is_rejected(s3_uri: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     ck = _ck(s3_uri, tmp_path)
     for step in (1, 2):

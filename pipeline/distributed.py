@@ -1,6 +1,10 @@
-"""The torchrun environment: who am I, which device, which backend.
+"""The torchrun environment (who am I, which device, which backend) and the collectives the pipeline
+makes outside the engine: starting the process group, broadcasting or gathering small Python objects,
+barriers, a CPU side group for control messages, and summing metric tensors.
 
-Global rank drives sharding and every rank-0 duty; local rank only picks the GPU.
+Global rank drives sharding and every rank-0 duty; local rank only picks the GPU. Every helper is a
+no-op (returning its input) when there is no process group or a world of one, so single-process runs
+and tests need no special cases.
 """
 
 from __future__ import annotations
@@ -9,10 +13,14 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 
 from pipeline.config import DistributedConfig
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,8 @@ def read_env() -> DistEnv:
 
 
 def init_distributed(cfg: DistributedConfig) -> DistEnv:
-    """Create the process group through DeepSpeed (so its comm layer and ours agree)."""
+    """Create the process group through DeepSpeed (so its comm layer and ours agree); training and
+    evaluation both start here."""
     env = read_env()
     backend = env.backend if cfg.backend == "auto" else cfg.backend
     if backend == "nccl" and env.device.type != "cuda":
@@ -80,5 +89,60 @@ def init_distributed(cfg: DistributedConfig) -> DistEnv:
 
 
 def close_distributed() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------
+# Collectives. ``group=None`` is the default group; ``control_group()`` gives a CPU one.
+
+
+def is_multi_rank() -> bool:
+    """A process group with more than one rank exists: collectives have someone to talk to."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def control_group() -> Any:
+    """A CPU (gloo) group over every rank, for small control collectives that must stay off the training
+    stream (NCCL) and be cheap to poll; None when the default group is already gloo, or there is no
+    group. A collective when it creates one: every rank calls it, in the same order."""
+    if not is_multi_rank() or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
+def broadcast_object(obj: T, *, group: Any = None) -> T:
+    """Rank 0's ``obj`` on every rank (pickled; keep it small). A collective."""
+    if not is_multi_rank():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def all_gather_objects(obj: T, *, group: Any = None) -> list[T]:
+    """Every rank's ``obj``, indexed by rank. A collective."""
+    if not is_multi_rank():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def barrier(*, group: Any = None) -> None:
+    if is_multi_rank():
+        dist.barrier(group=group)
+
+
+def all_reduce_sum(sums: torch.Tensor) -> torch.Tensor:
+    """Sum ``sums`` over every rank, in place (metric sums: on the device, one collective); returns it."""
+    if is_multi_rank():
+        dist.all_reduce(sums)
+    return sums
+
+
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise maximum of ``values`` over every rank, in place (one collective); returns it."""
+    if is_multi_rank():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values

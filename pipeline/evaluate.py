@@ -64,7 +64,8 @@ def resolve_checkpoint(uri: str, local: str | Path | None = None, *,
     if local is None:
         with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
             return resolve_checkpoint(uri, Path(tmp) / MODEL_FILE, storage=storage)
-    from pipeline.checkpoint import LATEST, MANIFEST, CheckpointError, committed_candidates, read_manifest, step_of
+    from pipeline.checkpoint.layout import (LATEST, MANIFEST, CheckpointError, committed_candidates, first_good,
+                                            read_manifest, step_of)
     from pipeline.storage import Storage, StorageError
 
     opts = storage or {}
@@ -100,27 +101,19 @@ def resolve_checkpoint(uri: str, local: str | Path | None = None, *,
             raise EvaluationError(f"--checkpoint {uri}: no committed checkpoint found (no {MODEL_FILE}, no {LATEST}, "
                                   f"no step-*/{MANIFEST}); give a run folder (<checkpoint.uri>/<run_id>) or a step "
                                   f"folder")
-        rejected: list[str] = []
-        for i, (tag, manifest) in enumerate(candidates):
-            try:
-                _verified_model(store, tag, manifest, local)
-            except CheckpointError as e:
-                rejected.append(f"{tag}: {e}")
-                nxt = candidates[i + 1][0] if i + 1 < len(candidates) else None
-                log.warning("checkpoint %s rejected: %s; %s", store.url(tag), e,
-                            f"falling back to {nxt}" if nxt else "no older committed checkpoint is left")
-                continue
-            return store.url(tag), manifest
-        raise EvaluationError(f"--checkpoint {uri}: the {MODEL_FILE} of every committed checkpoint is missing or "
-                              f"does not match its manifest ({'; '.join(rejected)}); the checkpoints are damaged: "
-                              f"restore them, or give a step folder of another copy")
+        chosen, rejected = first_good(store, candidates, lambda tag, m: _verified_model(store, tag, m, local))
+        if chosen is None:
+            raise EvaluationError(f"--checkpoint {uri}: the {MODEL_FILE} of every committed checkpoint is missing or "
+                                  f"does not match its manifest ({'; '.join(f'{t}: {e}' for t, e in rejected)}); the "
+                                  f"checkpoints are damaged: restore them, or give a step folder of another copy")
+        return store.url(chosen[0]), chosen[1]
     except (StorageError, CheckpointError) as e:
         raise EvaluationError(f"--checkpoint {uri}: {e}") from e
 
 
 def _verified_model(store: Any, tag: str, manifest: dict[str, Any], local: str | Path) -> None:
     """Download ``tag``'s model file to ``local``, checked against ``manifest``; CheckpointError if it fails."""
-    from pipeline.checkpoint import MANIFEST, CheckpointError, verified_file
+    from pipeline.checkpoint.layout import MANIFEST, CheckpointError, verified_file
 
     entry = next((f for f in manifest.get("files", []) if f.get("path") == MODEL_FILE), None)
     if entry is None:
@@ -143,13 +136,14 @@ def load_model_state(uri: str, *, storage: dict[str, str] | None = None) -> tupl
 
 
 def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # torch.compile's wrapper and DDP-style wrappers prefix every key; the plain model has none.
-    out = {}
-    for k, v in sd.items():
-        for prefix in ("_orig_mod.", "module."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
+    # torch.compile's wrapper and DDP-style wrappers prefix every key (wrapped twice: twice); the plain
+    # model has none.
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+    out = dict(sd)  # stripped in place: leave the caller's dict alone
+    for prefix in ("_orig_mod.", "module."):
+        while any(k.startswith(prefix) for k in out):
+            consume_prefix_in_state_dict_if_present(out, prefix)
     return out
 
 
@@ -186,12 +180,10 @@ def evaluate_source(model: torch.nn.Module, source: Any, *, mode: str, device: t
                     autocast_dtype: torch.dtype | None = None, progress: bool = False) -> dict[str, float]:
     """Top-1/top-5 error (%) and the loss of the averaged scores over the whole split: every rank runs
     its shard, then the sums are all-reduced (a collective when a process group exists)."""
-    import torch.distributed as dist
-
-    from pipeline.metrics import topk_correct
+    from pipeline.metrics import MetricSums
 
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nll, top-1 hits, top-5 hits, images
+    sums = MetricSums(device)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -200,23 +192,17 @@ def evaluate_source(model: torch.nn.Module, source: Any, *, mode: str, device: t
     for images, labels in source:
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             probs = _scores(model, images, mode)
-        hits = topk_correct(probs, labels)
-        nll = -probs.gather(1, labels.view(-1, 1)).clamp_min(1e-12).log().sum()
-        sums += torch.stack([nll.double(), hits[0], hits[1], torch.tensor(float(len(labels)), dtype=torch.float64,
-                                                                          device=device)])
+        sums.update_scores(probs, labels)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sums)
-    loss, top1, top5, count = sums.tolist()
-    if int(count) != source.num_samples:
-        raise EvaluationError(f"evaluation scored {int(count)} images but the validation split has "
+    result = sums.reduce()
+    if result["count"] != source.num_samples:
+        raise EvaluationError(f"evaluation scored {result['count']} images but the validation split has "
                               f"{source.num_samples}: the sharding is broken")
-    count = max(count, 1.0)
-    return {"top1_error": 100.0 * (1 - top1 / count), "top5_error": 100.0 * (1 - top5 / count),
-            "loss": loss / count, "images": int(sums[3].item())}
+    return {"top1_error": result["top1_error"], "top5_error": result["top5_error"], "loss": result["loss"],
+            "images": result["count"]}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,11 +225,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Evaluate as the command line says; every rank returns the same result."""
-    import torch.distributed as dist
-
-    from pipeline.checkpoint import storage_options
+    from pipeline.checkpoint.layout import storage_options
     from pipeline.data import build_source, prepare_dataset_root
-    from pipeline.distributed import read_env
+    from pipeline.distributed import broadcast_object, close_distributed, init_distributed
     from pipeline.models import build_model
 
     args, overrides = parse_args(argv)
@@ -262,19 +246,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
     if args.batch_size:
         cfg.data.val_batch_size = args.batch_size
-    env = read_env()
-    if env.world_size > 1 and not dist.is_initialized():
-        from datetime import timedelta
-
-        if env.device.type == "cuda":
-            torch.cuda.set_device(env.device)
-        dist.init_process_group(backend=env.backend, timeout=timedelta(seconds=cfg.distributed.timeout_s))
+    env = init_distributed(cfg.distributed)  # as training starts it
     try:
-        root = prepare_dataset_root(cfg.data) if env.rank == 0 else None
-        if dist.is_initialized():
-            box = [root]
-            dist.broadcast_object_list(box, src=0)
-            root = box[0]
+        root = broadcast_object(prepare_dataset_root(cfg.data) if env.rank == 0 else None)
         source = build_source(cfg.data, split="val", rank=env.rank, world_size=env.world_size, device=env.device,
                               seed=cfg.seed, num_classes=cfg.model.num_classes, root=root, eval_mode=args.mode,
                               scales=scales)
@@ -299,12 +273,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             Path(args.json).write_text(json.dumps(result, indent=1))
         return result
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed()
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.checkpoint import CheckpointError
+    from pipeline.checkpoint.layout import CheckpointError
     from pipeline.storage import StorageError
 
     rank = int(os.environ.get("RANK", "0"))

@@ -6,7 +6,8 @@ Keeping the sums as tensors avoids a host synchronisation (``.item()``) on every
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from pipeline.distributed import all_reduce_sum
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
@@ -18,7 +19,10 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
 
 
 class MetricSums:
-    """Running sums of loss, top-1/top-5 hits and sample count; ``reduce`` sums over all ranks."""
+    """Running sums of loss, top-1/top-5 hits and sample count; ``reduce`` sums over all ranks.
+
+    Training adds a batch's mean loss (``update``); evaluation adds averaged class probabilities, whose
+    loss is their negative log-likelihood (``update_scores``)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -30,18 +34,24 @@ class MetricSums:
 
     @torch.no_grad()
     def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        n = labels.shape[0]
-        hits = topk_correct(logits.detach(), labels)
+        self._add(loss.detach().double() * labels.shape[0], logits.detach(), labels)
+
+    @torch.no_grad()
+    def update_scores(self, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a batch of class probabilities (N, classes), e.g. averaged over crops or scales."""
+        nll = -probs.gather(1, labels.view(-1, 1)).clamp_min(1e-12).log().sum()
+        self._add(nll.double(), probs, labels)
+
+    def _add(self, loss_sum: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        hits = topk_correct(scores, labels)
+        self.sums[:3] += torch.stack([loss_sum, hits[0], hits[1]])
         # The count is a Python int added in place: building a tensor from it would be a blocking
         # host-to-device copy, one host sync per step on a GPU.
-        self.sums[:3] += torch.stack([loss.detach().double() * n, hits[0], hits[1]])
-        self.sums[3] += n
+        self.sums[3] += labels.shape[0]
 
     def reduce(self) -> dict[str, float]:
         """Global loss and top-1/top-5 error (percent) over every rank's samples; a collective call."""
-        sums = self.sums.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sums)
+        sums = all_reduce_sum(self.sums.clone())
         loss, top1, top5, n = sums.tolist()
         n = max(n, 1.0)
         return {"loss": loss / n, "top1_error": 100.0 * (1 - top1 / n),

@@ -111,9 +111,47 @@ def _child_names(paths: Iterable[str], parent: str) -> list[str]:
     return sorted(n for n in names if n)
 
 
+# S3 error codes (botocore ClientError.response["Error"]["Code"]) by the StorageError kind they mean. s3fs
+# turns a ClientError into FileNotFoundError / PermissionError / OSError and chains the original to it.
+_NO_BUCKET_CODES = {"NoSuchBucket"}
+_NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404", "NoSuchUpload", "NoSuchVersion"}
+_DENIED_CODES = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                 "InvalidToken", "TokenRefreshRequired", "AccountProblem", "AllAccessDisabled", "InvalidSecurity",
+                 "AuthorizationHeaderMalformed", "RequestTimeTooSkewed"}
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+
+
+def _s3_code(exc: BaseException) -> str:
+    """The S3 error code of the first botocore ClientError in ``exc``'s chain; "" when there is none."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
+            return str(response["Error"].get("Code") or "")
+        e = e.__cause__ or e.__context__
+    return ""
+
+
 def _no_bucket(e: BaseException) -> bool:
-    low = str(e).lower()
-    return "bucket does not exist" in low or "nosuchbucket" in low
+    return _s3_code(e) in _NO_BUCKET_CODES
+
+
+def _classify(e: BaseException) -> str:
+    """The StorageError kind of an exception from fsspec/s3fs/botocore, by its type and S3 error code."""
+    if {c.__name__ for c in type(e).__mro__} & _NO_CREDENTIALS:
+        return "no_credentials"
+    code = _s3_code(e)
+    if code in _NO_BUCKET_CODES:
+        return "no_bucket"
+    if code in _DENIED_CODES or isinstance(e, PermissionError):
+        return "permission"
+    if code in _NOT_FOUND_CODES or isinstance(e, FileNotFoundError):
+        return "not_found"
+    if _is_connection_error(e):
+        return "unreachable"
+    return "other"
 
 
 class Storage:
@@ -196,24 +234,24 @@ class Storage:
 
     def _explain(self, e: BaseException, what: str, uri: str) -> StorageError:
         text = str(e) or type(e).__name__
-        low = text.lower()
-        if type(e).__name__ == "NoCredentialsError" or "unable to locate credentials" in low:
+        kind = _classify(e)
+        if kind == "no_credentials":
             return StorageError(f"cannot {what} {uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
                                 f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)", uri=uri, kind="permission")
-        if isinstance(e, FileNotFoundError):
-            if _no_bucket(e):
-                return StorageError(f"cannot {what} {uri}: the bucket {self.bucket!r} does not exist at "
-                                    f"{self.endpoint_url or 'AWS'}; create it or fix the URI (and AWS_ENDPOINT_URL)",
-                                    uri=uri, kind="no_bucket")
+        if kind == "no_bucket":
+            return StorageError(f"cannot {what} {uri}: the bucket {self.bucket!r} does not exist at "
+                                f"{self.endpoint_url or 'AWS'}; create it or fix the URI (and AWS_ENDPOINT_URL)",
+                                uri=uri, kind="no_bucket")
+        if kind == "not_found":
             return StorageError(f"cannot {what} {uri}: it does not exist", uri=uri, kind="not_found")
-        if isinstance(e, PermissionError) or "accessdenied" in low or "access key" in low or "signature" in low:
+        if kind == "permission":
             if self.remote:
                 return StorageError(f"cannot {what} {uri}: access denied ({text}); check the credentials "
                                     f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and that they "
                                     f"may read and write s3://{self.bucket}", uri=uri, kind="permission")
             return StorageError(f"cannot {what} {uri}: permission denied ({text}); check the folder's owner "
                                 f"and mode", uri=uri, kind="permission")
-        if _is_connection_error(e):
+        if kind == "unreachable":
             return StorageError(f"cannot {what} {uri}: the endpoint {self.endpoint_url or 'AWS S3'} cannot be "
                                 f"reached ({text}); check AWS_ENDPOINT_URL (or checkpoint.endpoint_url) and "
                                 f"the network", uri=uri, kind="unreachable")

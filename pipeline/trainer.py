@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from pipeline.distributed import all_reduce_max, all_reduce_sum, is_multi_rank
 from pipeline.engine import set_lr
 from pipeline.metrics import MetricSums
 from pipeline.schedule import LRSchedule
@@ -42,13 +42,6 @@ class FitResult:
     stopped: bool  # True when a stop signal ended the run early (the caller exits with the requeue code)
     final_val: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)  # rank 0: one entry per logged step/eval
-
-
-def _all_reduce_max(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t.tolist()
 
 
 class Trainer:
@@ -110,7 +103,7 @@ class Trainer:
         view, and keeps a resumed run bitwise on the path of an uninterrupted one (both sync at the
         same steps; stop-signal saves happen at metric reductions).
         """
-        if not dist.is_initialized() or self.world_size == 1 or self._buffers_synced_at == self.step:
+        if not is_multi_rank() or self._buffers_synced_at == self.step:
             # Buffers change only in training steps: a log, an evaluation and a save at the same step need one
             # average, and averaging averaged values again is not exact on world sizes that are not powers of 2.
             return
@@ -121,8 +114,7 @@ class Trainer:
             if buf.is_floating_point():
                 by_dtype.setdefault(buf.dtype, []).append(buf)
         for bufs in by_dtype.values():
-            flat = torch.cat([b.reshape(-1) for b in bufs])
-            dist.all_reduce(flat)
+            flat = all_reduce_sum(torch.cat([b.reshape(-1) for b in bufs]))
             flat /= self.world_size
             for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
                 b.copy_(v.view_as(b))
@@ -206,7 +198,8 @@ class Trainer:
         self.sync_buffers()
         m = self._sums.reduce()
         elapsed = self._busy  # wall time of the loop since the last log, data waits included
-        rates = _all_reduce_max([float(self.stop.is_set), elapsed, self._wait], self.device)
+        rates = all_reduce_max(torch.tensor([float(self.stop.is_set), elapsed, self._wait], dtype=torch.float64,
+                                             device=self.device)).tolist()
         stop_any, elapsed_max, wait_max = rates
         if not math.isfinite(m["loss"]):
             raise TrainingDiverged(

@@ -18,7 +18,7 @@ import torch
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import ConfigError, TrainConfig, flatten, to_toml
 from pipeline.data import DataSource, build_source, prepare_dataset_root
-from pipeline.distributed import DistEnv
+from pipeline.distributed import DistEnv, broadcast_object
 from pipeline.engine import build_engine
 from pipeline.models import build_model, model_spec
 from pipeline.schedule import LRSchedule, scaled_lr
@@ -97,11 +97,7 @@ def build_run(cfg: TrainConfig, *, env: DistEnv, stop: StopFlag | None = None, c
     ``Trainer.train_step`` and never call ``fit``, such as the throughput benchmark.
     """
     seed_everything(cfg.seed + env.rank)
-    root = prepare_dataset_root(cfg.data) if env.is_main else None
-    if torch.distributed.is_initialized():
-        box = [root]
-        torch.distributed.broadcast_object_list(box, src=0)
-        root = box[0]
+    root = broadcast_object(prepare_dataset_root(cfg.data) if env.is_main else None)
     sources = {split: build_source(cfg.data, split=split, rank=env.rank, world_size=env.world_size,
                                    device=env.device, seed=cfg.seed, num_classes=cfg.model.num_classes, root=root)
                for split in (("train", "val") if evaluation else ("train",))}

@@ -130,7 +130,7 @@ def test_resume_under_another_config_warns(tmp_path: Path, caplog: pytest.LogCap
 
 
 def test_stopped_upload_thread_is_reported_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline.checkpoint_upload import Uploader
+    from pipeline.checkpoint.upload import Uploader
 
     def broken(self: Uploader, job: Any) -> None:
         raise RuntimeError("a bug in the upload thread")
@@ -172,6 +172,32 @@ def test_corrupt_file_falls_back_with_warning(tmp_path: Path, caplog: pytest.Log
     # The rejected ones are uncommitted but kept for inspection; latest follows the resumed one.
     assert run.read_text("latest") == "step-1" and committed_tags(run) == ["step-1"]
     assert run.exists("step-3/manifest.rejected.json")
+
+
+def test_first_good_walks_newest_first_and_names_the_fallback(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.checkpoint import committed_candidates, first_good
+
+    ck = _ck(str(tmp_path / "ckpt"), tmp_path, keep_last=3)
+    for step in (1, 2, 3):
+        _save(ck, step)
+    ck.close()
+    run = Storage(str(tmp_path / "ckpt")).child("run")
+    candidates = committed_candidates(run)
+
+    def check(tag: str, manifest: dict[str, Any]) -> None:
+        if tag != "step-1":
+            raise CheckpointError(f"{tag} is bad")
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        chosen, rejected = first_good(run, candidates, check)
+    assert chosen is not None and chosen[0] == "step-1" and chosen[1]["step"] == 1
+    assert rejected == [("step-3", "step-3 is bad"), ("step-2", "step-2 is bad")]
+    assert f"checkpoint {run.url('step-3')} rejected: step-3 is bad; falling back to step-2" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        chosen, rejected = first_good(run, candidates[:2], check, announce=False)
+    assert chosen is None and [t for t, _ in rejected] == ["step-3", "step-2"] and not caplog.records
 
 
 def test_s3_corrupt_object_is_rejected(s3_uri: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -262,6 +288,26 @@ def test_crash_during_outage_keeps_previous_latest(s3_uri: str, s3_endpoint: str
     assert run.read_text("latest") == "step-1" and committed_tags(run) == ["step-1"]
     eng = FakeEngine()
     assert _ck(s3_uri, tmp_path).resume(eng) == {"step": 1}
+
+
+def test_zero1_reshard_on_a_deepspeed_without_its_private_methods_names_the_fix(tmp_path: Path) -> None:
+    class Zero1Engine(FakeEngine):
+        optimizer = object()  # an optimizer without DeepSpeed 0.19.8's private re-partitioning methods
+
+        def zero_optimization_stage(self) -> int:
+            return 1
+
+    uri = str(tmp_path / "ckpt")
+    ck = _ck(uri, tmp_path)
+    ck.save(Zero1Engine(1.0), step=1, epoch=0, trainer_state={"step": 1})
+    ck.close()
+    bigger = Checkpointer(CheckpointConfig(uri=uri), run_id="run", rank=0, world_size=2, config_hash="h",
+                          staging_dir=str(tmp_path / "staging"))
+    with pytest.raises(CheckpointError) as e:
+        bigger.resume(Zero1Engine())
+    msg = str(e.value)
+    assert "resharding it is unsupported on DeepSpeed" in msg and "_restore_elastic_base_optimizer_state" in msg, msg
+    assert "resume at the old world size (1 ranks)" in msg and "deepspeed==0.19.8" in msg, msg
 
 
 def test_time_based_saves_follow_the_clock(tmp_path: Path) -> None:

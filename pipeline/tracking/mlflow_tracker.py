@@ -36,13 +36,9 @@ def _chunks(items: list[Any], n: int) -> list[list[Any]]:
 
 def share_run(run_id: str | None, start_time_s: float | None) -> tuple[str | None, float | None]:
     """Rank 0's run id and start time on every rank (a collective when there are several ranks)."""
-    import torch.distributed as dist
+    from pipeline.distributed import broadcast_object
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return run_id, start_time_s
-    box: list[Any] = [run_id, start_time_s]
-    dist.broadcast_object_list(box, src=0)
-    return box[0], box[1]
+    return broadcast_object((run_id, start_time_s))
 
 
 def _new_sender(cfg: TrackingConfig, uri: str, name: str,

@@ -3,7 +3,7 @@
 Training never waits on the network. Calls are queued in order; metric points are coalesced into
 ``log_batch`` requests of up to 1,000 points. While MLflow is unreachable the queue holds on to
 everything (metric points up to ``max_buffered``, then the oldest are dropped, with a warning) and
-retries with backoff, so the points arrive once the server is back.
+retries with backoff (``pipeline.retry.Backoff``), so the points arrive once the server is back.
 
 Each metric key's step must increase: a point at or below the highest step already logged for its
 key is dropped. With the high-water marks read back from the server when a run is resumed, that
@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
+
+from pipeline.retry import Backoff
 
 log = logging.getLogger("pipeline.tracking")
 
@@ -65,6 +67,8 @@ class BatchSender:
         self.max_buffered = max(1, max_buffered)
         self.flush_interval_s = flush_interval_s
         self.max_backoff_s = max_backoff_s
+        # The wait after each failed send in a row: 1 s, 2 s, 4 s, ... up to max_backoff_s.
+        self._backoff = Backoff(first_s=1.0, factor=2.0, max_s=max_backoff_s)
         self.batches_sent = 0
         self.points_sent = 0
         self.points_dropped = 0  # overflow while unreachable
@@ -191,6 +195,7 @@ class BatchSender:
 
     def _loop(self) -> None:
         backoff = 0.0
+        failures = 0  # failed sends in a row
         last_send = time.monotonic()
         while True:
             with self._cond:
@@ -199,18 +204,19 @@ class BatchSender:
                     return
                 work = self._take()
                 if work is None:
-                    backoff = 0.0
+                    backoff, failures = 0.0, 0
                     continue
                 self._busy = True
             try:
                 self._run(work)
-                backoff = 0.0
+                backoff, failures = 0.0, 0
                 last_send = time.monotonic()
                 self._recovered()
             except Exception as e:  # noqa: BLE001 - tracking must never take training down
                 if self._should_retry(work, e):
                     self._unreachable(e)
-                    backoff = min(self.max_backoff_s, max(1.0, backoff * 2))
+                    backoff = self._backoff.delay(failures)
+                    failures += 1
                     if isinstance(work, list):
                         with self._cond:
                             self._points.extendleft(reversed(work))

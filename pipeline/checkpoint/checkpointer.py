@@ -1,17 +1,10 @@
 """Checkpoints on any storage: atomic, verified, uploaded in the background, resumed exactly.
 
-Layout under ``<checkpoint.uri>/<run_id>/``::
-
-    step-<N>/mp_rank_00_model_states.pt, zero_pp_rank_*...   DeepSpeed's files, as it wrote them
-    step-<N>/trainer-rank<R>.pt                              each rank's trainer state (RNG, data position)
-    step-<N>/parts/rank-<R>.json                             what rank R uploaded (size, sha256)
-    step-<N>/manifest.json                                   written last: the checkpoint is committed
-    latest                                                   "step-<N>", moved only after the manifest
-
-Saving: every rank takes part in DeepSpeed's ``save_checkpoint`` into its own node-local staging
-folder; training then goes on while ``checkpoint_upload.Uploader`` copies the files out. Rank 0 writes
-the manifest once every rank's part is stored, moves ``latest``, and applies retention. A crash at any
-point leaves ``latest`` on the previous committed checkpoint; a half-uploaded step has no manifest.
+The storage layout is ``layout``'s. Saving: every rank takes part in DeepSpeed's ``save_checkpoint``
+into its own node-local staging folder; training then goes on while ``upload.Uploader`` copies the
+files out. Rank 0 writes the manifest once every rank's part is stored, moves ``latest``, and applies
+retention. A crash at any point leaves ``latest`` on the previous committed checkpoint; a half-uploaded
+step has no manifest.
 
 Resuming: the newest committed checkpoint whose files all match the manifest's sizes and sha256 is
 loaded; a missing or corrupt file makes resume fall back to the previous one with a warning naming the
@@ -27,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import sys
@@ -38,187 +30,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from pipeline.checkpoint_upload import PartsMissing, UploadJob, Uploader, read_parts
+from pipeline.checkpoint.layout import (FORMAT, LATEST, MANIFEST, CheckpointError, apply_retention,
+                                        committed_candidates, committed_tags, first_good, list_steps, read_manifest,
+                                        read_parts, set_aside, step_of, storage_options, tag_for, verified_file)
+from pipeline.checkpoint.reshard import load_zero1_resharded
+from pipeline.checkpoint.upload import PartsMissing, Uploader, UploadJob
 from pipeline.config import CheckpointConfig
+from pipeline.distributed import all_gather_objects, barrier, broadcast_object, control_group
+from pipeline.retry import Backoff
 from pipeline.storage import Storage, StorageError
 
 log = logging.getLogger("pipeline.checkpoint")
 
-MANIFEST = "manifest.json"
-LATEST = "latest"
-FORMAT = 1
-_TAG = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint problem; the message names the URI or file and what to do."""
-
-
-def tag_for(step: int) -> str:
-    return f"step-{step}"
-
-
-def step_of(tag: str) -> int | None:
-    m = _TAG.match(tag)
-    return int(m.group(1)) if m else None
-
-
-# --------------------------------------------------------------------------------------------------
-# Storage-side helpers (no collectives): usable from tools and tests too.
-
-
-def read_manifest(store: Storage, tag: str) -> dict[str, Any] | None:
-    """The manifest of ``tag``; None when it has none (uncommitted). Unreadable JSON raises CheckpointError."""
-    try:
-        text = store.read_text(f"{tag}/{MANIFEST}")
-    except StorageError as e:
-        if e.kind == "not_found":
-            return None
-        raise
-    try:
-        manifest = json.loads(text)
-        if manifest.get("format") != FORMAT or manifest.get("tag") != tag or not manifest.get("files"):
-            raise ValueError("missing fields")
-    except (ValueError, AttributeError) as e:
-        raise CheckpointError(f"manifest {store.url(f'{tag}/{MANIFEST}')} is unreadable ({e})") from e
-    return manifest
-
-
-def list_steps(store: Storage) -> list[str]:
-    """Every step folder of a run, newest first (committed or not)."""
-    tags = [n for n in store.list() if step_of(n) is not None]
-    return sorted(tags, key=lambda t: step_of(t) or 0, reverse=True)
-
-
-def committed_tags(store: Storage) -> list[str]:
-    """Step folders that have a manifest, newest first."""
-    return [t for t in list_steps(store) if store.exists(f"{t}/{MANIFEST}")]
-
-
-def storage_options(cfg: CheckpointConfig) -> dict[str, str]:
-    """The Storage keyword arguments (endpoint, region, profile) that ``checkpoint.*`` configures."""
-    return {"endpoint_url": cfg.endpoint_url, "region": cfg.region, "profile": cfg.profile}
-
-
-def committed_candidates(store: Storage) -> list[tuple[str, dict[str, Any]]]:
-    """The committed checkpoints of a run folder with their manifests, newest first: the ones to try,
-    in order, when resuming or evaluating. Step folders without a manifest (uncommitted, set aside) or
-    with an unreadable one are skipped with a warning; so is a ``latest`` that names an uncommitted tag
-    or holds no step name. Raises CheckpointError when ``latest`` exists but nothing is committed (the
-    checkpoints were lost, which must never read as "no checkpoint yet")."""
-    latest, latest_err = None, ""
-    if store.exists(LATEST):
-        try:
-            latest = store.read_bytes(LATEST).decode("utf-8", "replace").strip()
-            if step_of(latest) is None:
-                latest_err, latest = f"it holds {latest[:40]!r}, not a step name", None
-        except StorageError as e:
-            latest_err = str(e)
-    candidates = []
-    for tag in list_steps(store):
-        try:
-            manifest = read_manifest(store, tag)
-        except CheckpointError as e:
-            log.warning("%s; skipping %s", e, tag)
-            continue
-        if manifest is None:
-            if tag == latest:
-                log.warning("%s names %s, which has no manifest (not committed); falling back",
-                            store.url(LATEST), tag)
-            continue
-        candidates.append((tag, manifest))
-    if latest_err:
-        log.warning("%s exists but cannot be used (%s); choosing among committed checkpoints",
-                    store.url(LATEST), latest_err)
-    if (latest or latest_err) and not candidates:
-        raise CheckpointError(f"{store.url(LATEST)} exists but no committed checkpoint (step-*/{MANIFEST}) was "
-                              f"found under {store.uri}")
-    if not latest and not latest_err and candidates:
-        log.warning("%s is missing but committed checkpoints exist; using the newest", store.url(LATEST))
-    return candidates
-
-
-def verified_file(store: Storage, rel: str, local: str | Path, entry: dict[str, Any]) -> Path:
-    """Download ``rel`` to ``local`` and check it against its manifest ``entry`` (size and sha256).
-    Returns the local path; raises CheckpointError naming the file when it cannot be read or differs."""
-    try:
-        got = store.get(rel, local)
-    except StorageError as e:
-        raise CheckpointError(f"file {store.url(rel)} cannot be read ({e})") from e
-    if got.size != entry["size"]:
-        raise CheckpointError(f"file {store.url(rel)} has {got.size} bytes, the manifest says {entry['size']}")
-    if got.sha256 != entry["sha256"]:
-        raise CheckpointError(f"file {store.url(rel)} fails its checksum (sha256 {got.sha256[:16]}..., the "
-                              f"manifest says {entry['sha256'][:16]}...)")
-    return Path(local)
-
-
-def set_aside(store: Storage, tag: str, reason: str) -> None:
-    """Uncommit ``tag`` without losing it: the manifest becomes ``manifest.<reason>.json``."""
-    try:
-        data = store.read_bytes(f"{tag}/{MANIFEST}")
-    except StorageError as e:
-        if e.kind == "not_found":
-            return
-        raise
-    store.write_bytes(f"{tag}/manifest.{reason}.json", data)
-    store.delete(f"{tag}/{MANIFEST}")
-
-
-def apply_retention(store: Storage, *, keep_last: int, keep_every: int, newest: str) -> list[str]:
-    """Delete committed checkpoints beyond the newest ``keep_last`` (sparing every ``keep_every``-th
-    step) and uncommitted leftovers, but only folders older than ``newest``, which was just committed.
-    Returns the deleted tags."""
-    newest_step = step_of(newest) or 0
-    tags = list_steps(store)
-    committed = [t for t in tags if store.exists(f"{t}/{MANIFEST}")]
-    keep = set(committed[:keep_last]) | {newest}
-    if keep_every:
-        keep |= {t for t in committed if (step_of(t) or 0) % keep_every == 0}
-    deleted = []
-    for t in tags:
-        if (step_of(t) or 0) >= newest_step or t in keep:
-            continue  # newer folders may be uploads in flight
-        # Manifest first: a crash halfway leaves an uncommitted folder, never a committed torn one.
-        store.delete(f"{t}/{MANIFEST}")
-        store.delete(t, recursive=True)
-        deleted.append(t)
-    return deleted
-
-
-# --------------------------------------------------------------------------------------------------
-# Collectives on a CPU (gloo) group of our own: cheap, and never on the training stream.
-
-
-class _Comm:
-    def __init__(self) -> None:
-        self.on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        self.group = None
-        if self.on:
-            self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-
-    def bcast(self, obj: Any) -> Any:
-        if not self.on:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
-
-    def gather_all(self, obj: Any) -> list[Any]:
-        if not self.on:
-            return [obj]
-        out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj, group=self.group)
-        return out
-
-    def barrier(self) -> None:
-        if self.on:
-            dist.barrier(group=self.group)
-
-
-# --------------------------------------------------------------------------------------------------
+# Checkpointer.wait's collective poll: quick at first, then once a second.
+_WAIT_POLL = Backoff(first_s=0.05, factor=1.5, max_s=1.0)
 
 
 class Checkpointer:
@@ -235,10 +61,11 @@ class Checkpointer:
         self._opts = storage_options(cfg)
         self.store = Storage(cfg.uri, **self._opts).child(run_id)  # the run folder
         self.staging = Path(staging_dir) / run_id
-        self._comm = _Comm()
+        # Control collectives on a CPU (gloo) group: cheap, and never on the training stream.
+        self._group = control_group()
         # One id per process lifetime, the same on all ranks, so the commit never trusts parts left over
         # by a crashed earlier attempt at the same step.
-        self.session = self._comm.bcast(uuid.uuid4().hex[:12] if rank == 0 else None)
+        self.session = broadcast_object(uuid.uuid4().hex[:12] if rank == 0 else None, group=self._group)
         self._uploader: Uploader | None = None
         self._last_save = time.monotonic()
         self.blocked_s: list[float] = []  # time the training loop spent inside save(), per save
@@ -256,7 +83,7 @@ class Checkpointer:
         except OSError as e:
             err = (f"cannot create the staging folder {self.staging} ({e}); set checkpoint.staging_dir to a "
                    f"writable node-local folder")
-        errors = [e for e in self._comm.gather_all(err) if e]
+        errors = [e for e in all_gather_objects(err, group=self._group) if e]
         if errors:
             raise CheckpointError(f"checkpoint storage check failed for checkpoint.uri = {self.cfg.uri!r}: "
                                   f"{errors[0]}")
@@ -268,7 +95,7 @@ class Checkpointer:
             return True
         if self.cfg.every_minutes and step % self.cfg.time_check_steps == 0:
             due = time.monotonic() - self._last_save >= 60 * self.cfg.every_minutes if self.rank == 0 else None
-            return bool(self._comm.bcast(due))
+            return bool(broadcast_object(due, group=self._group))
         return False
 
     # ---------------------------------------------------------------------------------------------
@@ -287,7 +114,8 @@ class Checkpointer:
         torch.save(trainer_state, local / f"trainer-rank{self.rank}.pt")
         meta = {"format": FORMAT, "run_id": self.run_id, "tag": tag, "step": step, "epoch": epoch,
                 "config_hash": self.config_hash, "world_size": self.world_size,
-                "zero_stage": int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0,
+                "zero_stage": int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage")
+                else 0,
                 "versions": _versions()}
         uploader.submit(UploadJob(tag=tag, step=step, local_dir=local, meta=meta))
         self._last_save = time.monotonic()
@@ -354,12 +182,12 @@ class Checkpointer:
         timeout_s = 60 * self.cfg.close_timeout_min if timeout_s is None else timeout_s
         t0 = time.monotonic()
         last_note = t0
-        poll = 0.05
+        polls = 0
         while True:
             idle = self._uploader is None or not self._uploader.pending()
             dead = self._uploader is not None and not idle and not self._uploader.alive
             give_up = time.monotonic() - t0 > timeout_s or dead
-            states = self._comm.gather_all((idle, give_up, self.pending(), dead))
+            states = all_gather_objects((idle, give_up, self.pending(), dead), group=self._group)
             if all(s[0] for s in states):
                 return
             if any(s[1] for s in states):
@@ -378,8 +206,8 @@ class Checkpointer:
                 last_note = time.monotonic()
                 log.warning("waiting for checkpoint uploads to commit: %s",
                             "; ".join(f"rank {r}: {s[2]}" for r, s in enumerate(states) if not s[0]))
-            time.sleep(poll)
-            poll = min(1.0, poll * 1.5)
+            time.sleep(_WAIT_POLL.delay(polls))
+            polls += 1
 
     def close(self) -> None:
         """Wait for every pending checkpoint to be committed, then stop the upload thread."""
@@ -399,9 +227,9 @@ class Checkpointer:
         if mode == "never":
             if self.rank == 0:
                 self._set_aside_all()
-            self._comm.barrier()
+            barrier(group=self._group)
             return None
-        survey = self._comm.bcast(self._survey(mode) if self.rank == 0 else None)
+        survey = broadcast_object(self._survey(mode) if self.rank == 0 else None, group=self._group)
         if isinstance(survey, str):
             raise CheckpointError(survey)
         store = Storage(survey["root"], **self._opts)
@@ -409,33 +237,33 @@ class Checkpointer:
             if self.rank == 0:
                 log.info("no committed checkpoint of run %s at %s: starting from scratch", self.run_id, store.uri)
             return None
-        rejected: list[str] = []
-        for i, (tag, manifest) in enumerate(survey["candidates"]):
+
+        def check(tag: str, manifest: dict[str, Any]) -> None:
+            # One download per node; a tag any rank cannot use is rejected on every rank.
             err = self._fetch(store, tag, manifest) if self.local_rank == 0 else ""
-            errors = [e for e in self._comm.gather_all(err) if e]
+            errors = [e for e in all_gather_objects(err, group=self._group) if e]
             if errors:
-                rejected.append(tag)
-                nxt = survey["candidates"][i + 1][0] if i + 1 < len(survey["candidates"]) else None
-                if self.rank == 0:
-                    log.warning("checkpoint %s rejected: %s; %s", store.url(tag), errors[0],
-                                f"falling back to {nxt}" if nxt else "no older committed checkpoint is left")
-                continue
-            state = self._load(engine, tag, manifest)
-            if self.rank == 0 and survey["own_run"]:
-                self._after_resume(store, tag, rejected)
-            self._comm.barrier()
-            shutil.rmtree(self._restore_root(), ignore_errors=True)
-            if self.rank == 0:
-                log.info("resumed from %s (step %d, epoch %d, written by %d ranks)", store.url(tag),
-                         manifest["step"], manifest["epoch"], manifest["world_size"])
-                if manifest.get("config_hash") != self.config_hash:
-                    log.warning("the config differs from the one that wrote %s (hash %s, now %s)", tag,
-                                manifest.get("config_hash"), self.config_hash)
-            return state
-        raise CheckpointError(
-            f"no checkpoint of {store.uri} passed verification (tried {', '.join(rejected)}; see the warnings "
-            f"above for each file); refusing to start from scratch: fix or remove them, point "
-            f"checkpoint.resume at a good checkpoint URI, or pass --checkpoint.resume=never")
+                raise CheckpointError(errors[0])
+
+        chosen, rejected = first_good(store, survey["candidates"], check, announce=self.rank == 0)
+        if chosen is None:
+            raise CheckpointError(
+                f"no checkpoint of {store.uri} passed verification (tried {', '.join(t for t, _ in rejected)}; see "
+                f"the warnings above for each file); refusing to start from scratch: fix or remove them, point "
+                f"checkpoint.resume at a good checkpoint URI, or pass --checkpoint.resume=never")
+        tag, manifest = chosen
+        state = self._load(engine, tag, manifest)
+        if self.rank == 0 and survey["own_run"]:
+            self._after_resume(store, tag, [t for t, _ in rejected])
+        barrier(group=self._group)
+        shutil.rmtree(self._restore_root(), ignore_errors=True)
+        if self.rank == 0:
+            log.info("resumed from %s (step %d, epoch %d, written by %d ranks)", store.url(tag),
+                     manifest["step"], manifest["epoch"], manifest["world_size"])
+            if manifest.get("config_hash") != self.config_hash:
+                log.warning("the config differs from the one that wrote %s (hash %s, now %s)", tag,
+                            manifest.get("config_hash"), self.config_hash)
+        return state
 
     def _survey(self, mode: str) -> dict[str, Any] | str:
         """Rank 0: the candidates to try, newest first, or an error message for every rank to raise."""
@@ -482,7 +310,7 @@ class Checkpointer:
         old_world = int(manifest["world_size"])
         try:
             if old_world != self.world_size and int(manifest.get("zero_stage", 0)) >= 1:
-                _load_zero1_resharded(engine, root, tag, old_world)
+                load_zero1_resharded(engine, root, tag, old_world=old_world, new_world=self.world_size)
             else:
                 path, _ = engine.load_checkpoint(str(root), tag=tag)
                 if path is None:
@@ -531,32 +359,3 @@ def _versions() -> dict[str, str]:
     import deepspeed
 
     return {"python": sys.version.split()[0], "torch": torch.__version__, "deepspeed": deepspeed.__version__}
-
-
-def _load_zero1_resharded(engine: Any, root: Path, tag: str, old_world: int) -> None:
-    """ZeRO-1 on a new world size: DeepSpeed refuses to re-partition the optimizer state itself.
-
-    The weights come from the model file (and refresh the fp32 partitions); the optimizer state of every
-    old partition is un-padded and handed to DeepSpeed's own elastic re-partitioning."""
-    from deepspeed.checkpoint.constants import (BASE_OPTIMIZER_STATE, BASE_OPTIMIZER_STATE_STEP, GROUP_PADDINGS,
-                                                OPTIMIZER_STATE_DICT, SINGLE_PARTITION_OF_FP32_GROUPS)
-
-    path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_only=True)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed found no checkpoint in {root / tag}")
-    opt = engine.optimizer
-    states = []
-    for r in range(old_world):
-        f = root / tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-        sd = torch.load(f, map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT]
-        base = sd[BASE_OPTIMIZER_STATE]
-        groups = []
-        for i, fp32 in enumerate(sd[SINGLE_PARTITION_OF_FP32_GROUPS]):
-            n = fp32.numel()  # saved without padding; the optimizer state still has it
-            st = base["state"].get(i, {}) if isinstance(base, dict) else base[i]
-            groups.append({k: (v.flatten()[:n] if torch.is_tensor(v) and v.numel() >= n else v) for k, v in st.items()})
-        states.append({BASE_OPTIMIZER_STATE: groups, SINGLE_PARTITION_OF_FP32_GROUPS: sd[SINGLE_PARTITION_OF_FP32_GROUPS],
-                       BASE_OPTIMIZER_STATE_STEP: base["param_groups"][0].get("step") if isinstance(base, dict) else None,
-                       GROUP_PADDINGS: sd.get(GROUP_PADDINGS)})
-    opt._restore_elastic_base_optimizer_state(states)
-    opt._link_all_hp_params()

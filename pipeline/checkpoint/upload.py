@@ -6,28 +6,31 @@ sha256). On global rank 0 a commit callback then waits for every rank's part and
 and the ``latest`` marker. No collective call happens here: a collective from a second thread would race
 the training loop's own collectives, so ranks coordinate through the storage instead.
 
-A failing upload (endpoint down, throttling) is retried forever with exponential backoff while training
-goes on; the local files are deleted only after the upload succeeded, so nothing is lost. The owner
-bounds how many checkpoints may wait (``Checkpointer`` blocks a new save when too many are pending).
+A failing upload (endpoint down, throttling) is retried forever with exponential backoff
+(``pipeline.retry``) while training goes on; the local files are deleted only after the upload
+succeeded, so nothing is lost. The owner bounds how many checkpoints may wait (``Checkpointer``
+blocks a new save when too many are pending).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.storage import FileInfo, Storage, StorageError
+from pipeline.checkpoint.layout import write_part
+from pipeline.retry import Backoff, RetryStopped, retry
+from pipeline.storage import FileInfo, Storage
 
 log = logging.getLogger("pipeline.checkpoint")
 
-PARTS_DIR = "parts"
+# Other ranks still uploading is a wait, not a failure: polled quickly at first, then every 2 s.
+_PARTS_WAIT = Backoff(first_s=0.075, factor=1.5, max_s=2.0)
 
 
 @dataclass
@@ -59,8 +62,7 @@ class Uploader:
         self.rank = rank
         self.session = session  # parts from an earlier, crashed attempt at the same step are ignored
         self.commit = commit
-        self.retry_base_s = retry_base_s
-        self.retry_max_s = retry_max_s
+        self.backoff = Backoff(first_s=retry_base_s, factor=2.0, max_s=retry_max_s)
         self._queue: queue.Queue[UploadJob | None] = queue.Queue()
         self._pending: list[UploadJob] = []
         self._lock = threading.Lock()
@@ -108,7 +110,7 @@ class Uploader:
                 return
             try:
                 self._run(job)
-            except _Closing:
+            except RetryStopped:
                 return
             except BaseException:  # noqa: BLE001 - an unexpected bug must not silently stop all uploads
                 log.exception("checkpoint %s: upload thread failed on rank %d; the staged files stay in %s",
@@ -124,69 +126,46 @@ class Uploader:
         for path in sorted(p for p in job.local_dir.rglob("*") if p.is_file()):
             rel = path.relative_to(job.local_dir).as_posix()
             size = path.stat().st_size
-            infos.append(self.retry(lambda: self.store.put(path, f"{job.tag}/{rel}"), job, f"upload {rel}"))
+            infos.append(self.retry(lambda p=path, r=rel: self.store.put(p, f"{job.tag}/{r}"), job, f"upload {rel}"))
             job.files_left -= 1
             job.bytes_left -= size
-        part = {"rank": self.rank, "session": self.session, "step": job.step,
-                "files": [{**asdict(i), "path": i.path.split("/", 1)[1], "rank": self.rank} for i in infos]}
-        self.retry(lambda: self.store.write_text(f"{job.tag}/{PARTS_DIR}/rank-{self.rank:05d}.json",
-                                                 json.dumps(part)), job, "write the part list")
+        self.retry(lambda: write_part(self.store, job.tag, rank=self.rank, session=self.session, step=job.step,
+                                      files=infos), job, "write the part list")
         if self.commit is not None:
-            self.retry(lambda: self.commit(job), job, "commit")
+            self.retry(lambda: self._commit_when_complete(job), job, "commit")
         shutil.rmtree(job.local_dir, ignore_errors=True)
 
     def retry(self, fn: Callable[[], Any], job: UploadJob, what: str) -> Any:
-        failures = waits = 0
-        noted = 0.0
-        while True:
-            if self._closing.is_set():
-                raise _Closing()
-            try:
-                result = fn()
-                if failures:
-                    log.warning("checkpoint %s: %s succeeded after %d retries", job.tag, what, failures)
-                job.last_error = ""
-                return result
-            except PartsMissing as e:
-                # Other ranks are still uploading: a wait, not a failure; said once a minute at most.
-                if time.monotonic() - noted > 60:
-                    noted = time.monotonic()
-                    log.info("checkpoint %s: waiting for rank(s) %s to finish uploading", job.tag, e)
-                waits += 1
-                delay = min(2.0, 0.05 * 1.5**waits)
-            except Exception as e:  # noqa: BLE001 - every failure is retried: dropping a checkpoint is worse
-                delay = min(self.retry_max_s, self.retry_base_s * 2**failures)
-                failures += 1
-                job.last_error = str(e)
-                others = [j.tag for j in self.pending() if j is not job]
-                log.warning("checkpoint %s: %s failed on rank %d (%s); pending: %s%s; retry %d in %.0f s; "
-                            "training goes on", job.tag, what, self.rank, e, job.describe(),
-                            f", queued after it: {', '.join(others)}" if others else "", failures, delay)
-            if self._closing.wait(delay):
-                raise _Closing()
+        """``fn`` until it succeeds (every failure is retried: dropping a checkpoint is worse), or until
+        ``close`` (RetryStopped). Each failure is logged with what is pending; training goes on."""
+        def note(e: BaseException, failures: int, delay: float) -> None:
+            job.last_error = str(e)
+            others = [j.tag for j in self.pending() if j is not job]
+            log.warning("checkpoint %s: %s failed on rank %d (%s); pending: %s%s; retry %d in %.0f s; "
+                        "training goes on", job.tag, what, self.rank, e, job.describe(),
+                        f", queued after it: {', '.join(others)}" if others else "", failures, delay)
 
+        result = retry(fn, what=f"checkpoint {job.tag}: {what}", backoff=self.backoff, on_retry=note,
+                       should_stop=self._closing.is_set, sleep=self._closing.wait, logger=log)
+        job.last_error = ""
+        return result
 
-class _Closing(Exception):
-    pass
+    def _commit_when_complete(self, job: UploadJob) -> None:
+        """Run the commit callback, waiting while it reports other ranks' parts missing (said once a
+        minute at most); its other failures go to the caller's retry."""
+        noted = [0.0]
+
+        def note(e: BaseException, waits: int, delay: float) -> None:
+            if time.monotonic() - noted[0] > 60:
+                noted[0] = time.monotonic()
+                log.info("checkpoint %s: waiting for rank(s) %s to finish uploading", job.tag, e)
+
+        commit = self.commit
+        assert commit is not None
+        retry(lambda: commit(job), what=f"checkpoint {job.tag}: commit", backoff=_PARTS_WAIT,
+              retryable=lambda e: isinstance(e, PartsMissing), should_stop=self._closing.is_set,
+              sleep=self._closing.wait, on_retry=note, log_recovery=False, logger=log)
 
 
 class PartsMissing(Exception):
     """Raised by a commit callback while some ranks' parts are not stored yet (the message lists them)."""
-
-
-def read_parts(store: Storage, tag: str) -> dict[int, dict[str, Any]]:
-    """The part lists stored so far for ``tag``, by rank (unreadable ones are skipped: not yet whole)."""
-    out: dict[int, dict[str, Any]] = {}
-    for name in store.list(f"{tag}/{PARTS_DIR}"):
-        if not (name.startswith("rank-") and name.endswith(".json")):
-            continue
-        try:
-            part = json.loads(store.read_text(f"{tag}/{PARTS_DIR}/{name}"))
-        except ValueError:
-            continue
-        except StorageError as e:
-            if e.kind == "not_found":
-                continue
-            raise
-        out[int(part["rank"])] = part
-    return out

@@ -1,0 +1,224 @@
+"""What a run's checkpoints look like on storage, and how to read, choose, verify and tidy them.
+
+Layout under ``<checkpoint.uri>/<run_id>/``::
+
+    step-<N>/mp_rank_00_model_states.pt, zero_pp_rank_*...   DeepSpeed's files, as it wrote them
+    step-<N>/trainer-rank<R>.pt                              each rank's trainer state (RNG, data position)
+    step-<N>/parts/rank-<R>.json                             what rank R uploaded (size, sha256)
+    step-<N>/manifest.json                                   written last: the checkpoint is committed
+    step-<N>/manifest.<reason>.json                          a set-aside (uncommitted) manifest
+    latest                                                   "step-<N>", moved only after the manifest
+
+Storage only, no collectives: usable from tools, evaluation and tests as well as the Checkpointer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.config import CheckpointConfig
+from pipeline.storage import FileInfo, Storage, StorageError
+
+log = logging.getLogger("pipeline.checkpoint")
+
+MANIFEST = "manifest.json"
+LATEST = "latest"
+PARTS_DIR = "parts"
+FORMAT = 1
+_TAG = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint problem; the message names the URI or file and what to do."""
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step}"
+
+
+def step_of(tag: str) -> int | None:
+    m = _TAG.match(tag)
+    return int(m.group(1)) if m else None
+
+
+def storage_options(cfg: CheckpointConfig) -> dict[str, str]:
+    """The Storage keyword arguments (endpoint, region, profile) that ``checkpoint.*`` configures."""
+    return {"endpoint_url": cfg.endpoint_url, "region": cfg.region, "profile": cfg.profile}
+
+
+# --------------------------------------------------------------------------------------------------
+# Manifests and the committed checkpoints
+
+
+def read_manifest(store: Storage, tag: str) -> dict[str, Any] | None:
+    """The manifest of ``tag``; None when it has none (uncommitted). Unreadable JSON raises CheckpointError."""
+    try:
+        text = store.read_text(f"{tag}/{MANIFEST}")
+    except StorageError as e:
+        if e.kind == "not_found":
+            return None
+        raise
+    try:
+        manifest = json.loads(text)
+        if manifest.get("format") != FORMAT or manifest.get("tag") != tag or not manifest.get("files"):
+            raise ValueError("missing fields")
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"manifest {store.url(f'{tag}/{MANIFEST}')} is unreadable ({e})") from e
+    return manifest
+
+
+def list_steps(store: Storage) -> list[str]:
+    """Every step folder of a run, newest first (committed or not)."""
+    tags = [n for n in store.list() if step_of(n) is not None]
+    return sorted(tags, key=lambda t: step_of(t) or 0, reverse=True)
+
+
+def committed_tags(store: Storage) -> list[str]:
+    """Step folders that have a manifest, newest first."""
+    return [t for t in list_steps(store) if store.exists(f"{t}/{MANIFEST}")]
+
+
+def committed_candidates(store: Storage) -> list[tuple[str, dict[str, Any]]]:
+    """The committed checkpoints of a run folder with their manifests, newest first: the ones to try,
+    in order, when resuming or evaluating. Step folders without a manifest (uncommitted, set aside) or
+    with an unreadable one are skipped with a warning; so is a ``latest`` that names an uncommitted tag
+    or holds no step name. Raises CheckpointError when ``latest`` exists but nothing is committed (the
+    checkpoints were lost, which must never read as "no checkpoint yet")."""
+    latest, latest_err = None, ""
+    if store.exists(LATEST):
+        try:
+            latest = store.read_bytes(LATEST).decode("utf-8", "replace").strip()
+            if step_of(latest) is None:
+                latest_err, latest = f"it holds {latest[:40]!r}, not a step name", None
+        except StorageError as e:
+            latest_err = str(e)
+    candidates = []
+    for tag in list_steps(store):
+        try:
+            manifest = read_manifest(store, tag)
+        except CheckpointError as e:
+            log.warning("%s; skipping %s", e, tag)
+            continue
+        if manifest is None:
+            if tag == latest:
+                log.warning("%s names %s, which has no manifest (not committed); falling back",
+                            store.url(LATEST), tag)
+            continue
+        candidates.append((tag, manifest))
+    if latest_err:
+        log.warning("%s exists but cannot be used (%s); choosing among committed checkpoints",
+                    store.url(LATEST), latest_err)
+    if (latest or latest_err) and not candidates:
+        raise CheckpointError(f"{store.url(LATEST)} exists but no committed checkpoint (step-*/{MANIFEST}) was "
+                              f"found under {store.uri}")
+    if not latest and not latest_err and candidates:
+        log.warning("%s is missing but committed checkpoints exist; using the newest", store.url(LATEST))
+    return candidates
+
+
+def first_good(store: Storage, candidates: list[tuple[str, dict[str, Any]]],
+               check: Callable[[str, dict[str, Any]], None], *,
+               announce: bool = True) -> tuple[tuple[str, dict[str, Any]] | None, list[tuple[str, str]]]:
+    """Try ``candidates`` (``committed_candidates``' order, newest first) with ``check(tag, manifest)``,
+    which fetches and verifies what the caller needs and raises CheckpointError when it cannot. Returns
+    the first one that passes (None when none does) and the rejected ones as (tag, reason), each warned
+    about with the one it falls back to (``announce=False``: not logged, e.g. on ranks other than 0)."""
+    rejected: list[tuple[str, str]] = []
+    for i, (tag, manifest) in enumerate(candidates):
+        try:
+            check(tag, manifest)
+        except CheckpointError as e:
+            rejected.append((tag, str(e)))
+            if announce:
+                nxt = candidates[i + 1][0] if i + 1 < len(candidates) else None
+                log.warning("checkpoint %s rejected: %s; %s", store.url(tag), e,
+                            f"falling back to {nxt}" if nxt else "no older committed checkpoint is left")
+            continue
+        return (tag, manifest), rejected
+    return None, rejected
+
+
+def verified_file(store: Storage, rel: str, local: str | Path, entry: dict[str, Any]) -> Path:
+    """Download ``rel`` to ``local`` and check it against its manifest ``entry`` (size and sha256).
+    Returns the local path; raises CheckpointError naming the file when it cannot be read or differs."""
+    try:
+        got = store.get(rel, local)
+    except StorageError as e:
+        raise CheckpointError(f"file {store.url(rel)} cannot be read ({e})") from e
+    if got.size != entry["size"]:
+        raise CheckpointError(f"file {store.url(rel)} has {got.size} bytes, the manifest says {entry['size']}")
+    if got.sha256 != entry["sha256"]:
+        raise CheckpointError(f"file {store.url(rel)} fails its checksum (sha256 {got.sha256[:16]}..., the "
+                              f"manifest says {entry['sha256'][:16]}...)")
+    return Path(local)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parts: what each rank uploaded, before rank 0 commits
+
+
+def write_part(store: Storage, tag: str, *, rank: int, session: str, step: int, files: list[FileInfo]) -> None:
+    """Record the files ``rank`` uploaded for ``tag`` (paths given relative to the run, ``<tag>/...``)."""
+    part = {"rank": rank, "session": session, "step": step,
+            "files": [{**asdict(i), "path": i.path.split("/", 1)[1], "rank": rank} for i in files]}
+    store.write_text(f"{tag}/{PARTS_DIR}/rank-{rank:05d}.json", json.dumps(part))
+
+
+def read_parts(store: Storage, tag: str) -> dict[int, dict[str, Any]]:
+    """The part lists stored so far for ``tag``, by rank (unreadable ones are skipped: not yet whole)."""
+    out: dict[int, dict[str, Any]] = {}
+    for name in store.list(f"{tag}/{PARTS_DIR}"):
+        if not (name.startswith("rank-") and name.endswith(".json")):
+            continue
+        try:
+            part = json.loads(store.read_text(f"{tag}/{PARTS_DIR}/{name}"))
+        except ValueError:
+            continue
+        except StorageError as e:
+            if e.kind == "not_found":
+                continue
+            raise
+        out[int(part["rank"])] = part
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Tidying
+
+
+def set_aside(store: Storage, tag: str, reason: str) -> None:
+    """Uncommit ``tag`` without losing it: the manifest becomes ``manifest.<reason>.json``."""
+    try:
+        data = store.read_bytes(f"{tag}/{MANIFEST}")
+    except StorageError as e:
+        if e.kind == "not_found":
+            return
+        raise
+    store.write_bytes(f"{tag}/manifest.{reason}.json", data)
+    store.delete(f"{tag}/{MANIFEST}")
+
+
+def apply_retention(store: Storage, *, keep_last: int, keep_every: int, newest: str) -> list[str]:
+    """Delete committed checkpoints beyond the newest ``keep_last`` (sparing every ``keep_every``-th
+    step) and uncommitted leftovers, but only folders older than ``newest``, which was just committed.
+    Returns the deleted tags."""
+    newest_step = step_of(newest) or 0
+    tags = list_steps(store)
+    committed = [t for t in tags if store.exists(f"{t}/{MANIFEST}")]
+    keep = set(committed[:keep_last]) | {newest}
+    if keep_every:
+        keep |= {t for t in committed if (step_of(t) or 0) % keep_every == 0}
+    deleted = []
+    for t in tags:
+        if (step_of(t) or 0) >= newest_step or t in keep:
+            continue  # newer folders may be uploads in flight
+        # Manifest first: a crash halfway leaves an uncommitted folder, never a committed torn one.
+        store.delete(f"{t}/{MANIFEST}")
+        store.delete(t, recursive=True)
+        deleted.append(t)
+    return deleted

@@ -22,7 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,9 +39,16 @@ def _engine(size_mib: int):  # type: ignore[no-untyped-def]
     n = int((size_mib * 2**20 / 2 / 4) ** 0.5)  # weights + momentum ~= size_mib
     model = nn.Linear(n, n, bias=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
-        "train_micro_batch_size_per_gpu": 1, "train_batch_size": 1, "steps_per_print": 2**31 - 1,
-        "zero_optimization": {"stage": 0}})
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=opt,
+        config={
+            "train_micro_batch_size_per_gpu": 1,
+            "train_batch_size": 1,
+            "steps_per_print": 2**31 - 1,
+            "zero_optimization": {"stage": 0},
+        },
+    )
     x = torch.randn(1, n)
     engine.backward(engine(x).sum())
     engine.step()  # momentum buffers exist, as in training
@@ -53,8 +60,14 @@ def _measure(uri: str, size_mib: int, staging: Path, repeats: int) -> dict[str, 
     from pipeline.config import CheckpointConfig
 
     engine = _engine(size_mib)
-    ck = Checkpointer(CheckpointConfig(uri=uri, keep_last=1), run_id=f"bench-{size_mib}", rank=0, world_size=1,
-                      config_hash="bench", staging_dir=str(staging))
+    ck = Checkpointer(
+        CheckpointConfig(uri=uri, keep_last=1),
+        run_id=f"bench-{size_mib}",
+        rank=0,
+        world_size=1,
+        config_hash="bench",
+        staging_dir=str(staging),
+    )
     ck.check_access()
     blocked, committed = [], []
     for i in range(repeats):
@@ -68,8 +81,11 @@ def _measure(uri: str, size_mib: int, staging: Path, repeats: int) -> dict[str, 
 
     store = Storage(uri).child(f"bench-{size_mib}")
     actual = sum(size for f, size in store.find(f"step-{repeats}").items() if f.endswith(".pt"))
-    return {"size_mib": actual / 2**20, "blocked_s": statistics.median(blocked),
-            "committed_s": statistics.median(committed)}
+    return {
+        "size_mib": actual / 2**20,
+        "blocked_s": statistics.median(blocked),
+        "committed_s": statistics.median(committed),
+    }
 
 
 def main() -> int:
@@ -108,16 +124,21 @@ def main() -> int:
                 for size in sizes:
                     r = _measure(uri, size, Path(tmp) / f"staging-{backend}-{size}", args.repeats)
                     rows.append((backend, r))
-                    print(f"{backend:5s} {r['size_mib']:8.1f} MiB  blocked {r['blocked_s']:.3f} s  "
-                          f"committed {r['committed_s']:.3f} s", flush=True)
+                    print(
+                        f"{backend:5s} {r['size_mib']:8.1f} MiB  blocked {r['blocked_s']:.3f} s  "
+                        f"committed {r['committed_s']:.3f} s",
+                        flush=True,
+                    )
             finally:
                 if backend == "s3":
                     server.__exit__(None, None, None)
     load = os.getloadavg()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
     lines = [
-        f"\n## Checkpoint blocking time vs size ({datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC)\n",
+        f"\n## Checkpoint blocking time vs size ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)\n",
         f"- machine: {cpu}, {os.cpu_count()} cores, load average {load[0]:.1f} at the end (shared machine), no GPU",
         f"- versions: Python {platform.python_version()}, torch {torch.__version__}, deepspeed {deepspeed.__version__}",
         f"- command: `.venv/bin/python benchmarks/checkpoint_blocking.py --sizes-mib {args.sizes_mib} "
@@ -129,8 +150,10 @@ def main() -> int:
         "|---|---:|---:|---:|---:|",
     ]
     for backend, r in rows:
-        lines.append(f"| {backend} | {r['size_mib']:.1f} | {r['blocked_s']:.3f} | {r['committed_s']:.3f} | "
-                     f"{r['blocked_s'] / max(r['committed_s'], 1e-9):.0%} |")
+        lines.append(
+            f"| {backend} | {r['size_mib']:.1f} | {r['blocked_s']:.3f} | {r['committed_s']:.3f} | "
+            f"{r['blocked_s'] / max(r['committed_s'], 1e-9):.0%} |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_append:

@@ -57,7 +57,7 @@ def render(index: int, *, seed: int, min_side: int, max_side: int, target_kib: f
     base = np.asarray(Image.blend(img, tex_img, 0.18), dtype=np.int16)
     g = _grain(seed, max_side)
     oy, ox = (int(v) for v in rng.integers(0, g.shape[0] - max_side, size=2))
-    grain = g[oy:oy + h, ox:ox + w]
+    grain = g[oy : oy + h, ox : ox + w]
     target = target_kib * 1024 * (h * w) / AVG_AREA
     amp = _AMP[0]
     best = b""
@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out}: already written ({args.count} images)")
         return 0
     classes = min(args.classes, args.count)
-    kw = dict(seed=args.seed, min_side=args.min_side, max_side=args.max_side, target_kib=args.target_kib,
-              quality=args.quality)
+    kw = dict(
+        seed=args.seed, min_side=args.min_side, max_side=args.max_side, target_kib=args.target_kib, quality=args.quality
+    )
     jobs = []
     for i in range(args.count):
         folder = out / "train" / f"c{i % classes:04d}"
@@ -117,11 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
         sizes = list(pool.map(_write, jobs, chunksize=16))
     dt = time.perf_counter() - t0
-    summary = {"args": want, "images": len(sizes), "mean_kib": sum(sizes) / len(sizes) / 1024,
-               "total_mib": sum(sizes) / 2**20, "seconds": dt}
+    summary = {
+        "args": want,
+        "images": len(sizes),
+        "mean_kib": sum(sizes) / len(sizes) / 1024,
+        "total_mib": sum(sizes) / 2**20,
+        "seconds": dt,
+    }
     marker.write_text(json.dumps(summary))
-    print(f"{out}: {len(sizes)} JPEGs in {classes} class folders, mean {summary['mean_kib']:.1f} KiB, "
-          f"{summary['total_mib']:.0f} MiB, {dt:.1f} s with {args.workers} processes")
+    print(
+        f"{out}: {len(sizes)} JPEGs in {classes} class folders, mean {summary['mean_kib']:.1f} KiB, "
+        f"{summary['total_mib']:.0f} MiB, {dt:.1f} s with {args.workers} processes"
+    )
     return 0
 
 

@@ -59,13 +59,19 @@ def _members(study: Study, only: str | None) -> list[Member]:
 def _env(port: int) -> dict[str, str]:
     # A world of one with a fixed port: read_env would otherwise pick a free port in each process, and
     # processes starting in the same instant could pick the same one.
-    return {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return {
+        **os.environ,
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
 
 
-def _launch(commands: list[tuple[str, list[str], Path]], *, parallel: int,
-            deadline_s: float = 0.0) -> dict[str, int]:
+def _launch(commands: list[tuple[str, list[str], Path]], *, parallel: int, deadline_s: float = 0.0) -> dict[str, int]:
     """Run (name, argv, log) commands, at most ``parallel`` at a time; returns each exit code.
 
     Past ``deadline_s`` (0: none) every running command's process group gets SIGTERM, which the
@@ -83,16 +89,19 @@ def _launch(commands: list[tuple[str, list[str], Path]], *, parallel: int,
             port += 1
             with open(log, "ab") as f:
                 # Own session: a stop reaches the study runner and the training process under it.
-                proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=_env(port), cwd=os.getcwd(),
-                                        start_new_session=True)
+                proc = subprocess.Popen(
+                    argv, stdout=f, stderr=subprocess.STDOUT, env=_env(port), cwd=os.getcwd(), start_new_session=True
+                )
             running[name] = (proc, time.monotonic())
             print(f"  started {name} (pid {proc.pid}, log {log})", flush=True)
         time.sleep(0.5)
         if deadline_s and not stopping and time.monotonic() - start > deadline_s:
             stopping = True
-            print(f"  deadline of {deadline_s:.0f} s reached: stopping {', '.join(running) or 'nothing'} "
-                  f"(checkpoint, then exit); not starting {', '.join(n for n, _, _ in pending) or 'anything else'}",
-                  flush=True)
+            print(
+                f"  deadline of {deadline_s:.0f} s reached: stopping {', '.join(running) or 'nothing'} "
+                f"(checkpoint, then exit); not starting {', '.join(n for n, _, _ in pending) or 'anything else'}",
+                flush=True,
+            )
             for proc, _ in running.values():
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
@@ -107,8 +116,10 @@ def _launch(commands: list[tuple[str, list[str], Path]], *, parallel: int,
                 _wait_group(proc.pid)
                 codes[name] = rc
                 del running[name]
-                print(f"  {name}: {'finished' if rc == 0 else f'exit code {rc}'} after {time.monotonic() - t0:.0f} s",
-                      flush=True)
+                print(
+                    f"  {name}: {'finished' if rc == 0 else f'exit code {rc}'} after {time.monotonic() - t0:.0f} s",
+                    flush=True,
+                )
     return codes
 
 
@@ -142,10 +153,18 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     client = MlflowClient(uri)
     # The parent first, so the member processes all reopen this one instead of racing to create their own.
     parent = open_parent(client, study, experiment=first.tracking.experiment, configs=configs)
-    print(f"study {study.name}: parent run {parent} at {uri}; {len(members)} members, {args.parallel} at a time",
-          flush=True)
-    cmds = [(m.name, [sys.executable, "-m", "pipeline.study", str(study.path), "--only", m.name, *overrides],
-             logs / f"{m.name}.log") for m in members]
+    print(
+        f"study {study.name}: parent run {parent} at {uri}; {len(members)} members, {args.parallel} at a time",
+        flush=True,
+    )
+    cmds = [
+        (
+            m.name,
+            [sys.executable, "-m", "pipeline.study", str(study.path), "--only", m.name, *overrides],
+            logs / f"{m.name}.log",
+        )
+        for m in members
+    ]
     t0 = time.monotonic()
     codes = _launch(cmds, parallel=args.parallel, deadline_s=args.deadline_s)
     exp_id = client.get_run(parent).info.experiment_id
@@ -162,8 +181,14 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0 if ok else 1
 
 
-def _run_untracked(study: Study, members: list[Member], configs: dict[str, TrainConfig], args: argparse.Namespace,
-                   overrides: list[str], logs: Path) -> int:
+def _run_untracked(
+    study: Study,
+    members: list[Member],
+    configs: dict[str, TrainConfig],
+    args: argparse.Namespace,
+    overrides: list[str],
+    logs: Path,
+) -> int:
     hist = Path(args.history_dir or f"runs/studies/{study.name}/histories")
     hist.mkdir(parents=True, exist_ok=True)
     cmds = []
@@ -172,10 +197,17 @@ def _run_untracked(study: Study, members: list[Member], configs: dict[str, Train
         cfg.tracking.enabled = False
         path = hist / f"{m.name}.toml"
         path.write_text(to_toml(cfg))
-        cmds.append((m.name, [sys.executable, str(Path(__file__).resolve()), "member", str(path),
-                              str(hist / f"{m.name}.json")], logs / f"{m.name}.log"))
-    print(f"study {study.name}: {len(members)} members, {args.parallel} at a time, MLflow off; histories in {hist}",
-          flush=True)
+        cmds.append(
+            (
+                m.name,
+                [sys.executable, str(Path(__file__).resolve()), "member", str(path), str(hist / f"{m.name}.json")],
+                logs / f"{m.name}.log",
+            )
+        )
+    print(
+        f"study {study.name}: {len(members)} members, {args.parallel} at a time, MLflow off; histories in {hist}",
+        flush=True,
+    )
     t0 = time.monotonic()
     codes = _launch(cmds, parallel=args.parallel, deadline_s=args.deadline_s)
     print(f"\n{'member':<12} {'exit':>4} {'val top-1 err':>13}  (wall {time.monotonic() - t0:.0f} s)")
@@ -196,9 +228,16 @@ def member(args: argparse.Namespace) -> int:
     from pipeline.models import model_spec
 
     spec = model_spec(cfg.model.name, **cfg.model.overrides())
-    out = {"config": cfg.to_dict(), "params": flatten(cfg), "tags": {**spec.tags(), "model": cfg.model.name},
-           "history": outcome.history, "final_val": outcome.final_val, "exit_code": outcome.exit_code,
-           "start_time": t0, "end_time": time.time()}
+    out = {
+        "config": cfg.to_dict(),
+        "params": flatten(cfg),
+        "tags": {**spec.tags(), "model": cfg.model.name},
+        "history": outcome.history,
+        "final_val": outcome.final_val,
+        "exit_code": outcome.exit_code,
+        "start_time": t0,
+        "end_time": time.time(),
+    }
     if int(os.environ.get("RANK", "0")) == 0:
         Path(args.history).write_text(json.dumps(out))
     return outcome.exit_code
@@ -227,21 +266,33 @@ def import_histories(args: argparse.Namespace) -> int:
         data = json.loads(files[m.name].read_text())
         cfg = data["config"]
         dataset = cfg["data"]["source"] if cfg["data"]["source"] != "folder" else cfg["data"]["style"]
-        tags = {"mlflow.parentRunId": parent, "study": study.name, "mlflow.source.name": "pipeline.train",
-                "imported_from": str(files[m.name]), "dataset": dataset, "world_size": "1", **data["tags"]}
+        tags = {
+            "mlflow.parentRunId": parent,
+            "study": study.name,
+            "mlflow.source.name": "pipeline.train",
+            "imported_from": str(files[m.name]),
+            "dataset": dataset,
+            "world_size": "1",
+            **data["tags"],
+        }
         run = client.create_run(exp_id, run_name=m.name, tags=tags, start_time=int(data["start_time"] * 1000))
         rid = run.info.run_id
         params = [Param(k, str(v)[:6000]) for k, v in data["params"].items()]
         for i in range(0, len(params), 100):
-            client.log_batch(rid, params=params[i:i + 100])
+            client.log_batch(rid, params=params[i : i + 100])
         ts = int(data["end_time"] * 1000)
-        points = [Metric(k, float(v), ts, int(row["step"])) for row in data["history"] for k, v in row.items()
-                  if k != "step" and isinstance(v, (int, float))]
+        points = [
+            Metric(k, float(v), ts, int(row["step"]))
+            for row in data["history"]
+            for k, v in row.items()
+            if k != "step" and isinstance(v, (int, float))
+        ]
         for i in range(0, len(points), 1000):
-            client.log_batch(rid, metrics=points[i:i + 1000])
+            client.log_batch(rid, metrics=points[i : i + 1000])
         client.log_batch(rid, tags=[RunTag("imported", "true")])
-        client.set_terminated(rid, status="FINISHED" if data["exit_code"] == 0 else "FAILED",
-                              end_time=int(data["end_time"] * 1000))
+        client.set_terminated(
+            rid, status="FINISHED" if data["exit_code"] == 0 else "FAILED", end_time=int(data["end_time"] * 1000)
+        )
         print(f"  {m.name}: run {rid}, {len(points)} metric points", flush=True)
     client.set_terminated(parent, status="FINISHED")
     if args.report_out is not None:
@@ -270,18 +321,34 @@ def project(rows: list[dict[str, Any]], *, startup_s: float = 20.0) -> dict[str,
         steps = r["max_steps"]
         evals = steps // max(1, r["steps_per_epoch"] * r.get("eval_every", 1)) + 1
         # Start-up as the probe measured it (imports, data, engine), never below the floor given.
-        members.append({"name": r.get("name", r.get("model")), "steps": steps, "evals": evals,
-                        "alone": r["alone_steps_s"], "together": r["together_steps_s"], "eval_s": r["eval_s"],
-                        "warm_s": r["warmup_and_compile_s"], "start_s": max(startup_s, r.get("startup_s", 0.0))})
+        members.append(
+            {
+                "name": r.get("name", r.get("model")),
+                "steps": steps,
+                "evals": evals,
+                "alone": r["alone_steps_s"],
+                "together": r["together_steps_s"],
+                "eval_s": r["eval_s"],
+                "warm_s": r["warmup_and_compile_s"],
+                "start_s": max(startup_s, r.get("startup_s", 0.0)),
+            }
+        )
     if not members:
         raise ValueError("no probe rows (with alone_steps_s) in the input")
     warm = max(m["start_s"] + m["warm_s"] for m in members)
     concurrent = warm + max(
-        m["steps"] / m["together"] + m["evals"] * m["eval_s"] * m["alone"] / m["together"] for m in members)
+        m["steps"] / m["together"] + m["evals"] * m["eval_s"] * m["alone"] / m["together"] for m in members
+    )
     sequential = sum(m["start_s"] + m["warm_s"] + m["steps"] / m["alone"] + m["evals"] * m["eval_s"] for m in members)
     best = "concurrent" if concurrent <= sequential else "sequential"
-    return {"members": members, "concurrent_s": concurrent, "sequential_s": sequential, "best": best,
-            "best_s": min(concurrent, sequential), "parallel": len(members) if best == "concurrent" else 1}
+    return {
+        "members": members,
+        "concurrent_s": concurrent,
+        "sequential_s": sequential,
+        "best": best,
+        "best_s": min(concurrent, sequential),
+        "parallel": len(members) if best == "concurrent" else 1,
+    }
 
 
 def project_main(args: argparse.Namespace) -> int:
@@ -301,10 +368,14 @@ def project_main(args: argparse.Namespace) -> int:
     together = f"{len(p['members'])} at once st/s"
     print(f"{'member':<20} {'steps':>6} {'alone st/s':>10} {together:>14} {'eval s':>7} {'warm-up s':>9}")
     for m in p["members"]:
-        print(f"{m['name']:<20} {m['steps']:>6} {m['alone']:>10.1f} {m['together']:>14.1f} {m['eval_s']:>7.2f} "
-              f"{m['warm_s']:>9.0f}")
-    print(f"projected wall: concurrent {p['concurrent_s'] / 60:.1f} min, one after another "
-          f"{p['sequential_s'] / 60:.1f} min -> {p['best']} ({p['best_s'] / 60:.1f} min; limit {args.limit_s / 60:.1f} min)")
+        print(
+            f"{m['name']:<20} {m['steps']:>6} {m['alone']:>10.1f} {m['together']:>14.1f} {m['eval_s']:>7.2f} "
+            f"{m['warm_s']:>9.0f}"
+        )
+    print(
+        f"projected wall: concurrent {p['concurrent_s'] / 60:.1f} min, one after another "
+        f"{p['sequential_s'] / 60:.1f} min -> {p['best']} ({p['best_s'] / 60:.1f} min; limit {args.limit_s / 60:.1f} min)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(p))
     if errors:
@@ -316,8 +387,11 @@ def project_main(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="train study members, several at a time",
-                       epilog="Other arguments (--section.key=value) override every member's config.")
+    r = sub.add_parser(
+        "run",
+        help="train study members, several at a time",
+        epilog="Other arguments (--section.key=value) override every member's config.",
+    )
     r.add_argument("study")
     r.add_argument("--parallel", type=int, default=2, help="members training at the same time")
     r.add_argument("--only", help="comma-separated member names (default: all)")
@@ -338,8 +412,13 @@ def main(argv: list[str] | None = None) -> int:
     j = sub.add_parser("project", help="projected wall time from a throughput.py probe")
     j.add_argument("probe", help="the probe's JSON lines")
     j.add_argument("--limit-s", type=float, default=570.0)
-    j.add_argument("--startup-s", type=float, default=20.0, help="floor of the start-up time per member "
-                   "(imports, data decode, engine build); the probe's own measurement counts when larger")
+    j.add_argument(
+        "--startup-s",
+        type=float,
+        default=20.0,
+        help="floor of the start-up time per member "
+        "(imports, data decode, engine build); the probe's own measurement counts when larger",
+    )
     j.add_argument("--json", help="write the projection here")
     j.add_argument("--expect", type=int, default=0, help="probe processes that should have reported")
     args, rest = p.parse_known_args(argv)

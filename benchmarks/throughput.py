@@ -37,7 +37,7 @@ import traceback
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,8 +47,16 @@ if __package__ in (None, ""):  # `python benchmarks/throughput.py`
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import (DataConfig, DistributedConfig, OptimConfig, PrecisionConfig, ScheduleConfig,
-                             TrackingConfig, TrainConfig, load_config)
+from pipeline.config import (
+    DataConfig,
+    DistributedConfig,
+    OptimConfig,
+    PrecisionConfig,
+    ScheduleConfig,
+    TrackingConfig,
+    TrainConfig,
+    load_config,
+)
 from pipeline.engine import FastPath, resolve_fast_path
 
 if TYPE_CHECKING:
@@ -85,9 +93,13 @@ def _sync(device: torch.device) -> None:
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    env: dict[str, Any] = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
-                           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                           "cpus": os.cpu_count()}
+    env: dict[str, Any] = {
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(),
+    }
     for mod, key in (("deepspeed", "deepspeed"), ("nvidia.dali", "dali")):
         try:
             env[key] = __import__(mod, fromlist=["__version__"]).__version__
@@ -117,8 +129,12 @@ def matmul_peak(device: torch.device, *, size: int = 0, seconds: float = 1.0) ->
         if _now() - t0 >= seconds:
             break
     dt = _now() - t0
-    return {"kind": "matmul_peak", "dtype": str(dtype).removeprefix("torch."), "n": n,
-            "tflops": 2 * n**3 * iters / dt / 1e12}
+    return {
+        "kind": "matmul_peak",
+        "dtype": str(dtype).removeprefix("torch."),
+        "n": n,
+        "tflops": 2 * n**3 * iters / dt / 1e12,
+    }
 
 
 def flops_per_image(model: str, image_size: int, num_classes: int) -> float:
@@ -148,16 +164,26 @@ def bench_config(case: Case, args: argparse.Namespace) -> TrainConfig:
     nothing is tracked, and the lr is constant (the benchmark's steps never reach a schedule's milestones)."""
     if case.cfg is not None:
         cfg = case.cfg
-        return replace(cfg, progress=False, schedule=ScheduleConfig(kind="constant"),
-                       tracking=replace(cfg.tracking, enabled=False))
+        return replace(
+            cfg, progress=False, schedule=ScheduleConfig(kind="constant"), tracking=replace(cfg.tracking, enabled=False)
+        )
     style = "cifar" if case.model.startswith("cifar_") else "imagenet"
     # The project's ImageNet recipes: "paper" (configs/imagenet: shorter side in [256, 480], crop, PCA lighting
     # 0.1) or "rrc" (configs/imagenet/modern: random-resized crop, no lighting).
-    data = DataConfig(source="synthetic", style=style, image_size=case.image_size, val_resize=case.image_size,
-                      batch_size=case.batch, num_threads=args.threads, prefetch=args.prefetch, decoder=args.decoder,
-                      synthetic_batches=64, augment=case.augment,  # type: ignore[arg-type]
-                      lighting=0.1 if case.augment == "paper" else 0.0,
-                      scale=[max(256, case.image_size), max(480, case.image_size)])
+    data = DataConfig(
+        source="synthetic",
+        style=style,
+        image_size=case.image_size,
+        val_resize=case.image_size,
+        batch_size=case.batch,
+        num_threads=args.threads,
+        prefetch=args.prefetch,
+        decoder=args.decoder,
+        synthetic_batches=64,
+        augment=case.augment,  # type: ignore[arg-type]
+        lighting=0.1 if case.augment == "paper" else 0.0,
+        scale=[max(256, case.image_size), max(480, case.image_size)],
+    )
     num_classes = args.num_classes
     if case.data.startswith(("folder:", "s3://")):
         from pipeline.data.folder import list_classes
@@ -171,12 +197,26 @@ def bench_config(case: Case, args: argparse.Namespace) -> TrainConfig:
         num_classes = len(list_classes(train))
     elif case.data != "synthetic":
         raise ValueError(f"--data {case.data!r}: use synthetic, folder:DIR or s3://bucket/prefix")
-    model = replace(TrainConfig().model, name=case.model, num_classes=num_classes, channels_last=args.channels_last,
-                    compile=case.compile, compile_mode=args.compile_mode, compile_backend=args.compile_backend)
-    return TrainConfig(name=f"bench-{case.model}", progress=False, model=model, data=data,
-                       optim=OptimConfig(lr=0.1, reference_batch=256), schedule=ScheduleConfig(kind="constant"),
-                       precision=PrecisionConfig(dtype=args.precision), distributed=DistributedConfig(),
-                       tracking=TrackingConfig(enabled=False))
+    model = replace(
+        TrainConfig().model,
+        name=case.model,
+        num_classes=num_classes,
+        channels_last=args.channels_last,
+        compile=case.compile,
+        compile_mode=args.compile_mode,
+        compile_backend=args.compile_backend,
+    )
+    return TrainConfig(
+        name=f"bench-{case.model}",
+        progress=False,
+        model=model,
+        data=data,
+        optim=OptimConfig(lr=0.1, reference_batch=256),
+        schedule=ScheduleConfig(kind="constant"),
+        precision=PrecisionConfig(dtype=args.precision),
+        distributed=DistributedConfig(),
+        tracking=TrackingConfig(enabled=False),
+    )
 
 
 def build_data(case: Case, args: argparse.Namespace, device: torch.device):
@@ -184,8 +224,16 @@ def build_data(case: Case, args: argparse.Namespace, device: torch.device):
     from pipeline.data import build_source, prepare_dataset_root
 
     cfg = bench_config(case, args)
-    return build_source(cfg.data, split="train", rank=0, world_size=1, device=device, seed=cfg.seed,
-                        num_classes=cfg.model.num_classes, root=prepare_dataset_root(cfg.data))
+    return build_source(
+        cfg.data,
+        split="train",
+        rank=0,
+        world_size=1,
+        device=device,
+        seed=cfg.seed,
+        num_classes=cfg.model.num_classes,
+        root=prepare_dataset_root(cfg.data),
+    )
 
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -203,7 +251,7 @@ class Endless:
         self.first = False
         self._it: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def __iter__(self) -> "Endless":
+    def __iter__(self) -> Endless:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,21 +315,39 @@ def timed(step, batches, device: torch.device, *, warmup: int, steps: int, secon
         images += y.shape[0]
     _sync(device)
     wall = _now() - t0
-    out = {"img_s": images / wall, "step_ms": 1000 * wall / n, "data_wait_share": wait / wall, "steps": n,
-           "warmup_s": warmup_s, "wall_s": wall}
+    out = {
+        "img_s": images / wall,
+        "step_ms": 1000 * wall / n,
+        "data_wait_share": wait / wall,
+        "steps": n,
+        "warmup_s": warmup_s,
+        "wall_s": wall,
+    }
     if boundaries:
         # Within epochs, and what an ImageNet-sized epoch (one boundary per 1.28M images) would give.
         inner = wall - boundary_wait
         per_boundary = boundary_wait / boundaries
-        out.update(epoch_starts=boundaries, epoch_start_s=per_boundary, img_s_in_epoch=images / inner,
-                   data_wait_share_in_epoch=(wait - boundary_wait) / inner,
-                   img_s_imagenet_epoch=IMAGENET_TRAIN_IMAGES / (IMAGENET_TRAIN_IMAGES * inner / images + per_boundary))
+        out.update(
+            epoch_starts=boundaries,
+            epoch_start_s=per_boundary,
+            img_s_in_epoch=images / inner,
+            data_wait_share_in_epoch=(wait - boundary_wait) / inner,
+            img_s_imagenet_epoch=IMAGENET_TRAIN_IMAGES / (IMAGENET_TRAIN_IMAGES * inner / images + per_boundary),
+        )
     return out
 
 
 # -- the hand-written reference ---------------------------------------------------------------------------------
-def reference_step(case: Case, fast: FastPath, device: torch.device, *, compiled: bool, num_classes: int,
-                   compile_mode: str, compile_backend: str):
+def reference_step(
+    case: Case,
+    fast: FastPath,
+    device: torch.device,
+    *,
+    compiled: bool,
+    num_classes: int,
+    compile_mode: str,
+    compile_backend: str,
+):
     """Plain PyTorch: same model and precision, channels_last, fused SGD with momentum, synthetic data."""
     from pipeline.models import build_model
 
@@ -293,8 +359,9 @@ def reference_step(case: Case, fast: FastPath, device: torch.device, *, compiled
         if compile_mode != "default":
             kwargs["mode"] = compile_mode
         model.compile(**kwargs)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4,
-                          **({"fused": True} if fast.fused_sgd else {}))
+    opt = torch.optim.SGD(
+        model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, **({"fused": True} if fast.fused_sgd else {})
+    )
     bf16 = fast.dtype == "bf16"
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -357,33 +424,71 @@ class Bench:
         a = self.args
         label = "compiled" if compiled else "eager"
         cfg = case.cfg
-        fast = resolve_fast_path(device=self.device, dtype=cfg.precision.dtype if cfg else a.precision,
-                                 channels_last=cfg.model.channels_last if cfg else a.channels_last,
-                                 fused=cfg.optim.fused if cfg else "auto")
+        fast = resolve_fast_path(
+            device=self.device,
+            dtype=cfg.precision.dtype if cfg else a.precision,
+            channels_last=cfg.model.channels_last if cfg else a.channels_last,
+            fused=cfg.optim.fused if cfg else "auto",
+        )
         mode = cfg.model.compile_mode if cfg else a.compile_mode
         backend = cfg.model.compile_backend if cfg else a.compile_backend
         num_classes = cfg.model.num_classes if cfg else a.num_classes
-        base = {"kind": "reference", "model": case.model, "batch": case.batch, "image_size": case.image_size,
-                "data": "synthetic", "compile": label, "compile_mode": mode if compiled else "", "dtype": fast.dtype,
-                "channels_last": fast.channels_last}
+        base = {
+            "kind": "reference",
+            "model": case.model,
+            "batch": case.batch,
+            "image_size": case.image_size,
+            "data": "synthetic",
+            "compile": label,
+            "compile_mode": mode if compiled else "",
+            "dtype": fast.dtype,
+            "channels_last": fast.channels_last,
+        }
         try:
             self._fresh_compile_state(case.model)
-            step, x, y = reference_step(case, fast, self.device, compiled=compiled, num_classes=num_classes,
-                                        compile_mode=mode, compile_backend=backend)
+            step, x, y = reference_step(
+                case,
+                fast,
+                self.device,
+                compiled=compiled,
+                num_classes=num_classes,
+                compile_mode=mode,
+                compile_backend=backend,
+            )
             batches = iter(lambda: (x, y), None)
-            r = timed(step, batches, self.device, warmup=a.warmup + (a.compile_warmup if compiled else 0),
-                      steps=a.steps, seconds=a.seconds)
+            r = timed(
+                step,
+                batches,
+                self.device,
+                warmup=a.warmup + (a.compile_warmup if compiled else 0),
+                steps=a.steps,
+                seconds=a.seconds,
+            )
             mem, mem_kind = _peak_mem_mb(self.device)
             self.refs.setdefault(case.key, {})[label] = r["img_s"]
-            self.emit({**base, **r, "peak_mem_mb": mem, "peak_mem_kind": mem_kind,
-                       "mfu": self._mfu(r["img_s"], case.model, case.image_size, num_classes)})
+            self.emit(
+                {
+                    **base,
+                    **r,
+                    "peak_mem_mb": mem,
+                    "peak_mem_kind": mem_kind,
+                    "mfu": self._mfu(r["img_s"], case.model, case.image_size, num_classes),
+                }
+            )
         except Exception as e:  # noqa: BLE001 - one failed configuration must not cost the others
             self.emit({**base, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]})
 
     def deepspeed(self, case: Case) -> dict[str, Any]:
         a = self.args
-        base = {"kind": "deepspeed", "model": case.model, "batch": case.batch, "image_size": case.image_size,
-                "data": case.data, "compile": case.compile, **case.extra}
+        base = {
+            "kind": "deepspeed",
+            "model": case.model,
+            "batch": case.batch,
+            "image_size": case.image_size,
+            "data": case.data,
+            "compile": case.compile,
+            **case.extra,
+        }
         if case.cfg is None and case.data != "synthetic":
             base["augment"] = case.augment
         try:
@@ -391,9 +496,15 @@ class Bench:
             trainer = build_trainer(case, a, self.dist_env, evaluation=bool(a.probe_dir) and case.cfg is not None)
             source = trainer.train_source
             fast: FastPath = trainer.engine.fast_path
-            base.update(compile=fast.compile, compile_mode=fast.compile_mode if fast.compile != "off" else "",
-                        dtype=fast.dtype, channels_last=fast.channels_last, fused_sgd=fast.fused_sgd,
-                        cudnn_benchmark=fast.cudnn_benchmark, source=type(source).__name__)
+            base.update(
+                compile=fast.compile,
+                compile_mode=fast.compile_mode if fast.compile != "off" else "",
+                dtype=fast.dtype,
+                channels_last=fast.channels_last,
+                fused_sgd=fast.fused_sgd,
+                cudnn_benchmark=fast.cudnn_benchmark,
+                source=type(source).__name__,
+            )
             batches = Endless(source)
             warm = a.warmup + (a.compile_warmup if fast.compile != "off" else 0)
             if a.probe_dir:
@@ -402,10 +513,15 @@ class Bench:
             syncs = count_host_syncs(trainer.train_step, batches, self.device) if a.sync_check else None
             mem, mem_kind = _peak_mem_mb(self.device)
             ref = self.refs.get(case.key, {})
-            row = {**base, **r, "peak_mem_mb": mem, "peak_mem_kind": mem_kind,
-                   "mfu": self._mfu(r["img_s"], case.model, case.image_size, source.num_classes),
-                   "host_syncs_per_step": None if syncs is None else syncs / 3,
-                   **{f"ratio_vs_ref_{k}": r["img_s"] / v for k, v in ref.items()}}
+            row = {
+                **base,
+                **r,
+                "peak_mem_mb": mem,
+                "peak_mem_kind": mem_kind,
+                "mfu": self._mfu(r["img_s"], case.model, case.image_size, source.num_classes),
+                "host_syncs_per_step": None if syncs is None else syncs / 3,
+                **{f"ratio_vs_ref_{k}": r["img_s"] / v for k, v in ref.items()},
+            }
             if ref:
                 row["ratio_vs_best_ref"] = r["img_s"] / max(ref.values())
             del trainer, source
@@ -418,8 +534,14 @@ class Bench:
     def pipeline(self, case: Case) -> None:
         """The data source alone: batches/s with nothing else on the device."""
         a = self.args
-        base = {"kind": "pipeline", "model": "", "batch": case.batch, "image_size": case.image_size,
-                "data": case.data, "augment": case.augment}
+        base = {
+            "kind": "pipeline",
+            "model": "",
+            "batch": case.batch,
+            "image_size": case.image_size,
+            "data": case.data,
+            "augment": case.augment,
+        }
         try:
             source = build_data(case, a, self.device)
             batches = Endless(source)
@@ -448,11 +570,15 @@ class Bench:
         deadline = time.time() + a.probe_timeout
         while len(list(d.glob("ready-*"))) < a.probe_slots:
             if failed := sorted(d.glob("failed-*")):
-                raise RuntimeError(f"probe process {failed[0].name.removeprefix('failed-')} failed "
-                                   f"({failed[0].read_text()[:200]}); the timetable cannot be kept")
+                raise RuntimeError(
+                    f"probe process {failed[0].name.removeprefix('failed-')} failed "
+                    f"({failed[0].read_text()[:200]}); the timetable cannot be kept"
+                )
             if time.time() > deadline:
-                raise TimeoutError(f"only {len(list(d.glob('ready-*')))} of {a.probe_slots} probe processes got "
-                                   f"ready within {a.probe_timeout} s")
+                raise TimeoutError(
+                    f"only {len(list(d.glob('ready-*')))} of {a.probe_slots} probe processes got "
+                    f"ready within {a.probe_timeout} s"
+                )
             time.sleep(0.05)
         # Every process derives the same timetable from the files' contents: slot i alone, then all.
         start = max(float(p.read_text()) for p in d.glob("ready-*")) + 1.0
@@ -474,24 +600,38 @@ class Bench:
         together = window(start + a.probe_slots * slot, start + (a.probe_slots + 1) * slot)
         mem, mem_kind = _peak_mem_mb(self.device)
         max_steps = a.probe_max_steps or (case.cfg.schedule.max_steps if case.cfg else 0)
-        return self.emit({**base, "probe_slot": a.probe_slot, "probe_slots": a.probe_slots,
-                          "alone_steps_s": alone, "together_steps_s": together, "warmup_and_compile_s": warm_s,
-                          "startup_s": startup_s,
-                          "eval_s": eval_s, "steps_per_epoch": len(trainer.train_source),
-                          "eval_every": case.cfg.eval_every if case.cfg else 1, "max_steps": max_steps,
-                          "peak_mem_mb": mem,
-                          "peak_mem_kind": mem_kind})
+        return self.emit(
+            {
+                **base,
+                "probe_slot": a.probe_slot,
+                "probe_slots": a.probe_slots,
+                "alone_steps_s": alone,
+                "together_steps_s": together,
+                "warmup_and_compile_s": warm_s,
+                "startup_s": startup_s,
+                "eval_s": eval_s,
+                "steps_per_epoch": len(trainer.train_source),
+                "eval_every": case.cfg.eval_every if case.cfg else 1,
+                "max_steps": max_steps,
+                "peak_mem_mb": mem,
+                "peak_mem_kind": mem_kind,
+            }
+        )
 
 
 # -- the summary table --------------------------------------------------------------------------------------------
 def table(rows: list[dict[str, Any]]) -> str:
     """A short fixed-width table of a results file (the last thing the GPU script prints)."""
-    out = [f"{'kind':<10} {'model':<16} {'batch':>5} {'data':<22} {'compile':<10} {'img/s':>9} {'ms/step':>8} "
-           f"{'wait':>6} {'MFU':>6} {'memMB':>7} {'xRef':>6}  note"]
+    out = [
+        f"{'kind':<10} {'model':<16} {'batch':>5} {'data':<22} {'compile':<10} {'img/s':>9} {'ms/step':>8} "
+        f"{'wait':>6} {'MFU':>6} {'memMB':>7} {'xRef':>6}  note"
+    ]
     for r in rows:
         if r.get("kind") == "matmul_peak":
-            out.append(f"matmul peak {r['dtype']} n={r['n']}: {r['tflops']:.3g} TFLOP/s on {r.get('device_name')}"
-                       f" (torch {r.get('torch')}, DeepSpeed {r.get('deepspeed')}, DALI {r.get('dali')})")
+            out.append(
+                f"matmul peak {r['dtype']} n={r['n']}: {r['tflops']:.3g} TFLOP/s on {r.get('device_name')}"
+                f" (torch {r.get('torch')}, DeepSpeed {r.get('deepspeed')}, DALI {r.get('dali')})"
+            )
             continue
         data = str(r.get("data", ""))
         data = data if len(data) <= 22 else "…" + data[-21:]
@@ -500,16 +640,20 @@ def table(rows: list[dict[str, Any]]) -> str:
         mode = {"reduce-overhead": "+cg", "max-autotune": "+ma", "max-autotune-no-cudagraphs": "+ma"}
         comp = f"{r.get('compile', '')}{mode.get(r.get('compile_mode') or '', '')}"
         if "error" in r:
-            out.append(f"{r.get('kind', ''):<10} {r.get('model', ''):<16} {r.get('batch', ''):>5} {data:<22} "
-                       f"{comp:<10} FAILED: {r['error'][:90]}")
+            out.append(
+                f"{r.get('kind', ''):<10} {r.get('model', ''):<16} {r.get('batch', ''):>5} {data:<22} "
+                f"{comp:<10} FAILED: {r['error'][:90]}"
+            )
             continue
         if "alone_steps_s" in r:
-            out.append(f"{'probe':<10} {r.get('model', ''):<16} {r.get('batch', ''):>5} {data:<22} "
-                       f"{comp:<10} alone {r['alone_steps_s']:.1f} steps/s, together "
-                       f"{r['together_steps_s']:.1f} steps/s, warm-up {r['warmup_and_compile_s']:.0f} s")
+            out.append(
+                f"{'probe':<10} {r.get('model', ''):<16} {r.get('batch', ''):>5} {data:<22} "
+                f"{comp:<10} alone {r['alone_steps_s']:.1f} steps/s, together "
+                f"{r['together_steps_s']:.1f} steps/s, warm-up {r['warmup_and_compile_s']:.0f} s"
+            )
             continue
 
-        def f(key: str, fmt: str, scale: float = 1.0) -> str:
+        def f(key: str, fmt: str, scale: float = 1.0, r: dict = r) -> str:
             v = r.get(key)
             return format(v * scale, fmt) if isinstance(v, (int, float)) else "-"
 
@@ -520,19 +664,25 @@ def table(rows: list[dict[str, Any]]) -> str:
         if r.get("host_syncs_per_step") is not None:
             note.append(f"{r['host_syncs_per_step']:.1f} host syncs/step")
         if r.get("epoch_starts"):
-            note.append(f"in-epoch {r['img_s_in_epoch']:.0f} img/s"
-                        + (f" wait {100 * r['data_wait_share_in_epoch']:.0f}%" if r.get("kind") != "pipeline" else "")
-                        + f"; {r['epoch_starts']} epoch starts of {r['epoch_start_s']:.2f} s; ImageNet-sized epochs "
-                        f"{r['img_s_imagenet_epoch']:.0f} img/s")
+            note.append(
+                f"in-epoch {r['img_s_in_epoch']:.0f} img/s"
+                + (f" wait {100 * r['data_wait_share_in_epoch']:.0f}%" if r.get("kind") != "pipeline" else "")
+                + f"; {r['epoch_starts']} epoch starts of {r['epoch_start_s']:.2f} s; ImageNet-sized epochs "
+                f"{r['img_s_imagenet_epoch']:.0f} img/s"
+            )
         if r.get("kind") == "pipeline":
             note.append(f"{r.get('threads')} threads")
-        out.append(f"{r.get('kind', ''):<10} {r.get('model', ''):<16} {r.get('batch', ''):>5} {data:<22} "
-                   f"{comp:<10} {f('img_s', '9.0f')} {f('step_ms', '8.2f')} "
-                   f"{f('data_wait_share', '5.1f', 100)}% {f('mfu', '5.1f', 100)}% {f('peak_mem_mb', '7.0f')} "
-                   f"{format(ratio, '6.2f') if ratio else '     -'}  {'; '.join(note)}")
-    out.append("compile: engine = DeepSpeed's engine.compile(), module = compiled in place before deepspeed.initialize, "
-               "+cg = mode reduce-overhead (CUDA graphs); xRef = img/s / the compiled reference of the same run "
-               "(the eager one where none); wait = share of wall time spent waiting for data")
+        out.append(
+            f"{r.get('kind', ''):<10} {r.get('model', ''):<16} {r.get('batch', ''):>5} {data:<22} "
+            f"{comp:<10} {f('img_s', '9.0f')} {f('step_ms', '8.2f')} "
+            f"{f('data_wait_share', '5.1f', 100)}% {f('mfu', '5.1f', 100)}% {f('peak_mem_mb', '7.0f')} "
+            f"{format(ratio, '6.2f') if ratio else '     -'}  {'; '.join(note)}"
+        )
+    out.append(
+        "compile: engine = DeepSpeed's engine.compile(), module = compiled in place before deepspeed.initialize, "
+        "+cg = mode reduce-overhead (CUDA graphs); xRef = img/s / the compiled reference of the same run "
+        "(the eager one where none); wait = share of wall time spent waiting for data"
+    )
     return "\n".join(out)
 
 
@@ -561,30 +711,40 @@ def targets(rows: list[dict[str, Any]]) -> str:
             continue
         which = "compiled" if "compiled" in ref else "eager"
         ratio = ds["img_s"] / ref[which]
-        lines.append(f"  {verdict(ratio >= 1.0)} {model} DALI+DeepSpeed ({ds['compile']}) {ds['img_s']:.0f} img/s = "
-                     f"{ratio:.2f} x the {which} plain-PyTorch reference ({ref[which]:.0f} img/s); target >= 1.0, "
-                     f"aim {aim} img/s; data wait {100 * ds['data_wait_share']:.1f}%")
+        lines.append(
+            f"  {verdict(ratio >= 1.0)} {model} DALI+DeepSpeed ({ds['compile']}) {ds['img_s']:.0f} img/s = "
+            f"{ratio:.2f} x the {which} plain-PyTorch reference ({ref[which]:.0f} img/s); target >= 1.0, "
+            f"aim {aim} img/s; data wait {100 * ds['data_wait_share']:.1f}%"
+        )
         if ds.get("epoch_starts"):
             big = ds["img_s_imagenet_epoch"] / ref[which]
-            lines.append(f"  {verdict(big >= 1.0)}   with ImageNet-sized epochs (this set starts an epoch every "
-                         f"{ds['steps'] / ds['epoch_starts']:.0f} steps, {ds['epoch_start_s']:.2f} s each): "
-                         f"{ds['img_s_imagenet_epoch']:.0f} img/s = {big:.2f} x; within epochs "
-                         f"{ds['img_s_in_epoch']:.0f} img/s, data wait {100 * ds['data_wait_share_in_epoch']:.1f}%")
+            lines.append(
+                f"  {verdict(big >= 1.0)}   with ImageNet-sized epochs (this set starts an epoch every "
+                f"{ds['steps'] / ds['epoch_starts']:.0f} steps, {ds['epoch_start_s']:.2f} s each): "
+                f"{ds['img_s_imagenet_epoch']:.0f} img/s = {big:.2f} x; within epochs "
+                f"{ds['img_s_in_epoch']:.0f} img/s, data wait {100 * ds['data_wait_share_in_epoch']:.1f}%"
+            )
     for r in ok:
         if r.get("kind") == "deepspeed" and is_dali(r.get("data")) and r.get("model") in ("resnet50", "resnet152"):
-            lines.append(f"  {verdict(r['data_wait_share'] < 0.02)} data wait {100 * r['data_wait_share']:.2f}% < 2%: "
-                         f"{r['model']} compile={r['compile']}")
+            lines.append(
+                f"  {verdict(r['data_wait_share'] < 0.02)} data wait {100 * r['data_wait_share']:.2f}% < 2%: "
+                f"{r['model']} compile={r['compile']}"
+            )
     r50 = best(kind="deepspeed", model="resnet50", data=is_dali)
     pipe = best(kind="pipeline", augment=r50.get("augment")) if r50 else best(kind="pipeline")
     if pipe and r50:
         x = pipe["img_s"] / r50["img_s"]
         aug = f" ({pipe['augment']} augmentation)" if pipe.get("augment") else ""
-        lines.append(f"  {verdict(x >= 3)} DALI pipeline alone{aug} {pipe['img_s']:.0f} img/s = {x:.1f} x what ResNet-50 "
-                     f"consumes ({r50['img_s']:.0f} img/s); target >= 3")
+        lines.append(
+            f"  {verdict(x >= 3)} DALI pipeline alone{aug} {pipe['img_s']:.0f} img/s = {x:.1f} x what ResNet-50 "
+            f"consumes ({r50['img_s']:.0f} img/s); target >= 3"
+        )
         if pipe.get("epoch_starts") and r50.get("epoch_starts"):
             y = pipe["img_s_imagenet_epoch"] / r50["img_s_imagenet_epoch"]
-            lines.append(f"  {verdict(y >= 3)}   with ImageNet-sized epochs: {pipe['img_s_imagenet_epoch']:.0f} img/s = "
-                         f"{y:.1f} x ({r50['img_s_imagenet_epoch']:.0f} img/s)")
+            lines.append(
+                f"  {verdict(y >= 3)}   with ImageNet-sized epochs: {pipe['img_s_imagenet_epoch']:.0f} img/s = "
+                f"{y:.1f} x ({r50['img_s_imagenet_epoch']:.0f} img/s)"
+            )
     r18 = best(kind="deepspeed", model="resnet18", data=is_dali)
     r18s = best(kind="deepspeed", model="resnet18", data="synthetic")
     ref18 = refs("resnet18")
@@ -596,28 +756,42 @@ def targets(rows: list[dict[str, Any]]) -> str:
         if pipe:
             bound.append(f"DALI alone {pipe['img_s']:.0f} img/s")
         bound.append(f"data wait {100 * r18['data_wait_share']:.0f}%")
-        lines.append(f"  info ResNet-18 DALI+DeepSpeed {r18['img_s']:.0f} img/s = {r18['img_s'] / ref:.2f} x the reference "
-                     f"({ref:.0f} img/s); bounds: {'; '.join(bound)}")
+        lines.append(
+            f"  info ResNet-18 DALI+DeepSpeed {r18['img_s']:.0f} img/s = {r18['img_s'] / ref:.2f} x the reference "
+            f"({ref:.0f} img/s); bounds: {'; '.join(bound)}"
+        )
     syncs = [r for r in ok if r.get("host_syncs_per_step") is not None]
     for r in syncs:
-        lines.append(f"  {verdict(r['host_syncs_per_step'] == 0)} host syncs in the step: "
-                     f"{r['host_syncs_per_step']:.1f} per step ({r['model']}, {r['data']}, compile={r['compile']})")
+        lines.append(
+            f"  {verdict(r['host_syncs_per_step'] == 0)} host syncs in the step: "
+            f"{r['host_syncs_per_step']:.1f} per step ({r['model']}, {r['data']}, compile={r['compile']})"
+        )
     return "\n".join(lines)
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="resnet50:256",
-                   help="comma-separated name:batch (batch per step); e.g. resnet50:256,resnet152:128")
+    p.add_argument(
+        "--model",
+        default="resnet50:256",
+        help="comma-separated name:batch (batch per step); e.g. resnet50:256,resnet152:128",
+    )
     p.add_argument("--image-size", type=int, default=0, help="crop size; default 224 (ImageNet nets), 32 (CIFAR)")
     p.add_argument("--data", default="synthetic", help="comma-separated: synthetic, folder:DIR, s3://bucket/prefix")
-    p.add_argument("--compile", default="off", help="comma-separated DeepSpeed-path compile modes: off, module, "
-                   "engine, auto (model.compile)")
+    p.add_argument(
+        "--compile",
+        default="off",
+        help="comma-separated DeepSpeed-path compile modes: off, module, engine, auto (model.compile)",
+    )
     p.add_argument("--compile-mode", default="default", help="torch.compile mode for every compiled run")
     p.add_argument("--compile-backend", default="inductor")
-    p.add_argument("--augment", default="paper", help="comma-separated ImageNet augmentations of the DALI "
-                   "sources: paper (configs/imagenet), rrc (configs/imagenet/modern)")
+    p.add_argument(
+        "--augment",
+        default="paper",
+        help="comma-separated ImageNet augmentations of the DALI "
+        "sources: paper (configs/imagenet), rrc (configs/imagenet/modern)",
+    )
     p.add_argument("--reference", default="eager", help="comma-separated: eager, compiled, none")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--channels-last", default="auto", type=lambda s: s if s == "auto" else s.lower() == "true")
@@ -654,14 +828,23 @@ def _cases(args: argparse.Namespace) -> list[Case]:
         cfg = load_config(args.config, [f"--{s}" for s in args.set])
         size = cfg.data.image_size
         data = f"{cfg.data.source}{'/in-memory' if cfg.data.in_memory else ''}"
-        return [Case(cfg.model.name, cfg.data.batch_size, size, data, compile=cfg.model.compile, cfg=cfg,
-                     extra={"config": args.config, "name": cfg.name})]
+        return [
+            Case(
+                cfg.model.name,
+                cfg.data.batch_size,
+                size,
+                data,
+                compile=cfg.model.compile,
+                cfg=cfg,
+                extra={"config": args.config, "name": cfg.name},
+            )
+        ]
     cases = []
     for item in args.model.split(","):
         name, _, batch = item.partition(":")
         size = args.image_size or (32 if name.startswith("cifar_") else 224)
         for data in args.data.split(","):
-            for augment in (args.augment.split(",") if data != "synthetic" else ["paper"]):
+            for augment in args.augment.split(",") if data != "synthetic" else ["paper"]:
                 for mode in args.compile.split(","):
                     cases.append(Case(name, int(batch or 256), size, data, compile=mode, augment=augment))
     return cases

@@ -48,19 +48,30 @@ def plot_depth_curves(members: list[MemberRun], path: str | Path, *, title: str 
             train = m.curves.get("train_top1_error", [])
             val = m.curves.get("val_top1_error", [])
             if train:
-                ax.plot(*zip(*train), color=c, linewidth=0.8, alpha=0.75)
+                ax.plot(*zip(*train, strict=True), color=c, linewidth=0.8, alpha=0.75)
             if val:
-                ax.plot(*zip(*val), color=c, linewidth=2.4, marker="o" if len(val) < 4 else None, markersize=4)
+                ax.plot(
+                    *zip(*val, strict=True), color=c, linewidth=2.4, marker="o" if len(val) < 4 else None, markersize=4
+                )
             handles.append(Line2D([], [], color=c, linewidth=2.4, label=f"{name}-{m.depth}"))
         if not panel:
-            ax.text(0.5, 0.5, f"no {name} members in this study", ha="center", va="center",
-                    transform=ax.transAxes, color="0.4")
+            ax.text(
+                0.5,
+                0.5,
+                f"no {name} members in this study",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="0.4",
+            )
         ax.set_title("plain networks" if not residual else "ResNets")
         ax.set_xlabel("iter.")
         ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
         ax.grid(True, linewidth=0.3, alpha=0.5)
-        style = [Line2D([], [], color="0.3", linewidth=0.8, label="train (thin)"),
-                 Line2D([], [], color="0.3", linewidth=2.4, label="val (bold)")]
+        style = [
+            Line2D([], [], color="0.3", linewidth=0.8, label="train (thin)"),
+            Line2D([], [], color="0.3", linewidth=2.4, label="val (bold)"),
+        ]
         if handles:
             ax.legend(handles=handles[::-1] + style, loc="upper right", fontsize=8, frameon=True)
     axes[0].set_ylabel("error (%)")

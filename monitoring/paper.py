@@ -6,8 +6,8 @@ otherwise the report says which part differs, so nobody compares a 3-minute CPU 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from pipeline.tracking.study_runs import MemberRun
 
@@ -27,17 +27,29 @@ class PaperTable:
 
 # Table 2: top-1 error (%, 10-crop testing) on ImageNet validation.
 TABLE2 = PaperTable(
-    key="table2", title="Table 2 (ImageNet, top-1 error %)", metric="paper, 10-crop",
+    key="table2",
+    title="Table 2 (ImageNet, top-1 error %)",
+    metric="paper, 10-crop",
     note="the paper tests 10 crops; our validation is one 224 center crop, which reads about 1-2 points higher",
-    top1={(False, 18): "27.94", (False, 34): "28.54", (True, 18): "27.88", (True, 34): "25.03"})
+    top1={(False, 18): "27.94", (False, 34): "28.54", (True, 18): "27.88", (True, 34): "25.03"},
+)
 
 # Table 6: classification error (%) on the CIFAR-10 test set; 110 also as mean±std of 5 runs.
 TABLE6 = PaperTable(
-    key="table6", title="Table 6 (CIFAR-10, test error %)", metric="paper",
+    key="table6",
+    title="Table 6 (CIFAR-10, test error %)",
+    metric="paper",
     note="the paper reports the final test error after 64k iterations",
-    top1={(True, 20): "8.75", (True, 32): "7.51", (True, 44): "7.17", (True, 56): "6.97",
-          (True, 110): "6.43 (6.61±0.16)", (True, 1202): "7.93"},
-    plain_note="the paper gives no numbers for them in Table 6, only the curves of Fig. 6")
+    top1={
+        (True, 20): "8.75",
+        (True, 32): "7.51",
+        (True, 44): "7.17",
+        (True, 56): "6.97",
+        (True, 110): "6.43 (6.61±0.16)",
+        (True, 1202): "7.93",
+    },
+    plain_note="the paper gives no numbers for them in Table 6, only the curves of Fig. 6",
+)
 
 
 def _global_batch(m: MemberRun) -> int:
@@ -60,20 +72,33 @@ _COMMON: list[Check] = [
 _CIFAR: list[Check] = [
     ("CIFAR-10", lambda m: m.dataset == "cifar" and int(m.param("model.num_classes", 0)) == 10),
     ("batch 128 at lr 0.1", lambda m: _global_batch(m) == 128 and abs(_effective_lr(m) - 0.1) < 1e-9),
-    ("64k iterations, lr /10 at 32k and 48k",
-     lambda m: int(m.param("schedule.max_steps", 0)) == 64000 and m.param("schedule.unit") == "step"
-     and list(m.param("schedule.milestones", [])) == [32000, 48000]),
-    ("ResNet-110 warm-up at lr 0.01 until train error < 80%",
-     lambda m: m.depth < 110 or float(m.param("schedule.warmup_until_error", 0)) > 0),
+    (
+        "64k iterations, lr /10 at 32k and 48k",
+        lambda m: (
+            int(m.param("schedule.max_steps", 0)) == 64000
+            and m.param("schedule.unit") == "step"
+            and list(m.param("schedule.milestones", [])) == [32000, 48000]
+        ),
+    ),
+    (
+        "ResNet-110 warm-up at lr 0.01 until train error < 80%",
+        lambda m: m.depth < 110 or float(m.param("schedule.warmup_until_error", 0)) > 0,
+    ),
 ]
 
 _IMAGENET: list[Check] = [
     ("ImageNet (1000 classes)", lambda m: m.dataset == "imagenet" and int(m.param("model.num_classes", 0)) == 1000),
-    ("lr 0.1 per 256 images",
-     lambda m: _global_batch(m) > 0 and abs(_effective_lr(m) * 256 / _global_batch(m) - 0.1) < 1e-9),
-    ("about 60e4 iterations at batch 256 (>= 100 epochs)",
-     lambda m: int(m.param("schedule.max_steps", 0)) * _global_batch(m) >= 0.9 * 60e4 * 256
-     or int(m.param("schedule.epochs", 0)) >= 100),
+    (
+        "lr 0.1 per 256 images",
+        lambda m: _global_batch(m) > 0 and abs(_effective_lr(m) * 256 / _global_batch(m) - 0.1) < 1e-9,
+    ),
+    (
+        "about 60e4 iterations at batch 256 (>= 100 epochs)",
+        lambda m: (
+            int(m.param("schedule.max_steps", 0)) * _global_batch(m) >= 0.9 * 60e4 * 256
+            or int(m.param("schedule.epochs", 0)) >= 100
+        ),
+    ),
 ]
 
 

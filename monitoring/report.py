@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from monitoring.figures import plot_depth_curves
@@ -36,38 +36,48 @@ class Report:
 def _page(study: StudyRuns, table: Table, members: Table, figure: Path) -> str:
     paper = table_for(study.members)
     fig_name = "Figure 4" if paper.key == "table2" else "Figure 6"
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return "\n".join([
-        f"# Depth study `{study.name}`",
-        "",
-        f"Parent run `{study.parent_run_id}` (experiment {study.experiment_id}) at `{study.tracking_uri}`; "
-        f"generated {when}.",
-        "",
-        table.markdown(),
-        f"## Training curves ({fig_name} layout)",
-        "",
-        "Thin: training error; bold: validation error. Plain networks left, ResNets right.",
-        "",
-        f"![{fig_name} layout]({figure.name})",
-        "",
-        "## Member runs",
-        "",
-        members.markdown(),
-    ])
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return "\n".join(
+        [
+            f"# Depth study `{study.name}`",
+            "",
+            f"Parent run `{study.parent_run_id}` (experiment {study.experiment_id}) at `{study.tracking_uri}`; "
+            f"generated {when}.",
+            "",
+            table.markdown(),
+            f"## Training curves ({fig_name} layout)",
+            "",
+            "Thin: training error; bold: validation error. Plain networks left, ResNets right.",
+            "",
+            f"![{fig_name} layout]({figure.name})",
+            "",
+            "## Member runs",
+            "",
+            members.markdown(),
+        ]
+    )
 
 
-def build_report(client: object, study: str, *, out_dir: str | Path | None = None, experiment: str | None = None,
-                 log_artifacts: bool = True) -> Report:
+def build_report(
+    client: object,
+    study: str,
+    *,
+    out_dir: str | Path | None = None,
+    experiment: str | None = None,
+    log_artifacts: bool = True,
+) -> Report:
     """Fetch the study, write figure, table and page, and (by default) log them to the parent run."""
     runs = load_study(client, study, experiment=experiment)
     if not runs.members:
-        raise StudyNotFound(f"study {runs.name!r} (parent run {runs.parent_run_id}) has no member runs with "
-                            f"results yet")
+        raise StudyNotFound(
+            f"study {runs.name!r} (parent run {runs.parent_run_id}) has no member runs with results yet"
+        )
     out = Path(out_dir) if out_dir else Path("runs/reports") / runs.name
     out.mkdir(parents=True, exist_ok=True)
     table = comparison_table(runs)
-    figure = plot_depth_curves(runs.members, out / "figure.png",
-                               title=f"{runs.name}: top-1 error, thin = train, bold = val")
+    figure = plot_depth_curves(
+        runs.members, out / "figure.png", title=f"{runs.name}: top-1 error, thin = train, bold = val"
+    )
     table_file = out / "table.md"
     table_file.write_text(table.markdown())
     page = out / "report.md"
@@ -85,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", default="", help="MLflow URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     p.add_argument("--out", help="output folder (default runs/reports/<study>)")
     p.add_argument("--no-log", action="store_true", help="do not log the report as artifacts of the parent run")
-    p.add_argument("--json", action="store_true", help="print where everything went as one JSON object (for "
-                   "programs such as pipeline.demo) instead of the table")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print where everything went as one JSON object (for programs such as pipeline.demo) instead of the table",
+    )
     args = p.parse_args(argv)
 
     from mlflow import MlflowClient
@@ -95,14 +108,23 @@ def main(argv: list[str] | None = None) -> int:
 
     client = MlflowClient(resolve_uri(uri=args.tracking_uri))
     try:
-        report = build_report(client, args.study, out_dir=args.out, experiment=args.experiment,
-                              log_artifacts=not args.no_log)
+        report = build_report(
+            client, args.study, out_dir=args.out, experiment=args.experiment, log_artifacts=not args.no_log
+        )
     except StudyNotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"parent_run_id": report.study.parent_run_id, "page": str(report.page.resolve()),
-                          "figure": str(report.figure.resolve()), "table": report.table.text()}))
+        print(
+            json.dumps(
+                {
+                    "parent_run_id": report.study.parent_run_id,
+                    "page": str(report.page.resolve()),
+                    "figure": str(report.figure.resolve()),
+                    "table": report.table.text(),
+                }
+            )
+        )
         return 0
     print(report.table.text())
     print(f"figure: {report.figure.resolve()}")

@@ -16,8 +16,10 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
     def markdown(self) -> str:
-        lines = ([f"**{self.title}**", ""] if self.title else []) + ["| " + " | ".join(self.columns) + " |",
-                 "|" + "|".join("---:" for _ in self.columns) + "|"]
+        lines = ([f"**{self.title}**", ""] if self.title else []) + [
+            "| " + " | ".join(self.columns) + " |",
+            "|" + "|".join("---:" for _ in self.columns) + "|",
+        ]
         lines += ["| " + " | ".join(r) + " |" for r in self.rows]
         if self.notes:
             lines += [""] + [f"- {n}" for n in self.notes]
@@ -25,8 +27,9 @@ class Table:
 
     def text(self) -> str:
         """Aligned columns for the terminal."""
-        widths = [max(len(c), *(len(r[i]) for r in self.rows)) if self.rows else len(c)
-                  for i, c in enumerate(self.columns)]
+        widths = [
+            max(len(c), *(len(r[i]) for r in self.rows)) if self.rows else len(c) for i, c in enumerate(self.columns)
+        ]
         fmt = "  ".join(f"{{:>{w}}}" for w in widths)
         lines = ([self.title] if self.title else []) + [fmt.format(*self.columns), "  ".join("-" * w for w in widths)]
         lines += [fmt.format(*r) for r in self.rows]
@@ -55,8 +58,7 @@ def comparison_table(study: StudyRuns) -> Table:
         if miss and paper.paper_top1(m) is not None:
             differs.append(f"{m.label}: {', '.join(miss)}")
     arches = [(False, "plain"), (True, "ResNet")]
-    show_paper = {res: any(matching.get((res, d)) and paper.top1.get((res, d)) for d in depths)
-                  for res, _ in arches}
+    show_paper = {res: any(matching.get((res, d)) and paper.top1.get((res, d)) for d in depths) for res, _ in arches}
 
     columns = ["layers"]
     for res, name in arches:
@@ -89,8 +91,9 @@ def comparison_table(study: StudyRuns) -> Table:
     if paper.plain_note and any(matching.get((False, d)) for d in depths):
         notes.append(f"Plain nets: {paper.plain_note}.")
     if differs:
-        notes.append("Paper numbers not compared where the recipe differs from the paper's: "
-                     + "; ".join(differs) + ".")
+        notes.append(
+            "Paper numbers not compared where the recipe differs from the paper's: " + "; ".join(differs) + "."
+        )
     if not any(show_paper.values()) and not differs:
         datasets = ", ".join(sorted(study.datasets)) or "unknown"
         notes.append(f"No paper numbers: the paper has none for this dataset ({datasets}) and depths.")
@@ -105,7 +108,21 @@ def member_summary(members: list[MemberRun]) -> Table:
     rows = []
     for m in members:
         steps = max((s for s, _ in m.curves.get("train_top1_error", [])), default=0)
-        rows.append([m.name, m.label, m.shortcut, m.dataset, m.tags.get("world_size", "?"), str(steps),
-                     _fmt(m.final.get("val_top1_error")), m.status.lower(), m.run_id])
-    return Table(title="", columns=["member", "network", "shortcut", "dataset", "ranks", "iterations",
-                                               "val top-1", "status", "run id"], rows=rows)
+        rows.append(
+            [
+                m.name,
+                m.label,
+                m.shortcut,
+                m.dataset,
+                m.tags.get("world_size", "?"),
+                str(steps),
+                _fmt(m.final.get("val_top1_error")),
+                m.status.lower(),
+                m.run_id,
+            ]
+        )
+    return Table(
+        title="",
+        columns=["member", "network", "shortcut", "dataset", "ranks", "iterations", "val top-1", "status", "run id"],
+        rows=rows,
+    )

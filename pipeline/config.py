@@ -50,18 +50,23 @@ def doc(default: Any, text: str) -> Any:
 class ModelConfig:
     name: str = doc("cifar_resnet20", "a name from pipeline.models.list_models()")
     num_classes: int = doc(10, "must equal the number of class folders in the dataset")
-    shortcut: Literal["", "A", "B", "C"] = doc("", "\"\" keeps the model's default (A for CIFAR, B for ImageNet)")
+    shortcut: Literal["", "A", "B", "C"] = doc("", '"" keeps the model\'s default (A for CIFAR, B for ImageNet)')
     stride_in: Literal["", "3x3", "1x1"] = doc("", 'bottleneck stride placement; "" = model default ("3x3")')
     zero_init_residual: bool = doc(False, "zero the last BN of every residual branch")
     channels_last: bool | Literal["auto"] = doc(
-        "auto", "NHWC memory format, applied after deepspeed.initialize; auto: on with CUDA")
+        "auto", "NHWC memory format, applied after deepspeed.initialize; auto: on with CUDA"
+    )
     compile: Literal["auto", "off", "module", "engine"] = doc(
-        "auto", "torch.compile: module = in place before deepspeed.initialize, engine = DeepSpeed's engine.compile(); "
-        "auto: engine with CUDA, off without")
+        "auto",
+        "torch.compile: module = in place before deepspeed.initialize, engine = DeepSpeed's engine.compile(); "
+        "auto: engine with CUDA, off without",
+    )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = doc(
-        "default", "torch.compile mode; reduce-overhead adds CUDA graphs (small, launch-bound nets)")
+        "default", "torch.compile mode; reduce-overhead adds CUDA graphs (small, launch-bound nets)"
+    )
     compile_backend: str = doc(
-        "inductor", 'torch.compile backend; "aot_eager" traces forward and backward without generating code (checks)')
+        "inductor", 'torch.compile backend; "aot_eager" traces forward and backward without generating code (checks)'
+    )
 
     def overrides(self) -> dict[str, Any]:
         """Keyword overrides for ``build_model``: only what the config sets explicitly."""
@@ -78,7 +83,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: Literal["folder", "digits", "synthetic"] = doc(
-        "digits", "folder: ImageFolder at `root`; digits: the offline demo set")
+        "digits", "folder: ImageFolder at `root`; digits: the offline demo set"
+    )
     root: str = doc("", "dataset root holding <train_dir>/<class>/*.jpg and <val_dir>/<class>/*.jpg")
     train_dir: str = doc("train", "training split folder under root")
     val_dir: str = doc("val", 'validation split folder under root ("test" for CIFAR-10)')
@@ -90,33 +96,49 @@ class DataConfig:
     num_threads: int = doc(2, "DALI CPU threads per rank")
     prefetch: int = doc(2, "DALI prefetch queue depth")
     decoder: Literal["auto", "cpu", "mixed"] = doc("auto", "auto: GPU (mixed) decoding when CUDA is present")
-    mean: list[float] = field(default_factory=lambda: [0.485 * 255, 0.456 * 255, 0.406 * 255],
-                              metadata={"doc": "per-channel mean, 0-255 scale (ImageNet's)"})
-    std: list[float] = field(default_factory=lambda: [0.229 * 255, 0.224 * 255, 0.225 * 255],
-                             metadata={"doc": "per-channel std, 0-255 scale (ImageNet's)"})
+    mean: list[float] = field(
+        default_factory=lambda: [0.485 * 255, 0.456 * 255, 0.406 * 255],
+        metadata={"doc": "per-channel mean, 0-255 scale (ImageNet's)"},
+    )
+    std: list[float] = field(
+        default_factory=lambda: [0.229 * 255, 0.224 * 255, 0.225 * 255],
+        metadata={"doc": "per-channel std, 0-255 scale (ImageNet's)"},
+    )
     synthetic_batches: int = doc(20, "synthetic source: batches per epoch")
     cache_dir: str = doc(".cache/datasets", "where generated/extracted datasets live")
     root_sha256: str = doc(
-        "", 'expected sha256 of data.root when it is a .tar.gz/.tgz/.tar archive (checked before extracting); "" = '
-        "unchecked")
+        "",
+        'expected sha256 of data.root when it is a .tar.gz/.tgz/.tar archive (checked before extracting); "" = '
+        "unchecked",
+    )
     in_memory: bool = doc(
-        False, "decode each split once (DALI) into device memory and augment per batch with tensor ops (CIFAR-sized "
-        "data)")
+        False,
+        "decode each split once (DALI) into device memory and augment per batch with tensor ops (CIFAR-sized data)",
+    )
     val_batch_size: int = doc(
-        0, "evaluation micro-batch; 0 = batch_size (one that divides the val split keeps a single compiled shape)")
+        0, "evaluation micro-batch; 0 = batch_size (one that divides the val split keeps a single compiled shape)"
+    )
     augment: Literal["paper", "rrc"] = doc(
-        "paper", 'imagenet style: "paper" = shorter side random in data.scale, then a random image_size crop (He et '
-        'al. 3.4); "rrc" = random-resized crop (modern recipe)')
-    scale: list[int] = field(default_factory=lambda: [256, 480],
-                             metadata={"doc": 'augment = "paper": [min, max] of the random shorter side'})
+        "paper",
+        'imagenet style: "paper" = shorter side random in data.scale, then a random image_size crop (He et '
+        'al. 3.4); "rrc" = random-resized crop (modern recipe)',
+    )
+    scale: list[int] = field(
+        default_factory=lambda: [256, 480], metadata={"doc": 'augment = "paper": [min, max] of the random shorter side'}
+    )
     lighting: float = doc(
-        0.1, "imagenet style: std of AlexNet's PCA colour augmentation (0.1 in the paper); 0 disables")
+        0.1, "imagenet style: std of AlexNet's PCA colour augmentation (0.1 in the paper); 0 disables"
+    )
     mean_image: str = doc(
-        "", "imagenet style: per-pixel mean (.npy, image_size x image_size x 3, 0-255) used instead of data.mean; a "
-        'relative path is under data.root ("mean_image.npy" is what `python -m pipeline.tools.prepare` writes)')
+        "",
+        "imagenet style: per-pixel mean (.npy, image_size x image_size x 3, 0-255) used instead of data.mean; a "
+        'relative path is under data.root ("mean_image.npy" is what `python -m pipeline.tools.prepare` writes)',
+    )
     exclude_list: str = doc(
-        "", "list written by `python -m pipeline.tools.validate --write-list`: images to skip or to read from a "
-        'converted copy; "" = none')
+        "",
+        "list written by `python -m pipeline.tools.validate --write-list`: images to skip or to read from a "
+        'converted copy; "" = none',
+    )
 
     def __post_init__(self) -> None:
         # data.root may stay empty here: the data layer takes the root from its caller; a run needs one
@@ -129,25 +151,37 @@ class DataConfig:
             raise ConfigError(f"data.std = {self.std}: every value must be > 0")
         if self.image_size < 8:
             raise ConfigError(f"data.image_size = {self.image_size}: must be >= 8")
-        if self.root_sha256 and (len(self.root_sha256) != 64 or any(c not in "0123456789abcdef" for c in self.root_sha256)):
-            raise ConfigError(f"data.root_sha256 = {self.root_sha256!r}: must be 64 lowercase hex digits (sha256sum's output) "
-                              "or empty")
+        if self.root_sha256 and (
+            len(self.root_sha256) != 64 or any(c not in "0123456789abcdef" for c in self.root_sha256)
+        ):
+            raise ConfigError(
+                f"data.root_sha256 = {self.root_sha256!r}: must be 64 lowercase hex digits (sha256sum's output) "
+                "or empty"
+            )
         if self.in_memory and (self.source == "synthetic" or self.style != "cifar"):
-            raise ConfigError(f"data.in_memory = true needs data.style = 'cifar' and an image dataset (folder or digits); got "
-                              f"source {self.source!r}, style {self.style!r}")
+            raise ConfigError(
+                f"data.in_memory = true needs data.style = 'cifar' and an image dataset (folder or digits); got "
+                f"source {self.source!r}, style {self.style!r}"
+            )
         if self.val_batch_size < 0:
             raise ConfigError(f"data.val_batch_size = {self.val_batch_size}: must be >= 0 (0 = data.batch_size)")
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
-            raise ConfigError(f"data.scale = {self.scale}: must be [min, max] shorter-side lengths with 0 < min <= max "
-                              f"(the paper: [256, 480])")
+            raise ConfigError(
+                f"data.scale = {self.scale}: must be [min, max] shorter-side lengths with 0 < min <= max "
+                f"(the paper: [256, 480])"
+            )
         if self.style == "imagenet" and self.augment == "paper" and self.scale[0] < self.image_size:
-            raise ConfigError(f"data.scale = {self.scale} starts below data.image_size = {self.image_size}: the random "
-                              f"{self.image_size}x{self.image_size} crop would not fit; raise data.scale[0]")
+            raise ConfigError(
+                f"data.scale = {self.scale} starts below data.image_size = {self.image_size}: the random "
+                f"{self.image_size}x{self.image_size} crop would not fit; raise data.scale[0]"
+            )
         if self.lighting < 0:
             raise ConfigError(f"data.lighting = {self.lighting}: must be >= 0 (0 disables the colour augmentation)")
         if self.mean_image and self.style != "imagenet":
-            raise ConfigError(f"data.mean_image = {self.mean_image!r} needs data.style = 'imagenet' (the CIFAR pipeline "
-                              f"normalises with data.mean/data.std); set data.mean_image = ''")
+            raise ConfigError(
+                f"data.mean_image = {self.mean_image!r} needs data.style = 'imagenet' (the CIFAR pipeline "
+                f"normalises with data.mean/data.std); set data.mean_image = ''"
+            )
 
 
 @dataclass
@@ -177,18 +211,22 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     kind: Literal["step", "multistep", "cosine", "plateau", "constant"] = doc(
-        "multistep", "step == multistep with `milestones`")
+        "multistep", "step == multistep with `milestones`"
+    )
     epochs: int = doc(10, "training length in epochs (ignored when max_steps > 0)")
     max_steps: int = doc(
-        0, "training length in optimizer steps; > 0 overrides epochs (the CIFAR recipe counts iterations)")
+        0, "training length in optimizer steps; > 0 overrides epochs (the CIFAR recipe counts iterations)"
+    )
     unit: Literal["epoch", "step"] = doc("epoch", "unit of milestones and warmup")
-    milestones: list[int] = field(default_factory=list,
-                                  metadata={"doc": "multistep: divide lr by 1/gamma at each of these"})
+    milestones: list[int] = field(
+        default_factory=list, metadata={"doc": "multistep: divide lr by 1/gamma at each of these"}
+    )
     gamma: float = doc(0.1, "multistep/plateau factor")
     warmup: int = doc(0, "linear warm-up length (in `unit`) from warmup_factor*lr to lr")
     warmup_factor: float = doc(0.1, "starting fraction of lr during warm-up")
     warmup_until_error: float = doc(
-        0.0, ">0: hold lr*warmup_factor until train top-1 error < this (ResNet-110 recipe), then full lr")
+        0.0, ">0: hold lr*warmup_factor until train top-1 error < this (ResNet-110 recipe), then full lr"
+    )
     plateau_patience: int = doc(5, "plateau: evaluations without improvement before dividing")
     plateau_threshold: float = doc(1e-3, "plateau: minimum val-error improvement that counts")
     min_lr: float = doc(0.0, "cosine floor")
@@ -199,12 +237,20 @@ class ScheduleConfig:
         if self.kind in ("step", "multistep"):
             if sorted(self.milestones) != list(self.milestones) or len(set(self.milestones)) != len(self.milestones):
                 raise ConfigError(f"schedule.milestones = {self.milestones}: must be strictly increasing")
-            limit = self.max_steps if self.unit == "step" and self.max_steps else (self.epochs if self.unit == "epoch" else None)
+            limit = (
+                self.max_steps
+                if self.unit == "step" and self.max_steps
+                else (self.epochs if self.unit == "epoch" else None)
+            )
             if limit is not None and any(m <= 0 or m >= limit for m in self.milestones):
-                raise ConfigError(f"schedule.milestones = {self.milestones}: each must lie inside (0, {limit}) "
-                                  f"{'steps' if self.unit == 'step' else 'epochs'}")
+                raise ConfigError(
+                    f"schedule.milestones = {self.milestones}: each must lie inside (0, {limit}) "
+                    f"{'steps' if self.unit == 'step' else 'epochs'}"
+                )
         if self.unit == "epoch" and self.max_steps and (self.milestones or self.warmup):
-            raise ConfigError("schedule.max_steps is set but schedule.unit = 'epoch': use unit = 'step' for milestones and warmup")
+            raise ConfigError(
+                "schedule.max_steps is set but schedule.unit = 'epoch': use unit = 'step' for milestones and warmup"
+            )
         if not 0 < self.gamma < 1:
             raise ConfigError(f"schedule.gamma = {self.gamma}: must be in (0, 1)")
         if not 0 < self.warmup_factor <= 1:
@@ -214,9 +260,11 @@ class ScheduleConfig:
 @dataclass
 class PrecisionConfig:
     dtype: Literal["fp32", "bf16", "auto"] = doc(
-        "auto", "bf16 = DeepSpeed torch_autocast (fp32 master weights); auto: bf16 with CUDA, fp32 without")
+        "auto", "bf16 = DeepSpeed torch_autocast (fp32 master weights); auto: bf16 with CUDA, fp32 without"
+    )
     cudnn_benchmark: bool | Literal["auto"] = doc(
-        "auto", "cuDNN times its convolution algorithms once per shape; auto: on with CUDA")
+        "auto", "cuDNN times its convolution algorithms once per shape; auto: on with CUDA"
+    )
 
 
 @dataclass
@@ -244,11 +292,13 @@ class CheckpointConfig:
     resume: str = doc("auto", '"auto" (newest committed of this run), "never", or a checkpoint URI')
     staging_dir: str = doc("", 'node-local staging folder; "" = <output_dir>/staging')
     endpoint_url: str = doc(
-        "", 'S3 endpoint; "" = $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL (credentials: environment or profile only)')
+        "", 'S3 endpoint; "" = $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL (credentials: environment or profile only)'
+    )
     region: str = doc("", 'S3 region; "" = $AWS_REGION or $AWS_DEFAULT_REGION')
     profile: str = doc("", 'AWS profile to take credentials from; "" = $AWS_PROFILE or the default chain')
     max_pending: int = doc(
-        2, "saves whose upload may still run while training goes on; one more save waits for the oldest")
+        2, "saves whose upload may still run while training goes on; one more save waits for the oldest"
+    )
     time_check_steps: int = doc(10, "every_minutes: steps between agreeing on rank 0's clock (one small CPU broadcast)")
     close_timeout_min: float = doc(60.0, "at the end or on a stop signal, wait at most this long for pending commits")
 
@@ -303,12 +353,15 @@ class TrainConfig:
         from pipeline.models import list_models, model_spec
 
         if self.data.source == "folder" and not self.data.root:
-            raise ConfigError("data.root is empty but data.source = 'folder': set data.root to an ImageFolder "
-                              "directory (with train/ and val/ inside), or use data.source = 'digits' for the offline "
-                              "demo set")
+            raise ConfigError(
+                "data.root is empty but data.source = 'folder': set data.root to an ImageFolder "
+                "directory (with train/ and val/ inside), or use data.source = 'digits' for the offline "
+                "demo set"
+            )
         if self.model.name not in list_models():
-            raise ConfigError(f"model.name = {self.model.name!r} is not a registered model; "
-                              f"allowed: {', '.join(list_models())}")
+            raise ConfigError(
+                f"model.name = {self.model.name!r} is not a registered model; allowed: {', '.join(list_models())}"
+            )
         try:
             spec = model_spec(self.model.name, **self.model.overrides())
         except ValueError as e:
@@ -316,8 +369,10 @@ class TrainConfig:
         if self.model.num_classes < 2:
             raise ConfigError(f"model.num_classes = {self.model.num_classes}: must be >= 2")
         if spec.stem == "cifar" and self.data.style == "imagenet":
-            raise ConfigError(f"model.name = {self.model.name!r} is a CIFAR network but data.style = 'imagenet'; "
-                              "use data.style = 'cifar' or an ImageNet model (resnetNN / plainNN)")
+            raise ConfigError(
+                f"model.name = {self.model.name!r} is a CIFAR network but data.style = 'imagenet'; "
+                "use data.style = 'cifar' or an ImageNet model (resnetNN / plainNN)"
+            )
         if self.log_every < 1 or self.eval_every < 1:
             raise ConfigError("log_every and eval_every must be >= 1")
 
@@ -471,13 +526,17 @@ def _read_chain(p: Path, *, named_by: Path | None, chain: tuple[Path, ...]) -> d
         raise ConfigError(f"{what}: base = {base!r}: expected the path of another config file, relative to this one")
     path = p.parent / base
     if not path.is_file():
-        raise ConfigError(f"{what} names base = {base!r}, but {str(path)!r} does not exist (a base is found "
-                          f"relative to the file that names it)")
+        raise ConfigError(
+            f"{what} names base = {base!r}, but {str(path)!r} does not exist (a base is found "
+            f"relative to the file that names it)"
+        )
     here = (*chain, p.resolve())
     if path.resolve() in here:
         loop = " -> ".join(str(x) for x in (*here, path.resolve()))
-        raise ConfigError(f"{what} names base = {base!r}, which is already in its chain of bases ({loop}): a "
-                          f"cycle; remove one of the base keys")
+        raise ConfigError(
+            f"{what} names base = {base!r}, which is already in its chain of bases ({loop}): a "
+            f"cycle; remove one of the base keys"
+        )
     inherited = _read_chain(path, named_by=p, chain=here)
     inherited.pop("name", None)  # a base never names the run
     return merge_tables(inherited, data)
@@ -490,8 +549,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing TOML file with --config "
-                              f"(examples live in configs/)")
+            raise ConfigError(
+                f"config file {str(p)!r} does not exist; pass an existing TOML file with --config "
+                f"(examples live in configs/)"
+            )
         data = read_config_file(p)
         data.setdefault("name", p.stem)
     for item in overrides or []:

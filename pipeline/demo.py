@@ -58,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         first = member_config(study, study.members[0], overrides=overrides)
         uri = resolve_uri(first.tracking)
-        print(f"== depth study {study.name}: {', '.join(m.name for m in study.members)} on "
-              f"{args.data or 'the embedded digits'}", flush=True)
+        print(
+            f"== depth study {study.name}: {', '.join(m.name for m in study.members)} on "
+            f"{args.data or 'the embedded digits'}",
+            flush=True,
+        )
         outcomes = run_study(study, overrides=overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -70,14 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no network finished; nothing to report", file=sys.stderr)
         return 1
 
-    done = run_report(study.name, tracking_uri=uri, args=("--out", str(Path("runs/reports") / study.name), "--json"),
-                      capture=True)
+    done = run_report(
+        study.name, tracking_uri=uri, args=("--out", str(Path("runs/reports") / study.name), "--json"), capture=True
+    )
     if done.returncode != 0:
         return done.returncode  # the report said why on stderr
     report = json.loads(done.stdout.strip().splitlines()[-1])
     store, ui = _store_and_ui(uri)
-    print(f"\nMLflow store: {store} (experiment {first.tracking.experiment!r}, parent run "
-          f"{report['parent_run_id']})")
+    print(f"\nMLflow store: {store} (experiment {first.tracking.experiment!r}, parent run {report['parent_run_id']})")
     print(f"MLflow UI:    {ui}")
     print(f"report:       {report['page']}")
     print("\n" + report["table"])

@@ -52,8 +52,14 @@ def read_env() -> DistEnv:
     """Read RANK/WORLD_SIZE/LOCAL_RANK... as torchrun sets them; a plain ``python`` run is a world of one."""
     if "RANK" not in os.environ:
         # Single process without torchrun: DeepSpeed still wants a process group.
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(_free_port()),
+        )
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -82,10 +88,8 @@ def init_distributed(cfg: DistributedConfig) -> DistEnv:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=cfg.timeout_s),
-                               verbose=False)
-    return DistEnv(env.rank, env.world_size, env.local_rank, env.local_world_size, env.node_rank,
-                   env.device, backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=cfg.timeout_s), verbose=False)
+    return DistEnv(env.rank, env.world_size, env.local_rank, env.local_world_size, env.node_rank, env.device, backend)
 
 
 def close_distributed() -> None:

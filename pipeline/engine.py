@@ -64,9 +64,17 @@ def _on(value: bool | str, cuda: bool) -> bool:
     return cuda if value == "auto" else bool(value)
 
 
-def resolve_fast_path(*, device: torch.device | str, dtype: str = "auto", channels_last: bool | str = "auto",
-                      compile: str = "auto", compile_mode: str = "default", compile_backend: str = "inductor",
-                      fused: bool | str = "auto", cudnn_benchmark: bool | str = "auto") -> FastPath:
+def resolve_fast_path(
+    *,
+    device: torch.device | str,
+    dtype: str = "auto",
+    channels_last: bool | str = "auto",
+    compile: str = "auto",
+    compile_mode: str = "default",
+    compile_backend: str = "inductor",
+    fused: bool | str = "auto",
+    cudnn_benchmark: bool | str = "auto",
+) -> FastPath:
     """Resolve "auto" settings: the fast choice with CUDA, the plain one without (CPU runs stay eager fp32)."""
     cuda = torch.device(device).type == "cuda"
     resolved_dtype = ("bf16" if cuda else "fp32") if dtype == "auto" else dtype
@@ -77,14 +85,20 @@ def resolve_fast_path(*, device: torch.device | str, dtype: str = "auto", channe
     resolved_compile = ("engine" if cuda else "off") if compile == "auto" else compile
     if resolved_compile not in ("off", "module", "engine"):
         raise ValueError(f"model.compile = {compile!r}: allowed 'auto', 'off', 'module', 'engine'")
-    return FastPath(dtype=resolved_dtype, channels_last=_on(channels_last, cuda),  # type: ignore[arg-type]
-                    compile=resolved_compile, compile_mode=compile_mode,  # type: ignore[arg-type]
-                    compile_backend=compile_backend, fused_sgd=_on(fused, cuda),
-                    cudnn_benchmark=_on(cudnn_benchmark, cuda) and cuda)
+    return FastPath(
+        dtype=resolved_dtype,
+        channels_last=_on(channels_last, cuda),  # type: ignore[arg-type]
+        compile=resolved_compile,
+        compile_mode=compile_mode,  # type: ignore[arg-type]
+        compile_backend=compile_backend,
+        fused_sgd=_on(fused, cuda),
+        cudnn_benchmark=_on(cudnn_benchmark, cuda) and cuda,
+    )
 
 
-def deepspeed_config(*, precision: PrecisionConfig, distributed: DistributedConfig, grad_clip: float,
-                     micro_batch: int, world_size: int) -> dict[str, Any]:
+def deepspeed_config(
+    *, precision: PrecisionConfig, distributed: DistributedConfig, grad_clip: float, micro_batch: int, world_size: int
+) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": distributed.grad_accum,
@@ -106,10 +120,21 @@ def deepspeed_config(*, precision: PrecisionConfig, distributed: DistributedConf
     return cfg
 
 
-def build_engine(model: nn.Module, *, optim: OptimConfig, precision: PrecisionConfig,
-                 distributed: DistributedConfig, lr: float, micro_batch: int, world_size: int,
-                 device: torch.device, channels_last: bool | str = False, compile: str = "off",
-                 compile_mode: str = "default", compile_backend: str = "inductor") -> Any:
+def build_engine(
+    model: nn.Module,
+    *,
+    optim: OptimConfig,
+    precision: PrecisionConfig,
+    distributed: DistributedConfig,
+    lr: float,
+    micro_batch: int,
+    world_size: int,
+    device: torch.device,
+    channels_last: bool | str = False,
+    compile: str = "off",
+    compile_mode: str = "default",
+    compile_backend: str = "inductor",
+) -> Any:
     """Wrap ``model`` in a DeepSpeed engine with SGD; returns the engine (its ``.optimizer`` is the SGD).
 
     ``engine.fast_path`` records the resolved :class:`FastPath`. The config's "auto" values may be passed
@@ -118,9 +143,16 @@ def build_engine(model: nn.Module, *, optim: OptimConfig, precision: PrecisionCo
     import deepspeed
 
     device = torch.device(device)
-    fast = resolve_fast_path(device=device, dtype=precision.dtype, channels_last=channels_last, compile=compile,
-                             compile_mode=compile_mode, compile_backend=compile_backend, fused=optim.fused,
-                             cudnn_benchmark=precision.cudnn_benchmark)
+    fast = resolve_fast_path(
+        device=device,
+        dtype=precision.dtype,
+        channels_last=channels_last,
+        compile=compile,
+        compile_mode=compile_mode,
+        compile_backend=compile_backend,
+        fused=optim.fused,
+        cudnn_benchmark=precision.cudnn_benchmark,
+    )
     if fast.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     model = model.to(device)
@@ -133,8 +165,13 @@ def build_engine(model: nn.Module, *, optim: OptimConfig, precision: PrecisionCo
     if fast.fused_sgd:
         sgd_kwargs["fused"] = True  # one kernel for the whole update instead of one per tensor
     sgd = torch.optim.SGD(groups, **sgd_kwargs)
-    config = deepspeed_config(precision=dataclasses.replace(precision, dtype=fast.dtype), distributed=distributed,
-                              grad_clip=optim.grad_clip, micro_batch=micro_batch, world_size=world_size)
+    config = deepspeed_config(
+        precision=dataclasses.replace(precision, dtype=fast.dtype),
+        distributed=distributed,
+        grad_clip=optim.grad_clip,
+        micro_batch=micro_batch,
+        world_size=world_size,
+    )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=sgd, config=config)
     if fast.channels_last:
         engine.module.to(memory_format=torch.channels_last)

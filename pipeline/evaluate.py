@@ -52,8 +52,9 @@ class EvaluationError(RuntimeError):
 # Checkpoint
 
 
-def resolve_checkpoint(uri: str, local: str | Path | None = None, *,
-                       storage: dict[str, str] | None = None) -> tuple[str, dict[str, Any] | None]:
+def resolve_checkpoint(
+    uri: str, local: str | Path | None = None, *, storage: dict[str, str] | None = None
+) -> tuple[str, dict[str, Any] | None]:
     """The folder whose model file is used, and its checkpoint manifest (None for a bare DeepSpeed folder).
 
     A run folder yields its newest committed checkpoint whose model file matches the manifest (size and
@@ -64,8 +65,15 @@ def resolve_checkpoint(uri: str, local: str | Path | None = None, *,
     if local is None:
         with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
             return resolve_checkpoint(uri, Path(tmp) / MODEL_FILE, storage=storage)
-    from pipeline.checkpoint.layout import (LATEST, MANIFEST, CheckpointError, committed_candidates, first_good,
-                                            read_manifest, step_of)
+    from pipeline.checkpoint.layout import (
+        LATEST,
+        MANIFEST,
+        CheckpointError,
+        committed_candidates,
+        first_good,
+        read_manifest,
+        step_of,
+    )
     from pipeline.storage import Storage, StorageError
 
     opts = storage or {}
@@ -74,8 +82,12 @@ def resolve_checkpoint(uri: str, local: str | Path | None = None, *,
         if store.exists(MODEL_FILE):  # a step folder, or DeepSpeed's files alone
             if not store.exists(MANIFEST):
                 if step_of(store.uri.rsplit("/", 1)[-1]) is not None:
-                    log.warning("%s has no %s (not committed, or set aside): its %s is used unverified",
-                                store.uri, MANIFEST, MODEL_FILE)
+                    log.warning(
+                        "%s has no %s (not committed, or set aside): its %s is used unverified",
+                        store.uri,
+                        MANIFEST,
+                        MODEL_FILE,
+                    )
                 try:
                     store.get(MODEL_FILE, local)
                 except StorageError as e:
@@ -89,23 +101,31 @@ def resolve_checkpoint(uri: str, local: str | Path | None = None, *,
             try:
                 _verified_model(parent_store, tag, manifest, local)
             except CheckpointError as e:
-                raise EvaluationError(f"{store.url(MODEL_FILE)} does not match its manifest ({e}): the checkpoint "
-                                      f"is damaged; use an older one") from e
+                raise EvaluationError(
+                    f"{store.url(MODEL_FILE)} does not match its manifest ({e}): the checkpoint "
+                    f"is damaged; use an older one"
+                ) from e
             return store.uri, manifest
         try:
             candidates = committed_candidates(store)
         except CheckpointError as e:  # `latest` exists, nothing is committed
-            raise EvaluationError(f"--checkpoint {uri}: {e}; restore the checkpoint, or give a step folder "
-                                  f"(<checkpoint.uri>/<run_id>/step-<N>) to evaluate it unverified") from e
+            raise EvaluationError(
+                f"--checkpoint {uri}: {e}; restore the checkpoint, or give a step folder "
+                f"(<checkpoint.uri>/<run_id>/step-<N>) to evaluate it unverified"
+            ) from e
         if not candidates:
-            raise EvaluationError(f"--checkpoint {uri}: no committed checkpoint found (no {MODEL_FILE}, no {LATEST}, "
-                                  f"no step-*/{MANIFEST}); give a run folder (<checkpoint.uri>/<run_id>) or a step "
-                                  f"folder")
+            raise EvaluationError(
+                f"--checkpoint {uri}: no committed checkpoint found (no {MODEL_FILE}, no {LATEST}, "
+                f"no step-*/{MANIFEST}); give a run folder (<checkpoint.uri>/<run_id>) or a step "
+                f"folder"
+            )
         chosen, rejected = first_good(store, candidates, lambda tag, m: _verified_model(store, tag, m, local))
         if chosen is None:
-            raise EvaluationError(f"--checkpoint {uri}: the {MODEL_FILE} of every committed checkpoint is missing or "
-                                  f"does not match its manifest ({'; '.join(f'{t}: {e}' for t, e in rejected)}); the "
-                                  f"checkpoints are damaged: restore them, or give a step folder of another copy")
+            raise EvaluationError(
+                f"--checkpoint {uri}: the {MODEL_FILE} of every committed checkpoint is missing or "
+                f"does not match its manifest ({'; '.join(f'{t}: {e}' for t, e in rejected)}); the "
+                f"checkpoints are damaged: restore them, or give a step folder of another copy"
+            )
         return store.url(chosen[0]), chosen[1]
     except (StorageError, CheckpointError) as e:
         raise EvaluationError(f"--checkpoint {uri}: {e}") from e
@@ -166,7 +186,7 @@ def _scores(model: torch.nn.Module, images: Any, mode: str) -> torch.Tensor:
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, img in enumerate(per_scale):
             groups.setdefault(tuple(img.shape), []).append(i)
-        for shape, idx in groups.items():
+        for idx in groups.values():
             probs = model(torch.stack([per_scale[i] for i in idx])).float().softmax(dim=1)
             if total is None:
                 total = torch.zeros(n, probs.shape[1], dtype=torch.float32, device=probs.device)
@@ -176,8 +196,15 @@ def _scores(model: torch.nn.Module, images: Any, mode: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_source(model: torch.nn.Module, source: Any, *, mode: str, device: torch.device,
-                    autocast_dtype: torch.dtype | None = None, progress: bool = False) -> dict[str, float]:
+def evaluate_source(
+    model: torch.nn.Module,
+    source: Any,
+    *,
+    mode: str,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
     """Top-1/top-5 error (%) and the loss of the averaged scores over the whole split: every rank runs
     its shard, then the sums are all-reduced (a collective when a process group exists)."""
     from pipeline.metrics import MetricSums
@@ -199,10 +226,16 @@ def evaluate_source(model: torch.nn.Module, source: Any, *, mode: str, device: t
         bar.close()
     result = sums.reduce()
     if result["count"] != source.num_samples:
-        raise EvaluationError(f"evaluation scored {result['count']} images but the validation split has "
-                              f"{source.num_samples}: the sharding is broken")
-    return {"top1_error": result["top1_error"], "top5_error": result["top5_error"], "loss": result["loss"],
-            "images": result["count"]}
+        raise EvaluationError(
+            f"evaluation scored {result['count']} images but the validation split has "
+            f"{source.num_samples}: the sharding is broken"
+        )
+    return {
+        "top1_error": result["top1_error"],
+        "top5_error": result["top5_error"],
+        "loss": result["loss"],
+        "images": result["count"],
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,15 +243,22 @@ def evaluate_source(model: torch.nn.Module, source: Any, *, mode: str, device: t
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Any config key can be overridden as --section.key=value (e.g. --data.root).")
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any config key can be overridden as --section.key=value (e.g. --data.root).",
+    )
     p.add_argument("--config", required=True, help="the experiment TOML the checkpoint was trained with")
     p.add_argument("--checkpoint", required=True, help="run folder, step folder, local or s3://")
     p.add_argument("--mode", choices=MODES, default="center")
     p.add_argument("--scales", default="224,256,384,480,640", help="multiscale: shorter sides, comma-separated")
-    p.add_argument("--batch-size", type=int, default=0, help="images per rank and batch (default: data.val_batch_size "
-                                                               "or data.batch_size)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="images per rank and batch (default: data.val_batch_size or data.batch_size)",
+    )
     p.add_argument("--json", default="", help="also write the result as JSON here (rank 0)")
     return p.parse_known_args(argv)
 
@@ -235,13 +275,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         scales = tuple(int(s) for s in args.scales.split(",") if s.strip())
     except ValueError:
-        raise ConfigError(f"--scales {args.scales!r}: give comma-separated integers, e.g. "
-                          f"224,256,384,480,640") from None
+        raise ConfigError(
+            f"--scales {args.scales!r}: give comma-separated integers, e.g. 224,256,384,480,640"
+        ) from None
     if not scales or min(scales) < 1:
         raise ConfigError(f"--scales {args.scales!r}: give at least one positive shorter-side length")
     if args.mode != "center" and cfg.data.style != "imagenet":
-        raise ConfigError(f"--mode {args.mode} needs data.style = 'imagenet' (this config has {cfg.data.style!r}); "
-                          f"CIFAR-style networks are tested on the single image (--mode center)")
+        raise ConfigError(
+            f"--mode {args.mode} needs data.style = 'imagenet' (this config has {cfg.data.style!r}); "
+            f"CIFAR-style networks are tested on the single image (--mode center)"
+        )
     if args.batch_size < 0:
         raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
     if args.batch_size:
@@ -249,25 +292,46 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     env = init_distributed(cfg.distributed)  # as training starts it
     try:
         root = broadcast_object(prepare_dataset_root(cfg.data) if env.rank == 0 else None)
-        source = build_source(cfg.data, split="val", rank=env.rank, world_size=env.world_size, device=env.device,
-                              seed=cfg.seed, num_classes=cfg.model.num_classes, root=root, eval_mode=args.mode,
-                              scales=scales)
+        source = build_source(
+            cfg.data,
+            split="val",
+            rank=env.rank,
+            world_size=env.world_size,
+            device=env.device,
+            seed=cfg.seed,
+            num_classes=cfg.model.num_classes,
+            root=root,
+            eval_mode=args.mode,
+            scales=scales,
+        )
         state, folder = load_model_state(args.checkpoint, storage=storage_options(cfg.checkpoint))
         model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, **cfg.model.overrides())
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             overrides = cfg.model.overrides() or "no overrides"
-            raise EvaluationError(f"{folder}/{MODEL_FILE} does not fit model.name = {cfg.model.name!r} with "
-                                  f"num_classes = {cfg.model.num_classes} and {overrides} "
-                                  f"({str(e).splitlines()[0]}): evaluate with the config it was trained with") from e
+            raise EvaluationError(
+                f"{folder}/{MODEL_FILE} does not fit model.name = {cfg.model.name!r} with "
+                f"num_classes = {cfg.model.num_classes} and {overrides} "
+                f"({str(e).splitlines()[0]}): evaluate with the config it was trained with"
+            ) from e
         model.to(env.device)
         bf16 = cfg.precision.dtype == "bf16" or (cfg.precision.dtype == "auto" and env.device.type == "cuda")
         autocast = torch.bfloat16 if bf16 and env.device.type == "cuda" else None
-        result = evaluate_source(model, source, mode=args.mode, device=env.device, autocast_dtype=autocast,
-                                 progress=env.rank == 0 and cfg.progress)
-        result.update(mode=args.mode, checkpoint=folder, world_size=env.world_size,
-                      **({"scales": list(scales)} if args.mode == "multiscale" else {}))
+        result = evaluate_source(
+            model,
+            source,
+            mode=args.mode,
+            device=env.device,
+            autocast_dtype=autocast,
+            progress=env.rank == 0 and cfg.progress,
+        )
+        result.update(
+            mode=args.mode,
+            checkpoint=folder,
+            world_size=env.world_size,
+            **({"scales": list(scales)} if args.mode == "multiscale" else {}),
+        )
         if env.rank == 0 and args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(result, indent=1))
@@ -288,8 +352,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error{'' if rank == 0 else f' (rank {rank})'}: {e}", file=sys.stderr)
         return 2
     if rank == 0:
-        print(f"{result['mode']}: top-1 error {result['top1_error']:.2f}%  top-5 error {result['top5_error']:.2f}%  "
-              f"({result['images']} images, {result['world_size']} rank(s), {result['checkpoint']})")
+        print(
+            f"{result['mode']}: top-1 error {result['top1_error']:.2f}%  top-5 error {result['top5_error']:.2f}%  "
+            f"({result['images']} images, {result['world_size']} rank(s), {result['checkpoint']})"
+        )
     return 0
 
 

@@ -54,5 +54,9 @@ class MetricSums:
         sums = all_reduce_sum(self.sums.clone())
         loss, top1, top5, n = sums.tolist()
         n = max(n, 1.0)
-        return {"loss": loss / n, "top1_error": 100.0 * (1 - top1 / n),
-                "top5_error": 100.0 * (1 - top5 / n), "count": int(sums[3].item())}
+        return {
+            "loss": loss / n,
+            "top1_error": 100.0 * (1 - top1 / n),
+            "top5_error": 100.0 * (1 - top5 / n),
+            "count": int(sums[3].item()),
+        }

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -40,16 +41,24 @@ class RetryStopped(Exception):
 def _default_note(logger: logging.Logger, what: str) -> Callable[[BaseException, int, float], None]:
     def note(error: BaseException, retry: int, delay: float) -> None:
         logger.warning("%s failed (%s); retry %d in %.1f s", what, error, retry, delay)
+
     return note
 
 
-def retry(fn: Callable[[], T], *, what: str, backoff: Backoff = Backoff(), attempts: int | None = None,
-          deadline_s: float | None = None,
-          retryable: Callable[[BaseException], bool] = lambda e: isinstance(e, Exception),
-          should_stop: Callable[[], bool] | None = None,
-          sleep: Callable[[float], object] = time.sleep,
-          on_retry: Callable[[BaseException, int, float], None] | None = None,
-          log_recovery: bool = True, logger: logging.Logger = log) -> T:
+def retry(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    backoff: Backoff = Backoff(),
+    attempts: int | None = None,
+    deadline_s: float | None = None,
+    retryable: Callable[[BaseException], bool] = lambda e: isinstance(e, Exception),
+    should_stop: Callable[[], bool] | None = None,
+    sleep: Callable[[float], object] = time.sleep,
+    on_retry: Callable[[BaseException, int, float], None] | None = None,
+    log_recovery: bool = True,
+    logger: logging.Logger = log,
+) -> T:
     """Call ``fn`` until it returns; return its result.
 
     A failure that ``retryable`` accepts is retried after ``backoff.delay(n)``; any other error, the

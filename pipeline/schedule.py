@@ -69,8 +69,12 @@ class LRSchedule:
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"plateau_factor": self.plateau_factor, "best_error": self.best_error,
-                "bad_evals": self.bad_evals, "warmup_done": self.warmup_done}
+        return {
+            "plateau_factor": self.plateau_factor,
+            "best_error": self.best_error,
+            "bad_evals": self.bad_evals,
+            "warmup_done": self.warmup_done,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.plateau_factor = state["plateau_factor"]

@@ -30,7 +30,7 @@ class StopFlag:
             self.signal_name = signal.Signals(signum).name
         self._event.set()
 
-    def install(self) -> "StopFlag":
+    def install(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 signal.signal(sig, self._handler)

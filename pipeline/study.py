@@ -41,8 +41,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import (ConfigError, TrainConfig, apply_override, config_from_dict, doc, from_table,
-                             merge_tables, read_config_file, read_toml, to_toml)
+from pipeline.config import (
+    ConfigError,
+    TrainConfig,
+    apply_override,
+    config_from_dict,
+    doc,
+    from_table,
+    merge_tables,
+    read_config_file,
+    read_toml,
+    to_toml,
+)
 from pipeline.signals import STOP_EXIT_CODE
 from pipeline.tracking.study_runs import PARENT_ROLE, child_runs, newest_parent
 
@@ -62,9 +72,10 @@ class Member:
 
     name: str = doc("", "the member's name: its MLflow child run, and its run name is <study>_<name>")
     model: str = doc("", 'model.name for this member; "" keeps the one of its base config')
-    config: str = doc("", 'a train config to start from instead of the study\'s base; "" = the study\'s base')
-    overrides: list[str] = field(default_factory=list, metadata={
-        "doc": 'dotted overrides as on the command line, e.g. "schedule.warmup=0"'})
+    config: str = doc("", "a train config to start from instead of the study's base; \"\" = the study's base")
+    overrides: list[str] = field(
+        default_factory=list, metadata={"doc": 'dotted overrides as on the command line, e.g. "schedule.warmup=0"'}
+    )
     nproc: int = doc(0, "processes for this member (torchrun when > 1); 0 = the study's nproc")
 
 
@@ -72,14 +83,19 @@ class Member:
 class Study:
     """A study file: what its members share, and the members."""
 
-    name: str = doc("", "the study's name: its MLflow parent run and its members' run-name prefix; default the "
-                    "file's name")
-    base: str = doc("", "the train config every member starts from: a path as written, next to the study file "
-                    "or under the repository root")
+    name: str = doc(
+        "", "the study's name: its MLflow parent run and its members' run-name prefix; default the file's name"
+    )
+    base: str = doc(
+        "",
+        "the train config every member starts from: a path as written, next to the study file "
+        "or under the repository root",
+    )
     experiment: str = doc("", 'MLflow experiment; "" = tracking.experiment of the members\' configs')
     nproc: int = doc(1, "processes per member (torchrun when > 1)")
-    shared: dict[str, Any] = field(default_factory=dict, metadata={
-        "doc": "settings every member shares: tables and keys as in a train config"})
+    shared: dict[str, Any] = field(
+        default_factory=dict, metadata={"doc": "settings every member shares: tables and keys as in a train config"}
+    )
     members: list[Member] = field(default_factory=list, metadata={"doc": "the networks, one [[members]] table each"})
     path: Path = field(default=Path(), init=False)  # the study file (read_study sets it); not a key of the file
 
@@ -108,8 +124,9 @@ def _resolve_path(text: str, *, near: Path) -> Path:
     for candidate in (Path(text), near / text, ROOT / text):
         if candidate.exists():
             return candidate
-    raise ConfigError(f"{text!r} does not exist (looked in the working directory, next to the study file and in "
-                      f"{ROOT})")
+    raise ConfigError(
+        f"{text!r} does not exist (looked in the working directory, next to the study file and in {ROOT})"
+    )
 
 
 def read_study(path: str | Path) -> Study:
@@ -126,8 +143,9 @@ def read_study(path: str | Path) -> Study:
     return study
 
 
-def member_config(study: Study, member: Member, *, overrides: list[str] | None = None,
-                  parent_run_id: str = "") -> TrainConfig:
+def member_config(
+    study: Study, member: Member, *, overrides: list[str] | None = None, parent_run_id: str = ""
+) -> TrainConfig:
     """The member's full train config: base, shared, member settings, command-line overrides, and the
     study's own keys (name, run name, study tag, parent run)."""
     base = member.config or study.base
@@ -155,8 +173,9 @@ def _client(uri: str) -> Any:
     return MlflowClient(uri)
 
 
-def open_parent(client: Any, study: Study, *, experiment: str, configs: dict[str, TrainConfig],
-                create: bool = True) -> str | None:
+def open_parent(
+    client: Any, study: Study, *, experiment: str, configs: dict[str, TrainConfig], create: bool = True
+) -> str | None:
     """Reopen the study's newest parent run, or create it (with the study file as an artifact).
     ``create=False`` only looks (None when there is none yet) and changes nothing."""
     from mlflow.entities import Param
@@ -181,10 +200,18 @@ def open_parent(client: Any, study: Study, *, experiment: str, configs: dict[str
         return None
     first = next(iter(configs.values()))
     dataset = first.data.source if first.data.source != "folder" else first.data.style
-    run = client.create_run(exp_id, run_name=study.name, tags={
-        "study": study.name, "study_role": PARENT_ROLE, "dataset": dataset, "git_commit": git_commit(),
-        "mlflow.source.name": "pipeline.study", "mlflow.note.content":
-        f"Depth study {study.name}: {', '.join(configs)}. Report: python -m monitoring.report --study {study.name}"})
+    run = client.create_run(
+        exp_id,
+        run_name=study.name,
+        tags={
+            "study": study.name,
+            "study_role": PARENT_ROLE,
+            "dataset": dataset,
+            "git_commit": git_commit(),
+            "mlflow.source.name": "pipeline.study",
+            "mlflow.note.content": f"Depth study {study.name}: {', '.join(configs)}. Report: python -m monitoring.report --study {study.name}",
+        },
+    )
     parent = run.info.run_id
     params = {"study.file": str(study.path), "study.members": ",".join(configs), "study.base": study.base}
     for m in study.members:
@@ -207,24 +234,39 @@ def member_command(config_path: Path, *, nproc: int) -> list[str]:
     if nproc <= 1:
         return [sys.executable, "-m", "pipeline.train", "--config", str(config_path)]
     torchrun = Path(sys.executable).with_name("torchrun")
-    return [str(torchrun) if torchrun.exists() else "torchrun", "--standalone", f"--nproc_per_node={nproc}",
-            str(ROOT / "pipeline" / "train.py"), "--config", str(config_path)]
+    return [
+        str(torchrun) if torchrun.exists() else "torchrun",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / "pipeline" / "train.py"),
+        "--config",
+        str(config_path),
+    ]
 
 
 def slurm_command(manifest: Path, *, count: int, study: str) -> list[str]:
     return ["sbatch", f"--array=0-{count - 1}", f"--job-name={study}", SLURM_SCRIPT, str(manifest)]
 
 
-def run_study(study: Study, *, overrides: list[str] | None = None, only: list[str] | None = None, force: bool = False,
-              slurm: bool = False, dry_run: bool = False, out_dir: str | Path | None = None) -> list[MemberOutcome]:
+def run_study(
+    study: Study,
+    *,
+    overrides: list[str] | None = None,
+    only: list[str] | None = None,
+    force: bool = False,
+    slurm: bool = False,
+    dry_run: bool = False,
+    out_dir: str | Path | None = None,
+) -> list[MemberOutcome]:
     """Run (or submit) the members that have not finished yet; returns one outcome per member."""
     from pipeline.tracking import resolve_uri
 
     overrides = list(overrides or [])
     members = [m for m in study.members if not only or m.name in only]
     if only and (missing := set(only) - {m.name for m in study.members}):
-        raise ConfigError(f"--only names unknown member(s) {sorted(missing)}; the study has "
-                          f"{[m.name for m in study.members]}")
+        raise ConfigError(
+            f"--only names unknown member(s) {sorted(missing)}; the study has {[m.name for m in study.members]}"
+        )
     # Resolve every member before touching MLflow: a bad member fails the study up front.
     configs = {m.name: member_config(study, m, overrides=overrides) for m in study.members}
     first = next(iter(configs.values()))
@@ -235,8 +277,10 @@ def run_study(study: Study, *, overrides: list[str] | None = None, only: list[st
     client = _client(uri)
     parent = open_parent(client, study, experiment=experiment, configs=configs, create=not dry_run)
     if parent is None:
-        print(f"study {study.name}: no parent run yet in experiment {experiment!r} at {uri} (dry run: none created)",
-              flush=True)
+        print(
+            f"study {study.name}: no parent run yet in experiment {experiment!r} at {uri} (dry run: none created)",
+            flush=True,
+        )
         done: dict[str, Any] = {}
         exp_id = ""
     else:
@@ -252,8 +296,12 @@ def run_study(study: Study, *, overrides: list[str] | None = None, only: list[st
             outcomes.append(MemberOutcome(m.name, "skipped", r.info.run_id, r.data.metrics.get("val_top1_error")))
             print(f"  {m.name}: already finished (run {r.info.run_id}): skipped", flush=True)
             continue
-        cfg = member_config(study, m, overrides=[*overrides, *(["checkpoint.resume=never"] if force else [])],
-                            parent_run_id=parent or "")
+        cfg = member_config(
+            study,
+            m,
+            overrides=[*overrides, *(["checkpoint.resume=never"] if force else [])],
+            parent_run_id=parent or "",
+        )
         # Members log to the store the parent is in, whatever the environment of their process says.
         cfg.tracking.uri = uri
         path = folder / f"{m.name}.toml"
@@ -277,8 +325,10 @@ def run_study(study: Study, *, overrides: list[str] | None = None, only: list[st
             break  # the study itself is being stopped (SLURM time limit, preemption): rerun to continue
     if not dry_run and parent is not None:
         all_done = all(o.state in ("finished", "skipped") for o in outcomes) and len(outcomes) == len(members)
-        client.set_terminated(parent, status="FINISHED" if all_done else
-                              ("KILLED" if any(o.state == "stopped" for o in outcomes) else "FAILED"))
+        client.set_terminated(
+            parent,
+            status="FINISHED" if all_done else ("KILLED" if any(o.state == "stopped" for o in outcomes) else "FAILED"),
+        )
     return outcomes
 
 
@@ -290,16 +340,22 @@ def _run_member(m: Member, cmd: list[str]) -> MemberOutcome:
     if rc == 0:
         return MemberOutcome(m.name, "finished", exit_code=0)
     state = "stopped" if rc in (STOP_EXIT_CODE, -2, -15, 130) else "failed"
-    print(f"  {m.name}: {'stopped' if state == 'stopped' else 'failed'} with exit code {rc}"
-          f"{'' if state == 'stopped' else '; the other members go on'}", flush=True)
+    print(
+        f"  {m.name}: {'stopped' if state == 'stopped' else 'failed'} with exit code {rc}"
+        f"{'' if state == 'stopped' else '; the other members go on'}",
+        flush=True,
+    )
     return MemberOutcome(m.name, state, exit_code=rc)
 
 
 def _child_result(client: Any, parent: str, exp_id: str, member: str) -> tuple[str | None, float | None]:
     try:
-        runs = client.search_runs([exp_id], filter_string=f"tags.mlflow.parentRunId = '{parent}' and "
-                                  f"attributes.run_name = '{member}'", order_by=["attributes.start_time DESC"],
-                                  max_results=1)
+        runs = client.search_runs(
+            [exp_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.run_name = '{member}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
     except Exception:  # noqa: BLE001 - the summary is informative only
         return None, None
     if not runs:
@@ -315,8 +371,9 @@ def _submit(study: Study, todo: list[tuple[Member, Path]], *, folder: Path, dry_
     manifest = folder / "members.txt"
     manifest.write_text("".join(f"{p.resolve()}\n" for _, p in todo))
     cmd = slurm_command(manifest.resolve(), count=len(todo), study=study.name)
-    print(f"SLURM job array, one task per member ({', '.join(m.name for m, _ in todo)}):\n  {shlex.join(cmd)}",
-          flush=True)
+    print(
+        f"SLURM job array, one task per member ({', '.join(m.name for m, _ in todo)}):\n  {shlex.join(cmd)}", flush=True
+    )
     if dry_run:
         return []
     if shutil.which("sbatch") is None:
@@ -338,21 +395,34 @@ def summary(outcomes: list[MemberOutcome]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Other arguments (--section.key=value) override every member's config.")
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Other arguments (--section.key=value) override every member's config.",
+    )
     p.add_argument("study", help="study file (configs/study/*.toml)")
     p.add_argument("--only", help="comma-separated member names to run (default: all)")
     p.add_argument("--force", action="store_true", help="run finished members again, from scratch")
-    p.add_argument("--slurm", action="store_true", help=f"print (and, where sbatch exists, submit) a SLURM job "
-                   f"array of the unfinished members, using {SLURM_SCRIPT}")
+    p.add_argument(
+        "--slurm",
+        action="store_true",
+        help=f"print (and, where sbatch exists, submit) a SLURM job "
+        f"array of the unfinished members, using {SLURM_SCRIPT}",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the commands; train and submit nothing")
     p.add_argument("--report", action="store_true", help="write the report (monitoring.report) when done")
     args, rest = p.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         study = read_study(args.study)
-        outcomes = run_study(study, overrides=rest, only=args.only.split(",") if args.only else None,
-                             force=args.force, slurm=args.slurm, dry_run=args.dry_run)
+        outcomes = run_study(
+            study,
+            overrides=rest,
+            only=args.only.split(",") if args.only else None,
+            force=args.force,
+            slurm=args.slurm,
+            dry_run=args.dry_run,
+        )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -371,8 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if any(o.state == "failed" for o in outcomes) else 0
 
 
-def run_report(study: str, *, tracking_uri: str, args: tuple[str, ...] = (),
-               capture: bool = False) -> subprocess.CompletedProcess:
+def run_report(
+    study: str, *, tracking_uri: str, args: tuple[str, ...] = (), capture: bool = False
+) -> subprocess.CompletedProcess:
     """``python -m monitoring.report --study STUDY`` with this interpreter: the report is a separate program, so
     the pipeline never imports it. Its stdout goes to this process's, or into the result with ``capture``."""
     cmd = [sys.executable, "-m", "monitoring.report", "--study", study, "--tracking-uri", tracking_uri, *args]

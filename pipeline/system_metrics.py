@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import psutil
 
@@ -57,9 +58,11 @@ class _Nvml:
 def sample_system(nvml: _Nvml | None = None) -> dict[str, float]:
     """One reading of this node; CPU utilisation is the average since the previous call."""
     vm = psutil.virtual_memory()
-    out = {"cpu_utilization_percentage": psutil.cpu_percent(interval=None),
-           "system_memory_usage_megabytes": (vm.total - vm.available) / 2**20,
-           "system_memory_usage_percentage": vm.percent}
+    out = {
+        "cpu_utilization_percentage": psutil.cpu_percent(interval=None),
+        "system_memory_usage_megabytes": (vm.total - vm.available) / 2**20,
+        "system_memory_usage_percentage": vm.percent,
+    }
     if nvml is not None:
         out.update(nvml.sample())
     return out
@@ -68,8 +71,14 @@ def sample_system(nvml: _Nvml | None = None) -> dict[str, float]:
 class SystemMetricsSampler:
     """A daemon thread that hands ``emit(step, {"system/node_N/...": value})`` a reading every interval."""
 
-    def __init__(self, *, node_id: int, interval_s: float, emit: Callable[[int, dict[str, float]], None],
-                 start_time_s: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        node_id: int,
+        interval_s: float,
+        emit: Callable[[int, dict[str, float]], None],
+        start_time_s: float | None = None,
+    ) -> None:
         self.node_id = node_id
         self.interval_s = max(1.0, interval_s)
         self.emit = emit
@@ -77,7 +86,7 @@ class SystemMetricsSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"system-metrics-node{node_id}", daemon=True)
 
-    def start(self) -> "SystemMetricsSampler":
+    def start(self) -> SystemMetricsSampler:
         self._thread.start()
         return self
 

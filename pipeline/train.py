@@ -1,7 +1,7 @@
 """Entry point: parse, build, train, close.
 
-    torchrun --nproc_per_node 8 pipeline/train.py --config configs/imagenet/resnet50.toml --optim.lr=0.2
-    python -m pipeline.train --help-config      # every key, its default and what it does
+torchrun --nproc_per_node 8 pipeline/train.py --config configs/imagenet/resnet50.toml --optim.lr=0.2
+python -m pipeline.train --help-config      # every key, its default and what it does
 """
 
 from __future__ import annotations
@@ -33,8 +33,11 @@ class RunOutcome:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Any config key can be overridden as --section.key=value.")
+    p = argparse.ArgumentParser(
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any config key can be overridden as --section.key=value.",
+    )
     p.add_argument("--config", help="experiment TOML file (see configs/)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
     return p.parse_known_args(argv)
@@ -42,8 +45,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def _setup_logging(rank: int) -> None:
     # Only rank 0 talks to the console; other ranks stay quiet unless something is fatal.
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.ERROR,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING if rank == 0 else logging.ERROR)
 
@@ -66,13 +73,18 @@ def run(cfg: TrainConfig, *, stop: StopFlag | None = None) -> RunOutcome:
         exit_code = STOP_EXIT_CODE if result.stopped else 0
         if env.is_main:
             if result.stopped:
-                log.warning("stopped by %s at step %d; checkpoint committed; exit %d so the launcher requeues",
-                            stop.signal_name, result.step, STOP_EXIT_CODE)
+                log.warning(
+                    "stopped by %s at step %d; checkpoint committed; exit %d so the launcher requeues",
+                    stop.signal_name,
+                    result.step,
+                    STOP_EXIT_CODE,
+                )
             else:
                 built.tracker.log_model(built.engine.module)
             built.tracker.finish("KILLED" if result.stopped else "FINISHED")
-        return RunOutcome(exit_code, result.final_val, result.history, str(built.output_dir), built.run_id,
-                          built.tracker.run_id)
+        return RunOutcome(
+            exit_code, result.final_val, result.history, str(built.output_dir), built.run_id, built.tracker.run_id
+        )
     except BaseException:
         if built is not None and env.is_main:
             built.tracker.finish("FAILED")  # a no-op for a tracker that was never started

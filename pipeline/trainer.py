@@ -14,8 +14,9 @@ import logging
 import math
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,11 +48,26 @@ class FitResult:
 class Trainer:
     """fit / train_step / evaluate / state_dict. Every collaborator is built elsewhere and passed in."""
 
-    def __init__(self, *, engine: Any, train_source: Any, val_source: Any, schedule: LRSchedule,
-                 total_steps: int, rank: int, world_size: int, device: torch.device,
-                 log_every: int = 10, eval_every: int = 1, progress: bool = True,
-                 tracker: Tracker | None = None, checkpointer: Any = None, stop: StopFlag | None = None,
-                 seed: int = 0, on_log: Callable[[dict[str, float]], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        engine: Any,
+        train_source: Any,
+        val_source: Any,
+        schedule: LRSchedule,
+        total_steps: int,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        log_every: int = 10,
+        eval_every: int = 1,
+        progress: bool = True,
+        tracker: Tracker | None = None,
+        checkpointer: Any = None,
+        stop: StopFlag | None = None,
+        seed: int = 0,
+        on_log: Callable[[dict[str, float]], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.train_source = train_source
         self.val_source = val_source
@@ -116,7 +132,7 @@ class Trainer:
         for bufs in by_dtype.values():
             flat = all_reduce_sum(torch.cat([b.reshape(-1) for b in bufs]))
             flat /= self.world_size
-            for b, v in zip(bufs, flat.split([b.numel() for b in bufs])):
+            for b, v in zip(bufs, flat.split([b.numel() for b in bufs]), strict=True):
                 b.copy_(v.view_as(b))
 
     @torch.no_grad()
@@ -131,8 +147,10 @@ class Trainer:
         self.engine.train()
         out = sums.reduce()
         if out["count"] != self.val_source.num_samples:
-            raise RuntimeError(f"evaluation saw {out['count']} images but the validation split has "
-                               f"{self.val_source.num_samples}: the val source's sharding is broken")
+            raise RuntimeError(
+                f"evaluation saw {out['count']} images but the validation split has "
+                f"{self.val_source.num_samples}: the val source's sharding is broken"
+            )
         return {f"val_{k}": v for k, v in out.items() if k != "count"}
 
     # ---------------------------------------------------------------------------------------------
@@ -147,13 +165,20 @@ class Trainer:
         return {
             # "epoch" and "micro_in_epoch" repeat the data position for a resume on another number of ranks,
             # where the data state cannot be loaded (and for readers of older checkpoints).
-            "step": self.step, "epoch": epoch, "micro_in_epoch": micro_in_epoch,
-            "world_size": self.world_size, "schedule": self.schedule.state_dict(),
-            "data": self.train_source.state_dict(), "history": self.history if self.rank == 0 else [],
+            "step": self.step,
+            "epoch": epoch,
+            "micro_in_epoch": micro_in_epoch,
+            "world_size": self.world_size,
+            "schedule": self.schedule.state_dict(),
+            "data": self.train_source.state_dict(),
+            "history": self.history if self.rank == 0 else [],
             "tracking_run_id": self.tracker.run_id,
-            "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            },
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -172,9 +197,14 @@ class Trainer:
         else:
             # A different world size reshards the data: the epoch restarts, which the log says.
             if self.rank == 0:
-                log.warning("resuming on %d ranks from a checkpoint written by %d: the data order restarts "
-                            "epoch %d (%d micro-batches of it were already seen)", self.world_size,
-                            state["world_size"], state["epoch"], state["micro_in_epoch"])
+                log.warning(
+                    "resuming on %d ranks from a checkpoint written by %d: the data order restarts "
+                    "epoch %d (%d micro-batches of it were already seen)",
+                    self.world_size,
+                    state["world_size"],
+                    state["epoch"],
+                    state["micro_in_epoch"],
+                )
             self.train_source.start_epoch(state["epoch"])
 
     # ---------------------------------------------------------------------------------------------
@@ -198,23 +228,33 @@ class Trainer:
         self.sync_buffers()
         m = self._sums.reduce()
         elapsed = self._busy  # wall time of the loop since the last log, data waits included
-        rates = all_reduce_max(torch.tensor([float(self.stop.is_set), elapsed, self._wait], dtype=torch.float64,
-                                             device=self.device)).tolist()
+        rates = all_reduce_max(
+            torch.tensor([float(self.stop.is_set), elapsed, self._wait], dtype=torch.float64, device=self.device)
+        ).tolist()
         stop_any, elapsed_max, wait_max = rates
         if not math.isfinite(m["loss"]):
             raise TrainingDiverged(
                 f"training loss became {m['loss']} at step {self.step} (epoch {self.epoch}); lower --optim.lr "
                 f"(now {self.schedule.lr(self.step):g}), add warm-up (--schedule.warmup), or enable "
-                f"--optim.grad_clip; the last committed checkpoint is kept")
+                f"--optim.grad_clip; the last committed checkpoint is kept"
+            )
         epoch, batch = self.train_source.position
-        row = {"step": self.step, "epoch": epoch + batch / max(1, len(self.train_source)),
-               "train_loss": m["loss"], "train_top1_error": m["top1_error"], "train_top5_error": m["top5_error"],
-               "lr": self.schedule.lr(max(0, self.step - 1)),
-               "images_per_s": self._images * self.world_size / max(elapsed_max, 1e-9),
-               "data_wait_share": wait_max / max(elapsed_max, 1e-9)}
+        row = {
+            "step": self.step,
+            "epoch": epoch + batch / max(1, len(self.train_source)),
+            "train_loss": m["loss"],
+            "train_top1_error": m["top1_error"],
+            "train_top5_error": m["top5_error"],
+            "lr": self.schedule.lr(max(0, self.step - 1)),
+            "images_per_s": self._images * self.world_size / max(elapsed_max, 1e-9),
+            "data_wait_share": wait_max / max(elapsed_max, 1e-9),
+        }
         if self.schedule.observe_train_error(m["top1_error"]) and self.rank == 0:
-            log.info("train error %.1f%% is below the warm-up threshold: lr goes to %g", m["top1_error"],
-                     self.schedule.lr(self.step))
+            log.info(
+                "train error %.1f%% is below the warm-up threshold: lr goes to %g",
+                m["top1_error"],
+                self.schedule.lr(self.step),
+            )
         self._record(row)
         self._sums.reset()
         self._wait = self._busy = 0.0
@@ -230,11 +270,13 @@ class Trainer:
         if self.on_log:
             self.on_log(row)
         if self._bar is not None:
-            short = {"loss": f"{row['train_loss']:.3f}" if "train_loss" in row else None,
-                     "err": f"{row['train_top1_error']:.1f}%" if "train_top1_error" in row else None,
-                     "val": f"{row['val_top1_error']:.2f}%" if "val_top1_error" in row else None,
-                     "img/s": f"{row['images_per_s']:.0f}" if "images_per_s" in row else None,
-                     "wait": f"{100 * row['data_wait_share']:.0f}%" if "data_wait_share" in row else None}
+            short = {
+                "loss": f"{row['train_loss']:.3f}" if "train_loss" in row else None,
+                "err": f"{row['train_top1_error']:.1f}%" if "train_top1_error" in row else None,
+                "val": f"{row['val_top1_error']:.2f}%" if "val_top1_error" in row else None,
+                "img/s": f"{row['images_per_s']:.0f}" if "images_per_s" in row else None,
+                "wait": f"{100 * row['data_wait_share']:.0f}%" if "data_wait_share" in row else None,
+            }
             self._bar.set_postfix({k: v for k, v in short.items() if v is not None}, refresh=False)
 
     def _save(self) -> None:
@@ -296,8 +338,7 @@ class Trainer:
         if self.progress:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                             desc="train")
+            self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, desc="train")
         self.engine.train()
         self._epoch_batches = None
         self._last_val = {}  # a stopped run reports the last epoch's evaluation, if any
@@ -324,5 +365,6 @@ class Trainer:
             if self._bar is not None:
                 self._bar.close()
             self._epoch_batches = None
-        return FitResult(step=self.step, epoch=self.epoch, stopped=stopped, final_val=self._last_val,
-                         history=self.history)
+        return FitResult(
+            step=self.step, epoch=self.epoch, stopped=stopped, final_val=self._last_val, history=self.history
+        )

@@ -71,13 +71,27 @@ class TrainingRun:
             if state is None:
                 self.tracker.log_params(flatten(cfg))
             spec = model_spec(cfg.model.name, **cfg.model.overrides())
-            self.tracker.set_tags({**spec.tags(), "model": cfg.model.name,
-                                   "dataset": cfg.data.source if cfg.data.source != "folder" else cfg.data.style,
-                                   "world_size": str(env.world_size), **self.engine.fast_path.as_params()})
+            self.tracker.set_tags(
+                {
+                    **spec.tags(),
+                    "model": cfg.model.name,
+                    "dataset": cfg.data.source if cfg.data.source != "folder" else cfg.data.style,
+                    "world_size": str(env.world_size),
+                    **self.engine.fast_path.as_params(),
+                }
+            )
             self.tracker.log_artifact(str(out_dir / "config.toml"))
-            log.info("%s: %s, %d ranks on %s, global batch %d, lr %g, %d steps (%d per epoch)", self.run_id,
-                     cfg.model.name, env.world_size, env.device.type, self.global_batch, self.lr,
-                     self.schedule.total_steps, self.steps_per_epoch)
+            log.info(
+                "%s: %s, %d ranks on %s, global batch %d, lr %g, %d steps (%d per epoch)",
+                self.run_id,
+                cfg.model.name,
+                env.world_size,
+                env.device.type,
+                self.global_batch,
+                self.lr,
+                self.schedule.total_steps,
+                self.steps_per_epoch,
+            )
         return state
 
 
@@ -87,8 +101,9 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_run(cfg: TrainConfig, *, env: DistEnv, stop: StopFlag | None = None, checkpointing: bool = True,
-              evaluation: bool = True) -> TrainingRun:
+def build_run(
+    cfg: TrainConfig, *, env: DistEnv, stop: StopFlag | None = None, checkpointing: bool = True, evaluation: bool = True
+) -> TrainingRun:
     """Every component of ``cfg``'s run on this rank, each from its own config section. Called on every rank
     of an initialised process group (a collective: rank 0 prepares the dataset and shares its root).
 
@@ -98,36 +113,85 @@ def build_run(cfg: TrainConfig, *, env: DistEnv, stop: StopFlag | None = None, c
     """
     seed_everything(cfg.seed + env.rank)
     root = broadcast_object(prepare_dataset_root(cfg.data) if env.is_main else None)
-    sources = {split: build_source(cfg.data, split=split, rank=env.rank, world_size=env.world_size,
-                                   device=env.device, seed=cfg.seed, num_classes=cfg.model.num_classes, root=root)
-               for split in (("train", "val") if evaluation else ("train",))}
+    sources = {
+        split: build_source(
+            cfg.data,
+            split=split,
+            rank=env.rank,
+            world_size=env.world_size,
+            device=env.device,
+            seed=cfg.seed,
+            num_classes=cfg.model.num_classes,
+            root=root,
+        )
+        for split in (("train", "val") if evaluation else ("train",))
+    }
     model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, **cfg.model.overrides())
     global_batch = cfg.data.batch_size * cfg.distributed.grad_accum * env.world_size
     lr = scaled_lr(cfg.optim.lr, reference_batch=cfg.optim.reference_batch, global_batch=global_batch)
-    engine = build_engine(model, optim=cfg.optim, precision=cfg.precision, distributed=cfg.distributed,
-                          lr=lr, micro_batch=cfg.data.batch_size, world_size=env.world_size,
-                          device=env.device, channels_last=cfg.model.channels_last, compile=cfg.model.compile,
-                          compile_mode=cfg.model.compile_mode, compile_backend=cfg.model.compile_backend)
+    engine = build_engine(
+        model,
+        optim=cfg.optim,
+        precision=cfg.precision,
+        distributed=cfg.distributed,
+        lr=lr,
+        micro_batch=cfg.data.batch_size,
+        world_size=env.world_size,
+        device=env.device,
+        channels_last=cfg.model.channels_last,
+        compile=cfg.model.compile,
+        compile_mode=cfg.model.compile_mode,
+        compile_backend=cfg.model.compile_backend,
+    )
     steps_per_epoch = len(sources["train"]) // cfg.distributed.grad_accum
     if steps_per_epoch < 1:
-        raise ConfigError(f"data.batch_size = {cfg.data.batch_size} x {env.world_size} ranks x grad_accum "
-                          f"{cfg.distributed.grad_accum} is larger than the training split "
-                          f"({sources['train'].num_samples} images): lower --data.batch_size")
+        raise ConfigError(
+            f"data.batch_size = {cfg.data.batch_size} x {env.world_size} ranks x grad_accum "
+            f"{cfg.distributed.grad_accum} is larger than the training split "
+            f"({sources['train'].num_samples} images): lower --data.batch_size"
+        )
     schedule = LRSchedule(cfg.schedule, base_lr=lr, steps_per_epoch=steps_per_epoch)
     checkpointer = None
     if checkpointing:
-        checkpointer = Checkpointer(cfg.checkpoint, run_id=cfg.run_id or cfg.name, rank=env.rank,
-                                    world_size=env.world_size, config_hash=cfg.hash(),
-                                    staging_dir=cfg.checkpoint.staging_dir
-                                    or str(Path(cfg.resolved_output_dir) / "staging"))
+        checkpointer = Checkpointer(
+            cfg.checkpoint,
+            run_id=cfg.run_id or cfg.name,
+            rank=env.rank,
+            world_size=env.world_size,
+            config_hash=cfg.hash(),
+            staging_dir=cfg.checkpoint.staging_dir or str(Path(cfg.resolved_output_dir) / "staging"),
+        )
         checkpointer.check_access()
-    tracker = build_tracker(cfg.tracking, is_main=env.is_main, node_id=env.node_rank,
-                            is_local_main=env.is_local_main, run_name=cfg.name)
-    trainer = Trainer(engine=engine, train_source=sources["train"], val_source=sources.get("val", sources["train"]),
-                      schedule=schedule, total_steps=schedule.total_steps, rank=env.rank,
-                      world_size=env.world_size, device=env.device, log_every=cfg.log_every,
-                      eval_every=cfg.eval_every, progress=cfg.progress, tracker=tracker,
-                      checkpointer=checkpointer, stop=stop, seed=cfg.seed)
-    return TrainingRun(cfg=cfg, env=env, sources=sources, engine=engine, lr=lr, global_batch=global_batch,
-                       steps_per_epoch=steps_per_epoch, schedule=schedule, checkpointer=checkpointer,
-                       trainer=trainer, tracker=tracker)
+    tracker = build_tracker(
+        cfg.tracking, is_main=env.is_main, node_id=env.node_rank, is_local_main=env.is_local_main, run_name=cfg.name
+    )
+    trainer = Trainer(
+        engine=engine,
+        train_source=sources["train"],
+        val_source=sources.get("val", sources["train"]),
+        schedule=schedule,
+        total_steps=schedule.total_steps,
+        rank=env.rank,
+        world_size=env.world_size,
+        device=env.device,
+        log_every=cfg.log_every,
+        eval_every=cfg.eval_every,
+        progress=cfg.progress,
+        tracker=tracker,
+        checkpointer=checkpointer,
+        stop=stop,
+        seed=cfg.seed,
+    )
+    return TrainingRun(
+        cfg=cfg,
+        env=env,
+        sources=sources,
+        engine=engine,
+        lr=lr,
+        global_batch=global_batch,
+        steps_per_epoch=steps_per_epoch,
+        schedule=schedule,
+        checkpointer=checkpointer,
+        trainer=trainer,
+        tracker=tracker,
+    )

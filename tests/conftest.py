@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -48,7 +48,7 @@ def mlflow_template_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def mlflow_server(tmp_path: Path, mlflow_template_db: Path) -> Iterator["MlflowServer"]:  # noqa: F821
+def mlflow_server(tmp_path: Path, mlflow_template_db: Path) -> Iterator[MlflowServer]:  # noqa: F821
     """A real ``mlflow server`` on 127.0.0.1 for this test only (``.uri``; ``.stop(kill=True)`` and
     ``.start()`` for an outage on the same port and store); stopped when the test ends."""
     from mlflow_server import MlflowServer

@@ -44,8 +44,15 @@ def make_template_db(path: str | Path) -> Path:
 class MlflowServer:
     """Start/stop/restart one tracking server; the port and the store survive restarts."""
 
-    def __init__(self, root: str | Path, *, port: int | None = None, host: str = "127.0.0.1",
-                 template_db: str | Path | None = None, startup_timeout_s: float = 90.0) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        template_db: str | Path | None = None,
+        startup_timeout_s: float = 90.0,
+    ) -> None:
         self.root = Path(root)
         self.host = host
         self.port = port or free_port(host)
@@ -64,7 +71,7 @@ class MlflowServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> "MlflowServer":
+    def start(self) -> MlflowServer:
         if self.running:
             return self
         self.root.mkdir(parents=True, exist_ok=True)
@@ -72,9 +79,20 @@ class MlflowServer:
         db = self.root / "mlflow.db"
         if self.template_db is not None and not db.exists():
             shutil.copyfile(self.template_db, db)  # skips ~10 s of schema migrations per server
-        cmd = [*_mlflow_executable(), "server", "--host", self.host, "--port", str(self.port),
-               "--workers", "1", "--backend-store-uri", self.backend_uri,
-               "--artifacts-destination", str(self.artifacts_dir)]
+        cmd = [
+            *_mlflow_executable(),
+            "server",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            self.backend_uri,
+            "--artifacts-destination",
+            str(self.artifacts_dir),
+        ]
         # No job runner: its half-dozen worker processes would cost a small machine ~10 s per start
         # and CPU throughout, and tracking needs none of them.
         env = {**os.environ, "MLFLOW_TRACKING_URI": "", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -82,19 +100,23 @@ class MlflowServer:
         # a previous server that has not quite exited would make this one fail: wait for it.
         self._wait_port_free(timeout_s=15.0)
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                          cwd=self.root, start_new_session=True)
+            self._proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.root, start_new_session=True
+            )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self._proc.returncode}; "
-                                   f"log:\n{self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"mlflow server exited with {self._proc.returncode}; log:\n{self.log_path.read_text()[-3000:]}"
+                )
             if self.healthy():
                 return self
             time.sleep(0.25)
         self.stop(kill=True)
-        raise RuntimeError(f"mlflow server on {self.uri} was not healthy after {self.startup_timeout_s}s; "
-                           f"log:\n{self.log_path.read_text()[-3000:]}")
+        raise RuntimeError(
+            f"mlflow server on {self.uri} was not healthy after {self.startup_timeout_s}s; "
+            f"log:\n{self.log_path.read_text()[-3000:]}"
+        )
 
     def healthy(self) -> bool:
         try:
@@ -123,7 +145,7 @@ class MlflowServer:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def restart(self) -> "MlflowServer":
+    def restart(self) -> MlflowServer:
         self.stop()
         return self.start()
 
@@ -138,9 +160,10 @@ class MlflowServer:
                 except OSError:
                     time.sleep(0.2)
 
-    def __enter__(self) -> "MlflowServer":
+    def __enter__(self) -> MlflowServer:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

@@ -20,20 +20,25 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from servers import TcpForwarder
 from servers import free_port as _free_port  # also imported by the storage and checkpoint tests
 
-_SERVERS: dict[str, "_Server"] = {}  # endpoint_url -> server, so stop/restart can find it
+_SERVERS: dict[str, _Server] = {}  # endpoint_url -> server, so stop/restart can find it
 
 
 def aws_env(endpoint_url: str, *, key: str = "testing", secret: str = "testing") -> dict[str, str]:
     """Environment variables that point boto/s3fs in a child process at this server."""
-    return {"AWS_ENDPOINT_URL": endpoint_url, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    return {
+        "AWS_ENDPOINT_URL": endpoint_url,
+        "AWS_ACCESS_KEY_ID": key,
+        "AWS_SECRET_ACCESS_KEY": secret,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
 
 
 class _Server:
@@ -48,8 +53,11 @@ class _Server:
 
     def start_moto(self) -> None:
         exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
-        cmd = [exe, "-H", "127.0.0.1", "-p", str(self.backend_port)] if exe else \
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.backend_port)]
+        cmd = (
+            [exe, "-H", "127.0.0.1", "-p", str(self.backend_port)]
+            if exe
+            else [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.backend_port)]
+        )
         env = dict(os.environ)
         if self.auth:
             # Every request is checked against IAM, which knows no keys: any credentials are "wrong".

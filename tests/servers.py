@@ -1,9 +1,9 @@
 """Networking pieces shared by the test servers (s3_server, mlflow_server, cluster/slurm_cluster).
 
-    port = free_port()
-    fwd = TcpForwarder("127.0.0.1", backend_port, port=port); fwd.start()   # clients use ``port``
-    fwd.stop()                        # new connections refused, open ones cut (an outage)
-    fwd.start()                       # the same port again
+port = free_port()
+fwd = TcpForwarder("127.0.0.1", backend_port, port=port); fwd.start()   # clients use ``port``
+fwd.stop()                        # new connections refused, open ones cut (an outage)
+fwd.start()                       # the same port again
 """
 
 from __future__ import annotations
@@ -26,8 +26,16 @@ class TcpForwarder:
     connection to the target (None: the socket default).
     """
 
-    def __init__(self, target_host: str, target_port: int, *, listen_host: str = "127.0.0.1", port: int = 0,
-                 connect_timeout: float | None = None, name: str = "tcp-forwarder") -> None:
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        listen_host: str = "127.0.0.1",
+        port: int = 0,
+        connect_timeout: float | None = None,
+        name: str = "tcp-forwarder",
+    ) -> None:
         self.target = (target_host, target_port)
         self.listen_host, self.port = listen_host, port
         self.connect_timeout = connect_timeout

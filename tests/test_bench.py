@@ -35,14 +35,38 @@ def run_py(args: list[str], *, timeout: int = 600, cwd: Path = REPO) -> subproce
 # -- the fast path's "auto" ----------------------------------------------------------------------------------
 def test_auto_is_the_fast_path_on_cuda_and_the_plain_one_on_cpu():
     cpu = resolve_fast_path(device="cpu")
-    assert cpu == FastPath(dtype="fp32", channels_last=False, compile="off", compile_mode="default",
-                           compile_backend="inductor", fused_sgd=False, cudnn_benchmark=False)
+    assert cpu == FastPath(
+        dtype="fp32",
+        channels_last=False,
+        compile="off",
+        compile_mode="default",
+        compile_backend="inductor",
+        fused_sgd=False,
+        cudnn_benchmark=False,
+    )
     gpu = resolve_fast_path(device="cuda:0")
-    assert (gpu.dtype, gpu.channels_last, gpu.compile, gpu.fused_sgd, gpu.cudnn_benchmark) == \
-        ("bf16", True, "engine", True, True)
-    explicit = resolve_fast_path(device="cuda", dtype="fp32", channels_last=False, compile="module", fused=False,
-                                 cudnn_benchmark=False, compile_mode="reduce-overhead")
-    assert (explicit.dtype, explicit.channels_last, explicit.compile, explicit.fused_sgd) == ("fp32", False, "module", False)
+    assert (gpu.dtype, gpu.channels_last, gpu.compile, gpu.fused_sgd, gpu.cudnn_benchmark) == (
+        "bf16",
+        True,
+        "engine",
+        True,
+        True,
+    )
+    explicit = resolve_fast_path(
+        device="cuda",
+        dtype="fp32",
+        channels_last=False,
+        compile="module",
+        fused=False,
+        cudnn_benchmark=False,
+        compile_mode="reduce-overhead",
+    )
+    assert (explicit.dtype, explicit.channels_last, explicit.compile, explicit.fused_sgd) == (
+        "fp32",
+        False,
+        "module",
+        False,
+    )
     assert explicit.compile_kwargs() == {"dynamic": False, "mode": "reduce-overhead"}
     assert gpu.compile_kwargs() == {"dynamic": False}
     assert resolve_fast_path(device="cpu", cudnn_benchmark=True).cudnn_benchmark is False, "cuDNN is CUDA's"
@@ -53,10 +77,23 @@ def test_auto_is_the_fast_path_on_cuda_and_the_plain_one_on_cpu():
 
 def test_fast_path_config_keys_default_to_auto_and_validate():
     cfg = load_config(None, [])
-    assert (cfg.model.channels_last, cfg.model.compile, cfg.precision.dtype, cfg.precision.cudnn_benchmark,
-            cfg.optim.fused) == ("auto",) * 5
-    cfg = load_config(None, ["--model.channels_last=true", "--model.compile=off", "--optim.fused=false",
-                             "--precision.cudnn_benchmark=false", "--model.compile_mode=reduce-overhead"])
+    assert (
+        cfg.model.channels_last,
+        cfg.model.compile,
+        cfg.precision.dtype,
+        cfg.precision.cudnn_benchmark,
+        cfg.optim.fused,
+    ) == ("auto",) * 5
+    cfg = load_config(
+        None,
+        [
+            "--model.channels_last=true",
+            "--model.compile=off",
+            "--optim.fused=false",
+            "--precision.cudnn_benchmark=false",
+            "--model.compile_mode=reduce-overhead",
+        ],
+    )
     assert cfg.model.channels_last is True and cfg.optim.fused is False and cfg.model.compile == "off"
     with pytest.raises(ConfigError, match="expected bool or 'auto'"):
         load_config(None, ["--model.channels_last=on"])
@@ -134,17 +171,60 @@ def test_engine_options_change_no_number_and_keep_checkpoint_keys():
 @pytest.fixture(scope="module")
 def tiny_jpegs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("jpegs")
-    assert make_jpegs.main([str(out), "--count", "12", "--classes", "3", "--min-side", "40", "--max-side", "56",
-                            "--target-kib", "3", "--workers", "1"]) == 0
+    assert (
+        make_jpegs.main(
+            [
+                str(out),
+                "--count",
+                "12",
+                "--classes",
+                "3",
+                "--min-side",
+                "40",
+                "--max-side",
+                "56",
+                "--target-kib",
+                "3",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_throughput_benchmark_runs_the_real_step_on_the_cpu(tmp_path, tiny_jpegs):
     res = tmp_path / "res.jsonl"
-    r = run_py(["benchmarks/throughput.py", "--device", "cpu", "--model", "cifar_resnet20:4", "--num-classes", "10",
-                "--image-size", "32", "--data", f"synthetic,folder:{tiny_jpegs}", "--warmup", "1", "--steps", "2",
-                "--threads", "1", "--augment", "rrc", "--reference", "eager", "--matmul-size", "128",
-                "--out", str(res)])
+    r = run_py(
+        [
+            "benchmarks/throughput.py",
+            "--device",
+            "cpu",
+            "--model",
+            "cifar_resnet20:4",
+            "--num-classes",
+            "10",
+            "--image-size",
+            "32",
+            "--data",
+            f"synthetic,folder:{tiny_jpegs}",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "--threads",
+            "1",
+            "--augment",
+            "rrc",
+            "--reference",
+            "eager",
+            "--matmul-size",
+            "128",
+            "--out",
+            str(res),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in res.read_text().splitlines()]
     assert [r["kind"] for r in rows] == ["matmul_peak", "reference", "deepspeed", "deepspeed"]
@@ -172,32 +252,95 @@ def test_dali_pipeline_alone_from_a_folder_and_from_s3(tmp_path, tiny_jpegs, s3_
         fs.put(str(f), f"bench/ds/train/{f.parent.name}/{f.name}")
     res = tmp_path / "res.jsonl"
     env = {**ENV, **aws_env(s3_endpoint), "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    r = subprocess.run([sys.executable, "benchmarks/throughput.py", "--device", "cpu", "--model", "resnet18:4",
-                        "--image-size", "32", "--warmup", "1", "--steps", "3", "--threads", "1", "--augment",
-                        "rrc,paper", "--data", f"s3://bench/ds,folder:{tiny_jpegs}", "--pipeline-only", "--out",
-                        str(res)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/throughput.py",
+            "--device",
+            "cpu",
+            "--model",
+            "resnet18:4",
+            "--image-size",
+            "32",
+            "--warmup",
+            "1",
+            "--steps",
+            "3",
+            "--threads",
+            "1",
+            "--augment",
+            "rrc,paper",
+            "--data",
+            f"s3://bench/ds,folder:{tiny_jpegs}",
+            "--pipeline-only",
+            "--out",
+            str(res),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in res.read_text().splitlines()]
     assert [(r["kind"], r["data"], r["augment"]) for r in rows] == [
-        ("pipeline", "s3://bench/ds", "rrc"), ("pipeline", "s3://bench/ds", "paper"),
-        ("pipeline", f"folder:{tiny_jpegs}", "rrc"), ("pipeline", f"folder:{tiny_jpegs}", "paper")]
+        ("pipeline", "s3://bench/ds", "rrc"),
+        ("pipeline", "s3://bench/ds", "paper"),
+        ("pipeline", f"folder:{tiny_jpegs}", "rrc"),
+        ("pipeline", f"folder:{tiny_jpegs}", "paper"),
+    ]
     assert all("error" not in r and r["img_s"] > 0 and r["source"] == "DaliSource" for r in rows), rows
 
 
 def test_summary_table_and_targets_read_one_run():
-    rows = [{"kind": "matmul_peak", "dtype": "bfloat16", "n": 8192, "tflops": 700.0, "device_name": "H100"},
-            {"kind": "reference", "model": "resnet50", "batch": 256, "data": "synthetic", "compile": "eager",
-             "img_s": 4000.0},
-            {"kind": "reference", "model": "resnet50", "batch": 256, "data": "synthetic", "compile": "compiled",
-             "img_s": 5600.0},
-            {"kind": "deepspeed", "model": "resnet50", "batch": 256, "data": "folder:/tmp/j", "compile": "engine",
-             "img_s": 5800.0, "data_wait_share": 0.01, "step_ms": 44.0, "host_syncs_per_step": 0.0,
-             "ratio_vs_ref_compiled": 5800 / 5600, "ratio_vs_ref_eager": 1.45, "steps": 40, "epoch_starts": 2,
-             "epoch_start_s": 1.5, "img_s_in_epoch": 6100.0, "data_wait_share_in_epoch": 0.004,
-             "img_s_imagenet_epoch": 6090.0},
-            {"kind": "pipeline", "batch": 256, "data": "folder:/tmp/j", "img_s": 15000.0, "threads": 12},
-            {"kind": "deepspeed", "model": "resnet152", "batch": 128, "data": "folder:/tmp/j", "compile": "off",
-             "error": "RuntimeError: boom"}]
+    rows = [
+        {"kind": "matmul_peak", "dtype": "bfloat16", "n": 8192, "tflops": 700.0, "device_name": "H100"},
+        {
+            "kind": "reference",
+            "model": "resnet50",
+            "batch": 256,
+            "data": "synthetic",
+            "compile": "eager",
+            "img_s": 4000.0,
+        },
+        {
+            "kind": "reference",
+            "model": "resnet50",
+            "batch": 256,
+            "data": "synthetic",
+            "compile": "compiled",
+            "img_s": 5600.0,
+        },
+        {
+            "kind": "deepspeed",
+            "model": "resnet50",
+            "batch": 256,
+            "data": "folder:/tmp/j",
+            "compile": "engine",
+            "img_s": 5800.0,
+            "data_wait_share": 0.01,
+            "step_ms": 44.0,
+            "host_syncs_per_step": 0.0,
+            "ratio_vs_ref_compiled": 5800 / 5600,
+            "ratio_vs_ref_eager": 1.45,
+            "steps": 40,
+            "epoch_starts": 2,
+            "epoch_start_s": 1.5,
+            "img_s_in_epoch": 6100.0,
+            "data_wait_share_in_epoch": 0.004,
+            "img_s_imagenet_epoch": 6090.0,
+        },
+        {"kind": "pipeline", "batch": 256, "data": "folder:/tmp/j", "img_s": 15000.0, "threads": 12},
+        {
+            "kind": "deepspeed",
+            "model": "resnet152",
+            "batch": 128,
+            "data": "folder:/tmp/j",
+            "compile": "off",
+            "error": "RuntimeError: boom",
+        },
+    ]
     text = throughput.table(rows)
     assert "FAILED: RuntimeError: boom" in text and "700 TFLOP/s" in text and "1.04" in text
     t = throughput.targets(rows)
@@ -224,8 +367,21 @@ def test_jpegs_are_imagenet_shaped_deterministic_and_written_once(tmp_path):
         target = 95 * 1024 * w * h / make_jpegs.AVG_AREA
         assert 0.75 * target < len(blob) < 1.25 * target
     out = tmp_path / "j"
-    args = [str(out), "--count", "6", "--classes", "2", "--min-side", "32", "--max-side", "48", "--target-kib", "2",
-            "--workers", "1"]
+    args = [
+        str(out),
+        "--count",
+        "6",
+        "--classes",
+        "2",
+        "--min-side",
+        "32",
+        "--max-side",
+        "48",
+        "--target-kib",
+        "2",
+        "--workers",
+        "1",
+    ]
     assert make_jpegs.main(args) == 0
     files = sorted((out / "train").rglob("*.jpg"))
     assert len(files) == 6 and {f.parent.name for f in files} == {"c0000", "c0001"}
@@ -236,8 +392,17 @@ def test_jpegs_are_imagenet_shaped_deterministic_and_written_once(tmp_path):
 
 # -- the CIFAR probe's projection --------------------------------------------------------------------------------
 def probe_row(name: str, alone: float, together: float, **kw) -> dict:
-    return {"name": name, "alone_steps_s": alone, "together_steps_s": together, "eval_s": 0.1,
-            "warmup_and_compile_s": 30.0, "steps_per_epoch": 390, "max_steps": 64000, "eval_every": 1, **kw}
+    return {
+        "name": name,
+        "alone_steps_s": alone,
+        "together_steps_s": together,
+        "eval_s": 0.1,
+        "warmup_and_compile_s": 30.0,
+        "steps_per_epoch": 390,
+        "max_steps": 64000,
+        "eval_every": 1,
+        **kw,
+    }
 
 
 def test_projection_picks_the_faster_launch_and_refuses_over_the_limit(tmp_path, capsys):
@@ -247,7 +412,9 @@ def test_projection_picks_the_faster_launch_and_refuses_over_the_limit(tmp_path,
     assert p["concurrent_s"] == pytest.approx(10 + 30 + 64000 / 150 + 165 * 0.1 * 200 / 150)
     assert p["sequential_s"] == pytest.approx(2 * 40 + 64000 / 400 + 64000 / 200 + 2 * 165 * 0.1)
     assert p["best"] == "concurrent" and p["parallel"] == 2
-    measured = study_parallel.project([probe_row("a", 400, 200, startup_s=50.0), probe_row("b", 200, 150)], startup_s=10)
+    measured = study_parallel.project(
+        [probe_row("a", 400, 200, startup_s=50.0), probe_row("b", 200, 150)], startup_s=10
+    )
     assert measured["concurrent_s"] == pytest.approx(p["concurrent_s"] + 40), "the probe's own start-up counts"
     slow = [probe_row("a", 400, 100), probe_row("b", 400, 100)]
     assert study_parallel.project(slow)["parallel"] == 1
@@ -261,10 +428,21 @@ def test_projection_picks_the_faster_launch_and_refuses_over_the_limit(tmp_path,
 
 
 # -- the concurrent study launcher ---------------------------------------------------------------------------------
-DIGITS = ["--data.source=digits", "--data.val_dir=val", "--data.flip=false", "--data.val_batch_size=0",
-          "--data.batch_size=32", "--data.num_threads=1", "--schedule.max_steps=4", "--schedule.milestones=[2]",
-          "--log_every=2", "--progress=false", "--tracking.log_model=false", "--tracking.system_metrics=false",
-          f"--data.cache_dir={REPO / '.cache/datasets'}"]
+DIGITS = [
+    "--data.source=digits",
+    "--data.val_dir=val",
+    "--data.flip=false",
+    "--data.val_batch_size=0",
+    "--data.batch_size=32",
+    "--data.num_threads=1",
+    "--schedule.max_steps=4",
+    "--schedule.milestones=[2]",
+    "--log_every=2",
+    "--progress=false",
+    "--tracking.log_model=false",
+    "--tracking.system_metrics=false",
+    f"--data.cache_dir={REPO / '.cache/datasets'}",
+]
 
 
 @pytest.mark.slow
@@ -272,32 +450,57 @@ def test_members_train_concurrently_under_one_parent_and_report(tmp_path):
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    r = run_py(["benchmarks/study_parallel.py", "run", "configs/study/cifar10_table6.toml", "--parallel", "2",
-                "--only", "plain20,resnet20", "--log-dir", str(tmp_path / "logs"), "--report", "--report-out",
-                str(tmp_path / "report"), *DIGITS, f"--tracking.uri={uri}", f"--output_dir={tmp_path}/out/{{name}}",
-                f"--checkpoint.uri={tmp_path}/ckpt"], timeout=900)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + "".join(
-        p.read_text()[-1500:] for p in (tmp_path / "logs").glob("*.log"))
+    r = run_py(
+        [
+            "benchmarks/study_parallel.py",
+            "run",
+            "configs/study/cifar10_table6.toml",
+            "--parallel",
+            "2",
+            "--only",
+            "plain20,resnet20",
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--report",
+            "--report-out",
+            str(tmp_path / "report"),
+            *DIGITS,
+            f"--tracking.uri={uri}",
+            f"--output_dir={tmp_path}/out/{{name}}",
+            f"--checkpoint.uri={tmp_path}/ckpt",
+        ],
+        timeout=900,
+    )
+    assert r.returncode == 0, (
+        r.stdout[-2000:] + r.stderr[-2000:] + "".join(p.read_text()[-1500:] for p in (tmp_path / "logs").glob("*.log"))
+    )
     client = MlflowClient(uri)
-    parents = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                 filter_string="tags.study_role = 'parent'")
+    parents = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], filter_string="tags.study_role = 'parent'"
+    )
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    children = client.search_runs([parents[0].info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    children = client.search_runs(
+        [parents[0].info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'"
+    )
     assert sorted(c.info.run_name for c in children) == ["plain20", "resnet20"]
     assert all(c.info.status == "FINISHED" and "val_top1_error" in c.data.metrics for c in children)
     # Both started before either finished (their MLflow start times may not overlap: start-up can queue
     # on a shared lock, such as DeepSpeed building its CPU op).
-    lines = [line.strip() for line in r.stdout.splitlines() if line.strip().startswith(("started", "plain20:",
-                                                                                        "resnet20:"))]
+    lines = [
+        line.strip() for line in r.stdout.splitlines() if line.strip().startswith(("started", "plain20:", "resnet20:"))
+    ]
     assert [line.split()[0] for line in lines[:2]] == ["started", "started"], r.stdout
     assert (tmp_path / "report" / "table.md").is_file()
 
 
 def test_launcher_runs_n_at_a_time_with_own_ports_and_stops_at_the_deadline(tmp_path):
-    report = "import json, os, sys, time; print(json.dumps([os.environ['MASTER_PORT'], os.environ['RANK'], time.time()]))"
-    cmds = [(f"m{i}", [sys.executable, "-c", f"{report}; time.sleep({0.5 if i < 3 else 60})"], tmp_path / f"m{i}.log")
-            for i in range(4)]
+    report = (
+        "import json, os, sys, time; print(json.dumps([os.environ['MASTER_PORT'], os.environ['RANK'], time.time()]))"
+    )
+    cmds = [
+        (f"m{i}", [sys.executable, "-c", f"{report}; time.sleep({0.5 if i < 3 else 60})"], tmp_path / f"m{i}.log")
+        for i in range(4)
+    ]
     codes = study_parallel._launch(cmds[:3], parallel=2)
     assert codes == {"m0": 0, "m1": 0, "m2": 0}
     seen = [json.loads((tmp_path / f"m{i}.log").read_text()) for i in range(3)]
@@ -323,17 +526,39 @@ def test_histories_import_as_the_study_runner_would_log_them(tmp_path):
         rows.append({"step": 100, "epoch": 1.0, "val_top1_error": err, "val_top5_error": 1.0, "val_loss": 0.5})
         from pipeline.models import model_spec
 
-        (hist / f"{m}.json").write_text(json.dumps({
-            "config": cfg.to_dict(), "params": flatten(cfg), "tags": {**model_spec(cfg.model.name).tags(),
-                                                                      "model": cfg.model.name},
-            "history": rows, "final_val": {"val_top1_error": err}, "exit_code": 0, "start_time": 1.0e9,
-            "end_time": 1.0e9 + 60}))
+        (hist / f"{m}.json").write_text(
+            json.dumps(
+                {
+                    "config": cfg.to_dict(),
+                    "params": flatten(cfg),
+                    "tags": {**model_spec(cfg.model.name).tags(), "model": cfg.model.name},
+                    "history": rows,
+                    "final_val": {"val_top1_error": err},
+                    "exit_code": 0,
+                    "start_time": 1.0e9,
+                    "end_time": 1.0e9 + 60,
+                }
+            )
+        )
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    assert study_parallel.main(["import", str(hist), str(REPO / "configs/study/cifar10_table6.toml"),
-                                "--tracking-uri", uri, "--report-out", str(tmp_path / "report")]) == 0
+    assert (
+        study_parallel.main(
+            [
+                "import",
+                str(hist),
+                str(REPO / "configs/study/cifar10_table6.toml"),
+                "--tracking-uri",
+                uri,
+                "--report-out",
+                str(tmp_path / "report"),
+            ]
+        )
+        == 0
+    )
     client = MlflowClient(uri)
-    children = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  filter_string="tags.imported = 'true'")
+    children = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], filter_string="tags.imported = 'true'"
+    )
     assert {c.info.run_name: c.data.metrics["val_top1_error"] for c in children} == {"plain20": 9.0, "resnet20": 8.0}
     c = children[0]
     assert c.data.tags["study"] == "cifar10_table6" and c.data.tags["depth"] == "20"

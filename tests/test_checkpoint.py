@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline.checkpoint import CheckpointError, Checkpointer, committed_tags, read_manifest
+from pipeline.checkpoint import Checkpointer, CheckpointError, committed_tags, read_manifest
 from pipeline.config import CheckpointConfig
 from pipeline.storage import Storage, sha256_file
 
@@ -55,8 +55,14 @@ def _aws(monkeypatch: pytest.MonkeyPatch, endpoint: str, key: str = "testing") -
 
 
 def _ck(uri: str, tmp_path: Path, **cfg: Any) -> Checkpointer:
-    return Checkpointer(CheckpointConfig(uri=uri, **cfg), run_id="run", rank=0, world_size=1, config_hash="h",
-                        staging_dir=str(tmp_path / "staging"))
+    return Checkpointer(
+        CheckpointConfig(uri=uri, **cfg),
+        run_id="run",
+        rank=0,
+        world_size=1,
+        config_hash="h",
+        staging_dir=str(tmp_path / "staging"),
+    )
 
 
 def _save(ck: Checkpointer, step: int) -> FakeEngine:
@@ -121,8 +127,14 @@ def test_resume_under_another_config_warns(tmp_path: Path, caplog: pytest.LogCap
     ck = _ck(uri, tmp_path)
     _save(ck, 1)
     ck.close()
-    other = Checkpointer(CheckpointConfig(uri=uri), run_id="run", rank=0, world_size=1, config_hash="changed",
-                         staging_dir=str(tmp_path / "staging"))
+    other = Checkpointer(
+        CheckpointConfig(uri=uri),
+        run_id="run",
+        rank=0,
+        world_size=1,
+        config_hash="changed",
+        staging_dir=str(tmp_path / "staging"),
+    )
     with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
         assert other.resume(FakeEngine()) == {"step": 1}
     (rec,) = [r for r in caplog.records if "config differs" in r.getMessage()]
@@ -174,8 +186,7 @@ def test_corrupt_file_falls_back_with_warning(tmp_path: Path, caplog: pytest.Log
     assert run.exists("step-3/manifest.rejected.json")
 
 
-def test_first_good_walks_newest_first_and_names_the_fallback(tmp_path: Path,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_first_good_walks_newest_first_and_names_the_fallback(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from pipeline.checkpoint import committed_candidates, first_good
 
     ck = _ck(str(tmp_path / "ckpt"), tmp_path, keep_last=3)
@@ -249,15 +260,22 @@ def test_resume_from_explicit_uri(tmp_path: Path) -> None:
     for step in (1, 2):
         _save(ck, step)
     ck.close()
-    other = Checkpointer(CheckpointConfig(uri=str(tmp_path / "other"), resume=f"{uri}/run/step-1"), run_id="new",
-                         rank=0, world_size=1, config_hash="h", staging_dir=str(tmp_path / "s2"))
+    other = Checkpointer(
+        CheckpointConfig(uri=str(tmp_path / "other"), resume=f"{uri}/run/step-1"),
+        run_id="new",
+        rank=0,
+        world_size=1,
+        config_hash="h",
+        staging_dir=str(tmp_path / "s2"),
+    )
     eng = FakeEngine()
     assert other.resume(eng) == {"step": 1} and float(eng.w[0]) == 1.0
     assert Storage(uri).child("run").read_text("latest") == "step-2"  # another run's folder is left alone
 
 
-def test_outage_retries_in_background_then_commits(s3_uri: str, s3_endpoint: str, tmp_path: Path,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_outage_retries_in_background_then_commits(
+    s3_uri: str, s3_endpoint: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     from s3_server import restart_server, stop_server
 
     ck = _ck_with_step_1(s3_uri, tmp_path)
@@ -301,8 +319,14 @@ def test_zero1_reshard_on_a_deepspeed_without_its_private_methods_names_the_fix(
     ck = _ck(uri, tmp_path)
     ck.save(Zero1Engine(1.0), step=1, epoch=0, trainer_state={"step": 1})
     ck.close()
-    bigger = Checkpointer(CheckpointConfig(uri=uri), run_id="run", rank=0, world_size=2, config_hash="h",
-                          staging_dir=str(tmp_path / "staging"))
+    bigger = Checkpointer(
+        CheckpointConfig(uri=uri),
+        run_id="run",
+        rank=0,
+        world_size=2,
+        config_hash="h",
+        staging_dir=str(tmp_path / "staging"),
+    )
     with pytest.raises(CheckpointError) as e:
         bigger.resume(Zero1Engine())
     msg = str(e.value)
@@ -320,8 +344,9 @@ def test_time_based_saves_follow_the_clock(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("case", ["no_bucket", "credentials", "unreachable"])
-def test_bad_storage_fails_at_start(case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                    request: pytest.FixtureRequest) -> None:
+def test_bad_storage_fails_at_start(
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     from s3_server import _free_port, start_moto_server
 
     if case == "no_bucket":
@@ -348,8 +373,16 @@ def test_bad_storage_fails_at_start(case: str, tmp_path: Path, monkeypatch: pyte
 
 
 def _torchrun(nproc: int, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           str(ROOT / "tests" / "helpers" / "ckpt_worker.py"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        str(ROOT / "tests" / "helpers" / "ckpt_worker.py"),
+        *args,
+    ]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=240)
     return proc
@@ -357,8 +390,7 @@ def _torchrun(nproc: int, *args: str, env: dict[str, str] | None = None) -> subp
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend,zero", [("s3", 1)])  # ZeRO-0 on 2 local ranks: test_checkpoint_e2e.py
-def test_deepspeed_two_ranks_roundtrip(backend: str, zero: int, tmp_path: Path,
-                                       request: pytest.FixtureRequest) -> None:
+def test_deepspeed_two_ranks_roundtrip(backend: str, zero: int, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     env: dict[str, str] = {}
     uri = str(tmp_path / "ckpt")
     if backend == "s3":
@@ -370,7 +402,7 @@ def test_deepspeed_two_ranks_roundtrip(backend: str, zero: int, tmp_path: Path,
     p = _torchrun(2, "--phase", "train", "--steps", "4", "--save-at", "2,4", *common, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     # ZeRO-1 on a smaller world, which DeepSpeed alone refuses to re-partition (same-size resumes: e2e tests).
-    for nproc in ((1,) if zero else (2,)):
+    for nproc in (1,) if zero else (2,):
         p = _torchrun(nproc, "--phase", "resume", *common, env=env)
         assert p.returncode == 0, p.stderr[-3000:]
         for r in range(nproc):
@@ -390,8 +422,9 @@ def test_deepspeed_two_ranks_roundtrip(backend: str, zero: int, tmp_path: Path,
 @pytest.mark.slow
 def test_deepspeed_zero1_grows_world(tmp_path: Path) -> None:
     common = ["--uri", str(tmp_path / "ckpt"), "--out", str(tmp_path), "--zero", "1"]
-    assert (p := _torchrun(1, "--phase", "train", "--steps", "3", "--save-at", "3", *common)).returncode == 0, \
-        p.stderr[-3000:]
+    assert (p := _torchrun(1, "--phase", "train", "--steps", "3", "--save-at", "3", *common)).returncode == 0, p.stderr[
+        -3000:
+    ]
     p = _torchrun(2, "--phase", "resume", *common)
     assert p.returncode == 0, p.stderr[-3000:]
     a = torch.load(tmp_path / "train-rank0.pt", weights_only=False)

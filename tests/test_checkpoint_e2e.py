@@ -27,23 +27,51 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
-ARGS = ["--config", "configs/cpu/digits_resnet20.toml", "--data.batch_size=16", f"--schedule.max_steps={STEPS}",
-        "--schedule.unit=step", "--schedule.milestones=[]", "--schedule.warmup=0", "--log_every=1",
-        "--tracking.enabled=false", "--progress=false", "--checkpoint.every_steps=2"]
+ARGS = [
+    "--config",
+    "configs/cpu/digits_resnet20.toml",
+    "--data.batch_size=16",
+    f"--schedule.max_steps={STEPS}",
+    "--schedule.unit=step",
+    "--schedule.milestones=[]",
+    "--schedule.warmup=0",
+    "--log_every=1",
+    "--tracking.enabled=false",
+    "--progress=false",
+    "--checkpoint.every_steps=2",
+]
 
 
-def _launch(tmp: Path, name: str, *, run_id: str, uri: str, env: dict[str, str] | None = None,
-            extra: list[str] | None = None) -> tuple[subprocess.Popen[bytes], Path]:
+def _launch(
+    tmp: Path, name: str, *, run_id: str, uri: str, env: dict[str, str] | None = None, extra: list[str] | None = None
+) -> tuple[subprocess.Popen[bytes], Path]:
     log = tmp / f"{name}.log"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "helpers" / "train_wrapper.py"), *ARGS, f"--run_id={run_id}",
-           f"--output_dir={tmp / 'out' / name}", f"--checkpoint.uri={uri}",
-           f"--checkpoint.staging_dir={tmp / 'staging' / name}", *(extra or [])]
-    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-                "TEST_LOSSES": str(tmp / f"{name}.jsonl"), **(env or {})}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "tests" / "helpers" / "train_wrapper.py"),
+        *ARGS,
+        f"--run_id={run_id}",
+        f"--output_dir={tmp / 'out' / name}",
+        f"--checkpoint.uri={uri}",
+        f"--checkpoint.staging_dir={tmp / 'staging' / name}",
+        *(extra or []),
+    ]
+    full_env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "TEST_LOSSES": str(tmp / f"{name}.jsonl"),
+        **(env or {}),
+    }
     # A session of its own, so a test can kill the launcher and its workers together.
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=full_env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     return proc, log
 
 
@@ -95,7 +123,7 @@ def _assert_same_weights(a: dict[str, Any], b: dict[str, Any]) -> None:
         assert torch.equal(a["module"][k], b["module"][k]), k
     ma = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
     mb = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
-    assert len(ma) == len(mb) and all(torch.equal(x, y) for x, y in zip(ma, mb))
+    assert len(ma) == len(mb) and all(torch.equal(x, y) for x, y in zip(ma, mb, strict=True))
 
 
 def _wait_for(pred: Any, what: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 240) -> None:
@@ -124,8 +152,9 @@ def _s3(request: pytest.FixtureRequest) -> tuple[str, dict[str, str], Any]:
 
     endpoint = request.getfixturevalue("s3_endpoint")
     bucket = request.getfixturevalue("s3_bucket")
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing", skip_instance_cache=True,
-                           use_listings_cache=False)
+    fs = s3fs.S3FileSystem(
+        endpoint_url=endpoint, key="testing", secret="testing", skip_instance_cache=True, use_listings_cache=False
+    )
     return f"{bucket}/ckpt", aws_env(endpoint), fs
 
 
@@ -156,8 +185,9 @@ def test_exact_resume_local(reference: dict[str, Any], tmp_path: Path) -> None:
         assert sha256_file(final / f["path"]).sha256 == f["sha256"]
 
 
-def test_exact_resume_s3_and_sigkill_mid_upload(reference: dict[str, Any], tmp_path: Path,
-                                               request: pytest.FixtureRequest) -> None:
+def test_exact_resume_s3_and_sigkill_mid_upload(
+    reference: dict[str, Any], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     uri, env, fs = _s3(request)
     run = f"{uri[5:]}/r"
     _stop_then_resume(tmp_path, uri, env)
@@ -165,8 +195,9 @@ def test_exact_resume_s3_and_sigkill_mid_upload(reference: dict[str, Any], tmp_p
     # Resume, and SIGKILL rank 0 halfway through uploading step-4 (one of its two files sent).
     pause = tmp_path / "pause"
     pause.mkdir()
-    proc, log = _launch(tmp_path, "killed", run_id="r", uri=uri,
-                        env={**env, "TEST_PAUSE_UPLOAD": f"step-4:0:2:{pause}"})
+    proc, log = _launch(
+        tmp_path, "killed", run_id="r", uri=uri, env={**env, "TEST_PAUSE_UPLOAD": f"step-4:0:2:{pause}"}
+    )
     try:
         _wait_for(lambda: (pause / "paused-rank0").exists(), "the paused upload", proc, log)
         os.kill(int((pause / "paused-rank0").read_text()), signal.SIGKILL)
@@ -190,7 +221,9 @@ def test_server_outage_mid_upload(reference: dict[str, Any], tmp_path: Path, req
     run = f"{uri[5:]}/r"
     pause = tmp_path / "pause"
     pause.mkdir()
-    proc, log = _launch(tmp_path, "outage", run_id="r", uri=uri, env={**env, "TEST_PAUSE_UPLOAD": f"step-4:0:2:{pause}"})
+    proc, log = _launch(
+        tmp_path, "outage", run_id="r", uri=uri, env={**env, "TEST_PAUSE_UPLOAD": f"step-4:0:2:{pause}"}
+    )
     try:
         _wait_for(lambda: (pause / "paused-rank0").exists(), "the paused upload", proc, log)
         stop_server(endpoint)  # the endpoint dies halfway through step-4's upload

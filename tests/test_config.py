@@ -30,9 +30,16 @@ def test_defaults_are_valid_and_named_after_file(tmp_path):
 
 
 def test_dotted_overrides_parse_values(tmp_path):
-    cfg = load_config(write(tmp_path, "[optim]\nlr = 0.1\n"),
-                      ["--optim.lr=0.4", "--schedule.milestones=[3, 6]", "--data.flip=false",
-                       "--model.name=cifar_plain20", "--name=x"])
+    cfg = load_config(
+        write(tmp_path, "[optim]\nlr = 0.1\n"),
+        [
+            "--optim.lr=0.4",
+            "--schedule.milestones=[3, 6]",
+            "--data.flip=false",
+            "--model.name=cifar_plain20",
+            "--name=x",
+        ],
+    )
     assert cfg.optim.lr == 0.4 and cfg.schedule.milestones == [3, 6]
     assert cfg.data.flip is False and cfg.model.name == "cifar_plain20" and cfg.name == "x"
 
@@ -41,24 +48,27 @@ def test_int_is_accepted_for_float(tmp_path):
     assert load_config(write(tmp_path, "[optim]\nlr = 1\n")).optim.lr == 1.0
 
 
-@pytest.mark.parametrize("text, overrides, needle", [
-    ("[optim]\nlrr = 0.1\n", [], "unknown config key 'optim.lrr'"),
-    ("", ["--optm.lr=1"], "unknown config key 'optm'"),
-    ("[optim]\nlr = 'fast'\n", [], "optim.lr = 'fast'"),
-    ("[data]\nbatch_size = 1.5\n", [], "data.batch_size = 1.5: expected an integer"),
-    ("[precision]\ndtype = 'fp16'\n", [], "allowed values: 'fp32', 'bf16'"),
-    ("[model]\nname = 'resnet19'\n", [], "model.name = 'resnet19' is not a registered model"),
-    ("[model]\nshortcut = 'D'\n", [], "model.shortcut = 'D' is not allowed"),
-    ("[model]\nname = 'cifar_plain20'\nshortcut = 'B'\n", [], "model:"),
-    ("[distributed]\nzero_stage = 3\n", [], "distributed.zero_stage = 3: allowed values are 0 and 1"),
-    ("[schedule]\nepochs = 10\nmilestones = [5, 3]\n", [], "strictly increasing"),
-    ("[schedule]\nepochs = 10\nmilestones = [12]\n", [], "inside (0, 10)"),
-    ("[data]\nsource = 'folder'\n", [], "data.root is empty"),
-    ("[model]\nname = 'cifar_resnet20'\n[data]\nstyle = 'imagenet'\n", [], "CIFAR network"),
-    ("optim = 3\n", [], "optim must be a table"),
-    ("[optim\n", [], "not valid TOML"),
-    ("", ["--optim.lr"], "has no '='"),
-])
+@pytest.mark.parametrize(
+    "text, overrides, needle",
+    [
+        ("[optim]\nlrr = 0.1\n", [], "unknown config key 'optim.lrr'"),
+        ("", ["--optm.lr=1"], "unknown config key 'optm'"),
+        ("[optim]\nlr = 'fast'\n", [], "optim.lr = 'fast'"),
+        ("[data]\nbatch_size = 1.5\n", [], "data.batch_size = 1.5: expected an integer"),
+        ("[precision]\ndtype = 'fp16'\n", [], "allowed values: 'fp32', 'bf16'"),
+        ("[model]\nname = 'resnet19'\n", [], "model.name = 'resnet19' is not a registered model"),
+        ("[model]\nshortcut = 'D'\n", [], "model.shortcut = 'D' is not allowed"),
+        ("[model]\nname = 'cifar_plain20'\nshortcut = 'B'\n", [], "model:"),
+        ("[distributed]\nzero_stage = 3\n", [], "distributed.zero_stage = 3: allowed values are 0 and 1"),
+        ("[schedule]\nepochs = 10\nmilestones = [5, 3]\n", [], "strictly increasing"),
+        ("[schedule]\nepochs = 10\nmilestones = [12]\n", [], "inside (0, 10)"),
+        ("[data]\nsource = 'folder'\n", [], "data.root is empty"),
+        ("[model]\nname = 'cifar_resnet20'\n[data]\nstyle = 'imagenet'\n", [], "CIFAR network"),
+        ("optim = 3\n", [], "optim must be a table"),
+        ("[optim\n", [], "not valid TOML"),
+        ("", ["--optim.lr"], "has no '='"),
+    ],
+)
 def test_bad_input_names_the_key(tmp_path, text, overrides, needle):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, text), overrides)
@@ -123,7 +133,7 @@ def test_no_two_config_files_share_six_lines():
     shared = []
     for path in sorted((ROOT / "configs").rglob("*.toml")):
         lines = _significant_lines(path)
-        windows = {tuple(lines[i:i + run]) for i in range(len(lines) - run + 1)}
+        windows = {tuple(lines[i : i + run]) for i in range(len(lines) - run + 1)}
         for w in windows:
             if w in seen:
                 shared.append(f"{seen[w].relative_to(ROOT)} and {path.relative_to(ROOT)} share:\n  " + "\n  ".join(w))
@@ -136,7 +146,8 @@ def test_bases_chain_merge_tables_and_never_name_the_run(tmp_path):
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "_root.toml").write_text(
         'name = "root"\nlog_every = 3\n[optim]\nlr = 0.2\nmomentum = 0.8\n[schedule]\nepochs = 20\n'
-        'milestones = [5, 10]\n')
+        "milestones = [5, 10]\n"
+    )
     (tmp_path / "recipes" / "_mid.toml").write_text('base = "_root.toml"\nname = "mid"\n[optim]\nlr = 0.3\n')
     child = tmp_path / "exp.toml"
     child.write_text('base = "recipes/_mid.toml"\n[schedule]\nmilestones = [15]\n[data]\nflip = false\n')
@@ -148,13 +159,16 @@ def test_bases_chain_merge_tables_and_never_name_the_run(tmp_path):
     assert load_config(child).name == "mine"
 
 
-@pytest.mark.parametrize("files, needle", [
-    ({"exp.toml": 'base = "nope.toml"\n'}, "names base = 'nope.toml'"),
-    ({"exp.toml": 'base = "b.toml"\n', "b.toml": "[optim\n"}, "is not valid TOML"),
-    ({"exp.toml": 'base = "b.toml"\n', "b.toml": 'base = "exp.toml"\n'}, "a cycle"),
-    ({"exp.toml": 'base = "exp.toml"\n'}, "a cycle"),
-    ({"exp.toml": "base = 3\n"}, "base = 3"),
-])
+@pytest.mark.parametrize(
+    "files, needle",
+    [
+        ({"exp.toml": 'base = "nope.toml"\n'}, "names base = 'nope.toml'"),
+        ({"exp.toml": 'base = "b.toml"\n', "b.toml": "[optim\n"}, "is not valid TOML"),
+        ({"exp.toml": 'base = "b.toml"\n', "b.toml": 'base = "exp.toml"\n'}, "a cycle"),
+        ({"exp.toml": 'base = "exp.toml"\n'}, "a cycle"),
+        ({"exp.toml": "base = 3\n"}, "base = 3"),
+    ],
+)
 def test_bad_base_names_both_files(tmp_path, files, needle):
     for name, text in files.items():
         (tmp_path / name).write_text(text)
@@ -177,8 +191,14 @@ def test_configs_built_in_code_are_validated():
 
 def test_help_config_is_a_toml_file_of_the_defaults(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "pipeline.train", "--help-config"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.train", "--help-config"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == describe()
     path = tmp_path / "x.toml"

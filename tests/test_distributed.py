@@ -17,8 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_object_broadcast_has_one_home() -> None:
     # The name is spelled in two pieces so that `git grep` for it lists the one call site only.
     call = re.compile(r"\b" + "broadcast_" + r"object_list\(")
-    hits = [f"{p.relative_to(ROOT)}:{i}" for p in sorted((ROOT / "pipeline").rglob("*.py"))
-            for i, line in enumerate(p.read_text().splitlines(), 1) if call.search(line)]
+    hits = [
+        f"{p.relative_to(ROOT)}:{i}"
+        for p in sorted((ROOT / "pipeline").rglob("*.py"))
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if call.search(line)
+    ]
     assert len(hits) == 1 and hits[0].startswith("pipeline/distributed.py:"), hits
 
 
@@ -30,11 +34,27 @@ def _free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     # The same start as training and evaluation: torchrun's variables, then init_distributed.
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+    )
     from pipeline.config import DistributedConfig
-    from pipeline.distributed import (all_gather_objects, all_reduce_sum, barrier, broadcast_object, close_distributed,
-                                      control_group, init_distributed, is_multi_rank)
+    from pipeline.distributed import (
+        all_gather_objects,
+        all_reduce_sum,
+        barrier,
+        broadcast_object,
+        close_distributed,
+        control_group,
+        init_distributed,
+        is_multi_rank,
+    )
     from pipeline.metrics import MetricSums
 
     env = init_distributed(DistributedConfig(backend="gloo", timeout_s=60))

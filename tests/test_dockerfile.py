@@ -116,8 +116,9 @@ def test_runs_as_a_non_root_user_with_train_py_as_entrypoint():
 
 
 def test_copy_sources_exist_and_are_not_dockerignored():
-    ignored = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
-               if ln.strip() and not ln.startswith("#")]
+    ignored = [
+        ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
+    ]
     for i, a in _instructions():
         if i != "COPY" or a.startswith("--from"):
             continue

@@ -8,8 +8,13 @@ from pipeline.models import build_model
 
 
 def test_bf16_goes_through_torch_autocast_not_bf16_weights():
-    cfg = deepspeed_config(precision=PrecisionConfig(dtype="bf16"), distributed=DistributedConfig(zero_stage=1),
-                           grad_clip=1.0, micro_batch=32, world_size=4)
+    cfg = deepspeed_config(
+        precision=PrecisionConfig(dtype="bf16"),
+        distributed=DistributedConfig(zero_stage=1),
+        grad_clip=1.0,
+        micro_batch=32,
+        world_size=4,
+    )
     assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert "bf16" not in cfg and "fp16" not in cfg
     assert cfg["train_batch_size"] == 128 and cfg["zero_optimization"]["stage"] == 1
@@ -17,8 +22,13 @@ def test_bf16_goes_through_torch_autocast_not_bf16_weights():
 
 
 def test_fp32_has_no_autocast():
-    cfg = deepspeed_config(precision=PrecisionConfig(), distributed=DistributedConfig(grad_accum=2),
-                           grad_clip=0.0, micro_batch=8, world_size=1)
+    cfg = deepspeed_config(
+        precision=PrecisionConfig(),
+        distributed=DistributedConfig(grad_accum=2),
+        grad_clip=0.0,
+        micro_batch=8,
+        world_size=1,
+    )
     # gradient_clipping must be given as 0: DeepSpeed's default (1.0) would clip every run.
     assert "torch_autocast" not in cfg and cfg["gradient_clipping"] == 0.0
     assert cfg["train_batch_size"] == 16 and cfg["gradient_accumulation_steps"] == 2

@@ -40,8 +40,12 @@ def test_there_are_launch_scripts():
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck_clean(script: Path):
     # -x follows `source launch/slurm_lib.sh`, which resolves from the repository root.
-    r = subprocess.run([_shellcheck(), "-x", "--severity=style", str(script.relative_to(REPO))], cwd=REPO,
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [_shellcheck(), "-x", "--severity=style", str(script.relative_to(REPO))],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -93,7 +97,7 @@ codes = [w.wait() for w in workers]
 sys.exit(0 if all(c == 0 for c in codes) else 1)
 '''
 
-FAKE_WORKER = r'''import os, signal, sys, time
+FAKE_WORKER = r"""import os, signal, sys, time
 out, rank = os.environ["FAKE_OUT"], sys.argv[1]
 got = []
 for s in (signal.SIGTERM, signal.SIGUSR1):
@@ -110,7 +114,7 @@ while not got and time.monotonic() < deadline:
 open(f"{out}/worker{rank}-got", "w").write(",".join(got))
 time.sleep(0.3)  # the save
 sys.exit(75 if got else 9)
-'''
+"""
 
 
 def _write_exe(path: Path, text: str) -> Path:
@@ -129,20 +133,30 @@ def fakes(tmp_path: Path) -> dict[str, str]:
     worker = _write_exe(tmp_path / "worker.py", FAKE_WORKER)
     # srun records its arguments and exits as told; scontrol expands a fixed node list and records
     # requeues; scancel records its arguments.
-    _write_exe(bin_dir / "srun", textwrap.dedent(f"""\
+    _write_exe(
+        bin_dir / "srun",
+        textwrap.dedent(f"""\
         #!/usr/bin/env bash
         printf '%s\\n' "$@" > {out}/srun-args
         env > {out}/srun-env
         exit "${{FAKE_SRUN_RC:-0}}"
-        """))
-    _write_exe(bin_dir / "scontrol", textwrap.dedent(f"""\
+        """),
+    )
+    _write_exe(
+        bin_dir / "scontrol",
+        textwrap.dedent(f"""\
         #!/usr/bin/env bash
         if [[ $1 == show && $2 == hostnames ]]; then printf 'gpu01\\ngpu02\\ngpu03\\ngpu04\\n'; exit 0; fi
         echo "$*" >> {out}/scontrol-calls
-        """))
-    _write_exe(bin_dir / "scancel", f"#!/usr/bin/env bash\necho \"$*\" >> {out}/scancel-calls\n")
-    return {"FAKE_OUT": str(out), "FAKE_WORKER": str(worker), "TORCHRUN": str(torchrun),
-            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+        """),
+    )
+    _write_exe(bin_dir / "scancel", f'#!/usr/bin/env bash\necho "$*" >> {out}/scancel-calls\n')
+    return {
+        "FAKE_OUT": str(out),
+        "FAKE_WORKER": str(worker),
+        "TORCHRUN": str(torchrun),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    }
 
 
 def _wait_ready(out: Path, n: int = 2, timeout_s: float = 20) -> None:
@@ -156,9 +170,15 @@ def _wait_ready(out: Path, n: int = 2, timeout_s: float = 20) -> None:
 
 def _node(fakes: dict[str, str], mode: str = "wait") -> subprocess.Popen:
     env = {**os.environ, **fakes, "FAKE_MODE": mode}
-    return subprocess.Popen([str(LAUNCH / "torchrun_node.sh"), "--nnodes=2", "pipeline/train.py"], env=env,
-                            cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    return subprocess.Popen(
+        [str(LAUNCH / "torchrun_node.sh"), "--nnodes=2", "pipeline/train.py"],
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -209,14 +229,27 @@ def test_node_wrapper_passes_success_and_failure_through(fakes):
 
 
 def _batch(script: str, fakes: dict[str, str], *args: str, srun_rc: int = 0, **env: str) -> subprocess.CompletedProcess:
-    slurm = {"SLURM_JOB_ID": "4123", "SLURM_JOB_NAME": "resnet152", "SLURM_JOB_NODELIST": "gpu[01-04]",
-             "SLURM_JOB_NUM_NODES": "4", "SLURM_GPUS_PER_NODE": "8", "SLURM_SUBMIT_DIR": str(REPO),
-             "SLURM_CPUS_ON_NODE": "64"}
+    slurm = {
+        "SLURM_JOB_ID": "4123",
+        "SLURM_JOB_NAME": "resnet152",
+        "SLURM_JOB_NODELIST": "gpu[01-04]",
+        "SLURM_JOB_NUM_NODES": "4",
+        "SLURM_GPUS_PER_NODE": "8",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "SLURM_CPUS_ON_NODE": "64",
+    }
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
-    full = {**base, **fakes, **slurm, "FAKE_SRUN_RC": str(srun_rc),
-            "LOG_DIR": str(Path(fakes["FAKE_OUT"]) / "logs"), **env}
-    return subprocess.run(["bash", str(LAUNCH / script), *args], env=full, cwd="/", capture_output=True,
-                          text=True, timeout=30)
+    full = {
+        **base,
+        **fakes,
+        **slurm,
+        "FAKE_SRUN_RC": str(srun_rc),
+        "LOG_DIR": str(Path(fakes["FAKE_OUT"]) / "logs"),
+        **env,
+    }
+    return subprocess.run(
+        ["bash", str(LAUNCH / script), *args], env=full, cwd="/", capture_output=True, text=True, timeout=30
+    )
 
 
 def _srun_args(fakes) -> list[str]:
@@ -224,19 +257,38 @@ def _srun_args(fakes) -> list[str]:
 
 
 def test_resnet152_builds_one_torchrun_per_node_with_c10d_on_the_first_node(fakes):
-    r = _batch("slurm_resnet152.sh", fakes, "--optim.lr=0.2", CHECKPOINT_URI="s3://b/ckpt",
-               MLFLOW_TRACKING_URI="http://mlflow:5000", TRAIN_ARGS="--data.batch_size=64 --log_every=5")
+    r = _batch(
+        "slurm_resnet152.sh",
+        fakes,
+        "--optim.lr=0.2",
+        CHECKPOINT_URI="s3://b/ckpt",
+        MLFLOW_TRACKING_URI="http://mlflow:5000",
+        TRAIN_ARGS="--data.batch_size=64 --log_every=5",
+    )
     assert r.returncode == 0, r.stderr
     a = _srun_args(fakes)
-    srun_opts, cmd = a[:a.index("launch/torchrun_node.sh")], a[a.index("launch/torchrun_node.sh") + 1:]
+    srun_opts, cmd = a[: a.index("launch/torchrun_node.sh")], a[a.index("launch/torchrun_node.sh") + 1 :]
     assert {"--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=64"} <= set(srun_opts)
     assert f"--output={fakes['FAKE_OUT']}/logs/%N.log" in srun_opts
-    assert {"--nnodes=4", "--nproc_per_node=8", "--rdzv_backend=c10d", "--rdzv_endpoint=gpu01:24123",
-            "--rdzv_id=4123", "--max_restarts=0"} <= set(cmd)
-    train = cmd[cmd.index("pipeline/train.py") + 1:]
-    assert train == ["--config", "configs/imagenet/resnet152.toml", "--run_id=resnet152-4123",
-                     "--checkpoint.uri=s3://b/ckpt", "--tracking.uri=http://mlflow:5000",
-                     "--data.batch_size=64", "--log_every=5", "--optim.lr=0.2"]
+    assert {
+        "--nnodes=4",
+        "--nproc_per_node=8",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=gpu01:24123",
+        "--rdzv_id=4123",
+        "--max_restarts=0",
+    } <= set(cmd)
+    train = cmd[cmd.index("pipeline/train.py") + 1 :]
+    assert train == [
+        "--config",
+        "configs/imagenet/resnet152.toml",
+        "--run_id=resnet152-4123",
+        "--checkpoint.uri=s3://b/ckpt",
+        "--tracking.uri=http://mlflow:5000",
+        "--data.batch_size=64",
+        "--log_every=5",
+        "--optim.lr=0.2",
+    ]
     env = (Path(fakes["FAKE_OUT"]) / "srun-env").read_text()
     assert "NCCL_DEBUG=WARN" in env and "TORCH_NCCL_ASYNC_ERROR_HANDLING=1" in env
     assert not (Path(fakes["FAKE_OUT"]) / "scontrol-calls").exists()
@@ -245,16 +297,30 @@ def test_resnet152_builds_one_torchrun_per_node_with_c10d_on_the_first_node(fake
 def test_resnet152_overrides_from_the_environment(fakes, tmp_path):
     site = tmp_path / "site.sh"
     site.write_text("export NCCL_DEBUG=INFO NCCL_SOCKET_IFNAME=ib0\n")
-    r = _batch("slurm_resnet152.sh", fakes, SLURM_GPUS_PER_NODE="a100:4", SLURM_JOB_NUM_NODES="2",
-               CONFIG="configs/cpu/digits_resnet20.toml", RUN_ID="mine", RDZV_PORT="29999", SITE_ENV=str(site),
-               SRUN_ARGS="--container-image=img.sqsh --container-workdir=/opt/resnet",
-               LAUNCH_PREFIX="env FOO=1")
+    r = _batch(
+        "slurm_resnet152.sh",
+        fakes,
+        SLURM_GPUS_PER_NODE="a100:4",
+        SLURM_JOB_NUM_NODES="2",
+        CONFIG="configs/cpu/digits_resnet20.toml",
+        RUN_ID="mine",
+        RDZV_PORT="29999",
+        SITE_ENV=str(site),
+        SRUN_ARGS="--container-image=img.sqsh --container-workdir=/opt/resnet",
+        LAUNCH_PREFIX="env FOO=1",
+    )
     assert r.returncode == 0, r.stderr
     a = _srun_args(fakes)
-    assert {"--nnodes=2", "--nproc_per_node=4", "--rdzv_endpoint=gpu01:29999", "--run_id=mine",
-            "configs/cpu/digits_resnet20.toml", "--container-image=img.sqsh"} <= set(a)
+    assert {
+        "--nnodes=2",
+        "--nproc_per_node=4",
+        "--rdzv_endpoint=gpu01:29999",
+        "--run_id=mine",
+        "configs/cpu/digits_resnet20.toml",
+        "--container-image=img.sqsh",
+    } <= set(a)
     i = a.index("launch/torchrun_node.sh")
-    assert a[i - 2:i] == ["env", "FOO=1"]
+    assert a[i - 2 : i] == ["env", "FOO=1"]
     env = (Path(fakes["FAKE_OUT"]) / "srun-env").read_text()
     assert "NCCL_DEBUG=INFO" in env and "NCCL_SOCKET_IFNAME=ib0" in env
 
@@ -278,12 +344,20 @@ def test_failure_is_not_requeued_and_requeues_are_bounded(fakes):
 def test_depth_study_array_task_trains_its_line_of_the_members_file(fakes, tmp_path):
     members = tmp_path / "members.txt"
     members.write_text("/s/plain20.toml\n/s/resnet20.toml\n")
-    r = _batch("slurm_depth_study.sh", fakes, str(members), "--log_every=2", SLURM_ARRAY_TASK_ID="1",
-               SLURM_ARRAY_JOB_ID="4100", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="gpu01")
+    r = _batch(
+        "slurm_depth_study.sh",
+        fakes,
+        str(members),
+        "--log_every=2",
+        SLURM_ARRAY_TASK_ID="1",
+        SLURM_ARRAY_JOB_ID="4100",
+        SLURM_JOB_NUM_NODES="1",
+        SLURM_JOB_NODELIST="gpu01",
+    )
     assert r.returncode == 0, r.stderr
     a = _srun_args(fakes)
     assert "--nodes=1" in a and "--standalone" in a and "--nproc_per_node=8" in a
-    assert a[a.index("pipeline/train.py") + 1:] == ["--config", "/s/resnet20.toml", "--log_every=2"]
+    assert a[a.index("pipeline/train.py") + 1 :] == ["--config", "/s/resnet20.toml", "--log_every=2"]
     r = _batch("slurm_depth_study.sh", fakes, str(members), SLURM_ARRAY_TASK_ID="2")
     assert r.returncode == 2 and "has no line 3" in r.stderr
     r = _batch("slurm_depth_study.sh", fakes, str(members), srun_rc=75, SLURM_ARRAY_TASK_ID="0")
@@ -293,22 +367,48 @@ def test_depth_study_array_task_trains_its_line_of_the_members_file(fakes, tmp_p
 def test_depth_study_takes_the_same_overrides_as_resnet152(fakes, tmp_path):
     members = tmp_path / "members.txt"
     members.write_text("/s/plain20.toml\n")
-    r = _batch("slurm_depth_study.sh", fakes, str(members), "--optim.lr=0.2", CHECKPOINT_URI="s3://b/ckpt",
-               MLFLOW_TRACKING_URI="http://mlflow:5000", TRAIN_ARGS="--data.batch_size=64 --log_every=5")
+    r = _batch(
+        "slurm_depth_study.sh",
+        fakes,
+        str(members),
+        "--optim.lr=0.2",
+        CHECKPOINT_URI="s3://b/ckpt",
+        MLFLOW_TRACKING_URI="http://mlflow:5000",
+        TRAIN_ARGS="--data.batch_size=64 --log_every=5",
+    )
     assert r.returncode == 0, r.stderr
     a = _srun_args(fakes)
-    assert a[a.index("pipeline/train.py") + 1:] == [
-        "--config", "/s/plain20.toml", "--checkpoint.uri=s3://b/ckpt", "--tracking.uri=http://mlflow:5000",
-        "--data.batch_size=64", "--log_every=5", "--optim.lr=0.2"]
+    assert a[a.index("pipeline/train.py") + 1 :] == [
+        "--config",
+        "/s/plain20.toml",
+        "--checkpoint.uri=s3://b/ckpt",
+        "--tracking.uri=http://mlflow:5000",
+        "--data.batch_size=64",
+        "--log_every=5",
+        "--optim.lr=0.2",
+    ]
 
 
 def test_torchrun_local(fakes):
     env = {**os.environ, **fakes, "NPROC_PER_NODE": "3", "FAKE_MODE": "finish"}
-    r = subprocess.run([str(LAUNCH / "torchrun_local.sh"), "configs/cpu/digits_resnet20.toml", "--optim.lr=0.2"],
-                       env=env, capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [str(LAUNCH / "torchrun_local.sh"), "configs/cpu/digits_resnet20.toml", "--optim.lr=0.2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     args = (Path(fakes["FAKE_OUT"]) / "torchrun-args").read_text().splitlines()
-    assert args == ["--standalone", "--nnodes=1", "--nproc_per_node=3", "--max_restarts=0", "pipeline/train.py",
-                    "--config", "configs/cpu/digits_resnet20.toml", "--optim.lr=0.2"]
+    assert args == [
+        "--standalone",
+        "--nnodes=1",
+        "--nproc_per_node=3",
+        "--max_restarts=0",
+        "pipeline/train.py",
+        "--config",
+        "configs/cpu/digits_resnet20.toml",
+        "--optim.lr=0.2",
+    ]
     r = subprocess.run([str(LAUNCH / "torchrun_local.sh")], env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "usage" in r.stderr

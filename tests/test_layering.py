@@ -28,8 +28,12 @@ def _imports(path: Path) -> list[tuple[int, str]]:
 
 
 def _offending(folder: str, forbidden: tuple[str, ...]) -> list[str]:
-    return [f"{path.relative_to(REPO)}:{line}: {name}" for path in sorted((REPO / folder).rglob("*.py"))
-            for line, name in _imports(path) if name.startswith(forbidden)]
+    return [
+        f"{path.relative_to(REPO)}:{line}: {name}"
+        for path in sorted((REPO / folder).rglob("*.py"))
+        for line, name in _imports(path)
+        if name.startswith(forbidden)
+    ]
 
 
 def test_pipeline_never_imports_monitoring() -> None:
@@ -37,8 +41,15 @@ def test_pipeline_never_imports_monitoring() -> None:
 
 
 def test_dataset_tools_stay_offline() -> None:
-    forbidden = ("pipeline.trainer", "pipeline.engine", "pipeline.train.", "pipeline.data.loader",
-                 "pipeline.data.pipelines", "pipeline.data.source", "nvidia.dali.plugin")
+    forbidden = (
+        "pipeline.trainer",
+        "pipeline.engine",
+        "pipeline.train.",
+        "pipeline.data.loader",
+        "pipeline.data.pipelines",
+        "pipeline.data.source",
+        "nvidia.dali.plugin",
+    )
     assert _offending("pipeline/tools", forbidden) == []
 
 

@@ -141,9 +141,7 @@ def test_state_dict_layout_matches_torchvision(depth):
     with torch.device("meta"):
         tv = getattr(torchvision.models, f"resnet{depth}")()
     ours = meta_model(f"resnet{depth}", shortcut="B")
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {
-        k: v.shape for k, v in tv.state_dict().items()
-    }
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in tv.state_dict().items()}
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])

@@ -15,35 +15,68 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
 from monitoring.report import main
-from pipeline.tracking.study_runs import MemberRun, StudyRuns
 from monitoring.tables import comparison_table
+from pipeline.tracking.study_runs import MemberRun, StudyRuns
 
-CIFAR_RECIPE = {"data.batch_size": "128", "distributed.grad_accum": "1", "optim.lr": "0.1",
-                "optim.reference_batch": "128", "optim.momentum": "0.9", "optim.weight_decay": "0.0001",
-                "schedule.max_steps": "64000", "schedule.unit": "step", "schedule.milestones": "[32000, 48000]",
-                "schedule.warmup_until_error": "0.0", "model.num_classes": "10"}
-IMAGENET_RECIPE = {"data.batch_size": "32", "distributed.grad_accum": "1", "optim.lr": "0.1",
-                   "optim.reference_batch": "256", "optim.momentum": "0.9", "optim.weight_decay": "0.0001",
-                   "schedule.max_steps": "0", "schedule.epochs": "120", "model.num_classes": "1000"}
+CIFAR_RECIPE = {
+    "data.batch_size": "128",
+    "distributed.grad_accum": "1",
+    "optim.lr": "0.1",
+    "optim.reference_batch": "128",
+    "optim.momentum": "0.9",
+    "optim.weight_decay": "0.0001",
+    "schedule.max_steps": "64000",
+    "schedule.unit": "step",
+    "schedule.milestones": "[32000, 48000]",
+    "schedule.warmup_until_error": "0.0",
+    "model.num_classes": "10",
+}
+IMAGENET_RECIPE = {
+    "data.batch_size": "32",
+    "distributed.grad_accum": "1",
+    "optim.lr": "0.1",
+    "optim.reference_batch": "256",
+    "optim.momentum": "0.9",
+    "optim.weight_decay": "0.0001",
+    "schedule.max_steps": "0",
+    "schedule.epochs": "120",
+    "model.num_classes": "1000",
+}
 
 
 def _curve(final: float, steps: int, every: int) -> list[tuple[int, float]]:
     return [(s, final + 60 * (math.exp(-5 * s / steps) - math.exp(-5))) for s in range(every, steps + 1, every)]
 
 
-def _log_member(client: MlflowClient, exp: str, parent: str, name: str, *, depth: int, residual: bool,
-                final: float, params: dict[str, str], dataset: str = "cifar", status: str = "FINISHED") -> str:
+def _log_member(
+    client: MlflowClient,
+    exp: str,
+    parent: str,
+    name: str,
+    *,
+    depth: int,
+    residual: bool,
+    final: float,
+    params: dict[str, str],
+    dataset: str = "cifar",
+    status: str = "FINISHED",
+) -> str:
     run = client.create_run(exp, run_name=name, tags={"mlflow.parentRunId": parent, "study": "synthetic"})
     rid = run.info.run_id
-    tags = {"depth": str(depth), "residual": str(residual).lower(), "shortcut": "A" if residual else "none",
-            "dataset": dataset, "stem": "cifar", "world_size": "1"}
+    tags = {
+        "depth": str(depth),
+        "residual": str(residual).lower(),
+        "shortcut": "A" if residual else "none",
+        "dataset": dataset,
+        "stem": "cifar",
+        "world_size": "1",
+    }
     ts = int(time.time() * 1000)
     metrics = [Metric("train_top1_error", v - 2, ts, s) for s, v in _curve(final, 64000, 800)]
     metrics += [Metric("val_top1_error", v, ts, s) for s, v in _curve(final, 64000, 4000)]
     for i in range(0, len(metrics), 1000):
-        client.log_batch(rid, metrics=metrics[i:i + 1000])
-    client.log_batch(rid, params=[Param(k, v) for k, v in params.items()],
-                     tags=[RunTag(k, v) for k, v in tags.items()])
+        client.log_batch(rid, metrics=metrics[i : i + 1000])
+    client.log_batch(rid, params=[Param(k, v) for k, v in params.items()], tags=[RunTag(k, v) for k, v in tags.items()])
     client.set_terminated(rid, status=status)
     return rid
 
@@ -51,8 +84,9 @@ def _log_member(client: MlflowClient, exp: str, parent: str, name: str, *, depth
 def test_report_from_a_synthetic_cifar_study(mlflow_server, tmp_path: Path, capsys) -> None:
     client = MlflowClient(mlflow_server.uri)
     exp = client.create_experiment("synthetic")
-    parent = client.create_run(exp, run_name="synthetic",
-                               tags={"study": "synthetic", "study_role": "parent"}).info.run_id
+    parent = client.create_run(
+        exp, run_name="synthetic", tags={"study": "synthetic", "study_role": "parent"}
+    ).info.run_id
     finals = {(False, 20): 9.5, (False, 56): 13.8, (True, 20): 8.6, (True, 56): 7.1, (True, 110): 6.5}
     for (residual, depth), final in finals.items():
         params = dict(CIFAR_RECIPE)
@@ -60,8 +94,16 @@ def test_report_from_a_synthetic_cifar_study(mlflow_server, tmp_path: Path, caps
             params["schedule.warmup_until_error"] = "80.0"
         if (residual, depth) == (True, 56):
             params["schedule.max_steps"] = "1000"  # not the paper's recipe: no paper number next to it
-        _log_member(client, exp, parent, f"{'resnet' if residual else 'plain'}{depth}", depth=depth,
-                    residual=residual, final=final, params=params)
+        _log_member(
+            client,
+            exp,
+            parent,
+            f"{'resnet' if residual else 'plain'}{depth}",
+            depth=depth,
+            residual=residual,
+            final=final,
+            params=params,
+        )
     client.set_terminated(parent)
 
     out = tmp_path / "report"
@@ -76,7 +118,10 @@ def test_report_from_a_synthetic_cifar_study(mlflow_server, tmp_path: Path, caps
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![Figure 6 layout](figure.png)" in (out / "report.md").read_text()
     assert sorted(a.path for a in client.list_artifacts(parent, "report")) == [
-        "report/figure.png", "report/report.md", "report/table.md"]
+        "report/figure.png",
+        "report/report.md",
+        "report/table.md",
+    ]
 
     # By parent run id, without logging: the same table.
     again = ["--study", parent, "--tracking-uri", mlflow_server.uri, "--out", str(tmp_path / "r2"), "--no-log"]
@@ -92,24 +137,52 @@ def test_report_from_a_synthetic_cifar_study(mlflow_server, tmp_path: Path, caps
     assert summary["page"] == str((tmp_path / "r2" / "report.md").resolve()) and Path(summary["figure"]).is_file()
 
 
-def _member(depth: int, residual: bool, *, top1: float, top5: float, dataset: str, params: dict[str, str],
-            stem: str, shortcut: str = "A") -> MemberRun:
-    return MemberRun(name=f"{'resnet' if residual else 'plain'}{depth}", run_id="0" * 32, status="FINISHED",
-                     depth=depth, residual=residual, shortcut=shortcut if residual else "none", dataset=dataset,
-                     stem=stem, params=params, tags={"world_size": "8"},
-                     final={"val_top1_error": top1, "val_top5_error": top5})
+def _member(
+    depth: int,
+    residual: bool,
+    *,
+    top1: float,
+    top5: float,
+    dataset: str,
+    params: dict[str, str],
+    stem: str,
+    shortcut: str = "A",
+) -> MemberRun:
+    return MemberRun(
+        name=f"{'resnet' if residual else 'plain'}{depth}",
+        run_id="0" * 32,
+        status="FINISHED",
+        depth=depth,
+        residual=residual,
+        shortcut=shortcut if residual else "none",
+        dataset=dataset,
+        stem=stem,
+        params=params,
+        tags={"world_size": "8"},
+        final={"val_top1_error": top1, "val_top5_error": top5},
+    )
 
 
 def test_imagenet_table_has_top5_and_the_10crop_paper_column() -> None:
-    members = [_member(18, False, top1=28.1, top5=9.9, dataset="imagenet", params=IMAGENET_RECIPE, stem="imagenet"),
-               _member(34, False, top1=29.0, top5=10.2, dataset="imagenet", params=IMAGENET_RECIPE, stem="imagenet"),
-               _member(18, True, top1=28.0, top5=9.8, dataset="imagenet", params=IMAGENET_RECIPE, stem="imagenet"),
-               _member(34, True, top1=25.5, top5=8.0, dataset="imagenet", params=IMAGENET_RECIPE, stem="imagenet",
-                       shortcut="B"),
-               _member(50, True, top1=23.9, top5=7.1, dataset="imagenet", params=IMAGENET_RECIPE, stem="imagenet")]
+    members = [
+        _member(18, False, top1=28.1, top5=9.9, dataset="imagenet", params=IMAGENET_RECIPE, stem="imagenet"),
+        _member(34, False, top1=29.0, top5=10.2, dataset="imagenet", params=IMAGENET_RECIPE, stem="imagenet"),
+        _member(18, True, top1=28.0, top5=9.8, dataset="imagenet", params=IMAGENET_RECIPE, stem="imagenet"),
+        _member(
+            34, True, top1=25.5, top5=8.0, dataset="imagenet", params=IMAGENET_RECIPE, stem="imagenet", shortcut="B"
+        ),
+        _member(50, True, top1=23.9, top5=7.1, dataset="imagenet", params=IMAGENET_RECIPE, stem="imagenet"),
+    ]
     table = comparison_table(StudyRuns("imagenet_depth", "p", "1", "uri", members))
-    assert table.columns == ["layers", "plain top-1", "plain top-5", "plain top-1 (paper, 10-crop)", "ResNet top-1",
-                             "ResNet top-5", "ResNet top-1 (paper, 10-crop)"]
+    assert table.columns == [
+        "layers",
+        "plain top-1",
+        "plain top-5",
+        "plain top-1 (paper, 10-crop)",
+        "ResNet top-1",
+        "ResNet top-5",
+        "ResNet top-1 (paper, 10-crop)",
+    ]
     rows = {r[0]: r for r in table.rows}
     assert rows["18"] == ["18", "28.10", "9.90", "27.94", "28.00", "9.80", "27.88"]
     assert rows["34"] == ["34", "29.00", "10.20", "28.54", "25.50", "8.00", "—"]  # option B: Table 2 used A
@@ -120,8 +193,10 @@ def test_imagenet_table_has_top5_and_the_10crop_paper_column() -> None:
 
 def test_digits_study_has_no_paper_column() -> None:
     params = dict(CIFAR_RECIPE, **{"schedule.max_steps": "0"})
-    members = [_member(20, False, top1=3.0, top5=0.5, dataset="digits", params=params, stem="cifar"),
-               _member(20, True, top1=2.5, top5=0.4, dataset="digits", params=params, stem="cifar")]
+    members = [
+        _member(20, False, top1=3.0, top5=0.5, dataset="digits", params=params, stem="cifar"),
+        _member(20, True, top1=2.5, top5=0.4, dataset="digits", params=params, stem="cifar"),
+    ]
     table = comparison_table(StudyRuns("digits", "p", "1", "uri", members))
     assert table.columns == ["layers", "plain top-1", "ResNet top-1"]
     assert table.rows == [["20", "3.00", "2.50"]]

@@ -82,8 +82,13 @@ def test_should_stop_ends_the_wait_between_attempts() -> None:
 def test_on_retry_replaces_the_log_line_and_nested_stops_propagate(caplog: pytest.LogCaptureFixture) -> None:
     seen: list[tuple[str, int, float]] = []
     with caplog.at_level(logging.WARNING, logger="pipeline.retry"):
-        retry(Flaky(2), what="x", on_retry=lambda e, n, d: seen.append((str(e), n, d)), sleep=lambda s: None,
-              log_recovery=False)
+        retry(
+            Flaky(2),
+            what="x",
+            on_retry=lambda e, n, d: seen.append((str(e), n, d)),
+            sleep=lambda s: None,
+            log_recovery=False,
+        )
     assert seen == [("failure 1", 1, 1.0), ("failure 2", 2, 2.0)] and not caplog.records
 
     def inner() -> None:

@@ -131,3 +131,10 @@ def test_outage_then_recovery(s3_bucket: str, s3_endpoint: str, monkeypatch: pyt
             s.read_text("k")
         assert e.value.transient
     assert s.read_text("k") == "v"  # the data survived the outage
+
+
+def test_bulk_write_without_fsync_is_whole_and_leaves_no_temporary(tmp_path: Path) -> None:
+    store = Storage(str(tmp_path))
+    store.write_bytes("train/n01/a.JPEG", b"x" * 100, durable=False)
+    assert store.read_bytes("train/n01/a.JPEG") == b"x" * 100
+    assert sorted(p.name for p in (tmp_path / "train" / "n01").iterdir()) == ["a.JPEG"]

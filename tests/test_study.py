@@ -19,8 +19,15 @@ from pipeline.config import ConfigError
 from pipeline.study import Member, Study, main, member_config, read_study
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--data.batch_size=32", "--schedule.max_steps=10", "--schedule.unit=step", "--schedule.milestones=[]",
-        "--schedule.warmup=0", "--log_every=2", "--progress=false"]
+TINY = [
+    "--data.batch_size=32",
+    "--schedule.max_steps=10",
+    "--schedule.unit=step",
+    "--schedule.milestones=[]",
+    "--schedule.warmup=0",
+    "--log_every=2",
+    "--progress=false",
+]
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs/study").glob("*.toml")))
@@ -28,29 +35,47 @@ def test_every_study_file_resolves_to_valid_member_configs(name: str) -> None:
     study = read_study(REPO / "configs/study" / f"{name}.toml")
     configs = [member_config(study, m) for m in study.members]
     assert len({c.name for c in configs}) == len(configs)
-    for m, c in zip(study.members, configs):
+    for m, c in zip(study.members, configs, strict=True):
         assert c.tracking.run_name == m.name and c.tracking.study == study.name
         assert c.model.name == (m.model or c.model.name)
 
 
 def test_paper_studies_list_the_paper_members() -> None:
     cifar = read_study(REPO / "configs/study/cifar10_table6.toml")
-    assert [m.name for m in cifar.members] == ["plain20", "plain32", "plain44", "plain56", "resnet20", "resnet32",
-                                               "resnet44", "resnet56", "resnet110"]
+    assert [m.name for m in cifar.members] == [
+        "plain20",
+        "plain32",
+        "plain44",
+        "plain56",
+        "resnet20",
+        "resnet32",
+        "resnet44",
+        "resnet56",
+        "resnet110",
+    ]
     r110 = member_config(cifar, cifar.members[-1])
     assert r110.schedule.warmup_until_error == 80.0 and r110.schedule.max_steps == 64000
     imagenet = read_study(REPO / "configs/study/imagenet_depth.toml")
-    assert [m.name for m in imagenet.members] == ["plain18", "plain34", "resnet18", "resnet34", "resnet50",
-                                                  "resnet101", "resnet152"]
+    assert [m.name for m in imagenet.members] == [
+        "plain18",
+        "plain34",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "resnet152",
+    ]
     assert member_config(imagenet, imagenet.members[2]).model.shortcut == "A"  # Table 2 used option A
 
 
 def test_member_config_precedence(tmp_path: Path) -> None:
     f = tmp_path / "s.toml"
-    f.write_text('name = "s"\nbase = "configs/cpu/digits_resnet20.toml"\nexperiment = "exp"\n'
-                 '[shared]\nlog_every = 7\n[shared.optim]\nlr = 0.2\n'
-                 '[[members]]\nname = "a"\nmodel = "cifar_plain20"\noverrides = ["optim.lr=0.3"]\n'
-                 '[[members]]\nname = "b"\n')
+    f.write_text(
+        'name = "s"\nbase = "configs/cpu/digits_resnet20.toml"\nexperiment = "exp"\n'
+        "[shared]\nlog_every = 7\n[shared.optim]\nlr = 0.2\n"
+        '[[members]]\nname = "a"\nmodel = "cifar_plain20"\noverrides = ["optim.lr=0.3"]\n'
+        '[[members]]\nname = "b"\n'
+    )
     study = read_study(f)
     a = member_config(study, study.members[0], overrides=["--log_every=3"], parent_run_id="p" * 32)
     assert (a.model.name, a.optim.lr, a.log_every, a.data.source) == ("cifar_plain20", 0.3, 3, "digits")
@@ -59,12 +84,15 @@ def test_member_config_precedence(tmp_path: Path) -> None:
     assert (b.model.name, b.optim.lr, b.log_every) == ("cifar_resnet20", 0.2, 7)
 
 
-@pytest.mark.parametrize("text, message", [
-    ('name = "s"\n', "lists no [[members]]"),
-    ('name = "s"\nbogus = 1\n[[members]]\nname = "a"\n', "unknown key"),
-    ('[[members]]\nname = "a"\n[[members]]\nname = "a"\n', "unique"),
-    ('[[members]]\nname = "a"\nmodel = "cifar_plain7"\n', "study member 'a': model.name"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('name = "s"\n', "lists no [[members]]"),
+        ('name = "s"\nbogus = 1\n[[members]]\nname = "a"\n', "unknown key"),
+        ('[[members]]\nname = "a"\n[[members]]\nname = "a"\n', "unique"),
+        ('[[members]]\nname = "a"\nmodel = "cifar_plain7"\n', "study member 'a': model.name"),
+    ],
+)
 def test_bad_study_files_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
     f = tmp_path / "s.toml"
     f.write_text(text)
@@ -119,16 +147,28 @@ def test_slurm_prints_the_array_command_and_submits_only_with_sbatch(tmp_path: P
     out = capsys.readouterr().out
     assert "Submitted batch job 42" in out
     assert (tmp_path / "sbatch.args").read_text().split()[:3] == [
-        "--array=0-0", "--job-name=cifar10_table6", "launch/slurm_depth_study.sh"]
+        "--array=0-0",
+        "--job-name=cifar10_table6",
+        "launch/slurm_depth_study.sh",
+    ]
     assert len(client.search_runs([exp.experiment_id])) == 1  # the same parent, reopened
 
 
 @pytest.mark.slow
 def test_two_member_study_nests_children_reports_and_skips_finished_members(mlflow_server, tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "pipeline.study", str(REPO / "configs/study/digits_depth.toml"), *TINY,
-           f"--data.cache_dir={REPO / '.cache/datasets'}", f"--checkpoint.uri={tmp_path / 'ckpt'}",
-           f"--output_dir={tmp_path / 'runs/{name}'}", f"--tracking.uri={mlflow_server.uri}",
-           "--tracking.flush_interval_s=0.5", "--report"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.study",
+        str(REPO / "configs/study/digits_depth.toml"),
+        *TINY,
+        f"--data.cache_dir={REPO / '.cache/datasets'}",
+        f"--checkpoint.uri={tmp_path / 'ckpt'}",
+        f"--output_dir={tmp_path / 'runs/{name}'}",
+        f"--tracking.uri={mlflow_server.uri}",
+        "--tracking.flush_interval_s=0.5",
+        "--report",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": ""}
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -139,8 +179,9 @@ def test_two_member_study_nests_children_reports_and_skips_finished_members(mlfl
     (parent,) = [r for r in runs if r.data.tags.get("study_role") == "parent"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(runs) == 3 and parent.info.status == "FINISHED"
-    described = sorted((r.info.run_name, r.data.tags["residual"], r.data.tags["depth"], r.info.status)
-                       for r in children)
+    described = sorted(
+        (r.info.run_name, r.data.tags["residual"], r.data.tags["depth"], r.info.status) for r in children
+    )
     assert described == [("plain20", "false", "20", "FINISHED"), ("resnet20", "true", "20", "FINISHED")]
     assert all(r.data.tags["study"] == "digits_depth" for r in children)
 
@@ -151,7 +192,10 @@ def test_two_member_study_nests_children_reports_and_skips_finished_members(mlfl
     figure = tmp_path / "runs/reports/digits_depth/figure.png"
     assert figure.read_bytes()[:4] == b"\x89PNG"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {
-        "report/figure.png", "report/report.md", "report/table.md"}
+        "report/figure.png",
+        "report/report.md",
+        "report/table.md",
+    }
 
     # Rerun: both members finished, nothing trains again.
     res = subprocess.run(cmd[:-1], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -23,8 +23,15 @@ from pipeline.tracking import NullTracker, build_tracker
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY = ["--data.batch_size=32", "--schedule.max_steps=10", "--schedule.unit=step", "--schedule.milestones=[]",
-        "--schedule.warmup=0", "--log_every=2", "--progress=false"]
+TINY = [
+    "--data.batch_size=32",
+    "--schedule.max_steps=10",
+    "--schedule.unit=step",
+    "--schedule.milestones=[]",
+    "--schedule.warmup=0",
+    "--log_every=2",
+    "--progress=false",
+]
 
 
 def _cfg(uri: str, **kw: object) -> TrackingConfig:
@@ -40,8 +47,9 @@ def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
 def test_tracker_records_params_tags_metrics_artifacts_and_model(mlflow_server, tmp_path: Path) -> None:
     client = MlflowClient(mlflow_server.uri)
     parent = client.create_run(client.create_experiment("unit"), run_name="parent").info.run_id
-    tracker = build_tracker(_cfg(mlflow_server.uri, study="s1", parent_run_id=parent), is_main=True,
-                            run_name="cfg-name")
+    tracker = build_tracker(
+        _cfg(mlflow_server.uri, study="s1", parent_run_id=parent), is_main=True, run_name="cfg-name"
+    )
     run_id = tracker.start(None)
     assert run_id
     tracker.log_params({"model.name": "cifar_resnet20", "optim.lr": "0.1"})
@@ -124,8 +132,13 @@ def test_unreachable_server_never_blocks_and_the_buffer_is_bounded(caplog) -> No
     from mlflow_server import free_port
 
     caplog.set_level(logging.WARNING, logger="pipeline.tracking")
-    cfg = _cfg(f"http://127.0.0.1:{free_port()}", max_buffered=50, start_timeout_s=1.0, finish_timeout_s=1.0,
-               system_metrics=False)
+    cfg = _cfg(
+        f"http://127.0.0.1:{free_port()}",
+        max_buffered=50,
+        start_timeout_s=1.0,
+        finish_timeout_s=1.0,
+        system_metrics=False,
+    )
     tracker = build_tracker(cfg, is_main=True)
     t0 = time.monotonic()
     assert tracker.start(None) is None
@@ -148,10 +161,19 @@ def test_disabled_tracking_and_followers_do_nothing() -> None:
 
 # -- end to end: pipeline.train through the server ----------------------------------------------------
 def _train_args(tmp_path: Path, uri: str, *extra: str) -> list[str]:
-    return ["--config", str(REPO / "configs/cpu/digits_resnet20.toml"), *TINY,
-            f"--data.cache_dir={REPO / '.cache/datasets'}", f"--checkpoint.uri={tmp_path / 'ckpt'}",
-            f"--output_dir={tmp_path / 'runs/{name}'}", f"--tracking.uri={uri}", "--tracking.experiment=e2e",
-            "--tracking.flush_interval_s=0.5", "--tracking.system_metrics_interval_s=1", *extra]
+    return [
+        "--config",
+        str(REPO / "configs/cpu/digits_resnet20.toml"),
+        *TINY,
+        f"--data.cache_dir={REPO / '.cache/datasets'}",
+        f"--checkpoint.uri={tmp_path / 'ckpt'}",
+        f"--output_dir={tmp_path / 'runs/{name}'}",
+        f"--tracking.uri={uri}",
+        "--tracking.experiment=e2e",
+        "--tracking.flush_interval_s=0.5",
+        "--tracking.system_metrics_interval_s=1",
+        *extra,
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -165,11 +187,31 @@ def test_two_rank_run_logs_exactly_one_run(mlflow_server, tmp_path: Path) -> Non
 
     args = _train_args(tmp_path, mlflow_server.uri, "--name=two_rank", "--tracking.study=unit-study")
     port = str(free_port())
-    procs = [subprocess.Popen([str(BIN / "torchrun"), "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node",
-                               "1", "--master_addr", "127.0.0.1", "--master_port", port,
-                               str(REPO / "pipeline/train.py"), *args],
-                              cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for node in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                str(BIN / "torchrun"),
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(node),
+                "--nproc_per_node",
+                "1",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                port,
+                str(REPO / "pipeline/train.py"),
+                *args,
+            ],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
     outs = [p.communicate(timeout=400)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
 
@@ -183,8 +225,13 @@ def test_two_rank_run_logs_exactly_one_run(mlflow_server, tmp_path: Path) -> Non
     assert run.data.params == expected
     tags = run.data.tags
     assert {k: tags[k] for k in ("depth", "residual", "shortcut", "dataset", "study", "world_size")} == {
-        "depth": "20", "residual": "true", "shortcut": "A", "dataset": "digits", "study": "unit-study",
-        "world_size": "2"}
+        "depth": "20",
+        "residual": "true",
+        "shortcut": "A",
+        "dataset": "digits",
+        "study": "unit-study",
+        "world_size": "2",
+    }
     assert tags["gpu_type"] and tags["git_commit"]
     rid = run.info.run_id
     for key in ("train_loss", "lr", "images_per_s", "data_wait_share", "train_top1_error", "train_top5_error"):
@@ -205,18 +252,27 @@ def test_server_killed_mid_run_then_resume_continues_the_run(mlflow_server, tmp_
     restart. Then a longer run of the same id resumes from its step-16 checkpoint into the same MLflow
     run, logging steps 18 and 20 a second time without duplicate points."""
     client = MlflowClient(mlflow_server.uri)
-    common = ["--name=outage", "--checkpoint.every_steps=4", "--checkpoint.at_end=false",
-              "--tracking.system_metrics=false"]
-    cmd = [sys.executable, "-m", "pipeline.train", *_train_args(tmp_path, mlflow_server.uri, *common),
-           "--schedule.max_steps=20"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    common = [
+        "--name=outage",
+        "--checkpoint.every_steps=4",
+        "--checkpoint.at_end=false",
+        "--tracking.system_metrics=false",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        *_train_args(tmp_path, mlflow_server.uri, *common),
+        "--schedule.max_steps=20",
+    ]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
         run_id = None
         while time.monotonic() < deadline and proc.poll() is None:
-            runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                      filter_string="attributes.run_name = 'outage'")
+            runs = client.search_runs(
+                [e.experiment_id for e in client.search_experiments()], filter_string="attributes.run_name = 'outage'"
+            )
             if runs and runs[0].data.metrics.get("train_loss") is not None:
                 run_id = runs[0].info.run_id
                 break

@@ -14,14 +14,25 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 CPU_CONFIG = "configs/cpu/digits_resnet20.toml"
-SHORT = ["--schedule.unit=step", "--schedule.milestones=[]", "--schedule.warmup=0", "--progress=false",
-         "--tracking.enabled=false"]
+SHORT = [
+    "--schedule.unit=step",
+    "--schedule.milestones=[]",
+    "--schedule.warmup=0",
+    "--progress=false",
+    "--tracking.enabled=false",
+]
 
 
 def torchrun(args: list[str], *, cwd: Path, timeout: int = 600, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([TORCHRUN, f"--nproc_per_node={nproc}", "--standalone", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [TORCHRUN, f"--nproc_per_node={nproc}", "--standalone", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def colour_tree(root: Path, *, per_class: int, classes: int = 2) -> Path:
@@ -43,9 +54,21 @@ def test_two_ranks_see_disjoint_data_and_keep_identical_weights(tmp_path):
     data = colour_tree(tmp_path / "data", per_class=24)
     out = tmp_path / "out"
     out.mkdir()
-    r = torchrun([str(ROOT / "tests/helpers/two_rank_worker.py"), str(out), str(ROOT / CPU_CONFIG),
-                  "--data.source=folder", f"--data.root={data}", "--data.batch_size=8", "--model.num_classes=2",
-                  "--schedule.epochs=2", "--schedule.milestones=[]", "--schedule.warmup=0"], cwd=tmp_path)
+    r = torchrun(
+        [
+            str(ROOT / "tests/helpers/two_rank_worker.py"),
+            str(out),
+            str(ROOT / CPU_CONFIG),
+            "--data.source=folder",
+            f"--data.root={data}",
+            "--data.batch_size=8",
+            "--model.num_classes=2",
+            "--schedule.epochs=2",
+            "--schedule.milestones=[]",
+            "--schedule.warmup=0",
+        ],
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
     assert ranks[0]["weights"] == ranks[1]["weights"], "DeepSpeed replicas diverged"
@@ -60,9 +83,20 @@ def test_two_ranks_see_disjoint_data_and_keep_identical_weights(tmp_path):
 
 @pytest.mark.slow
 def test_cli_trains_and_evaluates_on_two_ranks(tmp_path):
-    r = torchrun([str(ROOT / "pipeline/train.py"), "--config", str(ROOT / CPU_CONFIG), "--schedule.max_steps=6",
-                  "--log_every=3", f"--data.cache_dir={ROOT / '.cache/datasets'}", *SHORT,
-                  f"--output_dir={tmp_path}/run", f"--checkpoint.uri={tmp_path}/ckpt"], cwd=tmp_path)
+    r = torchrun(
+        [
+            str(ROOT / "pipeline/train.py"),
+            "--config",
+            str(ROOT / CPU_CONFIG),
+            "--schedule.max_steps=6",
+            "--log_every=3",
+            f"--data.cache_dir={ROOT / '.cache/datasets'}",
+            *SHORT,
+            f"--output_dir={tmp_path}/run",
+            f"--checkpoint.uri={tmp_path}/ckpt",
+        ],
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "digits_resnet20: val top-1 error" in r.stdout
     assert r.stdout.count("val top-1 error") == 1, "only rank 0 may print"
@@ -71,24 +105,53 @@ def test_cli_trains_and_evaluates_on_two_ranks(tmp_path):
 
 @pytest.mark.slow
 def test_diverging_loss_stops_with_a_clear_message(tmp_path):
-    r = torchrun([str(ROOT / "pipeline/train.py"), "--config", str(ROOT / CPU_CONFIG), "--schedule.max_steps=8",
-                  "--log_every=2", "--optim.lr=1e12", f"--data.cache_dir={ROOT / '.cache/datasets'}", *SHORT,
-                  f"--output_dir={tmp_path}/run", f"--checkpoint.uri={tmp_path}/ckpt"], cwd=tmp_path)
+    r = torchrun(
+        [
+            str(ROOT / "pipeline/train.py"),
+            "--config",
+            str(ROOT / CPU_CONFIG),
+            "--schedule.max_steps=8",
+            "--log_every=2",
+            "--optim.lr=1e12",
+            f"--data.cache_dir={ROOT / '.cache/datasets'}",
+            *SHORT,
+            f"--output_dir={tmp_path}/run",
+            f"--checkpoint.uri={tmp_path}/ckpt",
+        ],
+        cwd=tmp_path,
+    )
     assert r.returncode == 1
     assert "training loss became" in r.stderr and "--optim.lr" in r.stderr
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--model.num_classes=7"], "has 10 classes but model.num_classes = 7"),
-    (["--data.source=folder", "--data.root=/nonexistent/imagenet"], "/nonexistent/imagenet does not exist"),
-    (["--optim.lrr=1"], "unknown config key 'optim.lrr'"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--model.num_classes=7"], "has 10 classes but model.num_classes = 7"),
+        (["--data.source=folder", "--data.root=/nonexistent/imagenet"], "/nonexistent/imagenet does not exist"),
+        (["--optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    ],
+)
 def test_bad_input_fails_before_training(tmp_path, args, needle):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, str(ROOT / "pipeline/train.py"), "--config", str(ROOT / CPU_CONFIG), *args,
-                        f"--data.cache_dir={ROOT / '.cache/datasets'}", *SHORT, f"--output_dir={tmp_path}/run",
-                        f"--checkpoint.uri={tmp_path}/ckpt"], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "pipeline/train.py"),
+            "--config",
+            str(ROOT / CPU_CONFIG),
+            *args,
+            f"--data.cache_dir={ROOT / '.cache/datasets'}",
+            *SHORT,
+            f"--output_dir={tmp_path}/run",
+            f"--checkpoint.uri={tmp_path}/ckpt",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
@@ -100,8 +163,14 @@ def train_cli(args: list[str], *, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
         env.pop(k, None)
-    return subprocess.run([sys.executable, str(ROOT / "pipeline/train.py"), "--config", str(ROOT / CPU_CONFIG), *args],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "pipeline/train.py"), "--config", str(ROOT / CPU_CONFIG), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
@@ -111,10 +180,19 @@ def test_resume_from_a_save_at_an_epoch_end_continues_like_the_uninterrupted_run
     import torch
 
     # log_every=1: a log row averages the steps since the previous log, and a resumed run has only its own.
-    common = ["--data.in_memory=true", "--data.batch_size=128", "--log_every=1", "--schedule.kind=plateau",
-              "--schedule.plateau_patience=1", "--schedule.max_steps=14", "--checkpoint.every_steps=1",
-              "--checkpoint.keep_last=20", f"--checkpoint.uri={tmp_path}/ckpt",
-              f"--data.cache_dir={ROOT / '.cache/datasets'}", *SHORT]
+    common = [
+        "--data.in_memory=true",
+        "--data.batch_size=128",
+        "--log_every=1",
+        "--schedule.kind=plateau",
+        "--schedule.plateau_patience=1",
+        "--schedule.max_steps=14",
+        "--checkpoint.every_steps=1",
+        "--checkpoint.keep_last=20",
+        f"--checkpoint.uri={tmp_path}/ckpt",
+        f"--data.cache_dir={ROOT / '.cache/datasets'}",
+        *SHORT,
+    ]
     r = train_cli([*common, "--run_id=a", f"--output_dir={tmp_path}/a"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -128,8 +206,15 @@ def test_resume_from_a_save_at_an_epoch_end_continues_like_the_uninterrupted_run
     history, weights = saved("a", 14)
     epoch_end = next(row["step"] for row in history if "val_top1_error" in row)
     assert 1 < epoch_end < 14 and [row["epoch"] for row in history if "val_top1_error" in row] == [1.0, 1.0]
-    r = train_cli([*common, "--run_id=b", f"--output_dir={tmp_path}/b",
-                   f"--checkpoint.resume={tmp_path}/ckpt/a/step-{epoch_end}"], cwd=tmp_path)
+    r = train_cli(
+        [
+            *common,
+            "--run_id=b",
+            f"--output_dir={tmp_path}/b",
+            f"--checkpoint.resume={tmp_path}/ckpt/a/step-{epoch_end}",
+        ],
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed run b at step {epoch_end} (epoch 1)" in r.stderr
     resumed_history, resumed_weights = saved("b", 14)

@@ -25,15 +25,30 @@ import socket
 import sys
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.checkpoint.layout import (FORMAT, LATEST, MANIFEST, CheckpointError, apply_retention,
-                                        committed_candidates, committed_tags, first_good, list_steps, read_manifest,
-                                        read_parts, set_aside, step_of, storage_options, tag_for, verified_file)
+from pipeline.checkpoint.layout import (
+    FORMAT,
+    LATEST,
+    MANIFEST,
+    CheckpointError,
+    apply_retention,
+    committed_candidates,
+    committed_tags,
+    first_good,
+    list_steps,
+    read_manifest,
+    read_parts,
+    set_aside,
+    step_of,
+    storage_options,
+    tag_for,
+    verified_file,
+)
 from pipeline.checkpoint.reshard import load_zero1_resharded
 from pipeline.checkpoint.upload import PartsMissing, Uploader, UploadJob
 from pipeline.config import CheckpointConfig
@@ -50,8 +65,17 @@ _WAIT_POLL = Backoff(first_s=0.05, factor=1.5, max_s=1.0)
 class Checkpointer:
     """Saves and restores one run's checkpoints; every method is called on every rank."""
 
-    def __init__(self, cfg: CheckpointConfig, *, run_id: str, rank: int, world_size: int, config_hash: str,
-                 staging_dir: str, local_rank: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        *,
+        run_id: str,
+        rank: int,
+        world_size: int,
+        config_hash: str,
+        staging_dir: str,
+        local_rank: int | None = None,
+    ) -> None:
         self.cfg = cfg
         self.run_id = run_id
         self.rank = rank
@@ -81,12 +105,13 @@ class Checkpointer:
         except StorageError as e:
             err = str(e)
         except OSError as e:
-            err = (f"cannot create the staging folder {self.staging} ({e}); set checkpoint.staging_dir to a "
-                   f"writable node-local folder")
+            err = (
+                f"cannot create the staging folder {self.staging} ({e}); set checkpoint.staging_dir to a "
+                f"writable node-local folder"
+            )
         errors = [e for e in all_gather_objects(err, group=self._group) if e]
         if errors:
-            raise CheckpointError(f"checkpoint storage check failed for checkpoint.uri = {self.cfg.uri!r}: "
-                                  f"{errors[0]}")
+            raise CheckpointError(f"checkpoint storage check failed for checkpoint.uri = {self.cfg.uri!r}: {errors[0]}")
 
     def should_save(self, step: int) -> bool:
         """Same answer on every rank. Time-based saves follow rank 0's clock, agreed by a broadcast
@@ -112,39 +137,57 @@ class Checkpointer:
             shutil.rmtree(local)  # left by a crashed attempt: DeepSpeed would mix old and new files
         engine.save_checkpoint(str(save_root), tag=tag, save_latest=False)
         torch.save(trainer_state, local / f"trainer-rank{self.rank}.pt")
-        meta = {"format": FORMAT, "run_id": self.run_id, "tag": tag, "step": step, "epoch": epoch,
-                "config_hash": self.config_hash, "world_size": self.world_size,
-                "zero_stage": int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage")
-                else 0,
-                "versions": _versions()}
+        meta = {
+            "format": FORMAT,
+            "run_id": self.run_id,
+            "tag": tag,
+            "step": step,
+            "epoch": epoch,
+            "config_hash": self.config_hash,
+            "world_size": self.world_size,
+            "zero_stage": int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0,
+            "versions": _versions(),
+        }
         uploader.submit(UploadJob(tag=tag, step=step, local_dir=local, meta=meta))
         self._last_save = time.monotonic()
         self.last_saved_step = step
         self.blocked_s.append(self._last_save - t0)
         if self.rank == 0:
-            log.info("checkpoint %s written locally in %.2f s; uploading to %s in the background", tag,
-                     self.blocked_s[-1], self.store.url(tag))
+            log.info(
+                "checkpoint %s written locally in %.2f s; uploading to %s in the background",
+                tag,
+                self.blocked_s[-1],
+                self.store.url(tag),
+            )
         return self.store.url(tag)
 
     def _ensure_uploader(self) -> Uploader:
         if self._uploader is None:
-            self._uploader = Uploader(self.store, rank=self.rank, session=self.session,
-                                      commit=self._commit if self.rank == 0 else None)
+            self._uploader = Uploader(
+                self.store, rank=self.rank, session=self.session, commit=self._commit if self.rank == 0 else None
+            )
         return self._uploader
 
     def _wait_for_room(self, uploader: Uploader, tag: str) -> None:
         """Bound the staged-but-unsent checkpoints (local disk) and never restage a tag still uploading."""
+
         def busy() -> list[UploadJob]:
             jobs = uploader.pending()
             if not uploader.alive and jobs:
-                raise CheckpointError(f"the checkpoint upload thread on rank {self.rank} has stopped (see the "
-                                      f"error above); unsent checkpoints stay in {self.staging}")
+                raise CheckpointError(
+                    f"the checkpoint upload thread on rank {self.rank} has stopped (see the "
+                    f"error above); unsent checkpoints stay in {self.staging}"
+                )
             return jobs if len(jobs) >= self.cfg.max_pending else [j for j in jobs if j.tag == tag]
 
         jobs = busy()
         if jobs and self.rank == 0:
-            log.warning("checkpoint %s waits for earlier uploads (checkpoint.max_pending = %d): %s", tag,
-                        self.cfg.max_pending, uploader.describe_pending())
+            log.warning(
+                "checkpoint %s waits for earlier uploads (checkpoint.max_pending = %d): %s",
+                tag,
+                self.cfg.max_pending,
+                uploader.describe_pending(),
+            )
         while jobs:
             jobs[0].done.wait(5)
             jobs = busy()
@@ -156,15 +199,24 @@ class Checkpointer:
         if missing:
             raise PartsMissing(", ".join(map(str, missing)))
         files = [f for r in sorted(parts) for f in parts[r]["files"]]
-        manifest = {**job.meta, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                    "files": sorted(files, key=lambda f: f["path"])}
+        manifest = {
+            **job.meta,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "files": sorted(files, key=lambda f: f["path"]),
+        }
         self.store.write_text(f"{job.tag}/{MANIFEST}", json.dumps(manifest, indent=1))
         self.store.write_text(LATEST, job.tag)
-        log.info("checkpoint %s committed (%d files, %.1f MiB) at %s", job.tag, len(files),
-                 sum(f["size"] for f in files) / 2**20, self.store.url(job.tag))
+        log.info(
+            "checkpoint %s committed (%d files, %.1f MiB) at %s",
+            job.tag,
+            len(files),
+            sum(f["size"] for f in files) / 2**20,
+            self.store.url(job.tag),
+        )
         try:
-            deleted = apply_retention(self.store, keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every,
-                                      newest=job.tag)
+            deleted = apply_retention(
+                self.store, keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every, newest=job.tag
+            )
             if deleted:
                 log.info("retention: deleted %s", ", ".join(deleted))
         except StorageError as e:
@@ -197,15 +249,19 @@ class Checkpointer:
                     raise CheckpointError(
                         f"the checkpoint upload thread on rank {', '.join(map(str, stopped))} has stopped (see the "
                         f"error logged above; {'; '.join(busy)}); `latest` still names the previous committed "
-                        f"checkpoint and the unsent files are kept in {self.staging}; check the storage and resume")
+                        f"checkpoint and the unsent files are kept in {self.staging}; check the storage and resume"
+                    )
                 raise CheckpointError(
                     f"checkpoint upload to {self.store.uri} did not finish within {timeout_s / 60:.1f} min "
                     f"({'; '.join(busy)}); `latest` still names the previous committed checkpoint and the "
-                    f"unsent files are kept in {self.staging}; check the storage and resume")
+                    f"unsent files are kept in {self.staging}; check the storage and resume"
+                )
             if self.rank == 0 and time.monotonic() - last_note > 30:
                 last_note = time.monotonic()
-                log.warning("waiting for checkpoint uploads to commit: %s",
-                            "; ".join(f"rank {r}: {s[2]}" for r, s in enumerate(states) if not s[0]))
+                log.warning(
+                    "waiting for checkpoint uploads to commit: %s",
+                    "; ".join(f"rank {r}: {s[2]}" for r, s in enumerate(states) if not s[0]),
+                )
             time.sleep(_WAIT_POLL.delay(polls))
             polls += 1
 
@@ -250,7 +306,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"no checkpoint of {store.uri} passed verification (tried {', '.join(t for t, _ in rejected)}; see "
                 f"the warnings above for each file); refusing to start from scratch: fix or remove them, point "
-                f"checkpoint.resume at a good checkpoint URI, or pass --checkpoint.resume=never")
+                f"checkpoint.resume at a good checkpoint URI, or pass --checkpoint.resume=never"
+            )
         tag, manifest = chosen
         state = self._load(engine, tag, manifest)
         if self.rank == 0 and survey["own_run"]:
@@ -258,11 +315,20 @@ class Checkpointer:
         barrier(group=self._group)
         shutil.rmtree(self._restore_root(), ignore_errors=True)
         if self.rank == 0:
-            log.info("resumed from %s (step %d, epoch %d, written by %d ranks)", store.url(tag),
-                     manifest["step"], manifest["epoch"], manifest["world_size"])
+            log.info(
+                "resumed from %s (step %d, epoch %d, written by %d ranks)",
+                store.url(tag),
+                manifest["step"],
+                manifest["epoch"],
+                manifest["world_size"],
+            )
             if manifest.get("config_hash") != self.config_hash:
-                log.warning("the config differs from the one that wrote %s (hash %s, now %s)", tag,
-                            manifest.get("config_hash"), self.config_hash)
+                log.warning(
+                    "the config differs from the one that wrote %s (hash %s, now %s)",
+                    tag,
+                    manifest.get("config_hash"),
+                    self.config_hash,
+                )
         return state
 
     def _survey(self, mode: str) -> dict[str, Any] | str:
@@ -278,13 +344,17 @@ class Checkpointer:
                     manifest = read_manifest(parent, tag)
                     return {"root": parent.uri, "own_run": False, "candidates": [(tag, manifest)]}
                 if not store.exists(LATEST) and not list_steps(store):
-                    return (f"checkpoint.resume = {mode!r} holds no checkpoint (no {MANIFEST}, no {LATEST}, no "
-                            f"step-* folders); give a run folder or a step folder")
+                    return (
+                        f"checkpoint.resume = {mode!r} holds no checkpoint (no {MANIFEST}, no {LATEST}, no "
+                        f"step-* folders); give a run folder or a step folder"
+                    )
             try:
                 candidates = committed_candidates(store)
             except CheckpointError as e:  # `latest` exists but nothing is committed
-                return (f"{e}; refusing to start from scratch: restore the checkpoint, point checkpoint.resume "
-                        f"at one, or pass --checkpoint.resume=never")
+                return (
+                    f"{e}; refusing to start from scratch: restore the checkpoint, point checkpoint.resume "
+                    f"at one, or pass --checkpoint.resume=never"
+                )
             return {"root": store.uri, "own_run": own, "candidates": candidates}
         except (StorageError, CheckpointError) as e:
             return f"cannot read checkpoints for resume ({e})"
@@ -321,7 +391,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint {self.store.url(tag)} passed verification but DeepSpeed cannot load it ({e}); was "
                 f"it written for another model or ZeRO stage? (config hash {manifest.get('config_hash')}, now "
-                f"{self.config_hash})") from e
+                f"{self.config_hash})"
+            ) from e
         # A rank that did not exist in the old run takes rank 0's file: only its shared part is used.
         own = root / tag / f"trainer-rank{self.rank}.pt"
         return torch.load(own if self.rank < old_world else root / tag / "trainer-rank0.pt", weights_only=False)
@@ -334,8 +405,12 @@ class Checkpointer:
             for t in committed_tags(store):
                 if (step_of(t) or 0) > step:
                     set_aside(store, t, "rejected" if t in rejected else "abandoned")
-                    log.warning("set aside %s (%s): the run continues from %s", store.url(t),
-                                "failed verification" if t in rejected else "newer than the resumed checkpoint", tag)
+                    log.warning(
+                        "set aside %s (%s): the run continues from %s",
+                        store.url(t),
+                        "failed verification" if t in rejected else "newer than the resumed checkpoint",
+                        tag,
+                    )
             if not store.exists(LATEST) or store.read_text(LATEST).strip() != tag:
                 store.write_text(LATEST, tag)
         except StorageError as e:
@@ -348,9 +423,13 @@ class Checkpointer:
                 set_aside(self.store, t, "set-aside")
             self.store.delete(LATEST)
             if tags:
-                log.warning("checkpoint.resume = never: %d committed checkpoints of run %s at %s were set aside "
-                            "(manifest.json renamed to manifest.set-aside.json) and the run starts from scratch",
-                            len(tags), self.run_id, self.store.uri)
+                log.warning(
+                    "checkpoint.resume = never: %d committed checkpoints of run %s at %s were set aside "
+                    "(manifest.json renamed to manifest.set-aside.json) and the run starts from scratch",
+                    len(tags),
+                    self.run_id,
+                    self.store.uri,
+                )
         except StorageError as e:
             raise CheckpointError(f"checkpoint.resume = never: cannot set aside the old checkpoints ({e})") from e
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.config import CheckpointConfig
 from pipeline.storage import FileInfo, Storage, StorageError
@@ -106,24 +107,29 @@ def committed_candidates(store: Storage) -> list[tuple[str, dict[str, Any]]]:
             continue
         if manifest is None:
             if tag == latest:
-                log.warning("%s names %s, which has no manifest (not committed); falling back",
-                            store.url(LATEST), tag)
+                log.warning("%s names %s, which has no manifest (not committed); falling back", store.url(LATEST), tag)
             continue
         candidates.append((tag, manifest))
     if latest_err:
-        log.warning("%s exists but cannot be used (%s); choosing among committed checkpoints",
-                    store.url(LATEST), latest_err)
+        log.warning(
+            "%s exists but cannot be used (%s); choosing among committed checkpoints", store.url(LATEST), latest_err
+        )
     if (latest or latest_err) and not candidates:
-        raise CheckpointError(f"{store.url(LATEST)} exists but no committed checkpoint (step-*/{MANIFEST}) was "
-                              f"found under {store.uri}")
+        raise CheckpointError(
+            f"{store.url(LATEST)} exists but no committed checkpoint (step-*/{MANIFEST}) was found under {store.uri}"
+        )
     if not latest and not latest_err and candidates:
         log.warning("%s is missing but committed checkpoints exist; using the newest", store.url(LATEST))
     return candidates
 
 
-def first_good(store: Storage, candidates: list[tuple[str, dict[str, Any]]],
-               check: Callable[[str, dict[str, Any]], None], *,
-               announce: bool = True) -> tuple[tuple[str, dict[str, Any]] | None, list[tuple[str, str]]]:
+def first_good(
+    store: Storage,
+    candidates: list[tuple[str, dict[str, Any]]],
+    check: Callable[[str, dict[str, Any]], None],
+    *,
+    announce: bool = True,
+) -> tuple[tuple[str, dict[str, Any]] | None, list[tuple[str, str]]]:
     """Try ``candidates`` (``committed_candidates``' order, newest first) with ``check(tag, manifest)``,
     which fetches and verifies what the caller needs and raises CheckpointError when it cannot. Returns
     the first one that passes (None when none does) and the rejected ones as (tag, reason), each warned
@@ -136,8 +142,12 @@ def first_good(store: Storage, candidates: list[tuple[str, dict[str, Any]]],
             rejected.append((tag, str(e)))
             if announce:
                 nxt = candidates[i + 1][0] if i + 1 < len(candidates) else None
-                log.warning("checkpoint %s rejected: %s; %s", store.url(tag), e,
-                            f"falling back to {nxt}" if nxt else "no older committed checkpoint is left")
+                log.warning(
+                    "checkpoint %s rejected: %s; %s",
+                    store.url(tag),
+                    e,
+                    f"falling back to {nxt}" if nxt else "no older committed checkpoint is left",
+                )
             continue
         return (tag, manifest), rejected
     return None, rejected
@@ -153,8 +163,10 @@ def verified_file(store: Storage, rel: str, local: str | Path, entry: dict[str, 
     if got.size != entry["size"]:
         raise CheckpointError(f"file {store.url(rel)} has {got.size} bytes, the manifest says {entry['size']}")
     if got.sha256 != entry["sha256"]:
-        raise CheckpointError(f"file {store.url(rel)} fails its checksum (sha256 {got.sha256[:16]}..., the "
-                              f"manifest says {entry['sha256'][:16]}...)")
+        raise CheckpointError(
+            f"file {store.url(rel)} fails its checksum (sha256 {got.sha256[:16]}..., the "
+            f"manifest says {entry['sha256'][:16]}...)"
+        )
     return Path(local)
 
 
@@ -164,8 +176,12 @@ def verified_file(store: Storage, rel: str, local: str | Path, entry: dict[str, 
 
 def write_part(store: Storage, tag: str, *, rank: int, session: str, step: int, files: list[FileInfo]) -> None:
     """Record the files ``rank`` uploaded for ``tag`` (paths given relative to the run, ``<tag>/...``)."""
-    part = {"rank": rank, "session": session, "step": step,
-            "files": [{**asdict(i), "path": i.path.split("/", 1)[1], "rank": rank} for i in files]}
+    part = {
+        "rank": rank,
+        "session": session,
+        "step": step,
+        "files": [{**asdict(i), "path": i.path.split("/", 1)[1], "rank": rank} for i in files],
+    }
     store.write_text(f"{tag}/{PARTS_DIR}/rank-{rank:05d}.json", json.dumps(part))
 
 

@@ -40,9 +40,15 @@ def load_zero1_resharded(engine: Any, root: Path, tag: str, *, old_world: int, n
             f"checkpoint {tag} was written by {old_world} ranks with ZeRO-1 and this run has {new_world}: "
             f"resharding it is unsupported on DeepSpeed {deepspeed.__version__} (its {type(opt).__name__} lacks "
             f"{', '.join(missing)}; this code was written for DeepSpeed {WRITTEN_FOR}); resume at the old world "
-            f"size ({old_world} ranks), or install deepspeed=={WRITTEN_FOR}")
-    from deepspeed.checkpoint.constants import (BASE_OPTIMIZER_STATE, BASE_OPTIMIZER_STATE_STEP, GROUP_PADDINGS,
-                                                OPTIMIZER_STATE_DICT, SINGLE_PARTITION_OF_FP32_GROUPS)
+            f"size ({old_world} ranks), or install deepspeed=={WRITTEN_FOR}"
+        )
+    from deepspeed.checkpoint.constants import (
+        BASE_OPTIMIZER_STATE,
+        BASE_OPTIMIZER_STATE_STEP,
+        GROUP_PADDINGS,
+        OPTIMIZER_STATE_DICT,
+        SINGLE_PARTITION_OF_FP32_GROUPS,
+    )
 
     path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_only=True)
     if path is None:
@@ -58,8 +64,13 @@ def load_zero1_resharded(engine: Any, root: Path, tag: str, *, old_world: int, n
             st = base["state"].get(i, {}) if isinstance(base, dict) else base[i]
             groups.append({k: (v.flatten()[:n] if torch.is_tensor(v) and v.numel() >= n else v) for k, v in st.items()})
         step = base["param_groups"][0].get("step") if isinstance(base, dict) else None
-        states.append({BASE_OPTIMIZER_STATE: groups, BASE_OPTIMIZER_STATE_STEP: step,
-                       SINGLE_PARTITION_OF_FP32_GROUPS: sd[SINGLE_PARTITION_OF_FP32_GROUPS],
-                       GROUP_PADDINGS: sd.get(GROUP_PADDINGS)})
+        states.append(
+            {
+                BASE_OPTIMIZER_STATE: groups,
+                BASE_OPTIMIZER_STATE_STEP: step,
+                SINGLE_PARTITION_OF_FP32_GROUPS: sd[SINGLE_PARTITION_OF_FP32_GROUPS],
+                GROUP_PADDINGS: sd.get(GROUP_PADDINGS),
+            }
+        )
     opt._restore_elastic_base_optimizer_state(states)
     opt._link_all_hp_params()

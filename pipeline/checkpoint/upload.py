@@ -19,9 +19,10 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipeline.checkpoint.layout import write_part
 from pipeline.retry import Backoff, RetryStopped, retry
@@ -47,17 +48,27 @@ class UploadJob:
     last_error: str = ""
 
     def describe(self) -> str:
-        state = (f"{self.files_left} of {self.files_total} files, {self.bytes_left / 2**20:.1f} MiB left"
-                 if self.files_left else "waiting for the commit")
+        state = (
+            f"{self.files_left} of {self.files_total} files, {self.bytes_left / 2**20:.1f} MiB left"
+            if self.files_left
+            else "waiting for the commit"
+        )
         return f"{self.tag} ({state})"
 
 
 class Uploader:
     """Uploads jobs in order; ``commit`` (rank 0) runs after this rank's part of a job is stored."""
 
-    def __init__(self, store: Storage, *, rank: int, session: str,
-                 commit: Callable[[UploadJob], None] | None = None,
-                 retry_base_s: float = 1.0, retry_max_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        store: Storage,
+        *,
+        rank: int,
+        session: str,
+        commit: Callable[[UploadJob], None] | None = None,
+        retry_base_s: float = 1.0,
+        retry_max_s: float = 30.0,
+    ) -> None:
         self.store = store
         self.rank = rank
         self.session = session  # parts from an earlier, crashed attempt at the same step are ignored
@@ -113,8 +124,12 @@ class Uploader:
             except RetryStopped:
                 return
             except BaseException:  # noqa: BLE001 - an unexpected bug must not silently stop all uploads
-                log.exception("checkpoint %s: upload thread failed on rank %d; the staged files stay in %s",
-                              job.tag, self.rank, job.local_dir)
+                log.exception(
+                    "checkpoint %s: upload thread failed on rank %d; the staged files stay in %s",
+                    job.tag,
+                    self.rank,
+                    job.local_dir,
+                )
                 return
             with self._lock:
                 self._pending.remove(job)
@@ -129,8 +144,11 @@ class Uploader:
             infos.append(self.retry(lambda p=path, r=rel: self.store.put(p, f"{job.tag}/{r}"), job, f"upload {rel}"))
             job.files_left -= 1
             job.bytes_left -= size
-        self.retry(lambda: write_part(self.store, job.tag, rank=self.rank, session=self.session, step=job.step,
-                                      files=infos), job, "write the part list")
+        self.retry(
+            lambda: write_part(self.store, job.tag, rank=self.rank, session=self.session, step=job.step, files=infos),
+            job,
+            "write the part list",
+        )
         if self.commit is not None:
             self.retry(lambda: self._commit_when_complete(job), job, "commit")
         shutil.rmtree(job.local_dir, ignore_errors=True)
@@ -138,15 +156,31 @@ class Uploader:
     def retry(self, fn: Callable[[], Any], job: UploadJob, what: str) -> Any:
         """``fn`` until it succeeds (every failure is retried: dropping a checkpoint is worse), or until
         ``close`` (RetryStopped). Each failure is logged with what is pending; training goes on."""
+
         def note(e: BaseException, failures: int, delay: float) -> None:
             job.last_error = str(e)
             others = [j.tag for j in self.pending() if j is not job]
-            log.warning("checkpoint %s: %s failed on rank %d (%s); pending: %s%s; retry %d in %.0f s; "
-                        "training goes on", job.tag, what, self.rank, e, job.describe(),
-                        f", queued after it: {', '.join(others)}" if others else "", failures, delay)
+            log.warning(
+                "checkpoint %s: %s failed on rank %d (%s); pending: %s%s; retry %d in %.0f s; training goes on",
+                job.tag,
+                what,
+                self.rank,
+                e,
+                job.describe(),
+                f", queued after it: {', '.join(others)}" if others else "",
+                failures,
+                delay,
+            )
 
-        result = retry(fn, what=f"checkpoint {job.tag}: {what}", backoff=self.backoff, on_retry=note,
-                       should_stop=self._closing.is_set, sleep=self._closing.wait, logger=log)
+        result = retry(
+            fn,
+            what=f"checkpoint {job.tag}: {what}",
+            backoff=self.backoff,
+            on_retry=note,
+            should_stop=self._closing.is_set,
+            sleep=self._closing.wait,
+            logger=log,
+        )
         job.last_error = ""
         return result
 
@@ -162,9 +196,17 @@ class Uploader:
 
         commit = self.commit
         assert commit is not None
-        retry(lambda: commit(job), what=f"checkpoint {job.tag}: commit", backoff=_PARTS_WAIT,
-              retryable=lambda e: isinstance(e, PartsMissing), should_stop=self._closing.is_set,
-              sleep=self._closing.wait, on_retry=note, log_recovery=False, logger=log)
+        retry(
+            lambda: commit(job),
+            what=f"checkpoint {job.tag}: commit",
+            backoff=_PARTS_WAIT,
+            retryable=lambda e: isinstance(e, PartsMissing),
+            should_stop=self._closing.is_set,
+            sleep=self._closing.wait,
+            on_retry=note,
+            log_recovery=False,
+            logger=log,
+        )
 
 
 class PartsMissing(Exception):

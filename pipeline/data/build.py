@@ -28,9 +28,11 @@ def prepare_dataset_root(cfg: DataConfig) -> str:
         return prepare_digits(cfg.cache_dir)
     if cfg.source == "folder":
         if not cfg.root:
-            raise DataError("data.root is empty but data.source = 'folder': set --data.root to an ImageFolder "
-                            f"directory (with {cfg.train_dir}/ and {cfg.val_dir}/ inside), or use "
-                            "--data.source=digits for the offline demo set")
+            raise DataError(
+                "data.root is empty but data.source = 'folder': set --data.root to an ImageFolder "
+                f"directory (with {cfg.train_dir}/ and {cfg.val_dir}/ inside), or use "
+                "--data.source=digits for the offline demo set"
+            )
         from .folder import is_url
 
         if is_url(cfg.root):
@@ -40,8 +42,10 @@ def prepare_dataset_root(cfg: DataConfig) -> str:
         if is_archive(cfg.root):
             return extract_archive(cfg.root, cache_dir=cfg.cache_dir, sha256=cfg.root_sha256)
         if not os.path.isdir(cfg.root):
-            raise DataError(f"dataset root {cfg.root} does not exist; set --data.root to a folder holding "
-                            f"{cfg.train_dir}/<class>/<image> and {cfg.val_dir}/<class>/<image>")
+            raise DataError(
+                f"dataset root {cfg.root} does not exist; set --data.root to a folder holding "
+                f"{cfg.train_dir}/<class>/<image> and {cfg.val_dir}/<class>/<image>"
+            )
         return cfg.root
     raise DataError(f"data.source = {cfg.source!r} is not one of 'folder', 'digits', 'synthetic'")
 
@@ -53,8 +57,10 @@ def resolve_decoder(decoder: str, device: torch.device) -> Literal["cpu", "mixed
         return "cpu"
     if decoder == "mixed":
         if device.type != "cuda" or not torch.cuda.is_available():
-            raise DataError(f"data.decoder = 'mixed' decodes on the GPU but the device is {device} "
-                            f"(CUDA available: {torch.cuda.is_available()}); set --data.decoder=cpu or auto")
+            raise DataError(
+                f"data.decoder = 'mixed' decodes on the GPU but the device is {device} "
+                f"(CUDA available: {torch.cuda.is_available()}); set --data.decoder=cpu or auto"
+            )
         return "mixed"
     if decoder == "auto":
         return "mixed" if device.type == "cuda" and torch.cuda.is_available() else "cpu"
@@ -97,8 +103,15 @@ def build_source(
     batch_size = cfg.batch_size
     if split == "val" and cfg.source != "synthetic":  # synthetic batches keep one shape on both splits
         batch_size = cfg.val_batch_size or cfg.batch_size
-    options = SourceOptions(split=split, rank=rank, world_size=world_size, device=device, seed=seed,
-                            num_classes=num_classes, batch_size=batch_size)
+    options = SourceOptions(
+        split=split,
+        rank=rank,
+        world_size=world_size,
+        device=device,
+        seed=seed,
+        num_classes=num_classes,
+        batch_size=batch_size,
+    )
     if cfg.source == "synthetic":
         from .synthetic import SyntheticSource
 
@@ -116,22 +129,52 @@ def build_source(
         from .folder import read_exclude_list
 
         fixes = read_exclude_list(cfg.exclude_list, root=root)
-    index = scan_dataset(root, split_dir=cfg.train_dir if split == "train" else cfg.val_dir,
-                         train_dir=cfg.train_dir, val_dir=cfg.val_dir, num_classes=num_classes, fixes=fixes)
+    index = scan_dataset(
+        root,
+        split_dir=cfg.train_dir if split == "train" else cfg.val_dir,
+        train_dir=cfg.train_dir,
+        val_dir=cfg.val_dir,
+        num_classes=num_classes,
+        fixes=fixes,
+    )
     if cfg.in_memory:
         from .memory import InMemorySource
 
-        return InMemorySource(index, options, image_size=cfg.image_size, mean=cfg.mean, std=cfg.std, flip=cfg.flip,
-                              decoder=decoder, num_threads=cfg.num_threads, root=root)
+        return InMemorySource(
+            index,
+            options,
+            image_size=cfg.image_size,
+            mean=cfg.mean,
+            std=cfg.std,
+            flip=cfg.flip,
+            decoder=decoder,
+            num_threads=cfg.num_threads,
+            root=root,
+        )
     # PCA lighting is ImageNet's colour augmentation; CIFAR-style training has none.
-    augmentation = TrainAugment(flip=cfg.flip, augment=cfg.augment, scale=(cfg.scale[0], cfg.scale[1]),
-                                lighting=cfg.lighting if cfg.style == "imagenet" else 0.0)
-    return DaliSource(index, options, style=cfg.style, image_size=cfg.image_size, val_resize=cfg.val_resize,
-                      mean=cfg.mean, std=cfg.std, num_threads=cfg.num_threads, prefetch=cfg.prefetch, decoder=decoder,
-                      augmentation=augmentation,
-                      mean_image=load_mean_image(cfg.mean_image, root=root, image_size=cfg.image_size)
-                      if cfg.mean_image else None,
-                      eval_mode=eval_mode, scales=scales, root=root)
+    augmentation = TrainAugment(
+        flip=cfg.flip,
+        augment=cfg.augment,
+        scale=(cfg.scale[0], cfg.scale[1]),
+        lighting=cfg.lighting if cfg.style == "imagenet" else 0.0,
+    )
+    return DaliSource(
+        index,
+        options,
+        style=cfg.style,
+        image_size=cfg.image_size,
+        val_resize=cfg.val_resize,
+        mean=cfg.mean,
+        std=cfg.std,
+        num_threads=cfg.num_threads,
+        prefetch=cfg.prefetch,
+        decoder=decoder,
+        augmentation=augmentation,
+        mean_image=load_mean_image(cfg.mean_image, root=root, image_size=cfg.image_size) if cfg.mean_image else None,
+        eval_mode=eval_mode,
+        scales=scales,
+        root=root,
+    )
 
 
 def load_mean_image(path: str, *, root: str, image_size: int) -> np.ndarray:
@@ -140,20 +183,27 @@ def load_mean_image(path: str, *, root: str, image_size: int) -> np.ndarray:
 
     from .folder import is_url
 
-    full = path if is_url(path) or os.path.isabs(path) else (f"{root.rstrip('/')}/{path}" if is_url(root)
-                                                           else os.path.join(root, path))
+    full = (
+        path
+        if is_url(path) or os.path.isabs(path)
+        else (f"{root.rstrip('/')}/{path}" if is_url(root) else os.path.join(root, path))
+    )
     parent, name = full.rsplit("/", 1)
     try:
         data = Storage(parent).read_bytes(name)
         mean = np.load(io.BytesIO(data), allow_pickle=False)
     except StorageError as e:
-        raise DataError(f"data.mean_image = {path!r}: cannot read {full} ({e}); write it with `python -m "
-                        f"pipeline.tools.prepare mean-image {root}` or set data.mean_image = '' (per-channel "
-                        f"mean)") from e
+        raise DataError(
+            f"data.mean_image = {path!r}: cannot read {full} ({e}); write it with `python -m "
+            f"pipeline.tools.prepare mean-image {root}` or set data.mean_image = '' (per-channel "
+            f"mean)"
+        ) from e
     except ValueError as e:
         raise DataError(f"data.mean_image = {path!r}: {full} is not a .npy array ({e})") from e
     if mean.shape != (image_size, image_size, 3):
-        raise DataError(f"data.mean_image = {path!r}: {full} has shape {mean.shape}, but data.image_size = "
-                        f"{image_size} needs ({image_size}, {image_size}, 3); recompute it with `python -m "
-                        f"pipeline.tools.prepare mean-image {root} --size {image_size}`")
+        raise DataError(
+            f"data.mean_image = {path!r}: {full} has shape {mean.shape}, but data.image_size = "
+            f"{image_size} needs ({image_size}, {image_size}, 3); recompute it with `python -m "
+            f"pipeline.tools.prepare mean-image {root} --size {image_size}`"
+        )
     return mean.astype(np.float32)

@@ -39,8 +39,9 @@ def read_marker(target: Path, stamp: dict[str, Any]) -> dict[str, Any] | None:
     return marker
 
 
-def build_once(target: str | os.PathLike, *, stamp: dict[str, Any],
-               build: Callable[[Path], dict[str, Any] | None]) -> dict[str, Any]:
+def build_once(
+    target: str | os.PathLike, *, stamp: dict[str, Any], build: Callable[[Path], dict[str, Any] | None]
+) -> dict[str, Any]:
     """Make sure ``target`` holds a complete tree for ``stamp`` (building it if not) and return its marker."""
     target = Path(target)
     done = read_marker(target, stamp)
@@ -65,8 +66,10 @@ def build_once(target: str | os.PathLike, *, stamp: dict[str, Any],
 
 def _refuse_foreign(target: Path) -> None:
     if os.path.lexists(target) and not (target / MARKER).is_file():
-        raise DataError(f"{target} exists but was not made by this pipeline (it has no {MARKER} marker), so it is "
-                        f"left alone; move it away, or set --data.cache_dir to another folder")
+        raise DataError(
+            f"{target} exists but was not made by this pipeline (it has no {MARKER} marker), so it is "
+            f"left alone; move it away, or set --data.cache_dir to another folder"
+        )
 
 
 def _build(target: Path, stamp: dict[str, Any], build: Callable[[Path], dict[str, Any] | None]) -> dict[str, Any]:

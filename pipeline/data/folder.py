@@ -115,12 +115,16 @@ def _check_split_layout(split_path: str, classes: list[str]) -> None:
         return
     names = _top_level_names(split_path)
     if not names:
-        raise DataError(f"{split_path} is empty: expected an ImageFolder layout {split_path}/<class>/<image> "
-                        f"with one folder per class")
+        raise DataError(
+            f"{split_path} is empty: expected an ImageFolder layout {split_path}/<class>/<image> "
+            f"with one folder per class"
+        )
     loose = [n for n in names if _is_image(n)]
     what = f"{len(loose)} images directly in it (e.g. {loose[0]!r})" if loose else f"only files ({names[0]!r}, ...)"
-    raise DataError(f"{split_path} is not an ImageFolder layout: expected {split_path}/<class>/<image>, but it has "
-                    f"no class folders and {what}; move the images into one sub-folder per class")
+    raise DataError(
+        f"{split_path} is not an ImageFolder layout: expected {split_path}/<class>/<image>, but it has "
+        f"no class folders and {what}; move the images into one sub-folder per class"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -141,9 +145,11 @@ def read_exclude_list(path: str, *, root: str) -> FileFixes:
         path = cand
         break
     if text is None:
-        raise DataError(f"data.exclude_list = {path!r} does not exist (looked at {', '.join(candidates)}); write it "
-                        f"with `python -m pipeline.tools.validate {root} --write-list LIST` or set "
-                        f"data.exclude_list = ''")
+        raise DataError(
+            f"data.exclude_list = {path!r} does not exist (looked at {', '.join(candidates)}); write it "
+            f"with `python -m pipeline.tools.validate {root} --write-list LIST` or set "
+            f"data.exclude_list = ''"
+        )
     skip: set[str] = set()
     replace: dict[str, str] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -152,8 +158,10 @@ def read_exclude_list(path: str, *, root: str) -> FileFixes:
         rel, _, new = line.partition("\t")
         rel = rel.strip()
         if not rel or rel.startswith(("..", "/")) or is_url(rel) or os.path.isabs(rel):
-            raise DataError(f"{path}, line {lineno}: {line!r} is not a path relative to the dataset root "
-                            f"(e.g. 'train/n01440764/x.JPEG'); fix the line or re-run pipeline.tools.validate")
+            raise DataError(
+                f"{path}, line {lineno}: {line!r} is not a path relative to the dataset root "
+                f"(e.g. 'train/n01440764/x.JPEG'); fix the line or re-run pipeline.tools.validate"
+            )
         if new.strip():
             replace[rel] = new.strip()
         else:
@@ -185,9 +193,11 @@ def _check_fixes_used(root: str, split_dir: str, split_path: str, fixes: FileFix
     unknown = sorted(r for r in (fixes.skip | set(fixes.replace)) if r.startswith(prefix) and r not in seen)
     if unknown:
         shown = ", ".join(unknown[:3]) + (", ..." if len(unknown) > 3 else "")
-        raise DataError(f"exclude list {fixes.source} names {len(unknown)} image(s) that are not in {split_path} "
-                        f"({shown}): it was written for another tree; re-run `python -m pipeline.tools.validate "
-                        f"{root} --write-list {fixes.source}`")
+        raise DataError(
+            f"exclude list {fixes.source} names {len(unknown)} image(s) that are not in {split_path} "
+            f"({shown}): it was written for another tree; re-run `python -m pipeline.tools.validate "
+            f"{root} --write-list {fixes.source}`"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -222,40 +232,53 @@ def scan_split(split_path: str, *, root: str = "", split_dir: str = "", fixes: F
     if empty:
         exts = "/".join(IMAGE_EXTENSIONS)
         if len(empty) == len(classes):
-            raise DataError(f"{split_path} has {len(classes)} class folders but no images ({exts}) in any of them; "
-                            f"put the images in {split_path}/<class>/")
+            raise DataError(
+                f"{split_path} has {len(classes)} class folders but no images ({exts}) in any of them; "
+                f"put the images in {split_path}/<class>/"
+            )
         shown = ", ".join(_join(split_path, n) for n in empty[:5]) + (", ..." if len(empty) > 5 else "")
-        raise DataError(f"{len(empty)} class folder(s) contain no images ({exts}): {shown}; "
-                        f"add images or remove the folder(s) from both splits"
-                        + (f" (or take them out of the exclude list {fixes.source})" if fixes else ""))
+        raise DataError(
+            f"{len(empty)} class folder(s) contain no images ({exts}): {shown}; "
+            f"add images or remove the folder(s) from both splits"
+            + (f" (or take them out of the exclude list {fixes.source})" if fixes else "")
+        )
     return SplitIndex(path=split_path, classes=tuple(classes), files=tuple(files), labels=tuple(labels))
 
 
 def _check_root(root: str, train_dir: str, val_dir: str) -> None:
     if not root:
-        raise DataError("data.root is empty; set --data.root to a folder holding "
-                        f"{train_dir}/<class>/<image> and {val_dir}/<class>/<image>")
+        raise DataError(
+            "data.root is empty; set --data.root to a folder holding "
+            f"{train_dir}/<class>/<image> and {val_dir}/<class>/<image>"
+        )
     store = Storage(root)
     with _reading(root):
         exists = store.is_dir()
         present = [n for n in store.list_dirs() if not n.startswith(".")] if exists else []
     if is_url(root) and not present:
-        raise DataError(f"dataset root {root} does not exist or is empty; set --data.root to a prefix holding "
-                        f"{train_dir}/<class>/<image> and {val_dir}/<class>/<image> (AWS_ENDPOINT_URL selects "
-                        f"a non-AWS endpoint)")
+        raise DataError(
+            f"dataset root {root} does not exist or is empty; set --data.root to a prefix holding "
+            f"{train_dir}/<class>/<image> and {val_dir}/<class>/<image> (AWS_ENDPOINT_URL selects "
+            f"a non-AWS endpoint)"
+        )
     if not exists:
-        raise DataError(f"dataset root {root} does not exist; set --data.root to a folder holding "
-                        f"{train_dir}/<class>/<image> and {val_dir}/<class>/<image>")
+        raise DataError(
+            f"dataset root {root} does not exist; set --data.root to a folder holding "
+            f"{train_dir}/<class>/<image> and {val_dir}/<class>/<image>"
+        )
     for key, sub in (("train_dir", train_dir), ("val_dir", val_dir)):
         missing = sub not in present
         if missing:
-            raise DataError(f"dataset root {root} has no {sub}/ folder (data.{key} = {sub!r}); folders there: "
-                            f"{', '.join(present) or 'none'}. Create {_join(root, sub)}/<class>/<image> "
-                            f"or set --data.{key} to the right folder name")
+            raise DataError(
+                f"dataset root {root} has no {sub}/ folder (data.{key} = {sub!r}); folders there: "
+                f"{', '.join(present) or 'none'}. Create {_join(root, sub)}/<class>/<image> "
+                f"or set --data.{key} to the right folder name"
+            )
 
 
-def scan_dataset(root: str, *, split_dir: str, train_dir: str, val_dir: str, num_classes: int,
-                 fixes: FileFixes | None = None) -> SplitIndex:
+def scan_dataset(
+    root: str, *, split_dir: str, train_dir: str, val_dir: str, num_classes: int, fixes: FileFixes | None = None
+) -> SplitIndex:
     """Index ``root/split_dir`` and check it against the other split and the model.
 
     The other split only has its class folder names listed (cheap even for ImageNet); its images
@@ -265,8 +288,10 @@ def scan_dataset(root: str, *, split_dir: str, train_dir: str, val_dir: str, num
     if fixes:
         stray = sorted(r for r in fixes.skip | set(fixes.replace) if not r.startswith((f"{train_dir}/", f"{val_dir}/")))
         if stray:
-            raise DataError(f"exclude list {fixes.source} names {len(stray)} path(s) outside {train_dir}/ and "
-                            f"{val_dir}/ (e.g. {stray[0]!r}); paths are relative to the dataset root {root}")
+            raise DataError(
+                f"exclude list {fixes.source} names {len(stray)} path(s) outside {train_dir}/ and "
+                f"{val_dir}/ (e.g. {stray[0]!r}); paths are relative to the dataset root {root}"
+            )
     index = scan_split(_join(root, split_dir), root=root, split_dir=split_dir, fixes=fixes)
     other_dir = val_dir if split_dir == train_dir else train_dir
     other_path = _join(root, other_dir)
@@ -276,13 +301,17 @@ def scan_dataset(root: str, *, split_dir: str, train_dir: str, val_dir: str, num
         train_classes, val_classes = (index.classes, other) if split_dir == train_dir else (other, index.classes)
         only_train = sorted(set(train_classes) - set(val_classes))
         only_val = sorted(set(val_classes) - set(train_classes))
-        raise DataError(f"class folders differ between {_join(root, train_dir)} and "
-                        f"{_join(root, val_dir)}: "
-                        f"only in {train_dir}: {_names(only_train)}; only in {val_dir}: {_names(only_val)}. "
-                        f"Both splits need the same class folders, or the labels would not mean the same thing")
+        raise DataError(
+            f"class folders differ between {_join(root, train_dir)} and "
+            f"{_join(root, val_dir)}: "
+            f"only in {train_dir}: {_names(only_train)}; only in {val_dir}: {_names(only_val)}. "
+            f"Both splits need the same class folders, or the labels would not mean the same thing"
+        )
     if len(index.classes) != num_classes:
-        raise DataError(f"dataset at {root} has {len(index.classes)} classes but model.num_classes = {num_classes}; "
-                        f"set --model.num_classes={len(index.classes)}")
+        raise DataError(
+            f"dataset at {root} has {len(index.classes)} classes but model.num_classes = {num_classes}; "
+            f"set --model.num_classes={len(index.classes)}"
+        )
     return index
 
 

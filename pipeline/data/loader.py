@@ -39,8 +39,7 @@ import torch
 from .errors import DataError
 from .folder import SplitIndex, is_url
 from .pipelines import READER_NAME, TrainAugment, train_pipeline, val_pipeline
-from .source import (PAPER_SCALES, STATE_FORMAT, EpochSource, SourceOptions, check_state, derive_seed,
-                     shard_range)
+from .source import PAPER_SCALES, STATE_FORMAT, EpochSource, SourceOptions, check_state, derive_seed, shard_range
 
 EVAL_MODES = ("center", "10crop", "multiscale")
 
@@ -90,12 +89,21 @@ class DaliSource(EpochSource):
         if eval_mode not in EVAL_MODES:
             raise DataError(f"evaluation mode {eval_mode!r} is not one of {', '.join(EVAL_MODES)}")
         if eval_mode != "center" and (split != "val" or style != "imagenet"):
-            raise DataError(f"evaluation mode {eval_mode!r} needs the val split and data.style = 'imagenet' "
-                            f"(got split {split!r}, style {style!r}); CIFAR-style data is tested on the single view")
+            raise DataError(
+                f"evaluation mode {eval_mode!r} needs the val split and data.style = 'imagenet' "
+                f"(got split {split!r}, style {style!r}); CIFAR-style data is tested on the single view"
+            )
         self._pipe_kwargs: dict[str, Any] = dict(
-            style=style, image_size=image_size, mean=list(mean), std=list(std), decoder=decoder,
-            mean_image=mean_image, batch_size=options.batch_size, num_threads=num_threads,
-            prefetch_queue_depth=prefetch, device_id=_device_id(options.device) if decoder == "mixed" else None,
+            style=style,
+            image_size=image_size,
+            mean=list(mean),
+            std=list(std),
+            decoder=decoder,
+            mean_image=mean_image,
+            batch_size=options.batch_size,
+            num_threads=num_threads,
+            prefetch_queue_depth=prefetch,
+            device_id=_device_id(options.device) if decoder == "mixed" else None,
         )
         if split == "val":
             self._pipe_kwargs.update(val_resize=val_resize, eval_mode=eval_mode, scales=tuple(scales))
@@ -122,7 +130,7 @@ class DaliSource(EpochSource):
     def shard(self, epoch: int) -> list[int]:
         """Indices into ``index.files`` that this rank reads in ``epoch``, padding included."""
         if self.split == "train":
-            chosen = epoch_order(self.num_samples, self.seed, epoch)[self._start:self._stop].tolist()
+            chosen = epoch_order(self.num_samples, self.seed, epoch)[self._start : self._stop].tolist()
         else:
             chosen = list(range(self._start, self._stop))
         # Padding (read, never yielded) repeats the shard from its start: a whole number of batches.
@@ -169,17 +177,24 @@ class DaliSource(EpochSource):
             self._files = tuple(self.index.files[i] for i in order)
             labels = [self.index.labels[i] for i in order]
             build = train_pipeline if self.split == "train" else val_pipeline
-            pipe = build(files=self._files, labels=labels, **self._pipe_kwargs,
-                         seed=_pipeline_seed(self.seed, self.rank, self.split, epoch),
-                         enable_checkpointing=self.split == "train", checkpoint=self._pending_checkpoint)
+            pipe = build(
+                files=self._files,
+                labels=labels,
+                **self._pipe_kwargs,
+                seed=_pipeline_seed(self.seed, self.rank, self.split, epoch),
+                enable_checkpointing=self.split == "train",
+                checkpoint=self._pending_checkpoint,
+            )
             try:
                 pipe.build()
             except RuntimeError as e:
                 raise explain_pipeline_error(e, files=self._files, root=self.root) from e
             meta = pipe.reader_meta(READER_NAME)
             if meta["epoch_size"] != len(order) or meta["epoch_size_padded"] != len(order):
-                raise RuntimeError(f"DALI reader epoch {meta} does not match the loader's list of {len(order)} "
-                                   f"files; the DALI version changed behaviour")
+                raise RuntimeError(
+                    f"DALI reader epoch {meta} does not match the loader's list of {len(order)} "
+                    f"files; the DALI version changed behaviour"
+                )
             self._pipe, self._pipe_epoch = pipe, epoch
             self._pending_checkpoint = None
         return self._pipe
@@ -245,14 +260,24 @@ class DaliSource(EpochSource):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state(state, kind="dali", expect={"split": self.split, "rank": self.rank,
-                                                "world_size": self.world_size, "batch_size": self.batch_size,
-                                                "num_samples": self.num_samples})
+        check_state(
+            state,
+            kind="dali",
+            expect={
+                "split": self.split,
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "batch_size": self.batch_size,
+                "num_samples": self.num_samples,
+            },
+        )
         pipeline = state.get("pipeline")
         if self.split == "train" and pipeline is None and state["batch"] != 0:
-            raise DataError(f"data state at epoch {state['epoch']}, batch {state['batch']} has no DALI checkpoint, "
-                            f"so the position cannot be restored exactly; resume from a checkpoint written by "
-                            f"DaliSource.state_dict()")
+            raise DataError(
+                f"data state at epoch {state['epoch']}, batch {state['batch']} has no DALI checkpoint, "
+                f"so the position cannot be restored exactly; resume from a checkpoint written by "
+                f"DaliSource.state_dict()"
+            )
         self._seek(int(state["epoch"]), int(state["batch"]) if self.split == "train" else 0)
         self._pending_checkpoint = bytes(pipeline) if pipeline is not None else None  # _pipeline() rebuilds from it
 
@@ -279,38 +304,58 @@ def explain_pipeline_error(error: BaseException, *, files: Sequence[str], root: 
     """
     text = str(error)
     reason = _dali_reason(text)
-    fix = (f"find every such file with `python -m pipeline.tools.validate {root} --write-list bad.txt` and set "
-           f"--data.exclude_list=bad.txt (or replace the file)")
+    fix = (
+        f"find every such file with `python -m pipeline.tools.validate {root} --write-list bad.txt` and set "
+        f"--data.exclude_list=bad.txt (or replace the file)"
+    )
     path = _named_file(text, files)
     if path is not None:
         return DataError(f"{path}: DALI cannot read or decode this image ({reason}); {fix}")
     remote = any(is_url(f) for f in files[:1])
     low = text.lower()
-    if remote and "s3" in low and any(w in low for w in ("not supported", "unsupported", "not compiled",
-                                                          "unknown scheme", "no filesystem", "not built")):
-        return DataError(f"this DALI build cannot read s3:// URLs ({reason}); copy the dataset to a local or "
-                         f"node-local folder (e.g. `aws s3 sync {root} /local/imagenet`) and set --data.root to it, "
-                         f"or install a DALI wheel with S3 support (nvidia-dali-cuda* >= 1.41)")
-    if remote and any(w in low for w in ("curl", "timeout", "could not connect", "connection", "credentials",
-                                          "access denied", "forbidden")):
-        return DataError(f"DALI cannot read {root} from object storage ({reason}); check AWS_ENDPOINT_URL, "
-                         f"AWS_REGION and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
+    if (
+        remote
+        and "s3" in low
+        and any(
+            w in low
+            for w in ("not supported", "unsupported", "not compiled", "unknown scheme", "no filesystem", "not built")
+        )
+    ):
+        return DataError(
+            f"this DALI build cannot read s3:// URLs ({reason}); copy the dataset to a local or "
+            f"node-local folder (e.g. `aws s3 sync {root} /local/imagenet`) and set --data.root to it, "
+            f"or install a DALI wheel with S3 support (nvidia-dali-cuda* >= 1.41)"
+        )
+    if remote and any(
+        w in low
+        for w in ("curl", "timeout", "could not connect", "connection", "credentials", "access denied", "forbidden")
+    ):
+        return DataError(
+            f"DALI cannot read {root} from object storage ({reason}); check AWS_ENDPOINT_URL, "
+            f"AWS_REGION and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
+        )
     from .sniff import quick_scan
 
     suspects = quick_scan(files, time_budget_s=120.0)
     if suspects:
         shown = "; ".join(f"{p}: {why}" for p, why in suspects[:5]) + ("; ..." if len(suspects) > 5 else "")
-        return DataError(f"DALI failed on an image it did not name ({reason}); these files are not valid images: "
-                         f"{shown}; {fix}")
-    return DataError(f"DALI failed while reading {root} ({reason}) without naming a file, and a quick check of the "
-                     f"{len(files)} files found nothing; {fix}")
+        return DataError(
+            f"DALI failed on an image it did not name ({reason}); these files are not valid images: {shown}; {fix}"
+        )
+    return DataError(
+        f"DALI failed while reading {root} ({reason}) without naming a file, and a quick check of the "
+        f"{len(files)} files found nothing; {fix}"
+    )
 
 
 def _dali_reason(text: str) -> str:
     # DALI's message: a traceback of the graph, then "encountered:" and the operator's own words.
     body = text.split("encountered:", 1)[1] if "encountered:" in text else text
-    lines = [ln.strip() for ln in body.splitlines() if ln.strip() and "no longer valid" not in ln
-             and not ln.strip().startswith("C++ context")]
+    lines = [
+        ln.strip()
+        for ln in body.splitlines()
+        if ln.strip() and "no longer valid" not in ln and not ln.strip().startswith("C++ context")
+    ]
     return " ".join(lines[:2])[:300] or text[:300]
 
 

@@ -41,8 +41,15 @@ def _generator(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed[0]) << 32 | int(seed[1]))
 
 
-def decode_split(index: SplitIndex, *, image_size: int, device: torch.device, decoder: Literal["cpu", "mixed"],
-                 num_threads: int, root: str = "") -> torch.Tensor:
+def decode_split(
+    index: SplitIndex,
+    *,
+    image_size: int,
+    device: torch.device,
+    decoder: Literal["cpu", "mixed"],
+    num_threads: int,
+    root: str = "",
+) -> torch.Tensor:
     """Every image of ``index`` as one uint8 NHWC tensor on ``device``, in index order.
 
     Images are centre-cropped (or zero-padded) to ``image_size``, which leaves CIFAR's 32x32 untouched. An
@@ -58,8 +65,12 @@ def decode_split(index: SplitIndex, *, image_size: int, device: torch.device, de
     batch = min(_DECODE_BATCH, n)
     mixed = decoder == "mixed"
 
-    @pipeline_def(batch_size=batch, num_threads=max(1, num_threads), prefetch_queue_depth=2,
-                  device_id=_device_id(device) if mixed else None)
+    @pipeline_def(
+        batch_size=batch,
+        num_threads=max(1, num_threads),
+        prefetch_queue_depth=2,
+        device_id=_device_id(device) if mixed else None,
+    )
     def decode():
         jpegs, _ = fn.readers.file(files=list(index.files), random_shuffle=False, pad_last_batch=True, name="Reader")
         images = fn.decoders.image(jpegs, device="mixed" if mixed else "cpu", output_type=types.RGB)
@@ -84,11 +95,11 @@ def decode_split(index: SplitIndex, *, image_size: int, device: torch.device, de
             stream = torch.cuda.current_stream(device)
             full = torch.empty(images.shape(), dtype=torch.uint8, device=device)
             feed_ndarray(images, full, cuda_stream=stream)
-            out[start:start + take] = full[:take]
+            out[start : start + take] = full[:take]
             # Once per decode batch, at start-up: DALI may reuse this output's memory on its next run().
             stream.synchronize()
         else:
-            out[start:start + take] = torch.from_numpy(np.array(images)[:take]).to(device)
+            out[start : start + take] = torch.from_numpy(np.array(images)[:take]).to(device)
     del pipe
     return out
 
@@ -119,11 +130,14 @@ class InMemorySource(EpochSource):
         self._shard_start, shard_stop = shard_range(n, self.world_size, self.rank)
         self._shard_len = shard_stop - self._shard_start
         if images is None:
-            images = decode_split(index, image_size=image_size, device=self.device, decoder=decoder,
-                                  num_threads=num_threads, root=root)
+            images = decode_split(
+                index, image_size=image_size, device=self.device, decoder=decoder, num_threads=num_threads, root=root
+            )
         if tuple(images.shape) != (n, image_size, image_size, 3) or images.dtype != torch.uint8:
-            raise DataError(f"decoded {index.path} to {tuple(images.shape)} {images.dtype}, expected "
-                            f"({n}, {image_size}, {image_size}, 3) uint8")
+            raise DataError(
+                f"decoded {index.path} to {tuple(images.shape)} {images.dtype}, expected "
+                f"({n}, {image_size}, {image_size}, 3) uint8"
+            )
         images = images.to(self.device)
         if self.split == "train":
             # Zero padding on the uint8 image, so pad pixels normalise to -mean/std, as with torchvision's
@@ -149,10 +163,12 @@ class InMemorySource(EpochSource):
         g = _generator(self.seed, epoch, 1, self.rank)
         span = 2 * CIFAR_PAD + 1
         return {
-            "index": perm[start:start + count],
+            "index": perm[start : start + count],
             "dy": torch.randint(0, span, (count,), generator=g),
             "dx": torch.randint(0, span, (count,), generator=g),
-            "flip": torch.randint(0, 2, (count,), generator=g).bool() if self.flip else torch.zeros(count, dtype=torch.bool),
+            "flip": torch.randint(0, 2, (count,), generator=g).bool()
+            if self.flip
+            else torch.zeros(count, dtype=torch.bool),
         }
 
     def _device_plan(self) -> dict[str, torch.Tensor]:
@@ -163,8 +179,11 @@ class InMemorySource(EpochSource):
             rows = p["dy"][:, None] + torch.arange(s)
             cols = p["dx"][:, None] + torch.where(p["flip"][:, None], rev, torch.arange(s))
             # Once per epoch, so the per-batch work has no host-to-device copy in it.
-            self._plan = {"index": p["index"].to(self.device), "rows": rows.to(self.device),
-                          "cols": cols.to(self.device)}
+            self._plan = {
+                "index": p["index"].to(self.device),
+                "rows": rows.to(self.device),
+                "cols": cols.to(self.device),
+            }
             self._plan_epoch = self._epoch
         return self._plan
 
@@ -186,12 +205,30 @@ class InMemorySource(EpochSource):
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "kind": "memory", "split": self.split, "epoch": self._epoch,
-                "batch": self._batch, "rank": self.rank, "world_size": self.world_size,
-                "batch_size": self.batch_size, "num_samples": self.num_samples, "seed": self.seed}
+        return {
+            "format": STATE_FORMAT,
+            "kind": "memory",
+            "split": self.split,
+            "epoch": self._epoch,
+            "batch": self._batch,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "num_samples": self.num_samples,
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state(state, kind="memory", expect={"split": self.split, "rank": self.rank,
-                                                  "world_size": self.world_size, "batch_size": self.batch_size,
-                                                  "num_samples": self.num_samples, "seed": self.seed})
+        check_state(
+            state,
+            kind="memory",
+            expect={
+                "split": self.split,
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "batch_size": self.batch_size,
+                "num_samples": self.num_samples,
+                "seed": self.seed,
+            },
+        )
         self._seek(int(state["epoch"]), int(state["batch"]) if self.split == "train" else 0)

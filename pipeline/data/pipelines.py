@@ -41,13 +41,12 @@ READER_NAME = "Reader"  # for reader_meta(); the loader checks its epoch arithme
 # AlexNet's PCA colour augmentation on ImageNet (Krizhevsky et al. 2012; the values of
 # fb.resnet.torch, computed on RGB in [0, 1]): an RGB offset eigvec @ (alpha * eigval), alpha ~ N(0, sigma).
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
-PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
-              (-0.5808, -0.0045, -0.8140),
-              (-0.5836, -0.6948, 0.4203))
+PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
 
 # The 10-crop views in output order: (crop_pos_x, crop_pos_y, mirrored).
-TEN_CROP_VIEWS = tuple((x, y, m) for x, y in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5))
-                       for m in (0, 1))
+TEN_CROP_VIEWS = tuple(
+    (x, y, m) for x, y in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0), (0.5, 0.5)) for m in (0, 1)
+)
 
 # nvJPEG scratch sizes that fit ImageNet's largest images, from NVIDIA's ConvNets example: without
 # them the decoder reallocates (and synchronises) whenever a bigger image shows up.
@@ -94,9 +93,19 @@ def _lighting_offset(sigma: float):
     return fn.reshape(offset, shape=[3])
 
 
-def _normalise(images, *, mean: Sequence[float], std: Sequence[float], mean_image: np.ndarray | None,
-               crop: tuple[int, int] | None = None, crop_pos: tuple = (0.5, 0.5), mirror=0, offset=None,
-               pad: bool = False, device: str = "cpu"):
+def _normalise(
+    images,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    mean_image: np.ndarray | None,
+    crop: tuple[int, int] | None = None,
+    crop_pos: tuple = (0.5, 0.5),
+    mirror=0,
+    offset=None,
+    pad: bool = False,
+    device: str = "cpu",
+):
     """Crop, mirror and normalise to CHW float: (x + offset - mean) / std.
 
     With ``mean_image`` the crop is taken first and the per-pixel mean subtracted from it (so the
@@ -108,14 +117,25 @@ def _normalise(images, *, mean: Sequence[float], std: Sequence[float], mean_imag
             images = fn.crop(images, crop=crop, crop_pos_x=crop_pos[0], crop_pos_y=crop_pos[1], **extra)
         images = fn.cast(images, dtype=types.FLOAT) - types.Constant(np.asarray(mean_image, np.float32), device=device)
         centre = types.Constant(np.zeros(3, np.float32))
-        return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
-                                        mean=centre - offset if offset is not None else [0.0, 0.0, 0.0],
-                                        std=list(std))
+        return fn.crop_mirror_normalize(
+            images,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mirror=mirror,
+            mean=centre - offset if offset is not None else [0.0, 0.0, 0.0],
+            std=list(std),
+        )
     centre = types.Constant(np.asarray(mean, np.float32))
     crop_args = dict(crop=crop, crop_pos_x=crop_pos[0], crop_pos_y=crop_pos[1], **extra) if crop is not None else {}
-    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
-                                    mean=centre - offset if offset is not None else list(mean), std=list(std),
-                                    **crop_args)
+    return fn.crop_mirror_normalize(
+        images,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mirror=mirror,
+        mean=centre - offset if offset is not None else list(mean),
+        std=list(std),
+        **crop_args,
+    )
 
 
 @pipeline_def
@@ -144,8 +164,9 @@ def train_pipeline(
         images = fn.crop(images, crop=(padded, padded), out_of_bounds_policy="pad", fill_values=0)
         offsets = [i / (2 * CIFAR_PAD) for i in range(2 * CIFAR_PAD + 1)]
         pos = (fn.random.uniform(values=offsets), fn.random.uniform(values=offsets))
-        return _normalise(images, mean=mean, std=std, mean_image=None, crop=(image_size, image_size),
-                          crop_pos=pos, mirror=mirror), _labels(label, decoder)
+        return _normalise(
+            images, mean=mean, std=std, mean_image=None, crop=(image_size, image_size), crop_pos=pos, mirror=mirror
+        ), _labels(label, decoder)
     if augmentation.augment == "paper":
         # An integer length, each equally likely (a rounded continuous draw would halve the end points).
         low, high = augmentation.scale
@@ -153,12 +174,22 @@ def train_pipeline(
         images = fn.resize(images, resize_shorter=shorter)
         pos = (fn.random.uniform(range=(0.0, 1.0)), fn.random.uniform(range=(0.0, 1.0)))
     else:
-        images = fn.random_resized_crop(images, size=(image_size, image_size), random_area=(0.08, 1.0),
-                                        random_aspect_ratio=(3 / 4, 4 / 3))
+        images = fn.random_resized_crop(
+            images, size=(image_size, image_size), random_area=(0.08, 1.0), random_aspect_ratio=(3 / 4, 4 / 3)
+        )
         pos = (0.5, 0.5)
     offset = _lighting_offset(augmentation.lighting) if augmentation.lighting > 0 else None
-    images = _normalise(images, mean=mean, std=std, mean_image=mean_image, crop=(image_size, image_size),
-                        crop_pos=pos, mirror=mirror, offset=offset, device=_device(decoder))
+    images = _normalise(
+        images,
+        mean=mean,
+        std=std,
+        mean_image=mean_image,
+        crop=(image_size, image_size),
+        crop_pos=pos,
+        mirror=mirror,
+        offset=offset,
+        device=_device(decoder),
+    )
     return images, _labels(label, decoder)
 
 
@@ -189,15 +220,28 @@ def val_pipeline(
     if eval_mode == "multiscale":
         # Whole images: a per-pixel mean has no fixed geometry here, so its per-channel average is used.
         channel_mean = list(mean) if mean_image is None else [float(v) for v in mean_image.mean(axis=(0, 1))]
-        outputs = [_normalise(fn.resize(images, resize_shorter=float(s)), mean=channel_mean, std=std, mean_image=None)
-                   for s in scales]
+        outputs = [
+            _normalise(fn.resize(images, resize_shorter=float(s)), mean=channel_mean, std=std, mean_image=None)
+            for s in scales
+        ]
         return (*outputs, _labels(label, decoder))
     if style == "imagenet":
         images = fn.resize(images, resize_shorter=float(val_resize))
     if eval_mode == "10crop":
-        views = [_normalise(images, mean=mean, std=std, mean_image=mean_image, crop=crop, crop_pos=(x, y), mirror=m,
-                            pad=True, device=_device(decoder))
-                 for x, y, m in TEN_CROP_VIEWS]
+        views = [
+            _normalise(
+                images,
+                mean=mean,
+                std=std,
+                mean_image=mean_image,
+                crop=crop,
+                crop_pos=(x, y),
+                mirror=m,
+                pad=True,
+                device=_device(decoder),
+            )
+            for x, y, m in TEN_CROP_VIEWS
+        ]
         return fn.stack(*views), _labels(label, decoder)
     # For CIFAR-style images (already image_size) the centre crop is a no-op; it only keeps a
     # stray larger image from breaking the batch, and pads a smaller one instead of failing.

@@ -99,12 +99,16 @@ class SourceOptions:
         if self.split == "train":
             batches = (n // w) // b
             if batches == 0:
-                raise DataError(f"{path} has {n} images: fewer than world_size * batch_size = {w} * {b}, so an epoch "
-                                f"would have no full batch; lower --data.batch_size or use fewer ranks")
+                raise DataError(
+                    f"{path} has {n} images: fewer than world_size * batch_size = {w} * {b}, so an epoch "
+                    f"would have no full batch; lower --data.batch_size or use fewer ranks"
+                )
             return batches
         if n < w:
-            raise DataError(f"{path} has {n} images, fewer than the {w} ranks that would each read a shard of it; "
-                            f"add images or use fewer ranks")
+            raise DataError(
+                f"{path} has {n} images, fewer than the {w} ranks that would each read a shard of it; "
+                f"add images or use fewer ranks"
+            )
         start, stop = shard_range(n, w, self.rank)
         return math.ceil((stop - start) / b)
 
@@ -193,11 +197,15 @@ def check_state(state: Any, *, kind: str, expect: dict[str, Any]) -> None:
     """Refuse a saved state that cannot reproduce this source's data exactly."""
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("kind") != kind:
         got = (state.get("kind"), state.get("format")) if isinstance(state, dict) else type(state).__name__
-        raise DataError(f"data state {got} is not a {kind!r} state of format {STATE_FORMAT}: the checkpoint was "
-                        f"written with a different data.source or code version; resume with the same data "
-                        f"settings, or start the run without resuming")
+        raise DataError(
+            f"data state {got} is not a {kind!r} state of format {STATE_FORMAT}: the checkpoint was "
+            f"written with a different data.source or code version; resume with the same data "
+            f"settings, or start the run without resuming"
+        )
     for key, want in expect.items():
         if state.get(key) != want:
-            raise DataError(f"data state was saved with {key} = {state.get(key)!r} but this source has {want!r}; "
-                            f"an exact resume needs the same {key} (same number of ranks, data.batch_size and "
-                            f"dataset, with each rank loading the state it saved)")
+            raise DataError(
+                f"data state was saved with {key} = {state.get(key)!r} but this source has {want!r}; "
+                f"an exact resume needs the same {key} (same number of ranks, data.batch_size and "
+                f"dataset, with each rank loading the state it saved)"
+            )

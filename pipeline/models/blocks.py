@@ -32,9 +32,7 @@ class ZeroPadShortcut(nn.Module):
     def __init__(self, in_planes: int, out_planes: int, *, stride: int = 1) -> None:
         super().__init__()
         if out_planes < in_planes:
-            raise ValueError(
-                f"option A can only widen a shortcut; got {in_planes} -> {out_planes} channels"
-            )
+            raise ValueError(f"option A can only widen a shortcut; got {in_planes} -> {out_planes} channels")
         self.stride = stride
         self.pad = out_planes - in_planes
 
@@ -52,9 +50,7 @@ class ZeroPadShortcut(nn.Module):
         return f"stride={self.stride}, pad={self.pad}"
 
 
-def make_shortcut(
-    in_planes: int, out_planes: int, *, stride: int, shortcut: Shortcut | None
-) -> nn.Module | None:
+def make_shortcut(in_planes: int, out_planes: int, *, stride: int, shortcut: Shortcut | None) -> nn.Module | None:
     """The `downsample` of one block; None means identity (or, for plain nets, nothing)."""
     if shortcut is None:
         return None

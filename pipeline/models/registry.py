@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-
 from .resnet import ResNet
 from .spec import ModelSpec
 
@@ -81,9 +80,7 @@ def model_spec(name: str, *, num_classes: int | None = None, **overrides: Any) -
     try:
         spec = _REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"unknown model {name!r}; available models: {', '.join(_REGISTRY)}"
-        ) from None
+        raise ValueError(f"unknown model {name!r}; available models: {', '.join(_REGISTRY)}") from None
     for key in overrides:
         if key not in OVERRIDES:
             raise ValueError(

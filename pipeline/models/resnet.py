@@ -43,7 +43,7 @@ class ResNet(nn.Module):
 
         inplanes = stem_width
         self.stage_names: tuple[str, ...] = tuple(f"layer{i + 1}" for i in range(len(spec.layers)))
-        for i, (name, blocks, width) in enumerate(zip(self.stage_names, spec.layers, spec.widths)):
+        for i, (name, blocks, width) in enumerate(zip(self.stage_names, spec.layers, spec.widths, strict=True)):
             # Both papers' layouts halve the resolution at the start of every
             # stage except the first (the stem has already downsampled).
             stride = 1 if i == 0 else 2
@@ -58,9 +58,7 @@ class ResNet(nn.Module):
                         width,
                         stride=block_stride,
                         residual=spec.residual,
-                        downsample=make_shortcut(
-                            inplanes, out_planes, stride=block_stride, shortcut=spec.shortcut
-                        ),
+                        downsample=make_shortcut(inplanes, out_planes, stride=block_stride, shortcut=spec.shortcut),
                         **kwargs,
                     )
                 )

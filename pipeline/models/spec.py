@@ -44,9 +44,7 @@ def _check_bool(key: str, value: object) -> None:
 
 def _check_positive_ints(key: str, values: tuple[object, ...]) -> None:
     if not values or any(type(v) is not int or v < 1 for v in values):
-        raise ValueError(
-            f"{key}={values!r} is not allowed; expected a non-empty tuple of positive ints"
-        )
+        raise ValueError(f"{key}={values!r} is not allowed; expected a non-empty tuple of positive ints")
 
 
 @dataclass(frozen=True)
@@ -81,16 +79,12 @@ class ModelSpec:
         _check_positive_ints("layers", self.layers)
         _check_positive_ints("widths", self.widths)
         if len(self.layers) != len(self.widths):
-            raise ValueError(
-                f"layers={self.layers!r} and widths={self.widths!r} must have the same length"
-            )
+            raise ValueError(f"layers={self.layers!r} and widths={self.widths!r} must have the same length")
         _check_bool("residual", self.residual)
         _check_bool("zero_init_residual", self.zero_init_residual)
         _check_choice("stride_in", self.stride_in, STRIDE_INS)
         if type(self.num_classes) is not int or self.num_classes < 1:
-            raise ValueError(
-                f"num_classes={self.num_classes!r} is not allowed; expected a positive int"
-            )
+            raise ValueError(f"num_classes={self.num_classes!r} is not allowed; expected a positive int")
         if self.residual:
             _check_choice("shortcut", self.shortcut, SHORTCUTS)
         elif self.shortcut is not None:
@@ -106,9 +100,7 @@ class ModelSpec:
         if self.zero_init_residual and not self.residual:
             # Zeroing the last BN of a block that has no identity path would
             # zero the whole network's signal, not just start blocks at identity.
-            raise ValueError(
-                "zero_init_residual=True is not allowed with residual=False; choose one of False"
-            )
+            raise ValueError("zero_init_residual=True is not allowed with residual=False; choose one of False")
 
     @property
     def depth(self) -> int:

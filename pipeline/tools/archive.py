@@ -59,8 +59,10 @@ def extract_archive(path: str, *, cache_dir: str, sha256: str = "") -> str:
     """
     archive = resolve_archive(path)
     if not archive.is_file():
-        raise DataError(f"dataset archive {path} does not exist (looked in the working directory and in "
-                        f"{_REPO_ROOT}). {HOW_TO_GET_CIFAR10}")
+        raise DataError(
+            f"dataset archive {path} does not exist (looked in the working directory and in "
+            f"{_REPO_ROOT}). {HOW_TO_GET_CIFAR10}"
+        )
     st = archive.stat()
     stamp = {"version": _VERSION, "archive": str(archive.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     name = archive.name
@@ -77,9 +79,11 @@ def _extract(archive: Path, into: Path, *, sha256: str) -> dict[str, str]:
     if sha256:
         got = sha256_of(archive)
         if got != sha256.lower():
-            raise DataError(f"dataset archive {archive} has sha256 {got}, but data.root_sha256 = {sha256}: the file is "
-                            f"damaged or a different dataset; fetch it again, or set --data.root_sha256='' to skip "
-                            f"the check. {HOW_TO_GET_CIFAR10}")
+            raise DataError(
+                f"dataset archive {archive} has sha256 {got}, but data.root_sha256 = {sha256}: the file is "
+                f"damaged or a different dataset; fetch it again, or set --data.root_sha256='' to skip "
+                f"the check. {HOW_TO_GET_CIFAR10}"
+            )
     _unpack(archive, into)
     entries = [e for e in into.iterdir() if not e.name.startswith(".")]
     return {"root": entries[0].name if len(entries) == 1 and entries[0].is_dir() else ""}
@@ -93,18 +97,24 @@ def _unpack(archive: Path, into: Path) -> None:
                 # "data" refuses absolute paths, links out of the tree and device files.
                 tf.extractall(into, filter="data")
         except (tarfile.TarError, EOFError, OSError) as e:
-            raise DataError(f"dataset archive {archive} cannot be extracted ({type(e).__name__}: {e}); it is "
-                            f"truncated or not a tar archive. {HOW_TO_GET_CIFAR10}") from e
+            raise DataError(
+                f"dataset archive {archive} cannot be extracted ({type(e).__name__}: {e}); it is "
+                f"truncated or not a tar archive. {HOW_TO_GET_CIFAR10}"
+            ) from e
         return
     # The tar program, when there is one: Python's tarfile takes ~40 s for CIFAR's 60,000 members on two
     # slow cores, tar ~4 s. It already drops leading "/" and refuses ".." in member names.
     r = subprocess.run([tar, "-xf", str(archive), "-C", str(into), "--no-same-owner"], capture_output=True, text=True)
     if r.returncode != 0:
-        raise DataError(f"dataset archive {archive} cannot be extracted (tar: {r.stderr.strip()[-400:]}); it is "
-                        f"truncated or not a tar archive. {HOW_TO_GET_CIFAR10}")
+        raise DataError(
+            f"dataset archive {archive} cannot be extracted (tar: {r.stderr.strip()[-400:]}); it is "
+            f"truncated or not a tar archive. {HOW_TO_GET_CIFAR10}"
+        )
     for dirpath, dirnames, filenames in os.walk(into):
         for name in dirnames + filenames:
             p = os.path.join(dirpath, name)
             if os.path.islink(p) or not (os.path.isfile(p) or os.path.isdir(p)):
-                raise DataError(f"dataset archive {archive} holds {os.path.relpath(p, into)}, a link or special "
-                                f"file; an image dataset has only folders and files, so it is not extracted")
+                raise DataError(
+                    f"dataset archive {archive} holds {os.path.relpath(p, into)}, a link or special "
+                    f"file; an image dataset has only folders and files, so it is not extracted"
+                )

@@ -53,7 +53,7 @@ def tree_from_python_archive(archive: str, out: str) -> str:
                 assert f is not None
                 batch = pickle.load(f, encoding="bytes")
                 images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-                for img, label in zip(images, batch[b"labels"]):
+                for img, label in zip(images, batch[b"labels"], strict=True):
                     png = io.BytesIO()
                     Image.fromarray(img).save(png, format="PNG")
                     tree.write_bytes(f"{split}/{CIFAR10_CLASSES[label]}/{counts[split][label]:05d}.png", png.getvalue())
@@ -65,8 +65,11 @@ if __name__ == "__main__":
     import sys
 
     if len(sys.argv) != 3:
-        print("usage: python -m pipeline.tools.cifar10 cifar-10-python.tar.gz OUT_DIR\n"
-              "writes OUT_DIR/train/<class>/*.png and OUT_DIR/test/<class>/*.png; then train with\n"
-              "--data.root=OUT_DIR --data.root_sha256=''", file=sys.stderr)
+        print(
+            "usage: python -m pipeline.tools.cifar10 cifar-10-python.tar.gz OUT_DIR\n"
+            "writes OUT_DIR/train/<class>/*.png and OUT_DIR/test/<class>/*.png; then train with\n"
+            "--data.root=OUT_DIR --data.root_sha256=''",
+            file=sys.stderr,
+        )
         sys.exit(2)
     print(tree_from_python_archive(sys.argv[1], sys.argv[2]))

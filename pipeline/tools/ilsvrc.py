@@ -60,8 +60,10 @@ def open_input(path: str) -> Iterator[tuple[IO[bytes], int]]:
 
 
 def _damaged(path: str, e: BaseException) -> DataError:
-    return DataError(f"{path} is damaged or ends early ({type(e).__name__}: {e}); compare its size and checksum with "
-                     f"the official archive, replace it and run the same command again: finished classes are kept")
+    return DataError(
+        f"{path} is damaged or ends early ({type(e).__name__}: {e}); compare its size and checksum with "
+        f"the official archive, replace it and run the same command again: finished classes are kept"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -81,12 +83,15 @@ def read_devkit(path: str) -> dict[str, str]:
         raise _damaged(path, e) from e
     missing = [n for n, data in wanted.items() if data is None]
     if missing:
-        raise DataError(f"{path} has no {' or '.join('data/' + m for m in missing)}: it is not the ILSVRC-2012 devkit "
-                        f"(ILSVRC2012_devkit_t12.tar.gz); give that archive with --devkit, or a LOC_val_solution.csv "
-                        f"with --val-labels")
+        raise DataError(
+            f"{path} has no {' or '.join('data/' + m for m in missing)}: it is not the ILSVRC-2012 devkit "
+            f"(ILSVRC2012_devkit_t12.tar.gz); give that archive with --devkit, or a LOC_val_solution.csv "
+            f"with --val-labels"
+        )
     id_to_wnid = parse_meta(wanted[META], source=f"{path}:data/{META}")
-    return parse_ground_truth(wanted[GROUND_TRUTH].decode("ascii", "replace"), id_to_wnid,
-                              source=f"{path}:data/{GROUND_TRUTH}")
+    return parse_ground_truth(
+        wanted[GROUND_TRUTH].decode("ascii", "replace"), id_to_wnid, source=f"{path}:data/{GROUND_TRUTH}"
+    )
 
 
 def parse_meta(data: bytes, *, source: str) -> dict[int, str]:
@@ -101,8 +106,10 @@ def parse_meta(data: bytes, *, source: str) -> dict[int, str]:
     synsets = mat.get("synsets")
     fields = synsets.dtype.names if synsets is not None and synsets.dtype.names else ()
     if synsets is None or "ILSVRC2012_ID" not in fields or "WNID" not in fields:
-        raise DataError(f"{source} has no 'synsets' struct array with ILSVRC2012_ID and WNID fields "
-                        f"(found {sorted(k for k in mat if not k.startswith('__'))}); is it the ILSVRC-2012 devkit?")
+        raise DataError(
+            f"{source} has no 'synsets' struct array with ILSVRC2012_ID and WNID fields "
+            f"(found {sorted(k for k in mat if not k.startswith('__'))}); is it the ILSVRC-2012 devkit?"
+        )
     out: dict[int, str] = {}
     for rec in np.atleast_1d(synsets):
         if "num_children" in fields and int(rec["num_children"]) != 0:
@@ -123,8 +130,9 @@ def parse_ground_truth(text: str, id_to_wnid: dict[int, str], *, source: str) ->
         try:
             wnid = id_to_wnid[int(line)]
         except (ValueError, KeyError):
-            raise DataError(f"{source}, line {i}: {line!r} is not an ILSVRC2012_ID of meta.mat's "
-                            f"{len(id_to_wnid)} classes") from None
+            raise DataError(
+                f"{source}, line {i}: {line!r} is not an ILSVRC2012_ID of meta.mat's {len(id_to_wnid)} classes"
+            ) from None
         out[f"ILSVRC2012_val_{i:08d}.JPEG"] = wnid
     if not out:
         raise DataError(f"{source} is empty")
@@ -138,16 +146,20 @@ def read_loc_csv(path: str) -> dict[str, str]:
     rows = csv.reader(io.StringIO(text))
     header = next(rows, None)
     if not header or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
-        raise DataError(f"{path}: the first line is {','.join(header or [])!r}; expected 'ImageId,PredictionString' "
-                        f"(the LOC_val_solution.csv format)")
+        raise DataError(
+            f"{path}: the first line is {','.join(header or [])!r}; expected 'ImageId,PredictionString' "
+            f"(the LOC_val_solution.csv format)"
+        )
     out: dict[str, str] = {}
     for lineno, row in enumerate(rows, 2):
         if not row:
             continue
         tokens = row[1].split() if len(row) > 1 else []
         if not tokens or not WNID.match(tokens[0]):
-            raise DataError(f"{path}, line {lineno}: {','.join(row)!r} has no WNID (nXXXXXXXX) as the first token "
-                            f"of PredictionString")
+            raise DataError(
+                f"{path}, line {lineno}: {','.join(row)!r} has no WNID (nXXXXXXXX) as the first token "
+                f"of PredictionString"
+            )
         image = row[0].strip()
         out[image if image.endswith(".JPEG") else f"{image}.JPEG"] = tokens[0]
     if not out:
@@ -180,11 +192,15 @@ def iter_train_classes(path: str) -> Iterator[tuple[str, int, Iterator[tuple[str
     ``images`` yields ``(name, data)``; it must be consumed (or dropped) before the next class is
     requested, since the archive is one stream. Dropping it skips the class (its bytes are still read).
     """
-    def entry(outer: tarfile.TarFile, member: tarfile.TarInfo,
-              name: str) -> tuple[str, int, Iterator[tuple[str, bytes]]]:
+
+    def entry(
+        outer: tarfile.TarFile, member: tarfile.TarInfo, name: str
+    ) -> tuple[str, int, Iterator[tuple[str, bytes]]]:
         if not name.endswith(".tar") or not WNID.match(name[:-4]):
-            raise DataError(f"{path} holds {member.name!r}; the training archive must hold one tar per class "
-                            f"named nXXXXXXXX.tar (ILSVRC2012_img_train.tar). Was it unpacked and re-packed?")
+            raise DataError(
+                f"{path} holds {member.name!r}; the training archive must hold one tar per class "
+                f"named nXXXXXXXX.tar (ILSVRC2012_img_train.tar). Was it unpacked and re-packed?"
+            )
         return name[:-4], member.size, _inner_images(outer.extractfile(member), path, name)
 
     yield from _archive_files(path, entry)
@@ -200,17 +216,22 @@ def _inner_images(f: IO[bytes], archive: str, class_tar: str) -> Iterator[tuple[
                         continue
                     yield name, inner.extractfile(m).read()
     except _BROKEN as e:
-        raise DataError(f"{archive} is damaged or ends early (inside the class archive {class_tar}: "
-                        f"{type(e).__name__}: {e}); compare its size and checksum with the official archive, replace "
-                        f"it and run the same command again: finished classes are kept") from e
+        raise DataError(
+            f"{archive} is damaged or ends early (inside the class archive {class_tar}: "
+            f"{type(e).__name__}: {e}); compare its size and checksum with the official archive, replace "
+            f"it and run the same command again: finished classes are kept"
+        ) from e
 
 
 def iter_val_images(path: str) -> Iterator[tuple[str, bytes]]:
     """Yield ``(name, data)`` for every image of the validation archive."""
+
     def entry(tar: tarfile.TarFile, member: tarfile.TarInfo, name: str) -> tuple[str, bytes]:
         if not VAL_NAME.match(name):
-            raise DataError(f"{path} holds {member.name!r}; the validation archive holds "
-                            f"ILSVRC2012_val_NNNNNNNN.JPEG files only (ILSVRC2012_img_val.tar)")
+            raise DataError(
+                f"{path} holds {member.name!r}; the validation archive holds "
+                f"ILSVRC2012_val_NNNNNNNN.JPEG files only (ILSVRC2012_img_val.tar)"
+            )
         return name, tar.extractfile(member).read()
 
     yield from _archive_files(path, entry)

@@ -30,7 +30,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from pipeline.data.errors import DataError
 from pipeline.data.folder import IMAGE_EXTENSIONS, _is_image, is_url
@@ -69,8 +69,10 @@ def _images(tree: Storage) -> list[str]:
     """Every image the loader would read below ``tree`` (hidden folders aside), "/"-separated, in walk order."""
     try:
         if not tree.is_dir():
-            raise DataError(f"{tree.uri} does not exist or is not a folder; give the dataset root (holding "
-                            f"train/ and val/) or one split folder")
+            raise DataError(
+                f"{tree.uri} does not exist or is not a folder; give the dataset root (holding "
+                f"train/ and val/) or one split folder"
+            )
         walked = tree.walk(skip_hidden=True)
     except StorageError as e:
         raise DataError(f"cannot list {tree.uri}: {e}") from e
@@ -154,8 +156,9 @@ def validate_tree(root: str, *, workers: int = 8, progress: bool = True) -> tupl
     tree = _image_tree(root)
     images = _images(tree)
     if not images:
-        raise DataError(f"{tree.uri} holds no images ({'/'.join(IMAGE_EXTENSIONS)}); give the dataset root or a "
-                        f"split folder")
+        raise DataError(
+            f"{tree.uri} holds no images ({'/'.join(IMAGE_EXTENSIONS)}); give the dataset root or a split folder"
+        )
     decoder = _Decoder()
     problems: list[Problem] = []
     bar = _bar(len(images), progress, "validate")
@@ -192,7 +195,7 @@ def validate_tree(root: str, *, workers: int = 8, progress: bool = True) -> tupl
 
 def _chunks(items: list[str], n: int) -> Iterator[list[str]]:
     for i in range(0, len(items), n):
-        yield items[i:i + n]
+        yield items[i : i + n]
 
 
 def _bar(total: int, enabled: bool, desc: str):
@@ -218,14 +221,17 @@ def convert_to_rgb_jpeg(data: bytes, *, quality: int = 95) -> bytes:
     return out.getvalue()
 
 
-def write_list(problems: Iterable[Problem], *, root: str, list_path: str, convert_to: str = "",
-               strict: bool = False) -> tuple[int, int]:
+def write_list(
+    problems: Iterable[Problem], *, root: str, list_path: str, convert_to: str = "", strict: bool = False
+) -> tuple[int, int]:
     """Write the exclude list (and converted copies); returns (skipped, replaced) counts."""
     tree = _image_tree(root)
     out_store = Storage(convert_to) if convert_to else None
-    lines = [f"# written by `python -m pipeline.tools.validate {tree.uri}` on "
-             f"{datetime.now(timezone.utc).isoformat(timespec='seconds')}",
-             "# <path relative to the root>[<TAB><converted copy>]; use it as --data.exclude_list"]
+    lines = [
+        f"# written by `python -m pipeline.tools.validate {tree.uri}` on "
+        f"{datetime.now(UTC).isoformat(timespec='seconds')}",
+        "# <path relative to the root>[<TAB><converted copy>]; use it as --data.exclude_list",
+    ]
     skipped = replaced = 0
     for p in problems:
         if not p.is_error and not convert_to and not strict:
@@ -243,12 +249,19 @@ def write_list(problems: Iterable[Problem], *, root: str, list_path: str, conver
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.tools.validate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.tools.validate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("root", help="dataset root or split folder: a local path or s3://bucket/prefix")
     p.add_argument("--write-list", metavar="LIST", default="", help="write an exclude list for data.exclude_list")
-    p.add_argument("--convert-to", metavar="DIR", default="",
-                   help="re-encode the warnings (wrong format, CMYK, grayscale) as RGB JPEGs here, and list them")
+    p.add_argument(
+        "--convert-to",
+        metavar="DIR",
+        default="",
+        help="re-encode the warnings (wrong format, CMYK, grayscale) as RGB JPEGs here, and list them",
+    )
     p.add_argument("--strict", action="store_true", help="list the warnings as skipped too (no conversion)")
     p.add_argument("--workers", type=int, default=8, help="parallel reads (default 8)")
     p.add_argument("--no-progress", action="store_true")
@@ -258,15 +271,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         problems, total = validate_tree(args.root, workers=args.workers, progress=not args.no_progress)
         for prob in problems:
-            print(f"{'ERROR' if prob.is_error else 'warning'} {prob.kind}: {_image_tree(args.root).url(prob.path)}: "
-                  f"{prob.detail}")
+            print(
+                f"{'ERROR' if prob.is_error else 'warning'} {prob.kind}: {_image_tree(args.root).url(prob.path)}: "
+                f"{prob.detail}"
+            )
         errors = sum(prob.is_error for prob in problems)
         print(f"checked {total} images under {args.root}: {errors} error(s), {len(problems) - errors} warning(s)")
         if args.write_list:
-            skipped, replaced = write_list(problems, root=args.root, list_path=args.write_list,
-                                           convert_to=args.convert_to, strict=args.strict)
-            print(f"wrote {args.write_list}: {skipped} skipped, {replaced} replaced; train with "
-                  f"--data.exclude_list={args.write_list}")
+            skipped, replaced = write_list(
+                problems, root=args.root, list_path=args.write_list, convert_to=args.convert_to, strict=args.strict
+            )
+            print(
+                f"wrote {args.write_list}: {skipped} skipped, {replaced} replaced; train with "
+                f"--data.exclude_list={args.write_list}"
+            )
     except (DataError, StorageError, OSError) as e:  # storage errors carry their own explanation
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,8 +13,9 @@ from pipeline.tracking.store import DEFAULT_URI, get_or_create_experiment, resol
 __all__ = ["DEFAULT_URI", "NullTracker", "Tracker", "build_tracker", "get_or_create_experiment", "resolve_uri"]
 
 
-def build_tracker(cfg: TrackingConfig, *, is_main: bool, node_id: int = 0, is_local_main: bool | None = None,
-                  run_name: str = "") -> Tracker:
+def build_tracker(
+    cfg: TrackingConfig, *, is_main: bool, node_id: int = 0, is_local_main: bool | None = None, run_name: str = ""
+) -> Tracker:
     """``is_main``: global rank 0. ``node_id``/``is_local_main`` place this rank's system metrics;
     ``run_name`` is used when tracking.run_name is empty (train.py passes the config name)."""
     if not cfg.enabled:

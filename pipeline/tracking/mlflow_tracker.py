@@ -21,8 +21,14 @@ from pipeline.config import TrackingConfig
 from pipeline.system_metrics import SystemMetricsSampler
 from pipeline.tracking.base import NullTracker
 from pipeline.tracking.sender import BatchSender
-from pipeline.tracking.store import (configure_http_for_training, get_or_create_experiment, git_commit,
-                                     gpu_type, resolve_uri, run_url)
+from pipeline.tracking.store import (
+    configure_http_for_training,
+    get_or_create_experiment,
+    git_commit,
+    gpu_type,
+    resolve_uri,
+    run_url,
+)
 
 log = logging.getLogger("pipeline.tracking")
 
@@ -31,7 +37,7 @@ _MAX_TAGS = 100
 
 
 def _chunks(items: list[Any], n: int) -> list[list[Any]]:
-    return [items[i:i + n] for i in range(0, len(items), n)]
+    return [items[i : i + n] for i in range(0, len(items), n)]
 
 
 def share_run(run_id: str | None, start_time_s: float | None) -> tuple[str | None, float | None]:
@@ -41,8 +47,7 @@ def share_run(run_id: str | None, start_time_s: float | None) -> tuple[str | Non
     return broadcast_object((run_id, start_time_s))
 
 
-def _new_sender(cfg: TrackingConfig, uri: str, name: str,
-                default_run_id: Any = lambda: None) -> BatchSender | None:
+def _new_sender(cfg: TrackingConfig, uri: str, name: str, default_run_id: Any = lambda: None) -> BatchSender | None:
     from mlflow import MlflowClient
 
     configure_http_for_training()
@@ -51,8 +56,14 @@ def _new_sender(cfg: TrackingConfig, uri: str, name: str,
     except Exception as e:  # noqa: BLE001 - e.g. an unwritable sqlite path: train without tracking
         log.warning("MLflow at %s cannot be opened (%s): this run is not tracked", uri, e)
         return None
-    return BatchSender(client, uri=uri, max_buffered=cfg.max_buffered, flush_interval_s=cfg.flush_interval_s,
-                       name=name, default_run_id=default_run_id)
+    return BatchSender(
+        client,
+        uri=uri,
+        max_buffered=cfg.max_buffered,
+        flush_interval_s=cfg.flush_interval_s,
+        name=name,
+        default_run_id=default_run_id,
+    )
 
 
 def _clean_cpu_copy(model: Any) -> Any:
@@ -99,14 +110,22 @@ class MLflowTracker:
         if self.sender is not None:
             done = self.sender.submit(lambda c: self._open_run(c, run_id), "start run")
             if not done.wait(self.cfg.start_timeout_s):
-                log.warning("MLflow at %s did not answer within %.0f s (tracking.start_timeout_s): training "
-                            "starts anyway; the run is %s once the server is back", self.uri,
-                            self.cfg.start_timeout_s, f"reopened as {run_id}" if run_id else "created")
+                log.warning(
+                    "MLflow at %s did not answer within %.0f s (tracking.start_timeout_s): training "
+                    "starts anyway; the run is %s once the server is back",
+                    self.uri,
+                    self.cfg.start_timeout_s,
+                    f"reopened as {run_id}" if run_id else "created",
+                )
         start = self.start_time_s if self.start_time_s is not None else time.time()
         self.run_id, start = share_run(self.run_id, start)
         if self.sender is not None and self.cfg.system_metrics:
-            self._sampler = SystemMetricsSampler(node_id=self.node_id, interval_s=self.cfg.system_metrics_interval_s,
-                                                 emit=self.log_metrics, start_time_s=start).start()
+            self._sampler = SystemMetricsSampler(
+                node_id=self.node_id,
+                interval_s=self.cfg.system_metrics_interval_s,
+                emit=self.log_metrics,
+                start_time_s=start,
+            ).start()
         atexit.register(self._at_exit)
         return self.run_id
 
@@ -120,24 +139,35 @@ class MLflowTracker:
             except MlflowException as e:
                 if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
-                log.warning("MLflow run %s (from the checkpoint) does not exist at %s: starting a new run",
-                            resume_id, self.uri)
+                log.warning(
+                    "MLflow run %s (from the checkpoint) does not exist at %s: starting a new run", resume_id, self.uri
+                )
             else:
-                marks = {key: max(m.step for m in client.get_metric_history(resume_id, key))
-                         for key in run.data.metrics}
+                marks = {
+                    key: max(m.step for m in client.get_metric_history(resume_id, key)) for key in run.data.metrics
+                }
                 assert self.sender is not None
                 self.sender.set_high_water(resume_id, marks)
                 client.update_run(resume_id, status="RUNNING")
                 self.experiment_id = run.info.experiment_id
                 self.start_time_s = run.info.start_time / 1000
                 self.run_id = resume_id
-                log.info("MLflow: continuing run %s at %s (metrics up to step %d are kept)", resume_id,
-                         self.uri, max(marks.values(), default=0))
+                log.info(
+                    "MLflow: continuing run %s at %s (metrics up to step %d are kept)",
+                    resume_id,
+                    self.uri,
+                    max(marks.values(), default=0),
+                )
                 return
         commit = git_commit()
-        tags = {"mlflow.source.name": "pipeline.train", "mlflow.source.type": "LOCAL",
-                "mlflow.user": getpass.getuser(), "mlflow.source.git.commit": commit.removesuffix("-dirty"),
-                "git_commit": commit, "gpu_type": gpu_type()}
+        tags = {
+            "mlflow.source.name": "pipeline.train",
+            "mlflow.source.type": "LOCAL",
+            "mlflow.user": getpass.getuser(),
+            "mlflow.source.git.commit": commit.removesuffix("-dirty"),
+            "git_commit": commit,
+            "gpu_type": gpu_type(),
+        }
         if self.cfg.study:
             tags["study"] = self.cfg.study
         if self.cfg.parent_run_id:
@@ -145,8 +175,12 @@ class MLflowTracker:
         run = client.create_run(self.experiment_id, run_name=self.run_name or None, tags=tags)
         self.start_time_s = run.info.start_time / 1000
         self.run_id = run.info.run_id
-        log.info("MLflow: run %s in experiment %r: %s", run.info.run_name, self.cfg.experiment,
-                 run_url(self.uri, self.experiment_id, self.run_id))
+        log.info(
+            "MLflow: run %s in experiment %r: %s",
+            run.info.run_name,
+            self.cfg.experiment,
+            run_url(self.uri, self.experiment_id, self.run_id),
+        )
 
     def finish(self, status: str = "FINISHED") -> None:
         """Record the final state and send what is buffered, waiting at most tracking.finish_timeout_s."""
@@ -158,13 +192,25 @@ class MLflowTracker:
         self._finished = True
         t0 = time.monotonic()
         if self.sender.close(self.cfg.finish_timeout_s):
-            log.info("MLflow: run %s %s (%d metric points in %d batches, %.1f s to flush)", self.run_id,
-                     status.lower(), self.sender.points_sent, self.sender.batches_sent, time.monotonic() - t0)
+            log.info(
+                "MLflow: run %s %s (%d metric points in %d batches, %.1f s to flush)",
+                self.run_id,
+                status.lower(),
+                self.sender.points_sent,
+                self.sender.batches_sent,
+                time.monotonic() - t0,
+            )
         else:
             points, ops = self.sender.pending
-            log.warning("MLflow at %s did not take the last data within %.0f s (tracking.finish_timeout_s): "
-                        "%d metric points and %d calls (including the final status %s) were not sent",
-                        self.uri, self.cfg.finish_timeout_s, points, ops, status)
+            log.warning(
+                "MLflow at %s did not take the last data within %.0f s (tracking.finish_timeout_s): "
+                "%d metric points and %d calls (including the final status %s) were not sent",
+                self.uri,
+                self.cfg.finish_timeout_s,
+                points,
+                ops,
+                status,
+            )
 
     def _at_exit(self) -> None:
         # An exception path that skipped finish(): still try to deliver what is buffered, briefly.
@@ -204,8 +250,7 @@ class MLflowTracker:
         if self.sender is None or self._finished:
             return
         ts = int(time.time() * 1000)
-        points = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()
-                  if isinstance(v, (int, float))]
+        points = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if isinstance(v, (int, float))]
         self.sender.add_metrics(self.run_id, points)
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
@@ -236,9 +281,14 @@ class MLflowTracker:
         # to infer them, and the pickle needs the `pipeline` package to load anywhere.
         # Pickle is chosen deliberately (with the code alongside); MLflow's warning about it is noise.
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-        mlflow.pytorch.log_model(model, name="model", run_id=run_id, serialization_format="pickle",
-                                 pip_requirements=[f"torch=={torch_version}"],
-                                 code_paths=[str(Path(__file__).resolve().parents[1])])
+        mlflow.pytorch.log_model(
+            model,
+            name="model",
+            run_id=run_id,
+            serialization_format="pickle",
+            pip_requirements=[f"torch=={torch_version}"],
+            code_paths=[str(Path(__file__).resolve().parents[1])],
+        )
 
 
 class FollowerTracker(NullTracker):
@@ -265,8 +315,9 @@ class FollowerTracker(NullTracker):
                     ts = int(time.time() * 1000)
                     sender.add_metrics(rid, [Metric(k, float(v), ts, step) for k, v in values.items()])
 
-                self._sampler = SystemMetricsSampler(node_id=self.node_id, emit=emit, start_time_s=start,
-                                                     interval_s=self.cfg.system_metrics_interval_s).start()
+                self._sampler = SystemMetricsSampler(
+                    node_id=self.node_id, emit=emit, start_time_s=start, interval_s=self.cfg.system_metrics_interval_s
+                ).start()
                 # train.run() finishes the tracker on rank 0 only: deliver this node's samples at exit.
                 atexit.register(self.finish)
         return self.run_id

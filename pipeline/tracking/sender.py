@@ -16,8 +16,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
@@ -30,8 +31,15 @@ MAX_BATCH = 1000  # MLflow's log_batch limit on metric points per request
 
 # Errors that mean "the server or the network is not there right now": retry. Anything else
 # (a bad parameter, a missing run) would fail again the same way, so it is reported and dropped.
-_TRANSIENT_CODES = {"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "ABORTED",
-                    "DEADLINE_EXCEEDED", "UNAVAILABLE", "RESOURCE_EXHAUSTED"}
+_TRANSIENT_CODES = {
+    "INTERNAL_ERROR",
+    "TEMPORARILY_UNAVAILABLE",
+    "REQUEST_LIMIT_EXCEEDED",
+    "ABORTED",
+    "DEADLINE_EXCEEDED",
+    "UNAVAILABLE",
+    "RESOURCE_EXHAUSTED",
+}
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -58,9 +66,17 @@ class _Point:
 class BatchSender:
     """One daemon thread that owns an MlflowClient and sends queued calls in order."""
 
-    def __init__(self, client: Any, *, uri: str, max_buffered: int = 100_000, flush_interval_s: float = 2.0,
-                 max_backoff_s: float = 10.0, name: str = "mlflow-sender",
-                 default_run_id: Callable[[], str | None] = lambda: None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        *,
+        uri: str,
+        max_buffered: int = 100_000,
+        flush_interval_s: float = 2.0,
+        max_backoff_s: float = 10.0,
+        name: str = "mlflow-sender",
+        default_run_id: Callable[[], str | None] = lambda: None,
+    ) -> None:
         self.client = client
         self.default_run_id = default_run_id
         self.uri = uri
@@ -153,8 +169,12 @@ class BatchSender:
         self.points_dropped += over
         if not self._overflow_warned:
             self._overflow_warned = True
-            log.warning("MLflow buffer full (%d metric points, tracking.max_buffered): dropping the oldest "
-                        "points until %s takes data again", self.max_buffered, self.uri)
+            log.warning(
+                "MLflow buffer full (%d metric points, tracking.max_buffered): dropping the oldest "
+                "points until %s takes data again",
+                self.max_buffered,
+                self.uri,
+            )
 
     def _take(self) -> _Op | list[_Point] | None:
         """The next unit of work in queue order: one call, or a batch of consecutive points of one run."""
@@ -165,8 +185,12 @@ class BatchSender:
         limit = self._ops[0].seq if self._ops else None
         run_id = self._points[0].run_id
         batch: list[_Point] = []
-        while (self._points and len(batch) < MAX_BATCH and self._points[0].run_id == run_id
-               and (limit is None or self._points[0].seq < limit)):
+        while (
+            self._points
+            and len(batch) < MAX_BATCH
+            and self._points[0].run_id == run_id
+            and (limit is None or self._points[0].seq < limit)
+        ):
             batch.append(self._points.popleft())
         return batch
 
@@ -223,8 +247,12 @@ class BatchSender:
                             self._enforce_bound()
                 else:
                     what = work.what if isinstance(work, _Op) else f"log_batch of {len(work)} points"
-                    log.warning("MLflow rejected %s (%s: %s); dropped, training continues", what,
-                                type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+                    log.warning(
+                        "MLflow rejected %s (%s: %s); dropped, training continues",
+                        what,
+                        type(e).__name__,
+                        str(e).splitlines()[0][:300] if str(e) else "",
+                    )
                     if isinstance(work, _Op):
                         self._finish_op(work)
             finally:
@@ -287,14 +315,25 @@ class BatchSender:
             self._down_since = time.monotonic()
             points, ops = self.pending
             msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            log.warning("MLflow at %s is unreachable (%s): training continues; metrics are buffered "
-                        "(%d now, up to %d) and sent when it is back", self.uri, msg, points, self.max_buffered)
+            log.warning(
+                "MLflow at %s is unreachable (%s): training continues; metrics are buffered "
+                "(%d now, up to %d) and sent when it is back",
+                self.uri,
+                msg,
+                points,
+                self.max_buffered,
+            )
 
     def _recovered(self) -> None:
         if self._down_since is not None:
             points, _ = self.pending
-            log.warning("MLflow at %s is reachable again after %.0f s; sending the buffered metrics "
-                        "(%d left, %d dropped on overflow)", self.uri, time.monotonic() - self._down_since,
-                        points, self.points_dropped)
+            log.warning(
+                "MLflow at %s is reachable again after %.0f s; sending the buffered metrics "
+                "(%d left, %d dropped on overflow)",
+                self.uri,
+                time.monotonic() - self._down_since,
+                points,
+                self.points_dropped,
+            )
             self._down_since = None
             self._overflow_warned = False

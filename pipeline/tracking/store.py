@@ -16,8 +16,11 @@ DEFAULT_URI = "sqlite:///mlflow.db"  # embedded store in the working directory; 
 # default (7 retries with exponential backoff, 120 s timeout) would hold one call for minutes. And
 # the client's "View run at" lines would be written to stdout from the sender thread, into the
 # progress bar; the tracker logs the run's address itself.
-_PROCESS_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
-                     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+_PROCESS_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
 
 
 def resolve_uri(cfg: TrackingConfig | None = None, *, uri: str = "") -> str:
@@ -59,10 +62,16 @@ def git_commit(path: str | None = None) -> str:
     """The commit of the code that runs (with "-dirty" when the tree has changes), or "unknown"."""
     where = path or str(Path(__file__).resolve().parents[2])
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha

@@ -72,18 +72,23 @@ def _all_experiment_ids(client: Any) -> list[str]:
 
 def newest_parent(client: Any, study: str, experiment_ids: list[str]) -> Any | None:
     """The newest parent run of the study named ``study`` in these experiments, or None."""
-    runs = client.search_runs(experiment_ids,
-                              filter_string=f"tags.study = '{study}' and tags.study_role = '{PARENT_ROLE}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        experiment_ids,
+        filter_string=f"tags.study = '{study}' and tags.study_role = '{PARENT_ROLE}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0] if runs else None
 
 
 def child_runs(client: Any, parent_run_id: str, experiment_id: str, *, finished_only: bool = False) -> list[Any]:
     """The runs nested under the parent (every attempt of every member), newest first."""
-    where = f"tags.mlflow.parentRunId = '{parent_run_id}'" + (" and attributes.status = 'FINISHED'"
-                                                               if finished_only else "")
-    return client.search_runs([experiment_id], filter_string=where, order_by=["attributes.start_time DESC"],
-                              max_results=5000)
+    where = f"tags.mlflow.parentRunId = '{parent_run_id}'" + (
+        " and attributes.status = 'FINISHED'" if finished_only else ""
+    )
+    return client.search_runs(
+        [experiment_id], filter_string=where, order_by=["attributes.start_time DESC"], max_results=5000
+    )
 
 
 def find_parent(client: Any, study: str, *, experiment: str | None = None) -> Any:
@@ -99,9 +104,11 @@ def find_parent(client: Any, study: str, *, experiment: str | None = None) -> An
         ids = _all_experiment_ids(client)
     parent = newest_parent(client, study, ids)
     if parent is None:
-        raise StudyNotFound(f"no study named {study!r} at {client.tracking_uri}"
-                            f"{f' in experiment {experiment!r}' if experiment else ''}; pass the parent run id "
-                            f"or the study's name (python -m pipeline.study prints both)")
+        raise StudyNotFound(
+            f"no study named {study!r} at {client.tracking_uri}"
+            f"{f' in experiment {experiment!r}' if experiment else ''}; pass the parent run id "
+            f"or the study's name (python -m pipeline.study prints both)"
+        )
     return parent
 
 
@@ -110,8 +117,13 @@ def _pick(runs: list[Any]) -> Any:
     return max(finished or runs, key=lambda r: r.info.start_time)
 
 
-def load_study(client: Any, study: str, *, experiment: str | None = None,
-               curves: tuple[str, ...] = ("train_top1_error", "val_top1_error")) -> StudyRuns:
+def load_study(
+    client: Any,
+    study: str,
+    *,
+    experiment: str | None = None,
+    curves: tuple[str, ...] = ("train_top1_error", "val_top1_error"),
+) -> StudyRuns:
     parent = find_parent(client, study, experiment=experiment)
     pid = parent.info.run_id
     children = child_runs(client, pid, parent.info.experiment_id)
@@ -124,14 +136,28 @@ def load_study(client: Any, study: str, *, experiment: str | None = None,
         tags = r.data.tags
         if "depth" not in tags:
             continue  # a run that failed before it was described: nothing to report
-        m = MemberRun(name=name, run_id=r.info.run_id, status=r.info.status, depth=int(tags["depth"]),
-                      residual=tags.get("residual") == "true", shortcut=tags.get("shortcut", ""),
-                      dataset=tags.get("dataset", ""), stem=tags.get("stem", "cifar"), params=dict(r.data.params),
-                      tags=dict(tags), final=dict(r.data.metrics))
+        m = MemberRun(
+            name=name,
+            run_id=r.info.run_id,
+            status=r.info.status,
+            depth=int(tags["depth"]),
+            residual=tags.get("residual") == "true",
+            shortcut=tags.get("shortcut", ""),
+            dataset=tags.get("dataset", ""),
+            stem=tags.get("stem", "cifar"),
+            params=dict(r.data.params),
+            tags=dict(tags),
+            final=dict(r.data.metrics),
+        )
         for key in curves:
             if key in m.final:
                 m.curves[key] = sorted((h.step, h.value) for h in client.get_metric_history(r.info.run_id, key))
         members.append(m)
     members.sort(key=lambda m: (m.residual, m.depth))
-    return StudyRuns(name=parent.data.tags.get("study", parent.info.run_name), parent_run_id=pid,
-                     experiment_id=parent.info.experiment_id, tracking_uri=client.tracking_uri, members=members)
+    return StudyRuns(
+        name=parent.data.tags.get("study", parent.info.run_name),
+        parent_run_id=pid,
+        experiment_id=parent.info.experiment_id,
+        tracking_uri=client.tracking_uri,
+        members=members,
+    )

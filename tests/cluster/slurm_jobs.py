@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from slurm_cluster import SlurmCluster
 
@@ -32,8 +33,10 @@ class Job:
             if info.get("JobState") in states:
                 return info
             time.sleep(1)
-        raise AssertionError(f"job {self.id} not {'/'.join(sorted(states))} after {timeout_s:.0f}s {what}; "
-                             f"last state {info.get('JobState')} ({info.get('Reason')})\n{self.cluster.logs()}")
+        raise AssertionError(
+            f"job {self.id} not {'/'.join(sorted(states))} after {timeout_s:.0f}s {what}; "
+            f"last state {info.get('JobState')} ({info.get('Reason')})\n{self.cluster.logs()}"
+        )
 
 
 def sbatch(cluster: SlurmCluster, *args: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> Job:

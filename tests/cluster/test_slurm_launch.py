@@ -13,17 +13,25 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-
 from slurm_cluster import BRIDGE_ADDR, NODES, SlurmCluster, TcpForwarder, netns_pids
 from slurm_jobs import REPO, Job, read, sbatch, wait_for
 
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE", "PREEMPTED"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 CONFIG = "configs/cpu/digits_resnet20.toml"
 # The venv's torchrun, named rather than put first on PATH: PATH decides which `ninja` builds
 # DeepSpeed's CPU ops, and the venv's ninja (1.13) and the system's (1.11) hash build commands
@@ -34,9 +42,17 @@ BUCKET = "ckpt"
 
 def tiny(steps: int, out: Path, *extra: str) -> list[str]:
     """Overrides that make the CPU config a few dozen steps long."""
-    return ["--data.batch_size=32", f"--schedule.max_steps={steps}", "--schedule.unit=step",
-            "--schedule.milestones=[]", "--schedule.warmup=0", "--log_every=1", "--progress=false",
-            f"--output_dir={out}/runs/{{name}}", *extra]
+    return [
+        "--data.batch_size=32",
+        f"--schedule.max_steps={steps}",
+        "--schedule.unit=step",
+        "--schedule.milestones=[]",
+        "--schedule.warmup=0",
+        "--log_every=1",
+        "--progress=false",
+        f"--output_dir={out}/runs/{{name}}",
+        *extra,
+    ]
 
 
 @dataclass
@@ -58,11 +74,11 @@ def services(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFacto
         # moto listens on loopback, which inside a node is the node's own: forward from the bridge.
         fwd = TcpForwarder("127.0.0.1", int(local_url.rsplit(":", 1)[1]))
         try:
-            fs = s3fs.S3FileSystem(endpoint_url=local_url, key="testing", secret="testing",
-                                   skip_instance_cache=True)
+            fs = s3fs.S3FileSystem(endpoint_url=local_url, key="testing", secret="testing", skip_instance_cache=True)
             fs.mkdir(BUCKET)
-            with MlflowServer(d / "mlflow", host=BRIDGE_ADDR,
-                              template_db=make_template_db(d / "template.db")) as mlflow:
+            with MlflowServer(
+                d / "mlflow", host=BRIDGE_ADDR, template_db=make_template_db(d / "template.db")
+            ) as mlflow:
                 url = f"http://{fwd.address}"
                 yield Services(s3_url=url, mlflow_uri=mlflow.uri, fs=fs, aws_env=aws_env(url))
         finally:
@@ -72,8 +88,9 @@ def services(slurm_cluster: SlurmCluster, tmp_path_factory: pytest.TempPathFacto
 class Submission:
     """One `sbatch launch/slurm_resnet152.sh` the way the README shows it, plus where its output lands."""
 
-    def __init__(self, cluster: SlurmCluster, services: Services, tmp: Path, name: str, steps: int,
-                 *overrides: str) -> None:
+    def __init__(
+        self, cluster: SlurmCluster, services: Services, tmp: Path, name: str, steps: int, *overrides: str
+    ) -> None:
         self.cluster, self.services, self.name = cluster, services, name
         self.logs = tmp / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -84,13 +101,21 @@ class Submission:
             "CHECKPOINT_URI": f"s3://{BUCKET}",
             "MLFLOW_TRACKING_URI": services.mlflow_uri,
             "LOG_DIR": str(self.logs / "nodes"),
-            "TRAIN_ARGS": " ".join(tiny(steps, tmp, f"--tracking.experiment={self.experiment}",
-                                        "--tracking.system_metrics_interval_s=1")),
+            "TRAIN_ARGS": " ".join(
+                tiny(steps, tmp, f"--tracking.experiment={self.experiment}", "--tracking.system_metrics_interval_s=1")
+            ),
             **services.aws_env,
         }
-        self.job: Job = sbatch(cluster, f"--job-name={name}", "--nodes=2", "--gpus-per-node=2",
-                               f"--output={self.logs}/%x-%j.out", "launch/slurm_resnet152.sh", *overrides,
-                               env=env)
+        self.job: Job = sbatch(
+            cluster,
+            f"--job-name={name}",
+            "--nodes=2",
+            "--gpus-per-node=2",
+            f"--output={self.logs}/%x-%j.out",
+            "launch/slurm_resnet152.sh",
+            *overrides,
+            env=env,
+        )
         self.run_id = f"{name}-{self.job.id}"
 
     @property
@@ -152,8 +177,16 @@ def _training_pids() -> dict[str, list[int]]:
 
 def test_srun_reaches_both_nodes(slurm_cluster: SlurmCluster):
     """The harness itself: one task per node, each node with its own hostname and address."""
-    r = slurm_cluster.run("srun", "--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=2", "sh", "-c",
-                          'echo "$(hostname) $SLURM_NODEID $SLURM_GPUS_ON_NODE"', timeout=60)
+    r = slurm_cluster.run(
+        "srun",
+        "--nodes=2",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=2",
+        "sh",
+        "-c",
+        'echo "$(hostname) $SLURM_NODEID $SLURM_GPUS_ON_NODE"',
+        timeout=60,
+    )
     lines = sorted(r.stdout.split("\n")[:-1])
     assert lines == ["node1 0 2", "node2 1 2"], r.stdout + r.stderr
 
@@ -171,8 +204,11 @@ def test_sbatch_two_nodes_usr1_requeue_resume(slurm_cluster: SlurmCluster, servi
     info = sub.wait_done(420)
     assert info["JobState"] == "COMPLETED", sub.all_logs()
     log = sub.batch_log
-    assert re.search(r"job \d+ \(requeue\) restart 0: 2 nodes \[node1 node2\] x 2 processes, "
-                     r"rendezvous node1:\d+", log), log
+    assert re.search(
+        r"job \d+ \(requeue\) restart 0: 2 nodes \[node1 node2\] x 2 processes, "
+        r"rendezvous node1:\d+",
+        log,
+    ), log
 
     # Both nodes trained: each node log has its own torchrun, rank 0 saw 4 ranks.
     node_logs = sub.node_log("node1") + sub.node_log("node2")
@@ -218,14 +254,21 @@ def test_lost_node_fails_fast_and_resumes(slurm_cluster: SlurmCluster, services:
     t_kill = time.monotonic()
     try:
         # SlurmdTimeout is 12 s here; node1's ranks are blocked in a collective that would wait 600 s.
-        info = wait_for(lambda: (i := sub.job.info()).get("JobState") != "RUNNING" and i, 120,
-                        f"job {sub.job.id} to leave RUNNING after node2 died\n{sub.all_logs()}", poll_s=1)
+        info = wait_for(
+            lambda: (i := sub.job.info()).get("JobState") != "RUNNING" and i,
+            120,
+            f"job {sub.job.id} to leave RUNNING after node2 died\n{sub.all_logs()}",
+            poll_s=1,
+        )
         left_after = time.monotonic() - t_kill
         ctld_log = read(slurm_cluster.dir / "log" / "slurmctld.log")
         assert f"requeue job JobId={sub.job.id} due to failure of node node2" in ctld_log, ctld_log[-3000:]
         # Nothing of the job lingers on node1 (node2's processes died with it).
-        wait_for(lambda: not any(_training_pids().values()), 60,
-                 f"training processes to end after the job was killed: {_training_pids()}")
+        wait_for(
+            lambda: not any(_training_pids().values()),
+            60,
+            f"training processes to end after the job was killed: {_training_pids()}",
+        )
         committed = sub.latest()
         assert committed and services.fs.exists(f"{BUCKET}/{sub.run_id}/{committed}/manifest.json")
     finally:
@@ -249,19 +292,35 @@ def test_plain_torchrun_static_rendezvous_two_nodes(slurm_cluster: SlurmCluster,
     (The --rdzv_backend c10d --rdzv_endpoint form is the one launch/slurm_resnet152.sh types, above.)"""
     procs = {}
     for rank, node in enumerate(NODES):
-        cmd = [TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
-               "--master_addr", "node1", "--master_port", "29401", "pipeline/train.py", "--config", CONFIG,
-               *tiny(4, tmp_path, f"--checkpoint.uri={tmp_path}/ckpt", "--tracking.enabled=false",
-                     "--name=plain-static")]
+        cmd = [
+            TORCHRUN,
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--node_rank",
+            str(rank),
+            "--master_addr",
+            "node1",
+            "--master_port",
+            "29401",
+            "pipeline/train.py",
+            "--config",
+            CONFIG,
+            *tiny(4, tmp_path, f"--checkpoint.uri={tmp_path}/ckpt", "--tracking.enabled=false", "--name=plain-static"),
+        ]
         log = open(tmp_path / f"{node}.log", "w")
-        procs[node] = (slurm_cluster.nsexec(node, cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                            env=slurm_cluster.env()), log)
+        procs[node] = (
+            slurm_cluster.nsexec(node, cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=slurm_cluster.env()),
+            log,
+        )
     try:
         for node, (p, log) in procs.items():
             rc = p.wait(timeout=300)
             log.close()
             assert rc == 0, f"{node}: torchrun exited {rc}\n" + "\n".join(
-                f"--- {n} ---\n{read(tmp_path / f'{n}.log')[-5000:]}" for n in NODES)
+                f"--- {n} ---\n{read(tmp_path / f'{n}.log')[-5000:]}" for n in NODES
+            )
     finally:
         for p, _ in procs.values():
             if p.poll() is None:
@@ -271,31 +330,45 @@ def test_plain_torchrun_static_rendezvous_two_nodes(slurm_cluster: SlurmCluster,
 
 
 @pytest.mark.slow
-def test_depth_study_as_a_job_array(slurm_cluster: SlurmCluster, services: Services, tmp_path: Path,
-                                    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+def test_depth_study_as_a_job_array(
+    slurm_cluster: SlurmCluster,
+    services: Services,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+):
     """pipeline.study's --slurm path submits launch/slurm_depth_study.sh as a job array: one member per
     task, each on its own node, both nested under the study's parent MLflow run."""
     from mlflow import MlflowClient
 
     from pipeline.study import read_study, run_study
 
-    for k, v in slurm_cluster.env({
-            "TORCHRUN": TORCHRUN, "MLFLOW_TRACKING_URI": services.mlflow_uri, **services.aws_env,
+    for k, v in slurm_cluster.env(
+        {
+            "TORCHRUN": TORCHRUN,
+            "MLFLOW_TRACKING_URI": services.mlflow_uri,
+            **services.aws_env,
             "LOG_DIR": str(tmp_path / "nodes"),
             # sbatch options for every task, as the script's header documents: 1 "GPU" (1 process) each.
-            "SBATCH_GPUS_PER_NODE": "1", "SBATCH_OUTPUT": str(tmp_path / "%x-%A_%a.out")}).items():
+            "SBATCH_GPUS_PER_NODE": "1",
+            "SBATCH_OUTPUT": str(tmp_path / "%x-%A_%a.out"),
+        }
+    ).items():
         monkeypatch.setenv(k, v)
     study = read_study(REPO / "configs/study/digits_depth.toml")
     # out_dir: the member list lives with this test, not in the repository's runs/.
-    outcomes = run_study(study, overrides=tiny(8, tmp_path, "--checkpoint.uri=s3://ckpt/study"),
-                         slurm=True, out_dir=tmp_path / "study")
+    outcomes = run_study(
+        study, overrides=tiny(8, tmp_path, "--checkpoint.uri=s3://ckpt/study"), slurm=True, out_dir=tmp_path / "study"
+    )
     printed = capsys.readouterr().out
     assert [o.state for o in outcomes] == ["submitted", "submitted"], printed
     job_id = re.search(r"Submitted batch job (\d+)", printed).group(1)
     for i in range(2):
         info = Job(slurm_cluster, f"{job_id}_{i}").wait(TERMINAL, 420, what="(study member)")
-        logs = "\n".join(f"--- {p} ---\n{read(p)[-4000:]}" for p in sorted(tmp_path.glob("*.out"))
-                         + sorted((tmp_path / "nodes").rglob("*.log")))
+        logs = "\n".join(
+            f"--- {p} ---\n{read(p)[-4000:]}"
+            for p in sorted(tmp_path.glob("*.out")) + sorted((tmp_path / "nodes").rglob("*.log"))
+        )
         assert info["JobState"] == "COMPLETED", logs
     client = MlflowClient(services.mlflow_uri)
     runs = client.search_runs([client.get_experiment_by_name(study.experiment).experiment_id])

@@ -19,8 +19,19 @@ from pipeline.config import DataConfig  # noqa: E402
 def make_cfg() -> Callable[..., DataConfig]:
     def make(**overrides) -> DataConfig:
         # Lighting off: the tests read image identities back from exact pixel values.
-        base = dict(source="folder", batch_size=4, image_size=16, val_resize=18, num_threads=1, prefetch=2,
-                    decoder="cpu", mean=list(MEAN), std=list(STD), scale=[16, 24], lighting=0.0)
+        base = dict(
+            source="folder",
+            batch_size=4,
+            image_size=16,
+            val_resize=18,
+            num_threads=1,
+            prefetch=2,
+            decoder="cpu",
+            mean=list(MEAN),
+            std=list(STD),
+            scale=[16, 24],
+            lighting=0.0,
+        )
         base.update(overrides)
         return DataConfig(**base)
 

@@ -17,8 +17,14 @@ MEAN = [120.0, 110.0, 100.0]
 STD = [60.0, 50.0, 40.0]
 
 
-def write_tree(root: str, layout: dict[str, dict[str, int]], *, size: tuple[int, int] = (16, 16),
-               ext: str = ".png", pattern: str = "solid") -> dict[str, int]:
+def write_tree(
+    root: str,
+    layout: dict[str, dict[str, int]],
+    *,
+    size: tuple[int, int] = (16, 16),
+    ext: str = ".png",
+    pattern: str = "solid",
+) -> dict[str, int]:
     """Write ``root/<split>/<class>/<k>.png`` for ``layout = {split: {class: count}}``.
 
     Returns ``{path: index}``; index i is stored as red = i (so at most 256 images per tree),
@@ -38,7 +44,7 @@ def write_tree(root: str, layout: dict[str, dict[str, int]], *, size: tuple[int,
                 pixels[..., 1] = 7 * c
                 pixels[..., 2] = 50  # never black, so no image looks like the zero padding
                 if pattern == "halves":
-                    pixels[:, w // 2:, 2] = 200
+                    pixels[:, w // 2 :, 2] = 200
                 path = os.path.join(folder, f"{k:03d}{ext}")
                 Image.fromarray(pixels).save(path, format="PNG" if ext.lower() == ".png" else "JPEG", quality=95)
                 index[path] = i
@@ -89,20 +95,35 @@ def write_meta_mat(path: str, wnids: tuple[str, ...], *, inner_nodes: int = 2) -
     then WordNet inner nodes with children, which are not classes)."""
     import scipy.io
 
-    fields = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
-              "num_train_images"]
-    rows = [(i + 1, w, f"class {i}", f"gloss {i}", 0, np.zeros((0,), np.float64), 0, 4)
-            for i, w in enumerate(wnids)]
-    rows += [(len(wnids) + 1 + k, f"n0999999{k}", f"inner {k}", "an inner node", 2,
-              np.array([1.0, 2.0]), 1, 0) for k in range(inner_nodes)]
+    fields = [
+        "ILSVRC2012_ID",
+        "WNID",
+        "words",
+        "gloss",
+        "num_children",
+        "children",
+        "wordnet_height",
+        "num_train_images",
+    ]
+    rows = [(i + 1, w, f"class {i}", f"gloss {i}", 0, np.zeros((0,), np.float64), 0, 4) for i, w in enumerate(wnids)]
+    rows += [
+        (len(wnids) + 1 + k, f"n0999999{k}", f"inner {k}", "an inner node", 2, np.array([1.0, 2.0]), 1, 0)
+        for k in range(inner_nodes)
+    ]
     arr = np.zeros((len(rows),), dtype=[(f, "O") for f in fields])
     for i, row in enumerate(rows):
         arr[i] = row
     scipy.io.savemat(path, {"synsets": arr})
 
 
-def write_ilsvrc_archives(folder: str, *, wnids: tuple[str, ...] = WNIDS, train_per_class: int = 4,
-                          val_per_class: int = 2, size: tuple[int, int] = (20, 28)) -> dict:
+def write_ilsvrc_archives(
+    folder: str,
+    *,
+    wnids: tuple[str, ...] = WNIDS,
+    train_per_class: int = 4,
+    val_per_class: int = 2,
+    size: tuple[int, int] = (20, 28),
+) -> dict:
     """Tiny archives in the official ILSVRC-2012 formats: a tar of per-class tars, a flat val tar,
     the devkit (ground truth + meta.mat, as .tar.gz) and a LOC_val_solution.csv.
 
@@ -114,9 +135,15 @@ def write_ilsvrc_archives(folder: str, *, wnids: tuple[str, ...] = WNIDS, train_
 
     os.makedirs(folder, exist_ok=True)
     expected: dict[str, dict[str, dict[str, bytes]]] = {"train": {}, "val": {}}
-    paths = {k: os.path.join(folder, n) for k, n in (
-        ("train", "ILSVRC2012_img_train.tar"), ("val", "ILSVRC2012_img_val.tar"),
-        ("devkit", "ILSVRC2012_devkit_t12.tar.gz"), ("csv", "LOC_val_solution.csv"))}
+    paths = {
+        k: os.path.join(folder, n)
+        for k, n in (
+            ("train", "ILSVRC2012_img_train.tar"),
+            ("val", "ILSVRC2012_img_val.tar"),
+            ("devkit", "ILSVRC2012_devkit_t12.tar.gz"),
+            ("csv", "LOC_val_solution.csv"),
+        )
+    }
     seed = 0
     with tarfile.open(paths["train"], "w") as outer:
         for w in wnids:
@@ -143,8 +170,11 @@ def write_ilsvrc_archives(folder: str, *, wnids: tuple[str, ...] = WNIDS, train_
     with tarfile.open(paths["devkit"], "w:gz") as tar:
         with open(meta, "rb") as f:
             _add(tar, "ILSVRC2012_devkit_t12/data/meta.mat", f.read())
-        _add(tar, "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt",
-             "".join(f"{t}\n" for t in truth).encode())
+        _add(
+            tar,
+            "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt",
+            "".join(f"{t}\n" for t in truth).encode(),
+        )
         _add(tar, "ILSVRC2012_devkit_t12/readme.txt", b"devkit")
     os.remove(meta)
     with open(paths["csv"], "w") as f:

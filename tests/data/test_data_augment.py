@@ -112,8 +112,14 @@ def test_per_pixel_mean_image(tmp_path, make_cfg):
     expected = torch.from_numpy(value - mean).permute(2, 0, 1)  # (C, H, W)
     # A relative data.mean_image is found under data.root; data.mean is not used then.
     for split, flip in (("val", False), ("train", False), ("train", True)):
-        cfg = make_cfg(style="imagenet", mean_image="mean_image.npy", scale=[16, 16], val_resize=16, flip=flip,
-                       mean=[0.0, 0.0, 0.0])
+        cfg = make_cfg(
+            style="imagenet",
+            mean_image="mean_image.npy",
+            scale=[16, 16],
+            val_resize=16,
+            flip=flip,
+            mean=[0.0, 0.0, 0.0],
+        )
         src = build_source(cfg, split=split, rank=0, world_size=1, device=CPU, seed=0, num_classes=2, root=root)
         x = torch.cat([b for b, _ in src]) * std
         if not flip:
@@ -128,11 +134,27 @@ def test_mean_image_errors(tmp_path, make_cfg):
     root = image_tree(tmp_path / "ds", np.full((16, 16, 3), 9, np.uint8))
     bad = write_mean(tmp_path / "bad.npy", np.zeros((8, 8, 3)))
     with pytest.raises(DataError, match=r"bad.npy has shape \(8, 8, 3\), but data.image_size = 16 needs \(16, 16, 3\)"):
-        build_source(make_cfg(style="imagenet", mean_image=bad), split="train", rank=0, world_size=1, device=CPU,
-                     seed=0, num_classes=2, root=root)
+        build_source(
+            make_cfg(style="imagenet", mean_image=bad),
+            split="train",
+            rank=0,
+            world_size=1,
+            device=CPU,
+            seed=0,
+            num_classes=2,
+            root=root,
+        )
     with pytest.raises(DataError, match=r"cannot read .*missing.npy.*prepare mean-image"):
-        build_source(make_cfg(style="imagenet", mean_image="missing.npy"), split="val", rank=0, world_size=1,
-                     device=CPU, seed=0, num_classes=2, root=root)
+        build_source(
+            make_cfg(style="imagenet", mean_image="missing.npy"),
+            split="val",
+            rank=0,
+            world_size=1,
+            device=CPU,
+            seed=0,
+            num_classes=2,
+            root=root,
+        )
 
 
 def test_random_resized_crop_stays_available(tmp_path, make_cfg):
@@ -144,14 +166,17 @@ def test_random_resized_crop_stays_available(tmp_path, make_cfg):
     assert float(slopes.max() - slopes.min()) > 2  # zoom varies with the crop area
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("[data]\nstyle = 'imagenet'\nimage_size = 224\nscale = [200, 480]\n", "data.scale = [200, 480] starts below"),
-    ("[data]\nscale = [480, 256]\n", "data.scale = [480, 256]: must be [min, max]"),
-    ("[data]\nscale = [256]\n", "data.scale = [256]"),
-    ("[data]\nlighting = -0.1\n", "data.lighting = -0.1"),
-    ("[data]\naugment = 'autoaugment'\n", "data.augment = 'autoaugment' is not allowed"),
-    ("[data]\nstyle = 'cifar'\nmean_image = 'm.npy'\n", "data.mean_image = 'm.npy' needs data.style = 'imagenet'"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("[data]\nstyle = 'imagenet'\nimage_size = 224\nscale = [200, 480]\n", "data.scale = [200, 480] starts below"),
+        ("[data]\nscale = [480, 256]\n", "data.scale = [480, 256]: must be [min, max]"),
+        ("[data]\nscale = [256]\n", "data.scale = [256]"),
+        ("[data]\nlighting = -0.1\n", "data.lighting = -0.1"),
+        ("[data]\naugment = 'autoaugment'\n", "data.augment = 'autoaugment' is not allowed"),
+        ("[data]\nstyle = 'cifar'\nmean_image = 'm.npy'\n", "data.mean_image = 'm.npy' needs data.style = 'imagenet'"),
+    ],
+)
 def test_config_validation_names_the_key(tmp_path, text, needle):
     path = tmp_path / "c.toml"
     path.write_text("[model]\nname = 'resnet18'\n" + text)

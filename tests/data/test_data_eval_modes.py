@@ -33,14 +33,24 @@ def coordinate_tree(root):
 
 
 def val_source(cfg, root, mode, *, rank=0, world_size=1, scales=(16, 20, 30)):
-    return build_source(cfg, split="val", rank=rank, world_size=world_size, device=CPU, seed=0, num_classes=2,
-                        root=root, eval_mode=mode, scales=scales)
+    return build_source(
+        cfg,
+        split="val",
+        rank=rank,
+        world_size=world_size,
+        device=CPU,
+        seed=0,
+        num_classes=2,
+        root=root,
+        eval_mode=mode,
+        scales=scales,
+    )
 
 
 def test_ten_crop_geometry_by_hand(tmp_path, make_cfg):
     root = coordinate_tree(tmp_path / "ds")
     cfg = make_cfg(style="imagenet", image_size=16, val_resize=20, batch_size=2)
-    (x, y), = list(val_source(cfg, root, "10crop"))
+    ((x, y),) = list(val_source(cfg, root, "10crop"))
     assert x.shape == (2, 10, 3, 16, 16) and y.tolist() == [0, 1]
     # Crop anchors in a 20 x 24 image for a 16 x 16 crop: x in {0, 4}, y in {0, 8}; the centre (2, 4).
     anchors = {(0.0, 0.0): (0, 0), (1.0, 0.0): (4, 0), (0.0, 1.0): (0, 8), (1.0, 1.0): (4, 8), (0.5, 0.5): (2, 4)}
@@ -54,14 +64,14 @@ def test_ten_crop_geometry_by_hand(tmp_path, make_cfg):
         values = pixel_values(x[0, v][None])[0]  # (3, 16, 16)
         assert torch.allclose(values[0], red[None, :].expand(16, 16), atol=0.5), (v, values[0, 0])
         assert torch.allclose(values[1], green[:, None].expand(16, 16), atol=0.5), v
-    (c, _), = list(val_source(cfg, root, "center"))
+    ((c, _),) = list(val_source(cfg, root, "center"))
     assert torch.equal(c, x[:, 8])  # the centre view of 10-crop is the single-crop test
 
 
 def test_ten_crop_resizes_the_shorter_side_first(tmp_path, make_cfg):
     root = coordinate_tree(tmp_path / "ds")
     cfg = make_cfg(style="imagenet", image_size=16, val_resize=40, batch_size=2)
-    (x, _), = list(val_source(cfg, root, "10crop"))
+    ((x, _),) = list(val_source(cfg, root, "10crop"))
     red = pixel_values(x[0, 0][None])[0, 0, 8]  # top-left view of the 40 x 48 image: the first 16 of 40 columns
     slope = float(red[12] - red[3]) / 9
     assert abs(slope - 4.0) < 0.3 and float(red[0]) < 10  # half the source slope, from the left edge
@@ -70,7 +80,7 @@ def test_ten_crop_resizes_the_shorter_side_first(tmp_path, make_cfg):
 def test_multiscale_outputs_whole_images_per_scale(tmp_path, make_cfg):
     root = coordinate_tree(tmp_path / "ds")
     cfg = make_cfg(style="imagenet", image_size=16, val_resize=20, batch_size=2)
-    (x, y), = list(val_source(cfg, root, "multiscale", scales=(16, 20, 30)))
+    ((x, y),) = list(val_source(cfg, root, "multiscale", scales=(16, 20, 30)))
     assert len(x) == 3 and all(len(per_scale) == 2 for per_scale in x) and y.tolist() == [0, 1]
     # shorter side (width 20) to s: height 24 * s / 20, rounded
     assert [tuple(per_scale[0].shape) for per_scale in x] == [(3, 19, 16), (3, 24, 20), (3, 36, 30)]
@@ -112,7 +122,16 @@ def test_eval_modes_need_imagenet_style_and_val(tree, make_cfg):
     with pytest.raises(DataError, match="needs the val split and data.style = 'imagenet'"):
         val_source(make_cfg(style="cifar"), root, "10crop")
     with pytest.raises(DataError, match="needs the val split"):
-        build_source(make_cfg(style="imagenet"), split="train", rank=0, world_size=1, device=CPU, seed=0,
-                     num_classes=2, root=root, eval_mode="multiscale")
+        build_source(
+            make_cfg(style="imagenet"),
+            split="train",
+            rank=0,
+            world_size=1,
+            device=CPU,
+            seed=0,
+            num_classes=2,
+            root=root,
+            eval_mode="multiscale",
+        )
     with pytest.raises(DataError, match="is not one of center, 10crop, multiscale"):
         val_source(make_cfg(style="imagenet"), root, "5crop")

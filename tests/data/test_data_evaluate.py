@@ -16,8 +16,8 @@ import torch
 from datatree import write_ilsvrc_archives
 
 from pipeline import evaluate as ev
-from pipeline.tools.prepare import prepare_imagenet
 from pipeline.models import build_model
+from pipeline.tools.prepare import prepare_imagenet
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -63,8 +63,14 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, *, step: int = 3, comm
     torch.save({"module": model.state_dict(), "ds_version": "test", "optimizer": None}, path)
     if commit:
         data = path.read_bytes()
-        manifest = {"format": 1, "tag": tag.name, "step": step, "epoch": 0, "world_size": 1,
-                    "files": [{"path": ev.MODEL_FILE, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}]}
+        manifest = {
+            "format": 1,
+            "tag": tag.name,
+            "step": step,
+            "epoch": 0,
+            "world_size": 1,
+            "files": [{"path": ev.MODEL_FILE, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}],
+        }
         (tag / "manifest.json").write_text(json.dumps(manifest))
         (folder / "latest").write_text(tag.name)
     return tag
@@ -85,8 +91,9 @@ def test_modes_count_every_image_once(tmp_path, imagenet, mode, capsys):
     run = tmp_path / "ckpt" / "run"
     save_checkpoint(run, biased_model())
     out = tmp_path / "result.json"
-    code = ev.main(["--config", config, "--checkpoint", str(run), "--mode", mode, "--scales", "16,20,24",
-                    "--json", str(out)])
+    code = ev.main(
+        ["--config", config, "--checkpoint", str(run), "--mode", mode, "--scales", "16,20,24", "--json", str(out)]
+    )
     assert code == 0, capsys.readouterr().err
     result = json.loads(out.read_text())
     # 6 validation images, 2 per class, all scored "class 0": top-1 right for 2 of 6, top-5 always.
@@ -108,14 +115,16 @@ def test_scores_average_softmax_over_views_and_scales():
     model = ChannelMeans()
     crops = torch.randn(2, 10, 3, 4, 4)
     got = ev._scores(model, crops, "10crop")
-    want = torch.stack([torch.stack([crops[n, v].mean(dim=(1, 2)).softmax(0) for v in range(10)]).mean(0)
-                        for n in range(2)])
+    want = torch.stack(
+        [torch.stack([crops[n, v].mean(dim=(1, 2)).softmax(0) for v in range(10)]).mean(0) for n in range(2)]
+    )
     assert torch.allclose(got, want, atol=1e-6)
     # multiscale: image 0 and 1 differ in size at the second scale, so they run separately there
     scales = [[torch.randn(3, 4, 4), torch.randn(3, 4, 4)], [torch.randn(3, 6, 5), torch.randn(3, 5, 6)]]
     got = ev._scores(model, scales, "multiscale")
-    want = torch.stack([(scales[0][i].mean(dim=(1, 2)).softmax(0) + scales[1][i].mean(dim=(1, 2)).softmax(0)) / 2
-                        for i in range(2)])
+    want = torch.stack(
+        [(scales[0][i].mean(dim=(1, 2)).softmax(0) + scales[1][i].mean(dim=(1, 2)).softmax(0)) / 2 for i in range(2)]
+    )
     assert torch.allclose(got, want, atol=1e-6)
 
 
@@ -175,8 +184,10 @@ def test_run_folder_never_loads_an_unverified_checkpoint(tmp_path, caplog):
     # `latest` exists but nothing is committed: an error that names the run, never an unverified load
     (newer / "manifest.json").unlink()
     (run / "step-2" / "manifest.json").unlink()
-    with pytest.raises(ev.EvaluationError, match=f"--checkpoint {run}: .*latest exists but no committed "
-                                                 f"checkpoint.*restore the checkpoint"):
+    with pytest.raises(
+        ev.EvaluationError,
+        match=f"--checkpoint {run}: .*latest exists but no committed checkpoint.*restore the checkpoint",
+    ):
         ev.resolve_checkpoint(str(run))
     # a step folder named explicitly is still evaluated (DeepSpeed's files alone), with a warning
     caplog.clear()
@@ -195,8 +206,9 @@ def test_damaged_step_folder_is_refused(tmp_path):
         ev.load_model_state(str(tag))
 
 
-def test_checkpoint_storage_settings_come_from_the_config(tmp_path, imagenet, s3_bucket, s3_endpoint, monkeypatch,
-                                                          capsys):
+def test_checkpoint_storage_settings_come_from_the_config(
+    tmp_path, imagenet, s3_bucket, s3_endpoint, monkeypatch, capsys
+):
     from s3_server import aws_env
 
     from pipeline.storage import Storage
@@ -265,8 +277,14 @@ def test_errors_name_the_problem(tmp_path, imagenet, capsys):
 
 def torchrun(args: list[str], nproc: int, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([TORCHRUN, f"--nproc_per_node={nproc}", "--standalone", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [TORCHRUN, f"--nproc_per_node={nproc}", "--standalone", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -277,11 +295,27 @@ def test_multi_rank_evaluation_matches_one_rank(tmp_path, imagenet, nproc, mode)
     run = tmp_path / "run"
     save_checkpoint(run, build_model("resnet18", num_classes=3))  # random weights: errors depend on the image
     one = tmp_path / "one.json"
-    assert ev.main(["--config", config, "--checkpoint", str(run), "--mode", mode, "--scales", "16,24",
-                    "--json", str(one)]) == 0
+    assert (
+        ev.main(["--config", config, "--checkpoint", str(run), "--mode", mode, "--scales", "16,24", "--json", str(one)])
+        == 0
+    )
     many = tmp_path / "many.json"
-    proc = torchrun(["pipeline/evaluate.py", "--config", config, "--checkpoint", str(run), "--mode", mode,
-                     "--scales", "16,24", "--json", str(many)], nproc)
+    proc = torchrun(
+        [
+            "pipeline/evaluate.py",
+            "--config",
+            config,
+            "--checkpoint",
+            str(run),
+            "--mode",
+            mode,
+            "--scales",
+            "16,24",
+            "--json",
+            str(many),
+        ],
+        nproc,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = json.loads(one.read_text()), json.loads(many.read_text())
     assert b["world_size"] == nproc and a["images"] == b["images"] == 6  # 6 images over 3 ranks: 2 each

@@ -23,8 +23,16 @@ def test_class_index_is_sorted_folder_names_and_files_are_sorted(tmp_path):
         for name in ("zebra", "ant", "Moose"):
             (root / split / name).mkdir(parents=True)
     train = root / "train"
-    for rel in ("zebra/b.JPEG", "zebra/a.jpg", "ant/x.png", "ant/sub/y.jpeg", "Moose/m.jpg", "val_dummy.txt",
-                "ant/notes.txt", "ant/.hidden.jpg"):
+    for rel in (
+        "zebra/b.JPEG",
+        "zebra/a.jpg",
+        "ant/x.png",
+        "ant/sub/y.jpeg",
+        "Moose/m.jpg",
+        "val_dummy.txt",
+        "ant/notes.txt",
+        "ant/.hidden.jpg",
+    ):
         (train / rel).parent.mkdir(parents=True, exist_ok=True)
         (train / rel).write_bytes(b"not decoded by the scan")
     (train / ".ipynb_checkpoints").mkdir()
@@ -129,8 +137,7 @@ def test_class_count_differs_from_model(tree):
     root, _ = tree({"train": {str(c): 1 for c in range(7)}, "val": {str(c): 1 for c in range(7)}})
     with pytest.raises(DataError) as e:
         scan(root, num_classes=10)
-    assert str(e.value) == (f"dataset at {root} has 7 classes but model.num_classes = 10; "
-                            f"set --model.num_classes=7")
+    assert str(e.value) == (f"dataset at {root} has 7 classes but model.num_classes = 10; set --model.num_classes=7")
 
 
 def test_build_source_validates_before_building_a_pipeline(tree, make_cfg):

@@ -31,12 +31,25 @@ def coded_images(n: int, size: int = S) -> torch.Tensor:
     return img
 
 
-def make(n: int = 30, *, split: str = "train", rank: int = 0, world: int = 1, batch: int = 4, seed: int = 0,
-         flip: bool = True) -> InMemorySource:
-    index = SplitIndex(path=f"/mem/{split}", classes=("a", "b", "c"), files=tuple(f"/mem/{i}.png" for i in range(n)),
-                       labels=tuple(i % 3 for i in range(n)))
-    options = SourceOptions(split=split, rank=rank, world_size=world, device=torch.device("cpu"), seed=seed,
-                            num_classes=3, batch_size=batch)
+def make(
+    n: int = 30,
+    *,
+    split: str = "train",
+    rank: int = 0,
+    world: int = 1,
+    batch: int = 4,
+    seed: int = 0,
+    flip: bool = True,
+) -> InMemorySource:
+    index = SplitIndex(
+        path=f"/mem/{split}",
+        classes=("a", "b", "c"),
+        files=tuple(f"/mem/{i}.png" for i in range(n)),
+        labels=tuple(i % 3 for i in range(n)),
+    )
+    options = SourceOptions(
+        split=split, rank=rank, world_size=world, device=torch.device("cpu"), seed=seed, num_classes=3, batch_size=batch
+    )
     return InMemorySource(index, options, image_size=S, mean=MEAN, std=STD, flip=flip, images=coded_images(n))
 
 
@@ -93,13 +106,13 @@ def test_augmentation_is_pad4_crop_and_flip_and_covers_every_offset():
                 # Rebuild the expected crop from the offsets and compare every pixel, padding included.
                 padded = torch.zeros((S + 2 * CIFAR_PAD, S + 2 * CIFAR_PAD, 3), dtype=torch.long)
                 padded[CIFAR_PAD:-CIFAR_PAD, CIFAR_PAD:-CIFAR_PAD] = coded_images(60)[ident].long()
-                want = padded[dy:dy + S, dx:dx + S]
+                want = padded[dy : dy + S, dx : dx + S]
                 if flipped:
                     want = want.flip(1)
                 assert torch.equal(im, want)
     assert {dy for dy, _ in seen_offsets} == {dx for _, dx in seen_offsets} == set(range(2 * CIFAR_PAD + 1))
     # Over more epochs every one of the 81 (dy, dx) pairs comes up.
-    pairs = {(int(a), int(b)) for e in range(10) for a, b in zip(src.plan(e)["dy"], src.plan(e)["dx"])}
+    pairs = {(int(a), int(b)) for e in range(10) for a, b in zip(src.plan(e)["dy"], src.plan(e)["dx"], strict=True)}
     assert len(pairs) == (2 * CIFAR_PAD + 1) ** 2
     assert 0.35 < sum(flips) / len(flips) < 0.65
 
@@ -163,7 +176,7 @@ def test_resume_gives_identical_batches(stop_after):
     resumed.load_state_dict(state)
     while len(got) < len(stream):
         got += list(resumed)
-    for (xa, ya), (xb, yb) in zip(stream, got):
+    for (xa, ya), (xb, yb) in zip(stream, got, strict=False):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
@@ -196,10 +209,12 @@ def test_build_source_decodes_an_image_folder_with_dali(make_cfg, tree):
 
     root, index = tree({"train": {"a": 5, "b": 4}, "val": {"a": 3, "b": 2}}, size=(12, 12))
     cfg = make_cfg(root=root, in_memory=True, image_size=12, batch_size=4, val_batch_size=5)
-    train = build_source(cfg, split="train", rank=0, world_size=1, device=torch.device("cpu"), seed=0, num_classes=2,
-                         root=root)
-    val = build_source(cfg, split="val", rank=0, world_size=1, device=torch.device("cpu"), seed=0, num_classes=2,
-                       root=root)
+    train = build_source(
+        cfg, split="train", rank=0, world_size=1, device=torch.device("cpu"), seed=0, num_classes=2, root=root
+    )
+    val = build_source(
+        cfg, split="val", rank=0, world_size=1, device=torch.device("cpu"), seed=0, num_classes=2, root=root
+    )
     assert isinstance(train, InMemorySource) and isinstance(val, InMemorySource)
     assert (train.num_samples, len(train), val.num_samples, len(val)) == (9, 2, 5, 1)
     # The decoded split matches PIL, pixel for pixel (PNG is lossless), in index order.
@@ -233,6 +248,7 @@ def test_a_bad_image_stops_decoding_with_its_path(make_cfg, tree, bad):
     path.write_bytes(b"" if bad == "zero-byte" else buf.getvalue()[:200])
     cfg = make_cfg(root=root, in_memory=True, image_size=12, batch_size=4)
     with pytest.raises(DataError, match="broken.jpg") as err:
-        build_source(cfg, split="train", rank=0, world_size=1, device=torch.device("cpu"), seed=0, num_classes=2,
-                     root=root)
+        build_source(
+            cfg, split="train", rank=0, world_size=1, device=torch.device("cpu"), seed=0, num_classes=2, root=root
+        )
     assert str(path) in str(err.value) and f"pipeline.tools.validate {root} " in str(err.value)

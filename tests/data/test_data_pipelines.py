@@ -19,8 +19,9 @@ CPU = torch.device("cpu")
 
 
 def source(cfg, root, split="train", rank=0, world_size=1, seed=0, num_classes=2):
-    return build_source(cfg, split=split, rank=rank, world_size=world_size, device=CPU, seed=seed,
-                        num_classes=num_classes, root=root)
+    return build_source(
+        cfg, split=split, rank=rank, world_size=world_size, device=CPU, seed=seed, num_classes=num_classes, root=root
+    )
 
 
 def take(src, n):
@@ -35,8 +36,10 @@ def take(src, n):
 
 
 def two_class_tree(tree, n_train=24, n_val=10, **kw):
-    return tree({"train": {"a": n_train // 2, "b": n_train - n_train // 2},
-                 "val": {"a": n_val // 2, "b": n_val - n_val // 2}}, **kw)
+    return tree(
+        {"train": {"a": n_train // 2, "b": n_train - n_train // 2}, "val": {"a": n_val // 2, "b": n_val - n_val // 2}},
+        **kw,
+    )
 
 
 def label_of(index, root):
@@ -45,6 +48,7 @@ def label_of(index, root):
 
 
 # -- augmentation and normalisation --------------------------------------------------------------
+
 
 def test_cifar_train_batches(tree, make_cfg):
     root, index = two_class_tree(tree)
@@ -124,7 +128,7 @@ def test_imagenet_val_resizes_shorter_side_then_centre_crops(tree, make_cfg):
     pixels[..., 0] = (np.arange(20) * 10)[None, :]
     Image.fromarray(pixels).save(path)
     cfg = make_cfg(style="imagenet", image_size=16, val_resize=18, batch_size=2)
-    (x, _), = list(source(cfg, root, split="val"))
+    ((x, _),) = list(source(cfg, root, split="val"))
     red = pixel_values(x)[0, 0]
     assert x.shape == (2, 3, 16, 16)
     row = red[8]
@@ -135,6 +139,7 @@ def test_imagenet_val_resizes_shorter_side_then_centre_crops(tree, make_cfg):
 
 
 # -- sharding ------------------------------------------------------------------------------------
+
 
 def record_reader(src) -> list[list[int]]:
     """Record every batch the source's DALI pipelines produce (yielded or dropped by the loader):
@@ -173,8 +178,8 @@ def test_train_shards_read_every_image_exactly_once_per_epoch(tree, make_cfg, wo
             seen += [i for x, _ in batches for i in ids(x)]
             # What the reader produced this epoch: the shard's images, then padding.
             produced = [i for b in reader[r][start:] for i in b]
-            real, padding = produced[:sizes[r]], produced[sizes[r]:]
-            assert padding == real[:len(padding)]  # whole batches: the shard's start again, never yielded
+            real, padding = produced[: sizes[r]], produced[sizes[r] :]
+            assert padding == real[: len(padding)]  # whole batches: the shard's start again, never yielded
             read += real
         # Every training image is read exactly once per epoch across the ranks ...
         assert sorted(read) == sorted(train_ids), epoch
@@ -229,6 +234,7 @@ def test_abandoned_val_pass_restarts_from_the_beginning(tree, make_cfg):
 
 # -- shuffling -----------------------------------------------------------------------------------
 
+
 def epoch_ids(src):
     return [i for x, _ in src for i in ids(x)]
 
@@ -244,6 +250,7 @@ def test_shuffle_is_seeded_and_changes_every_epoch(tree, make_cfg):
 
 
 # -- exact resume --------------------------------------------------------------------------------
+
 
 def roundtrip(state):
     buf = io.BytesIO()
@@ -327,6 +334,7 @@ def test_load_state_after_iterating_restarts_cleanly(tree, make_cfg):
 
 # -- misc ----------------------------------------------------------------------------------------
 
+
 def test_too_few_images_for_one_batch_per_rank(tree, make_cfg):
     root, _ = two_class_tree(tree, n_train=10)
     with pytest.raises(DataError, match=r"fewer than world_size \* batch_size = 3 \* 4.*--data.batch_size"):
@@ -353,8 +361,19 @@ def _mixed_graphs():
 
     mean_image = np.zeros((16, 16, 3), np.float32)
     for style in ("cifar", "imagenet"):
-        common = dict(files=["a.jpg", "b.jpg"], labels=[0, 1], style=style, image_size=16, mean=MEAN, std=STD,
-                      decoder="mixed", batch_size=2, num_threads=1, device_id=None, seed=1)
+        common = dict(
+            files=["a.jpg", "b.jpg"],
+            labels=[0, 1],
+            style=style,
+            image_size=16,
+            mean=MEAN,
+            std=STD,
+            decoder="mixed",
+            batch_size=2,
+            num_threads=1,
+            device_id=None,
+            seed=1,
+        )
         yield f"{style}-train", 2, train_pipeline(enable_checkpointing=True, **common)
         yield f"{style}-val", 2, val_pipeline(val_resize=18, **common)
     common.update(style="imagenet")
@@ -392,8 +411,9 @@ def test_mixed_decoder_on_gpu(tree, make_cfg, style):
         src = build_source(cfg, split=split, rank=0, world_size=1, device=gpu, seed=0, num_classes=2, root=root)
         cpu = source(make_cfg(style=style), root, split=split)
         got = list(src)
-        assert all(x.device == gpu and y.device == gpu and x.dtype == torch.float32 and y.dtype == torch.int64
-                   for x, y in got)
+        assert all(
+            x.device == gpu and y.device == gpu and x.dtype == torch.float32 and y.dtype == torch.int64 for x, y in got
+        )
         if split == "val":  # deterministic: GPU and CPU decoding agree (PNGs are lossless)
             for (x, y), (xc, yc) in zip(got, cpu, strict=True):
                 assert torch.equal(y.cpu(), yc) and torch.allclose(x.cpu(), xc, atol=0.05)
@@ -406,4 +426,3 @@ def test_mixed_decoder_on_gpu(tree, make_cfg, style):
     resumed.load_state_dict(state)
     for (x1, y1), (x2, y2) in zip(after, take(resumed, 5), strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
-

@@ -61,8 +61,9 @@ def upload_tree(tmp_path, s3, name, layout=None, **kw):
 
 
 def source(cfg, root, split="train", rank=0, world_size=1):
-    return build_source(cfg, split=split, rank=rank, world_size=world_size, device=CPU, seed=0, num_classes=2,
-                        root=root)
+    return build_source(
+        cfg, split=split, rank=rank, world_size=world_size, device=CPU, seed=0, num_classes=2, root=root
+    )
 
 
 def test_training_and_validation_read_from_s3(tmp_path, s3, make_cfg):
@@ -91,7 +92,7 @@ def test_an_unreadable_s3_object_is_named(tmp_path, s3, make_cfg):
     cfg = make_cfg(root=root, batch_size=2)
     src = source(cfg, root, "val")
     victim = src.index.files[2]
-    Storage(root).delete(victim[len(root) + 1:])  # listed, then removed before DALI reads it
+    Storage(root).delete(victim[len(root) + 1 :])  # listed, then removed before DALI reads it
     with pytest.raises(DataError) as e:
         list(src)
     assert victim in str(e.value) and "S3 Object not found" in str(e.value)
@@ -133,8 +134,10 @@ def test_s3_layout_errors(s3, make_cfg):
 
 
 def test_a_dali_without_s3_support_says_what_to_do():
-    err = RuntimeError("Critical error when building pipeline:\nError in CPU operator `nvidia.dali.fn.readers.file`,\n"
-                       "encountered:\nS3 filesystem support is not compiled in this build\n")
+    err = RuntimeError(
+        "Critical error when building pipeline:\nError in CPU operator `nvidia.dali.fn.readers.file`,\n"
+        "encountered:\nS3 filesystem support is not compiled in this build\n"
+    )
     msg = str(explain_pipeline_error(err, files=["s3://b/imagenet/train/a/1.JPEG"], root="s3://b/imagenet"))
     assert "this DALI build cannot read s3:// URLs" in msg and "aws s3 sync s3://b/imagenet" in msg
     assert "--data.root" in msg

@@ -18,6 +18,7 @@ CPU = torch.device("cpu")
 
 # -- synthetic -----------------------------------------------------------------------------------
 
+
 def synthetic(seed=0, rank=0, world_size=1, **kw):
     cfg = DataConfig(source="synthetic", batch_size=4, image_size=16, synthetic_batches=5, **kw)
     return build_source(cfg, split="train", rank=rank, world_size=world_size, device=CPU, seed=seed, num_classes=7)
@@ -76,6 +77,7 @@ def test_synthetic_needs_no_dataset(tmp_path):
 
 
 # -- digits --------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def digits_cache(tmp_path_factory):
@@ -176,8 +178,11 @@ def test_digits_lost_race_keeps_the_winner(tmp_path, monkeypatch):
 def test_digits_leaves_a_tree_it_did_not_make_alone(tmp_path):
     root = os.path.join(tmp_path, "digits")
     os.makedirs(os.path.join(root, "train", "0"))  # e.g. an interrupted manual copy, no marker
-    with pytest.raises(DataError, match=r"digits exists but was not made by this pipeline.*move it away.*"
-                                        r"--data.cache_dir"):
+    with pytest.raises(
+        DataError,
+        match=r"digits exists but was not made by this pipeline.*move it away.*"
+        r"--data.cache_dir",
+    ):
         digits_module.prepare_digits(str(tmp_path))
     assert os.path.isdir(os.path.join(root, "train", "0"))
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".digits-")]

@@ -95,6 +95,7 @@ def test_missing_root(tmp_path, capsys):
 
 # -- training on a tree with a bad image ---------------------------------------------------------
 
+
 def epoch(cfg, root, split="train"):
     src = build_source(cfg, split=split, rank=0, world_size=1, device=CPU, seed=0, num_classes=2, root=root)
     return sum(len(y) for _, y in src), src

@@ -35,12 +35,15 @@ def main() -> int:
     p.add_argument("--keep-every", type=int, default=0)
     p.add_argument("--resume", default="auto")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.ERROR,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.ERROR,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     import deepspeed
 
-    from pipeline.checkpoint import CheckpointError, Checkpointer
+    from pipeline.checkpoint import Checkpointer, CheckpointError
     from pipeline.config import CheckpointConfig
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=120), verbose=False)
@@ -48,14 +51,23 @@ def main() -> int:
     torch.manual_seed(0 if args.phase == "train" else 123)  # resume must overwrite the different init
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config={
-        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 4 * world,
-        "zero_optimization": {"stage": args.zero}, "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1})
+    engine, *_ = deepspeed.initialize(
+        model=model,
+        optimizer=opt,
+        config={
+            "train_micro_batch_size_per_gpu": 4,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": 4 * world,
+            "zero_optimization": {"stage": args.zero},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1,
+        },
+    )
     cfg = CheckpointConfig(uri=args.uri, keep_last=args.keep_last, keep_every=args.keep_every, resume=args.resume)
     out = Path(args.out)
-    ck = Checkpointer(cfg, run_id=args.run_id, rank=rank, world_size=world, config_hash="unit",
-                      staging_dir=str(out / "staging"))
+    ck = Checkpointer(
+        cfg, run_id=args.run_id, rank=rank, world_size=world, config_hash="unit", staging_dir=str(out / "staging")
+    )
     try:
         try:
             ck.check_access()
@@ -86,12 +98,18 @@ def _run(args: argparse.Namespace, engine, ck, state, rank: int, world: int) -> 
             engine.backward(loss)
             engine.step()
             if step in saves:
-                ck.save(engine, step=step, epoch=0, trainer_state={"step": step, "rank": rank, "world_size": world,
-                                                                   "gen": g.get_state()})
+                ck.save(
+                    engine,
+                    step=step,
+                    epoch=0,
+                    trainer_state={"step": step, "rank": rank, "world_size": world, "gen": g.get_state()},
+                )
     full_sd = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
     opt_state = engine.optimizer.state_dict() if args.zero == 0 else None
-    torch.save({"module": full_sd, "optimizer": opt_state, "state": state, "momentum": _momentum(engine, args.zero)},
-               out / f"{args.phase}-rank{rank}.pt")
+    torch.save(
+        {"module": full_sd, "optimizer": opt_state, "state": state, "momentum": _momentum(engine, args.zero)},
+        out / f"{args.phase}-rank{rank}.pt",
+    )
 
 
 def _momentum(engine, zero: int) -> torch.Tensor | None:

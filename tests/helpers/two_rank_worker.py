@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -55,25 +54,71 @@ def main() -> None:
     torch.manual_seed(cfg.seed)  # identical initial weights; DeepSpeed also broadcasts rank 0's
     root = prepare_dataset_root(cfg.data)
     seen: list[list[str]] = []
-    train = Recording(build_source(cfg.data, split="train", rank=env.rank, world_size=env.world_size,
-                                   device=env.device, seed=cfg.seed, num_classes=cfg.model.num_classes, root=root),
-                      seen, cfg.data.mean, cfg.data.std)
-    val = build_source(cfg.data, split="val", rank=env.rank, world_size=env.world_size, device=env.device,
-                       seed=cfg.seed, num_classes=cfg.model.num_classes, root=root)
+    train = Recording(
+        build_source(
+            cfg.data,
+            split="train",
+            rank=env.rank,
+            world_size=env.world_size,
+            device=env.device,
+            seed=cfg.seed,
+            num_classes=cfg.model.num_classes,
+            root=root,
+        ),
+        seen,
+        cfg.data.mean,
+        cfg.data.std,
+    )
+    val = build_source(
+        cfg.data,
+        split="val",
+        rank=env.rank,
+        world_size=env.world_size,
+        device=env.device,
+        seed=cfg.seed,
+        num_classes=cfg.model.num_classes,
+        root=root,
+    )
     model = build_model(cfg.model.name, num_classes=cfg.model.num_classes)
-    engine = build_engine(model, optim=cfg.optim, precision=cfg.precision, distributed=cfg.distributed, lr=0.05,
-                          micro_batch=cfg.data.batch_size, world_size=env.world_size, device=env.device)
+    engine = build_engine(
+        model,
+        optim=cfg.optim,
+        precision=cfg.precision,
+        distributed=cfg.distributed,
+        lr=0.05,
+        micro_batch=cfg.data.batch_size,
+        world_size=env.world_size,
+        device=env.device,
+    )
     schedule = LRSchedule(cfg.schedule, base_lr=0.05, steps_per_epoch=len(train))
-    trainer = Trainer(engine=engine, train_source=train, val_source=val, schedule=schedule,
-                      total_steps=schedule.total_steps, rank=env.rank, world_size=env.world_size,
-                      device=env.device, log_every=2, progress=False)
+    trainer = Trainer(
+        engine=engine,
+        train_source=train,
+        val_source=val,
+        schedule=schedule,
+        total_steps=schedule.total_steps,
+        rank=env.rank,
+        world_size=env.world_size,
+        device=env.device,
+        log_every=2,
+        progress=False,
+    )
     result = trainer.fit()
     digest = hashlib.sha256()
     for t in engine.module.state_dict().values():
         digest.update(t.detach().cpu().numpy().tobytes())
-    (out / f"rank{env.rank}.json").write_text(json.dumps({
-        "seen": seen, "weights": digest.hexdigest(), "val": result.final_val, "steps": result.step,
-        "rank": env.rank, "world_size": env.world_size}))
+    (out / f"rank{env.rank}.json").write_text(
+        json.dumps(
+            {
+                "seen": seen,
+                "weights": digest.hexdigest(),
+                "val": result.final_val,
+                "steps": result.step,
+                "rank": env.rank,
+                "world_size": env.world_size,
+            }
+        )
+    )
     close_distributed()
 
 

@@ -25,8 +25,11 @@ from pipeline.tools import cifar10
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
-needs_cifar = pytest.mark.skipif(not SHARED_ARCHIVE.is_file(), reason=f"the real CIFAR-10 archive is not at "
-                                 f"{SHARED_ARCHIVE} (a fresh clone has no ../shared); see pipeline/tools/cifar10.py")
+needs_cifar = pytest.mark.skipif(
+    not SHARED_ARCHIVE.is_file(),
+    reason=f"the real CIFAR-10 archive is not at "
+    f"{SHARED_ARCHIVE} (a fresh clone has no ../shared); see pipeline/tools/cifar10.py",
+)
 
 
 def make_archive(path: Path, files: dict[str, bytes], *, top: str = "ds") -> str:
@@ -46,8 +49,12 @@ def jpeg_bytes(value: int) -> bytes:
     return buf.getvalue()
 
 
-TREE = {f"{split}/{c}/{i}.jpg": jpeg_bytes(40 * i + (100 if c == "b" else 0))
-        for split in ("train", "test") for c in ("a", "b") for i in range(2)}
+TREE = {
+    f"{split}/{c}/{i}.jpg": jpeg_bytes(40 * i + (100 if c == "b" else 0))
+    for split in ("train", "test")
+    for c in ("a", "b")
+    for i in range(2)
+}
 
 
 def test_extracts_once_into_the_cache_and_returns_the_top_folder(tmp_path, monkeypatch):
@@ -123,8 +130,14 @@ def test_concurrent_callers_extract_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(archives, "_unpack", counting)
     roots: list[str] = []
-    threads = [threading.Thread(target=lambda: roots.append(archives.extract_archive(
-        str(tmp_path / "ds.tar.gz"), cache_dir=str(tmp_path / "cache"), sha256=sha))) for _ in range(4)]
+    threads = [
+        threading.Thread(
+            target=lambda: roots.append(
+                archives.extract_archive(str(tmp_path / "ds.tar.gz"), cache_dir=str(tmp_path / "cache"), sha256=sha)
+            )
+        )
+        for _ in range(4)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -137,8 +150,11 @@ def test_a_folder_not_extracted_here_is_never_deleted(tmp_path):
     mine = tmp_path / "cache" / "ds"
     (mine / "train" / "a").mkdir(parents=True)  # e.g. a user's own tree where the extraction would go
     (mine / "train" / "a" / "keep.jpg").write_bytes(b"precious")
-    with pytest.raises(DataError, match=re.escape(str(mine)) + r" exists but was not made by this pipeline.*move it away.*"
-                                        r"--data.cache_dir"):
+    with pytest.raises(
+        DataError,
+        match=re.escape(str(mine)) + r" exists but was not made by this pipeline.*move it away.*"
+        r"--data.cache_dir",
+    ):
         archives.extract_archive(str(tmp_path / "ds.tar.gz"), cache_dir=str(tmp_path / "cache"))
     assert (mine / "train" / "a" / "keep.jpg").read_bytes() == b"precious"
     assert sorted(os.listdir(tmp_path / "cache")) == [".ds.lock", "ds"]  # no temporary folders left
@@ -203,16 +219,31 @@ def test_real_cifar10_trains_through_the_full_path(cifar_root, tmp_path, monkeyp
     from pipeline.signals import StopFlag
     from pipeline.train import run
 
-    cfg = load_config(REPO / "configs/cifar10/cifar_resnet20.toml", [
-        f"--data.root={SHARED_ARCHIVE}", f"--data.cache_dir={Path(cifar_root).parents[1]}",
-        "--schedule.max_steps=12", "--schedule.milestones=[6]", "--log_every=4", "--data.batch_size=64",
-        "--progress=false", "--tracking.enabled=false", f"--output_dir={tmp_path}/out",
-        f"--checkpoint.uri={tmp_path}/ckpt", "--checkpoint.every_minutes=0"])
+    cfg = load_config(
+        REPO / "configs/cifar10/cifar_resnet20.toml",
+        [
+            f"--data.root={SHARED_ARCHIVE}",
+            f"--data.cache_dir={Path(cifar_root).parents[1]}",
+            "--schedule.max_steps=12",
+            "--schedule.milestones=[6]",
+            "--log_every=4",
+            "--data.batch_size=64",
+            "--progress=false",
+            "--tracking.enabled=false",
+            f"--output_dir={tmp_path}/out",
+            f"--checkpoint.uri={tmp_path}/ckpt",
+            "--checkpoint.every_minutes=0",
+        ],
+    )
     assert cfg.data.in_memory and cfg.data.val_dir == "test"
     # DeepSpeed's CPU op build folder, one per checkout (see tests/test_bench.py).
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions")))
-    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                                          "MASTER_PORT")}
+    monkeypatch.setenv(
+        "TORCH_EXTENSIONS_DIR", os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".cache/torch_extensions"))
+    )
+    env = {
+        k: os.environ.get(k)
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     try:
         outcome = run(cfg, stop=StopFlag())  # not installed: the test process keeps its own signal handlers
     finally:

@@ -21,11 +21,26 @@ CONFIG = "configs/imagenet/resnet18.toml"
 
 def tiny(tree: str, tmp: Path) -> list[str]:
     """Overrides that shrink configs/imagenet/resnet18.toml to the 3-class test tree on the CPU."""
-    return [f"--data.root={tree}", "--model.num_classes=3", "--data.image_size=16", "--data.val_resize=18",
-            "--data.scale=[16, 24]", "--data.batch_size=2", "--data.num_threads=1", "--data.decoder=cpu",
-            "--schedule.epochs=1", "--schedule.milestones=[]", "--precision.dtype=fp32", "--log_every=1",
-            f"--checkpoint.uri={tmp}/ckpt", "--checkpoint.every_minutes=0", "--tracking.enabled=false",
-            "--progress=false", f"--output_dir={tmp}/out", "--model.compile=off"]
+    return [
+        f"--data.root={tree}",
+        "--model.num_classes=3",
+        "--data.image_size=16",
+        "--data.val_resize=18",
+        "--data.scale=[16, 24]",
+        "--data.batch_size=2",
+        "--data.num_threads=1",
+        "--data.decoder=cpu",
+        "--schedule.epochs=1",
+        "--schedule.milestones=[]",
+        "--precision.dtype=fp32",
+        "--log_every=1",
+        f"--checkpoint.uri={tmp}/ckpt",
+        "--checkpoint.every_minutes=0",
+        "--tracking.enabled=false",
+        "--progress=false",
+        f"--output_dir={tmp}/out",
+        "--model.compile=off",
+    ]
 
 
 def run(cmd: list[str], *, nproc: int = 0, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -39,8 +54,25 @@ def prepared(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
     p = write_ilsvrc_archives(str(base / "archives"))["paths"]
     tree = base / "imagenet"
-    proc = run(["-m", "pipeline.tools.prepare", "imagenet", "--train-tar", p["train"], "--val-tar", p["val"],
-                "--devkit", p["devkit"], "--out", str(tree), "--mean-samples", "50", "--no-progress", "--verify"])
+    proc = run(
+        [
+            "-m",
+            "pipeline.tools.prepare",
+            "imagenet",
+            "--train-tar",
+            p["train"],
+            "--val-tar",
+            p["val"],
+            "--devkit",
+            p["devkit"],
+            "--out",
+            str(tree),
+            "--mean-samples",
+            "50",
+            "--no-progress",
+            "--verify",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     assert "every file matches manifest.json" in proc.stdout
     return base, tree
@@ -56,8 +88,21 @@ def test_archives_to_evaluated_checkpoint(prepared, tmp_path):
     run_folder = tmp_path / "ckpt" / "resnet18"
     assert (run_folder / "latest").read_text().strip().startswith("step-")
     out = tmp_path / "eval.json"
-    ev = run(["pipeline/evaluate.py", "--config", CONFIG, "--checkpoint", str(run_folder), "--mode", "10crop",
-              "--json", str(out), *tiny(str(tree), tmp_path)[:7]], nproc=2)
+    ev = run(
+        [
+            "pipeline/evaluate.py",
+            "--config",
+            CONFIG,
+            "--checkpoint",
+            str(run_folder),
+            "--mode",
+            "10crop",
+            "--json",
+            str(out),
+            *tiny(str(tree), tmp_path)[:7],
+        ],
+        nproc=2,
+    )
     assert ev.returncode == 0, ev.stderr[-4000:]
     result = json.loads(out.read_text())
     assert result["images"] == 6 and 0 <= result["top1_error"] <= 100 and result["world_size"] == 2

@@ -26,8 +26,17 @@ def archives(tmp_path_factory):
 def run_prepare(out, archives, *, labels="devkit", **kw):
     p = archives["paths"]
     kw.setdefault("mean_samples", 100)
-    return prepare_imagenet(out, train_tar=p["train"], val_tar=p["val"], workers=2, image_size=16, resize=18,
-                            progress=False, **{"devkit" if labels == "devkit" else "val_labels": p[labels]}, **kw)
+    return prepare_imagenet(
+        out,
+        train_tar=p["train"],
+        val_tar=p["val"],
+        workers=2,
+        image_size=16,
+        resize=18,
+        progress=False,
+        **{"devkit" if labels == "devkit" else "val_labels": p[labels]},
+        **kw,
+    )
 
 
 def tree_contents(root):
@@ -74,8 +83,9 @@ def test_resume_skips_finished_classes(tmp_path, archives, monkeypatch):
     assert not os.path.exists(os.path.join(out, MANIFEST))
 
     writes.clear()
-    monkeypatch.setattr(prepare_mod._PreparedTree, "write",
-                        lambda self, *a: (writes.append(a[:2]), real_write(self, *a)))
+    monkeypatch.setattr(
+        prepare_mod._PreparedTree, "write", lambda self, *a: (writes.append(a[:2]), real_write(self, *a))
+    )
     run_prepare(out, archives)
     assert ("train", WNIDS[0]) not in writes and ("train", WNIDS[1]) in writes  # the finished class is not redone
     assert tree_contents(out) == archives["expected"]
@@ -138,6 +148,7 @@ def test_verify_without_manifest_says_to_resume(tmp_path, capsys):
 
 # -- bad inputs ----------------------------------------------------------------------------------
 
+
 def _tar(path, members: dict[str, bytes], mode="w"):
     with tarfile.open(path, mode) as tar:
         for name, data in members.items():
@@ -190,9 +201,11 @@ def test_devkit_without_meta(tmp_path, archives, capsys):
 def test_ground_truth_with_an_unknown_class_id(tmp_path, archives, capsys):
     meta = tmp_path / "meta.mat"
     write_meta_mat(str(meta), WNIDS)
-    devkit = _tar(tmp_path / "devkit.tar.gz", {"d/data/meta.mat": meta.read_bytes(),
-                                                "d/data/ILSVRC2012_validation_ground_truth.txt": b"1\n2\n9\n"},
-                  "w:gz")
+    devkit = _tar(
+        tmp_path / "devkit.tar.gz",
+        {"d/data/meta.mat": meta.read_bytes(), "d/data/ILSVRC2012_validation_ground_truth.txt": b"1\n2\n9\n"},
+        "w:gz",
+    )
     err = _prepare_err(tmp_path / "o", capsys, "--val-tar", archives["paths"]["val"], "--devkit", devkit)
     assert "line 3: '9' is not an ILSVRC2012_ID" in err
 
@@ -202,8 +215,11 @@ def test_meta_mat_without_synsets(tmp_path, archives, capsys):
 
     buf = io.BytesIO()
     scipy.io.savemat(buf, {"other": np.zeros(3)})
-    devkit = _tar(tmp_path / "devkit.tar.gz", {"d/data/meta.mat": buf.getvalue(),
-                                                "d/data/ILSVRC2012_validation_ground_truth.txt": b"1\n"}, "w:gz")
+    devkit = _tar(
+        tmp_path / "devkit.tar.gz",
+        {"d/data/meta.mat": buf.getvalue(), "d/data/ILSVRC2012_validation_ground_truth.txt": b"1\n"},
+        "w:gz",
+    )
     err = _prepare_err(tmp_path / "o", capsys, "--val-tar", archives["paths"]["val"], "--devkit", devkit)
     assert "no 'synsets' struct array" in err and "['other']" in err
 
@@ -243,8 +259,16 @@ def test_train_and_val_classes_must_agree(tmp_path, archives, capsys):
             with tarfile.open(fileobj=buf, mode="w") as inner:
                 _add(inner, f"{w}_1.JPEG", _jpeg(1, (8, 8)))
             _add(outer, f"{w}.tar", buf.getvalue())
-    err = _prepare_err(tmp_path / "o", capsys, "--train-tar", str(train), "--val-tar", archives["paths"]["val"],
-                       "--devkit", archives["paths"]["devkit"])
+    err = _prepare_err(
+        tmp_path / "o",
+        capsys,
+        "--train-tar",
+        str(train),
+        "--val-tar",
+        archives["paths"]["val"],
+        "--devkit",
+        archives["paths"]["devkit"],
+    )
     assert "the training and validation classes differ" in err and f"only in val: {WNIDS[2]}" in err
 
 
@@ -262,6 +286,7 @@ def test_unwritable_output(tmp_path, archives, capsys):
 
 # -- object storage ------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_prepare_from_and_to_s3(tmp_path, archives, s3_bucket, s3_endpoint, monkeypatch):
     from s3_server import aws_env
@@ -271,7 +296,7 @@ def test_prepare_from_and_to_s3(tmp_path, archives, s3_bucket, s3_endpoint, monk
     for k, v in aws_env(s3_endpoint).items():
         monkeypatch.setenv(k, v)
     src = Storage(f"{s3_bucket}/archives")
-    for key, path in archives["paths"].items():
+    for path in archives["paths"].values():
         src.put(path, os.path.basename(path))
     p = {k: src.url(os.path.basename(v)) for k, v in archives["paths"].items()}
     out = f"{s3_bucket}/imagenet"
@@ -286,11 +311,29 @@ def test_prepare_from_and_to_s3(tmp_path, archives, s3_bucket, s3_endpoint, monk
 
     monkeypatch.setattr(prepare_mod._PreparedTree, "write", crash_on_third_class)
     with pytest.raises(OSError):
-        prepare_imagenet(out, train_tar=p["train"], val_tar=p["val"], devkit=p["devkit"], workers=4,
-                         mean_samples=50, image_size=16, resize=18, progress=False)
+        prepare_imagenet(
+            out,
+            train_tar=p["train"],
+            val_tar=p["val"],
+            devkit=p["devkit"],
+            workers=4,
+            mean_samples=50,
+            image_size=16,
+            resize=18,
+            progress=False,
+        )
     monkeypatch.setattr(prepare_mod._PreparedTree, "write", real_write)
-    manifest = prepare_imagenet(out, train_tar=p["train"], val_tar=p["val"], devkit=p["devkit"], workers=4,
-                                mean_samples=50, image_size=16, resize=18, progress=False)
+    manifest = prepare_imagenet(
+        out,
+        train_tar=p["train"],
+        val_tar=p["val"],
+        devkit=p["devkit"],
+        workers=4,
+        mean_samples=50,
+        image_size=16,
+        resize=18,
+        progress=False,
+    )
     assert manifest["splits"]["train"]["files"] == 12 and manifest["splits"]["val"]["files"] == 6
     store = Storage(out)
     listing = store.find()

@@ -88,7 +88,13 @@ def init_distributed(cfg: DistributedConfig) -> DistEnv:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=cfg.timeout_s), verbose=False)
+    timeout = timedelta(seconds=cfg.timeout_s)
+    if env.world_size == 1 and not dist.is_initialized():
+        # A world of one needs no rendezvous: an in-memory store instead of the TCP store, whose port another
+        # process can take between read_env choosing it and the bind (EADDRINUSE at start-up). DeepSpeed adopts
+        # a process group that already exists.
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
     return DistEnv(env.rank, env.world_size, env.local_rank, env.local_world_size, env.node_rank, env.device, backend)
 
 

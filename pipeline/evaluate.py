@@ -266,9 +266,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Evaluate as the command line says; every rank returns the same result."""
     from pipeline.checkpoint.layout import storage_options
-    from pipeline.data import build_source, prepare_dataset_root
+    from pipeline.data import prepare_dataset_root
     from pipeline.distributed import broadcast_object, close_distributed, init_distributed
     from pipeline.models import build_model
+    from pipeline.wiring import split_source
 
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
@@ -292,18 +293,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     env = init_distributed(cfg.distributed)  # as training starts it
     try:
         root = broadcast_object(prepare_dataset_root(cfg.data) if env.rank == 0 else None)
-        source = build_source(
-            cfg.data,
-            split="val",
-            rank=env.rank,
-            world_size=env.world_size,
-            device=env.device,
-            seed=cfg.seed,
-            num_classes=cfg.model.num_classes,
-            root=root,
-            eval_mode=args.mode,
-            scales=scales,
-        )
+        source = split_source(cfg, env, "val", root=root, eval_mode=args.mode, scales=scales)
         state, folder = load_model_state(args.checkpoint, storage=storage_options(cfg.checkpoint))
         model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, **cfg.model.overrides())
         try:

@@ -101,6 +101,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def split_source(cfg: TrainConfig, env: DistEnv, split: str, *, root: str | None, **options: Any) -> DataSource:
+    """This rank's source for ``split`` of ``cfg``'s dataset (``root``: what prepare_dataset_root gave rank 0;
+    ``options``: build_source's evaluation keywords). Training, evaluation and the tests' workers all build
+    their sources here, so they shard and seed alike."""
+    return build_source(
+        cfg.data,
+        split=split,
+        rank=env.rank,
+        world_size=env.world_size,
+        device=env.device,
+        seed=cfg.seed,
+        num_classes=cfg.model.num_classes,
+        root=root,
+        **options,
+    )
+
+
 def build_run(
     cfg: TrainConfig, *, env: DistEnv, stop: StopFlag | None = None, checkpointing: bool = True, evaluation: bool = True
 ) -> TrainingRun:
@@ -114,17 +131,7 @@ def build_run(
     seed_everything(cfg.seed + env.rank)
     root = broadcast_object(prepare_dataset_root(cfg.data) if env.is_main else None)
     sources = {
-        split: build_source(
-            cfg.data,
-            split=split,
-            rank=env.rank,
-            world_size=env.world_size,
-            device=env.device,
-            seed=cfg.seed,
-            num_classes=cfg.model.num_classes,
-            root=root,
-        )
-        for split in (("train", "val") if evaluation else ("train",))
+        split: split_source(cfg, env, split, root=root) for split in (("train", "val") if evaluation else ("train",))
     }
     model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, **cfg.model.overrides())
     global_batch = cfg.data.batch_size * cfg.distributed.grad_accum * env.world_size

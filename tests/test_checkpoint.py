@@ -18,7 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline.checkpoint import Checkpointer, CheckpointError, committed_tags, read_manifest
+from pipeline.checkpoint import Checkpointer, CheckpointError
+from pipeline.checkpoint.layout import committed_tags, read_manifest
 from pipeline.config import CheckpointConfig
 from pipeline.storage import Storage, sha256_file
 
@@ -187,7 +188,7 @@ def test_corrupt_file_falls_back_with_warning(tmp_path: Path, caplog: pytest.Log
 
 
 def test_first_good_walks_newest_first_and_names_the_fallback(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from pipeline.checkpoint import committed_candidates, first_good
+    from pipeline.checkpoint.layout import committed_candidates, first_good
 
     ck = _ck(str(tmp_path / "ckpt"), tmp_path, keep_last=3)
     for step in (1, 2, 3):

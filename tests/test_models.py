@@ -14,15 +14,7 @@ import torch
 import torchvision
 from torch import fx, nn
 
-from pipeline.models import (
-    ModelSpec,
-    ResNet,
-    ZeroPadShortcut,
-    build_model,
-    count_macs,
-    list_models,
-    model_spec,
-)
+from pipeline.models import ModelSpec, ResNet, ZeroPadShortcut, build_model, count_macs, list_models, model_spec
 
 IMAGENET_DEPTHS = (18, 34, 50, 101, 152)
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
@@ -371,13 +363,7 @@ def test_model_spec_is_data():
     )
     # A spec built by hand goes straight into the generic class.
     custom = ModelSpec(
-        block="basic",
-        layers=[1, 1],
-        widths=[8, 16],
-        stem="cifar",
-        residual=True,
-        shortcut="A",
-        num_classes=3,
+        block="basic", layers=[1, 1], widths=[8, 16], stem="cifar", residual=True, shortcut="A", num_classes=3
     )
     with torch.no_grad():
         assert ResNet(custom).eval()(torch.randn(1, 3, 16, 16)).shape == (1, 3)

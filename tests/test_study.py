@@ -14,20 +14,12 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from tiny import TINY
 
 from pipeline.config import ConfigError
 from pipeline.study import Member, Study, main, member_config, read_study
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--data.batch_size=32",
-    "--schedule.max_steps=10",
-    "--schedule.unit=step",
-    "--schedule.milestones=[]",
-    "--schedule.warmup=0",
-    "--log_every=2",
-    "--progress=false",
-]
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs/study").glob("*.toml")))

@@ -17,21 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
+from tiny import TINY
 
 from pipeline.config import TrackingConfig, flatten, load_config
 from pipeline.tracking import NullTracker, build_tracker
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-TINY = [
-    "--data.batch_size=32",
-    "--schedule.max_steps=10",
-    "--schedule.unit=step",
-    "--schedule.milestones=[]",
-    "--schedule.warmup=0",
-    "--log_every=2",
-    "--progress=false",
-]
 
 
 def _cfg(uri: str, **kw: object) -> TrackingConfig:

@@ -39,7 +39,7 @@ import torch
 from .errors import DataError
 from .folder import SplitIndex, is_url
 from .pipelines import READER_NAME, TrainAugment, train_pipeline, val_pipeline
-from .source import PAPER_SCALES, STATE_FORMAT, EpochSource, SourceOptions, check_state, derive_seed, shard_range
+from .source import PAPER_SCALES, EpochSource, SourceOptions, derive_seed, shard_range
 
 EVAL_MODES = ("center", "10crop", "multiscale")
 
@@ -65,6 +65,8 @@ class DaliSource(EpochSource):
     to the next. For evaluation each ``iter()`` is one complete pass, even if the previous pass
     was abandoned half-way.
     """
+
+    state_kind = "dali"
 
     def __init__(
         self,
@@ -246,31 +248,10 @@ class DaliSource(EpochSource):
             pipeline = self._pipe.checkpoint() if live else self._pending_checkpoint
         else:
             pipeline = None  # every evaluation pass is identical; only the counter matters
-        return {
-            "format": STATE_FORMAT,
-            "kind": "dali",
-            "split": self.split,
-            "epoch": self._epoch,
-            "batch": self._batch,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "batch_size": self.batch_size,
-            "num_samples": self.num_samples,
-            "pipeline": pipeline,
-        }
+        return {**self._position_state(), "pipeline": pipeline}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state(
-            state,
-            kind="dali",
-            expect={
-                "split": self.split,
-                "rank": self.rank,
-                "world_size": self.world_size,
-                "batch_size": self.batch_size,
-                "num_samples": self.num_samples,
-            },
-        )
+        self._check_state(state)
         pipeline = state.get("pipeline")
         if self.split == "train" and pipeline is None and state["batch"] != 0:
             raise DataError(

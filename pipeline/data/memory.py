@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from .errors import DataError
 from .folder import SplitIndex
-from .source import CIFAR_PAD, STATE_FORMAT, EpochSource, SourceOptions, check_state, shard_range
+from .source import CIFAR_PAD, EpochSource, SourceOptions, shard_range
 
 _DECODE_BATCH = 1000
 
@@ -106,6 +106,9 @@ def decode_split(
 
 class InMemorySource(EpochSource):
     """One split of an ImageFolder dataset in device memory, for one rank; see the module docstring."""
+
+    state_kind = "memory"
+    identity_keys = (*EpochSource.identity_keys, "seed")  # the crop/flip plan is drawn from the seed
 
     def __init__(
         self,
@@ -205,30 +208,8 @@ class InMemorySource(EpochSource):
 
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "format": STATE_FORMAT,
-            "kind": "memory",
-            "split": self.split,
-            "epoch": self._epoch,
-            "batch": self._batch,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "batch_size": self.batch_size,
-            "num_samples": self.num_samples,
-            "seed": self.seed,
-        }
+        return self._position_state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state(
-            state,
-            kind="memory",
-            expect={
-                "split": self.split,
-                "rank": self.rank,
-                "world_size": self.world_size,
-                "batch_size": self.batch_size,
-                "num_samples": self.num_samples,
-                "seed": self.seed,
-            },
-        )
+        self._check_state(state)
         self._seek(int(state["epoch"]), int(state["batch"]) if self.split == "train" else 0)

@@ -122,6 +122,11 @@ class EpochSource:
     jump to another position only through :meth:`_seek` (which a subclass extends to drop its reader).
     """
 
+    state_kind = ""  # the "kind" of this source's saved states; a state of another kind is refused
+    # What a saved position holds only for: a state saved under other values of these cannot reproduce this
+    # source's batches, so load_state_dict refuses it (naming the key).
+    identity_keys: tuple[str, ...] = ("split", "rank", "world_size", "batch_size", "num_samples")
+
     def __init__(self, options: SourceOptions, *, num_samples: int, num_batches: int) -> None:
         # Plain attributes, read by the subclasses' hot paths and by callers that inspect a source.
         self.split, self.rank, self.world_size = options.split, options.rank, options.world_size
@@ -180,6 +185,14 @@ class EpochSource:
     def _make_batch(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch number ``batch`` of the current epoch."""
         raise NotImplementedError
+
+    def _position_state(self) -> dict[str, Any]:
+        """The part of ``state_dict`` every source shares: format, kind, position and identity."""
+        identity = {key: getattr(self, key) for key in self.identity_keys}
+        return {"format": STATE_FORMAT, "kind": self.state_kind, "epoch": self._epoch, "batch": self._batch, **identity}
+
+    def _check_state(self, state: Any) -> None:
+        check_state(state, kind=self.state_kind, expect={key: getattr(self, key) for key in self.identity_keys})
 
 
 def derive_seed(seed: int, rank: int, split: str) -> int:

@@ -12,11 +12,14 @@ from typing import Any
 import torch
 
 from .errors import DataError
-from .source import STATE_FORMAT, EpochSource, SourceOptions, check_state, derive_seed
+from .source import EpochSource, SourceOptions, derive_seed
 
 
 class SyntheticSource(EpochSource):
     """Same interface and epoch/resume rules as a training :class:`~pipeline.data.loader.DaliSource`."""
+
+    state_kind = "synthetic"
+    identity_keys = ()  # random tensors: any position can be restored anywhere
 
     def __init__(self, options: SourceOptions, *, image_size: int, num_batches: int) -> None:
         if num_batches < 1:
@@ -38,8 +41,8 @@ class SyntheticSource(EpochSource):
         return self._images, self._labels
 
     def state_dict(self) -> dict[str, Any]:
-        return {"format": STATE_FORMAT, "kind": "synthetic", "epoch": self._epoch, "batch": self._batch}
+        return self._position_state()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_state(state, kind="synthetic", expect={})
+        self._check_state(state)
         self._seek(int(state["epoch"]), int(state["batch"]))

@@ -88,13 +88,7 @@ class BasicBlock(_Block):
     expansion = 1
 
     def __init__(
-        self,
-        inplanes: int,
-        planes: int,
-        *,
-        stride: int = 1,
-        residual: bool = True,
-        downsample: nn.Module | None = None,
+        self, inplanes: int, planes: int, *, stride: int = 1, residual: bool = True, downsample: nn.Module | None = None
     ) -> None:
         super().__init__(stride=stride, residual=residual, downsample=downsample)
         self.conv1 = conv3x3(inplanes, planes, stride)

@@ -12,10 +12,7 @@ from torch import nn
 from .blocks import BasicBlock, Bottleneck, make_shortcut
 from .spec import ModelSpec
 
-_BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {
-    "basic": BasicBlock,
-    "bottleneck": Bottleneck,
-}
+_BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
 class ResNet(nn.Module):

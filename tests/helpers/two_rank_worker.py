@@ -17,12 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.data import build_source, prepare_dataset_root  # noqa: E402
+from pipeline.data import prepare_dataset_root  # noqa: E402
 from pipeline.distributed import close_distributed, init_distributed  # noqa: E402
 from pipeline.engine import build_engine  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.schedule import LRSchedule  # noqa: E402
 from pipeline.trainer import Trainer  # noqa: E402
+from pipeline.wiring import split_source  # noqa: E402
 
 
 class Recording:
@@ -54,31 +55,8 @@ def main() -> None:
     torch.manual_seed(cfg.seed)  # identical initial weights; DeepSpeed also broadcasts rank 0's
     root = prepare_dataset_root(cfg.data)
     seen: list[list[str]] = []
-    train = Recording(
-        build_source(
-            cfg.data,
-            split="train",
-            rank=env.rank,
-            world_size=env.world_size,
-            device=env.device,
-            seed=cfg.seed,
-            num_classes=cfg.model.num_classes,
-            root=root,
-        ),
-        seen,
-        cfg.data.mean,
-        cfg.data.std,
-    )
-    val = build_source(
-        cfg.data,
-        split="val",
-        rank=env.rank,
-        world_size=env.world_size,
-        device=env.device,
-        seed=cfg.seed,
-        num_classes=cfg.model.num_classes,
-        root=root,
-    )
+    train = Recording(split_source(cfg, env, "train", root=root), seen, cfg.data.mean, cfg.data.std)
+    val = split_source(cfg, env, "val", root=root)
     model = build_model(cfg.model.name, num_classes=cfg.model.num_classes)
     engine = build_engine(
         model,

@@ -310,30 +310,11 @@ def test_prepare_from_and_to_s3(tmp_path, archives, s3_bucket, s3_endpoint, monk
         return real_write(self, split, cls, name, data)
 
     monkeypatch.setattr(prepare_mod._PreparedTree, "write", crash_on_third_class)
+    args = dict(train_tar=p["train"], val_tar=p["val"], devkit=p["devkit"], workers=4, mean_samples=50)
     with pytest.raises(OSError):
-        prepare_imagenet(
-            out,
-            train_tar=p["train"],
-            val_tar=p["val"],
-            devkit=p["devkit"],
-            workers=4,
-            mean_samples=50,
-            image_size=16,
-            resize=18,
-            progress=False,
-        )
+        prepare_imagenet(out, **args, image_size=16, resize=18, progress=False)
     monkeypatch.setattr(prepare_mod._PreparedTree, "write", real_write)
-    manifest = prepare_imagenet(
-        out,
-        train_tar=p["train"],
-        val_tar=p["val"],
-        devkit=p["devkit"],
-        workers=4,
-        mean_samples=50,
-        image_size=16,
-        resize=18,
-        progress=False,
-    )
+    manifest = prepare_imagenet(out, **args, image_size=16, resize=18, progress=False)
     assert manifest["splits"]["train"]["files"] == 12 and manifest["splits"]["val"]["files"] == 6
     store = Storage(out)
     listing = store.find()

@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
-# The venv first on PATH: DeepSpeed JIT-builds a CPU op with whichever ninja it finds, and a
-# different ninja (the system's) hashes the build differently and rebuilds it (~1 min) every time.
+# The venv first on PATH (torchrun, and ninja should DeepSpeed ever JIT-build an op: a different ninja hashes
+# the build differently). A CPU run builds none: pipeline.distributed keeps DeepSpeed from compiling its
+# shared-memory comm op, which only tensor-parallel inference uses.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
 demo: $(STAMP)

@@ -88,6 +88,8 @@ def init_distributed(cfg: DistributedConfig) -> DistEnv:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    skip_shm_comm_build()
+
     timeout = timedelta(seconds=cfg.timeout_s)
     if env.world_size == 1 and not dist.is_initialized():
         # A world of one needs no rendezvous: an in-memory store instead of the TCP store, whose port another
@@ -96,6 +98,20 @@ def init_distributed(cfg: DistributedConfig) -> DistEnv:
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
     return DistEnv(env.rank, env.world_size, env.local_rank, env.local_world_size, env.node_rank, env.device, backend)
+
+
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory comm op when the process group starts.
+
+    With the CPU accelerator, DeepSpeed's torch comm backend compiles ``deepspeed_shm_comm`` with g++ (35-180 s per
+    machine and per build folder) whenever the op is marked compatible. Only ``inference_all_reduce`` (tensor-parallel
+    inference) uses it; training reduces through torch.distributed (gloo), so nothing is lost by marking it
+    unavailable. DeepSpeed keeps that table in one module-level dict, probed once, so the edit holds.
+    (The CUDA accelerator has no such op: GPU runs build nothing at start.)
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def close_distributed() -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # so tests can `import s3_server`
-# DeepSpeed JIT-builds a CPU op (~1 min) in ~/.cache/torch_extensions, shared by every checkout on the machine,
-# which then rebuild it in turn; one folder per checkout, inherited by every DeepSpeed process a test starts,
-# builds it once.
+# pipeline.distributed keeps DeepSpeed from JIT-building its CPU comm op (tests/test_startup.py); should a test
+# build any op, it goes to a folder per checkout (inherited by every process a test starts), not to
+# ~/.cache/torch_extensions, which every checkout on the machine shares and would rebuild in turn.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
 
 

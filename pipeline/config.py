@@ -321,13 +321,17 @@ class TrackingConfig:
     run_name: str = doc("", '"" = the config name')
     study: str = doc("", "study name tag (set by pipeline.study)")
     parent_run_id: str = doc("", "nested under this MLflow run (set by pipeline.study)")
-    system_metrics: bool = doc(True, "CPU/memory/GPU from local rank 0 of every node")
+    system_metrics: bool = doc(True, "MLflow's system metrics (CPU, memory, disk, network, GPU) from every node")
     system_metrics_interval_s: float = doc(10.0, "seconds between system-metric samples on each node")
     flush_interval_s: float = doc(2.0, "seconds between metric batches (log_batch) sent to MLflow")
     max_buffered: int = doc(100000, "metric points held while MLflow is unreachable; beyond it the oldest are dropped")
     start_timeout_s: float = doc(15.0, "how long rank 0 waits for MLflow at start before training on without it")
     finish_timeout_s: float = doc(60.0, "how long the end of a run waits for MLflow to take what is buffered")
     log_model: bool = doc(True, "log the final model with mlflow.pytorch.log_model")
+
+    def __post_init__(self) -> None:
+        if self.system_metrics_interval_s <= 0:
+            raise ConfigError("tracking.system_metrics_interval_s must be > 0 (seconds between system-metric samples)")
 
 
 @dataclass

@@ -1,111 +1,96 @@
-"""Node-level system metrics (CPU, memory, and per-GPU utilisation and memory through NVML).
+"""MLflow's own system metrics from the local rank 0 of every node, sent through the tracker's BatchSender.
 
-One sampler runs on the local rank 0 of every node. Keys carry the node id
-(``system/node_3/gpu_0_utilization_percentage``), so a straggling node stands out in the run's
-system-metrics view next to the others. The step is whole seconds since the run started, a clock
-all nodes share, which stays increasing across a resume.
+MLflow's ``SystemMetricsMonitor`` samples CPU, memory, disk and network, and per-GPU utilisation, memory and power
+(through nvidia-ml-py, where there is a GPU), averages them and names them with the node id, as its multi-node
+runs do: ``system/node_1/gpu_0_utilization_percentage``, which MLflow's UI shows in its "System metrics" section.
+Two of its habits do not suit a training job, and are replaced here:
+
+- its loop asks the server for the run's status after every sample and stops for good at the first failed
+  request; here it samples until stopped, whatever the server does;
+- it sends ``log_batch`` from its own thread, synchronously, and ``finish()`` waits for that with no time limit;
+  here the points join the tracker's queue (buffered through an outage, bounded by ``tracking.max_buffered``)
+  and ``finish()`` waits a few seconds at most for the sampling thread.
+
+The step counts sampling periods since the run started, on a clock every node shares; after a resume it
+continues past the steps already logged (MLflow would ask the server for the last one).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
-import psutil
+from mlflow.entities import Metric
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+if TYPE_CHECKING:
+    from pipeline.tracking.sender import BatchSender
 
 log = logging.getLogger("pipeline.tracking")
 
 
-class _Nvml:
-    """pynvml when a GPU and the library are there; otherwise nothing, silently (CPU machines)."""
+class _SenderLogger:
+    """Stands in for MLflow's BatchMetricsLogger (``record_metrics``/``flush``): points go to the BatchSender."""
 
-    def __init__(self) -> None:
-        self.handles: list[Any] = []
-        self.nvml: Any = None
-        try:
-            import pynvml
+    def __init__(self, sender: BatchSender, run_id: str | None) -> None:
+        self.sender = sender
+        self.run_id = run_id  # None: the sender's run, which rank 0 may still be creating
 
-            pynvml.nvmlInit()
-            self.nvml = pynvml
-            self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        except Exception:  # noqa: BLE001 - no library, no driver or no GPU: no GPU metrics
-            self.handles = []
+    def record_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        ts = int(time.time() * 1000)
+        self.sender.add_metrics(self.run_id, [Metric(k, float(v), ts, int(step or 0)) for k, v in metrics.items()])
 
-    def sample(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for i, h in enumerate(self.handles):
-            try:
-                util = self.nvml.nvmlDeviceGetUtilizationRates(h)
-                mem = self.nvml.nvmlDeviceGetMemoryInfo(h)
-            except Exception:  # noqa: BLE001 - a GPU that stops answering must not stop sampling
-                continue
-            out[f"gpu_{i}_utilization_percentage"] = float(util.gpu)
-            out[f"gpu_{i}_memory_usage_megabytes"] = mem.used / 2**20
-            out[f"gpu_{i}_memory_usage_percentage"] = 100.0 * mem.used / max(mem.total, 1)
-        return out
-
-    def close(self) -> None:
-        if self.nvml is not None:
-            try:
-                self.nvml.nvmlShutdown()
-            except Exception:  # noqa: BLE001
-                pass
+    def flush(self) -> None:
+        pass  # the sender sends on its own; the tracker closes it
 
 
-def sample_system(nvml: _Nvml | None = None) -> dict[str, float]:
-    """One reading of this node; CPU utilisation is the average since the previous call."""
-    vm = psutil.virtual_memory()
-    out = {
-        "cpu_utilization_percentage": psutil.cpu_percent(interval=None),
-        "system_memory_usage_megabytes": (vm.total - vm.available) / 2**20,
-        "system_memory_usage_percentage": vm.percent,
-    }
-    if nvml is not None:
-        out.update(nvml.sample())
-    return out
-
-
-class SystemMetricsSampler:
-    """A daemon thread that hands ``emit(step, {"system/node_N/...": value})`` a reading every interval."""
+class NodeSystemMetrics(SystemMetricsMonitor):
+    """MLflow's monitor for one node, with the loop and the stop described in the module docstring."""
 
     def __init__(
-        self,
-        *,
-        node_id: int,
-        interval_s: float,
-        emit: Callable[[int, dict[str, float]], None],
-        start_time_s: float | None = None,
+        self, *, run_id: str | None, node_id: int, interval_s: float, uri: str, sender: BatchSender, start_time_s: float
     ) -> None:
-        self.node_id = node_id
-        self.interval_s = max(1.0, interval_s)
-        self.emit = emit
-        self.start_time_s = start_time_s if start_time_s is not None else time.time()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"system-metrics-node{node_id}", daemon=True)
+        # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL / _NODE_ID override these, as MLflow documents.
+        super().__init__(run_id, sampling_interval=interval_s, node_id=f"node_{node_id}", tracking_uri=uri)
+        self.mlflow_logger = _SenderLogger(sender, run_id)
+        period = float(self.sampling_interval) * int(self.samples_before_logging)
+        self._logging_step = int(max(0.0, time.time() - start_time_s) // period)
 
-    def start(self) -> SystemMetricsSampler:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-
-    def _loop(self) -> None:
-        nvml = _Nvml()
-        psutil.cpu_percent(interval=None)  # the first reading is meaningless; it starts the window
-        prefix = f"system/node_{self.node_id}/"
-        try:
-            while not self._stop.wait(self.interval_s):
+    def monitor(self) -> None:
+        while not self._shutdown_event.is_set():
+            for _ in range(int(self.samples_before_logging)):
                 try:
-                    reading = sample_system(nvml)
-                    step = int(time.time() - self.start_time_s)
-                    self.emit(step, {prefix + k: v for k, v in reading.items()})
-                except Exception as e:  # noqa: BLE001 - sampling is best effort
-                    log.debug("system metrics sample failed: %s", e)
-        finally:
-            nvml.close()
+                    self.collect_metrics()
+                except Exception as e:  # noqa: BLE001 - a sensor that fails once must not end sampling
+                    log.debug("system metrics: a sample failed: %s", e)
+                if self._shutdown_event.wait(float(self.sampling_interval)):
+                    return
+            try:
+                self.publish_metrics(self.aggregate_metrics())
+            except Exception as e:  # noqa: BLE001
+                log.debug("system metrics: aggregating failed: %s", e)
+                for m in self.monitors:
+                    m.clear_metrics()
+
+    def finish(self, timeout_s: float = 5.0) -> None:
+        """Stop sampling; the partial period is dropped, as MLflow's monitor does. Never waits on the network."""
+        self._shutdown_event.set()
+        thread, self._process = self._process, None
+        if thread is not None:
+            thread.join(timeout_s)
+
+
+def start_node_metrics(
+    *, run_id: str | None, node_id: int, interval_s: float, uri: str, sender: BatchSender, start_time_s: float
+) -> NodeSystemMetrics | None:
+    """Start sampling this node into the run; None (with a warning) when the monitor cannot be set up."""
+    try:
+        monitor = NodeSystemMetrics(
+            run_id=run_id, node_id=node_id, interval_s=interval_s, uri=uri, sender=sender, start_time_s=start_time_s
+        )
+    except Exception as e:  # noqa: BLE001 - system metrics are never worth a failed run
+        log.warning("MLflow system metrics cannot start on node %d (%s): training goes on without them", node_id, e)
+        return None
+    monitor.start()
+    return monitor

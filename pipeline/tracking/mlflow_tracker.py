@@ -4,7 +4,7 @@ Rank 0 creates (or, on resume, reopens) the run and broadcasts its id; the check
 a requeued job continues the same run. Every MLflow call goes through the background sender: the
 training loop only appends to a queue, and an unreachable server costs it nothing.
 
-Local rank 0 of every other node only samples system metrics into the same run.
+Local rank 0 of every node (rank 0's too) adds MLflow's system metrics to the same run (pipeline.system_metrics).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import TrackingConfig
-from pipeline.system_metrics import SystemMetricsSampler
+from pipeline.system_metrics import NodeSystemMetrics, start_node_metrics
 from pipeline.tracking.base import NullTracker
 from pipeline.tracking.sender import BatchSender
 from pipeline.tracking.store import (
@@ -99,7 +99,7 @@ class MLflowTracker:
         self.experiment_id: str | None = None
         self.start_time_s: float | None = None
         self.sender: BatchSender | None = None
-        self._sampler: SystemMetricsSampler | None = None
+        self._monitor: NodeSystemMetrics | None = None
         self._finished = False
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -120,12 +120,15 @@ class MLflowTracker:
         start = self.start_time_s if self.start_time_s is not None else time.time()
         self.run_id, start = share_run(self.run_id, start)
         if self.sender is not None and self.cfg.system_metrics:
-            self._sampler = SystemMetricsSampler(
+            # self.run_id may still be None (the server is late): the sender then sends to the run once created.
+            self._monitor = start_node_metrics(
+                run_id=self.run_id,
                 node_id=self.node_id,
                 interval_s=self.cfg.system_metrics_interval_s,
-                emit=self.log_metrics,
+                uri=self.uri,
+                sender=self.sender,
                 start_time_s=start,
-            ).start()
+            )
         atexit.register(self._at_exit)
         return self.run_id
 
@@ -186,8 +189,8 @@ class MLflowTracker:
         """Record the final state and send what is buffered, waiting at most tracking.finish_timeout_s."""
         if self._finished or self.sender is None:
             return
-        if self._sampler is not None:
-            self._sampler.stop()
+        if self._monitor is not None:
+            self._monitor.finish()
         self._submit(lambda c: c.set_terminated(self._rid(), status=status), f"set status {status}")
         self._finished = True
         t0 = time.monotonic()
@@ -216,8 +219,8 @@ class MLflowTracker:
         # An exception path that skipped finish(): still try to deliver what is buffered, briefly.
         if not self._finished and self.sender is not None:
             self._finished = True
-            if self._sampler is not None:
-                self._sampler.stop()
+            if self._monitor is not None:
+                self._monitor.finish()
             self.sender.close(min(10.0, self.cfg.finish_timeout_s))
 
     # -- logging ------------------------------------------------------------------------------------
@@ -292,7 +295,7 @@ class MLflowTracker:
 
 
 class FollowerTracker(NullTracker):
-    """Every rank but global 0: receives the run id; on a node's local rank 0 it samples system metrics."""
+    """Every rank but global 0: receives the run id; on a node's local rank 0 it adds the node's system metrics."""
 
     def __init__(self, cfg: TrackingConfig, *, node_id: int = 0, is_local_main: bool = False) -> None:
         self.cfg = cfg
@@ -300,7 +303,7 @@ class FollowerTracker(NullTracker):
         self.is_local_main = is_local_main
         self.run_id: str | None = None
         self._sender: BatchSender | None = None
-        self._sampler: SystemMetricsSampler | None = None
+        self._monitor: NodeSystemMetrics | None = None
 
     def start(self, run_id: str | None = None) -> str | None:
         self.run_id, start = share_run(None, None)
@@ -308,24 +311,22 @@ class FollowerTracker(NullTracker):
             uri = resolve_uri(self.cfg)
             self._sender = _new_sender(self.cfg, uri, f"mlflow-sender-node{self.node_id}")
             if self._sender is not None:
-                rid, sender = self.run_id, self._sender
-                from mlflow.entities import Metric
-
-                def emit(step: int, values: dict[str, float]) -> None:
-                    ts = int(time.time() * 1000)
-                    sender.add_metrics(rid, [Metric(k, float(v), ts, step) for k, v in values.items()])
-
-                self._sampler = SystemMetricsSampler(
-                    node_id=self.node_id, emit=emit, start_time_s=start, interval_s=self.cfg.system_metrics_interval_s
-                ).start()
+                self._monitor = start_node_metrics(
+                    run_id=self.run_id,
+                    node_id=self.node_id,
+                    interval_s=self.cfg.system_metrics_interval_s,
+                    uri=uri,
+                    sender=self._sender,
+                    start_time_s=start if start is not None else time.time(),
+                )
                 # train.run() finishes the tracker on rank 0 only: deliver this node's samples at exit.
                 atexit.register(self.finish)
         return self.run_id
 
     def finish(self, status: str = "FINISHED") -> None:
-        sampler, self._sampler = self._sampler, None
-        if sampler is not None:
-            sampler.stop()
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.finish()
         sender, self._sender = self._sender, None
         if sender is not None:
             sender.close(min(10.0, self.cfg.finish_timeout_s))

@@ -111,7 +111,9 @@ def skip_shm_comm_build() -> None:
     """
     import deepspeed.ops
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    table = getattr(deepspeed.ops, "__compatible_ops__", None)  # DeepSpeed 0.19.8; another version may lack it
+    if isinstance(table, dict):
+        table["deepspeed_shm_comm"] = False
 
 
 def close_distributed() -> None:

@@ -110,6 +110,8 @@ class TrainingRun:
     def log_model(self) -> None:
         """Rank 0, after the checkpointer closed: the final model, named after the run, with a one-image input
         example (its signature is inferred from it) and the URI of the last committed checkpoint as a tag."""
+        if not (self.cfg.tracking.enabled and self.cfg.tracking.log_model):
+            return  # nothing would be logged: list no checkpoints for it
         size = self.cfg.data.image_size
         example = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
         tags = {}

@@ -327,7 +327,12 @@ class TrackingConfig:
     max_buffered: int = doc(100000, "metric points held while MLflow is unreachable; beyond it the oldest are dropped")
     start_timeout_s: float = doc(15.0, "how long rank 0 waits for MLflow at start before training on without it")
     finish_timeout_s: float = doc(60.0, "how long the end of a run waits for MLflow to take what is buffered")
-    log_model: bool = doc(True, "log the final model with mlflow.pytorch.log_model")
+    log_model: bool = doc(
+        True, "log the final model (named after the run, with a signature and an input example) at the end"
+    )
+    register_model: bool = doc(
+        False, "also register the logged model under the run's name, tagged with the checkpoint it came from"
+    )
 
     def __post_init__(self) -> None:
         if self.system_metrics_interval_s <= 0:

@@ -25,7 +25,8 @@ A member's config may itself name a ``base`` recipe (see ``pipeline.config``).
 The study creates (or, when rerun, reopens) a parent MLflow run and runs each member as its own
 training process, nested under it (``mlflow.parentRunId``). A rerun skips members whose run already
 finished, and resumes the others from their checkpoints, into the same child run. One member's
-failure does not stop the others.
+failure does not stop the others. The parent's status and end time follow its members: FINISHED once all
+finished, FAILED when one failed, ending with the last member (a rerun with nothing to do changes nothing).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ from pipeline.config import (
     to_toml,
 )
 from pipeline.signals import STOP_EXIT_CODE
-from pipeline.tracking.study_runs import PARENT_ROLE, child_runs, newest_parent
+from pipeline.tracking.datasets import dataset_name
+from pipeline.tracking.study_runs import PARENT_ROLE, member_runs, newest_parent
 
 log = logging.getLogger("pipeline.study")
 
@@ -176,7 +178,8 @@ def _client(uri: str) -> Any:
 def open_parent(
     client: Any, study: Study, *, experiment: str, configs: dict[str, TrainConfig], create: bool = True
 ) -> str | None:
-    """Reopen the study's newest parent run, or create it (with the study file as an artifact).
+    """Find the study's newest parent run, or create it (with the study file as an artifact). A found parent
+    is left as it is: :func:`run_study` marks it RUNNING only when members are about to run.
     ``create=False`` only looks (None when there is none yet) and changes nothing."""
     from mlflow.entities import Param
 
@@ -192,14 +195,11 @@ def open_parent(
         exp_id = exp.experiment_id
     found = newest_parent(client, study.name, [exp_id])
     if found is not None:
-        parent = found.info.run_id
-        if create:
-            client.update_run(parent, status="RUNNING")
-        return parent
+        return found.info.run_id
     if not create:
         return None
     first = next(iter(configs.values()))
-    dataset = first.data.source if first.data.source != "folder" else first.data.style
+    dataset = dataset_name(first.data)
     run = client.create_run(
         exp_id,
         run_name=study.name,
@@ -223,10 +223,39 @@ def open_parent(
 
 def finished_children(client: Any, parent_run_id: str, experiment_id: str) -> dict[str, Any]:
     """Member name -> its newest FINISHED child run."""
-    out: dict[str, Any] = {}
-    for r in child_runs(client, parent_run_id, experiment_id, finished_only=True):
-        out.setdefault(r.info.run_name, r)
-    return out
+    return {m: r for m, r in member_runs(client, parent_run_id, experiment_id).items() if r.info.status == "FINISHED"}
+
+
+def parent_state(
+    children: dict[str, Any], members: list[str], *, failed: bool = False, stopped: bool = False
+) -> tuple[str, int | None]:
+    """The parent's status and end time (ms) from its members' runs (``children``: :func:`member_runs`) and
+    what this invocation saw (``failed``: a member's process failed, perhaps before its run existed;
+    ``stopped``: the study was stopped). FAILED when a member failed, KILLED when one was stopped or has not
+    run yet (``--only``), RUNNING while one still runs (a SLURM array), FINISHED when all finished. The end
+    time is the last member's: a rerun that finds nothing to do does not lengthen the study."""
+    runs = [children[m] for m in members if m in children]
+    statuses = {r.info.status for r in runs}
+    if failed or "FAILED" in statuses:
+        status = "FAILED"
+    elif stopped or "KILLED" in statuses:
+        status = "KILLED"
+    elif statuses & {"RUNNING", "SCHEDULED"}:
+        status = "RUNNING"
+    else:
+        status = "FINISHED" if len(runs) == len(members) else "KILLED"
+    ends = [r.info.end_time for r in runs if r.info.end_time]
+    return status, (max(ends) if ends else None)
+
+
+def close_parent(client: Any, parent: str, exp_id: str, members: list[str], *, failed: bool, stopped: bool) -> str:
+    """Set the parent's status and end time from its members (:func:`parent_state`); returns the status."""
+    status, end_ms = parent_state(member_runs(client, parent, exp_id), members, failed=failed, stopped=stopped)
+    if status == "RUNNING":
+        client.update_run(parent, status=status)
+    else:
+        client.set_terminated(parent, status=status, end_time=end_ms)
+    return status
 
 
 # -- running ----------------------------------------------------------------------------------------
@@ -308,9 +337,12 @@ def run_study(
         path.write_text(to_toml(cfg))
         todo.append((m, path))
 
+    names = [m.name for m in study.members]
+    if parent is not None and todo:
+        client.update_run(parent, status="RUNNING")
     if slurm:
         if not todo and parent is not None:
-            client.set_terminated(parent, status="FINISHED")
+            close_parent(client, parent, exp_id, names, failed=False, stopped=False)
         # The parent stays RUNNING while the array runs; rerunning the study once it is done closes it.
         return outcomes + _submit(study, todo, folder=folder, dry_run=dry_run)
     for i, (m, path) in enumerate(todo, 1):
@@ -324,10 +356,13 @@ def run_study(
         if outcome.state == "stopped":
             break  # the study itself is being stopped (SLURM time limit, preemption): rerun to continue
     if not dry_run and parent is not None:
-        all_done = all(o.state in ("finished", "skipped") for o in outcomes) and len(outcomes) == len(members)
-        client.set_terminated(
+        close_parent(
+            client,
             parent,
-            status="FINISHED" if all_done else ("KILLED" if any(o.state == "stopped" for o in outcomes) else "FAILED"),
+            exp_id,
+            names,
+            failed=any(o.state == "failed" for o in outcomes),
+            stopped=any(o.state == "stopped" for o in outcomes),
         )
     return outcomes
 
@@ -350,17 +385,12 @@ def _run_member(m: Member, cmd: list[str]) -> MemberOutcome:
 
 def _child_result(client: Any, parent: str, exp_id: str, member: str) -> tuple[str | None, float | None]:
     try:
-        runs = client.search_runs(
-            [exp_id],
-            filter_string=f"tags.mlflow.parentRunId = '{parent}' and attributes.run_name = '{member}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
+        run = member_runs(client, parent, exp_id).get(member)
     except Exception:  # noqa: BLE001 - the summary is informative only
         return None, None
-    if not runs:
+    if run is None:
         return None, None
-    return runs[0].info.run_id, runs[0].data.metrics.get("val_top1_error")
+    return run.info.run_id, run.data.metrics.get("val_top1_error")
 
 
 def _submit(study: Study, todo: list[tuple[Member, Path]], *, folder: Path, dry_run: bool) -> list[MemberOutcome]:

@@ -80,7 +80,7 @@ def run(cfg: TrainConfig, *, stop: StopFlag | None = None) -> RunOutcome:
                     STOP_EXIT_CODE,
                 )
             else:
-                built.tracker.log_model(built.engine.module)
+                built.log_model()
             built.tracker.finish("KILLED" if result.stopped else "FINISHED")
         return RunOutcome(
             exit_code, result.final_val, result.history, str(built.output_dir), built.run_id, built.tracker.run_id

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pipeline.checkpoint import Checkpointer
+from pipeline.checkpoint.layout import committed_tags
 from pipeline.config import ConfigError, TrainConfig, flatten, to_toml
 from pipeline.data import DataSource, build_source, prepare_dataset_root
 from pipeline.distributed import DistEnv, broadcast_object
@@ -23,7 +24,9 @@ from pipeline.engine import build_engine
 from pipeline.models import build_model, model_spec
 from pipeline.schedule import LRSchedule, scaled_lr
 from pipeline.signals import StopFlag
+from pipeline.storage import StorageError
 from pipeline.tracking import Tracker, build_tracker
+from pipeline.tracking.datasets import dataset_name, describe_split
 from pipeline.trainer import Trainer
 
 log = logging.getLogger("pipeline")
@@ -68,17 +71,15 @@ class TrainingRun:
             out_dir = self.output_dir
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / "config.toml").write_text(to_toml(cfg))
-            if state is None:
-                self.tracker.log_params(flatten(cfg))
-            spec = model_spec(cfg.model.name, **cfg.model.overrides())
-            self.tracker.set_tags(
-                {
-                    **spec.tags(),
-                    "model": cfg.model.name,
-                    "dataset": cfg.data.source if cfg.data.source != "folder" else cfg.data.style,
-                    "world_size": str(env.world_size),
-                    **self.engine.fast_path.as_params(),
-                }
+            # The config, and the experiment's identity as params too, so the compare view's "Diff only" and
+            # parallel coordinates can use depth, residual, ... A resumed run keeps each param's first value
+            # (world_size included: the tag shows the current one); a new run logs them all.
+            identity = self.identity()
+            self.tracker.log_params({**flatten(cfg), **identity})
+            # The same as tags, for search; a tag shows the current value (world_size after a resume elsewhere).
+            self.tracker.set_tags({**identity, "model": cfg.model.name, **self.engine.fast_path.as_params()})
+            self.tracker.log_inputs(
+                [describe_split(cfg.data, split=split, source=source) for split, source in self.sources.items()]
             )
             self.tracker.log_artifact(str(out_dir / "config.toml"))
             log.info(
@@ -93,6 +94,40 @@ class TrainingRun:
                 self.steps_per_epoch,
             )
         return state
+
+    def identity(self) -> dict[str, str]:
+        """What tells this run's experiment apart from another's: the network (depth, residual, shortcut,
+        block, ...), the data (name, images per split) and the scale (global batch, world size)."""
+        spec = model_spec(self.cfg.model.name, **self.cfg.model.overrides())
+        return {
+            **spec.tags(),
+            "dataset": dataset_name(self.cfg.data),
+            **{f"{split}_samples": str(source.num_samples) for split, source in self.sources.items()},
+            "global_batch": str(self.global_batch),
+            "world_size": str(self.env.world_size),
+        }
+
+    def log_model(self) -> None:
+        """Rank 0, after the checkpointer closed: the final model, named after the run, with a one-image input
+        example (its signature is inferred from it) and the URI of the last committed checkpoint as a tag."""
+        if not (self.cfg.tracking.enabled and self.cfg.tracking.log_model):
+            return  # nothing would be logged: list no checkpoints for it
+        size = self.cfg.data.image_size
+        example = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
+        tags = {}
+        if self.checkpointer is not None:
+            try:
+                committed = committed_tags(self.checkpointer.store)
+            except StorageError as e:
+                log.warning(
+                    "cannot list the checkpoints at %s (%s): the model carries no checkpoint_uri",
+                    self.checkpointer.store.uri,
+                    e,
+                )
+                committed = []
+            if committed:
+                tags["checkpoint_uri"] = self.checkpointer.store.url(committed[0])
+        self.tracker.log_model(self.engine.module, input_example=example, tags=tags)
 
 
 def seed_everything(seed: int) -> None:

@@ -7,14 +7,12 @@ reruns the study to check that finished members are skipped.
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from tiny import TINY
+from tiny import digits_study
 
 from pipeline.config import ConfigError
 from pipeline.study import Member, Study, main, member_config, read_study
@@ -148,20 +146,7 @@ def test_slurm_prints_the_array_command_and_submits_only_with_sbatch(tmp_path: P
 
 @pytest.mark.slow
 def test_two_member_study_nests_children_reports_and_skips_finished_members(mlflow_server, tmp_path: Path) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline.study",
-        str(REPO / "configs/study/digits_depth.toml"),
-        *TINY,
-        f"--data.cache_dir={REPO / '.cache/datasets'}",
-        f"--checkpoint.uri={tmp_path / 'ckpt'}",
-        f"--output_dir={tmp_path / 'runs/{name}'}",
-        f"--tracking.uri={mlflow_server.uri}",
-        "--tracking.flush_interval_s=0.5",
-        "--report",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": ""}
+    cmd, env = digits_study(tmp_path, mlflow_server.uri, "--report")
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 

@@ -214,7 +214,16 @@ def test_two_rank_run_logs_exactly_one_run(mlflow_server, tmp_path: Path) -> Non
     run = runs[0]
     assert run.info.status == "FINISHED" and run.info.run_name == "two_rank"
     expected = flatten(load_config(args[1], args[2:]))
-    assert run.data.params == expected
+    # The config, plus the experiment's identity (tests/test_mlflow_records.py checks those in a study).
+    params = run.data.params
+    assert {k: params[k] for k in expected} == expected
+    assert {k: params[k] for k in ("depth", "residual", "shortcut", "world_size", "global_batch")} == {
+        "depth": "20",
+        "residual": "true",
+        "shortcut": "A",
+        "world_size": "2",
+        "global_batch": "64",
+    }
     tags = run.data.tags
     assert {k: tags[k] for k in ("depth", "residual", "shortcut", "dataset", "study", "world_size")} == {
         "depth": "20",

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from pipeline.tracking.datasets import DatasetRecord
 
 
 class Tracker(Protocol):
@@ -12,8 +17,11 @@ class Tracker(Protocol):
     def log_params(self, params: dict[str, str]) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
+    def log_inputs(self, datasets: list[DatasetRecord]) -> None: ...
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
-    def log_model(self, model: Any) -> None: ...
+    def log_model(
+        self, model: Any, *, name: str = "", input_example: np.ndarray | None = None, tags: dict[str, str] | None = None
+    ) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -38,7 +46,12 @@ class NullTracker:
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         pass
 
-    def log_model(self, model: Any) -> None:
+    def log_inputs(self, datasets: list[DatasetRecord]) -> None:
+        pass
+
+    def log_model(
+        self, model: Any, *, name: str = "", input_example: np.ndarray | None = None, tags: dict[str, str] | None = None
+    ) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:

@@ -12,14 +12,16 @@ from __future__ import annotations
 import atexit
 import copy
 import getpass
+import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import TrackingConfig
 from pipeline.system_metrics import NodeSystemMetrics, start_node_metrics
 from pipeline.tracking.base import NullTracker
+from pipeline.tracking.datasets import DatasetRecord
 from pipeline.tracking.sender import BatchSender
 from pipeline.tracking.store import (
     configure_http_for_training,
@@ -28,7 +30,11 @@ from pipeline.tracking.store import (
     gpu_type,
     resolve_uri,
     run_url,
+    unique_run_name,
 )
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger("pipeline.tracking")
 
@@ -173,9 +179,12 @@ class MLflowTracker:
         }
         if self.cfg.study:
             tags["study"] = self.cfg.study
+            # The member's name, whatever suffix its run name gets (a member rerun from scratch).
+            tags["study_member"] = self.run_name
         if self.cfg.parent_run_id:
             tags["mlflow.parentRunId"] = self.cfg.parent_run_id
-        run = client.create_run(self.experiment_id, run_name=self.run_name or None, tags=tags)
+        name = unique_run_name(client, self.experiment_id, self.run_name) if self.run_name else None
+        run = client.create_run(self.experiment_id, run_name=name, tags=tags)
         self.start_time_s = run.info.start_time / 1000
         self.run_id = run.info.run_id
         log.info(
@@ -234,11 +243,48 @@ class MLflowTracker:
             self.sender.submit(fn, what)
 
     def log_params(self, params: dict[str, str]) -> None:
+        """Log the params the run does not have yet. MLflow params are immutable: a resumed run keeps the
+        first value of each (a changed one is named in the log; its tag, where there is one, shows the
+        current value), and a key added since is logged."""
+        wanted = {k: str(v)[:6000] for k, v in params.items()}
+        self._submit(lambda c: self._log_new_params(c, wanted), f"log {len(wanted)} params")
+
+    def _log_new_params(self, client: Any, wanted: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        have = client.get_run(self._rid()).data.params
+        changed = sorted(k for k, v in wanted.items() if k in have and have[k] != v)
+        if changed:
+            log.info(
+                "MLflow: run %s keeps its first value of %s (params cannot change): %s",
+                self.run_id,
+                ", ".join(changed),
+                ", ".join(f"{k} {have[k]} -> {wanted[k]}" for k in changed[:5]),
+            )
+        items = [Param(k, v) for k, v in wanted.items() if k not in have]
         for chunk in _chunks(items, _MAX_PARAMS):
-            self._submit(lambda c, chunk=chunk: c.log_batch(self._rid(), params=chunk), f"log {len(chunk)} params")
+            client.log_batch(self._rid(), params=chunk)
+
+    def log_inputs(self, datasets: list[DatasetRecord]) -> None:
+        """The run's datasets (MLflow's Datasets column), each with its context: training or validation."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    name=d.name,
+                    digest=d.digest,
+                    source_type=d.source_type,
+                    source=json.dumps({"uri": d.source}),
+                    profile=d.profile(),
+                ),
+                tags=[InputTag(MLFLOW_DATASET_CONTEXT, d.context)],
+            )
+            for d in datasets
+        ]
+        if inputs:
+            self._submit(lambda c: c.log_inputs(self._rid(), datasets=inputs), f"log {len(inputs)} dataset inputs")
 
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -259,7 +305,12 @@ class MLflowTracker:
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self._submit(lambda c: c.log_artifact(self._rid(), path, artifact_path), f"upload {Path(path).name}")
 
-    def log_model(self, model: Any) -> None:
+    def log_model(
+        self, model: Any, *, name: str = "", input_example: np.ndarray | None = None, tags: dict[str, str] | None = None
+    ) -> None:
+        """Log ``model`` as a logged model called ``name`` (default: the run name) with a signature inferred
+        from ``input_example`` (a tiny batch); registered under the same name when tracking.register_model,
+        with ``tags`` (e.g. the checkpoint it came from) on the logged model and on the model version."""
         if not self.cfg.log_model:
             return
         try:
@@ -267,31 +318,44 @@ class MLflowTracker:
         except Exception as e:  # noqa: BLE001
             log.warning("MLflow: the model cannot be copied for logging (%s); not logged", e)
             return
-        self._submit(lambda c: self._log_model(snapshot), "log_model")
+        name = name or self.run_name or "model"
+        self._submit(lambda c: self._log_model(snapshot, name, input_example, dict(tags or {})), f"log model {name}")
 
-    def _log_model(self, model: Any) -> None:
+    def _log_model(self, model: Any, name: str, example: np.ndarray | None, tags: dict[str, str]) -> None:
         import mlflow
         import mlflow.pytorch
         import torch
+        from mlflow.models import infer_signature
 
         # The fluent API that log_model uses reads the global URI and experiment; this process has
         # only this tracker talking to MLflow, so pointing them at our run is safe.
         run_id = self._rid()
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(experiment_id=self.experiment_id)
+        signature = None
+        if example is not None:
+            with torch.no_grad():
+                out = model(torch.from_numpy(example)).numpy()
+            signature = infer_signature(example, out)
         torch_version = torch.__version__.split("+")[0]
         # Explicit requirements and code: MLflow would otherwise import the model in a subprocess
         # to infer them, and the pickle needs the `pipeline` package to load anywhere.
         # Pickle is chosen deliberately (with the code alongside); MLflow's warning about it is noise.
         logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-        mlflow.pytorch.log_model(
+        info = mlflow.pytorch.log_model(
             model,
-            name="model",
+            name=name,
             run_id=run_id,
+            signature=signature,
+            input_example=example,
+            tags=tags or None,
             serialization_format="pickle",
             pip_requirements=[f"torch=={torch_version}"],
             code_paths=[str(Path(__file__).resolve().parents[1])],
         )
+        if self.cfg.register_model:
+            version = mlflow.register_model(info.model_uri, name, tags=tags or None)
+            log.info("MLflow: registered model %s version %s (%s)", name, version.version, info.model_uri)
 
 
 class FollowerTracker(NullTracker):

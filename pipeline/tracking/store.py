@@ -57,6 +57,20 @@ def get_or_create_experiment(client: Any, name: str) -> str:
     return exp.experiment_id
 
 
+def unique_run_name(client: Any, experiment_id: str, name: str) -> str:
+    """``name``, or ``name-2``, ``name-3``, ... when a run of the experiment already has it: two runs of one
+    name are indistinguishable in the UI's run list and compare view. (Reopening a run keeps its name.)"""
+    if "'" in name:  # not expressible in a filter string; such a name is left as it is
+        return name
+    # LIKE's "_" matches any character: a superset of the names that can clash, checked exactly below.
+    taken = {r.info.run_name for r in client.search_runs([experiment_id], f"attributes.run_name LIKE '{name}%'")}
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}-{n}"
+    return candidate
+
+
 @functools.cache
 def git_commit(path: str | None = None) -> str:
     """The commit of the code that runs (with "-dirty" when the tree has changes), or "unknown"."""

@@ -2,8 +2,9 @@
 (:mod:`monitoring.report`) share, and the study read back with its members' curves.
 
 A study is a parent run tagged ``study = <name>`` and ``study_role = parent`` with its members as nested
-runs (``mlflow.parentRunId``). A member may have several child runs (a failed attempt, then a finished
-one); the newest finished run counts, else the newest.
+runs (``mlflow.parentRunId``), each tagged ``study_member = <member name>``. A member may have several child
+runs (a failed attempt, then one started from scratch, named ``<member>-2``); the newest finished run
+counts, else the newest.
 """
 
 from __future__ import annotations
@@ -81,14 +82,27 @@ def newest_parent(client: Any, study: str, experiment_ids: list[str]) -> Any | N
     return runs[0] if runs else None
 
 
-def child_runs(client: Any, parent_run_id: str, experiment_id: str, *, finished_only: bool = False) -> list[Any]:
+def child_runs(client: Any, parent_run_id: str, experiment_id: str) -> list[Any]:
     """The runs nested under the parent (every attempt of every member), newest first."""
-    where = f"tags.mlflow.parentRunId = '{parent_run_id}'" + (
-        " and attributes.status = 'FINISHED'" if finished_only else ""
-    )
     return client.search_runs(
-        [experiment_id], filter_string=where, order_by=["attributes.start_time DESC"], max_results=5000
+        [experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=5000,
     )
+
+
+def member_of(run: Any) -> str:
+    """The member a child run belongs to: its ``study_member`` tag (runs logged before it existed: the run name)."""
+    return run.data.tags.get("study_member") or run.info.run_name
+
+
+def member_runs(client: Any, parent_run_id: str, experiment_id: str) -> dict[str, Any]:
+    """Member name -> the run that counts for it: its newest finished run, else its newest."""
+    by_member: dict[str, list[Any]] = {}
+    for r in child_runs(client, parent_run_id, experiment_id):
+        by_member.setdefault(member_of(r), []).append(r)
+    return {name: _pick(runs) for name, runs in by_member.items()}
 
 
 def find_parent(client: Any, study: str, *, experiment: str | None = None) -> Any:
@@ -126,13 +140,8 @@ def load_study(
 ) -> StudyRuns:
     parent = find_parent(client, study, experiment=experiment)
     pid = parent.info.run_id
-    children = child_runs(client, pid, parent.info.experiment_id)
-    by_name: dict[str, list[Any]] = {}
-    for r in children:
-        by_name.setdefault(r.info.run_name, []).append(r)
     members = []
-    for name, runs in by_name.items():
-        r = _pick(runs)
+    for name, r in member_runs(client, pid, parent.info.experiment_id).items():
         tags = r.data.tags
         if "depth" not in tags:
             continue  # a run that failed before it was described: nothing to report

@@ -192,9 +192,9 @@ def test_the_parent_reads_its_status_and_end_from_its_members(mlflow_server) -> 
 
 # -- end to end: the digits study, read back as the UI reads it ----------------------------------------
 @pytest.mark.slow
-def test_study_members_show_their_identity_datasets_and_models(mlflow_server, tmp_path: Path) -> None:
+def test_study_members_show_their_identity_datasets_system_metrics_and_models(mlflow_server, tmp_path: Path) -> None:
     cmd, env = digits_study(
-        tmp_path, mlflow_server.uri, "--tracking.system_metrics=false", "--tracking.register_model=true"
+        tmp_path, mlflow_server.uri, "--tracking.system_metrics_interval_s=1", "--tracking.register_model=true"
     )
     res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -235,6 +235,9 @@ def test_study_members_show_their_identity_datasets_and_models(mlflow_server, tm
     assert json.loads(train.profile)["num_samples"] == int(res20["train_samples"])
     assert json.loads(val.profile)["num_samples"] == int(res20["val_samples"])
     assert json.loads(train.source)["uri"].endswith("/train")
+    # MLflow's own system metrics, under its standard names with the node id.
+    system = {k for k in member.data.metrics if k.startswith("system/")}
+    assert {"system/node_0/cpu_utilization_percentage", "system/node_0/system_memory_usage_megabytes"} <= system, system
     models = {m.name: m for m in client.search_logged_models([exp])}
     assert sorted(models) == ["plain20", "resnet20"]
     logged = models["resnet20"]

@@ -145,7 +145,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         return _run_untracked(study, members, configs, args, overrides, logs)
     from mlflow import MlflowClient
 
-    from pipeline.study import finished_children, open_parent
+    from pipeline.study import close_parent, finished_children, open_parent
     from pipeline.tracking import resolve_uri
 
     first = next(iter(configs.values()))
@@ -170,7 +170,8 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
     exp_id = client.get_run(parent).info.experiment_id
     done = finished_children(client, parent, exp_id)
     ok = all(codes.get(m.name) == 0 for m in members)
-    client.set_terminated(parent, status="FINISHED" if ok else "FAILED")
+    # Status and end time from the members, as pipeline.study sets them (a rerun does not lengthen the study).
+    close_parent(client, parent, exp_id, [m.name for m in members], failed=not ok, stopped=False)
     print(f"\n{'member':<12} {'exit':>4} {'val top-1 err':>13}  (wall {time.monotonic() - t0:.0f} s)")
     for m in members:
         r = done.get(m.name)

@@ -337,7 +337,9 @@ def run_study(
         path.write_text(to_toml(cfg))
         todo.append((m, path))
 
-    names = [m.name for m in study.members]
+    # The parent's status speaks for the members this invocation was asked for (all, or --only's): a study run
+    # member by member, or by benchmarks/study_parallel.py's concurrent --only invocations, ends FINISHED.
+    names = [m.name for m in members]
     if parent is not None and todo:
         client.update_run(parent, status="RUNNING")
     if slurm:

@@ -3,8 +3,8 @@
     python -m monitoring.report --study digits_depth              # by study name (newest parent)
     python -m monitoring.report --study 3f2a...e1 --out runs/reports/x --tracking-uri http://mlflow:5000
 
-Writes ``figure.png`` (Figure 4/6 layout), ``table.md`` (Table 2/6 layout) and ``report.md`` into the
-output folder, logs them as artifacts of the study's parent run (under ``report/``), and prints the
+Writes ``figure.png`` (Figure 4/6 layout), ``table.md`` (Table 2/6 layout, and Table 3 for ImageNet ResNets)
+and ``report.md`` into the output folder, logs them as artifacts of the study's parent run (under ``report/``), and prints the
 table.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from monitoring.figures import plot_depth_curves
 from monitoring.paper import table_for
-from monitoring.tables import Table, comparison_table, member_summary
+from monitoring.tables import Table, comparison_table, member_summary, table3
 from pipeline.tracking.study_runs import StudyNotFound, StudyRuns, load_study
 
 
@@ -31,9 +31,10 @@ class Report:
     figure: Path
     page: Path
     table_file: Path
+    table3: Table | None = None  # Table 3's layout, when the study has ImageNet ResNets with a row in it
 
 
-def _page(study: StudyRuns, table: Table, members: Table, figure: Path) -> str:
+def _page(study: StudyRuns, tables: list[Table], members: Table, figure: Path) -> str:
     paper = table_for(study.members)
     fig_name = "Figure 4" if paper.key == "table2" else "Figure 6"
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -44,7 +45,7 @@ def _page(study: StudyRuns, table: Table, members: Table, figure: Path) -> str:
             f"Parent run `{study.parent_run_id}` (experiment {study.experiment_id}) at `{study.tracking_uri}`; "
             f"generated {when}.",
             "",
-            table.markdown(),
+            *(t.markdown() for t in tables),
             f"## Training curves ({fig_name} layout)",
             "",
             "Thin: training error; bold: validation error. Plain networks left, ResNets right.",
@@ -75,17 +76,19 @@ def build_report(
     out = Path(out_dir) if out_dir else Path("runs/reports") / runs.name
     out.mkdir(parents=True, exist_ok=True)
     table = comparison_table(runs)
+    t3 = table3(runs)
+    tables = [table] + ([t3] if t3 else [])
     figure = plot_depth_curves(
         runs.members, out / "figure.png", title=f"{runs.name}: top-1 error, thin = train, bold = val"
     )
     table_file = out / "table.md"
-    table_file.write_text(table.markdown())
+    table_file.write_text("\n".join(t.markdown() for t in tables))
     page = out / "report.md"
-    page.write_text(_page(runs, table, member_summary(runs.members), figure))
+    page.write_text(_page(runs, tables, member_summary(runs.members), figure))
     if log_artifacts:
         for f in (figure, table_file, page):
             client.log_artifact(runs.parent_run_id, str(f), "report")  # type: ignore[attr-defined]
-    return Report(study=runs, table=table, out_dir=out, figure=figure, page=page, table_file=table_file)
+    return Report(study=runs, table=table, out_dir=out, figure=figure, page=page, table_file=table_file, table3=t3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,11 +125,14 @@ def main(argv: list[str] | None = None) -> int:
                     "page": str(report.page.resolve()),
                     "figure": str(report.figure.resolve()),
                     "table": report.table.text(),
+                    **({"table3": report.table3.text()} if report.table3 else {}),
                 }
             )
         )
         return 0
     print(report.table.text())
+    if report.table3:
+        print(report.table3.text())
     print(f"figure: {report.figure.resolve()}")
     print(f"report: {report.page.resolve()}")
     return 0

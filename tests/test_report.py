@@ -29,7 +29,15 @@ CIFAR_RECIPE = {
     "schedule.unit": "step",
     "schedule.milestones": "[32000, 48000]",
     "schedule.warmup_until_error": "0.0",
+    "schedule.kind": "multistep",
+    "schedule.gamma": "0.1",
+    "schedule.warmup": "0",
     "model.num_classes": "10",
+    "data.style": "cifar",
+    "data.image_size": "32",
+    "data.flip": "True",
+    "optim.no_decay_bn_bias": "False",
+    "precision.dtype": "bf16",
 }
 IMAGENET_RECIPE = {
     "data.batch_size": "32",
@@ -40,7 +48,20 @@ IMAGENET_RECIPE = {
     "optim.weight_decay": "0.0001",
     "schedule.max_steps": "0",
     "schedule.epochs": "120",
+    "schedule.kind": "multistep",
+    "schedule.unit": "epoch",
+    "schedule.milestones": "[30, 60, 90]",
+    "schedule.gamma": "0.1",
+    "schedule.warmup": "0",
     "model.num_classes": "1000",
+    "data.style": "imagenet",
+    "data.augment": "paper",
+    "data.scale": "[256, 480]",
+    "data.image_size": "224",
+    "data.flip": "True",
+    "data.lighting": "0.1",
+    "optim.no_decay_bn_bias": "False",
+    "precision.dtype": "bf16",
 }
 
 

@@ -1,0 +1,123 @@
+"""Every config in configs/ against the paper: the paper configs build the paper's networks (Table 1's
+multiply-adds, the stride on the first 1x1) and pass the report's recipe check with the params a run of them would
+log; the modern (v1.5, rrc, cosine) and CPU demo configs are flagged, each with what differs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from monitoring.paper import TABLE2, TABLE3, TABLE6, describe_recipe, recipe_differences, tables_for_params
+from pipeline.config import TrainConfig, flatten, load_config
+from pipeline.models import build_model, model_spec
+from pipeline.models.flops import count_macs
+from pipeline.study import member_config, read_study
+from pipeline.tracking.datasets import dataset_name
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+
+
+def _files(folder: str) -> list[Path]:
+    return sorted(p for p in (CONFIGS / folder).glob("*.toml") if not p.name.startswith("_"))
+
+
+PAPER = _files("imagenet") + _files("cifar10")
+MODERN = _files("imagenet/modern")
+CPU = _files("cpu")
+
+# Table 1's multiply-adds (x 1e9) of the ImageNet networks the paper costs.
+TABLE1_GMACS = {"resnet18": 1.8, "resnet34": 3.6, "resnet50": 3.8, "resnet101": 7.6, "resnet152": 11.3}
+
+
+def intended_world_size(path: Path) -> int:
+    """The ranks each config is sized for (its first comment): ImageNet one 8-GPU node (ResNet-152 four), else 1."""
+    if path.parent.name == "cpu" or path.parent.name == "cifar10":
+        return 1
+    return 32 if path.stem == "resnet152" else 8
+
+
+def run_params(cfg: TrainConfig, *, world_size: int) -> dict[str, str]:
+    """The params a run of ``cfg`` on ``world_size`` ranks logs (pipeline.wiring: flatten(cfg) plus identity)."""
+    spec = model_spec(cfg.model.name, num_classes=cfg.model.num_classes, **cfg.model.overrides())
+    global_batch = cfg.data.batch_size * cfg.distributed.grad_accum * world_size
+    identity = {
+        **spec.tags(),
+        "dataset": dataset_name(cfg.data),
+        "global_batch": str(global_batch),
+        "world_size": str(world_size),
+    }
+    return {**flatten(cfg), **identity}
+
+
+def _differences(params: dict[str, str]) -> dict[str, list[str]]:
+    return {t.key: [d.run for d in recipe_differences(t, params)] for t in tables_for_params(params)}
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_paper_configs_follow_the_papers_recipe(path: Path) -> None:
+    params = run_params(load_config(path), world_size=intended_world_size(path))
+    diffs = _differences(params)
+    assert diffs and all(not d for d in diffs.values()), f"{path.name}: {diffs}"
+
+
+@pytest.mark.parametrize("path", MODERN + CPU, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_modern_and_cpu_configs_are_flagged(path: Path) -> None:
+    params = run_params(load_config(path), world_size=intended_world_size(path))
+    diffs = _differences(params)
+    assert diffs and all(diffs.values()), f"{path.name} passes the recipe check: {diffs}"
+
+
+def test_what_the_check_says_for_the_modern_recipe() -> None:
+    params = run_params(load_config(CONFIGS / "imagenet/modern/resnet50.toml"), world_size=8)
+    text = describe_recipe(recipe_differences(TABLE3, params))
+    assert text.startswith("paper recipe except: ")
+    for what in ("rrc augmentation", "lighting 0.0", "cosine schedule", "no weight decay on BN and biases", "v1.5"):
+        assert what in text, text
+    digits = run_params(load_config(CONFIGS / "cpu/digits_resnet20.toml"), world_size=1)
+    assert "digits data" in describe_recipe(recipe_differences(TABLE6, digits))
+    # The same network on the paper's recipe but at another batch without the linear rule: flagged.
+    off = run_params(load_config(CONFIGS / "imagenet/resnet34.toml", ["optim.reference_batch=512"]), world_size=8)
+    assert [d.run for d in recipe_differences(TABLE2, off)] == ["lr 0.05 per 256 images"]
+
+
+@pytest.mark.parametrize("path", _files("study"), ids=lambda p: p.name)
+def test_study_members_are_checked_like_their_configs(path: Path) -> None:
+    study = read_study(path)
+    for member in study.members:
+        cfg = member_config(study, member)
+        params = run_params(cfg, world_size=member.nproc or study.nproc)
+        diffs = _differences(params)
+        if study.name == "digits_depth":
+            assert all(diffs.values()), member.name
+        else:
+            assert not any(diffs.values()), f"{study.name}/{member.name}: {diffs}"
+
+
+@pytest.mark.parametrize("path", [p for p in PAPER if p.stem in TABLE1_GMACS], ids=lambda p: p.stem)
+def test_paper_imagenet_configs_cost_what_table1_says(path: Path) -> None:
+    cfg = load_config(path)
+    with torch.device("meta"):
+        model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, **cfg.model.overrides())
+    gmacs = count_macs(model, (3, cfg.data.image_size, cfg.data.image_size)) / 1e9
+    paper = TABLE1_GMACS[cfg.model.name]
+    assert abs(gmacs - paper) <= 0.03 * paper, f"{path.name}: {gmacs:.2f} G multiply-adds, Table 1 says {paper}"
+    spec = model_spec(cfg.model.name, **cfg.model.overrides())
+    if spec.block == "bottleneck":
+        assert spec.stride_in == "1x1", f"{path.name}: the paper's bottleneck strides on the first 1x1"
+        modern = load_config(CONFIGS / "imagenet/modern" / path.name)
+        assert model_spec(modern.model.name, **modern.model.overrides()).stride_in == "3x3"  # v1.5, named so
+
+
+def test_paper_tables_hold_the_papers_numbers() -> None:
+    assert [TABLE2.depth_top1(r, d) for r, d in ((False, 18), (False, 34), (True, 18), (True, 34))] == [
+        "27.94",
+        "28.54",
+        "27.88",
+        "25.03",
+    ]
+    assert list(TABLE3.top1.values()) == ["25.03", "24.52", "24.19", "22.85", "21.75", "21.43"]
+    assert list(TABLE3.top5.values()) == ["7.76", "7.46", "7.40", "6.71", "6.05", "5.71"]
+    assert TABLE6.depth_top1(True, 1202) == "7.93"

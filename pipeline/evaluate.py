@@ -18,6 +18,11 @@ Modes (section 3.4 and Table 3/4 of the paper):
 folder holding DeepSpeed's ``mp_rank_00_model_states.pt``; only the model weights (``module``) are
 read, on every rank. The validation images are sharded by global rank, each scored exactly once, and
 the per-rank sums are all-reduced; the total is checked against the size of the split.
+
+The result goes to the MLflow run that trained the checkpoint (its id is in the trainer state saved beside the
+weights), at ``tracking.uri``, from rank 0, as ``eval_<mode>_top1_error``, ``eval_<mode>_top5_error`` and
+``eval_<mode>_loss`` at the checkpoint's step: the depth-study report then shows it, marked "10-crop", in place
+of the centre-crop validation logged while training. ``--tracking.enabled=false`` or ``--no-log`` skip it.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import torch
 from pipeline.config import ConfigError, load_config
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
+TRAINER_STATE = "trainer-rank0.pt"  # the trainer's state, saved by rank 0 beside the weights: the tracking run id
 MODES = ("center", "10crop", "multiscale")
 
 log = logging.getLogger("pipeline.evaluate")
@@ -239,6 +245,55 @@ def evaluate_source(
 
 
 # --------------------------------------------------------------------------------------------------
+# The result, to the run that trained the checkpoint
+
+
+def checkpoint_run(folder: str, *, storage: dict[str, str] | None = None) -> tuple[str | None, int | None]:
+    """The MLflow run id that trained the checkpoint in ``folder`` and the checkpoint's step, from the trainer
+    state saved beside its weights; (None, None) for a folder without one (DeepSpeed's files alone)."""
+    from pipeline.storage import Storage, StorageError
+
+    try:
+        store = Storage(folder, **(storage or {}))
+        if not store.exists(TRAINER_STATE):
+            return None, None
+        with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
+            local = Path(tmp) / TRAINER_STATE
+            store.get(TRAINER_STATE, local)
+            state = torch.load(local, map_location="cpu", weights_only=False)
+    except StorageError as e:
+        raise EvaluationError(f"cannot read {folder}/{TRAINER_STATE} (the tracking run id): {e}") from e
+    if not isinstance(state, dict):
+        return None, None
+    return state.get("tracking_run_id") or None, state.get("step")
+
+
+def log_result(result: dict[str, Any], *, tracking_uri: str, run_id: str, step: int) -> None:
+    """Add the evaluation to the run ``run_id``: ``eval_<mode>_{top1_error,top5_error,loss}`` at ``step`` and
+    the checkpoint it scored as the tag ``eval_<mode>_checkpoint``. Rank 0 only."""
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
+    from mlflow.exceptions import MlflowException
+
+    mode = result["mode"]
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"eval_{mode}_{k}", float(result[k]), now, step) for k in ("top1_error", "top5_error", "loss")]
+    tags = [RunTag(f"eval_{mode}_checkpoint", str(result["checkpoint"]))]
+    if mode == "multiscale":
+        tags.append(RunTag("eval_multiscale_scales", ",".join(str(s) for s in result["scales"])))
+    try:
+        MlflowClient(tracking_uri).log_batch(run_id, metrics=metrics, tags=tags)
+    except MlflowException as e:
+        raise EvaluationError(
+            f"{mode}: top-1 error {result['top1_error']:.2f}%, top-5 {result['top5_error']:.2f}%, but logging it "
+            f"to MLflow run {run_id} at {tracking_uri} failed ({e}); pass --tracking.uri=<the URI it trained "
+            f"with>, or --no-log"
+        ) from e
+
+
+# --------------------------------------------------------------------------------------------------
 # The command
 
 
@@ -260,6 +315,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
         help="images per rank and batch (default: data.val_batch_size or data.batch_size)",
     )
     p.add_argument("--json", default="", help="also write the result as JSON here (rank 0)")
+    p.add_argument(
+        "--no-log", action="store_true", help="do not add the result to the MLflow run that trained the checkpoint"
+    )
     return p.parse_known_args(argv)
 
 
@@ -322,6 +380,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             world_size=env.world_size,
             **({"scales": list(scales)} if args.mode == "multiscale" else {}),
         )
+        if env.rank == 0 and cfg.tracking.enabled and not args.no_log:
+            from pipeline.tracking import resolve_uri
+
+            run_id, step = checkpoint_run(folder, storage=storage_options(cfg.checkpoint))
+            if run_id is None:
+                log.warning("%s names no MLflow run (no %s): the result is not logged", folder, TRAINER_STATE)
+            else:
+                uri = resolve_uri(cfg.tracking)
+                log_result(result, tracking_uri=uri, run_id=run_id, step=int(step or 0))
+                result.update(run_id=run_id, tracking_uri=uri)
         if env.rank == 0 and args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(result, indent=1))

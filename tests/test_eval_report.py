@@ -1,0 +1,141 @@
+"""`python -m pipeline.evaluate --mode 10crop` on a study member's checkpoint adds its result to that member's
+MLflow run (a real `mlflow server`), and the report shows it marked "10-crop" in Table 2's and Table 3's layouts.
+
+The member is configs/imagenet/resnet34.toml (Table 2's and Table 3's ResNet-34 A), shrunk to a tiny ImageNet-style
+tree on the CPU: a few steps at 16 pixels, trained through the real study runner and pipeline.train."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
+from datatree import write_tree  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _tiny(tree: Path, tmp: Path) -> list[str]:
+    return [
+        f"--data.root={tree}",
+        "--model.num_classes=2",
+        "--data.image_size=16",
+        "--data.val_resize=18",
+        "--data.scale=[16, 24]",
+        "--data.batch_size=4",
+        "--data.val_batch_size=4",
+        "--data.num_threads=1",
+        "--data.decoder=cpu",
+        "--precision.dtype=fp32",
+        "--model.compile=off",
+        "--progress=false",
+        f"--checkpoint.uri={tmp / 'ckpt'}",
+        "--checkpoint.every_minutes=0",
+    ]
+
+
+@pytest.mark.slow
+def test_10crop_evaluation_reaches_the_members_run_and_the_report(mlflow_server, tmp_path: Path) -> None:
+    tree = tmp_path / "imagenet"
+    write_tree(str(tree), {"train": {"n01": 8, "n02": 8}, "val": {"n01": 2, "n02": 2}}, size=(24, 24), ext=".JPEG")
+    study = tmp_path / "study.toml"
+    study.write_text(
+        f'name = "tiny_imagenet"\nexperiment = "tiny-imagenet"\nnproc = 1\n\n'
+        f'[[members]]\nname = "resnet34"\nconfig = "{REPO / "configs/imagenet/resnet34.toml"}"\n'
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": "", "OMP_NUM_THREADS": "1"}
+    tiny = _tiny(tree, tmp_path)
+    train = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.study",
+            str(study),
+            *tiny,
+            "--schedule.epochs=1",
+            "--schedule.milestones=[]",
+            f"--output_dir={tmp_path / 'runs/{name}'}",
+            f"--tracking.uri={mlflow_server.uri}",
+            "--tracking.flush_interval_s=0.5",
+            "--tracking.system_metrics=false",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("tiny-imagenet")
+    (member,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("study_member") == "resnet34"]
+    assert "eval_10crop_top1_error" not in member.data.metrics
+
+    (latest,) = (tmp_path / "ckpt").glob("*/latest")
+    out = tmp_path / "eval.json"
+    ev = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.evaluate",
+            "--config",
+            str(REPO / "configs/imagenet/resnet34.toml"),
+            "--checkpoint",
+            str(latest.parent),
+            "--mode",
+            "10crop",
+            "--json",
+            str(out),
+            *tiny,
+            f"--tracking.uri={mlflow_server.uri}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["run_id"] == member.info.run_id and result["images"] == 4
+
+    run = client.get_run(member.info.run_id)  # the member's own run, not a new one
+    assert run.data.metrics["eval_10crop_top1_error"] == pytest.approx(result["top1_error"])
+    assert run.data.metrics["eval_10crop_top5_error"] == pytest.approx(result["top5_error"])
+    assert run.data.tags["eval_10crop_checkpoint"] == result["checkpoint"]
+    assert len(client.search_runs([exp.experiment_id])) == 2  # parent and member: evaluate made none
+
+    report = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monitoring.report",
+            "--study",
+            "tiny_imagenet",
+            "--tracking-uri",
+            mlflow_server.uri,
+            "--out",
+            str(tmp_path / "report"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
+    ours = f"{result['top1_error']:.2f}"
+    table = (tmp_path / "report/table.md").read_text()
+    assert f"{ours} (10-crop)" in table  # Table 2's layout: the 10-crop number, marked
+    t3 = next(line for line in table.splitlines() if line.startswith("| ResNet-34 A"))
+    cells = [c.strip() for c in t3.strip("|").split("|")]
+    assert cells[1:6] == [ours, f"{result['top5_error']:.2f}", "10-crop", "25.03", "7.76"]
+    # Tiny data, one epoch: the recipe column says what differs instead of comparing.
+    assert cells[6].startswith("paper recipe except: ") and "1 epochs" in cells[6], cells[6]
+    assert "Table 3 layout: tiny_imagenet" in report.stdout

@@ -223,3 +223,20 @@ def test_digits_study_has_no_paper_column() -> None:
     assert table.rows == [["20", "3.00", "2.50"]]
     assert "Table 6 layout" in table.title
     assert any("recipe differs" in n and "CIFAR-10" in n for n in table.notes)
+
+
+def test_table3_lists_the_recipe_beside_the_papers_numbers_and_prefers_10crop() -> None:
+    from monitoring.tables import table3
+
+    paper = dict(IMAGENET_RECIPE, **{"stride_in": "1x1", "block": "bottleneck"})
+    modern = dict(paper, **{"data.augment": "rrc", "schedule.kind": "cosine", "stride_in": "3x3"})
+    r50 = _member(50, True, top1=24.0, top5=7.3, dataset="imagenet", params=paper, stem="imagenet", shortcut="B")
+    r50.final.update(eval_10crop_top1_error=22.9, eval_10crop_top5_error=6.8)
+    r101 = _member(101, True, top1=22.0, top5=6.1, dataset="imagenet", params=modern, stem="imagenet", shortcut="B")
+    r18 = _member(18, True, top1=28.0, top5=9.8, dataset="imagenet", params=IMAGENET_RECIPE, stem="imagenet")
+    table = table3(StudyRuns("imagenet_depth", "p", "1", "uri", [r18, r101, r50]))
+    assert table is not None and [r[0] for r in table.rows] == ["ResNet-50 B", "ResNet-101 B"]  # no 18 in Table 3
+    assert table.rows[0] == ["ResNet-50 B", "22.90", "6.80", "10-crop", "22.85", "6.71", "paper recipe"]
+    assert table.rows[1][1:6] == ["22.00", "6.10", "center crop", "21.75", "6.05"]
+    assert table.rows[1][6] == 'paper recipe except: rrc augmentation, cosine schedule, stride on the 3x3 ("v1.5")'
+    assert table3(StudyRuns("digits", "p", "1", "uri", [])) is None

@@ -63,27 +63,21 @@ TABLE2 = PaperTable(
 
 # Table 3: top-1 and top-5 error (%, 10-crop testing) on ImageNet validation; ResNet-50/101/152 have option B
 # shortcuts and the paper's bottleneck (stride 2 on the first 1x1).
+_TABLE3_ROWS: dict[Net, tuple[str, str]] = {
+    (True, 34, "A"): ("25.03", "7.76"),
+    (True, 34, "B"): ("24.52", "7.46"),
+    (True, 34, "C"): ("24.19", "7.40"),
+    (True, 50, "B"): ("22.85", "6.71"),
+    (True, 101, "B"): ("21.75", "6.05"),
+    (True, 152, "B"): ("21.43", "5.71"),
+}
 TABLE3 = PaperTable(
     key="table3",
     title="Table 3 (ImageNet, top-1 / top-5 error %)",
     metric="paper, 10-crop",
     note=_TEN_CROP_NOTE,
-    top1={
-        (True, 34, "A"): "25.03",
-        (True, 34, "B"): "24.52",
-        (True, 34, "C"): "24.19",
-        (True, 50, "B"): "22.85",
-        (True, 101, "B"): "21.75",
-        (True, 152, "B"): "21.43",
-    },
-    top5={
-        (True, 34, "A"): "7.76",
-        (True, 34, "B"): "7.46",
-        (True, 34, "C"): "7.40",
-        (True, 50, "B"): "6.71",
-        (True, 101, "B"): "6.05",
-        (True, 152, "B"): "5.71",
-    },
+    top1={net: top1 for net, (top1, _) in _TABLE3_ROWS.items()},
+    top5={net: top5 for net, (_, top5) in _TABLE3_ROWS.items()},
 )
 
 # Table 6: classification error (%) on the CIFAR-10 test set; 110 also as mean±std of 5 runs.
@@ -204,12 +198,23 @@ _COMMON = [
     ),
 ]
 
+
+def _dataset(name: str, what: str, classes: int) -> Check:
+    return Check(
+        what,
+        lambda p: p("dataset") == name and int(p("model.num_classes", 0)) == classes,
+        lambda p: f"{p('dataset')} data, {p('model.num_classes')} classes",
+    )
+
+
+def _shortcut_run(p: Params) -> str:
+    return f"option {p('shortcut')} shortcuts"
+
+
+_OPTION_A = Check("option A shortcuts", lambda p: not p.residual or p("shortcut") == "A", _shortcut_run)
+
 _CIFAR = [
-    Check(
-        "CIFAR-10",
-        lambda p: p("dataset") == "cifar" and int(p("model.num_classes", 0)) == 10,
-        lambda p: f"{p('dataset')} data",
-    ),
+    _dataset("cifar", "CIFAR-10", 10),
     Check(
         "4-pixel padding, random 32x32 crop and flip",
         lambda p: p("data.style") == "cifar" and int(p("data.image_size", 0)) == 32 and p("data.flip") is True,
@@ -240,19 +245,11 @@ _CIFAR = [
         ),
         lambda p: f"warm-up until error {p('schedule.warmup_until_error')}",
     ),
-    Check(
-        "option A shortcuts (zero-padding)",
-        lambda p: not p.residual or p("shortcut") == "A",
-        lambda p: f"option {p('shortcut')} shortcuts",
-    ),
+    _OPTION_A,
 ]
 
 _IMAGENET = [
-    Check(
-        "ImageNet (1000 classes)",
-        lambda p: p("dataset") == "imagenet" and int(p("model.num_classes", 0)) == 1000,
-        lambda p: f"{p('dataset')} data",
-    ),
+    _dataset("imagenet", "ImageNet (1000 classes)", 1000),
     Check(
         "scale augmentation (shorter side in [256, 480])",
         lambda p: (
@@ -307,7 +304,7 @@ def checks_for(table: PaperTable) -> list[Check]:
     if table is TABLE6:
         return _CIFAR + _COMMON
     if table is TABLE2:
-        shortcut = Check("option A shortcuts", lambda p: not p.residual or p("shortcut") == "A", _shortcut_run)
+        shortcut = _OPTION_A
     else:
         shortcut = Check(
             "Table 3's shortcuts (A, B or C at 34 layers, B deeper)",

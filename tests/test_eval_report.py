@@ -19,6 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "data"))
 from datatree import write_tree  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": "", "OMP_NUM_THREADS": "1"}
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m <args>`` in ``cwd``; fails the test with its output when it fails."""
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def _tiny(tree: Path, tmp: Path) -> list[str]:
@@ -49,12 +57,9 @@ def test_10crop_evaluation_reaches_the_members_run_and_the_report(mlflow_server,
         f'name = "tiny_imagenet"\nexperiment = "tiny-imagenet"\nnproc = 1\n\n'
         f'[[members]]\nname = "resnet34"\nconfig = "{REPO / "configs/imagenet/resnet34.toml"}"\n'
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": "", "OMP_NUM_THREADS": "1"}
     tiny = _tiny(tree, tmp_path)
-    train = subprocess.run(
+    _run(
         [
-            sys.executable,
-            "-m",
             "pipeline.study",
             str(study),
             *tiny,
@@ -65,13 +70,8 @@ def test_10crop_evaluation_reaches_the_members_run_and_the_report(mlflow_server,
             "--tracking.flush_interval_s=0.5",
             "--tracking.system_metrics=false",
         ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        tmp_path,
     )
-    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     client = MlflowClient(mlflow_server.uri)
     exp = client.get_experiment_by_name("tiny-imagenet")
     (member,) = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("study_member") == "resnet34"]
@@ -79,10 +79,8 @@ def test_10crop_evaluation_reaches_the_members_run_and_the_report(mlflow_server,
 
     (latest,) = (tmp_path / "ckpt").glob("*/latest")
     out = tmp_path / "eval.json"
-    ev = subprocess.run(
+    _run(
         [
-            sys.executable,
-            "-m",
             "pipeline.evaluate",
             "--config",
             str(REPO / "configs/imagenet/resnet34.toml"),
@@ -95,13 +93,8 @@ def test_10crop_evaluation_reaches_the_members_run_and_the_report(mlflow_server,
             *tiny,
             f"--tracking.uri={mlflow_server.uri}",
         ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        tmp_path,
     )
-    assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["run_id"] == member.info.run_id and result["images"] == 4
 
@@ -111,10 +104,8 @@ def test_10crop_evaluation_reaches_the_members_run_and_the_report(mlflow_server,
     assert run.data.tags["eval_10crop_checkpoint"] == result["checkpoint"]
     assert len(client.search_runs([exp.experiment_id])) == 2  # parent and member: evaluate made none
 
-    report = subprocess.run(
+    report = _run(
         [
-            sys.executable,
-            "-m",
             "monitoring.report",
             "--study",
             "tiny_imagenet",
@@ -123,13 +114,8 @@ def test_10crop_evaluation_reaches_the_members_run_and_the_report(mlflow_server,
             "--out",
             str(tmp_path / "report"),
         ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+        tmp_path,
     )
-    assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
     ours = f"{result['top1_error']:.2f}"
     table = (tmp_path / "report/table.md").read_text()
     assert f"{ours} (10-crop)" in table  # Table 2's layout: the 10-crop number, marked

@@ -52,7 +52,21 @@ def plot_depth_curves(
     """Write the two-panel figure to ``path`` (PNG) and return it. ``paper``: member name -> the paper's error
     for it, only for members whose recipe matches (drawn as a star); ``heldout``: what the solid curve is
     called ("val", or "test" for CIFAR-10)."""
+    return _save(depth_curves_figure(members, title=title, paper=paper, heldout=heldout), path)
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def depth_curves_figure(
+    members: list[MemberRun], *, title: str = "", paper: dict[str, float] | None = None, heldout: str = "val"
+) -> plt.Figure:
+    """The Figure 4/6 layout as a matplotlib figure (see :func:`plot_depth_curves`)."""
     paper = paper or {}
     color = _depth_colors(members)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
@@ -100,10 +114,7 @@ def plot_depth_curves(
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def plot_response_std(
@@ -112,7 +123,6 @@ def plot_response_std(
     """Figure 7's layout: each member's 3x3-layer response std (``stds``: member name -> values in layer order)
     against the layer index, top in layer order and bottom sorted by magnitude; plain nets dashed, ResNets
     solid, one colour per depth. Writes ``path`` (PNG) and returns it."""
-    path = Path(path)
     color = _depth_colors(members)
     fig, axes = plt.subplots(2, 1, figsize=(8, 7.2))
     for m in sorted(members, key=lambda m: (m.residual, m.depth)):
@@ -132,7 +142,4 @@ def plot_response_std(
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

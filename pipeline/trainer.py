@@ -4,6 +4,9 @@ The loop avoids host synchronisation: losses and hits accumulate on the device a
 ranks every ``log_every`` steps. That reduction is also where ranks agree on stop requests and
 non-finite losses, so every rank takes the same branch and no collective is left waiting.
 
+With ``diagnostics`` (pipeline/diagnostics.py), the steps that log also take per-stage gradient norms (reduced
+in that same collective), and rank 0 measures Figure 7's response std at chosen steps and at the end.
+
 The trainer counts optimizer steps only; which epoch and which batch of it the run is at is the
 training source's :attr:`~pipeline.data.source.DataSource.position`, saved and restored with the source.
 """

@@ -214,7 +214,7 @@ def test_digits_study_shows_grad_norms_in_mlflow_and_figure7_in_its_report(mlflo
     from mlflow import MlflowClient
 
     from monitoring.report import main as report_main
-    from pipeline.tracking.study_runs import member_runs
+    from pipeline.tracking.study_runs import load_study
 
     cmd, env = digits_study(
         tmp_path, mlflow_server.uri, "--tracking.system_metrics=false", "--tracking.log_model=false"
@@ -223,18 +223,15 @@ def test_digits_study_shows_grad_norms_in_mlflow_and_figure7_in_its_report(mlflo
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     client = MlflowClient(mlflow_server.uri)
-    exp = client.get_experiment_by_name("digits-demo").experiment_id
-    (parent,) = client.search_runs([exp], "tags.study_role = 'parent'")
-    members = member_runs(client, parent.info.run_id, exp)
-    assert sorted(members) == ["plain20", "resnet20"]
-    for run in members.values():
-        rid = run.info.run_id
+    study = load_study(client, "digits_depth")  # the parent and its members, as the report finds them
+    assert sorted(m.name for m in study.members) == ["plain20", "resnet20"]
+    for m in study.members:
         for stage in ("layer1", "layer2", "layer3"):
-            history = client.get_metric_history(rid, f"grad_norm/{stage}")
-            assert [h.step for h in sorted(history, key=lambda h: h.step)] == [2, 4, 6, 8, 10]  # every log_every
+            history = sorted(client.get_metric_history(m.run_id, f"grad_norm/{stage}"), key=lambda h: h.step)
+            assert [h.step for h in history] == [2, 4, 6, 8, 10]  # every log_every
             assert all(h.value > 0 for h in history)
-        assert "response_std/layer3" in run.data.metrics
-        local = client.download_artifacts(rid, "diagnostics/response_std.json", str(tmp_path / rid))
+        assert "response_std/layer3" in m.final
+        local = client.download_artifacts(m.run_id, "diagnostics/response_std.json", str(tmp_path / m.run_id))
         layers = json.loads(Path(local).read_text())["layers"]
         assert len(layers) == 19 and list(layers)[0] == "conv1"
 
@@ -244,5 +241,5 @@ def test_digits_study_shows_grad_norms_in_mlflow_and_figure7_in_its_report(mlflo
     page = (out / "report.md").read_text()
     assert "## Layer responses (Figure 7 layout)" in page and "![Figure 7 layout](figure7.png)" in page
     assert "plain-20" in page and "ResNet-20" in page
-    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    logged = {a.path for a in client.list_artifacts(study.parent_run_id, "report")}
     assert "report/figure7.png" in logged

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from test_report import CIFAR_RECIPE
+from test_report import _member as report_member
 
 from monitoring.figures import depth_curves_figure, plot_response_std
 from monitoring.report import paper_marks
@@ -14,21 +15,12 @@ from pipeline.tracking.study_runs import MemberRun
 
 
 def _member(depth: int, residual: bool, params: dict[str, str]) -> MemberRun:
+    """test_report's in-memory member on one rank, with a training and a test curve."""
     curve = [(s, 50.0 - s / 2000) for s in range(4000, 64001, 4000)]
-    return MemberRun(
-        name=f"{'resnet' if residual else 'plain'}{depth}",
-        run_id="0" * 32,
-        status="FINISHED",
-        depth=depth,
-        residual=residual,
-        shortcut="A" if residual else "none",
-        dataset="cifar",
-        stem="cifar",
-        params=params,
-        tags={"world_size": "1"},
-        final={"val_top1_error": curve[-1][1]},
-        curves={"train_top1_error": [(s, v - 5) for s, v in curve], "val_top1_error": curve},
-    )
+    m = report_member(depth, residual, top1=curve[-1][1], top5=0.0, dataset="cifar", params=params, stem="cifar")
+    m.tags["world_size"] = "1"
+    m.curves = {"train_top1_error": [(s, v - 5) for s, v in curve], "val_top1_error": curve}
+    return m
 
 
 def test_paper_numbers_mark_only_the_runs_that_follow_the_recipe() -> None:

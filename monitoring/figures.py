@@ -1,7 +1,9 @@
-"""The Figure 4 / Figure 6 layout: error against iterations, plain nets left, ResNets right.
+"""The paper's figures for a study's runs: Figure 4 / Figure 6 (error against iterations, plain nets left,
+ResNets right) and Figure 7 (std of each 3x3 layer's response, in layer order and sorted by magnitude).
 
-As in the paper, thin curves are training error and bold curves validation error, one colour per
-depth (the same depth has the same colour in both panels).
+As in the paper, training error is dashed and validation (test) error solid and bold, one colour per depth
+(the same depth has the same colour in both panels and in both figures); where a run follows the paper's
+recipe, the paper's number is a star at the run's last step.
 """
 
 from __future__ import annotations
@@ -34,11 +36,39 @@ def _ylim(members: list[MemberRun]) -> tuple[float, float]:
     return 0.0, min(100.0, max(5.0, top * 1.1))
 
 
-def plot_depth_curves(members: list[MemberRun], path: str | Path, *, title: str = "") -> Path:
-    """Write the two-panel figure to ``path`` (PNG) and return it."""
-    path = Path(path)
+def _depth_colors(members: list[MemberRun]) -> dict[int, str]:
     depths = sorted({m.depth for m in members})
-    color = {d: _COLORS[i % len(_COLORS)] for i, d in enumerate(depths)}
+    return {d: _COLORS[i % len(_COLORS)] for i, d in enumerate(depths)}
+
+
+def plot_depth_curves(
+    members: list[MemberRun],
+    path: str | Path,
+    *,
+    title: str = "",
+    paper: dict[str, float] | None = None,
+    heldout: str = "val",
+) -> Path:
+    """Write the two-panel figure to ``path`` (PNG) and return it. ``paper``: member name -> the paper's error
+    for it, only for members whose recipe matches (drawn as a star); ``heldout``: what the solid curve is
+    called ("val", or "test" for CIFAR-10)."""
+    return _save(depth_curves_figure(members, title=title, paper=paper, heldout=heldout), path)
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def depth_curves_figure(
+    members: list[MemberRun], *, title: str = "", paper: dict[str, float] | None = None, heldout: str = "val"
+) -> plt.Figure:
+    """The Figure 4/6 layout as a matplotlib figure (see :func:`plot_depth_curves`)."""
+    paper = paper or {}
+    color = _depth_colors(members)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
     for ax, residual, name in ((axes[0], False, "plain"), (axes[1], True, "ResNet")):
         panel = sorted((m for m in members if m.residual == residual), key=lambda m: m.depth)
@@ -48,11 +78,14 @@ def plot_depth_curves(members: list[MemberRun], path: str | Path, *, title: str 
             train = m.curves.get("train_top1_error", [])
             val = m.curves.get("val_top1_error", [])
             if train:
-                ax.plot(*zip(*train, strict=True), color=c, linewidth=0.8, alpha=0.75)
+                ax.plot(*zip(*train, strict=True), color=c, linewidth=1.0, linestyle="--", alpha=0.8)
             if val:
                 ax.plot(
                     *zip(*val, strict=True), color=c, linewidth=2.4, marker="o" if len(val) < 4 else None, markersize=4
                 )
+            last = max((s for s, _ in train + val), default=0)
+            if m.name in paper and last:
+                ax.plot([last], [paper[m.name]], marker="*", markersize=13, color=c, markeredgecolor="k", zorder=5)
             handles.append(Line2D([], [], color=c, linewidth=2.4, label=f"{name}-{m.depth}"))
         if not panel:
             ax.text(
@@ -69,9 +102,11 @@ def plot_depth_curves(members: list[MemberRun], path: str | Path, *, title: str 
         ax.ticklabel_format(axis="x", style="sci", scilimits=(0, 3))
         ax.grid(True, linewidth=0.3, alpha=0.5)
         style = [
-            Line2D([], [], color="0.3", linewidth=0.8, label="train (thin)"),
-            Line2D([], [], color="0.3", linewidth=2.4, label="val (bold)"),
+            Line2D([], [], color="0.3", linewidth=1.0, linestyle="--", label="train (dashed)"),
+            Line2D([], [], color="0.3", linewidth=2.4, label=f"{heldout} (bold)"),
         ]
+        if any(m.name in paper for m in panel):
+            style.append(Line2D([], [], color="0.3", marker="*", markersize=11, linestyle="", label="paper"))
         if handles:
             ax.legend(handles=handles[::-1] + style, loc="upper right", fontsize=8, frameon=True)
     axes[0].set_ylabel("error (%)")
@@ -79,7 +114,32 @@ def plot_depth_curves(members: list[MemberRun], path: str | Path, *, title: str 
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
+
+
+def plot_response_std(
+    members: list[MemberRun], stds: dict[str, list[float]], path: str | Path, *, title: str = ""
+) -> Path:
+    """Figure 7's layout: each member's 3x3-layer response std (``stds``: member name -> values in layer order)
+    against the layer index, top in layer order and bottom sorted by magnitude; plain nets dashed, ResNets
+    solid, one colour per depth. Writes ``path`` (PNG) and returns it."""
+    color = _depth_colors(members)
+    fig, axes = plt.subplots(2, 1, figsize=(8, 7.2))
+    for m in sorted(members, key=lambda m: (m.residual, m.depth)):
+        values = stds.get(m.name)
+        if not values:
+            continue
+        style = {"color": color[m.depth], "linestyle": "-" if m.residual else "--", "linewidth": 1.4}
+        index = range(1, len(values) + 1)
+        axes[0].plot(index, values, label=m.label, **style)
+        axes[1].plot(index, sorted(values, reverse=True), label=m.label, **style)
+    for ax, xlabel in ((axes[0], "layer index (original)"), (axes[1], "layer index (sorted by magnitude)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("std")
+        ax.grid(True, linewidth=0.3, alpha=0.5)
+        ax.set_ylim(bottom=0)
+        ax.legend(loc="upper right", fontsize=8, frameon=True)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save(fig, path)

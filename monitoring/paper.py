@@ -314,10 +314,6 @@ def checks_for(table: PaperTable) -> list[Check]:
     return _IMAGENET + [shortcut] + _COMMON
 
 
-def _shortcut_run(p: Params) -> str:
-    return f"option {p('shortcut')} shortcuts"
-
-
 def table_for(members: list[MemberRun]) -> PaperTable:
     """Which of the paper's tables the study has the shape of: ImageNet networks -> Table 2."""
     return TABLE2 if any(m.stem == "imagenet" for m in members) else TABLE6

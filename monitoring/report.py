@@ -3,9 +3,10 @@
     python -m monitoring.report --study digits_depth              # by study name (newest parent)
     python -m monitoring.report --study 3f2a...e1 --out runs/reports/x --tracking-uri http://mlflow:5000
 
-Writes ``figure.png`` (Figure 4/6 layout), ``table.md`` (Table 2/6 layout, and Table 3 for ImageNet ResNets)
-and ``report.md`` into the output folder, logs them as artifacts of the study's parent run (under ``report/``), and prints the
-table.
+Writes ``figure.png`` (Figure 4/6 layout), ``table.md`` (Table 2/6 layout, and Table 3 for ImageNet ResNets),
+``figure7.png`` (Figure 7 layout, when the members measured their response std: ``diagnostics.response_std``)
+and ``report.md`` into the output folder, logs them as artifacts of the study's parent run (under ``report/``),
+and prints the table.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from monitoring.figures import plot_depth_curves
-from monitoring.paper import table_for
+from monitoring.figures import plot_depth_curves, plot_response_std
+from monitoring.paper import recipe_mismatches, table_for
 from monitoring.tables import Table, comparison_table, member_summary, table3
-from pipeline.tracking.study_runs import StudyNotFound, StudyRuns, load_study
+from pipeline.diagnostics import RESPONSE_STD_ARTIFACT, read_response_std
+from pipeline.tracking.study_runs import MemberRun, StudyNotFound, StudyRuns, load_study
 
 
 @dataclass
@@ -32,9 +35,63 @@ class Report:
     page: Path
     table_file: Path
     table3: Table | None = None  # Table 3's layout, when the study has ImageNet ResNets with a row in it
+    figure7: Path | None = None  # Figure 7 layout; None when no member measured its response std
 
 
-def _page(study: StudyRuns, tables: list[Table], members: Table, figure: Path) -> str:
+def paper_marks(members: list[MemberRun]) -> dict[str, float]:
+    """Member name -> the paper's top-1 error for it, for the members whose run follows the paper's recipe."""
+    table = table_for(members)
+    out = {}
+    for m in members:
+        printed = table.paper_top1(m)
+        if printed and not recipe_mismatches(table, m):
+            out[m.name] = float(printed.split()[0])  # "6.43 (6.61±0.16)": the first number is the best run's
+    return out
+
+
+def response_stds(client: object, members: list[MemberRun]) -> dict[str, list[float]]:
+    """Member name -> its final 3x3-layer response std in layer order (``RESPONSE_STD_ARTIFACT``), for the
+    members that logged one."""
+    folder, name = RESPONSE_STD_ARTIFACT.rsplit("/", 1)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in members:
+            listed = {a.path for a in client.list_artifacts(m.run_id, folder)}  # type: ignore[attr-defined]
+            if RESPONSE_STD_ARTIFACT not in listed:
+                continue
+            local = client.download_artifacts(m.run_id, RESPONSE_STD_ARTIFACT, tmp)  # type: ignore[attr-defined]
+            out[m.name] = list(read_response_std(Path(local).read_text()).values())
+    return out
+
+
+def _figure7_section(study: StudyRuns, stds: dict[str, list[float]], figure7: Path | None) -> list[str]:
+    if figure7 is None:
+        return []
+    means = ", ".join(
+        f"{m.label} {sum(stds[m.name]) / len(stds[m.name]):.3f}" for m in study.members if stds.get(m.name)
+    )
+    return [
+        "## Layer responses (Figure 7 layout)",
+        "",
+        "Std of each 3x3 layer's response (the output of its BN, before the addition and ReLU) on one fixed "
+        "validation batch at the end of training; top in layer order, bottom sorted by magnitude. Plain "
+        "networks dashed, ResNets solid. The paper finds the ResNets' responses generally smaller than the "
+        f"plain nets'. Mean over layers: {means}.",
+        "",
+        f"![Figure 7 layout]({figure7.name})",
+        "",
+    ]
+
+
+def _page(
+    study: StudyRuns,
+    tables: list[Table],
+    members: Table,
+    figure: Path,
+    *,
+    stds: dict[str, list[float]] | None = None,
+    figure7: Path | None = None,
+) -> str:
     paper = table_for(study.members)
     fig_name = "Figure 4" if paper.key == "table2" else "Figure 6"
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -48,10 +105,12 @@ def _page(study: StudyRuns, tables: list[Table], members: Table, figure: Path) -
             *(t.markdown() for t in tables),
             f"## Training curves ({fig_name} layout)",
             "",
-            "Thin: training error; bold: validation error. Plain networks left, ResNets right.",
+            "Dashed: training error; bold: validation (test) error; a star: the paper's number, for runs that "
+            "follow its recipe. Plain networks left, ResNets right.",
             "",
             f"![{fig_name} layout]({figure.name})",
             "",
+            *_figure7_section(study, stds or {}, figure7),
             "## Member runs",
             "",
             members.markdown(),
@@ -78,17 +137,38 @@ def build_report(
     table = comparison_table(runs)
     t3 = table3(runs)
     tables = [table] + ([t3] if t3 else [])
+    heldout = "test" if runs.datasets == {"cifar"} else "val"
     figure = plot_depth_curves(
-        runs.members, out / "figure.png", title=f"{runs.name}: top-1 error, thin = train, bold = val"
+        runs.members,
+        out / "figure.png",
+        title=f"{runs.name}: top-1 error, dashed = train, bold = {heldout}",
+        paper=paper_marks(runs.members),
+        heldout=heldout,
     )
+    stds = response_stds(client, runs.members)
+    figure7 = None
+    if stds:
+        figure7 = plot_response_std(
+            runs.members, stds, out / "figure7.png", title=f"{runs.name}: std of the 3x3 layers' responses"
+        )
     table_file = out / "table.md"
     table_file.write_text("\n".join(t.markdown() for t in tables))
     page = out / "report.md"
-    page.write_text(_page(runs, tables, member_summary(runs.members), figure))
+    page.write_text(_page(runs, tables, member_summary(runs.members), figure, stds=stds, figure7=figure7))
     if log_artifacts:
-        for f in (figure, table_file, page):
-            client.log_artifact(runs.parent_run_id, str(f), "report")  # type: ignore[attr-defined]
-    return Report(study=runs, table=table, out_dir=out, figure=figure, page=page, table_file=table_file, table3=t3)
+        for f in (figure, figure7, table_file, page):
+            if f is not None:
+                client.log_artifact(runs.parent_run_id, str(f), "report")  # type: ignore[attr-defined]
+    return Report(
+        study=runs,
+        table=table,
+        out_dir=out,
+        figure=figure,
+        page=page,
+        table_file=table_file,
+        table3=t3,
+        figure7=figure7,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                     "parent_run_id": report.study.parent_run_id,
                     "page": str(report.page.resolve()),
                     "figure": str(report.figure.resolve()),
+                    "figure7": str(report.figure7.resolve()) if report.figure7 else None,
                     "table": report.table.text(),
                     **({"table3": report.table3.text()} if report.table3 else {}),
                 }
@@ -134,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     if report.table3:
         print(report.table3.text())
     print(f"figure: {report.figure.resolve()}")
+    if report.figure7 is not None:
+        print(f"figure 7: {report.figure7.resolve()}")
     print(f"report: {report.page.resolve()}")
     return 0
 

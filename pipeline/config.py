@@ -340,6 +340,30 @@ class TrackingConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    """The paper's own evidence (section 4.1, Figure 7) that the degradation is not vanishing signals; off by
+    default because each costs a little time, on in the studies (configs/study/*.toml)."""
+
+    grad_norms: bool = doc(
+        False, "per-stage gradient norms (grad_norm/stem, grad_norm/layer1.., grad_norm/fc) at every log_every step"
+    )
+    response_std: bool = doc(
+        False,
+        "Figure 7: std of each 3x3 layer's response (after BN, before addition and ReLU) on a fixed validation "
+        "batch at the end of training, as an artifact (diagnostics/response_std.json) and per-stage metrics",
+    )
+    response_std_steps: list[int] = field(
+        default_factory=list, metadata={"doc": "response_std: also measure after these optimizer steps"}
+    )
+
+    def __post_init__(self) -> None:
+        if any(s < 1 for s in self.response_std_steps):
+            raise ConfigError(f"diagnostics.response_std_steps = {self.response_std_steps}: steps must be >= 1")
+        if self.response_std_steps and not self.response_std:
+            raise ConfigError("diagnostics.response_std_steps is set but diagnostics.response_std = false: enable it")
+
+
+@dataclass
 class TrainConfig:
     name: str = doc("run", "run name; also the default MLflow run name")
     output_dir: str = doc("runs/{name}", "where the resolved config, logs and staging go; {name} is substituted")
@@ -356,6 +380,7 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     def __post_init__(self) -> None:
         # Each section checked itself when it was built; what follows needs more than one section.
@@ -396,10 +421,11 @@ class TrainConfig:
         """Short hash of what defines the experiment (recorded in checkpoint manifests).
 
         Where things are written or logged (output, checkpoint and tracking sections, progress, the
-        run's names) is left out, so a requeued or relocated run still matches its checkpoints.
+        run's names) is left out, so a requeued or relocated run still matches its checkpoints; so are the
+        diagnostics, which only read the model.
         """
         d = self.to_dict()
-        for key in ("name", "output_dir", "run_id", "progress", "checkpoint", "tracking"):
+        for key in ("name", "output_dir", "run_id", "progress", "checkpoint", "tracking", "diagnostics"):
             d.pop(key, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 

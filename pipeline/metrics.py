@@ -51,12 +51,18 @@ class MetricSums:
 
     def reduce(self) -> dict[str, float]:
         """Global loss and top-1/top-5 error (percent) over every rank's samples; a collective call."""
-        sums = all_reduce_sum(self.sums.clone())
-        loss, top1, top5, n = sums.tolist()
+        return self.reduce_with(torch.zeros(0, dtype=torch.float64, device=self.device))[0]
+
+    def reduce_with(self, extra: torch.Tensor) -> tuple[dict[str, float], list[float]]:
+        """``reduce`` plus the sum over ranks of ``extra`` (float64, this device), in the same collective."""
+        sums = all_reduce_sum(torch.cat([self.sums, extra]))
+        loss, top1, top5, n, *rest = sums.tolist()
+        n_images = int(n)
         n = max(n, 1.0)
-        return {
+        out = {
             "loss": loss / n,
             "top1_error": 100.0 * (1 - top1 / n),
             "top5_error": 100.0 * (1 - top5 / n),
-            "count": int(sums[3].item()),
+            "count": n_images,
         }
+        return out, rest

@@ -4,6 +4,9 @@ The loop avoids host synchronisation: losses and hits accumulate on the device a
 ranks every ``log_every`` steps. That reduction is also where ranks agree on stop requests and
 non-finite losses, so every rank takes the same branch and no collective is left waiting.
 
+With ``diagnostics`` (pipeline/diagnostics.py), the steps that log also take per-stage gradient norms (reduced
+in that same collective), and rank 0 measures Figure 7's response std at chosen steps and at the end.
+
 The trainer counts optimizer steps only; which epoch and which batch of it the run is at is the
 training source's :attr:`~pipeline.data.source.DataSource.position`, saved and restored with the source.
 """
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.diagnostics import Diagnostics
 from pipeline.distributed import all_reduce_max, all_reduce_sum, is_multi_rank
 from pipeline.engine import set_lr
 from pipeline.metrics import MetricSums
@@ -67,6 +71,7 @@ class Trainer:
         stop: StopFlag | None = None,
         seed: int = 0,
         on_log: Callable[[dict[str, float]], None] | None = None,
+        diagnostics: Diagnostics | None = None,
     ) -> None:
         self.engine = engine
         self.train_source = train_source
@@ -84,6 +89,10 @@ class Trainer:
         self.stop = stop or StopFlag()
         self.seed = seed
         self.on_log = on_log
+        self.diagnostics = diagnostics
+        self._grad_norms = diagnostics.grad_norms if diagnostics is not None else None
+        self._logs_this_step = False  # the step being taken ends with a metric reduction (_log)
+        self._grad_sq: torch.Tensor | None = None  # per-stage squared gradient norms of that step, on the device
         self.grad_accum = engine.gradient_accumulation_steps()
         self.steps_per_epoch = max(1, len(train_source) // self.grad_accum)
         self.step = 0  # optimizer steps taken; the epoch and batch within it are the train source's position
@@ -105,6 +114,10 @@ class Trainer:
         logits = self.engine(images)
         loss = F.cross_entropy(logits.float(), labels)
         self.engine.backward(loss)
+        if self._grad_norms is not None and self._logs_this_step and self.engine.is_gradient_accumulation_boundary():
+            # Between the boundary's backward (gradients accumulated and averaged over ranks) and the step that
+            # clears them; only at steps that log, and nothing leaves the device until _log reduces it.
+            self._grad_sq = self._grad_norms.squared()
         self.engine.step()
         self._sums.update(loss, logits, labels)
         return loss
@@ -226,7 +239,14 @@ class Trainer:
     def _log(self, *, final: bool = False) -> bool:
         """Reduce metrics across ranks; returns True when the ranks agree to stop. A collective call."""
         self.sync_buffers()
-        m = self._sums.reduce()
+        grad_norms: dict[str, float] = {}
+        if self._grad_sq is not None:
+            # Every rank took its norms at this same step: one collective carries them with the metrics.
+            m, summed = self._sums.reduce_with(self._grad_sq)
+            grad_norms = self._grad_norms.finish(summed, world_size=self.world_size)
+            self._grad_sq = None
+        else:
+            m = self._sums.reduce()
         elapsed = self._busy  # wall time of the loop since the last log, data waits included
         rates = all_reduce_max(
             torch.tensor([float(self.stop.is_set), elapsed, self._wait], dtype=torch.float64, device=self.device)
@@ -248,6 +268,7 @@ class Trainer:
             "lr": self.schedule.lr(max(0, self.step - 1)),
             "images_per_s": self._images * self.world_size / max(elapsed_max, 1e-9),
             "data_wait_share": wait_max / max(elapsed_max, 1e-9),
+            **grad_norms,
         }
         if self.schedule.observe_train_error(m["top1_error"]) and self.rank == 0:
             log.info(
@@ -300,6 +321,7 @@ class Trainer:
         that one, after the step's log).
         """
         before = self.engine.global_steps
+        self._logs_this_step = self._logs_at(self.step + 1)
         while True:
             images, labels = self._next_batch()
             self.train_step(images, labels)
@@ -316,6 +338,18 @@ class Trainer:
         if self._bar is not None:
             self._bar.update(1)
         return epoch_ended
+
+    def _logs_at(self, step: int) -> bool:
+        """Whether ``fit`` reduces metrics after optimizer step ``step`` (every ``log_every`` steps and the last)."""
+        return step % self.log_every == 0 or step >= self.total_steps
+
+    def _measure_responses(self, *, final: bool = False) -> None:
+        """Figure 7's response std on rank 0, when due now (a chosen step, or the end): no collective."""
+        if self.diagnostics is None or not self.diagnostics.response_due(self.step, final=final):
+            return
+        path, metrics = self.diagnostics.measure_responses(self.val_source, step=self.step, final=final)
+        self.tracker.log_artifact(str(path), "diagnostics")
+        self.tracker.log_metrics(self.step, metrics)
 
     def _end_epoch(self) -> None:
         """Evaluate every ``eval_every`` epochs. Not called at the last step: the final evaluation covers it."""
@@ -348,17 +382,19 @@ class Trainer:
             while self.step < self.total_steps and not stopped:
                 epoch_ended = self._optimizer_step()
                 last = self.step >= self.total_steps
-                if self.step % self.log_every == 0 or last:
+                if self._logs_at(self.step):
                     stopped = self._log()
                 if stopped:
                     self._save()
                 elif not last:
                     if epoch_ended:
                         self._end_epoch()
+                    self._measure_responses()
                     if self._save_due():
                         self._save()
             if not stopped:
                 self._eval_and_record()
+                self._measure_responses(final=True)
                 if self.checkpointer is not None and self.checkpointer.cfg.at_end:
                     self._save()
         finally:

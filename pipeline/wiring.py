@@ -19,6 +19,7 @@ from pipeline.checkpoint import Checkpointer
 from pipeline.checkpoint.layout import committed_tags
 from pipeline.config import ConfigError, TrainConfig, flatten, to_toml
 from pipeline.data import DataSource, build_source, prepare_dataset_root
+from pipeline.diagnostics import Diagnostics
 from pipeline.distributed import DistEnv, broadcast_object
 from pipeline.engine import build_engine
 from pipeline.models import build_model, model_spec
@@ -207,6 +208,15 @@ def build_run(
     tracker = build_tracker(
         cfg.tracking, is_main=env.is_main, node_id=env.node_rank, is_local_main=env.is_local_main, run_name=cfg.name
     )
+    diagnostics = None
+    if cfg.diagnostics.grad_norms or cfg.diagnostics.response_std:
+        diagnostics = Diagnostics(
+            cfg.diagnostics,
+            module=engine.module,
+            optimizer=engine.optimizer,
+            rank=env.rank,
+            out_dir=cfg.resolved_output_dir,
+        )
     trainer = Trainer(
         engine=engine,
         train_source=sources["train"],
@@ -223,6 +233,7 @@ def build_run(
         checkpointer=checkpointer,
         stop=stop,
         seed=cfg.seed,
+        diagnostics=diagnostics,
     )
     return TrainingRun(
         cfg=cfg,

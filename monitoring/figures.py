@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # files only; never a display
 
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from pipeline.tracking.study_runs import MemberRun  # noqa: E402
 
@@ -135,10 +136,11 @@ def plot_response_std(
         axes[1].plot(index, sorted(values, reverse=True), label=m.label, **style)
     for ax, xlabel in ((axes[0], "layer index (original)"), (axes[1], "layer index (sorted by magnitude)")):
         ax.set_xlabel(xlabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are counted, not measured
         ax.set_ylabel("std")
         ax.grid(True, linewidth=0.3, alpha=0.5)
         ax.set_ylim(bottom=0)
-        ax.legend(loc="upper right", fontsize=8, frameon=True)
+        ax.legend(loc="best", fontsize=8, frameon=True)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()

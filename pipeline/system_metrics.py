@@ -74,11 +74,20 @@ class NodeSystemMetrics(SystemMetricsMonitor):
                     m.clear_metrics()
 
     def finish(self, timeout_s: float = 5.0) -> None:
-        """Stop sampling; the partial period is dropped, as MLflow's monitor does. Never waits on the network."""
+        """Stop sampling and queue what the last, partial period collected (MLflow's monitor drops it, which
+        leaves a run shorter than one period with no system metrics at all). Never waits on the network."""
         self._shutdown_event.set()
         thread, self._process = self._process, None
-        if thread is not None:
-            thread.join(timeout_s)
+        if thread is None:
+            return
+        thread.join(timeout_s)
+        if thread.is_alive():
+            return  # a sensor hangs: its half-written samples are not worth a wait
+        try:
+            if any(m.metrics for m in self.monitors):
+                self.publish_metrics(self.aggregate_metrics())
+        except Exception as e:  # noqa: BLE001 - system metrics are never worth a failed finish
+            log.debug("system metrics: the last period could not be aggregated: %s", e)
 
 
 def start_node_metrics(

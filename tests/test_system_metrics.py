@@ -55,6 +55,21 @@ def test_rank0_logs_mlflow_system_metrics_with_its_node_id(mlflow_server) -> Non
     assert not [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]  # stopped
 
 
+def test_a_run_shorter_than_one_period_still_records_its_system_metrics(mlflow_server) -> None:
+    """MLflow's monitor drops the last, partial period; a run shorter than the interval would show none."""
+    client = MlflowClient(mlflow_server.uri)
+    cfg = TrackingConfig(
+        uri=mlflow_server.uri, experiment="sysmetrics", flush_interval_s=0.2, system_metrics_interval_s=30
+    )
+    tracker = build_tracker(cfg, is_main=True, node_id=0, run_name="short")
+    run_id = tracker.start(None)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    tracker.finish("FINISHED")
+    assert time.monotonic() - t0 < 5
+    assert {f"system/node_0/{k}" for k in MLFLOW_NAMES} <= _system_keys(client, run_id)
+
+
 def test_system_metrics_survive_an_outage_and_finish_never_hangs(mlflow_server) -> None:
     """MLflow's stock monitor stops for good at the first failed request; ours samples on, and what it took
     while the server was away arrives after the restart."""

@@ -132,4 +132,10 @@ def _momentum(engine, zero: int) -> torch.Tensor | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Everything the test reads is written and closed, the group is destroyed: leave without running C++
+    # destructors. A rank of the ZeRO-1 grown-world resume has aborted in one at interpreter exit ("terminate
+    # called without an active exception", twice in CI, not reproduced alone), after its work was done.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

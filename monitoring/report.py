@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ def response_stds(client: object, members: list[MemberRun]) -> dict[str, list[fl
     """Member name -> its final 3x3-layer response std in layer order (``RESPONSE_STD_ARTIFACT``), for the
     members that logged one."""
     folder, name = RESPONSE_STD_ARTIFACT.rsplit("/", 1)
+    # A few small JSON files: MLflow's per-download progress bars would only clutter the report's output.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for m in members:

@@ -250,18 +250,26 @@ def evaluate_source(
 
 def checkpoint_run(folder: str, *, storage: dict[str, str] | None = None) -> tuple[str | None, int | None]:
     """The MLflow run id that trained the checkpoint in ``folder`` and the checkpoint's step, from the trainer
-    state saved beside its weights; (None, None) for a folder without one (DeepSpeed's files alone)."""
+    state saved beside its weights; (None, None) for a folder without one (DeepSpeed's files alone). A committed
+    checkpoint's trainer state is checked against its manifest, as its weights were."""
+    from pipeline.checkpoint.layout import CheckpointError, read_manifest, verified_file
     from pipeline.storage import Storage, StorageError
 
     try:
         store = Storage(folder, **(storage or {}))
         if not store.exists(TRAINER_STATE):
             return None, None
+        parent, tag = Storage.of_file(store.uri, **(storage or {}))
+        manifest = read_manifest(parent, tag)
+        entry = next((f for f in (manifest or {}).get("files", []) if f.get("path") == TRAINER_STATE), None)
         with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
             local = Path(tmp) / TRAINER_STATE
-            store.get(TRAINER_STATE, local)
+            if entry is not None:
+                verified_file(parent, f"{tag}/{TRAINER_STATE}", local, entry)
+            else:  # no manifest: read unverified, as its weights were
+                store.get(TRAINER_STATE, local)
             state = torch.load(local, map_location="cpu", weights_only=False)
-    except StorageError as e:
+    except (StorageError, CheckpointError) as e:
         raise EvaluationError(f"cannot read {folder}/{TRAINER_STATE} (the tracking run id): {e}") from e
     if not isinstance(state, dict):
         return None, None

@@ -411,6 +411,11 @@ class TrainConfig:
             raise ConfigError("log_every and eval_every must be >= 1")
 
     @property
+    def resolved_run_id(self) -> str:
+        """``run_id``, or the run's name when it is empty: the run's checkpoint folder under checkpoint.uri."""
+        return self.run_id or self.name
+
+    @property
     def resolved_output_dir(self) -> str:
         return self.output_dir.replace("{name}", self.name)
 

@@ -51,7 +51,7 @@ class TrainingRun:
 
     @property
     def run_id(self) -> str:
-        return self.cfg.run_id or self.cfg.name
+        return self.cfg.resolved_run_id
 
     @property
     def output_dir(self) -> Path:
@@ -198,7 +198,7 @@ def build_run(
     if checkpointing:
         checkpointer = Checkpointer(
             cfg.checkpoint,
-            run_id=cfg.run_id or cfg.name,
+            run_id=cfg.resolved_run_id,
             rank=env.rank,
             world_size=env.world_size,
             config_hash=cfg.hash(),

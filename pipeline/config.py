@@ -371,7 +371,9 @@ class TrainConfig:
     seed: int = doc(0, "base seed; rank r uses seed + r for its own randomness")
     log_every: int = doc(10, "optimizer steps between metric reductions (no host sync in between)")
     eval_every: int = doc(1, "epochs between validation passes")
-    progress: bool = doc(True, "rank-0 progress bar")
+    progress: bool = doc(
+        True, "rank-0 progress bar when stderr is a terminal; otherwise (or false) a log line every log_every steps"
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

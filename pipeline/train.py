@@ -44,13 +44,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def _setup_logging(rank: int) -> None:
-    # Only rank 0 talks to the console; other ranks stay quiet unless something is fatal.
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.ERROR,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+    from pipeline.progress import ShortLines
+
+    # Only rank 0 talks to the console; other ranks stay quiet unless something is fatal. Every line stays short
+    # enough to read in a job's log file (ShortLines wraps longer ones), Python warnings (DALI's, torch's)
+    # included, which would otherwise bypass the format.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(ShortLines("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR, handlers=[handler], force=True)
+    logging.captureWarnings(True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING if rank == 0 else logging.ERROR)
 
@@ -105,9 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, RuntimeError) as e:
         # Every rank validates the same config and fails the same way; one message is enough.
         if rank == 0 or type(e).__name__ not in ("ConfigError", "DataError"):
-            print(f"error{'' if rank == 0 else f' (rank {rank})'}: {e}", file=sys.stderr)
+            from pipeline.progress import wrap_long_lines
+
+            print(wrap_long_lines(f"error{'' if rank == 0 else f' (rank {rank})'}: {e}"), file=sys.stderr)
         return 2 if type(e).__name__ in ("ConfigError", "DataError", "CheckpointError") else 1
-    if rank == 0 and outcome.final_val:
+    # The result of a finished run only: a stopped one (exit 75) has at most an intermediate evaluation.
+    if rank == 0 and outcome.exit_code == 0 and outcome.final_val:
         v = outcome.final_val
         print(f"{cfg.name}: val top-1 error {v['val_top1_error']:.2f}%  top-5 error {v['val_top5_error']:.2f}%")
     return outcome.exit_code

@@ -29,6 +29,7 @@ from pipeline.diagnostics import Diagnostics
 from pipeline.distributed import all_reduce_max, all_reduce_sum, is_multi_rank
 from pipeline.engine import set_lr
 from pipeline.metrics import MetricSums
+from pipeline.progress import ConsoleReporter
 from pipeline.schedule import LRSchedule
 from pipeline.signals import StopFlag
 from pipeline.tracking import NullTracker, Tracker
@@ -105,7 +106,7 @@ class Trainer:
         self._mark = 0.0  # when the current step's time started counting
         self._epoch_batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._last_val: dict[str, float] = {}
-        self._bar: Any = None
+        self._console: ConsoleReporter | None = None  # rank 0 during fit: the bar, or log lines in a file
 
     # ---------------------------------------------------------------------------------------------
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -290,15 +291,8 @@ class Trainer:
         self.tracker.log_metrics(int(row["step"]), metrics)
         if self.on_log:
             self.on_log(row)
-        if self._bar is not None:
-            short = {
-                "loss": f"{row['train_loss']:.3f}" if "train_loss" in row else None,
-                "err": f"{row['train_top1_error']:.1f}%" if "train_top1_error" in row else None,
-                "val": f"{row['val_top1_error']:.2f}%" if "val_top1_error" in row else None,
-                "img/s": f"{row['images_per_s']:.0f}" if "images_per_s" in row else None,
-                "wait": f"{100 * row['data_wait_share']:.0f}%" if "data_wait_share" in row else None,
-            }
-            self._bar.set_postfix({k: v for k, v in short.items() if v is not None}, refresh=False)
+        if self._console is not None:
+            self._console.report(row)
 
     def _save(self) -> None:
         if self.checkpointer is not None:
@@ -335,8 +329,8 @@ class Trainer:
         now = time.perf_counter()
         self._busy += now - self._mark
         self._mark = now
-        if self._bar is not None:
-            self._bar.update(1)
+        if self._console is not None:
+            self._console.advance()
         return epoch_ended
 
     def _logs_at(self, step: int) -> bool:
@@ -369,10 +363,13 @@ class Trainer:
         periodic save, so a resume from that save neither repeats nor skips the evaluation. A run that was
         not stopped ends with a final evaluation and, with checkpoint.at_end, a save.
         """
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, desc="train")
+        if self.rank == 0:
+            # A bar only where it can redraw (progress on, stderr a terminal); plain lines otherwise.
+            self._console = ConsoleReporter(total_steps=self.total_steps, start_step=self.step, bar=self.progress)
+            if self.history:
+                # Points logged after the tracker's last flush before a crash are in the checkpoint's history
+                # only: the tracker sends MLflow those it does not have, once.
+                self.tracker.resend_history(self.history)
         self.engine.train()
         self._epoch_batches = None
         self._last_val = {}  # a stopped run reports the last epoch's evaluation, if any
@@ -398,8 +395,9 @@ class Trainer:
                 if self.checkpointer is not None and self.checkpointer.cfg.at_end:
                     self._save()
         finally:
-            if self._bar is not None:
-                self._bar.close()
+            if self._console is not None:
+                self._console.close()
+                self._console = None
             self._epoch_batches = None
         return FitResult(
             step=self.step, epoch=self.epoch, stopped=stopped, final_val=self._last_val, history=self.history

@@ -95,6 +95,36 @@ def test_resume_continues_the_same_run_without_duplicate_points(mlflow_server) -
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
 
 
+def test_a_resume_resends_the_history_points_the_server_lacks_exactly_once(mlflow_server, caplog) -> None:
+    """Points logged within the flush window before a crash live only in the checkpoint's history: the resumed
+    tracker sends the (key, step) pairs the run lacks, whatever their place, and nothing twice."""
+    caplog.set_level(logging.INFO, logger="pipeline.tracking")
+    client = MlflowClient(mlflow_server.uri)
+    history = [{"step": s, "epoch": s / 10, "train_loss": 1.0 / s} for s in range(2, 13, 2)]
+    history.append({"step": 12, "epoch": 1.0, "val_top1_error": 50.0})  # an evaluation at a logged step
+    first = build_tracker(_cfg(mlflow_server.uri, system_metrics=False), is_main=True, run_name="h")
+    run_id = first.start(None)
+    for row in history[:2] + history[3:4]:  # 2, 4 and 8 reached the server; 6, 10 and 12 were lost
+        first.log_metrics(row["step"], {k: v for k, v in row.items() if k != "step"})
+    first.finish("KILLED")
+    assert _steps(client, run_id, "train_loss") == [2, 4, 8]
+
+    for _ in range(2):  # a second resume from the same checkpoint finds nothing missing
+        tracker = build_tracker(_cfg(mlflow_server.uri, system_metrics=False), is_main=True, run_name="h")
+        assert tracker.start(run_id) == run_id
+        tracker.resend_history(history)
+        tracker.log_metrics(14, {"train_loss": 1 / 14, "epoch": 1.4})
+        tracker.finish("FINISHED")
+    assert caplog.text.count("re-sent") == 1
+    assert "re-sent 7 metric points of steps 6-12" in caplog.text  # train_loss and epoch at 6, 10, 12; val at 12
+    # Sorted by step: MLflow lists a key's points by time, and the re-sent ones arrived last.
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train_loss"))
+    assert loss == [(s, 1.0 / s) for s in range(2, 15, 2)]
+    epoch = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "epoch"))
+    assert epoch == [(s, s / 10) for s in range(2, 15, 2)]  # at 12 the first value, as the trainer logged it
+    assert _steps(client, run_id, "val_top1_error") == [12]
+
+
 def test_outage_buffers_metrics_and_delivers_them_after_restart(mlflow_server, caplog) -> None:
     caplog.set_level(logging.WARNING, logger="pipeline.tracking")
     client = MlflowClient(mlflow_server.uri)
@@ -301,3 +331,49 @@ def test_server_killed_mid_run_then_resume_continues_the_run(mlflow_server, tmp_
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
     assert _steps(client, run_id, "train_loss") == list(range(2, 25, 2))
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_points_lost_to_a_sigkill_are_resent_from_the_checkpoint_on_resume(mlflow_server, tmp_path: Path) -> None:
+    """No flush during training (a flush interval longer than the run), SIGKILL after a checkpoint: the points
+    up to it exist only in its history. The resumed run sends them once; MLflow ends with every step once."""
+    client = MlflowClient(mlflow_server.uri)
+    extra = ["--name=resend", "--checkpoint.every_steps=4", "--tracking.system_metrics=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.train",
+        *_train_args(tmp_path, mlflow_server.uri, *extra),
+        "--tracking.flush_interval_s=3600",
+        "--schedule.max_steps=120",
+    ]
+    latest = tmp_path / "ckpt" / "resend" / "latest"
+    with open(tmp_path / "first.log", "w") as first_log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=first_log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and proc.poll() is None:
+                if latest.exists() and int(latest.read_text().strip().removeprefix("step-") or 0) >= 8:
+                    break
+                time.sleep(0.05)
+            assert proc.poll() is None, "training ended before the SIGKILL: " + (tmp_path / "first.log").read_text()
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    (run,) = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], filter_string="attributes.run_name = 'resend'"
+    )
+    run_id = run.info.run_id
+    lost = _steps(client, run_id, "train_loss")
+    assert lost == [], lost  # nothing was flushed while training
+
+    res = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert "re-sent" in res.stderr
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    for key in ("train_loss", "lr", "epoch", "images_per_s"):
+        assert _steps(client, run_id, key) == list(range(2, 121, 2)), key
+    assert _steps(client, run_id, "val_top1_error") == [44, 88, 120]

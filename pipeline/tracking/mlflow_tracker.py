@@ -22,7 +22,7 @@ from pipeline.config import TrackingConfig
 from pipeline.system_metrics import NodeSystemMetrics, start_node_metrics
 from pipeline.tracking.base import NullTracker
 from pipeline.tracking.datasets import DatasetRecord
-from pipeline.tracking.sender import BatchSender
+from pipeline.tracking.sender import MAX_BATCH, BatchSender
 from pipeline.tracking.store import (
     configure_http_for_training,
     get_or_create_experiment,
@@ -259,7 +259,7 @@ class MLflowTracker:
                 "MLflow: run %s keeps its first value of %s (params cannot change): %s",
                 self.run_id,
                 ", ".join(changed),
-                ", ".join(f"{k} {have[k]} -> {wanted[k]}" for k in changed[:5]),
+                ", ".join(f"{k} {have[k][:40]} -> {wanted[k][:40]}" for k in changed[:5]),  # a short log line
             )
         items = [Param(k, v) for k, v in wanted.items() if k not in have]
         for chunk in _chunks(items, _MAX_PARAMS):
@@ -301,6 +301,45 @@ class MLflowTracker:
         ts = int(time.time() * 1000)
         points = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if isinstance(v, (int, float))]
         self.sender.add_metrics(self.run_id, points)
+
+    def resend_history(self, rows: list[dict[str, float]]) -> None:
+        """Send the points of ``rows`` (a resumed checkpoint's metric history: each row a ``step`` and its
+        metrics) that the run does not have, by (key, step): those logged after the last flush before a crash.
+        Queued like every call, ahead of the metrics logged after it; the run's history is read when it runs,
+        so a retry after an outage sends nothing twice."""
+        points: dict[tuple[str, int], float] = {}
+        for row in rows:
+            step = int(row["step"])
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    points.setdefault((key, step), float(value))  # MLflow keeps a step's first value too
+        if points:
+            self._submit(lambda c: self._resend(c, points), f"re-send {len(points)} history points")
+
+    def _resend(self, client: Any, points: dict[tuple[str, int], float]) -> None:
+        from mlflow.entities import Metric
+
+        run_id = self._rid()
+        have = {key: {m.step for m in client.get_metric_history(run_id, key)} for key in {k for k, _ in points}}
+        ts = int(time.time() * 1000)
+        missing = [Metric(key, v, ts, step) for (key, step), v in points.items() if step not in have[key]]
+        for chunk in _chunks(missing, MAX_BATCH):
+            client.log_batch(run_id, metrics=chunk)
+        if not missing:
+            return
+        assert self.sender is not None
+        marks: dict[str, int] = {}
+        for m in missing:
+            marks[m.key] = max(m.step, marks.get(m.key, m.step))
+        self.sender.set_high_water(run_id, marks)  # the same points logged again by the trainer stay single
+        steps = sorted({m.step for m in missing})
+        log.info(
+            "MLflow: re-sent %d metric points of steps %d-%d from the checkpoint's history (run %s lacked them)",
+            len(missing),
+            steps[0],
+            steps[-1],
+            run_id,
+        )
 
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self._submit(lambda c: c.log_artifact(self._rid(), path, artifact_path), f"upload {Path(path).name}")

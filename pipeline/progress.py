@@ -44,7 +44,9 @@ class ConsoleReporter:
     """What rank 0 shows while it trains. ``advance`` after each optimizer step; ``report`` with each row the
     trainer records (a metric reduction, or an evaluation with ``val_*`` keys); ``close`` at the end."""
 
-    def __init__(self, *, total_steps: int, start_step: int = 0, bar: bool = True, stream: TextIO | None = None):
+    def __init__(
+        self, *, total_steps: int, start_step: int = 0, bar: bool = True, stream: TextIO | None = None
+    ) -> None:
         stream = stream if stream is not None else sys.stderr
         self.total_steps = total_steps
         self._start_step = start_step  # ETA from this process's own pace: a resume does not count earlier steps

@@ -8,8 +8,9 @@
 # MEMBERS_FILE holds one resolved member config (TOML path) per line; array task i trains line i+1.
 # Each member config names its own run ("<study>_<member>"), so its checkpoint folder and MLflow child
 # run survive requeues and resubmissions. Arguments after MEMBERS_FILE, and TRAIN_ARGS, are config
-# overrides. GPUS_PER_NODE, CHECKPOINT_URI, MLFLOW_TRACKING_URI, SITE_ENV, SRUN_ARGS, LAUNCH_PREFIX,
-# MAX_REQUEUES and TORCHRUN work as in slurm_resnet152.sh; LOG_DIR gets one task-<i>/ per member.
+# overrides. GPUS_PER_NODE (required with SBATCH_GPUS_PER_NODE=0), CHECKPOINT_URI, MLFLOW_TRACKING_URI,
+# SITE_ENV, SRUN_ARGS, LAUNCH_PREFIX, MAX_REQUEUES and TORCHRUN work as in slurm_resnet152.sh; LOG_DIR
+# gets one task-<i>/ per member.
 # sbatch options for every task go in SBATCH_* variables (they override the lines below), e.g.
 # SBATCH_GPUS_PER_NODE=4 SBATCH_TIMELIMIT=12:00:00 python -m pipeline.study ... --slurm
 #
@@ -42,7 +43,7 @@ if [[ -z $config ]]; then
 fi
 job_name=${SLURM_JOB_NAME:-depth-study}
 log_dir=${LOG_DIR:-logs/$job_name-${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}}/task-$task
-nproc=$(procs_per_node 1)
+nproc=$(procs_per_node 1) || exit 2
 
 overrides=()
 add_overrides "$@"

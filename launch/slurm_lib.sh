@@ -23,10 +23,26 @@ site_defaults() {
   export NCCL_DEBUG TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_ELASTIC_SHUTDOWN_TIMEOUT
 }
 
-# Processes per node: GPUS_PER_NODE, else the job's --gpus-per-node ("a100:8" counts 8), else $1.
+# Processes per node: GPUS_PER_NODE, else the job's --gpus-per-node ("a100:8" counts 8), else $1. A job
+# without GPUs (--gpus-per-node=0, a CPU cluster) must say how many processes it wants in GPUS_PER_NODE.
+# Prints the count, or explains and returns 2.
 procs_per_node() {
   local gpus=${SLURM_GPUS_PER_NODE:-$1}
-  echo "${GPUS_PER_NODE:-${gpus##*:}}"
+  if [[ -n ${GPUS_PER_NODE:-} ]]; then
+    if [[ ! $GPUS_PER_NODE =~ ^[1-9][0-9]*$ ]]; then
+      say "GPUS_PER_NODE=$GPUS_PER_NODE: expected the number of training processes per node (1 or more)"
+      return 2
+    fi
+    echo "$GPUS_PER_NODE"
+    return 0
+  fi
+  gpus=${gpus##*:}
+  if [[ ! $gpus =~ ^[1-9][0-9]*$ ]]; then
+    say "this job has no GPUs (--gpus-per-node=$gpus) and GPUS_PER_NODE is unset: set it to the number of" \
+      "training processes per node, e.g. GPUS_PER_NODE=2 sbatch --gpus-per-node=0 ... (not requeued)"
+    return 2
+  fi
+  echo "$gpus"
 }
 
 # add_overrides ARGS...: append to the caller's `overrides` array the config overrides for
@@ -48,11 +64,27 @@ add_overrides() {
 }
 
 # run_on_nodes LOG_DIR NODES COMMAND...: one task per node, each node's output in LOG_DIR/<node>.log;
-# returns srun's exit code (75 when the training stopped to be requeued).
+# returns srun's exit code, which alone cannot tell a stop from a failure (srun returns the highest of the
+# nodes' codes, and a node whose peer failed is stopped by SIGTERM). So this restart gets a folder of its
+# own, LOG_DIR/launch/job-<id>-restart-<n>/, where rank 0 writes stop.json (PIPELINE_STOP_RECORD,
+# pipeline/stop_record.py) once every rank stopped with a committed checkpoint, and each node's
+# launch/torchrun_node.sh writes its exit code (PIPELINE_NODE_STATUS_DIR). LOG_DIR must be on a
+# filesystem every node shares, as for the logs themselves. `finish` reads both.
 run_on_nodes() {
-  local log_dir=$1 nodes=$2
+  local log_dir=$1 nodes=$2 n
   shift 2
   mkdir -p "$log_dir"
+  launch_log_dir=$log_dir
+  launch_dir=$log_dir/launch/job-$SLURM_JOB_ID-restart-${SLURM_RESTART_COUNT:-0}
+  rm -rf "$launch_dir"
+  mkdir -p "$launch_dir"
+  export PIPELINE_STOP_RECORD=$launch_dir/stop.json PIPELINE_NODE_STATUS_DIR=$launch_dir
+  # Where each node's log stands now: a failure report shows this restart's lines only (logs are appended).
+  log_start=()
+  mapfile -t launch_nodes < <(scontrol show hostnames "${SLURM_JOB_NODELIST:?}")
+  for n in "${launch_nodes[@]}"; do
+    log_start+=("$(stat -c %s "$log_dir/$n.log" 2>/dev/null || echo 0)")
+  done
   local args=(--nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1
     --output="$log_dir/%N.log" --open-mode=append)
   # A step gets one CPU per task unless told otherwise; torchrun's workers and DALI need the node.
@@ -85,15 +117,19 @@ run_on_nodes() {
   return "$rc"
 }
 
-# finish RC RUN: requeue this job when the training stopped to be requeued, else exit with RC.
+# finish RC RUN: requeue this job when rank 0 recorded a stop with a committed checkpoint in this restart,
+# else exit with RC (0), or with the code of the node that failed first, its last error lines and log
+# named at the end of the job's output.
 finish() {
   local rc=$1 run=$2 restarts=${SLURM_RESTART_COUNT:-0} max=${MAX_REQUEUES:-50}
-  if ((rc == STOP_EXIT_CODE)); then
+  local record=${PIPELINE_STOP_RECORD:-}
+  if [[ -n $record && -s $record ]]; then
     if ((restarts >= max)); then
       say "stopped with a committed checkpoint, but this is restart $restarts (MAX_REQUEUES=$max): not requeueing"
       exit "$STOP_EXIT_CODE"
     fi
-    say "training stopped with a committed checkpoint: requeueing job $SLURM_JOB_ID to resume $run"
+    say "training stopped with a committed checkpoint ($(tr -d '\n' <"$record")): requeueing job" \
+      "$SLURM_JOB_ID to resume $run"
     # --requeue keeps the job id, hence the run id, the checkpoint folder and the MLflow run.
     if scontrol requeue "$SLURM_JOB_ID"; then
       exit 0
@@ -101,8 +137,57 @@ finish() {
     say "scontrol requeue failed: submit again to resume $run from its last committed checkpoint"
     exit "$STOP_EXIT_CODE"
   fi
-  if ((rc != 0)); then
-    say "training failed (exit $rc); see the node logs. Submitting again resumes $run from its last committed checkpoint."
+  if ((rc == 0)); then
+    exit 0
   fi
-  exit "$rc"
+  report_failure "$rc" "$run"
+}
+
+# report_failure RC RUN: the nodes that failed (earliest first) with their last error lines, then one line
+# naming the first one, its exit code and log; exits with that code (RC when no node reported one).
+report_failure() {
+  local rc=$1 run=$2 code=$1 first="" i n f c kind log
+  local -A failed=()
+  if [[ -n ${launch_dir:-} && -d $launch_dir ]]; then
+    while read -r f; do
+      read -r c kind <"$launch_dir/$f" || continue
+      n=${f#node-}
+      n=${n%.exit}
+      if [[ $kind == failed ]]; then
+        failed[$n]=$c
+        if [[ -z $first ]]; then
+          first=$n code=$c
+        fi
+      fi
+    done < <(cd "$launch_dir" && ls -tr -- node-*.exit 2>/dev/null)
+  fi
+  for i in "${!launch_nodes[@]}"; do
+    n=${launch_nodes[$i]}
+    log=$launch_log_dir/$n.log
+    if [[ -n ${failed[$n]:-} ]]; then
+      say "node $n failed (exit ${failed[$n]}); its last error lines ($log):"
+      node_errors "$log" "${log_start[$i]}"
+    elif [[ ! -e $launch_dir/node-$n.exit ]]; then
+      say "node $n reported no exit (killed, or lost; see $log)"
+    fi
+  done
+  if ((rc == STOP_EXIT_CODE)) && [[ -z $first ]]; then
+    say "training exited $rc, but no stop record ($PIPELINE_STOP_RECORD) says every rank stopped with a" \
+      "committed checkpoint: not requeueing"
+  fi
+  say "training failed (exit $code)${first:+ on node $first, log $launch_log_dir/$first.log}: not requeued;" \
+    "submitting again resumes $run from its last committed checkpoint"
+  exit "$code"
+}
+
+# node_errors LOG OFFSET: the lines of LOG after byte OFFSET (this restart's) that look like errors, the
+# last 12 (or its last 12 lines when none does), cut at 300 characters.
+node_errors() {
+  local lines
+  lines=$(tail -c +"$(($2 + 1))" "$1" 2>/dev/null | tail -n 400 |
+    grep -aiE 'error|exception|traceback|fatal|killed|abort|exited with code' | tail -n 12 || true)
+  if [[ -z $lines ]]; then
+    lines=$(tail -c +"$(($2 + 1))" "$1" 2>/dev/null | tail -n 12 || true)
+  fi
+  printf '%s\n' "$lines" | cut -c1-300 | sed 's/^/    | /' >&2
 }

@@ -15,11 +15,12 @@
 # Environment (read at submission; sbatch exports the caller's environment to the job):
 #   CONFIG           experiment file                               [configs/imagenet/resnet152.toml]
 #   GPUS_PER_NODE    processes per node                            [the job's --gpus-per-node]
+#                    required without GPUs: GPUS_PER_NODE=2 sbatch --gpus-per-node=0 ... trains on the CPUs
 #   CHECKPOINT_URI   --checkpoint.uri: s3://bucket/prefix or a shared folder    [the config's]
 #   MLFLOW_TRACKING_URI  --tracking.uri                            [the config's]
 #   TRAIN_ARGS       more overrides, split on spaces
 #   RUN_ID           checkpoint folder name, kept across requeues  [<job name>-<job id>]
-#   LOG_DIR          per-node logs                                 [logs/<job name>-<job id>]
+#   LOG_DIR          per-node logs, on a filesystem all nodes share [logs/<job name>-<job id>]
 #   RDZV_PORT        rendezvous port on the first node             [20000 + job id % 10000]
 #   RDZV_TIMEOUT     seconds every node has to join                [600]
 #   MAX_REQUEUES     stop requeueing after this many restarts      [50]
@@ -43,7 +44,9 @@
 # --signal=USR1@300 (no "B:") signals every process of the job steps 300 s (SLURM may add up to 60 s)
 # before the time limit: the training saves a checkpoint and exits 75. --requeue allows `scontrol
 # requeue`, which puts the job back in the queue under the same job id; --open-mode=append keeps the
-# logs of every restart.
+# logs of every restart. Only a stop that rank 0 recorded as committed (launch/slurm_lib.sh run_on_nodes)
+# is requeued; a failure ends the job with the failing node's exit code and last error lines at the end
+# of this job's output.
 set -euo pipefail
 
 : "${SLURM_JOB_ID:?submit this script with sbatch}"
@@ -57,7 +60,7 @@ job_name=${SLURM_JOB_NAME:-resnet152}
 run_id=${RUN_ID:-$job_name-$SLURM_JOB_ID}
 log_dir=${LOG_DIR:-logs/$job_name-$SLURM_JOB_ID}
 num_nodes=${SLURM_JOB_NUM_NODES:-1}
-nproc=$(procs_per_node 8)
+nproc=$(procs_per_node 8) || exit 2
 rdzv_port=${RDZV_PORT:-$((20000 + SLURM_JOB_ID % 10000))}
 
 # Every node's torchrun meets the first node's; ranks follow from the rendezvous (global, not local).

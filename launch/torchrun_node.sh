@@ -13,17 +13,32 @@
 #   USR1. It signals the workers themselves, not torchrun: torchrun answers SIGTERM by killing its
 #   workers after TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s, not settable before torch 2.12), which can cut
 #   a checkpoint upload short.
-# - torchrun reports any non-zero worker exit, 75 included, as 1; the wrapper knows it asked for a
-#   stop and restores 75 for the batch script.
+# - The workers log which signal stopped them: before the SIGTERM the wrapper writes the signal it got
+#   (e.g. SIGUSR1) to the file named in PIPELINE_STOP_SIGNAL_FILE, which pipeline/signals.py reads.
+# - torchrun reports any non-zero worker exit, 75 included, as 1, with a 25-line Python traceback and a
+#   failure table. The wrapper reads torchrun's stderr: when every failed worker exited 75 (stopped after
+#   saving; torchrun may end the last ones by SIGTERM while they finish) it drops that report and exits 75;
+#   otherwise it replaces it with one line per failed rank and exits with the failed worker's own code (2
+#   for a config error), not torchrun's 1, even when a stop request (srun killing the step after another
+#   node failed) reached it too. (Not when stderr is a terminal: there torchrun writes to it directly, so
+#   the training still sees a terminal.)
+# - With PIPELINE_NODE_STATUS_DIR set (launch/slurm_lib.sh), the wrapper writes "<exit code> <finished|
+#   stopped|failed>" to node-<node>.exit there, so the batch script can name the node that failed first
+#   and the code it failed with.
 # SIGTERM that reaches torchrun directly (preemption, scancel) still follows torchrun's own rule:
 # TORCH_ELASTIC_SHUTDOWN_TIMEOUT bounds the save.
 set -euo pipefail
+
 
 readonly STOP_EXIT_CODE=75  # pipeline/signals.py STOP_EXIT_CODE
 torchrun=${TORCHRUN:-torchrun}
 node=$(hostname -s 2>/dev/null || hostname)
 stop_signal=""
 torchrun_pid=""
+work=$(mktemp -d "${TMPDIR:-/tmp}/torchrun_node.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+export PIPELINE_STOP_SIGNAL_FILE=$work/stop-signal  # pipeline/signals.py SIGNAL_FILE_ENV
+failures=$work/failures                             # "code rank host" per failed worker, root cause first
 
 say() { printf '%s %s launch: %s\n' "$(date '+%F %T')" "$node" "$*" >&2; }
 
@@ -38,12 +53,102 @@ pass_stop_on() {
   local workers
   workers=$(pgrep -P "$torchrun_pid" || true)
   if [[ -n $workers ]]; then
+    # Written before the SIGTERM, so the workers' stop line names the signal that was really sent.
+    printf 'SIG%s\n' "$1" >"$PIPELINE_STOP_SIGNAL_FILE"
     say "SIG$1: asking the workers to save and stop (SIGTERM to pids $(echo "$workers" | tr '\n' ' '))"
     # shellcheck disable=SC2086 # one pid per word
     kill -TERM $workers 2>/dev/null || true
   else
-    say "SIG$1 before any worker started: stopping torchrun (nothing to save yet)"
+    say "SIG$1 with no worker running: stopping torchrun (nothing to save)"
     kill -TERM "$torchrun_pid" 2>/dev/null || true
+  fi
+}
+
+# filter_report: torchrun's stderr (the workers' too, they inherit it) passed through line by line, except
+# torchrun's own failure report: its Python traceback (torchrun's internals, never the workers' error) and
+# its failure table are held back and read; the failed workers go to $failures. A report of workers that
+# all exited 75 (stopped after saving) is dropped; any other becomes one line per failed worker.
+filter_report() {
+  local line state=pass borders=0 section="" rank="" host="" code
+  local held=() found=()
+  while IFS= read -r line || [[ -n $line ]]; do
+    case $state in
+      pass)
+        if [[ $line == "Traceback (most recent call last):" ]]; then
+          state=traceback held=("$line")
+        elif [[ ! $line =~ elastic/multiprocessing/api\.py:[0-9]+\]\ failed\ \(exitcode:\ 75\) ]]; then
+          printf '%s\n' "$line"  # (torchrun's one-line note of an exit 75 waits for the report's verdict)
+        fi
+        ;;
+      traceback)
+        if [[ $line == " "* ]]; then
+          held+=("$line")
+        elif [[ $line == torch.distributed.elastic.multiprocessing.errors.ChildFailedError* ]]; then
+          state=report borders=0 section="" found=()
+          held+=("$line")
+        else  # a worker's traceback: pass it on whole
+          printf '%s\n' "${held[@]}" "$line"
+          state=pass held=()
+        fi
+        ;;
+      report)
+        held+=("$line")
+        if [[ $line =~ ^=+$ ]]; then
+          borders=$((borders + 1))
+        elif [[ $line == "Root Cause"* ]]; then
+          section=root
+        elif [[ $line =~ ^\ +host\ +:\ *(.*)$ ]]; then
+          host=${BASH_REMATCH[1]}
+        elif [[ $line =~ ^\ +rank\ +:\ *([0-9]+) ]]; then
+          rank=${BASH_REMATCH[1]}
+        elif [[ $line =~ ^\ +exitcode\ +:\ *(-?[0-9]+) ]]; then
+          code=${BASH_REMATCH[1]}
+          if ((code < 0)); then
+            code=$((128 - code))  # killed by signal N: the shell's 128+N
+          fi
+          if [[ $section == root ]]; then
+            found=("$code $rank $host" "${found[@]}")
+          else
+            found+=("$code $rank $host")
+          fi
+        fi
+        if ((borders == 2)); then
+          printf '%s\n' "${found[@]}" >"$failures"
+          if [[ $(verdict <"$failures") != stopped ]]; then
+            for f in "${found[@]}"; do
+              read -r code rank host <<<"$f"
+              say "torchrun: worker rank $rank on $host exited with code $code"
+            done
+          fi
+          state=pass held=()
+        fi
+        ;;
+    esac
+  done
+  if ((${#held[@]})); then
+    printf '%s\n' "${held[@]}"  # cut short: show what came
+  fi
+}
+
+# verdict: reads "code rank host" lines (torchrun's failed workers, root cause first); prints "stopped" when
+# they stopped after saving: every one exited 75, or some did and torchrun then ended the others (SIGTERM,
+# SIGKILL: 143, 137) while they were finishing too; else "failed CODE RANK HOST" for the first real failure.
+verdict() {
+  local code rank host saved=0 killed=""
+  while read -r code rank host; do
+    if ((code == STOP_EXIT_CODE)); then
+      saved=1
+    elif ((code == 143 || code == 137)); then
+      killed=${killed:-"$code $rank $host"}
+    else
+      echo "failed $code $rank $host"
+      return 0
+    fi
+  done
+  if ((saved)) || [[ -z $killed ]]; then
+    echo stopped
+  else
+    echo "failed $killed"
   fi
 }
 
@@ -52,7 +157,17 @@ trap 'pass_stop_on TERM' TERM
 trap 'pass_stop_on INT' INT
 
 # Ignored signals stay ignored across exec: torchrun survives USR1, its workers replace the handler.
-(trap '' USR1 && exec "$torchrun" "$@") &
+filter_pid=""
+if [[ -t 2 ]]; then
+  # A terminal: someone is watching (and the training draws its progress bar only on a terminal).
+  (trap '' USR1 && exec "$torchrun" "$@") &
+else
+  mkfifo "$work/stderr"
+  # The filter outlives every stop signal (a dead reader would make the workers' next write fail mid-save).
+  (trap '' USR1 TERM INT && filter_report <"$work/stderr" >&2) &
+  filter_pid=$!
+  (trap '' USR1 && exec "$torchrun" "$@" 2>"$work/stderr") &
+fi
 torchrun_pid=$!
 if [[ -n $stop_signal ]]; then
   pending=$stop_signal
@@ -68,13 +183,50 @@ while :; do
     break
   fi
 done
+# The filter ends when the last writer (torchrun, any straggling worker) has gone; a straggler gets 10 s.
+if [[ -n $filter_pid ]]; then
+  for _ in $(seq 100); do
+    kill -0 "$filter_pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill "$filter_pid" 2>/dev/null || true
+  wait "$filter_pid" 2>/dev/null || true
+fi
+
+status() {  # the node's outcome for the batch script (launch/slurm_lib.sh)
+  if [[ -n ${PIPELINE_NODE_STATUS_DIR:-} ]]; then
+    printf '%s %s\n' "$1" "$2" >"$PIPELINE_NODE_STATUS_DIR/node-${SLURMD_NODENAME:-$node}.exit" || true
+  fi
+}
 
 if ((rc == 0)); then
+  status 0 finished
   exit 0
 fi
-if [[ -n $stop_signal ]]; then
-  say "torchrun exited $rc after SIG$stop_signal: exit $STOP_EXIT_CODE (stopped; resume from the last committed checkpoint)"
+failed=""
+if [[ -s $failures ]]; then
+  failed=$(verdict <"$failures")
+  failed=${failed#stopped}
+  failed=${failed#failed }
+fi
+if [[ -z $failed && ( -n $stop_signal || -s $failures ) ]]; then
+  if [[ -n $stop_signal ]]; then
+    say "torchrun exited $rc after SIG$stop_signal: exit $STOP_EXIT_CODE (stopped; resume from the last" \
+      "committed checkpoint)"
+  else
+    say "every worker stopped with exit $STOP_EXIT_CODE: exit $STOP_EXIT_CODE (resume from the last committed" \
+      "checkpoint)"
+  fi
+  status "$STOP_EXIT_CODE" stopped
   exit "$STOP_EXIT_CODE"
 fi
+if [[ -n $failed ]]; then
+  read -r code rank host <<<"$failed"
+  say "torchrun failed: worker rank $rank on $host exited with code $code:" \
+    "exit $code${stop_signal:+ (a SIG$stop_signal came too; it is not a stop)}"
+  status "$code" failed
+  exit "$code"
+fi
 say "torchrun failed with exit code $rc"
+status "$rc" failed
 exit "$rc"

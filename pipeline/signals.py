@@ -7,13 +7,18 @@ half-written file. The trainer agrees on the flag across ranks, saves, commits a
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+from pathlib import Path
 from types import FrameType
 
 # EX_TEMPFAIL: "try again later", distinct from success (0) and from a crash (1).
 STOP_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# launch/torchrun_node.sh passes a stop on to the workers as SIGTERM and writes the signal it got itself
+# (e.g. "SIGUSR1") to this file first, so the log names the signal the operator or SLURM sent.
+SIGNAL_FILE_ENV = "PIPELINE_STOP_SIGNAL_FILE"
 
 
 class StopFlag:
@@ -21,13 +26,30 @@ class StopFlag:
 
     def __init__(self) -> None:
         self._event = threading.Event()
-        self.signal_name: str | None = None
+        self._name: str | None = None
+        self._relayed = False  # the first signal was SIGTERM: the launcher may have relayed another one
         self.count = 0
+
+    @property
+    def signal_name(self) -> str | None:
+        """The stop's cause: the first signal's name (the launcher's original one for a relayed SIGTERM)."""
+        if self._relayed:
+            self._relayed = False
+            original = _relayed_signal()
+            if original:
+                self._name = original
+        return self._name
+
+    @signal_name.setter
+    def signal_name(self, name: str | None) -> None:
+        self._name, self._relayed = name, False
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         self.count += 1
-        if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
+        if self._name is None:
+            # Only the name is kept here; the launcher's file is read when the name is asked for.
+            self._name = signal.Signals(signum).name
+            self._relayed = signum == signal.SIGTERM
         self._event.set()
 
     def install(self) -> StopFlag:
@@ -43,3 +65,13 @@ class StopFlag:
     @property
     def is_set(self) -> bool:
         return self._event.is_set()
+
+
+def _relayed_signal() -> str | None:
+    """The signal launch/torchrun_node.sh received before it sent SIGTERM, when it wrote one down."""
+    path = os.environ.get(SIGNAL_FILE_ENV, "")
+    try:
+        name = Path(path).read_text().strip() if path else ""
+    except OSError:
+        return None
+    return name if name.startswith("SIG") and name[3:].isalnum() else None

@@ -62,6 +62,7 @@ log = logging.getLogger("pipeline.study")
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM_SCRIPT = "launch/slurm_depth_study.sh"
+SUBMIT_ERROR_TAG = "submit_error"  # on the parent run: why the last --slurm submission failed
 
 
 class SubmitError(RuntimeError):
@@ -346,7 +347,18 @@ def run_study(
         if not todo and parent is not None:
             close_parent(client, parent, exp_id, names, failed=False, stopped=False)
         # The parent stays RUNNING while the array runs; rerunning the study once it is done closes it.
-        return outcomes + _submit(study, todo, folder=folder, dry_run=dry_run)
+        try:
+            submitted = _submit(study, todo, folder=folder, dry_run=dry_run)
+        except SubmitError as e:
+            if parent is not None and todo:
+                # No array runs, so nothing would ever close the parent: it must not stay RUNNING.
+                client.set_tag(parent, SUBMIT_ERROR_TAG, str(e)[:4000])
+                client.set_terminated(parent, status="FAILED")
+                print(f"study {study.name}: parent run {parent} marked FAILED: nothing was submitted", flush=True)
+            raise
+        if submitted and parent is not None and SUBMIT_ERROR_TAG in client.get_run(parent).data.tags:
+            client.delete_tag(parent, SUBMIT_ERROR_TAG)  # an earlier failed submission's reason no longer holds
+        return outcomes + submitted
     for i, (m, path) in enumerate(todo, 1):
         cmd = member_command(path, nproc=m.nproc or study.nproc)
         print(f"== [{i}/{len(todo)}] {m.name}: {shlex.join(cmd)}", flush=True)

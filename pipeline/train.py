@@ -59,7 +59,9 @@ def _setup_logging(rank: int) -> None:
 
 def run(cfg: TrainConfig, *, stop: StopFlag | None = None) -> RunOutcome:
     """Build every component (pipeline.wiring), start, train, and close. Called on every rank."""
+    from pipeline.checkpoint.layout import tag_for
     from pipeline.distributed import close_distributed, init_distributed
+    from pipeline.stop_record import write_stop_record
     from pipeline.wiring import TrainingRun, build_run
 
     stop = stop or StopFlag().install()
@@ -74,6 +76,11 @@ def run(cfg: TrainConfig, *, stop: StopFlag | None = None) -> RunOutcome:
             built.checkpointer.close()
         exit_code = STOP_EXIT_CODE if result.stopped else 0
         if env.is_main:
+            if result.stopped and built.checkpointer is not None:
+                # close() returned on every rank: the stop's checkpoint is committed. Tell the batch script.
+                write_stop_record(
+                    step=result.step, signal=stop.signal_name, checkpoint=tag_for(result.step), run_id=built.run_id
+                )
             if result.stopped:
                 log.warning(
                     "stopped by %s at step %d; checkpoint committed; exit %d so the launcher requeues",

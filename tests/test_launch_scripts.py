@@ -112,6 +112,8 @@ while not got and time.monotonic() < deadline:
         sys.exit(3)
     time.sleep(0.05)
 open(f"{out}/worker{rank}-got", "w").write(",".join(got))
+relayed = os.environ.get("PIPELINE_STOP_SIGNAL_FILE", "")  # where the wrapper names the signal it got
+open(f"{out}/worker{rank}-relayed", "w").write(open(relayed).read() if os.path.exists(relayed) else "")
 time.sleep(0.3)  # the save
 sys.exit(75 if got else 9)
 """
@@ -139,6 +141,16 @@ def fakes(tmp_path: Path) -> dict[str, str]:
         #!/usr/bin/env bash
         printf '%s\\n' "$@" > {out}/srun-args
         env > {out}/srun-env
+        # What rank 0 and the node wrappers would write: the stop record, and node=code:kind exits.
+        if [[ -n ${{FAKE_STOP_RECORD:-}} ]]; then
+          echo '{{"step": 8, "signal": "SIGUSR1", "checkpoint": "step-8"}}' > "$PIPELINE_STOP_RECORD"
+        fi
+        for s in ${{FAKE_NODE_EXITS:-}}; do
+          n=${{s%%=*}} v=${{s#*=}}
+          echo "error: $n broke" >> "$LOG_DIR/$n.log"
+          echo "${{v%%:*}} ${{v#*:}}" > "$PIPELINE_NODE_STATUS_DIR/node-$n.exit"
+          sleep 0.05  # distinct mtimes: the batch script names the node that failed first
+        done
         exit "${{FAKE_SRUN_RC:-0}}"
         """),
     )
@@ -195,6 +207,8 @@ def test_node_wrapper_turns_usr1_into_sigterm_for_the_workers(fakes):
     log, _ = p.communicate(timeout=30)
     assert p.returncode == 75, log
     assert (out / "worker0-got").read_text() == "SIGTERM" and (out / "worker1-got").read_text() == "SIGTERM"
+    # ... with the signal the wrapper got written where pipeline/signals.py reads it.
+    assert (out / "worker0-relayed").read_text() == "SIGUSR1\n"
     assert not (out / "torchrun-got-TERM").exists(), "the wrapper must signal the workers, not torchrun"
     assert "SIGUSR1: asking the workers to save and stop" in log and "exit 75" in log
 
@@ -326,7 +340,8 @@ def test_resnet152_overrides_from_the_environment(fakes, tmp_path):
 
 
 def test_exit_75_requeues_the_job(fakes):
-    r = _batch("slurm_resnet152.sh", fakes, srun_rc=75)
+    # Requeued on rank 0's stop record (PIPELINE_STOP_RECORD), which the fake srun writes as training would.
+    r = _batch("slurm_resnet152.sh", fakes, srun_rc=75, FAKE_STOP_RECORD="1")
     assert r.returncode == 0, r.stderr
     assert (Path(fakes["FAKE_OUT"]) / "scontrol-calls").read_text().split("\n")[0] == "requeue 4123"
     assert "requeueing job 4123" in r.stderr
@@ -336,9 +351,36 @@ def test_failure_is_not_requeued_and_requeues_are_bounded(fakes):
     r = _batch("slurm_resnet152.sh", fakes, srun_rc=1)
     assert r.returncode == 1 and "training failed (exit 1)" in r.stderr
     assert not (Path(fakes["FAKE_OUT"]) / "scontrol-calls").exists()
-    r = _batch("slurm_resnet152.sh", fakes, srun_rc=75, SLURM_RESTART_COUNT="3", MAX_REQUEUES="3")
+    r = _batch("slurm_resnet152.sh", fakes, srun_rc=75, FAKE_STOP_RECORD="1", SLURM_RESTART_COUNT="3", MAX_REQUEUES="3")
     assert r.returncode == 75 and "not requeueing" in r.stderr
     assert not (Path(fakes["FAKE_OUT"]) / "scontrol-calls").exists()
+
+
+def test_exit_75_without_a_stop_record_is_a_failure_named_at_the_end(fakes):
+    """srun's 75 can come from a node that was stopped because its peer failed: without rank 0's record of a
+    committed stop the job is not requeued, and it ends with the first failed node's code, its error lines
+    and its log named last."""
+    r = _batch("slurm_resnet152.sh", fakes, srun_rc=75, FAKE_NODE_EXITS="gpu02=2:failed gpu01=75:stopped")
+    out = Path(fakes["FAKE_OUT"])
+    assert r.returncode == 2, r.stderr
+    assert not (out / "scontrol-calls").exists()
+    assert "node gpu02 failed (exit 2)" in r.stderr and "| error: gpu02 broke" in r.stderr, r.stderr
+    assert "gpu01 failed" not in r.stderr and "node gpu03 reported no exit" in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert f"training failed (exit 2) on node gpu02, log {out}/logs/gpu02.log: not requeued" in last, r.stderr
+    r = _batch("slurm_resnet152.sh", fakes, srun_rc=75)
+    assert r.returncode == 75 and "no stop record" in r.stderr and "not requeueing" in r.stderr, r.stderr
+
+
+def test_no_gpus_needs_gpus_per_node(fakes):
+    """--gpus-per-node=0 (a CPU cluster): GPUS_PER_NODE says how many processes; unset, one clear line."""
+    r = _batch("slurm_resnet152.sh", fakes, SLURM_GPUS_PER_NODE="0")
+    assert r.returncode == 2 and not (Path(fakes["FAKE_OUT"]) / "srun-args").exists()
+    assert "GPUS_PER_NODE is unset" in r.stderr.strip().splitlines()[-1], r.stderr
+    r = _batch("slurm_resnet152.sh", fakes, SLURM_GPUS_PER_NODE="0", GPUS_PER_NODE="3")
+    assert r.returncode == 0 and "--nproc_per_node=3" in _srun_args(fakes), r.stderr
+    r = _batch("slurm_resnet152.sh", fakes, GPUS_PER_NODE="zero")
+    assert r.returncode == 2 and "GPUS_PER_NODE=zero" in r.stderr
 
 
 def test_depth_study_array_task_trains_its_line_of_the_members_file(fakes, tmp_path):
@@ -360,7 +402,7 @@ def test_depth_study_array_task_trains_its_line_of_the_members_file(fakes, tmp_p
     assert a[a.index("pipeline/train.py") + 1 :] == ["--config", "/s/resnet20.toml", "--log_every=2"]
     r = _batch("slurm_depth_study.sh", fakes, str(members), SLURM_ARRAY_TASK_ID="2")
     assert r.returncode == 2 and "has no line 3" in r.stderr
-    r = _batch("slurm_depth_study.sh", fakes, str(members), srun_rc=75, SLURM_ARRAY_TASK_ID="0")
+    r = _batch("slurm_depth_study.sh", fakes, str(members), srun_rc=75, SLURM_ARRAY_TASK_ID="0", FAKE_STOP_RECORD="1")
     assert r.returncode == 0 and "requeue 4123" in (Path(fakes["FAKE_OUT"]) / "scontrol-calls").read_text()
 
 
@@ -412,3 +454,91 @@ def test_torchrun_local(fakes):
     ]
     r = subprocess.run([str(LAUNCH / "torchrun_local.sh")], env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "usage" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# torchrun_node.sh around the real torchrun: what its failure report becomes
+
+WORKER_EXITS = """import os, sys, time
+rank = int(os.environ["RANK"])
+print(f"worker {rank} ran", file=sys.stderr, flush=True)
+code = os.environ["CODES"].split(",")[rank]
+if code == "raise":
+    raise ValueError(f"boom on rank {rank}")
+if code == "linger":  # still finishing when torchrun, seeing another worker exit, sends SIGTERM
+    time.sleep(1 + rank)
+    sys.exit(75)
+sys.exit(int(code))
+"""
+
+
+@pytest.mark.parametrize(
+    ("codes", "rc"),
+    [("75,75", 75), ("75,linger", 75), ("75,2", 2), ("0,raise", 1)],
+    ids=["stopped", "stopped-then-ended-by-torchrun", "failed", "worker-traceback"],
+)
+def test_real_torchrun_report_is_dropped_for_a_stop_and_condensed_for_a_failure(tmp_path: Path, codes: str, rc: int):
+    """Workers that all exit 75 leave no torchrun traceback or failure table, only the wrapper's line; a real
+    failure becomes one line per failed worker and the wrapper exits with the worker's own code; a worker's
+    own traceback passes through whole."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER_EXITS)
+    status = tmp_path / "status"
+    status.mkdir()
+    env = {
+        **os.environ,
+        "CODES": codes,
+        "TORCHRUN": str(Path(sys.executable).with_name("torchrun")),
+        "PIPELINE_NODE_STATUS_DIR": str(status),
+        "SLURMD_NODENAME": "n7",
+    }
+    cmd = [str(LAUNCH / "torchrun_node.sh"), "--standalone", "--nnodes=1", "--nproc_per_node=2", "--max_restarts=0"]
+    r = subprocess.run([*cmd, str(script)], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    log = r.stdout + r.stderr
+    assert r.returncode == rc, log
+    assert "worker 0 ran" in log and "worker 1 ran" in log, log
+    assert "ChildFailedError" not in log and "exitcode  :" not in log and 'torch/distributed/run.py", line' not in log
+    kind = {75: "stopped", 2: "failed", 1: "failed"}[rc]
+    assert (status / "node-n7.exit").read_text() == f"{rc} {kind}\n"
+    if rc == 75:
+        assert "Traceback" not in log and "exitcode" not in log, log
+        assert "every worker stopped with exit 75: exit 75" in log, log
+    elif rc == 2:
+        assert "Traceback" not in log, log
+        assert re.search(r"launch: torchrun failed: worker rank 1 on \S+ exited with code 2: exit 2", log), log
+    else:
+        assert log.count("Traceback (most recent call last):") == 1 and "ValueError: boom on rank 1" in log, log
+
+
+# --------------------------------------------------------------------------------------------------
+# pipeline.study --slurm when sbatch refuses the array
+
+
+def test_failed_study_submission_leaves_the_parent_run_failed(mlflow_server, tmp_path: Path, monkeypatch, capsys):
+    """sbatch (a stand-in on PATH) fails: the parent MLflow run, set RUNNING for the submission, ends FAILED
+    with the reason as a tag; a later submission that works reopens it and drops the stale reason."""
+    from mlflow import MlflowClient
+
+    from pipeline.study import SUBMIT_ERROR_TAG, main
+
+    monkeypatch.chdir(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sbatch = _write_exe(
+        bin_dir / "sbatch", "#!/bin/sh\necho 'sbatch: error: Invalid partition name specified' >&2\nexit 1\n"
+    )
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    args = [str(REPO / "configs/study/cifar10_table6.toml"), "--slurm", f"--tracking.uri={mlflow_server.uri}"]
+    assert main([*args, "--only=resnet20"]) == 1
+    captured = capsys.readouterr()
+    assert "error: sbatch failed with exit code 1: sbatch: error: Invalid partition name" in captured.err
+    assert "marked FAILED" in captured.out
+    client = MlflowClient(mlflow_server.uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("cifar10-table6").experiment_id])
+    assert parent.data.tags["study_role"] == "parent" and parent.info.status == "FAILED"
+    assert "Invalid partition name" in parent.data.tags[SUBMIT_ERROR_TAG] and parent.info.end_time
+
+    _write_exe(sbatch, '#!/bin/sh\necho "Submitted batch job 42"\n')
+    assert main([*args, "--only=resnet20"]) == 0
+    parent = client.get_run(parent.info.run_id)
+    assert parent.info.status == "RUNNING" and SUBMIT_ERROR_TAG not in parent.data.tags

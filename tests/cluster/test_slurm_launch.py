@@ -89,7 +89,15 @@ class Submission:
     """One `sbatch launch/slurm_resnet152.sh` the way the README shows it, plus where its output lands."""
 
     def __init__(
-        self, cluster: SlurmCluster, services: Services, tmp: Path, name: str, steps: int, *overrides: str
+        self,
+        cluster: SlurmCluster,
+        services: Services,
+        tmp: Path,
+        name: str,
+        steps: int,
+        *overrides: str,
+        gpus_per_node: str = "2",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.cluster, self.services, self.name = cluster, services, name
         self.logs = tmp / "logs"
@@ -105,12 +113,13 @@ class Submission:
                 tiny(steps, tmp, f"--tracking.experiment={self.experiment}", "--tracking.system_metrics_interval_s=1")
             ),
             **services.aws_env,
+            **(env or {}),
         }
         self.job: Job = sbatch(
             cluster,
             f"--job-name={name}",
             "--nodes=2",
-            "--gpus-per-node=2",
+            f"--gpus-per-node={gpus_per_node}",
             f"--output={self.logs}/%x-%j.out",
             "launch/slurm_resnet152.sh",
             *overrides,
@@ -124,6 +133,12 @@ class Submission:
 
     def node_log(self, node: str) -> str:
         return read(self.logs / "nodes" / f"{node}.log")
+
+    def stop_record(self, restart: int) -> dict | None:
+        """What rank 0 recorded for the batch script after a committed stop (launch/slurm_lib.sh)."""
+        from pipeline.stop_record import read_stop_record
+
+        return read_stop_record(self.logs / "nodes" / "launch" / f"job-{self.job.id}-restart-{restart}" / "stop.json")
 
     def all_logs(self) -> str:
         parts = [f"--- batch log ---\n{self.batch_log[-4000:]}"]
@@ -227,6 +242,15 @@ def test_sbatch_two_nodes_usr1_requeue_resume(slurm_cluster: SlurmCluster, servi
     resumed = re.search(rf"resumed run {sub.run_id} at step (\d+)", node_logs)
     assert stopped and resumed, sub.all_logs()
     assert int(resumed.group(1)) == int(stopped.group(1)) > 0
+    # The real signal's name, though the node wrapper passed it on as SIGTERM; the requeue rests on rank 0's
+    # stop record for restart 0; a deliberate exit 75 leaves no torchrun traceback or failure table.
+    assert "stopped by SIGUSR1 at step" in node_logs, sub.all_logs()
+    record = sub.stop_record(0)
+    assert record and record["signal"] == "SIGUSR1" and record["checkpoint"] == f"step-{stopped.group(1)}", record
+    assert sub.stop_record(1) is None
+    assert "torchrun failed" not in node_logs, sub.all_logs()  # a worker torchrun ended while it finished too
+    for text in (node_logs, log):
+        assert "Traceback" not in text and "ChildFailedError" not in text and "exitcode  :" not in text, sub.all_logs()
 
     # One MLflow run across both allocations, fed by both nodes; the loss curve continues.
     runs = sub.mlflow_runs()
@@ -377,3 +401,44 @@ def test_depth_study_as_a_job_array(
     children = [x for x in runs if x.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert sorted(c.info.run_name for c in children) == ["plain20", "resnet20"]
     assert all(c.info.status == "FINISHED" for c in children), [(c.info.run_name, c.info.status) for c in children]
+
+
+@pytest.mark.slow
+def test_config_error_on_two_nodes_ends_the_job_once(slurm_cluster: SlurmCluster, services: Services, tmp_path: Path):
+    """A config error on every rank of a two-node job: the job ends once (no requeue, although srun's
+    --kill-on-bad-exit stops the other node, whose wrapper may report 75), with the worker's exit code 2,
+    and the end of the job's .out names the failed node, its log, and shows the error."""
+    t0 = time.monotonic()
+    sub = Submission(slurm_cluster, services, tmp_path, "cfgerr", 8, "--data.batch_size=0")
+    info = sub.wait_done(300)
+    took = time.monotonic() - t0
+    log = sub.batch_log
+    assert info["JobState"] == "FAILED" and info.get("ExitCode") == "2:0", (info, sub.all_logs())
+    assert info.get("Restarts") == "0", info
+    assert "requeue" not in log.replace("not requeued", ""), log
+    assert len(re.findall(r"job \d+ \(cfgerr\) restart", log)) == 1, log
+    tail = log.strip().splitlines()[-12:]
+    assert re.search(r"training failed \(exit 2\) on node node[12], log \S+/node[12]\.log: not requeued", tail[-1]), log
+    assert any("error: data.batch_size = 0: must be >= 1" in line for line in tail), log
+    assert not any(sub.stop_record(r) for r in (0, 1))
+    print(f"config error job: {took:.0f}s from sbatch to FAILED")
+
+
+@pytest.mark.slow
+def test_gpu_less_job_needs_gpus_per_node(slurm_cluster: SlurmCluster, services: Services, tmp_path: Path):
+    """`sbatch --gpus-per-node=0`: with GPUS_PER_NODE unset the job ends at once with one line saying what
+    to set (no torchrun AssertionError, no requeue); with GPUS_PER_NODE=1 it trains 2 nodes x 1 process."""
+    t0 = time.monotonic()
+    bad = Submission(slurm_cluster, services, tmp_path / "unset", "nogpu", 4, gpus_per_node="0")
+    info = bad.wait_done(120)
+    log = bad.batch_log
+    assert info["JobState"] == "FAILED" and info.get("ExitCode") == "2:0" and info.get("Restarts") == "0", (info, log)
+    assert "GPUS_PER_NODE is unset" in log.strip().splitlines()[-1] and "AssertionError" not in log, log
+    t1 = time.monotonic()
+    sub = Submission(slurm_cluster, services, tmp_path / "set", "cpu", 4, gpus_per_node="0", env={"GPUS_PER_NODE": "1"})
+    info = sub.wait_done(420)
+    assert info["JobState"] == "COMPLETED", sub.all_logs()
+    assert re.search(r"restart 0: 2 nodes \[node1 node2\] x 1 processes", sub.batch_log), sub.batch_log
+    assert "2 ranks on cpu" in sub.node_log("node1") + sub.node_log("node2"), sub.all_logs()
+    assert sub.latest() == "step-4"
+    print(f"gpu-less jobs: unset {t1 - t0:.0f}s, GPUS_PER_NODE=1 {time.monotonic() - t1:.0f}s")

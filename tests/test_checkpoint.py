@@ -582,3 +582,18 @@ def test_deepspeed_zero1_grows_world(tmp_path: Path) -> None:
         assert all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"])
         assert torch.equal(a["momentum"], b["momentum"])
         assert b["state"]["step"] == 3 and b["state"]["rank"] == 0  # rank 1 gets rank 0's shared part
+
+
+@pytest.mark.slow
+def test_deepspeed_two_ranks_resume_past_binary_bytes_in_latest(tmp_path: Path) -> None:
+    common = ["--uri", str(tmp_path / "ckpt"), "--out", str(tmp_path)]
+    p = _torchrun(2, "--phase", "train", "--steps", "4", "--save-at", "2,4", *common)
+    assert p.returncode == 0, p.stderr[-3000:]
+    latest = tmp_path / "ckpt" / "unit" / "latest"
+    latest.write_bytes(b"\x80\x81\xfe\xff\x00step")  # was a bare UnicodeDecodeError on every resume
+    p = _torchrun(2, "--phase", "resume", *common)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"{latest} exists but cannot be used (it holds binary bytes" in p.stderr, p.stderr[-3000:]
+    for r in range(2):
+        assert torch.load(tmp_path / f"resume-rank{r}.pt", weights_only=False)["state"]["step"] == 4
+    assert latest.read_text() == "step-4"  # mended by the resume

@@ -366,6 +366,8 @@ class Storage:
 
     def _explain(self, e: BaseException, what: str, uri: str) -> StorageError:
         text = str(e) or type(e).__name__
+        if type(e).__name__ == "FSTimeoutError":  # fsspec's, from an upload's deadline (_upload_timeout)
+            text = "the upload made no progress within its deadline (timeout)"
         kind = _classify(e)
         if kind == "no_credentials":
             return StorageError(

@@ -249,10 +249,10 @@ class Checkpointer:
                 if self.rank == 0 and time.monotonic() - noted >= _BLOCKED_NOTE_S:
                     noted = time.monotonic()
                     log.warning(
-                        "training blocked on storage for %.0f s: checkpoint %s waits for earlier uploads to %s "
+                        "training blocked on storage%s: checkpoint %s waits for earlier uploads to %s "
                         "(checkpoint.max_pending = %d; the run fails after checkpoint.max_wait_s = %.0f s, a stop "
                         "signal ends it now): %s",
-                        noted - t0,
+                        f" for {noted - t0:.0f} s" if polls else "",
                         tag,
                         self.store.uri,
                         self.cfg.max_pending,

@@ -301,6 +301,21 @@ class CheckpointConfig:
     )
     time_check_steps: int = doc(10, "every_minutes: steps between agreeing on rank 0's clock (one small CPU broadcast)")
     close_timeout_min: float = doc(60.0, "at the end or on a stop signal, wait at most this long for pending commits")
+    max_wait_s: float = doc(
+        900.0,
+        "a save that finds max_pending uploads still pending waits at most this long (heeding stop signals), then "
+        "the run fails naming the staged steps: training never sits blocked on storage for longer",
+    )
+    stop_wait_s: float = doc(
+        30.0,
+        "after a stop signal, how long the last commits may wait without upload progress before the run exits "
+        "with the stop code anyway, leaving the unsent steps in the staging folder (a next start that sees it "
+        "uploads them)",
+    )
+    connect_timeout_s: float = doc(5.0, "S3: seconds to open a connection before the request fails and is retried")
+    read_timeout_s: float = doc(
+        60.0, "S3: seconds a request may wait for the server (one checkpoint part) before it fails and is retried"
+    )
 
     def __post_init__(self) -> None:
         if self.keep_last < 1:
@@ -311,6 +326,10 @@ class CheckpointConfig:
             raise ConfigError("checkpoint.max_pending and time_check_steps must be >= 1, close_timeout_min > 0")
         if not self.uri:
             raise ConfigError("checkpoint.uri is empty: give a local folder, file:///path or s3://bucket/prefix")
+        for key in ("max_wait_s", "stop_wait_s", "connect_timeout_s", "read_timeout_s"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):  # NaN compares False
+                raise ConfigError(f"checkpoint.{key} = {value}: must be a finite number of seconds > 0")
 
 
 @dataclass

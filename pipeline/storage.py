@@ -8,6 +8,10 @@ Paths given to methods are relative to the root URI, with ``/`` separators. Ever
 ``StorageError`` whose message names the full URI and what to check; ``transient`` tells a caller that
 retrying may help (endpoint unreachable, timeouts) as opposed to a missing bucket or bad credentials.
 
+On S3 every request is cut by an explicit connect and read timeout (``connect_timeout_s``, ``read_timeout_s``:
+a paused server fails the request instead of hanging it), and neither botocore nor s3fs retries silently: a
+transient failure is retried here, through ``pipeline.retry``, ``attempts`` times in all with a warning each.
+
 S3 settings come from the usual AWS variables (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, AWS_REGION / AWS_DEFAULT_REGION) unless given
 explicitly. Credentials are never taken from a config file: configs end up in MLflow params.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import posixpath
 import socket
@@ -29,7 +34,13 @@ from typing import IO, Any, TypeVar
 
 import fsspec
 
+from pipeline.retry import Backoff, retry
+
+log = logging.getLogger("pipeline.storage")
+
 CHUNK = 8 << 20  # streaming hash/copy block; large enough that S3 range reads stay efficient
+_RETRY = Backoff(first_s=0.5, factor=2.0, max_s=4.0)  # between attempts of one transient-failing S3 request
+_SLOWEST_UPLOAD = 1 << 20  # bytes/s: an S3 upload slower than this (plus the read timeout) is cut and retried
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,16 @@ def _is_connection_error(exc: BaseException) -> bool:
             "FSTimeoutError",
         }
     ) or isinstance(exc, (socket.timeout, ConnectionError))
+
+
+def _from_storage(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure of the storage (I/O, the S3 client stack) rather than of a caller's code."""
+    if isinstance(exc, OSError):
+        return True
+    return any(
+        c.__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "urllib3")
+        for c in type(exc).__mro__
+    )
 
 
 def _replace_atomically(path: str, write: Callable[[IO[bytes]], T], *, durable: bool = True) -> T:
@@ -180,22 +201,66 @@ def _classify(e: BaseException) -> str:
     return "other"
 
 
+_SESSIONS: dict[str, Any] = {}  # AWS profile -> its aiobotocore session (one per profile keeps s3fs's cache)
+
+
+def _no_expect_continue(request: Any, **_: Any) -> None:
+    # botocore asks for "Expect: 100-continue" on PUTs, and aiohttp waits for the 100 with no timeout at all: a
+    # paused server would hang an upload forever instead of failing it at the read timeout. Expect is unsigned.
+    request.headers.pop("Expect", None)
+
+
+def _s3_session(profile: str) -> Any:
+    """The aiobotocore session for ``profile`` ("" = the environment's), with the handler above."""
+    if profile not in _SESSIONS:
+        from aiobotocore.session import AioSession
+
+        session = AioSession(profile=profile or None)
+        session.register("before-send.s3", _no_expect_continue)
+        _SESSIONS[profile] = session
+    return _SESSIONS[profile]
+
+
 class Storage:
     """A root URI plus the filesystem that serves it."""
 
-    def __init__(self, uri: str, *, endpoint_url: str = "", region: str = "", profile: str = "") -> None:
+    def __init__(
+        self,
+        uri: str,
+        *,
+        endpoint_url: str = "",
+        region: str = "",
+        profile: str = "",
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 60.0,
+        attempts: int = 3,
+    ) -> None:
         if not uri:
             raise StorageError(
                 "empty storage URI: give a local folder, file:///path or s3://bucket/prefix", uri=uri, kind="other"
             )
         self.uri = uri.rstrip("/") or uri
         self.remote = is_remote(self.uri)
-        self._opts = {"endpoint_url": endpoint_url, "region": region, "profile": profile}
+        self._opts: dict[str, Any] = {
+            "endpoint_url": endpoint_url,
+            "region": region,
+            "profile": profile,
+            "connect_timeout_s": connect_timeout_s,
+            "read_timeout_s": read_timeout_s,
+            "attempts": attempts,
+        }
+        self.attempts = attempts
         self.endpoint_url = (
             endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
         )
         if self.uri.startswith("s3://"):
-            self.fs, self.root = self._s3(endpoint_url=self.endpoint_url, region=region, profile=profile)
+            self.fs, self.root = self._s3(
+                endpoint_url=self.endpoint_url,
+                region=region,
+                profile=profile,
+                connect_timeout_s=connect_timeout_s,
+                read_timeout_s=read_timeout_s,
+            )
         elif self.remote:
             self.fs, self.root = fsspec.core.url_to_fs(self.uri)
         else:
@@ -203,7 +268,9 @@ class Storage:
             self.fs = fsspec.filesystem("file")
             self.root = str(Path(local).expanduser().absolute())
 
-    def _s3(self, *, endpoint_url: str, region: str, profile: str) -> tuple[Any, str]:
+    def _s3(
+        self, *, endpoint_url: str, region: str, profile: str, connect_timeout_s: float, read_timeout_s: float
+    ) -> tuple[Any, str]:
         import s3fs
 
         client_kwargs: dict[str, Any] = {}
@@ -214,29 +281,31 @@ class Storage:
             "client_kwargs": client_kwargs,
             # Other processes write the same prefixes (other ranks, the commit): never trust a cached listing.
             "use_listings_cache": False,
-            # Fail fast on a dead endpoint; the callers (uploads) have their own retry with backoff.
+            # A dead or paused endpoint fails the request at these timeouts. One attempt only: botocore's own
+            # retries (and s3fs's, below) would multiply a hang silently; ``_call`` retries with a log line.
             "config_kwargs": {
-                "connect_timeout": 5,
-                "read_timeout": 120,
-                "retries": {"max_attempts": 3, "mode": "standard"},
+                "connect_timeout": connect_timeout_s,
+                "read_timeout": read_timeout_s,
+                "retries": {"total_max_attempts": 1, "mode": "standard"},
             },
+            "session": _s3_session(profile),
         }
-        if profile:
-            kwargs["profile"] = profile
         fs = s3fs.S3FileSystem(**kwargs)
+        fs.retries = 1  # s3fs retries timeouts 5 times by default, without a word
         return fs, self.uri[len("s3://") :].rstrip("/")
 
     # ---------------------------------------------------------------------------------------------
     @classmethod
-    def of_file(cls, path: str, *, endpoint_url: str = "", region: str = "", profile: str = "") -> tuple[Storage, str]:
+    def of_file(cls, path: str, **options: Any) -> tuple[Storage, str]:
         """The Storage of the folder holding ``path`` (a local path, file:// or s3:// URL), and the file's name in
-        it: one file named by its full path, read or written through the same API as a tree."""
+        it: one file named by its full path, read or written through the same API as a tree. ``options``: the
+        keyword arguments of ``Storage`` (endpoint, region, profile, timeouts)."""
         path = path.rstrip("/")
         if "://" in path:
             parent, name = path.rsplit("/", 1)
         else:
             parent, name = os.path.split(os.path.abspath(path))
-        return cls(parent, endpoint_url=endpoint_url, region=region, profile=profile), name
+        return cls(parent, **options), name
 
     def child(self, rel: str) -> Storage:
         """A Storage rooted at ``rel`` below this one, with the same settings."""
@@ -264,8 +333,41 @@ class Storage:
                 raise
             raise self._explain(e, what, self.url(rel)) from e
 
+    def _upload_timeout(self, size: int) -> float:
+        """The longest an S3 upload of ``size`` bytes may take: sending a body has no timeout of its own (the read
+        timeout starts once it is sent), so a server that stops reading would otherwise hang it forever."""
+        return self._opts["read_timeout_s"] + self._opts["connect_timeout_s"] + size / _SLOWEST_UPLOAD
+
+    def _call(self, what: str, rel: str, fn: Callable[[], T]) -> T:
+        """``fn()`` under the error translation. On an object store a transient failure (timeout, cut or refused
+        connection, server error) is retried, ``attempts`` calls in all, with a warning naming the URI each time;
+        the clients underneath make one attempt per call (see ``_s3``), so a hung request costs one read timeout.
+        Only for idempotent calls (every one here: writes replace whole objects)."""
+
+        def once() -> T:
+            with self._errors(what, rel):
+                return fn()
+
+        if not self.remote or self.attempts <= 1:
+            return once()
+
+        def note(e: BaseException, n: int, delay: float) -> None:
+            log.warning("%s; attempt %d of %d failed, trying again in %.1f s", e, n, self.attempts, delay)
+
+        return retry(
+            once,
+            what=f"{what} {self.url(rel)}",
+            backoff=_RETRY,
+            attempts=self.attempts,
+            retryable=lambda e: isinstance(e, StorageError) and e.transient,
+            on_retry=note,
+            logger=log,
+        )
+
     def _explain(self, e: BaseException, what: str, uri: str) -> StorageError:
         text = str(e) or type(e).__name__
+        if type(e).__name__ == "FSTimeoutError":  # fsspec's, from an upload's deadline (_upload_timeout)
+            text = "the upload made no progress within its deadline (timeout)"
         kind = _classify(e)
         if kind == "no_credentials":
             return StorageError(
@@ -309,19 +411,21 @@ class Storage:
 
     # ---------------------------------------------------------------------------------------------
     def exists(self, rel: str = "") -> bool:
-        with self._errors("check", rel):
-            return bool(self.fs.exists(self._path(rel)))
+        return self._call("check", rel, lambda: bool(self.fs.exists(self._path(rel))))
 
     def _listing(self, rel: str, method: str, empty: Any, **kwargs: Any) -> Any:
         """``fs.<method>(path)`` under this store's error translation; ``empty`` when ``rel`` does not exist
         (a missing bucket is still an error: it is a wrong URI, not an empty folder)."""
-        with self._errors("list", rel):
+
+        def listing() -> Any:
             try:
                 return getattr(self.fs, method)(self._path(rel), **kwargs)
             except FileNotFoundError as e:
                 if _no_bucket(e):
                     raise
                 return empty
+
+        return self._call("list", rel, listing)
 
     def list(self, rel: str = "") -> list[str]:
         """Names directly under ``rel`` (files and folders), sorted; [] when it does not exist."""
@@ -382,19 +486,29 @@ class Storage:
         return sorted(out)
 
     def size(self, rel: str) -> int:
-        with self._errors("stat", rel):
-            return int(self.fs.info(self._path(rel))["size"])
+        return self._call("stat", rel, lambda: int(self.fs.info(self._path(rel))["size"]))
 
     @contextlib.contextmanager
     def open(self, rel: str, mode: str = "rb") -> Iterator[IO[Any]]:
-        """Plain streaming access. Writes through ``open`` are not atomic: prefer put/write_bytes."""
+        """Plain streaming access. Writes through ``open`` are not atomic: prefer put/write_bytes.
+
+        Failures of the file (opening, reading, writing, closing) become StorageError; an exception the
+        caller's own code raises inside the ``with`` block passes through unchanged."""
         with self._errors("open", rel):
-            with self.fs.open(self._path(rel), mode) as f:
-                yield f
+            f = self.fs.open(self._path(rel), mode)
+        try:
+            yield f
+        except BaseException as e:
+            with contextlib.suppress(Exception):
+                f.close()
+            if _from_storage(e):
+                raise self._explain(e, "read or write", self.url(rel)) from e
+            raise
+        with self._errors("close", rel):
+            f.close()
 
     def read_bytes(self, rel: str) -> bytes:
-        with self._errors("read", rel):
-            return bytes(self.fs.cat_file(self._path(rel)))
+        return self._call("read", rel, lambda: bytes(self.fs.cat_file(self._path(rel))))
 
     def read_text(self, rel: str) -> str:
         return self.read_bytes(rel).decode()
@@ -405,14 +519,15 @@ class Storage:
         ``durable=False`` skips the local fsync, for bulk writes (a dataset's 1.3M images) whose result is
         checked afterwards anyway; S3 objects are always whole once the PUT returns."""
         path = self._path(rel)
+        if self.remote:
+            # One PUT: S3 objects appear whole.
+            self._call("write", rel, lambda: self.fs.pipe_file(path, data, timeout=self._upload_timeout(len(data))))
+            return
+
+        def write(f: IO[bytes]) -> None:
+            f.write(data)
+
         with self._errors("write", rel):
-            if self.remote:
-                self.fs.pipe_file(path, data)  # one PUT: S3 objects appear whole
-                return
-
-            def write(f: IO[bytes]) -> None:
-                f.write(data)
-
             _replace_atomically(path, write, durable=durable)
 
     def write_text(self, rel: str, text: str) -> None:
@@ -422,12 +537,17 @@ class Storage:
         """Upload a local file (atomically: it appears whole or not at all); returns its size and sha256."""
         local = str(local)
         path = self._path(rel)
-        with self._errors("upload to", rel):
-            if self.remote:
+        if self.remote:
+            with self._errors("upload to", rel):
                 info = sha256_file(local)
-                self.fs.put_file(local, path)
-                got = int(self.fs.info(path)["size"])
-            else:
+
+            def upload() -> int:
+                self.fs.put_file(local, path, timeout=self._upload_timeout(info.size))
+                return int(self.fs.info(path)["size"])
+
+            got = self._call("upload to", rel, upload)
+        else:
+            with self._errors("upload to", rel):
                 # One read of the source serves both the copy and its checksum.
                 with open(local, "rb") as src:
                     info = _replace_atomically(path, lambda f: _copy_hashing(src, f, name=local))
@@ -443,9 +563,12 @@ class Storage:
     def get(self, rel: str, local: str | Path) -> FileInfo:
         """Download to ``local`` in one streamed pass that also computes size and sha256; ``local`` appears
         whole or not at all."""
-        with self._errors("download", rel):
+
+        def download() -> FileInfo:
             with self.fs.open(self._path(rel), "rb", block_size=CHUNK) as src:
-                info = _replace_atomically(str(local), lambda f: _copy_hashing(src, f, name=rel))
+                return _replace_atomically(str(local), lambda f: _copy_hashing(src, f, name=rel))
+
+        info = self._call("download", rel, download)
         return FileInfo(rel, info.size, info.sha256)
 
     def rename(self, src: str, dst: str) -> None:
@@ -454,8 +577,7 @@ class Storage:
         if self.remote:
             moves = {f"{src}/{p}": f"{dst}/{p}" for p in self.find(src)} or {src: dst}
             for a, b in moves.items():
-                with self._errors("copy", a):
-                    self.fs.copy(self._path(a), self._path(b))
+                self._call("copy", a, lambda a=a, b=b: self.fs.copy(self._path(a), self._path(b)))
             for a in moves:
                 self.delete(a)
             return
@@ -466,11 +588,14 @@ class Storage:
     def delete(self, rel: str = "", *, recursive: bool = False) -> None:
         """Remove a file (or a folder with ``recursive``); a missing path is not an error."""
         path = self._path(rel)
-        with self._errors("delete", rel):
+
+        def rm() -> None:
             try:
                 self.fs.rm(path, recursive=recursive)
             except FileNotFoundError:
                 pass
+
+        self._call("delete", rel, rm)
 
     def check_access(self, *, write: bool = True) -> None:
         """Fail now, with a helpful message, if the root cannot be listed (and written, with ``write``)."""

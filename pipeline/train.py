@@ -74,23 +74,27 @@ def run(cfg: TrainConfig, *, stop: StopFlag | None = None) -> RunOutcome:
         result = built.trainer.fit()
         if built.checkpointer is not None:
             built.checkpointer.close()
-        exit_code = STOP_EXIT_CODE if result.stopped else 0
+        # Steps a stop left staged (the store was down) make it a stop too, even after the last step.
+        stranded = built.checkpointer.stranded if built.checkpointer is not None else []
+        exit_code = STOP_EXIT_CODE if result.stopped or stranded else 0
         if env.is_main:
-            if result.stopped and built.checkpointer is not None:
-                # close() returned on every rank: the stop's checkpoint is committed. Tell the batch script.
+            if exit_code == STOP_EXIT_CODE and built.checkpointer is not None:
+                # close() returned on every rank: the stop's checkpoint is committed, or staged where the next
+                # start uploads it (stranded). Either way a restart continues from it: tell the batch script.
                 write_stop_record(
                     step=result.step, signal=stop.signal_name, checkpoint=tag_for(result.step), run_id=built.run_id
                 )
-            if result.stopped:
+            if exit_code == STOP_EXIT_CODE:
                 log.warning(
-                    "stopped by %s at step %d; checkpoint committed; exit %d so the launcher requeues",
+                    "stopped by %s at step %d; %s; exit %d so the launcher requeues",
                     stop.signal_name,
                     result.step,
+                    f"{', '.join(stranded)} staged, not committed (see above)" if stranded else "checkpoint committed",
                     STOP_EXIT_CODE,
                 )
             else:
                 built.log_model()
-            built.tracker.finish("KILLED" if result.stopped else "FINISHED")
+            built.tracker.finish("KILLED" if exit_code == STOP_EXIT_CODE else "FINISHED")
         return RunOutcome(
             exit_code, result.final_val, result.history, str(built.output_dir), built.run_id, built.tracker.run_id
         )

@@ -203,6 +203,7 @@ def build_run(
             world_size=env.world_size,
             config_hash=cfg.hash(),
             staging_dir=cfg.checkpoint.staging_dir or str(Path(cfg.resolved_output_dir) / "staging"),
+            stop=stop,
         )
         checkpointer.check_access()
     tracker = build_tracker(

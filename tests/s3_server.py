@@ -9,13 +9,14 @@ Outages: moto keeps its objects in memory, so a real restart would lose every bu
 therefore a small TCP forwarder in front of the moto process: ``stop_server`` closes the listening port
 and cuts every open connection (clients see "connection refused", as with a dead server) and
 ``restart_server`` opens the same port again with the data intact. ``stop_server(..., lose_data=True)``
-kills moto itself.
+kills moto itself. ``paused`` freezes it (SIGSTOP): requests hang rather than fail.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -120,6 +121,19 @@ def restart_server(endpoint_url: str) -> None:
         server.start_moto()
     if not server.forwarder.running:
         server.forwarder.start()
+
+
+@contextmanager
+def paused(endpoint_url: str) -> Iterator[None]:
+    """The server process is stopped (SIGSTOP) inside the block: connections are accepted and requests hang,
+    as with a server that freezes; it continues (SIGCONT) afterwards."""
+    proc = _SERVERS[endpoint_url].proc
+    assert proc is not None, "the server is not running"
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
 
 
 @contextmanager

@@ -86,9 +86,9 @@ def uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("s3_uri")
 
 
-def _ck_with_step_1(uri: str, tmp_path: Path) -> Checkpointer:
+def _ck_with_step_1(uri: str, tmp_path: Path, **cfg: Any) -> Checkpointer:
     """A Checkpointer whose step-1 is saved and committed."""
-    ck = _ck(uri, tmp_path)
+    ck = _ck(uri, tmp_path, **cfg)
     _save(ck, 1)
     ck.wait()
     return ck
@@ -306,7 +306,155 @@ def test_crash_during_outage_keeps_previous_latest(s3_uri: str, s3_endpoint: str
     run = Storage(s3_uri).child("run")
     assert run.read_text("latest") == "step-1" and committed_tags(run) == ["step-1"]
     eng = FakeEngine()
-    assert _ck(s3_uri, tmp_path).resume(eng) == {"step": 1}
+    # A start that cannot see the staged step-2 (another node's staging folder) resumes from step-1.
+    assert _ck(s3_uri, tmp_path / "other-node").resume(eng) == {"step": 1}
+
+
+def test_next_start_uploads_the_staged_steps_and_resumes_from_the_newest(
+    s3_uri: str, s3_endpoint: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from s3_server import outage
+
+    ck = _ck_with_step_1(s3_uri, tmp_path, max_pending=3)
+    with outage(s3_endpoint):
+        _save(ck, 2)
+        _save(ck, 3)
+        ck._uploader.close()  # the process "dies" with step-2 and step-3 unsent
+    staged = tmp_path / "staging" / "run" / "rank-00000"
+    assert (staged / "step-3.staged.json").exists()
+    eng = FakeEngine()
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        assert _ck(s3_uri, tmp_path).resume(eng) == {"step": 3} and float(eng.w[0]) == 3.0
+    assert "step-3 of run run never reached" in caplog.text and str(tmp_path / "staging" / "run") in caplog.text
+    run = Storage(s3_uri).child("run")
+    assert run.read_text("latest") == "step-3" and committed_tags(run) == ["step-3", "step-2"]
+    assert not any(staged.iterdir())  # uploaded, so no longer staged
+
+
+def test_next_start_without_every_ranks_staged_files_says_what_it_loses(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    uri = str(tmp_path / "ckpt")
+    ck = _ck_with_step_1(uri, tmp_path)
+    _save(ck, 4)
+    ck._uploader.close()  # may have sent it already: stage a step by hand that claims a second rank
+    marker = tmp_path / "staging" / "run" / "rank-00000" / "step-6.staged.json"
+    (marker.parent / "step-6").mkdir(parents=True)
+    meta = {"tag": "step-6", "step": 6, "world_size": 2}
+    marker.write_text(json.dumps({"meta": meta, "session": "old", "rank": 0}))
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        assert _ck(uri, tmp_path).resume(FakeEngine()) == {"step": 4}
+    assert "step-6 (in " in caplog.text and "rank(s) 1" in caplog.text, caplog.text
+    assert "resuming from the newest committed checkpoint (step-4) loses 2 steps" in caplog.text
+    assert marker.exists()  # kept: another start may still find rank 1's files
+
+
+def test_blocked_save_fails_after_max_wait_naming_the_staged_steps(
+    s3_uri: str, s3_endpoint: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from s3_server import outage
+
+    ck = _ck_with_step_1(s3_uri, tmp_path, max_pending=1, max_wait_s=6)
+    with outage(s3_endpoint), caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        _save(ck, 2)
+        t0 = time.monotonic()
+        with pytest.raises(CheckpointError) as e:
+            _save(ck, 3)  # waits for step-2, which cannot be sent
+        waited = time.monotonic() - t0
+        ck._uploader.close()
+    assert 6 <= waited < 60, waited
+    msg = str(e.value)
+    assert s3_uri in msg and "step-2, step-3" in msg and str(tmp_path / "staging" / "run") in msg, msg
+    assert "training blocked on storage" in caplog.text
+    retries = [
+        r.getMessage() for r in caplog.records if "retry" in r.getMessage() and "failed on rank" in r.getMessage()
+    ]
+    assert any(m.endswith("training blocked on storage") for m in retries), retries
+    assert (tmp_path / "staging" / "run" / "rank-00000" / "step-3.staged.json").exists()  # saved what it could
+
+
+def test_stop_while_blocked_on_storage_stages_and_names_the_steps(
+    s3_uri: str, s3_endpoint: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import threading
+
+    from s3_server import outage
+
+    from pipeline.signals import StopFlag
+
+    stop = StopFlag()
+    ck = Checkpointer(
+        CheckpointConfig(uri=s3_uri, max_pending=1, stop_wait_s=2),
+        run_id="run",
+        rank=0,
+        world_size=1,
+        config_hash="h",
+        staging_dir=str(tmp_path / "staging"),
+        stop=stop,
+    )
+    _save(ck, 1)
+    ck.wait()
+    with outage(s3_endpoint), caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        _save(ck, 2)
+        threading.Timer(1.0, stop.request).start()
+        t0 = time.monotonic()
+        _save(ck, 3)  # blocked until the stop request, then written to the staging folder only
+        assert time.monotonic() - t0 < 30
+        ck.close()  # gives up on the commits that make no progress
+        took = time.monotonic() - t0
+    assert took < 60 and ck.stranded == ["step-2", "step-3"], (took, ck.stranded)
+    text = caplog.text
+    assert "training blocked on storage" in text and "steps step-2, step-3 never reached the store" in text
+    assert str(tmp_path / "staging" / "run") in text and "step-1, its last committed checkpoint" in text
+    # The next start (same staging folder, store back) uploads both and resumes from step-3.
+    eng = FakeEngine()
+    assert _ck(s3_uri, tmp_path).resume(eng) == {"step": 3}
+    assert Storage(s3_uri).child("run").read_text("latest") == "step-3"
+
+
+def test_hung_store_is_cut_by_the_read_timeout_and_retried_with_a_log_line(
+    s3_uri: str, s3_endpoint: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from s3_server import paused
+
+    ck = _ck(s3_uri, tmp_path, read_timeout_s=1, connect_timeout_s=1)
+    ck.check_access()
+    with caplog.at_level(logging.WARNING), paused(s3_endpoint):
+        t0 = time.monotonic()
+        _save(ck, 1)
+        while "failed on rank 0" not in caplog.text and time.monotonic() - t0 < 60:
+            time.sleep(0.1)
+        first_line = time.monotonic() - t0
+    assert first_line < 30, first_line  # not one silent 120 s read timeout (or 3 x 5 of them)
+    assert "timeout" in caplog.text.lower() and "trying again in" in caplog.text
+    ck.close()  # the server is back: the retry commits it
+    assert Storage(s3_uri).child("run").read_text("latest") == "step-1"
+
+
+def test_binary_latest_falls_back_to_the_newest_committed_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    uri = str(tmp_path / "ckpt")
+    ck = _ck(uri, tmp_path)
+    for step in (1, 2):
+        _save(ck, step)
+    ck.close()
+    latest = tmp_path / "ckpt" / "run" / "latest"
+    latest.write_bytes(b"\x80\xff\x00\x9c binary")
+    eng = FakeEngine()
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        assert _ck(uri, tmp_path).resume(eng) == {"step": 2} and float(eng.w[0]) == 2.0
+    assert f"{latest} exists but cannot be used (it holds binary bytes" in caplog.text, caplog.text
+    assert latest.read_text() == "step-2"  # mended
+
+
+@pytest.mark.parametrize("key", ["max_wait_s", "stop_wait_s", "connect_timeout_s", "read_timeout_s"])
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf")])
+def test_wait_and_timeout_settings_are_range_checked(key: str, value: float) -> None:
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"checkpoint.{key} = "):
+        CheckpointConfig(**{key: value})
 
 
 def test_zero1_reshard_on_a_deepspeed_without_its_private_methods_names_the_fix(tmp_path: Path) -> None:
@@ -434,3 +582,18 @@ def test_deepspeed_zero1_grows_world(tmp_path: Path) -> None:
         assert all(torch.equal(a["module"][k], b["module"][k]) for k in a["module"])
         assert torch.equal(a["momentum"], b["momentum"])
         assert b["state"]["step"] == 3 and b["state"]["rank"] == 0  # rank 1 gets rank 0's shared part
+
+
+@pytest.mark.slow
+def test_deepspeed_two_ranks_resume_past_binary_bytes_in_latest(tmp_path: Path) -> None:
+    common = ["--uri", str(tmp_path / "ckpt"), "--out", str(tmp_path)]
+    p = _torchrun(2, "--phase", "train", "--steps", "4", "--save-at", "2,4", *common)
+    assert p.returncode == 0, p.stderr[-3000:]
+    latest = tmp_path / "ckpt" / "unit" / "latest"
+    latest.write_bytes(b"\x80\x81\xfe\xff\x00step")  # was a bare UnicodeDecodeError on every resume
+    p = _torchrun(2, "--phase", "resume", *common)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"{latest} exists but cannot be used (it holds binary bytes" in p.stderr, p.stderr[-3000:]
+    for r in range(2):
+        assert torch.load(tmp_path / f"resume-rank{r}.pt", weights_only=False)["state"]["step"] == 4
+    assert latest.read_text() == "step-4"  # mended by the resume

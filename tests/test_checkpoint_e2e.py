@@ -254,3 +254,67 @@ def test_missing_bucket_fails_before_training(tmp_path: Path, s3_endpoint: str) 
     assert rc != 0
     assert "s3://no-such-bucket/ckpt" in text and "bucket 'no-such-bucket' does not exist" in text, text[-3000:]
     assert not (tmp_path / "bad.jsonl").exists()  # not a single step ran
+
+
+def test_stop_while_s3_is_down_then_the_next_start_uploads_the_stranded_steps(
+    reference: dict[str, Any], tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """S3 killed and restarted empty (bucket gone) mid-run: training blocks on storage, SIGTERM ends it
+    promptly with the stop code naming the staged steps; the next start (the same, shared staging folder,
+    bucket re-created) uploads them and resumes from the newest, on the reference's path."""
+    import re
+
+    import psutil
+    from s3_server import restart_server, stop_server
+
+    uri, env, fs = _s3(request)
+    endpoint = env["AWS_ENDPOINT_URL"]
+    run = f"{uri[5:]}/r"
+    shared = tmp_path / "shared-staging"
+    extra = [f"--checkpoint.staging_dir={shared}", "--checkpoint.every_steps=1", "--checkpoint.max_pending=1"]
+    pause = tmp_path / "pause"
+    pause.mkdir()
+    proc, log = _launch(
+        tmp_path, "down", run_id="r", uri=uri, env={**env, "TEST_PAUSE_UPLOAD": f"step-3:0:1:{pause}"}, extra=extra
+    )
+    try:
+        _wait_for(lambda: (pause / "paused-rank0").exists(), "the paused upload", proc, log)
+        stop_server(endpoint, lose_data=True)
+        restart_server(endpoint)  # an empty server: the bucket is gone
+        (pause / "go").touch()
+        _wait_for(lambda: "training blocked on storage" in log.read_text(), "training to block", proc, log)
+        _wait_for(
+            lambda: re.search(r"failed on rank 0 .*; training blocked on storage\n", log.read_text()),
+            "an upload retry line that says training is blocked",
+            proc,
+            log,
+        )
+        t0 = time.monotonic()
+        for worker in psutil.Process(proc.pid).children():  # as launch/torchrun_node.sh passes a stop on
+            worker.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        _kill(proc)
+    text = log.read_text()
+    assert took < 60, (took, text[-4000:])
+    assert f"exitcode  : {STOP_EXIT_CODE}" in text, text[-4000:]
+    named = re.search(
+        r"steps (step-\d+(?:, step-\d+)*) never reached the store; they stay in the staging folder (\S+)", text
+    )
+    assert named and named.group(2) == str(shared / "r"), text[-4000:]
+    stranded = named.group(1).split(", ")
+    assert {"step-4", "step-5"} <= set(stranded), stranded
+    assert "stopped by SIGTERM at step 5" in text and "staged, not committed" in text
+    blocked = text[text.index("training blocked on storage") : text.index("a stop was requested while training")]
+    assert "training goes on" not in blocked
+    assert sorted(_losses(tmp_path / "down.jsonl")) == [1, 2, 3, 4, 5]
+
+    fs.mkdir(uri[5:].split("/")[0])  # the bucket is re-created, empty
+    rc, text = _run(tmp_path, "after", run_id="r", uri=uri, env=env, extra=extra)
+    assert rc == 0, text[-4000:]
+    assert "checkpoint step-5 of run r never reached" in text and "resumed run r at step 5" in text, text[-4000:]
+    merged = {**_losses(tmp_path / "down.jsonl"), **_losses(tmp_path / "after.jsonl")}
+    assert merged == reference["losses"]
+    _assert_same_weights(reference["final"], _final(fs.cat_file(f"{run}/step-{STEPS}/mp_rank_00_model_states.pt")))
+    assert not list(shared.glob("r/rank-*/step-*"))  # every staged step went to the store or was superseded

@@ -138,3 +138,38 @@ def test_bulk_write_without_fsync_is_whole_and_leaves_no_temporary(tmp_path: Pat
     store.write_bytes("train/n01/a.JPEG", b"x" * 100, durable=False)
     assert store.read_bytes("train/n01/a.JPEG") == b"x" * 100
     assert sorted(p.name for p in (tmp_path / "train" / "n01").iterdir()) == ["a.JPEG"]
+
+
+def test_open_passes_the_callers_own_errors_through(store: Storage) -> None:
+    store.write_text("f.txt", "data")
+    with pytest.raises(KeyError, match="the caller's"), store.open("f.txt") as f:
+        assert f.read() == b"data"
+        raise KeyError("the caller's")
+    with pytest.raises(StorageError) as e, store.open("missing.txt") as f:
+        f.read()
+    assert e.value.kind == "not_found" and store.url("missing.txt") in str(e.value)
+
+
+def test_paused_server_is_cut_by_the_read_timeout_with_a_retry_line(
+    s3_bucket: str, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import time
+
+    from s3_server import paused
+
+    _aws(monkeypatch, s3_endpoint)
+    s = Storage(f"{s3_bucket}/p", read_timeout_s=1, connect_timeout_s=1, attempts=2)
+    s.write_text("k", "v")
+    with paused(s3_endpoint), caplog.at_level(logging.WARNING, logger="pipeline.storage"):
+        for op in (lambda: s.read_text("k"), lambda: s.write_text("k", "w")):  # a PUT too: no 100-continue wait
+            caplog.clear()
+            t0 = time.monotonic()
+            with pytest.raises(StorageError) as e:
+                op()
+            took = time.monotonic() - t0
+            assert e.value.transient and "timeout" in str(e.value).lower(), str(e.value)
+            assert took < 30, took  # two 1 s timeouts and a pause, not a silent 120 s hang
+            (line,) = [r.getMessage() for r in caplog.records]
+            assert s.url("k") in line and "attempt 1 of 2 failed, trying again in" in line, line
+    assert s.read_text("k") in ("v", "w")  # the server is back; a PUT it had received when paused may land

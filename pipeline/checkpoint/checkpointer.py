@@ -13,6 +13,20 @@ file. If ``latest`` exists but nothing verifies, start-up fails instead of silen
 Stop requests: the trainer agrees on a stop flag across ranks at its metric reduction (every
 ``log_every`` steps), saves through ``save`` and ``close`` waits for the commit before the process
 exits with the requeue code.
+
+A store that stays down: the uploads retry forever in the background, but at most ``max_pending`` saves
+may wait; the next save then blocks ("training blocked on storage"), polling the stop flag with the other
+ranks, for at most ``max_wait_s``. A stop request ends the wait: the step is written to the staging folder
+anyway and the run stops; ``close`` then gives up on commits that make no progress for ``stop_wait_s`` and
+names the steps that never reached the store and the staging folder that holds them (``stranded``), so the
+process still exits promptly with the stop code. Without a stop, ``max_wait_s`` ends the wait with a
+CheckpointError naming the URI and the staged steps (the step is staged first): a run that cannot save
+fails rather than train on unprotected or sit blocked until the scheduler kills it.
+
+A next start of the run (``resume = "auto"``) that sees such staged steps (the same staging folder, e.g.
+on a shared filesystem, with every rank's files) uploads and commits them before choosing where to
+resume, so it continues from the newest step; steps it cannot see or complete are reported with the
+number of steps resuming from the newest committed checkpoint loses.
 """
 
 from __future__ import annotations
@@ -41,6 +55,7 @@ from pipeline.checkpoint.layout import (
     committed_tags,
     first_good,
     list_steps,
+    read_latest,
     read_manifest,
     read_parts,
     set_aside,
@@ -48,18 +63,21 @@ from pipeline.checkpoint.layout import (
     storage_options,
     tag_for,
     verified_file,
+    write_part,
 )
 from pipeline.checkpoint.reshard import load_zero1_resharded
-from pipeline.checkpoint.upload import PartsMissing, Uploader, UploadJob
+from pipeline.checkpoint.upload import PartsMissing, Uploader, UploadJob, staged_marker
 from pipeline.config import CheckpointConfig
 from pipeline.distributed import all_gather_objects, barrier, broadcast_object, control_group
 from pipeline.retry import Backoff
+from pipeline.signals import StopFlag
 from pipeline.storage import Storage, StorageError
 
 log = logging.getLogger("pipeline.checkpoint")
 
 # Checkpointer.wait's collective poll: quick at first, then once a second.
 _WAIT_POLL = Backoff(first_s=0.05, factor=1.5, max_s=1.0)
+_BLOCKED_NOTE_S = 30.0  # while training is blocked on storage, repeat the warning this often
 
 
 class Checkpointer:
@@ -75,6 +93,7 @@ class Checkpointer:
         config_hash: str,
         staging_dir: str,
         local_rank: int | None = None,
+        stop: StopFlag | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_id = run_id
@@ -94,6 +113,8 @@ class Checkpointer:
         self._last_save = time.monotonic()
         self.blocked_s: list[float] = []  # time the training loop spent inside save(), per save
         self.last_saved_step: int | None = None
+        self.stop = stop  # heeded while a save waits for uploads and while close waits for commits
+        self.stranded: list[str] = []  # steps a stop left in the staging folder, never committed
 
     # ---------------------------------------------------------------------------------------------
     def check_access(self) -> None:
@@ -130,9 +151,15 @@ class Checkpointer:
         t0 = time.monotonic()
         tag = tag_for(step)
         uploader = self._ensure_uploader()
-        self._wait_for_room(uploader, tag)
+        outcome = self._wait_for_room(uploader, tag)
+        if outcome != "room" and any(j.tag == tag for j in uploader.pending()):
+            # Stopping or failing while this very step still uploads from its staged folder: it is staged.
+            if outcome == "timed out":
+                raise self._blocked_error(uploader)
+            return self.store.url(tag)
         save_root = self.staging / f"rank-{self.rank:05d}"
         local = save_root / tag
+        staged_marker(local).unlink(missing_ok=True)
         if local.exists():
             shutil.rmtree(local)  # left by a crashed attempt: DeepSpeed would mix old and new files
         engine.save_checkpoint(str(save_root), tag=tag, save_latest=False)
@@ -148,10 +175,23 @@ class Checkpointer:
             "zero_stage": int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0,
             "versions": _versions(),
         }
+        # The folder is complete: a later start may upload it if this process never does (see _recover_staged).
+        staged_marker(local).write_text(json.dumps({"meta": meta, "session": self.session, "rank": self.rank}))
         uploader.submit(UploadJob(tag=tag, step=step, local_dir=local, meta=meta))
         self._last_save = time.monotonic()
         self.last_saved_step = step
         self.blocked_s.append(self._last_save - t0)
+        if outcome == "timed out":
+            raise self._blocked_error(uploader)
+        if outcome == "stopped":
+            if self.rank == 0:
+                log.warning(
+                    "checkpoint %s written to the staging folder %s only: a stop was requested while training was "
+                    "blocked on storage",
+                    tag,
+                    self.staging,
+                )
+            return self.store.url(tag)
         if self.rank == 0:
             log.info(
                 "checkpoint %s written locally in %.2f s; uploading to %s in the background",
@@ -168,34 +208,77 @@ class Checkpointer:
             )
         return self._uploader
 
-    def _wait_for_room(self, uploader: Uploader, tag: str) -> None:
-        """Bound the staged-but-unsent checkpoints (local disk) and never restage a tag still uploading."""
+    def _wait_for_room(self, uploader: Uploader, tag: str) -> str:
+        """Bound the staged-but-unsent checkpoints (local disk) and never restage a tag still uploading.
 
-        def busy() -> list[UploadJob]:
+        A collective: the ranks poll together (a tiny CPU all-gather), so they leave the wait together and in
+        the same way. Returns "room" (the save goes ahead), "stopped" (a stop was requested on some rank) or
+        "timed out" (``checkpoint.max_wait_s`` passed); raises when an upload thread has died."""
+
+        def busy() -> list[str]:
             jobs = uploader.pending()
-            if not uploader.alive and jobs:
-                raise CheckpointError(
-                    f"the checkpoint upload thread on rank {self.rank} has stopped (see the "
-                    f"error above); unsent checkpoints stay in {self.staging}"
+            if len(jobs) < self.cfg.max_pending:
+                jobs = [j for j in jobs if j.tag == tag]
+            return [j.tag for j in jobs]
+
+        t0 = time.monotonic()
+        noted = 0.0
+        polls = 0
+        try:
+            while True:
+                jobs = busy()
+                dead = bool(jobs) and not uploader.alive
+                stopping = self.stop is not None and self.stop.is_set
+                late = time.monotonic() - t0 > self.cfg.max_wait_s
+                states = all_gather_objects(
+                    (bool(jobs), dead, stopping, late, uploader.describe_pending()), group=self._group
                 )
-            return jobs if len(jobs) >= self.cfg.max_pending else [j for j in jobs if j.tag == tag]
+                if not any(s[0] for s in states):
+                    return "room"
+                if any(s[1] for s in states):
+                    dead_ranks = ", ".join(str(r) for r, s in enumerate(states) if s[1])
+                    raise CheckpointError(
+                        f"the checkpoint upload thread on rank {dead_ranks} has stopped (see the error above); "
+                        f"unsent checkpoints stay in {self.staging}"
+                    )
+                if any(s[2] for s in states):
+                    return "stopped"
+                if any(s[3] for s in states):
+                    return "timed out"
+                uploader.activity = "training blocked on storage"
+                if self.rank == 0 and time.monotonic() - noted >= _BLOCKED_NOTE_S:
+                    noted = time.monotonic()
+                    log.warning(
+                        "training blocked on storage%s: checkpoint %s waits for earlier uploads to %s "
+                        "(checkpoint.max_pending = %d; the run fails after checkpoint.max_wait_s = %.0f s, a stop "
+                        "signal ends it now): %s",
+                        f" for {noted - t0:.0f} s" if polls else "",
+                        tag,
+                        self.store.uri,
+                        self.cfg.max_pending,
+                        self.cfg.max_wait_s,
+                        "; ".join(f"rank {r}: {s[4]}" for r, s in enumerate(states) if s[0]),
+                    )
+                time.sleep(_WAIT_POLL.delay(polls))
+                polls += 1
+        finally:
+            uploader.activity = "training goes on"
 
-        jobs = busy()
-        if jobs and self.rank == 0:
-            log.warning(
-                "checkpoint %s waits for earlier uploads (checkpoint.max_pending = %d): %s",
-                tag,
-                self.cfg.max_pending,
-                uploader.describe_pending(),
-            )
-        while jobs:
-            jobs[0].done.wait(5)
-            jobs = busy()
+    def _blocked_error(self, uploader: Uploader) -> CheckpointError:
+        tags = [j.tag for j in uploader.pending()]
+        return CheckpointError(
+            f"checkpoint storage {self.store.uri} took no checkpoint for checkpoint.max_wait_s = "
+            f"{self.cfg.max_wait_s:.0f} s ({uploader.describe_pending()}); steps {', '.join(tags)} never reached it "
+            f"and stay in the staging folder {self.staging}; `latest` still names the last committed checkpoint. "
+            f"Fix the storage and restart: a start that sees this staging folder uploads them first"
+        )
 
-    def _commit(self, job: UploadJob) -> None:
-        """Rank 0, upload thread: once every rank's part is stored, write the manifest, then ``latest``."""
-        parts = {r: p for r, p in read_parts(self.store, job.tag).items() if p.get("session") == self.session}
-        missing = [r for r in range(self.world_size) if r not in parts]
+    def _commit(self, job: UploadJob, *, session: str | None = None, world_size: int | None = None) -> None:
+        """Rank 0, upload thread: once every rank's part is stored, write the manifest, then ``latest``.
+        ``session``/``world_size``: of the process that staged the job (a recovered one), when not this one."""
+        session = session or self.session
+        parts = {r: p for r, p in read_parts(self.store, job.tag).items() if p.get("session") == session}
+        missing = [r for r in range(world_size or self.world_size) if r not in parts]
         if missing:
             raise PartsMissing(", ".join(map(str, missing)))
         files = [f for r in sorted(parts) for f in parts[r]["files"]]
@@ -230,17 +313,29 @@ class Checkpointer:
         """Every rank waits until all its uploads are done and rank 0 has committed them. A collective.
 
         The ranks poll together once a second (a tiny gloo all-gather) rather than block in one long
-        collective, so a slow commit never trips the collective timeout."""
+        collective, so a slow commit never trips the collective timeout. After a stop request (on any rank),
+        uploads that make no progress for ``checkpoint.stop_wait_s`` on every busy rank are given up: the
+        steps stay staged, are listed in ``stranded`` and named in a warning, and the wait returns."""
         timeout_s = 60 * self.cfg.close_timeout_min if timeout_s is None else timeout_s
         t0 = time.monotonic()
         last_note = t0
         polls = 0
+        if self._uploader is not None:
+            self._uploader.activity = "the run waits for its commits before it exits"
         while True:
-            idle = self._uploader is None or not self._uploader.pending()
+            jobs = self._uploader.pending() if self._uploader is not None else []
+            idle = not jobs
             dead = self._uploader is not None and not idle and not self._uploader.alive
             give_up = time.monotonic() - t0 > timeout_s or dead
-            states = all_gather_objects((idle, give_up, self.pending(), dead), group=self._group)
+            stopping = self.stop is not None and self.stop.is_set
+            stalled = self._uploader is not None and self._uploader.stalled_s() > self.cfg.stop_wait_s
+            states = all_gather_objects(
+                (idle, give_up, self.pending(), dead, stopping, stalled, [j.tag for j in jobs]), group=self._group
+            )
             if all(s[0] for s in states):
+                return
+            if any(s[4] for s in states) and all(s[5] for s in states if not s[0]):
+                self._strand(sorted({t for s in states for t in s[6]}, key=lambda t: step_of(t) or 0), states)
                 return
             if any(s[1] for s in states):
                 busy = [f"rank {r}: {s[2]}" for r, s in enumerate(states) if not s[0]]
@@ -264,6 +359,24 @@ class Checkpointer:
                 )
             time.sleep(_WAIT_POLL.delay(polls))
             polls += 1
+
+    def _strand(self, tags: list[str], states: list[Any]) -> None:
+        """A stop while the store makes no progress: leave ``tags`` staged and say where they are."""
+        self.stranded = tags
+        if self.rank != 0:
+            return
+        committed = self._uploader.committed if self._uploader is not None else []
+        log.warning(
+            "stop requested while checkpoint storage %s made no progress for checkpoint.stop_wait_s = %.0f s (%s): "
+            "steps %s never reached the store; they stay in the staging folder %s (rank-*/step-*), and a start "
+            "that sees this folder uploads them before resuming; otherwise the run resumes from %s",
+            self.store.uri,
+            self.cfg.stop_wait_s,
+            "; ".join(f"rank {r}: {s[2]}" for r, s in enumerate(states) if not s[0]),
+            ", ".join(tags),
+            self.staging,
+            f"{committed[-1]}, its last committed checkpoint" if committed else "the last committed checkpoint",
+        )
 
     def close(self) -> None:
         """Wait for every pending checkpoint to be committed, then stop the upload thread."""
@@ -336,6 +449,7 @@ class Checkpointer:
         try:
             if mode == "auto":
                 store, own = self.store, True
+                self._recover_staged()
             else:
                 store, own = Storage(mode, **self._opts), False
                 if store.exists(MANIFEST):  # a step folder itself
@@ -358,6 +472,78 @@ class Checkpointer:
             return {"root": store.uri, "own_run": own, "candidates": candidates}
         except (StorageError, CheckpointError) as e:
             return f"cannot read checkpoints for resume ({e})"
+
+    def _recover_staged(self) -> None:
+        """Rank 0, before choosing where to resume its own run: upload and commit the steps an earlier process
+        of this run left complete in the staging folder (a stop while the store was down, a crash before the
+        upload ended), oldest first so ``latest`` ends on the newest. Steps not newer than the newest committed
+        one are dropped; steps it cannot complete from here, and uncommitted ones on the store that it cannot
+        see at all, are named with the number of steps the resume loses."""
+        staged: dict[tuple[str, str], dict[int, tuple[Path, dict[str, Any]]]] = {}
+        for marker in sorted(self.staging.glob("rank-*/step-*.staged.json")):
+            try:
+                info = json.loads(marker.read_text())
+                key = (str(info["meta"]["tag"]), str(info["session"]))
+                staged.setdefault(key, {})[int(info["rank"])] = (marker.parent / key[0], info["meta"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("ignoring the unreadable staging marker %s (%s)", marker, e)
+        committed = committed_tags(self.store)
+        newest = step_of(committed[0]) or 0 if committed else -1
+        lost: dict[int, str] = {}  # step: why it cannot be committed from here
+        incomplete: dict[int, list[Path]] = {}
+        for (tag, session), ranks in sorted(staged.items(), key=lambda kv: step_of(kv[0][0]) or 0):
+            step, meta = step_of(tag) or 0, next(iter(ranks.values()))[1]
+            missing = [r for r in range(int(meta["world_size"])) if r not in ranks or not ranks[r][0].is_dir()]
+            if step <= newest:
+                for local, _ in ranks.values():
+                    _drop_staged(local)  # the store already holds this step or a newer one
+                continue
+            if missing:
+                lost[step] = (
+                    f"{tag} (in {self.staging} without the files of rank(s) {', '.join(map(str, missing))}: "
+                    f"node-local staging on another node?)"
+                )
+                incomplete[step] = [local for local, _ in ranks.values()]
+                continue
+            log.warning(
+                "checkpoint %s of run %s never reached %s: uploading it from the staging folder %s before resuming",
+                tag,
+                self.run_id,
+                self.store.uri,
+                self.staging,
+            )
+            try:
+                for r, (local, _) in sorted(ranks.items()):
+                    files = sorted(p for p in local.rglob("*") if p.is_file())
+                    infos = [self.store.put(p, f"{tag}/{p.relative_to(local).as_posix()}") for p in files]
+                    write_part(self.store, tag, rank=r, session=session, step=step, files=infos)
+                job = UploadJob(tag=tag, step=step, local_dir=ranks[0][0], meta=meta)
+                self._commit(job, session=session, world_size=int(meta["world_size"]))
+            except (StorageError, PartsMissing) as e:
+                raise CheckpointError(
+                    f"cannot upload {tag}, left in the staging folder {self.staging} by an earlier process, to "
+                    f"{self.store.uri} ({e}); fix the storage and restart, or pass --checkpoint.resume=never"
+                ) from e
+            for local, _ in ranks.values():
+                _drop_staged(local)
+            newest = step
+        for step, locals_ in incomplete.items():
+            if step < newest:  # a newer step was recovered: this one is not needed any more
+                lost.pop(step)
+                for local in locals_:
+                    _drop_staged(local)
+        for t in list_steps(self.store):
+            step = step_of(t) or 0
+            if step > newest and step not in lost and not any(n.startswith("manifest") for n in self.store.list(t)):
+                lost[step] = f"{t} (partly on the store, its staged files not in {self.staging})"
+        if lost:
+            log.warning(
+                "never committed, and not recoverable from this start: %s; resuming from the newest committed "
+                "checkpoint (%s) loses %d steps",
+                "; ".join(lost[k] for k in sorted(lost)),
+                tag_for(newest) if newest >= 0 else "none: training starts from scratch",
+                max(lost) - max(newest, 0),
+            )
 
     def _restore_root(self) -> Path:
         # Per host, so a staging folder on a shared filesystem still gets one copy per node.
@@ -411,7 +597,7 @@ class Checkpointer:
                         "failed verification" if t in rejected else "newer than the resumed checkpoint",
                         tag,
                     )
-            if not store.exists(LATEST) or store.read_text(LATEST).strip() != tag:
+            if read_latest(store)[0] != tag:  # also mends a `latest` that is missing or damaged
                 store.write_text(LATEST, tag)
         except StorageError as e:
             log.warning("could not tidy %s after resuming (%s)", store.uri, e)
@@ -432,6 +618,11 @@ class Checkpointer:
                 )
         except StorageError as e:
             raise CheckpointError(f"checkpoint.resume = never: cannot set aside the old checkpoints ({e})") from e
+
+
+def _drop_staged(local: Path) -> None:
+    staged_marker(local).unlink(missing_ok=True)
+    shutil.rmtree(local, ignore_errors=True)
 
 
 def _versions() -> dict[str, str]:

@@ -47,9 +47,32 @@ def step_of(tag: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def storage_options(cfg: CheckpointConfig) -> dict[str, str]:
-    """The Storage keyword arguments (endpoint, region, profile) that ``checkpoint.*`` configures."""
-    return {"endpoint_url": cfg.endpoint_url, "region": cfg.region, "profile": cfg.profile}
+def storage_options(cfg: CheckpointConfig) -> dict[str, Any]:
+    """The Storage keyword arguments (endpoint, region, profile, timeouts) that ``checkpoint.*`` configures."""
+    return {
+        "endpoint_url": cfg.endpoint_url,
+        "region": cfg.region,
+        "profile": cfg.profile,
+        "connect_timeout_s": cfg.connect_timeout_s,
+        "read_timeout_s": cfg.read_timeout_s,
+    }
+
+
+def read_latest(store: Storage) -> tuple[str | None, str]:
+    """The step ``latest`` names, and why it cannot be used: (tag, "") when it holds a step name, (None, "")
+    when there is no ``latest``, (None, reason) when it cannot be read or holds anything else (binary bytes,
+    text garbage). Never raises for its content: a damaged ``latest`` must not make a run unresumable."""
+    try:
+        data = store.read_bytes(LATEST)
+    except StorageError as e:
+        return (None, "") if e.kind == "not_found" else (None, str(e))
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None, f"it holds binary bytes ({data[:24]!r}), not a step name"
+    if step_of(text) is None:
+        return None, f"it holds {text[:40]!r}, not a step name"
+    return text, ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,14 +113,7 @@ def committed_candidates(store: Storage) -> list[tuple[str, dict[str, Any]]]:
     with an unreadable one are skipped with a warning; so is a ``latest`` that names an uncommitted tag
     or holds no step name. Raises CheckpointError when ``latest`` exists but nothing is committed (the
     checkpoints were lost, which must never read as "no checkpoint yet")."""
-    latest, latest_err = None, ""
-    if store.exists(LATEST):
-        try:
-            latest = store.read_bytes(LATEST).decode("utf-8", "replace").strip()
-            if step_of(latest) is None:
-                latest_err, latest = f"it holds {latest[:40]!r}, not a step name", None
-        except StorageError as e:
-            latest_err = str(e)
+    latest, latest_err = read_latest(store)
     candidates = []
     for tag in list_steps(store):
         try:

@@ -9,7 +9,12 @@ the training loop's own collectives, so ranks coordinate through the storage ins
 A failing upload (endpoint down, throttling) is retried forever with exponential backoff
 (``pipeline.retry``) while training goes on; the local files are deleted only after the upload
 succeeded, so nothing is lost. The owner bounds how many checkpoints may wait (``Checkpointer``
-blocks a new save when too many are pending).
+blocks a new save when too many are pending, for at most ``checkpoint.max_wait_s``) and tells the
+uploader what training is doing meanwhile (``activity``), which each retry line repeats.
+
+Staging layout (per rank): ``rank-<R>/step-<N>/`` holds the files, ``rank-<R>/step-<N>.staged.json``
+(``staged_marker``) is written once they are complete and names the step, world size and session: a later
+start finds unsent steps by it (``Checkpointer`` uploads them before resuming).
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ log = logging.getLogger("pipeline.checkpoint")
 
 # Other ranks still uploading is a wait, not a failure: polled quickly at first, then every 2 s.
 _PARTS_WAIT = Backoff(first_s=0.075, factor=1.5, max_s=2.0)
+
+
+def staged_marker(local_dir: Path) -> Path:
+    """The marker beside a staged checkpoint folder: present once its files are complete, gone once uploaded."""
+    return local_dir.parent / f"{local_dir.name}.staged.json"
 
 
 @dataclass
@@ -79,6 +89,9 @@ class Uploader:
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self.committed: list[str] = []  # tags whose job finished (on rank 0: committed)
+        # What training does while uploads fail, for the retry lines; the Checkpointer changes it when it waits.
+        self.activity = "training goes on"
+        self.last_progress = time.monotonic()  # last successful storage call (or start of the current job)
         # Daemon: if the process dies, an unfinished upload is simply never committed.
         self._thread = threading.Thread(target=self._loop, name=f"ckpt-upload-r{rank}", daemon=True)
         self._thread.start()
@@ -107,6 +120,10 @@ class Uploader:
         errors = [j.last_error for j in jobs if j.last_error]
         return "; ".join(j.describe() for j in jobs) + (f"; last error: {errors[-1]}" if errors else "")
 
+    def stalled_s(self) -> float:
+        """Seconds without a successful storage call while something is pending; 0 when nothing is pending."""
+        return time.monotonic() - self.last_progress if self.pending() else 0.0
+
     def close(self) -> None:
         """Stop the thread now; whatever is not uploaded stays in the staging folder, uncommitted."""
         self._closing.set()
@@ -119,6 +136,7 @@ class Uploader:
             job = self._queue.get()
             if job is None or self._closing.is_set():
                 return
+            self.last_progress = time.monotonic()
             try:
                 self._run(job)
             except RetryStopped:
@@ -151,17 +169,18 @@ class Uploader:
         )
         if self.commit is not None:
             self.retry(lambda: self._commit_when_complete(job), job, "commit")
+        staged_marker(job.local_dir).unlink(missing_ok=True)  # first: a folder without it is never re-sent
         shutil.rmtree(job.local_dir, ignore_errors=True)
 
     def retry(self, fn: Callable[[], Any], job: UploadJob, what: str) -> Any:
         """``fn`` until it succeeds (every failure is retried: dropping a checkpoint is worse), or until
-        ``close`` (RetryStopped). Each failure is logged with what is pending; training goes on."""
+        ``close`` (RetryStopped). Each failure is logged with what is pending and what training does."""
 
         def note(e: BaseException, failures: int, delay: float) -> None:
             job.last_error = str(e)
             others = [j.tag for j in self.pending() if j is not job]
             log.warning(
-                "checkpoint %s: %s failed on rank %d (%s); pending: %s%s; retry %d in %.0f s; training goes on",
+                "checkpoint %s: %s failed on rank %d (%s); pending: %s%s; retry %d in %.0f s; %s",
                 job.tag,
                 what,
                 self.rank,
@@ -170,6 +189,7 @@ class Uploader:
                 f", queued after it: {', '.join(others)}" if others else "",
                 failures,
                 delay,
+                self.activity,
             )
 
         result = retry(
@@ -182,6 +202,7 @@ class Uploader:
             logger=log,
         )
         job.last_error = ""
+        self.last_progress = time.monotonic()
         return result
 
     def _commit_when_complete(self, job: UploadJob) -> None:

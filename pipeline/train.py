@@ -104,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run(cfg)
     except (ConfigError, ValueError, RuntimeError) as e:
         # Every rank validates the same config and fails the same way; one message is enough.
-        if rank == 0 or type(e).__name__ not in ("ConfigError", "DataError"):
+        if rank == 0 or type(e).__name__ not in ("ConfigError", "DataError", "PreflightError"):
             print(f"error{'' if rank == 0 else f' (rank {rank})'}: {e}", file=sys.stderr)
-        return 2 if type(e).__name__ in ("ConfigError", "DataError", "CheckpointError") else 1
+        return 2 if type(e).__name__ in ("ConfigError", "DataError", "CheckpointError", "PreflightError") else 1
     if rank == 0 and outcome.final_val:
         v = outcome.final_val
         print(f"{cfg.name}: val top-1 error {v['val_top1_error']:.2f}%  top-5 error {v['val_top5_error']:.2f}%")

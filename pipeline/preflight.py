@@ -46,6 +46,11 @@ def gpu_problem(*, device_type: str, local_world_size: int, device_count: int) -
 def storage_problem(cfg: TrainConfig) -> str:
     """Why the run's checkpoint folder cannot be listed and written ("" when it can): Storage.check_access."""
     uri = cfg.checkpoint.uri
+    local = uri.removeprefix("file://")
+    if not is_remote(uri) and os.path.exists(local) and not os.path.isdir(local):
+        return (
+            f"checkpoint.uri = {uri!r} {describe_path(local)}, expected a folder; give a folder or s3://bucket/prefix"
+        )
     try:
         Storage(uri, **storage_options(cfg.checkpoint)).child(cfg.resolved_run_id).check_access()
     except StorageError as e:

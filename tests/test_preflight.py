@@ -133,7 +133,7 @@ def test_a_reachable_store_passes_and_an_unusable_one_names_the_uri(tmp_path, s3
     assert storage_problem(_cfg(tmp_path)) == ""  # a local folder, created
     (tmp_path / "a-file").write_text("x")
     why = storage_problem(_cfg(tmp_path, f"--checkpoint.uri={tmp_path}/a-file"))
-    assert why.startswith(f"checkpoint.uri = '{tmp_path}/a-file'"), why
+    assert why.startswith(f"checkpoint.uri = '{tmp_path}/a-file' is a file, expected a folder"), why
 
 
 # -- tracking ------------------------------------------------------------------------------------------------

@@ -210,6 +210,11 @@ class DataConfig:
             )
         if self.lighting < 0:
             raise ConfigError(f"data.lighting = {self.lighting}: must be >= 0 (0 disables the colour augmentation)")
+        if self.style == "imagenet" and self.val_resize < self.image_size:
+            raise ConfigError(
+                f"data.val_resize = {self.val_resize} is below data.image_size = {self.image_size}: the "
+                f"{self.image_size}x{self.image_size} centre crop would not fit; raise data.val_resize"
+            )
         if self.mean_image and self.style != "imagenet":
             raise ConfigError(
                 f"data.mean_image = {self.mean_image!r} needs data.style = 'imagenet' (the CIFAR pipeline "
@@ -382,7 +387,8 @@ class TrackingConfig:
     required: bool = doc(
         False,
         "true: a tracking URI that cannot be reached (or is no MLflow server) fails the run at start-up (exit 2); "
-        "false: the run warns and starts anyway, its metrics buffered until the server answers",
+        "false: the run warns and starts anyway, its metrics buffered until the server answers (tracking.enabled = "
+        "false turns both off)",
     )
     finish_timeout_s: float = doc(60.0, "how long the end of a run waits for MLflow to take what is buffered")
     log_model: bool = doc(

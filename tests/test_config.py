@@ -235,6 +235,7 @@ def test_help_config_is_a_toml_file_of_the_defaults(tmp_path):
         ("--tracking.flush_interval_s=-1", "tracking.flush_interval_s = -1.0: must be > 0"),
         ("--checkpoint.every_minutes=nan", "checkpoint.every_minutes = nan"),
         ("--seed=-3", "seed = -3: must be >= 0"),
+        ("--data.val_resize=0", "data.val_resize = 0: must be >= 1"),
     ],
 )
 def test_out_of_range_values_are_refused_naming_the_key(tmp_path, override, needle):
@@ -242,6 +243,11 @@ def test_out_of_range_values_are_refused_naming_the_key(tmp_path, override, need
         load_config(write(tmp_path, ""), [override])
     assert needle in str(e.value)
     assert "\n" not in str(e.value)  # one line
+
+
+def test_an_imagenet_centre_crop_must_fit_its_resize():
+    with pytest.raises(ConfigError, match="data.val_resize = 200 is below data.image_size = 224"):
+        load_config(ROOT / "configs/imagenet/resnet18.toml", ["--data.val_resize=200"])
 
 
 def _numeric_keys() -> list[tuple[str, type]]:

@@ -50,7 +50,7 @@ def _train(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tup
             "--progress=false",
             *args,
         ],
-        cwd=ROOT,
+        cwd=tmp_path,
         env=full,
         capture_output=True,
         text=True,

@@ -22,6 +22,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -40,6 +41,35 @@ def doc(default: Any, text: str) -> Any:
     """A dataclass field with its default and its one-line documentation (what ``--help-config`` prints
     beside it). A list default is a ``field(default_factory=..., metadata={"doc": ...})`` of its own."""
     return field(default=default, metadata={"doc": text})
+
+
+def check_numbers(
+    section: Any, prefix: str, *, at_least: dict[str, float] | None = None, above: dict[str, float] | None = None
+) -> None:
+    """The range checks of one section, in one line per key: every float of ``section`` (a list's too) is
+    finite (NaN passes every comparison, so ``lr <= 0`` alone lets it through), each ``at_least`` key is >= its
+    bound and each ``above`` key > its bound. ``prefix`` is the section's name in the message ("optim.")."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            raise ConfigError(f"{prefix}{f.name} = {value}: must be a finite number")
+    for name, low in (at_least or {}).items():
+        if getattr(section, name) < low:
+            raise ConfigError(f"{prefix}{name} = {getattr(section, name)}: must be >= {low:g}")
+    for name, low in (above or {}).items():
+        if getattr(section, name) <= low:
+            raise ConfigError(f"{prefix}{name} = {getattr(section, name)}: must be > {low:g}")
+
+
+def describe_path(path: str | Path) -> str:
+    """What is at ``path``, worded for an error: "does not exist", "is a directory", "is a file" (or "is neither a
+    file nor a directory"), so a path of the wrong kind says what it is instead of "does not exist"."""
+    p = Path(path)
+    if p.is_dir():
+        return "is a directory"
+    if p.is_file():
+        return "is a file"
+    return "is neither a file nor a directory" if p.exists() else "does not exist"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,6 +173,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         # data.root may stay empty here: the data layer takes the root from its caller; a run needs one
         # (TrainConfig checks it).
+        check_numbers(
+            self, "data.", at_least={"num_threads": 1, "prefetch": 1, "val_resize": 1, "synthetic_batches": 1}
+        )
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size = {self.batch_size}: must be >= 1")
         if len(self.mean) != 3 or len(self.std) != 3:
@@ -177,6 +210,11 @@ class DataConfig:
             )
         if self.lighting < 0:
             raise ConfigError(f"data.lighting = {self.lighting}: must be >= 0 (0 disables the colour augmentation)")
+        if self.style == "imagenet" and self.val_resize < self.image_size:
+            raise ConfigError(
+                f"data.val_resize = {self.val_resize} is below data.image_size = {self.image_size}: the "
+                f"{self.image_size}x{self.image_size} centre crop would not fit; raise data.val_resize"
+            )
         if self.mean_image and self.style != "imagenet":
             raise ConfigError(
                 f"data.mean_image = {self.mean_image!r} needs data.style = 'imagenet' (the CIFAR pipeline "
@@ -196,6 +234,7 @@ class OptimConfig:
     fused: bool | Literal["auto"] = doc("auto", "fused SGD: one kernel for the whole update; auto: on with CUDA")
 
     def __post_init__(self) -> None:
+        check_numbers(self, "optim.", at_least={"weight_decay": 0, "grad_clip": 0})
         if self.lr <= 0:
             raise ConfigError(f"optim.lr = {self.lr}: must be > 0")
         if self.reference_batch < 1:
@@ -204,8 +243,6 @@ class OptimConfig:
             raise ConfigError(f"optim.momentum = {self.momentum}: must be in [0, 1)")
         if self.nesterov and self.momentum == 0:
             raise ConfigError("optim.nesterov = true needs optim.momentum > 0")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0")
 
 
 @dataclass
@@ -232,6 +269,19 @@ class ScheduleConfig:
     min_lr: float = doc(0.0, "cosine floor")
 
     def __post_init__(self) -> None:
+        check_numbers(
+            self,
+            "schedule.",
+            at_least={
+                "epochs": 0,
+                "max_steps": 0,
+                "warmup": 0,
+                "warmup_until_error": 0,
+                "plateau_patience": 0,
+                "plateau_threshold": 0,
+                "min_lr": 0,
+            },
+        )
         if self.epochs < 1 and self.max_steps < 1:
             raise ConfigError("schedule.epochs and schedule.max_steps are both < 1: set one of them")
         if self.kind in ("step", "multistep"):
@@ -275,6 +325,7 @@ class DistributedConfig:
     timeout_s: int = doc(600, "collective timeout; a dead peer fails the job instead of hanging forever")
 
     def __post_init__(self) -> None:
+        check_numbers(self, "distributed.", at_least={"timeout_s": 1})
         if self.zero_stage not in (0, 1):
             raise ConfigError(f"distributed.zero_stage = {self.zero_stage}: allowed values are 0 and 1")
         if self.grad_accum < 1:
@@ -318,12 +369,19 @@ class CheckpointConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.keep_last < 1:
-            raise ConfigError(f"checkpoint.keep_last = {self.keep_last}: must be >= 1")
-        if self.every_steps < 0 or self.every_minutes < 0 or self.keep_every < 0:
-            raise ConfigError("checkpoint.every_steps, every_minutes and keep_every must be >= 0")
-        if self.max_pending < 1 or self.time_check_steps < 1 or self.close_timeout_min <= 0:
-            raise ConfigError("checkpoint.max_pending and time_check_steps must be >= 1, close_timeout_min > 0")
+        check_numbers(
+            self,
+            "checkpoint.",
+            at_least={
+                "keep_last": 1,
+                "every_steps": 0,
+                "every_minutes": 0,
+                "keep_every": 0,
+                "max_pending": 1,
+                "time_check_steps": 1,
+            },
+            above={"close_timeout_min": 0},
+        )
         if not self.uri:
             raise ConfigError("checkpoint.uri is empty: give a local folder, file:///path or s3://bucket/prefix")
         for key in ("max_wait_s", "stop_wait_s", "connect_timeout_s", "read_timeout_s"):
@@ -345,6 +403,12 @@ class TrackingConfig:
     flush_interval_s: float = doc(2.0, "seconds between metric batches (log_batch) sent to MLflow")
     max_buffered: int = doc(100000, "metric points held while MLflow is unreachable; beyond it the oldest are dropped")
     start_timeout_s: float = doc(15.0, "how long rank 0 waits for MLflow at start before training on without it")
+    required: bool = doc(
+        False,
+        "true: a tracking URI that cannot be reached (or is no MLflow server) fails the run at start-up (exit 2); "
+        "false: the run warns and starts anyway, its metrics buffered until the server answers (tracking.enabled = "
+        "false turns both off)",
+    )
     finish_timeout_s: float = doc(60.0, "how long the end of a run waits for MLflow to take what is buffered")
     log_model: bool = doc(
         True, "log the final model (named after the run, with a signature and an input example) at the end"
@@ -354,6 +418,12 @@ class TrackingConfig:
     )
 
     def __post_init__(self) -> None:
+        check_numbers(
+            self,
+            "tracking.",
+            at_least={"max_buffered": 1},
+            above={"flush_interval_s": 0, "start_timeout_s": 0, "finish_timeout_s": 0},
+        )
         if self.system_metrics_interval_s <= 0:
             raise ConfigError("tracking.system_metrics_interval_s must be > 0 (seconds between system-metric samples)")
 
@@ -376,6 +446,7 @@ class DiagnosticsConfig:
     )
 
     def __post_init__(self) -> None:
+        check_numbers(self, "diagnostics.")
         if any(s < 1 for s in self.response_std_steps):
             raise ConfigError(f"diagnostics.response_std_steps = {self.response_std_steps}: steps must be >= 1")
         if self.response_std_steps and not self.response_std:
@@ -406,6 +477,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # Each section checked itself when it was built; what follows needs more than one section.
         from pipeline.models import list_models, model_spec
+
+        check_numbers(self, "", at_least={"seed": 0})  # numpy and DALI seeds are unsigned
 
         if self.data.source == "folder" and not self.data.root:
             raise ConfigError(
@@ -588,8 +661,8 @@ def _read_chain(p: Path, *, named_by: Path | None, chain: tuple[Path, ...]) -> d
     path = p.parent / base
     if not path.is_file():
         raise ConfigError(
-            f"{what} names base = {base!r}, but {str(path)!r} does not exist (a base is found "
-            f"relative to the file that names it)"
+            f"{what} names base = {base!r}, but {str(path)!r} {describe_path(path)}, expected a TOML file (a base "
+            f"is found relative to the file that names it)"
         )
     here = (*chain, p.resolve())
     if path.resolve() in here:
@@ -611,7 +684,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(
-                f"config file {str(p)!r} does not exist; pass an existing TOML file with --config "
+                f"config file {str(p)!r} {describe_path(p)}; pass an existing TOML file with --config "
                 f"(examples live in configs/)"
             )
         data = read_config_file(p)

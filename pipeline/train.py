@@ -117,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run(cfg)
     except (ConfigError, ValueError, RuntimeError) as e:
         # Every rank validates the same config and fails the same way; one message is enough.
-        if rank == 0 or type(e).__name__ not in ("ConfigError", "DataError"):
+        if rank == 0 or type(e).__name__ not in ("ConfigError", "DataError", "PreflightError"):
             from pipeline.progress import wrap_long_lines
 
             print(wrap_long_lines(f"error{'' if rank == 0 else f' (rank {rank})'}: {e}"), file=sys.stderr)
-        return 2 if type(e).__name__ in ("ConfigError", "DataError", "CheckpointError") else 1
+        return 2 if type(e).__name__ in ("ConfigError", "DataError", "CheckpointError", "PreflightError") else 1
     # The result of a finished run only: a stopped one (exit 75) has at most an intermediate evaluation.
     if rank == 0 and outcome.exit_code == 0 and outcome.final_val:
         v = outcome.final_val

@@ -23,6 +23,7 @@ from pipeline.diagnostics import Diagnostics
 from pipeline.distributed import DistEnv, broadcast_object
 from pipeline.engine import build_engine
 from pipeline.models import build_model, model_spec
+from pipeline.preflight import check_run
 from pipeline.schedule import LRSchedule, scaled_lr
 from pipeline.signals import StopFlag
 from pipeline.storage import StorageError
@@ -164,6 +165,8 @@ def build_run(
     no validation source (the trainer's val source is then the training one): for callers that time
     ``Trainer.train_step`` and never call ``fit``, such as the throughput benchmark.
     """
+    # Storage, tracking, data root and GPUs first: a wrong URI fails in seconds, before the model and engine.
+    check_run(cfg, env=env, checkpointing=checkpointing)
     seed_everything(cfg.seed + env.rank)
     root = broadcast_object(prepare_dataset_root(cfg.data) if env.is_main else None)
     sources = {

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import subprocess
 import sys
 import tomllib
+import typing
 from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, DataConfig, TrainConfig, describe, flatten, load_config, to_toml
+from pipeline.config import (
+    ConfigError,
+    DataConfig,
+    TrainConfig,
+    config_from_dict,
+    describe,
+    describe_path,
+    flatten,
+    load_config,
+    to_toml,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.toml") if "study" not in p.parts)
@@ -204,3 +216,74 @@ def test_help_config_is_a_toml_file_of_the_defaults(tmp_path):
     path = tmp_path / "x.toml"
     path.write_text(r.stdout)
     assert load_config(path).to_dict() == TrainConfig().to_dict()
+
+
+# -- ranges and finiteness (issue 15, item 7): every value is checked when the config is built ----------------
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("--schedule.max_steps=-5", "schedule.max_steps = -5: must be >= 0"),
+        ("--schedule.epochs=-1", "schedule.epochs = -1: must be >= 0"),
+        ("--optim.lr=nan", "optim.lr = nan: must be a finite number"),
+        ("--optim.lr=inf", "optim.lr = inf: must be a finite number"),
+        ("--optim.weight_decay=nan", "optim.weight_decay = nan"),
+        ("--optim.momentum=-inf", "optim.momentum = -inf"),
+        ("--data.num_threads=0", "data.num_threads = 0: must be >= 1"),
+        ("--data.prefetch=0", "data.prefetch = 0: must be >= 1"),
+        ("--data.std=[nan, 1, 1]", "data.std = [nan, 1.0, 1.0]: must be a finite number"),
+        ("--distributed.timeout_s=0", "distributed.timeout_s = 0: must be >= 1"),
+        ("--tracking.flush_interval_s=-1", "tracking.flush_interval_s = -1.0: must be > 0"),
+        ("--checkpoint.every_minutes=nan", "checkpoint.every_minutes = nan"),
+        ("--seed=-3", "seed = -3: must be >= 0"),
+        ("--data.val_resize=0", "data.val_resize = 0: must be >= 1"),
+    ],
+)
+def test_out_of_range_values_are_refused_naming_the_key(tmp_path, override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, ""), [override])
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)  # one line
+
+
+def test_an_imagenet_centre_crop_must_fit_its_resize():
+    with pytest.raises(ConfigError, match="data.val_resize = 200 is below data.image_size = 224"):
+        load_config(ROOT / "configs/imagenet/resnet18.toml", ["--data.val_resize=200"])
+
+
+def _numeric_keys() -> list[tuple[str, type]]:
+    """Every int or float key of the config, dotted (lists aside: their entries have their own checks)."""
+    keys = []
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += [
+                (f"{f.name}.{name}", tp)
+                for name, tp in typing.get_type_hints(hints[f.name]).items()
+                if tp in (int, float)
+            ]
+        elif hints[f.name] in (int, float):
+            keys.append((f.name, hints[f.name]))
+    return keys
+
+
+@pytest.mark.parametrize("key, tp", _numeric_keys(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_numeric_key_refuses_negative_and_non_finite_values(key, tp):
+    """No key takes a negative value (counts, sizes, intervals, timeouts, rates), and no float is NaN or
+    infinite: a key added without its check fails here."""
+    section, _, name = key.rpartition(".")
+    bad = [-1] + ([math.nan, math.inf] if tp is float else [])
+    for value in bad:
+        data = {section: {name: value}} if section else {name: value}
+        with pytest.raises(ConfigError) as e:
+            config_from_dict(data)
+        assert key in str(e.value), (value, str(e.value))
+
+
+def test_a_path_of_the_wrong_kind_says_what_it_is(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file .* is a directory; pass an existing TOML file"):
+        load_config(tmp_path)
+    (tmp_path / "base_dir").mkdir()
+    with pytest.raises(ConfigError, match="base_dir' is a directory, expected a TOML file"):
+        load_config(write(tmp_path, 'base = "base_dir"\n'))
+    assert describe_path(tmp_path / "exp.toml") == "is a file"
+    assert describe_path(tmp_path / "nope") == "does not exist"

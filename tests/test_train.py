@@ -130,6 +130,9 @@ def test_diverging_loss_stops_with_a_clear_message(tmp_path):
         (["--model.num_classes=7"], "has 10 classes but model.num_classes = 7"),
         (["--data.source=folder", "--data.root=/nonexistent/imagenet"], "/nonexistent/imagenet does not exist"),
         (["--optim.lrr=1"], "unknown config key 'optim.lrr'"),
+        (["--optim.lr=nan"], "optim.lr = nan: must be a finite number"),  # issue 15: refused at start-up
+        (["--config", str(ROOT / "configs")], f"config file '{ROOT / 'configs'}' is a directory"),
+        (["--data.source=folder", f"--data.root={ROOT / 'README.md'}"], "README.md is a file, expected a folder"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, args, needle):

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import torch
 
+from pipeline.config import describe_path
+
 from .errors import DataError
 from .source import PAPER_SCALES, DataSource, SourceOptions
 
@@ -43,8 +45,9 @@ def prepare_dataset_root(cfg: DataConfig) -> str:
             return extract_archive(cfg.root, cache_dir=cfg.cache_dir, sha256=cfg.root_sha256)
         if not os.path.isdir(cfg.root):
             raise DataError(
-                f"dataset root {cfg.root} does not exist; set --data.root to a folder holding "
-                f"{cfg.train_dir}/<class>/<image> and {cfg.val_dir}/<class>/<image>"
+                f"dataset root {cfg.root} {describe_path(cfg.root)}, expected a folder (or a .tar.gz/.tgz/.tar "
+                f"archive); set --data.root to a folder holding {cfg.train_dir}/<class>/<image> and "
+                f"{cfg.val_dir}/<class>/<image>"
             )
         return cfg.root
     raise DataError(f"data.source = {cfg.source!r} is not one of 'folder', 'digits', 'synthetic'")

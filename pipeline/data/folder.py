@@ -21,6 +21,7 @@ import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from pipeline.config import describe_path
 from pipeline.storage import Storage, StorageError
 
 # is_url: an object-store URL (s3://...); file:// and plain paths are local
@@ -263,7 +264,8 @@ def _check_root(root: str, train_dir: str, val_dir: str) -> None:
         )
     if not exists:
         raise DataError(
-            f"dataset root {root} does not exist; set --data.root to a folder holding "
+            f"dataset root {root} {describe_path(root.removeprefix('file://'))}, expected a folder; set "
+            f"--data.root to a folder holding "
             f"{train_dir}/<class>/<image> and {val_dir}/<class>/<image>"
         )
     for key, sub in (("train_dir", train_dir), ("val_dir", val_dir)):

@@ -8,12 +8,20 @@ slow = TcpForwarder("127.0.0.1", backend_port, delay_s=0.020)   # every chunk he
 
 The delay stands in for network latency: this machine's kernel has no ``netem`` queueing discipline, so
 ``tc qdisc ... netem delay`` is not available; a forwarder that holds each chunk is the next best thing.
+
+``ForwarderProcess`` is the same forwarder in a child process (same start/stop/port). Use it when the
+process that talks through the forwarder may block in native code holding the GIL: a DALI pipeline that
+read S3 holds it while it is destroyed and waits for its open requests, which an in-process forwarder can
+then never answer (each teardown took ~10 s, until the SDK's timeout).
 """
 
 from __future__ import annotations
 
+import argparse
 import queue
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -169,3 +177,70 @@ def _shut(s: socket.socket) -> None:
     except OSError:
         pass
     s.close()
+
+
+class ForwarderProcess:
+    """A :class:`TcpForwarder` in a child process (``python servers.py ...``), with the same interface.
+
+    ``stop()`` kills the child: its listener and every open connection close at once, as with a dead server.
+    """
+
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        listen_host: str = "127.0.0.1",
+        port: int = 0,
+        delay_s: float = 0.0,
+        name: str = "tcp-forwarder",
+    ) -> None:
+        self.target = (target_host, target_port)
+        self.listen_host, self.port = listen_host, port
+        self.delay_s = delay_s
+        self.name = name
+        self._proc: subprocess.Popen[str] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.listen_host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        cmd = [sys.executable, __file__, f"{self.target[0]}:{self.target[1]}", f"{self.listen_host}:{self.port}"]
+        proc = subprocess.Popen([*cmd, "--delay-s", str(self.delay_s)], stdout=subprocess.PIPE, text=True)
+        line = proc.stdout.readline() if proc.stdout else ""  # the port, once it listens
+        if not line.strip().isdigit():
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"{self.name}: the forwarder process did not start ({cmd}): {line!r}")
+        self.port = int(line)
+        self._proc = proc
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            if self._proc.stdout:
+                self._proc.stdout.close()
+            self._proc = None
+
+
+def _serve(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="forward LISTEN to TARGET until killed")
+    p.add_argument("target", help="host:port")
+    p.add_argument("listen", help="host:port (port 0: a free one)")
+    p.add_argument("--delay-s", type=float, default=0.0)
+    args = p.parse_args(argv)
+    (th, tp), (lh, lp) = (a.rsplit(":", 1) for a in (args.target, args.listen))
+    fwd = TcpForwarder(th, int(tp), listen_host=lh, port=int(lp), delay_s=args.delay_s)
+    fwd.start()
+    print(fwd.port, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    _serve()

@@ -4,12 +4,18 @@ port = free_port()
 fwd = TcpForwarder("127.0.0.1", backend_port, port=port); fwd.start()   # clients use ``port``
 fwd.stop()                        # new connections refused, open ones cut (an outage)
 fwd.start()                       # the same port again
+slow = TcpForwarder("127.0.0.1", backend_port, delay_s=0.020)   # every chunk held 20 ms each way
+
+The delay stands in for network latency: this machine's kernel has no ``netem`` queueing discipline, so
+``tc qdisc ... netem delay`` is not available; a forwarder that holds each chunk is the next best thing.
 """
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
+import time
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -24,6 +30,12 @@ class TcpForwarder:
     ``port=0`` takes a free port at the first ``start()``; later starts listen on that same port again.
     ``stop()`` closes the listener and cuts every open connection at once. ``connect_timeout`` bounds the
     connection to the target (None: the socket default).
+
+    ``delay_s`` > 0 holds every forwarded chunk for that long in each direction (a request and its answer
+    pay ``2 * delay_s`` at least, like a network round trip). Each direction of each connection has its own
+    reader and sender threads, so the delay is latency, not a bandwidth cap: chunks keep their order, a
+    stream of them arrives ``delay_s`` late but at the rate it was sent, and connections never wait on
+    each other.
     """
 
     def __init__(
@@ -34,9 +46,13 @@ class TcpForwarder:
         listen_host: str = "127.0.0.1",
         port: int = 0,
         connect_timeout: float | None = None,
+        delay_s: float = 0.0,
         name: str = "tcp-forwarder",
     ) -> None:
+        if delay_s < 0:
+            raise ValueError(f"delay_s must be >= 0, not {delay_s}")
         self.target = (target_host, target_port)
+        self.delay_s = delay_s
         self.listen_host, self.port = listen_host, port
         self.connect_timeout = connect_timeout
         self.name = name
@@ -83,8 +99,9 @@ class TcpForwarder:
                 continue
             with self._lock:
                 self._conns.update((client, backend))
+            pump = self._pump_delayed if self.delay_s > 0 else self._pump
             for a, b in ((client, backend), (backend, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+                threading.Thread(target=pump, args=(a, b), daemon=True, name=f"{self.name}-pump").start()
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
@@ -93,10 +110,43 @@ class TcpForwarder:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                _shut(s)
-                with self._lock:
-                    self._conns.discard(s)
+            self._close_pair(src, dst)
+
+    def _pump_delayed(self, src: socket.socket, dst: socket.socket) -> None:
+        """Read ``src`` as fast as it sends; a sender thread writes each chunk to ``dst`` ``delay_s`` after it
+        arrived. The end of ``src`` (b"") travels through the queue too, so it is delivered after the data."""
+        chunks: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
+        sender = threading.Thread(target=self._send_late, args=(chunks, src, dst), daemon=True, name=self.name)
+        sender.start()
+        try:
+            while data := src.recv(1 << 16):
+                chunks.put((time.monotonic() + self.delay_s, data))
+        except OSError:
+            pass
+        chunks.put((time.monotonic() + self.delay_s, b""))
+
+    def _send_late(
+        self, chunks: queue.SimpleQueue[tuple[float, bytes]], src: socket.socket, dst: socket.socket
+    ) -> None:
+        try:
+            while True:
+                due, data = chunks.get()
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._close_pair(src, dst)
+
+    def _close_pair(self, src: socket.socket, dst: socket.socket) -> None:
+        for s in (src, dst):
+            _shut(s)
+            with self._lock:
+                self._conns.discard(s)
 
     def stop(self) -> None:
         if self._listener is not None:

@@ -209,7 +209,7 @@ class DaliSource(EpochSource):
                 try:
                     pipe.schedule_run()  # the first batches decode now, on DALI's threads
                 except RuntimeError as e:
-                    raise explain_pipeline_error(e, files=files, root=self.root) from e
+                    raise self._explain(e, files) from e
                 return pipe, files
 
             self._ahead.start(epoch, build)
@@ -235,7 +235,11 @@ class DaliSource(EpochSource):
             return pipe.outputs(*args)
         except RuntimeError as e:
             self._drop_pipeline()  # DALI: "Current pipeline object is no longer valid"
-            raise explain_pipeline_error(e, files=self._files, root=self.root) from e
+            raise self._explain(e, self._files) from e
+
+    def _explain(self, error: RuntimeError, files: Sequence[str]) -> DataError:
+        """The DataError for a DALI failure while reading ``files`` (what the pipeline reads, in order)."""
+        return explain_pipeline_error(error, files=files, root=self.root)
 
     # ------------------------------------------------------------------------------------------
     def _pipeline(self):
@@ -272,7 +276,7 @@ class DaliSource(EpochSource):
         try:
             pipe.build()
         except RuntimeError as e:
-            raise explain_pipeline_error(e, files=files, root=self.root) from e
+            raise self._explain(e, files) from e
         check_reader_epoch(pipe, len(order))
         return pipe, files
 
@@ -290,13 +294,17 @@ class DaliSource(EpochSource):
             outputs = self._run(pipe)
             stream = None
         *image_outputs, labels = outputs
-        y = self._to_torch(labels.as_tensor(), stream).view(-1).long()[:valid]
+        y = self._label_tensor(labels, stream)[:valid]
         if self.eval_mode == "multiscale":
             # Sizes differ between images: one (3, H, W) tensor per image and scale.
             x = [[self._to_torch(out[i], stream) for i in range(valid)] for out in image_outputs]
             return x, y
         x = self._to_torch(image_outputs[0].as_tensor(), stream)
         return (x[:valid] if valid < self.batch_size else x), y
+
+    def _label_tensor(self, labels, stream) -> torch.Tensor:
+        """The batch's labels as int64 of shape (batch,) on the device, from the pipeline's last output."""
+        return self._to_torch(labels.as_tensor(), stream).view(-1).long()
 
     def _to_torch(self, tensor, stream) -> torch.Tensor:
         if stream is not None:

@@ -9,8 +9,10 @@ iterators, because they must be exact:
   with an S3 root, DALI 2.4 returns garbage bytes for padded samples that start a batch.
 * Training: epoch ``e`` reads a fresh global permutation of the split drawn from (seed, e), the same
   on every rank, so the shards of one epoch are disjoint and together read every image exactly
-  once; the order differs every epoch and depends on the seed only. The pipeline is rebuilt at each
-  epoch boundary (seeded by seed, rank and epoch) with that epoch's list. Every rank yields
+  once; the order differs every epoch and depends on the seed only. Each epoch has its own pipeline
+  (seeded by seed, rank and epoch) reading that epoch's list; the next epoch's is built on a background
+  thread half-way through the current one and its prefetch queue filled (:class:`PipelineAhead`), so
+  an epoch boundary costs no pipeline start-up. Every rank yields
   ``(num_samples // world_size) // batch_size`` batches, so all ranks issue the same number of
   collectives; the rest of its shard (fewer than ``batch_size`` images, plus at most one image) is
   read and dropped, a different rest each epoch.
@@ -30,7 +32,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -87,6 +90,47 @@ class DaliSource(EpochSource):
         scales: Sequence[int] = PAPER_SCALES,
         root: str = "",
     ) -> None:
+        self.index = index
+        self._setup(
+            options,
+            num_samples=len(index),
+            path=index.path,
+            style=style,
+            image_size=image_size,
+            val_resize=val_resize,
+            mean=mean,
+            std=std,
+            num_threads=num_threads,
+            prefetch=prefetch,
+            decoder=decoder,
+            augmentation=augmentation,
+            mean_image=mean_image,
+            eval_mode=eval_mode,
+            scales=scales,
+            root=root or index.path,
+        )
+
+    def _setup(
+        self,
+        options: SourceOptions,
+        *,
+        num_samples: int,
+        path: str,
+        style: Literal["cifar", "imagenet"],
+        image_size: int,
+        val_resize: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        num_threads: int,
+        prefetch: int,
+        decoder: Literal["cpu", "mixed"],
+        augmentation: TrainAugment,
+        mean_image: np.ndarray | None,
+        eval_mode: Literal["center", "10crop", "multiscale"],
+        scales: Sequence[int],
+        root: str,
+    ) -> None:
+        """What every DALI-fed source sets up: the graph's settings, the epoch arithmetic and the reader state."""
         split = options.split
         if eval_mode not in EVAL_MODES:
             raise DataError(f"evaluation mode {eval_mode!r} is not one of {', '.join(EVAL_MODES)}")
@@ -111,11 +155,10 @@ class DaliSource(EpochSource):
             self._pipe_kwargs.update(val_resize=val_resize, eval_mode=eval_mode, scales=tuple(scales))
         else:
             self._pipe_kwargs.update(augmentation=augmentation)
-        super().__init__(options, num_samples=len(index), num_batches=options.epoch_length(len(index), path=index.path))
-        self.index = index
+        super().__init__(options, num_samples=num_samples, num_batches=options.epoch_length(num_samples, path=path))
         self.decoder = decoder
         self.eval_mode = eval_mode
-        self.root = root or index.path
+        self.root = root
 
         self._start, self._stop = shard_range(self.num_samples, self.world_size, self.rank)
         # The reader epoch: this rank's whole shard, padded to whole batches. Here ``_batch`` counts
@@ -125,6 +168,8 @@ class DaliSource(EpochSource):
 
         self._pipe = None
         self._pipe_epoch = -1
+        self._pipe_scheduled = False  # its first batch was already scheduled (a pipeline built ahead)
+        self._ahead = PipelineAhead()
         self._files: tuple[str, ...] = ()
         self._pending_checkpoint: bytes | None = None
 
@@ -148,10 +193,26 @@ class DaliSource(EpochSource):
             valid = min(self.batch_size, self._shard_len - self._batch * self.batch_size)
             batch = self._next_batch(pipe, valid)
             self._batch += 1
+            if self.split == "train" and self._batch >= self._len // 2:
+                self._build_ahead(self._epoch + 1)
             yield batch
             if generation != self._generation:
                 return
         self._finish_epoch()
+
+    def _build_ahead(self, epoch: int) -> None:
+        """Start building ``epoch``'s pipeline (and filling its prefetch queue) in the background, once."""
+        if self._ahead.epoch != epoch:
+
+            def build() -> tuple[Any, tuple[str, ...]]:
+                pipe, files = self._build_pipeline(epoch, checkpoint=None)
+                try:
+                    pipe.schedule_run()  # the first batches decode now, on DALI's threads
+                except RuntimeError as e:
+                    raise self._explain(e, files) from e
+                return pipe, files
+
+            self._ahead.start(epoch, build)
 
     def _finish_epoch(self) -> None:
         pipe = self._pipeline()
@@ -164,45 +225,63 @@ class DaliSource(EpochSource):
             self._drop_pipeline()  # the next epoch reads another list
 
     def _run(self, pipe, *args):
+        # DALI's scheduled API throughout (what pipe.run() does inside), since a pipeline built ahead has had
+        # its first schedule_run() already and DALI refuses to mix that with run().
         try:
-            return pipe.run(*args)
+            if self._pipe_scheduled:
+                self._pipe_scheduled = False
+            else:
+                pipe.schedule_run()
+            return pipe.outputs(*args)
         except RuntimeError as e:
             self._drop_pipeline()  # DALI: "Current pipeline object is no longer valid"
-            raise explain_pipeline_error(e, files=self._files, root=self.root) from e
+            raise self._explain(e, self._files) from e
+
+    def _explain(self, error: RuntimeError, files: Sequence[str]) -> DataError:
+        """The DataError for a DALI failure while reading ``files`` (what the pipeline reads, in order)."""
+        return explain_pipeline_error(error, files=files, root=self.root)
 
     # ------------------------------------------------------------------------------------------
     def _pipeline(self):
         epoch = self._epoch if self.split == "train" else 0
         if self._pipe is None or self._pipe_epoch != epoch:
             self._drop_pipeline()
-            order = self.shard(epoch)
-            self._files = tuple(self.index.files[i] for i in order)
-            labels = [self.index.labels[i] for i in order]
-            build = train_pipeline if self.split == "train" else val_pipeline
-            pipe = build(
-                files=self._files,
-                labels=labels,
-                **self._pipe_kwargs,
-                seed=_pipeline_seed(self.seed, self.rank, self.split, epoch),
-                enable_checkpointing=self.split == "train",
-                checkpoint=self._pending_checkpoint,
-            )
-            try:
-                pipe.build()
-            except RuntimeError as e:
-                raise explain_pipeline_error(e, files=self._files, root=self.root) from e
-            meta = pipe.reader_meta(READER_NAME)
-            if meta["epoch_size"] != len(order) or meta["epoch_size_padded"] != len(order):
-                raise RuntimeError(
-                    f"DALI reader epoch {meta} does not match the loader's list of {len(order)} "
-                    f"files; the DALI version changed behaviour"
-                )
-            self._pipe, self._pipe_epoch = pipe, epoch
+            # A pipeline built ahead starts at the epoch's first batch: it serves no restored position.
+            ready = self._ahead.take(epoch) if self._pending_checkpoint is None and self._batch == 0 else None
+            if ready is not None:
+                pipe, self._files = ready
+            else:
+                pipe, self._files = self._build_pipeline(epoch, checkpoint=self._pending_checkpoint)
+            self._pipe, self._pipe_epoch, self._pipe_scheduled = pipe, epoch, ready is not None
             self._pending_checkpoint = None
         return self._pipe
 
+    def _build_pipeline(self, epoch: int, *, checkpoint: bytes | None) -> tuple[Any, tuple[str, ...]]:
+        """A built pipeline for ``epoch`` (restored from ``checkpoint``) and the files it reads, for error messages.
+
+        Also runs on :class:`PipelineAhead`'s thread: it reads only what does not change while an epoch runs.
+        """
+        order = self.shard(epoch)
+        files = tuple(self.index.files[i] for i in order)
+        labels = [self.index.labels[i] for i in order]
+        build = train_pipeline if self.split == "train" else val_pipeline
+        pipe = build(
+            files=files,
+            labels=labels,
+            **self._pipe_kwargs,
+            seed=_pipeline_seed(self.seed, self.rank, self.split, epoch),
+            enable_checkpointing=self.split == "train",
+            checkpoint=checkpoint,
+        )
+        try:
+            pipe.build()
+        except RuntimeError as e:
+            raise self._explain(e, files) from e
+        check_reader_epoch(pipe, len(order))
+        return pipe, files
+
     def _drop_pipeline(self) -> None:
-        pipe, self._pipe, self._pipe_epoch = self._pipe, None, -1
+        pipe, self._pipe, self._pipe_epoch, self._pipe_scheduled = self._pipe, None, -1, False
         del pipe  # its worker threads and buffers go now, before the next epoch's pipeline starts
 
     def _next_batch(self, pipe, valid: int):
@@ -215,13 +294,17 @@ class DaliSource(EpochSource):
             outputs = self._run(pipe)
             stream = None
         *image_outputs, labels = outputs
-        y = self._to_torch(labels.as_tensor(), stream).view(-1).long()[:valid]
+        y = self._label_tensor(labels, stream)[:valid]
         if self.eval_mode == "multiscale":
             # Sizes differ between images: one (3, H, W) tensor per image and scale.
             x = [[self._to_torch(out[i], stream) for i in range(valid)] for out in image_outputs]
             return x, y
         x = self._to_torch(image_outputs[0].as_tensor(), stream)
         return (x[:valid] if valid < self.batch_size else x), y
+
+    def _label_tensor(self, labels, stream) -> torch.Tensor:
+        """The batch's labels as int64 of shape (batch,) on the device, from the pipeline's last output."""
+        return self._to_torch(labels.as_tensor(), stream).view(-1).long()
 
     def _to_torch(self, tensor, stream) -> torch.Tensor:
         if stream is not None:
@@ -264,8 +347,68 @@ class DaliSource(EpochSource):
 
     def _seek(self, epoch: int, batch: int) -> None:
         self._drop_pipeline()  # rebuilt lazily for the new position
+        self._ahead.drop()
         self._pending_checkpoint = None
         super()._seek(epoch, batch)
+
+
+def check_reader_epoch(pipe, samples: int) -> None:
+    """The loader's epoch arithmetic holds only if DALI's reader reads exactly the ``samples`` it was given."""
+    meta = pipe.reader_meta(READER_NAME)
+    if meta["epoch_size"] != samples or meta["epoch_size_padded"] != samples:
+        raise RuntimeError(
+            f"DALI reader epoch {meta} does not match the loader's list of {samples} "
+            f"samples; the DALI version changed behaviour"
+        )
+
+
+class PipelineAhead:
+    """One pipeline built on a background thread for a later epoch, handed over when that epoch starts.
+
+    DALI pipelines are independent objects (its graph-building context is thread-local), so the next
+    epoch's can be built, and its prefetch queue filled, while the current one runs. An error while
+    building is kept and raised by :meth:`take`, at the point where a synchronous build would have raised.
+    """
+
+    def __init__(self) -> None:
+        self.epoch: int | None = None
+        self._thread: threading.Thread | None = None
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+    def start(self, epoch: int, build: Callable[[], Any]) -> None:
+        self.drop()
+        self.epoch = epoch
+
+        def work() -> None:
+            try:
+                self._result = build()
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer by take()
+                self._error = e
+
+        self._thread = threading.Thread(target=work, daemon=True, name=f"dali-ahead-{epoch}")
+        self._thread.start()
+
+    def take(self, epoch: int) -> Any:
+        """What ``build`` returned, if it was started for ``epoch`` (else None; a stale one is dropped)."""
+        if self.epoch != epoch:
+            self.drop()
+            return None
+        assert self._thread is not None
+        self._thread.join()
+        result, error = self._result, self._error
+        self._clear()
+        if error is not None:
+            raise error
+        return result
+
+    def drop(self) -> None:
+        if self._thread is not None:
+            self._thread.join()  # a pipeline being built cannot be abandoned half-way
+        self._clear()
+
+    def _clear(self) -> None:
+        self.epoch, self._thread, self._result, self._error = None, None, None, None
 
 
 def _dali_int32():

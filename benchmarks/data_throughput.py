@@ -164,6 +164,27 @@ def measure(
     return row
 
 
+def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row per source from its rounds (run interleaved with the other sources, so that a busy moment of a
+    shared machine hits them alike): the median rate and batch interval, every epoch gap; the S3 counts are the
+    first round's (the sharded source's cache is cold only then)."""
+    failed = [r for r in rounds if "error" in r]
+    if failed:
+        return failed[0]
+    row = dict(rounds[0])
+    if len(rounds) > 1:
+        rates = [r["img_per_s"] for r in rounds if r["img_per_s"]]
+        medians = [r["median_batch_ms"] for r in rounds if r["median_batch_ms"]]
+        row["img_per_s"] = round(statistics.median(rates), 1) if rates else None
+        row["img_per_s_rounds"] = [r["img_per_s"] for r in rounds]
+        row["median_batch_ms"] = round(statistics.median(medians), 2) if medians else None
+        row["epoch_gaps_ms"] = [g for r in rounds for g in r["epoch_gaps_ms"]]
+        gaps, median = row["epoch_gaps_ms"], row["median_batch_ms"]
+        row["worst_gap_x_median"] = round(max(gaps) / median, 2) if gaps and median else None
+        row["rounds"] = len(rounds)
+    return row
+
+
 def _table(rows: list[dict[str, Any]], *, local_rate: float | None) -> str:
     lines = [
         "| source | img/s (rank) | x local | S3 req/img (all epochs) | S3 req/img (after epoch 1) | median batch ms "
@@ -202,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delay-ms", type=float, default=20.0, help="held each way on every S3 connection")
     p.add_argument("--step-ms", type=float, default=0.0, help="simulated training step after each batch")
     p.add_argument("--shard-bytes", type=int, default=0, help="default: about 8 shards for the dataset")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="times local and s3-shards are measured, interleaved (median reported); s3-objects once",
+    )
     p.add_argument("--sources", default=",".join(SOURCES), help=f"any of {', '.join(SOURCES)}")
     p.add_argument("--workdir", default="", help="scratch folder (default: a temporary one)")
     p.add_argument("--out", default="", help="append the JSON rows here")
@@ -238,7 +265,6 @@ def main(argv: list[str] | None = None) -> int:
             lighting=0.0,
             cache_dir=str(work / "cache"),
         )
-        rows: list[dict[str, Any]] = []
         object_images = 0
         with start_moto_server(log_dir=work, delay_s=args.delay_ms / 1000) as endpoint:
             direct = direct_url(endpoint)
@@ -258,27 +284,32 @@ def main(argv: list[str] | None = None) -> int:
             # From here on every S3 client (DALI's own, created at its first read, and s3fs) pays the delay.
             os.environ.update(aws_env(endpoint))
             with count_requests(endpoint) as log:
-                for name in sources:
-                    cfg = {
-                        "local": lambda: dataclasses.replace(base, root=str(tree)),
-                        "s3-objects": lambda: dataclasses.replace(base, root="s3://bench/objects"),
-                        "s3-shards": lambda: dataclasses.replace(base, root="s3://bench/shards", format="shards"),
-                    }[name]()
-                    prefix = {"local": "/none/", "s3-objects": "/bench/objects/", "s3-shards": "/bench/shards/"}[name]
-                    try:
-                        row = measure(
-                            name,
-                            cfg,
-                            epochs=args.epochs,
-                            step_s=args.step_ms / 1000,
-                            log=None if name == "local" else log,
-                            prefix=prefix,
-                            num_classes=len(classes),
-                        )
-                    except Exception as e:  # noqa: BLE001 - a failed source is a row, the others still run
-                        row = {"source": name, "error": f"{type(e).__name__}: {e}"}
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
+                per_source: dict[str, list[dict[str, Any]]] = {name: [] for name in sources}
+                for round_ in range(args.rounds):
+                    for name in sources:
+                        if name == "s3-objects" and round_ > 0:
+                            continue  # minutes per round, and far from the others whatever the load
+                        cfg = {
+                            "local": lambda: dataclasses.replace(base, root=str(tree)),
+                            "s3-objects": lambda: dataclasses.replace(base, root="s3://bench/objects"),
+                            "s3-shards": lambda: dataclasses.replace(base, root="s3://bench/shards", format="shards"),
+                        }[name]()
+                        prefix = {"local": "/none/", "s3-objects": "/bench/objects/", "s3-shards": "/bench/shards/"}
+                        try:
+                            row = measure(
+                                name,
+                                cfg,
+                                epochs=args.epochs,
+                                step_s=args.step_ms / 1000,
+                                log=None if name == "local" else log,
+                                prefix=prefix[name],
+                                num_classes=len(classes),
+                            )
+                        except Exception as e:  # noqa: BLE001 - a failed source is a row, the others still run
+                            row = {"source": name, "error": f"{type(e).__name__}: {e}"}
+                        print(json.dumps({"round": round_ + 1, **row}), flush=True)
+                        per_source[name].append(row)
+                rows = [combine(r) for r in per_source.values()]
     local = next((r.get("img_per_s") for r in rows if r["source"] == "local" and "error" not in r), None)
     meta = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),

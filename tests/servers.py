@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -112,19 +113,15 @@ class TcpForwarder:
                 threading.Thread(target=pump, args=(a, b), daemon=True, name=f"{self.name}-pump").start()
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            self._close_pair(src, dst)
+        self._forward(src, dst, iter(lambda: src.recv(1 << 16), b""))
 
     def _pump_delayed(self, src: socket.socket, dst: socket.socket) -> None:
         """Read ``src`` as fast as it sends; a sender thread writes each chunk to ``dst`` ``delay_s`` after it
         arrived. The end of ``src`` (b"") travels through the queue too, so it is delivered after the data."""
         chunks: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
-        sender = threading.Thread(target=self._send_late, args=(chunks, src, dst), daemon=True, name=self.name)
+        sender = threading.Thread(
+            target=self._forward, args=(src, dst, _when_due(chunks)), daemon=True, name=f"{self.name}-sender"
+        )
         sender.start()
         try:
             while data := src.recv(1 << 16):
@@ -133,17 +130,10 @@ class TcpForwarder:
             pass
         chunks.put((time.monotonic() + self.delay_s, b""))
 
-    def _send_late(
-        self, chunks: queue.SimpleQueue[tuple[float, bytes]], src: socket.socket, dst: socket.socket
-    ) -> None:
+    def _forward(self, src: socket.socket, dst: socket.socket, chunks: Iterator[bytes]) -> None:
+        """Send every chunk to ``dst``; at the end (or a dead socket) close both sockets of the connection."""
         try:
-            while True:
-                due, data = chunks.get()
-                wait = due - time.monotonic()
-                if wait > 0:
-                    time.sleep(wait)
-                if not data:
-                    break
+            for data in chunks:
                 dst.sendall(data)
         except OSError:
             pass
@@ -168,6 +158,17 @@ class TcpForwarder:
             conns, self._conns = list(self._conns), set()
         for s in conns:
             _shut(s)
+
+
+def _when_due(chunks: queue.SimpleQueue[tuple[float, bytes]]) -> Iterator[bytes]:
+    """The queued chunks, each at its due time, until the end marker (b"")."""
+    while True:
+        due, data = chunks.get()
+        if (wait := due - time.monotonic()) > 0:
+            time.sleep(wait)
+        if not data:
+            return
+        yield data
 
 
 def _shut(s: socket.socket) -> None:

@@ -571,7 +571,7 @@ def test_data_benchmark_measures_three_sources_behind_the_delay(tmp_path, tiny_j
     """benchmarks/data_throughput.py at toy size: local files, per-object S3 and sharded S3 in one run, behind
     the 20 ms proxy, with S3 requests counted by moto."""
     rows_file = tmp_path / "rows.jsonl"
-    args = ["--jpegs", str(tiny_jpegs), "--images", "12", "--object-images", "12", "--epochs", "2"]
+    args = ["--jpegs", str(tiny_jpegs), "--images", "12", "--object-images", "12", "--epochs", "2", "--rounds", "1"]
     r = run_py(["benchmarks/data_throughput.py", *args, "--batch-size", "4", "--out", str(rows_file)], timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = {row["source"]: row for row in map(json.loads, rows_file.read_text().splitlines())}

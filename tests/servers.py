@@ -33,7 +33,32 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class TcpForwarder:
+class _Forwarder:
+    """What both forwarders share: where they listen, where they forward to, and the delay each way."""
+
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        listen_host: str = "127.0.0.1",
+        port: int = 0,
+        delay_s: float = 0.0,
+        name: str = "tcp-forwarder",
+    ) -> None:
+        if delay_s < 0:
+            raise ValueError(f"delay_s must be >= 0, not {delay_s}")
+        self.target = (target_host, target_port)
+        self.listen_host, self.port = listen_host, port
+        self.delay_s = delay_s
+        self.name = name
+
+    @property
+    def address(self) -> str:
+        return f"{self.listen_host}:{self.port}"
+
+
+class TcpForwarder(_Forwarder):
     """Accepts on ``listen_host:port`` and pipes every connection to ``target_host:target_port``.
 
     ``port=0`` takes a free port at the first ``start()``; later starts listen on that same port again.
@@ -58,21 +83,12 @@ class TcpForwarder:
         delay_s: float = 0.0,
         name: str = "tcp-forwarder",
     ) -> None:
-        if delay_s < 0:
-            raise ValueError(f"delay_s must be >= 0, not {delay_s}")
-        self.target = (target_host, target_port)
-        self.delay_s = delay_s
-        self.listen_host, self.port = listen_host, port
+        super().__init__(target_host, target_port, listen_host=listen_host, port=port, delay_s=delay_s, name=name)
         self.connect_timeout = connect_timeout
-        self.name = name
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-
-    @property
-    def address(self) -> str:
-        return f"{self.listen_host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -180,31 +196,13 @@ def _shut(s: socket.socket) -> None:
     s.close()
 
 
-class ForwarderProcess:
+class ForwarderProcess(_Forwarder):
     """A :class:`TcpForwarder` in a child process (``python servers.py ...``), with the same interface.
 
     ``stop()`` kills the child: its listener and every open connection close at once, as with a dead server.
     """
 
-    def __init__(
-        self,
-        target_host: str,
-        target_port: int,
-        *,
-        listen_host: str = "127.0.0.1",
-        port: int = 0,
-        delay_s: float = 0.0,
-        name: str = "tcp-forwarder",
-    ) -> None:
-        self.target = (target_host, target_port)
-        self.listen_host, self.port = listen_host, port
-        self.delay_s = delay_s
-        self.name = name
-        self._proc: subprocess.Popen[str] | None = None
-
-    @property
-    def address(self) -> str:
-        return f"{self.listen_host}:{self.port}"
+    _proc: subprocess.Popen[str] | None = None
 
     @property
     def running(self) -> bool:

@@ -291,3 +291,68 @@ def test_a_cache_too_small_is_reported(s3, tmp_path, make_cfg):
     cfg = shard_cfg(make_cfg, root, cache_dir=str(tmp_path / "cache2"), cache_bytes=room)
     with pytest.raises(DataError, match=r"data.cache_bytes = \d+ cannot hold the shards this node's readers need"):
         list(source(cfg, root))
+
+
+# -- an epoch read in segments (one pipeline per SEGMENT_SHARDS shards) --------------------------------
+
+MANY = [5] * 40  # 200 samples; at batch 4 a segment is 8 shards = 10 batches
+
+
+@pytest.fixture
+def many(tmp_path):
+    root = str(tmp_path / "many")
+    return root, write_sharded_split(os.path.join(root, "train"), MANY)
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_segments_read_every_sample_once(many, make_cfg, world_size):
+    root, train = many
+    cfg = shard_cfg(make_cfg, root, batch_size=4)
+    ranks = [source(cfg, root, rank=r, world_size=world_size, seed=2) for r in range(world_size)]
+    assert len(ranks[0]._segments(0)) - 1 == (5 if world_size == 1 else 2)
+    reader = [record_reader(s) for s in ranks]
+    for epoch in range(2):
+        produced, seen = Counter(), []
+        for r, s in enumerate(ranks):
+            start = len(reader[r])
+            seen += [i for x, _ in s for i in ids(x)]
+            got = [i for b in reader[r][start:] for i in b]
+            bounds = s._segments(epoch)
+            for seg in range(len(bounds) - 1):  # each segment's pipeline read exactly its samples, shuffled
+                lo = bounds[seg] * 4
+                want = piece_ids(s, s.segment_pieces(epoch, seg))
+                assert sorted(got[lo : lo + len(want)]) == sorted(want)
+            produced.update(got[: len(piece_ids(s, s.pieces(epoch)))])
+        assert produced == Counter(train.keys())
+        assert len(seen) == len(set(seen)) == world_size * len(ranks[0]) * 4
+
+
+@pytest.mark.parametrize("n_before", [5, 10, 13, 49, 57])  # mid-segment, at a segment start, epoch end, epoch 2
+def test_segments_resume_exactly(many, make_cfg, n_before):
+    root, _ = many
+    cfg = shard_cfg(make_cfg, root, batch_size=4, style="imagenet")
+    src = source(cfg, root, seed=4)
+    take(src, n_before)
+    state = roundtrip(src.state_dict())
+    after = take(src, 12)
+    resumed = source(cfg, root, seed=4)
+    resumed.load_state_dict(state)
+    again = take(resumed, 12)
+    for (x1, y1), (x2, y2) in zip(after, again, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_s3_streams_through_a_cache_smaller_than_the_split(s3, tmp_path, make_cfg):
+    root, train = upload(tmp_path, "stream", sizes=[5] * 24, val=[3])  # 3 segments of 8 shards
+    probe = source(shard_cfg(make_cfg, root, batch_size=4, cache_dir=str(tmp_path / "probe")), root)
+    room = 12 * max(s.bytes + 256 * s.samples for s in probe.manifest.shards)  # half the split
+    cfg = shard_cfg(make_cfg, root, batch_size=4, cache_dir=str(tmp_path / "cache"), cache_bytes=room)
+    src = source(cfg, root, seed=3)
+    folder = src._shard_files.folder
+    for _ in range(2):
+        seen = []
+        for x, _ in src:
+            seen += ids(x)
+            on_disk = sum(f.stat().st_size for f in folder.iterdir() if not f.name.startswith("."))
+            assert on_disk <= room
+        assert sorted(seen) == sorted(train)

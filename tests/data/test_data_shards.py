@@ -356,3 +356,45 @@ def test_s3_streams_through_a_cache_smaller_than_the_split(s3, tmp_path, make_cf
             on_disk = sum(f.stat().st_size for f in folder.iterdir() if not f.name.startswith("."))
             assert on_disk <= room
         assert sorted(seen) == sorted(train)
+
+
+def test_a_full_disk_is_reported_with_the_shard_and_the_settings(s3, tmp_path, make_cfg):
+    """A real full disk: the cache folder on a 64 KiB tmpfs, mounted in a private mount namespace."""
+    import shutil
+    import subprocess
+    import sys
+
+    from s3_server import aws_env
+
+    if not shutil.which("unshare"):
+        pytest.skip("needs unshare(1) for a private tmpfs")
+    root, _ = upload(tmp_path, "full", sizes=[90, 10], val=[3])  # shard 0: ~150 KB
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = (
+        "from pipeline.data.shard_cache import ShardCache\n"
+        "from pipeline.data.shard_format import read_manifest\n"
+        "from pipeline.data import DataError\n"
+        "from pipeline.storage import Storage\n"
+        f"store = Storage({root + '/train'!r})\n"
+        "manifest = read_manifest(store)\n"
+        f"cache = ShardCache(store, manifest, cache_dir={str(mnt)!r}, cache_bytes=1 << 30)\n"
+        "try:\n"
+        "    cache.paths(manifest.shards[0])\n"
+        "except DataError as e:\n"
+        "    print('ERROR', e)\n"
+    )
+    import pipeline
+
+    repo = os.path.dirname(os.path.dirname(pipeline.__file__))
+    env = {**os.environ, **aws_env(os.environ["AWS_ENDPOINT_URL"]), "PYTHONPATH": repo}
+    cmd = ["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0" && exec "$1" -c "$2"']
+    proc = subprocess.run(
+        [*cmd, str(mnt), sys.executable, script], env=env, capture_output=True, text=True, timeout=300
+    )
+    if "mount" in proc.stderr and "ERROR" not in proc.stdout:
+        pytest.skip(f"cannot mount a private tmpfs here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"ERROR the shard cache {mnt}" in proc.stdout, proc.stdout
+    assert f"ran out of disk space while fetching {root}/train/shard-000000.tar" in proc.stdout
+    assert "--data.cache_bytes" in proc.stdout and "--data.cache_dir" in proc.stdout

@@ -398,3 +398,16 @@ def test_a_full_disk_is_reported_with_the_shard_and_the_settings(s3, tmp_path, m
     assert f"ERROR the shard cache {mnt}" in proc.stdout, proc.stdout
     assert f"ran out of disk space while fetching {root}/train/shard-000000.tar" in proc.stdout
     assert "--data.cache_bytes" in proc.stdout and "--data.cache_dir" in proc.stdout
+
+
+def test_the_tracked_dataset_record_names_the_split_and_its_shards(sharded, make_cfg, tmp_path):
+    from pipeline.tracking.datasets import describe_split
+
+    root, _, _ = sharded
+    cfg = shard_cfg(make_cfg, root)
+    record = describe_split(cfg, split="train", source=source(cfg, root))
+    assert record.source_type == "local" and record.source == os.path.join(root, "train")
+    assert record.num_samples == sum(TRAIN)
+    other = str(tmp_path / "other")
+    write_sharded_split(os.path.join(other, "train"), [17, 17])
+    assert describe_split(cfg, split="train", source=source(shard_cfg(make_cfg, other), other)).digest != record.digest

@@ -30,6 +30,7 @@ An image DALI cannot read or decode stops iteration with a :class:`DataError` th
 
 from __future__ import annotations
 
+import atexit
 import bisect
 import math
 import re
@@ -389,7 +390,42 @@ def _dispose(pipe, device: torch.device) -> None:
         if shutdown is not None:
             shutdown()
 
-    threading.Thread(target=work, daemon=True, name="dali-teardown").start()
+    _background(work, name="dali-teardown")
+
+
+# Threads that build or tear down DALI pipelines. They are daemons (one stuck on storage must not hang the process
+# at exit), but one still inside DALI while the interpreter finalises aborts it ("terminate called without an
+# active exception"), so an exit waits for them first. Registered after DALI's own exit hook, so it runs before it.
+_THREADS: set[threading.Thread] = set()
+_THREADS_LOCK = threading.Lock()
+
+
+def _background(target: Callable[[], None], *, name: str) -> threading.Thread:
+    def run() -> None:
+        try:
+            target()
+        finally:
+            with _THREADS_LOCK:
+                _THREADS.discard(threading.current_thread())
+
+    thread = threading.Thread(target=run, daemon=True, name=name)
+    with _THREADS_LOCK:
+        _THREADS.add(thread)
+    thread.start()
+    return thread
+
+
+@atexit.register
+def _join_background(timeout_s: float = 300.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with _THREADS_LOCK:
+            threads = list(_THREADS)
+        if not threads or time.monotonic() > deadline:
+            return
+        threads[0].join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def check_reader_epoch(pipe, samples: int) -> None:
@@ -426,8 +462,7 @@ class PipelineAhead:
             except BaseException as e:  # noqa: BLE001 - handed to the consumer by take()
                 self._error = e
 
-        self._thread = threading.Thread(target=work, daemon=True, name=f"dali-ahead-{key}")
-        self._thread.start()
+        self._thread = _background(work, name=f"dali-ahead-{key}")
 
     def take(self, key: Any) -> Any:
         """What ``build`` returned, if it was started for ``key`` (else None; a stale one is dropped)."""

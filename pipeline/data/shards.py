@@ -288,7 +288,7 @@ class ShardSource(DaliSource):
         text = str(error)
         reason = _dali_reason(text)
         fix = f"check the split with `python -m pipeline.tools.validate {self.split_uri}` and re-create the shard"
-        for local, uri in self._local.items():
+        for local, uri in list(self._local.items()):  # the thread building ahead may add to it
             if local in text or os.path.basename(local) in text:
                 return DataError(f"{uri}: DALI cannot read this shard ({reason}); {fix}")
         shown = ", ".join(dict.fromkeys(files))

@@ -187,6 +187,16 @@ def test_a_truncated_local_shard_is_named(sharded, make_cfg):
         list(source(shard_cfg(make_cfg, root), root))
 
 
+def test_a_corrupt_image_in_a_local_shard_names_the_shard(sharded, make_cfg):
+    root, _, _ = sharded
+    victim = os.path.join(root, "train", "shard-000001.tar")
+    with open(victim, "r+b") as f:
+        f.seek(512 + 30)  # inside the first image, after its tar header; the size stays
+        f.write(b"\0" * 30)
+    with pytest.raises(DataError, match=f"{victim}: DALI cannot read this shard .*pipeline.tools.validate"):
+        list(source(shard_cfg(make_cfg, root, batch_size=4), root))
+
+
 def test_config_and_layout_errors(sharded, make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="data.format = 'shards'.*data.source = 'folder'"):
         DataConfig(format="shards", source="digits")

@@ -30,6 +30,8 @@ An image DALI cannot read or decode stops iteration with a :class:`DataError` th
 
 from __future__ import annotations
 
+import atexit
+import bisect
 import math
 import re
 import threading
@@ -53,10 +55,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return rng.permutation(n)
 
 
-def _pipeline_seed(seed: int, rank: int, split: str, epoch: int) -> int:
-    # Augmentation draws differ between ranks and between epochs (each epoch has a new pipeline).
+def _pipeline_seed(seed: int, rank: int, split: str, epoch: int, segment: int = 0) -> int:
+    # Augmentation draws differ between ranks and between epochs (each epoch has a new pipeline), and between the
+    # segments of an epoch read by several pipelines in turn.
     base = derive_seed(seed, rank, split)
-    state = np.random.SeedSequence([base, epoch]).generate_state(1, dtype=np.uint32)
+    state = np.random.SeedSequence([base, epoch, *([segment] if segment else [])]).generate_state(1, dtype=np.uint32)
     return int(state[0]) & 0x7FFFFFFF
 
 
@@ -167,7 +170,7 @@ class DaliSource(EpochSource):
         self._shard_len = self._len * self.batch_size if split == "train" else self._stop - self._start
 
         self._pipe = None
-        self._pipe_epoch = -1
+        self._pipe_key: tuple[int, int] | None = None  # (epoch, segment) it reads
         self._pipe_scheduled = False  # its first batch was already scheduled (a pipeline built ahead)
         self._ahead = PipelineAhead()
         self._files: tuple[str, ...] = ()
@@ -188,36 +191,56 @@ class DaliSource(EpochSource):
         # Not the shared rule: the reader must also read (and drop) the rest of an epoch's shard.
         if (self.split == "train" and self._batch >= self._len) or (self.split == "val" and self._batch > 0):
             self._finish_epoch()
-        pipe = self._pipeline()
         while self._batch < self._len:
             valid = min(self.batch_size, self._shard_len - self._batch * self.batch_size)
-            batch = self._next_batch(pipe, valid)
+            # No local reference to the pipeline: the one in self goes when the epoch ends (see _dispose).
+            batch = self._next_batch(self._pipeline(), valid)
             self._batch += 1
-            if self.split == "train" and self._batch >= self._len // 2:
-                self._build_ahead(self._epoch + 1)
+            if self.split == "train":
+                self._maybe_build_ahead()
             yield batch
             if generation != self._generation:
                 return
         self._finish_epoch()
 
-    def _build_ahead(self, epoch: int) -> None:
-        """Start building ``epoch``'s pipeline (and filling its prefetch queue) in the background, once."""
-        if self._ahead.epoch != epoch:
+    def _segments(self, epoch: int) -> list[int]:
+        """Reader-batch bounds ``[0, ..., reader batches]`` of the pipelines that read ``epoch`` one after the other.
+
+        One pipeline per epoch here; a subclass may split an epoch (see :class:`~pipeline.data.shards.ShardSource`).
+        """
+        return [0, self._reader_batches]
+
+    def _key(self, batch: int) -> tuple[int, int]:
+        """(epoch, segment) of the pipeline that reads reader batch ``batch`` of the current epoch."""
+        if self.split != "train":
+            return 0, 0  # one pipeline, every pass
+        bounds = self._segments(self._epoch)
+        return self._epoch, min(bisect.bisect_right(bounds, batch) - 1, len(bounds) - 2)
+
+    def _maybe_build_ahead(self) -> None:
+        """Half-way through a pipeline's batches, start building the one that follows it."""
+        epoch, seg = self._key(self._batch - 1)
+        bounds = self._segments(epoch)
+        if self._batch >= bounds[seg] + (bounds[seg + 1] - bounds[seg]) // 2:
+            self._build_ahead((epoch, seg + 1) if seg + 2 < len(bounds) else (epoch + 1, 0))
+
+    def _build_ahead(self, key: tuple[int, int]) -> None:
+        """Start building ``key``'s pipeline (and filling its prefetch queue) in the background, once."""
+        if self._ahead.key != key:
 
             def build() -> tuple[Any, tuple[str, ...]]:
-                pipe, files = self._build_pipeline(epoch, checkpoint=None)
+                pipe, files = self._build_pipeline(*key, checkpoint=None)
                 try:
                     pipe.schedule_run()  # the first batches decode now, on DALI's threads
                 except RuntimeError as e:
                     raise self._explain(e, files) from e
                 return pipe, files
 
-            self._ahead.start(epoch, build)
+            self._ahead.start(key, build)
 
     def _finish_epoch(self) -> None:
-        pipe = self._pipeline()
         while self._batch < self._reader_batches:
-            self._run(pipe)
+            self._run(self._pipeline())
             self._batch += 1
         self._epoch += 1
         self._batch = 0
@@ -243,21 +266,23 @@ class DaliSource(EpochSource):
 
     # ------------------------------------------------------------------------------------------
     def _pipeline(self):
-        epoch = self._epoch if self.split == "train" else 0
-        if self._pipe is None or self._pipe_epoch != epoch:
+        key = self._key(self._batch)
+        if self._pipe is None or self._pipe_key != key:
             self._drop_pipeline()
-            # A pipeline built ahead starts at the epoch's first batch: it serves no restored position.
-            ready = self._ahead.take(epoch) if self._pending_checkpoint is None and self._batch == 0 else None
+            # A pipeline built ahead starts at its first batch: it serves no restored position.
+            at_start = self._batch == (self._segments(key[0])[key[1]] if self.split == "train" else 0)
+            ready = self._ahead.take(key) if self._pending_checkpoint is None and at_start else None
             if ready is not None:
                 pipe, self._files = ready
             else:
-                pipe, self._files = self._build_pipeline(epoch, checkpoint=self._pending_checkpoint)
-            self._pipe, self._pipe_epoch, self._pipe_scheduled = pipe, epoch, ready is not None
+                pipe, self._files = self._build_pipeline(*key, checkpoint=self._pending_checkpoint)
+            self._pipe, self._pipe_key, self._pipe_scheduled = pipe, key, ready is not None
             self._pending_checkpoint = None
         return self._pipe
 
-    def _build_pipeline(self, epoch: int, *, checkpoint: bytes | None) -> tuple[Any, tuple[str, ...]]:
-        """A built pipeline for ``epoch`` (restored from ``checkpoint``) and the files it reads, for error messages.
+    def _build_pipeline(self, epoch: int, segment: int, *, checkpoint: bytes | None) -> tuple[Any, tuple[str, ...]]:
+        """A built pipeline for ``segment`` of ``epoch`` (restored from ``checkpoint``) and the files it reads, for
+        error messages.
 
         Also runs on :class:`PipelineAhead`'s thread: it reads only what does not change while an epoch runs.
         """
@@ -281,8 +306,9 @@ class DaliSource(EpochSource):
         return pipe, files
 
     def _drop_pipeline(self) -> None:
-        pipe, self._pipe, self._pipe_epoch, self._pipe_scheduled = self._pipe, None, -1, False
-        del pipe  # its worker threads and buffers go now, before the next epoch's pipeline starts
+        pipe, self._pipe, self._pipe_key, self._pipe_scheduled = self._pipe, None, None, False
+        if pipe is not None:
+            _dispose(pipe, self.device)
 
     def _next_batch(self, pipe, valid: int):
         if self.decoder == "mixed":
@@ -326,8 +352,8 @@ class DaliSource(EpochSource):
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         if self.split == "train":
-            # An epoch's pipeline is rebuilt from (seed, rank, epoch): at batch 0 none is needed.
-            live = self._pipe is not None and self._pipe_epoch == self._epoch
+            # A pipeline is rebuilt from (seed, rank, epoch, segment): at its first batch no checkpoint is needed.
+            live = self._pipe is not None and self._pipe_key == self._key(self._batch)
             pipeline = self._pipe.checkpoint() if live else self._pending_checkpoint
         else:
             pipeline = None  # every evaluation pass is identical; only the counter matters
@@ -336,7 +362,8 @@ class DaliSource(EpochSource):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._check_state(state)
         pipeline = state.get("pipeline")
-        if self.split == "train" and pipeline is None and state["batch"] != 0:
+        starts = self._segments(int(state["epoch"]))[:-1] if self.split == "train" else [0]
+        if self.split == "train" and pipeline is None and state["batch"] not in starts:
             raise DataError(
                 f"data state at epoch {state['epoch']}, batch {state['batch']} has no DALI checkpoint, "
                 f"so the position cannot be restored exactly; resume from a checkpoint written by "
@@ -350,6 +377,55 @@ class DaliSource(EpochSource):
         self._ahead.drop()
         self._pending_checkpoint = None
         super()._seek(epoch, batch)
+
+
+def _dispose(pipe, device: torch.device) -> None:
+    """Tear ``pipe`` down on a background thread: DALI's teardown (joining its threads, freeing its buffers) takes
+    10-40 ms on a CPU and more on a GPU, time that would otherwise sit in the epoch boundary."""
+
+    def work() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # copies out of its buffers may still be queued on torch's stream
+        shutdown = getattr(pipe, "_shutdown", None)  # what Pipeline.__del__ calls (DALI 2.4)
+        if shutdown is not None:
+            shutdown()
+
+    _background(work, name="dali-teardown")
+
+
+# Threads that build or tear down DALI pipelines. They are daemons (one stuck on storage must not hang the process
+# at exit), but one still inside DALI while the interpreter finalises aborts it ("terminate called without an
+# active exception"), so an exit waits for them first. Registered after DALI's own exit hook, so it runs before it.
+_THREADS: set[threading.Thread] = set()
+_THREADS_LOCK = threading.Lock()
+
+
+def _background(target: Callable[[], None], *, name: str) -> threading.Thread:
+    def run() -> None:
+        try:
+            target()
+        finally:
+            with _THREADS_LOCK:
+                _THREADS.discard(threading.current_thread())
+
+    thread = threading.Thread(target=run, daemon=True, name=name)
+    with _THREADS_LOCK:
+        _THREADS.add(thread)
+    thread.start()
+    return thread
+
+
+@atexit.register
+def _join_background(timeout_s: float = 300.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with _THREADS_LOCK:
+            threads = list(_THREADS)
+        if not threads or time.monotonic() > deadline:
+            return
+        threads[0].join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def check_reader_epoch(pipe, samples: int) -> None:
@@ -371,14 +447,14 @@ class PipelineAhead:
     """
 
     def __init__(self) -> None:
-        self.epoch: int | None = None
+        self.key: Any = None  # what the pipeline being built is for
         self._thread: threading.Thread | None = None
         self._result: Any = None
         self._error: BaseException | None = None
 
-    def start(self, epoch: int, build: Callable[[], Any]) -> None:
+    def start(self, key: Any, build: Callable[[], Any]) -> None:
         self.drop()
-        self.epoch = epoch
+        self.key = key
 
         def work() -> None:
             try:
@@ -386,12 +462,11 @@ class PipelineAhead:
             except BaseException as e:  # noqa: BLE001 - handed to the consumer by take()
                 self._error = e
 
-        self._thread = threading.Thread(target=work, daemon=True, name=f"dali-ahead-{epoch}")
-        self._thread.start()
+        self._thread = _background(work, name=f"dali-ahead-{key}")
 
-    def take(self, epoch: int) -> Any:
-        """What ``build`` returned, if it was started for ``epoch`` (else None; a stale one is dropped)."""
-        if self.epoch != epoch:
+    def take(self, key: Any) -> Any:
+        """What ``build`` returned, if it was started for ``key`` (else None; a stale one is dropped)."""
+        if self.key != key:
             self.drop()
             return None
         assert self._thread is not None
@@ -408,7 +483,7 @@ class PipelineAhead:
         self._clear()
 
     def _clear(self) -> None:
-        self.epoch, self._thread, self._result, self._error = None, None, None, None
+        self.key, self._thread, self._result, self._error = None, None, None, None
 
 
 def _dali_int32():

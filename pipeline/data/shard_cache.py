@@ -1,17 +1,17 @@
 """A node-local cache of one sharded split's shards from object storage, filled by a background fetcher.
 
     cache = ShardCache(Storage("s3://bucket/imagenet/train"), manifest, cache_dir="/local/cache", cache_bytes=...)
-    cache.want(shards_of_this_epoch)      # in reading order: the fetcher downloads them in that order
-    tar, index = cache.paths(shard)       # blocks until that shard is local (and verified)
-    cache.release(shards_of_this_epoch)   # opened by DALI: they may be evicted now
+    cache.want(shards_read_later)         # in reading order: the fetcher downloads them ahead, in that order
+    tar, index = cache.paths(shard)       # blocks until that shard is local (and verified), and keeps it
+    cache.release(shards)                 # opened by DALI: they may be evicted now
 
 Each shard is one streamed download (:meth:`pipeline.storage.Storage.get`, large ranged GETs), checked against
 the manifest's size and sha256 and only then renamed to its final name: a file at a final name is whole and
 verified, so a warm cache is used without a single S3 request. The cache folder is shared by every rank of
 the node (any number of processes): a file lock per shard makes one of them download it while the others
-wait and then find it there, and a cache-wide lock serialises eviction. ``cache_bytes`` bounds the folder;
-the least recently used shards that no local reader still needs go first. A split that fits stays cached
-across epochs (and runs).
+wait and then find it there, and a cache-wide lock serialises eviction. ``cache_bytes`` bounds the folder:
+the fetcher runs ahead of the reader as far as that allows without evicting a shard still to be read, and
+the least recently used shards go first. A split that fits stays cached across epochs (and runs).
 
 Errors name the shard's URI: missing, truncated or corrupt (size or sha256 against the manifest); a cache too
 small for what a reader needs at once, or a disk that fills up, says which setting to change.
@@ -80,8 +80,9 @@ class ShardCache:
         self._queue: list[ShardInfo] = []  # to fetch, in order
         self._done: dict[str, tuple[str, str]] = {}
         self._failed: dict[str, DataError] = {}
-        self._pinned: Counter[str] = Counter()  # wanted by this process's readers and not yet opened
+        self._pinned: Counter[str] = Counter()  # handed to this process's readers and not yet opened by DALI
         self._urgent: set[str] = set()  # a reader waits on these now
+        self._ahead: set[str] = set()  # to be read later (lookahead): not evicted to make room for other lookahead
         self._closed = False
         # The thread holds the cache only weakly between rounds, so a dropped source's cache (and thread) go away.
         self._thread = threading.Thread(target=_fetcher, args=(weakref.ref(self),), daemon=True, name="shard-fetcher")
@@ -101,7 +102,7 @@ class ShardCache:
     def want(self, shards: Sequence[ShardInfo]) -> None:
         with self._cond:
             for shard in shards:
-                self._pinned[shard.name] += 1
+                self._ahead.add(shard.name)
                 self._enqueue(shard)
             self._cond.notify_all()
 
@@ -117,6 +118,7 @@ class ShardCache:
         while True:
             with self._cond:
                 self._urgent.add(shard.name)
+                self._ahead.discard(shard.name)
                 self._enqueue(shard, first=True)
                 self._cond.notify_all()
                 while shard.name not in self._done and shard.name not in self._failed:
@@ -125,11 +127,13 @@ class ShardCache:
                 if shard.name in self._failed:
                     raise self._failed[shard.name]
                 tar, index = self._done[shard.name]
+                self._pinned[shard.name] += 1
             try:
                 os.utime(tar)  # recently used: evicted last
                 return tar, index
             except FileNotFoundError:
                 # Evicted by another rank of the node since it was fetched: fetch it again.
+                self.release([shard])
                 with self._cond:
                     self._done.pop(shard.name, None)
 
@@ -259,6 +263,8 @@ class ShardCache:
         return out
 
     def _make_room(self, shard: ShardInfo) -> None:
+        """Evict least recently used shards until ``shard`` fits; never one a reader holds, and for a lookahead
+        fetch never one still to be read. :class:`_NoRoom` when that is not enough."""
         need = shard.bytes + 256 * shard.samples  # and its index: a line of ~100 bytes per sample
         if need > self.cache_bytes:
             raise DataError(
@@ -269,11 +275,13 @@ class ShardCache:
             cached = self._cached()
             total = sum(size for _, _, size in cached)
             with self._cond:
-                pinned = set(self._pinned) | self._urgent
+                keep = set(self._pinned) | self._urgent
+                if shard.name not in self._urgent:
+                    keep |= self._ahead
             for _mtime, name, size in sorted(cached):
                 if total + need <= self.cache_bytes:
                     return
-                if name in pinned:
+                if name in keep:
                     continue
                 self._remove(name)
                 total -= size
@@ -299,11 +307,11 @@ class ShardCache:
 
     def _too_small(self, shard: ShardInfo) -> DataError:
         with self._cond:
-            pinned = set(self._pinned) | self._urgent
-        held = sum(s.bytes for s in self.manifest.shards if s.name in pinned)
+            held_names = set(self._pinned) | self._urgent
+        held = sum(s.bytes for s in self.manifest.shards if s.name in held_names)
         return DataError(
             f"data.cache_bytes = {self.cache_bytes} cannot hold the shards this node's readers need at once: "
-            f"{held} bytes of shards of {self.store.uri} are wanted now (DALI opens an epoch's shards together), "
+            f"{held} bytes of shards of {self.store.uri} are wanted now (DALI opens a pipeline's shards together), "
             f"and other ranks of the node share {self.folder}; raise --data.cache_bytes (the whole split is "
             f"{sum(s.bytes for s in self.manifest.shards)} bytes: at or above that it is fetched once and reused "
             f"every epoch), or use more nodes"

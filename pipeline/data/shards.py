@@ -14,13 +14,15 @@ The rules are :class:`~pipeline.data.loader.DaliSource`'s, with shards in place 
 * Evaluation: the shards in manifest order, no shuffling; each rank yields its run's samples once, the
   padding (at the end) is dropped.
 
-The next epoch's pipeline is built ahead (see :class:`~pipeline.data.loader.PipelineAhead`). ``state_dict``
-holds (epoch, batch) and DALI's checkpoint (reader position, shuffle buffer, augmentation RNGs): a source
-that loads it continues with bitwise-identical batches.
+A training epoch is read in segments of about :data:`SEGMENT_SHARDS` shards, one pipeline each (reader-batch
+aligned, so a segment's samples are shuffled among themselves), each built ahead while the one before runs
+(see :class:`~pipeline.data.loader.PipelineAhead`). ``state_dict`` holds (epoch, batch) and the live
+pipeline's DALI checkpoint (reader position, shuffle buffer, augmentation RNGs): a source that loads it
+continues with bitwise-identical batches.
 
 Shards are read from local files: a local split folder in place (:class:`LocalShards`), an ``s3://`` one
-through the node-local cache of :mod:`pipeline.data.shard_cache`. DALI opens every file of an epoch when its
-pipeline is built, so an epoch's shards must all be local by then; the cache fetches them ahead.
+through the node-local cache of :mod:`pipeline.data.shard_cache`. DALI opens every file a pipeline reads when
+it is built, so a segment's shards must be local by then; the cache fetches them ahead, in reading order.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ from .pipelines import TrainAugment, shard_pipeline
 from .shard_format import ShardInfo, ShardManifest, parse_index, sub_index
 from .source import PAPER_SCALES, SourceOptions
 
+# A training epoch is read by several pipelines in turn, each over about this many shards' samples: a rank then
+# needs only those shards local to start reading (the cache fetches the rest meanwhile), and DALI's shuffle
+# buffer (pipelines.SHUFFLE_BUFFER samples) is smaller than one shard anyway.
+SEGMENT_SHARDS = 8
 _PIPELINE_ARGS = ("batch_size", "num_threads", "prefetch_queue_depth", "device_id")  # DALI's, not the graph's
 Piece = tuple[int, int, int]  # (shard number in the manifest, first sample, end sample)
 
@@ -55,15 +61,16 @@ class ShardFiles(Protocol):
     """Where a source finds the local copy of each shard (in place, or a node-local cache)."""
 
     def want(self, shards: Sequence[ShardInfo]) -> None:
-        """These shards will be read, in this order (a cache starts fetching them)."""
+        """These shards will be read later, in this order (a cache fetches them ahead)."""
         ...
 
     def paths(self, shard: ShardInfo) -> tuple[str, str]:
-        """Local (tar, index) of ``shard``, once they are there; DataError naming the shard if they never will be."""
+        """Local (tar, index) of ``shard`` (fetched now if need be), kept until :meth:`release`; DataError naming
+        the shard if it cannot be had."""
         ...
 
     def release(self, shards: Sequence[ShardInfo]) -> None:
-        """A pipeline has opened these shards: a cache may now evict them."""
+        """A pipeline has opened these shards (from :meth:`paths`): a cache may now evict them."""
         ...
 
     def uri(self, shard: ShardInfo) -> str: ...
@@ -181,20 +188,49 @@ class ShardSource(DaliSource):
             k += 1
         return pieces
 
-    def epoch_shards(self, epoch: int) -> list[ShardInfo]:
-        """The shards this rank reads in ``epoch``, each once, in reading order."""
-        seen = dict.fromkeys(s for s, _, _ in self.pieces(epoch))
-        return [self.manifest.shards[s] for s in seen]
+    def epoch_shards(self, epoch: int, segment: int | None = None) -> list[ShardInfo]:
+        """The shards this rank reads in ``epoch`` (or in one segment of it), each once, in reading order."""
+        pieces = self.pieces(epoch) if segment is None else self.segment_pieces(epoch, segment)
+        return [self.manifest.shards[s] for s in dict.fromkeys(s for s, _, _ in pieces)]
 
-    def _build_pipeline(self, epoch: int, *, checkpoint: bytes | None) -> tuple[Any, tuple[str, ...]]:
-        pieces = self.pieces(epoch)
-        needed = self.epoch_shards(epoch)
-        self._shard_files.want(needed)
-        local = {info.name: self._shard_files.paths(info) for info in needed}
+    def _segments(self, epoch: int) -> list[int]:
+        if self.split != "train":
+            return [0, self._reader_batches]
+        per = max(1, round(SEGMENT_SHARDS * self.num_samples / self.num_shards / self.batch_size))
+        bounds = [*range(0, self._reader_batches, per), self._reader_batches]
+        if len(bounds) > 2 and bounds[-1] - bounds[-2] < per // 2:
+            del bounds[-2]  # a short tail joins the segment before it
+        return bounds
+
+    def segment_pieces(self, epoch: int, segment: int) -> list[Piece]:
+        """The pieces of ``segment`` of ``epoch``: its reader batches' samples of the rank's run (the last one to
+        the run's end)."""
+        bounds = self._segments(epoch)
+        lo = bounds[segment] * self.batch_size
+        hi = bounds[segment + 1] * self.batch_size if segment + 2 < len(bounds) else None
+        out, pos = [], 0
+        for s, first, end in self.pieces(epoch):
+            a, b = max(first, first + lo - pos), end if hi is None else min(end, first + hi - pos)
+            if a < b:
+                out.append((s, a, b))
+            pos += end - first
+        return out
+
+    def _build_pipeline(self, epoch: int, segment: int, *, checkpoint: bytes | None) -> tuple[Any, tuple[str, ...]]:
+        pieces = self.segment_pieces(epoch, segment)
+        needed = self.epoch_shards(epoch, segment)
         if self.split == "train":
-            self._shard_files.want(self.epoch_shards(epoch + 1))  # fetched while this epoch runs
-        folder = tempfile.mkdtemp(prefix=f"e{epoch}-", dir=self._index_dir)
+            # The shards of the segment after this one are fetched while this one is read (a segment is built
+            # half-way through the one before it, so the fetcher runs one to two segments ahead of the reader).
+            last = segment + 2 >= len(self._segments(epoch))
+            self._shard_files.want(self.epoch_shards(epoch + 1, 0) if last else self.epoch_shards(epoch, segment + 1))
+        held: list[ShardInfo] = []
+        folder = tempfile.mkdtemp(prefix=f"e{epoch}-{segment}-", dir=self._index_dir)
         try:
+            local = {}
+            for info in needed:
+                local[info.name] = self._shard_files.paths(info)
+                held.append(info)
             paths, index_paths = [], []
             for k, (s, first, end) in enumerate(pieces):
                 info = self.manifest.shards[s]
@@ -221,7 +257,7 @@ class ShardSource(DaliSource):
                 train=self.split == "train",
                 graph={k: v for k, v in self._pipe_kwargs.items() if k not in _PIPELINE_ARGS},
                 **ctor,
-                seed=_pipeline_seed(self.seed, self.rank, self.split, epoch),
+                seed=_pipeline_seed(self.seed, self.rank, self.split, epoch, segment),
                 enable_checkpointing=self.split == "train",
                 checkpoint=checkpoint,
             )
@@ -230,8 +266,8 @@ class ShardSource(DaliSource):
             except RuntimeError as e:
                 raise self._explain(e, files) from e
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
-        self._shard_files.release(needed)  # DALI holds them open now
+            shutil.rmtree(folder, ignore_errors=True)  # DALI read the indexes while building
+            self._shard_files.release(held)  # and holds the shards open: a cache may evict them now
         check_reader_epoch(pipe, sum(end - first for _, first, end in pieces))
         return pipe, files
 
@@ -252,7 +288,7 @@ class ShardSource(DaliSource):
         text = str(error)
         reason = _dali_reason(text)
         fix = f"check the split with `python -m pipeline.tools.validate {self.split_uri}` and re-create the shard"
-        for local, uri in self._local.items():
+        for local, uri in list(self._local.items()):  # the thread building ahead may add to it
             if local in text or os.path.basename(local) in text:
                 return DataError(f"{uri}: DALI cannot read this shard ({reason}); {fix}")
         shown = ", ".join(dict.fromkeys(files))

@@ -187,6 +187,16 @@ def test_a_truncated_local_shard_is_named(sharded, make_cfg):
         list(source(shard_cfg(make_cfg, root), root))
 
 
+def test_a_corrupt_image_in_a_local_shard_names_the_shard(sharded, make_cfg):
+    root, _, _ = sharded
+    victim = os.path.join(root, "train", "shard-000001.tar")
+    with open(victim, "r+b") as f:
+        f.seek(512 + 30)  # inside the first image, after its tar header; the size stays
+        f.write(b"\0" * 30)
+    with pytest.raises(DataError, match=f"{victim}: DALI cannot read this shard .*pipeline.tools.validate"):
+        list(source(shard_cfg(make_cfg, root, batch_size=4), root))
+
+
 def test_config_and_layout_errors(sharded, make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="data.format = 'shards'.*data.source = 'folder'"):
         DataConfig(format="shards", source="digits")
@@ -251,13 +261,13 @@ def test_s3_shards_read_exactly_once_and_from_the_warm_cache_without_requests(s3
     with count_requests(s3) as log:  # a restarted job on the same node: the cache is warm
         warm = [source(cfg, root, rank=r, world_size=2, seed=1) for r in range(2)]
         images = 0
-        for _ in range(2):
+        for _ in range(3):
             for s in warm:
                 images += sum(len(y) for _, y in s)
         requests = log.requests()
-    assert images == 2 * 2 * ((n // 2) // 8) * 8
+    assert images == 3 * 2 * ((n // 2) // 8) * 8
     assert not [r for r in requests if r.path.endswith(".tar")], requests  # no shard was fetched again
-    assert len(requests) / images <= 0.01, requests  # the manifest, per rank
+    assert len(requests) / images <= 0.01, requests  # the manifest (HEAD + GET), per rank
 
 
 def test_a_corrupt_or_missing_s3_shard_is_named(s3, tmp_path, make_cfg):
@@ -291,3 +301,123 @@ def test_a_cache_too_small_is_reported(s3, tmp_path, make_cfg):
     cfg = shard_cfg(make_cfg, root, cache_dir=str(tmp_path / "cache2"), cache_bytes=room)
     with pytest.raises(DataError, match=r"data.cache_bytes = \d+ cannot hold the shards this node's readers need"):
         list(source(cfg, root))
+
+
+# -- an epoch read in segments (one pipeline per SEGMENT_SHARDS shards) --------------------------------
+
+MANY = [5] * 40  # 200 samples; at batch 4 a segment is 8 shards = 10 batches
+
+
+@pytest.fixture
+def many(tmp_path):
+    root = str(tmp_path / "many")
+    return root, write_sharded_split(os.path.join(root, "train"), MANY)
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_segments_read_every_sample_once(many, make_cfg, world_size):
+    root, train = many
+    cfg = shard_cfg(make_cfg, root, batch_size=4)
+    ranks = [source(cfg, root, rank=r, world_size=world_size, seed=2) for r in range(world_size)]
+    assert len(ranks[0]._segments(0)) - 1 == (5 if world_size == 1 else 2)
+    reader = [record_reader(s) for s in ranks]
+    for epoch in range(2):
+        produced, seen = Counter(), []
+        for r, s in enumerate(ranks):
+            start = len(reader[r])
+            seen += [i for x, _ in s for i in ids(x)]
+            got = [i for b in reader[r][start:] for i in b]
+            bounds = s._segments(epoch)
+            for seg in range(len(bounds) - 1):  # each segment's pipeline read exactly its samples, shuffled
+                lo = bounds[seg] * 4
+                want = piece_ids(s, s.segment_pieces(epoch, seg))
+                assert sorted(got[lo : lo + len(want)]) == sorted(want)
+            produced.update(got[: len(piece_ids(s, s.pieces(epoch)))])
+        assert produced == Counter(train.keys())
+        assert len(seen) == len(set(seen)) == world_size * len(ranks[0]) * 4
+
+
+@pytest.mark.parametrize("n_before", [5, 10, 13, 49, 57])  # mid-segment, at a segment start, epoch end, epoch 2
+def test_segments_resume_exactly(many, make_cfg, n_before):
+    root, _ = many
+    cfg = shard_cfg(make_cfg, root, batch_size=4, style="imagenet")
+    src = source(cfg, root, seed=4)
+    take(src, n_before)
+    state = roundtrip(src.state_dict())
+    after = take(src, 12)
+    resumed = source(cfg, root, seed=4)
+    resumed.load_state_dict(state)
+    again = take(resumed, 12)
+    for (x1, y1), (x2, y2) in zip(after, again, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_s3_streams_through_a_cache_smaller_than_the_split(s3, tmp_path, make_cfg):
+    root, train = upload(tmp_path, "stream", sizes=[5] * 24, val=[3])  # 3 segments of 8 shards
+    probe = source(shard_cfg(make_cfg, root, batch_size=4, cache_dir=str(tmp_path / "probe")), root)
+    room = 12 * max(s.bytes + 256 * s.samples for s in probe.manifest.shards)  # half the split
+    cfg = shard_cfg(make_cfg, root, batch_size=4, cache_dir=str(tmp_path / "cache"), cache_bytes=room)
+    src = source(cfg, root, seed=3)
+    folder = src._shard_files.folder
+    for _ in range(2):
+        seen = []
+        for x, _ in src:
+            seen += ids(x)
+            on_disk = sum(f.stat().st_size for f in folder.iterdir() if not f.name.startswith("."))
+            assert on_disk <= room
+        assert sorted(seen) == sorted(train)
+
+
+def test_a_full_disk_is_reported_with_the_shard_and_the_settings(s3, tmp_path, make_cfg):
+    """A real full disk: the cache folder on a 64 KiB tmpfs, mounted in a private mount namespace."""
+    import shutil
+    import subprocess
+    import sys
+
+    from s3_server import aws_env
+
+    if not shutil.which("unshare"):
+        pytest.skip("needs unshare(1) for a private tmpfs")
+    root, _ = upload(tmp_path, "full", sizes=[90, 10], val=[3])  # shard 0: ~150 KB
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = (
+        "from pipeline.data.shard_cache import ShardCache\n"
+        "from pipeline.data.shard_format import read_manifest\n"
+        "from pipeline.data import DataError\n"
+        "from pipeline.storage import Storage\n"
+        f"store = Storage({root + '/train'!r})\n"
+        "manifest = read_manifest(store)\n"
+        f"cache = ShardCache(store, manifest, cache_dir={str(mnt)!r}, cache_bytes=1 << 30)\n"
+        "try:\n"
+        "    cache.paths(manifest.shards[0])\n"
+        "except DataError as e:\n"
+        "    print('ERROR', e)\n"
+    )
+    import pipeline
+
+    repo = os.path.dirname(os.path.dirname(pipeline.__file__))
+    env = {**os.environ, **aws_env(os.environ["AWS_ENDPOINT_URL"]), "PYTHONPATH": repo}
+    cmd = ["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0" && exec "$1" -c "$2"']
+    proc = subprocess.run(
+        [*cmd, str(mnt), sys.executable, script], env=env, capture_output=True, text=True, timeout=300
+    )
+    if "mount" in proc.stderr and "ERROR" not in proc.stdout:
+        pytest.skip(f"cannot mount a private tmpfs here: {proc.stderr.strip()[:200]}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"ERROR the shard cache {mnt}" in proc.stdout, proc.stdout
+    assert f"ran out of disk space while fetching {root}/train/shard-000000.tar" in proc.stdout
+    assert "--data.cache_bytes" in proc.stdout and "--data.cache_dir" in proc.stdout
+
+
+def test_the_tracked_dataset_record_names_the_split_and_its_shards(sharded, make_cfg, tmp_path):
+    from pipeline.tracking.datasets import describe_split
+
+    root, _, _ = sharded
+    cfg = shard_cfg(make_cfg, root)
+    record = describe_split(cfg, split="train", source=source(cfg, root))
+    assert record.source_type == "local" and record.source == os.path.join(root, "train")
+    assert record.num_samples == sum(TRAIN)
+    other = str(tmp_path / "other")
+    write_sharded_split(os.path.join(other, "train"), [17, 17])
+    assert describe_split(cfg, split="train", source=source(shard_cfg(make_cfg, other), other)).digest != record.digest

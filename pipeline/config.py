@@ -169,6 +169,17 @@ class DataConfig:
         "list written by `python -m pipeline.tools.validate --write-list`: images to skip or to read from a "
         'converted copy; "" = none',
     )
+    format: Literal["files", "shards"] = doc(
+        "files",
+        "files: an ImageFolder tree of images; shards: each split folder holds WebDataset tar shards + manifest.json "
+        "(`python -m pipeline.tools.prepare ... --format shards`), read by DALI from local files (an s3:// root goes "
+        "through the node-local cache in data.cache_dir)",
+    )
+    cache_bytes: int = doc(
+        256 << 30,
+        "shards on s3://: most bytes of shards the node keeps in data.cache_dir (shared by its ranks; a split that "
+        "fits is fetched once and reused every epoch)",
+    )
 
     def __post_init__(self) -> None:
         # data.root may stay empty here: the data layer takes the root from its caller; a run needs one
@@ -214,6 +225,17 @@ class DataConfig:
             raise ConfigError(
                 f"data.val_resize = {self.val_resize} is below data.image_size = {self.image_size}: the "
                 f"{self.image_size}x{self.image_size} centre crop would not fit; raise data.val_resize"
+            )
+        if self.format not in ("files", "shards"):
+            raise ConfigError(f"data.format = {self.format!r}: must be 'files' or 'shards'")
+        if self.format == "shards" and (self.source != "folder" or self.in_memory):
+            raise ConfigError(
+                f"data.format = 'shards' reads a sharded dataset at data.root: it needs data.source = 'folder' and "
+                f"data.in_memory = false (got source {self.source!r}, in_memory {self.in_memory})"
+            )
+        if self.cache_bytes < 1:
+            raise ConfigError(
+                f"data.cache_bytes = {self.cache_bytes}: must be >= 1 (bytes of shards in data.cache_dir)"
             )
         if self.mean_image and self.style != "imagenet":
             raise ConfigError(

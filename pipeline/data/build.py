@@ -122,11 +122,14 @@ def build_source(
 
     from .folder import scan_dataset
     from .loader import DaliSource
-    from .pipelines import TrainAugment
 
     if root is None:
         root = prepare_dataset_root(cfg)
     decoder = resolve_decoder(cfg.decoder, device)
+    if cfg.format == "shards":
+        return _shard_source(
+            cfg, options, root=root, decoder=decoder, num_classes=num_classes, eval_mode=eval_mode, scales=scales
+        )
     fixes = None
     if cfg.exclude_list:
         from .folder import read_exclude_list
@@ -154,13 +157,6 @@ def build_source(
             num_threads=cfg.num_threads,
             root=root,
         )
-    # PCA lighting is ImageNet's colour augmentation; CIFAR-style training has none.
-    augmentation = TrainAugment(
-        flip=cfg.flip,
-        augment=cfg.augment,
-        scale=(cfg.scale[0], cfg.scale[1]),
-        lighting=cfg.lighting if cfg.style == "imagenet" else 0.0,
-    )
     return DaliSource(
         index,
         options,
@@ -172,11 +168,73 @@ def build_source(
         num_threads=cfg.num_threads,
         prefetch=cfg.prefetch,
         decoder=decoder,
-        augmentation=augmentation,
+        augmentation=_augmentation(cfg),
         mean_image=load_mean_image(cfg.mean_image, root=root, image_size=cfg.image_size) if cfg.mean_image else None,
         eval_mode=eval_mode,
         scales=scales,
         root=root,
+    )
+
+
+def _augmentation(cfg: DataConfig):
+    from .pipelines import TrainAugment
+
+    # PCA lighting is ImageNet's colour augmentation; CIFAR-style training has none.
+    return TrainAugment(
+        flip=cfg.flip,
+        augment=cfg.augment,
+        scale=(cfg.scale[0], cfg.scale[1]),
+        lighting=cfg.lighting if cfg.style == "imagenet" else 0.0,
+    )
+
+
+def _shard_source(
+    cfg: DataConfig,
+    options: SourceOptions,
+    *,
+    root: str,
+    decoder: Literal["cpu", "mixed"],
+    num_classes: int,
+    eval_mode: Literal["center", "10crop", "multiscale"],
+    scales: tuple[int, ...],
+) -> DataSource:
+    """A :class:`~pipeline.data.shards.ShardSource` for the sharded split folder of ``options.split`` under ``root``."""
+    from pipeline.storage import Storage
+
+    from .shard_cache import ShardCache
+    from .shard_format import read_manifest
+    from .shards import LocalShards, ShardSource
+
+    split_dir = cfg.train_dir if options.split == "train" else cfg.val_dir
+    store = Storage(root).child(split_dir)
+    manifest = read_manifest(store)
+    if manifest.num_classes != num_classes:
+        raise DataError(
+            f"{store.url('manifest.json')} has {manifest.num_classes} classes but the model has {num_classes}; set "
+            f"--model.num_classes={manifest.num_classes}"
+        )
+    files = (
+        ShardCache(store, manifest, cache_dir=cfg.cache_dir, cache_bytes=cfg.cache_bytes)
+        if store.remote
+        else LocalShards(store.root)
+    )
+    return ShardSource(
+        manifest,
+        options,
+        files=files,
+        split_uri=store.uri,
+        style=cfg.style,
+        image_size=cfg.image_size,
+        val_resize=cfg.val_resize,
+        mean=cfg.mean,
+        std=cfg.std,
+        num_threads=cfg.num_threads,
+        prefetch=cfg.prefetch,
+        decoder=decoder,
+        augmentation=_augmentation(cfg),
+        mean_image=load_mean_image(cfg.mean_image, root=root, image_size=cfg.image_size) if cfg.mean_image else None,
+        eval_mode=eval_mode,
+        scales=scales,
     )
 
 

@@ -9,8 +9,10 @@ iterators, because they must be exact:
   with an S3 root, DALI 2.4 returns garbage bytes for padded samples that start a batch.
 * Training: epoch ``e`` reads a fresh global permutation of the split drawn from (seed, e), the same
   on every rank, so the shards of one epoch are disjoint and together read every image exactly
-  once; the order differs every epoch and depends on the seed only. The pipeline is rebuilt at each
-  epoch boundary (seeded by seed, rank and epoch) with that epoch's list. Every rank yields
+  once; the order differs every epoch and depends on the seed only. Each epoch has its own pipeline
+  (seeded by seed, rank and epoch) reading that epoch's list; the next epoch's is built on a background
+  thread half-way through the current one and its prefetch queue filled (:class:`PipelineAhead`), so
+  an epoch boundary costs no pipeline start-up. Every rank yields
   ``(num_samples // world_size) // batch_size`` batches, so all ranks issue the same number of
   collectives; the rest of its shard (fewer than ``batch_size`` images, plus at most one image) is
   read and dropped, a different rest each epoch.
@@ -28,9 +30,12 @@ An image DALI cannot read or decode stops iteration with a :class:`DataError` th
 
 from __future__ import annotations
 
+import atexit
+import bisect
 import math
 import re
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -50,10 +55,11 @@ def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     return rng.permutation(n)
 
 
-def _pipeline_seed(seed: int, rank: int, split: str, epoch: int) -> int:
-    # Augmentation draws differ between ranks and between epochs (each epoch has a new pipeline).
+def _pipeline_seed(seed: int, rank: int, split: str, epoch: int, segment: int = 0) -> int:
+    # Augmentation draws differ between ranks and between epochs (each epoch has a new pipeline), and between the
+    # segments of an epoch read by several pipelines in turn.
     base = derive_seed(seed, rank, split)
-    state = np.random.SeedSequence([base, epoch]).generate_state(1, dtype=np.uint32)
+    state = np.random.SeedSequence([base, epoch, *([segment] if segment else [])]).generate_state(1, dtype=np.uint32)
     return int(state[0]) & 0x7FFFFFFF
 
 
@@ -87,6 +93,47 @@ class DaliSource(EpochSource):
         scales: Sequence[int] = PAPER_SCALES,
         root: str = "",
     ) -> None:
+        self.index = index
+        self._setup(
+            options,
+            num_samples=len(index),
+            path=index.path,
+            style=style,
+            image_size=image_size,
+            val_resize=val_resize,
+            mean=mean,
+            std=std,
+            num_threads=num_threads,
+            prefetch=prefetch,
+            decoder=decoder,
+            augmentation=augmentation,
+            mean_image=mean_image,
+            eval_mode=eval_mode,
+            scales=scales,
+            root=root or index.path,
+        )
+
+    def _setup(
+        self,
+        options: SourceOptions,
+        *,
+        num_samples: int,
+        path: str,
+        style: Literal["cifar", "imagenet"],
+        image_size: int,
+        val_resize: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        num_threads: int,
+        prefetch: int,
+        decoder: Literal["cpu", "mixed"],
+        augmentation: TrainAugment,
+        mean_image: np.ndarray | None,
+        eval_mode: Literal["center", "10crop", "multiscale"],
+        scales: Sequence[int],
+        root: str,
+    ) -> None:
+        """What every DALI-fed source sets up: the graph's settings, the epoch arithmetic and the reader state."""
         split = options.split
         if eval_mode not in EVAL_MODES:
             raise DataError(f"evaluation mode {eval_mode!r} is not one of {', '.join(EVAL_MODES)}")
@@ -111,11 +158,10 @@ class DaliSource(EpochSource):
             self._pipe_kwargs.update(val_resize=val_resize, eval_mode=eval_mode, scales=tuple(scales))
         else:
             self._pipe_kwargs.update(augmentation=augmentation)
-        super().__init__(options, num_samples=len(index), num_batches=options.epoch_length(len(index), path=index.path))
-        self.index = index
+        super().__init__(options, num_samples=num_samples, num_batches=options.epoch_length(num_samples, path=path))
         self.decoder = decoder
         self.eval_mode = eval_mode
-        self.root = root or index.path
+        self.root = root
 
         self._start, self._stop = shard_range(self.num_samples, self.world_size, self.rank)
         # The reader epoch: this rank's whole shard, padded to whole batches. Here ``_batch`` counts
@@ -124,7 +170,9 @@ class DaliSource(EpochSource):
         self._shard_len = self._len * self.batch_size if split == "train" else self._stop - self._start
 
         self._pipe = None
-        self._pipe_epoch = -1
+        self._pipe_key: tuple[int, int] | None = None  # (epoch, segment) it reads
+        self._pipe_scheduled = False  # its first batch was already scheduled (a pipeline built ahead)
+        self._ahead = PipelineAhead()
         self._files: tuple[str, ...] = ()
         self._pending_checkpoint: bytes | None = None
 
@@ -143,20 +191,56 @@ class DaliSource(EpochSource):
         # Not the shared rule: the reader must also read (and drop) the rest of an epoch's shard.
         if (self.split == "train" and self._batch >= self._len) or (self.split == "val" and self._batch > 0):
             self._finish_epoch()
-        pipe = self._pipeline()
         while self._batch < self._len:
             valid = min(self.batch_size, self._shard_len - self._batch * self.batch_size)
-            batch = self._next_batch(pipe, valid)
+            # No local reference to the pipeline: the one in self goes when the epoch ends (see _dispose).
+            batch = self._next_batch(self._pipeline(), valid)
             self._batch += 1
+            if self.split == "train":
+                self._maybe_build_ahead()
             yield batch
             if generation != self._generation:
                 return
         self._finish_epoch()
 
+    def _segments(self, epoch: int) -> list[int]:
+        """Reader-batch bounds ``[0, ..., reader batches]`` of the pipelines that read ``epoch`` one after the other.
+
+        One pipeline per epoch here; a subclass may split an epoch (see :class:`~pipeline.data.shards.ShardSource`).
+        """
+        return [0, self._reader_batches]
+
+    def _key(self, batch: int) -> tuple[int, int]:
+        """(epoch, segment) of the pipeline that reads reader batch ``batch`` of the current epoch."""
+        if self.split != "train":
+            return 0, 0  # one pipeline, every pass
+        bounds = self._segments(self._epoch)
+        return self._epoch, min(bisect.bisect_right(bounds, batch) - 1, len(bounds) - 2)
+
+    def _maybe_build_ahead(self) -> None:
+        """Half-way through a pipeline's batches, start building the one that follows it."""
+        epoch, seg = self._key(self._batch - 1)
+        bounds = self._segments(epoch)
+        if self._batch >= bounds[seg] + (bounds[seg + 1] - bounds[seg]) // 2:
+            self._build_ahead((epoch, seg + 1) if seg + 2 < len(bounds) else (epoch + 1, 0))
+
+    def _build_ahead(self, key: tuple[int, int]) -> None:
+        """Start building ``key``'s pipeline (and filling its prefetch queue) in the background, once."""
+        if self._ahead.key != key:
+
+            def build() -> tuple[Any, tuple[str, ...]]:
+                pipe, files = self._build_pipeline(*key, checkpoint=None)
+                try:
+                    pipe.schedule_run()  # the first batches decode now, on DALI's threads
+                except RuntimeError as e:
+                    raise self._explain(e, files) from e
+                return pipe, files
+
+            self._ahead.start(key, build)
+
     def _finish_epoch(self) -> None:
-        pipe = self._pipeline()
         while self._batch < self._reader_batches:
-            self._run(pipe)
+            self._run(self._pipeline())
             self._batch += 1
         self._epoch += 1
         self._batch = 0
@@ -164,46 +248,67 @@ class DaliSource(EpochSource):
             self._drop_pipeline()  # the next epoch reads another list
 
     def _run(self, pipe, *args):
+        # DALI's scheduled API throughout (what pipe.run() does inside), since a pipeline built ahead has had
+        # its first schedule_run() already and DALI refuses to mix that with run().
         try:
-            return pipe.run(*args)
+            if self._pipe_scheduled:
+                self._pipe_scheduled = False
+            else:
+                pipe.schedule_run()
+            return pipe.outputs(*args)
         except RuntimeError as e:
             self._drop_pipeline()  # DALI: "Current pipeline object is no longer valid"
-            raise explain_pipeline_error(e, files=self._files, root=self.root) from e
+            raise self._explain(e, self._files) from e
+
+    def _explain(self, error: RuntimeError, files: Sequence[str]) -> DataError:
+        """The DataError for a DALI failure while reading ``files`` (what the pipeline reads, in order)."""
+        return explain_pipeline_error(error, files=files, root=self.root)
 
     # ------------------------------------------------------------------------------------------
     def _pipeline(self):
-        epoch = self._epoch if self.split == "train" else 0
-        if self._pipe is None or self._pipe_epoch != epoch:
+        key = self._key(self._batch)
+        if self._pipe is None or self._pipe_key != key:
             self._drop_pipeline()
-            order = self.shard(epoch)
-            self._files = tuple(self.index.files[i] for i in order)
-            labels = [self.index.labels[i] for i in order]
-            build = train_pipeline if self.split == "train" else val_pipeline
-            pipe = build(
-                files=self._files,
-                labels=labels,
-                **self._pipe_kwargs,
-                seed=_pipeline_seed(self.seed, self.rank, self.split, epoch),
-                enable_checkpointing=self.split == "train",
-                checkpoint=self._pending_checkpoint,
-            )
-            try:
-                pipe.build()
-            except RuntimeError as e:
-                raise explain_pipeline_error(e, files=self._files, root=self.root) from e
-            meta = pipe.reader_meta(READER_NAME)
-            if meta["epoch_size"] != len(order) or meta["epoch_size_padded"] != len(order):
-                raise RuntimeError(
-                    f"DALI reader epoch {meta} does not match the loader's list of {len(order)} "
-                    f"files; the DALI version changed behaviour"
-                )
-            self._pipe, self._pipe_epoch = pipe, epoch
+            # A pipeline built ahead starts at its first batch: it serves no restored position.
+            at_start = self._batch == (self._segments(key[0])[key[1]] if self.split == "train" else 0)
+            ready = self._ahead.take(key) if self._pending_checkpoint is None and at_start else None
+            if ready is not None:
+                pipe, self._files = ready
+            else:
+                pipe, self._files = self._build_pipeline(*key, checkpoint=self._pending_checkpoint)
+            self._pipe, self._pipe_key, self._pipe_scheduled = pipe, key, ready is not None
             self._pending_checkpoint = None
         return self._pipe
 
+    def _build_pipeline(self, epoch: int, segment: int, *, checkpoint: bytes | None) -> tuple[Any, tuple[str, ...]]:
+        """A built pipeline for ``segment`` of ``epoch`` (restored from ``checkpoint``) and the files it reads, for
+        error messages.
+
+        Also runs on :class:`PipelineAhead`'s thread: it reads only what does not change while an epoch runs.
+        """
+        order = self.shard(epoch)
+        files = tuple(self.index.files[i] for i in order)
+        labels = [self.index.labels[i] for i in order]
+        build = train_pipeline if self.split == "train" else val_pipeline
+        pipe = build(
+            files=files,
+            labels=labels,
+            **self._pipe_kwargs,
+            seed=_pipeline_seed(self.seed, self.rank, self.split, epoch),
+            enable_checkpointing=self.split == "train",
+            checkpoint=checkpoint,
+        )
+        try:
+            pipe.build()
+        except RuntimeError as e:
+            raise self._explain(e, files) from e
+        check_reader_epoch(pipe, len(order))
+        return pipe, files
+
     def _drop_pipeline(self) -> None:
-        pipe, self._pipe, self._pipe_epoch = self._pipe, None, -1
-        del pipe  # its worker threads and buffers go now, before the next epoch's pipeline starts
+        pipe, self._pipe, self._pipe_key, self._pipe_scheduled = self._pipe, None, None, False
+        if pipe is not None:
+            _dispose(pipe, self.device)
 
     def _next_batch(self, pipe, valid: int):
         if self.decoder == "mixed":
@@ -215,13 +320,17 @@ class DaliSource(EpochSource):
             outputs = self._run(pipe)
             stream = None
         *image_outputs, labels = outputs
-        y = self._to_torch(labels.as_tensor(), stream).view(-1).long()[:valid]
+        y = self._label_tensor(labels, stream)[:valid]
         if self.eval_mode == "multiscale":
             # Sizes differ between images: one (3, H, W) tensor per image and scale.
             x = [[self._to_torch(out[i], stream) for i in range(valid)] for out in image_outputs]
             return x, y
         x = self._to_torch(image_outputs[0].as_tensor(), stream)
         return (x[:valid] if valid < self.batch_size else x), y
+
+    def _label_tensor(self, labels, stream) -> torch.Tensor:
+        """The batch's labels as int64 of shape (batch,) on the device, from the pipeline's last output."""
+        return self._to_torch(labels.as_tensor(), stream).view(-1).long()
 
     def _to_torch(self, tensor, stream) -> torch.Tensor:
         if stream is not None:
@@ -243,8 +352,8 @@ class DaliSource(EpochSource):
     # ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         if self.split == "train":
-            # An epoch's pipeline is rebuilt from (seed, rank, epoch): at batch 0 none is needed.
-            live = self._pipe is not None and self._pipe_epoch == self._epoch
+            # A pipeline is rebuilt from (seed, rank, epoch, segment): at its first batch no checkpoint is needed.
+            live = self._pipe is not None and self._pipe_key == self._key(self._batch)
             pipeline = self._pipe.checkpoint() if live else self._pending_checkpoint
         else:
             pipeline = None  # every evaluation pass is identical; only the counter matters
@@ -253,7 +362,8 @@ class DaliSource(EpochSource):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._check_state(state)
         pipeline = state.get("pipeline")
-        if self.split == "train" and pipeline is None and state["batch"] != 0:
+        starts = self._segments(int(state["epoch"]))[:-1] if self.split == "train" else [0]
+        if self.split == "train" and pipeline is None and state["batch"] not in starts:
             raise DataError(
                 f"data state at epoch {state['epoch']}, batch {state['batch']} has no DALI checkpoint, "
                 f"so the position cannot be restored exactly; resume from a checkpoint written by "
@@ -264,8 +374,116 @@ class DaliSource(EpochSource):
 
     def _seek(self, epoch: int, batch: int) -> None:
         self._drop_pipeline()  # rebuilt lazily for the new position
+        self._ahead.drop()
         self._pending_checkpoint = None
         super()._seek(epoch, batch)
+
+
+def _dispose(pipe, device: torch.device) -> None:
+    """Tear ``pipe`` down on a background thread: DALI's teardown (joining its threads, freeing its buffers) takes
+    10-40 ms on a CPU and more on a GPU, time that would otherwise sit in the epoch boundary."""
+
+    def work() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # copies out of its buffers may still be queued on torch's stream
+        shutdown = getattr(pipe, "_shutdown", None)  # what Pipeline.__del__ calls (DALI 2.4)
+        if shutdown is not None:
+            shutdown()
+
+    _background(work, name="dali-teardown")
+
+
+# Threads that build or tear down DALI pipelines. They are daemons (one stuck on storage must not hang the process
+# at exit), but one still inside DALI while the interpreter finalises aborts it ("terminate called without an
+# active exception"), so an exit waits for them first. Registered after DALI's own exit hook, so it runs before it.
+_THREADS: set[threading.Thread] = set()
+_THREADS_LOCK = threading.Lock()
+
+
+def _background(target: Callable[[], None], *, name: str) -> threading.Thread:
+    def run() -> None:
+        try:
+            target()
+        finally:
+            with _THREADS_LOCK:
+                _THREADS.discard(threading.current_thread())
+
+    thread = threading.Thread(target=run, daemon=True, name=name)
+    with _THREADS_LOCK:
+        _THREADS.add(thread)
+    thread.start()
+    return thread
+
+
+@atexit.register
+def _join_background(timeout_s: float = 300.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with _THREADS_LOCK:
+            threads = list(_THREADS)
+        if not threads or time.monotonic() > deadline:
+            return
+        threads[0].join(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def check_reader_epoch(pipe, samples: int) -> None:
+    """The loader's epoch arithmetic holds only if DALI's reader reads exactly the ``samples`` it was given."""
+    meta = pipe.reader_meta(READER_NAME)
+    if meta["epoch_size"] != samples or meta["epoch_size_padded"] != samples:
+        raise RuntimeError(
+            f"DALI reader epoch {meta} does not match the loader's list of {samples} "
+            f"samples; the DALI version changed behaviour"
+        )
+
+
+class PipelineAhead:
+    """One pipeline built on a background thread for a later epoch, handed over when that epoch starts.
+
+    DALI pipelines are independent objects (its graph-building context is thread-local), so the next
+    epoch's can be built, and its prefetch queue filled, while the current one runs. An error while
+    building is kept and raised by :meth:`take`, at the point where a synchronous build would have raised.
+    """
+
+    def __init__(self) -> None:
+        self.key: Any = None  # what the pipeline being built is for
+        self._thread: threading.Thread | None = None
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+    def start(self, key: Any, build: Callable[[], Any]) -> None:
+        self.drop()
+        self.key = key
+
+        def work() -> None:
+            try:
+                self._result = build()
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer by take()
+                self._error = e
+
+        self._thread = _background(work, name=f"dali-ahead-{key}")
+
+    def take(self, key: Any) -> Any:
+        """What ``build`` returned, if it was started for ``key`` (else None; a stale one is dropped)."""
+        if self.key != key:
+            self.drop()
+            return None
+        assert self._thread is not None
+        self._thread.join()
+        result, error = self._result, self._error
+        self._clear()
+        if error is not None:
+            raise error
+        return result
+
+    def drop(self) -> None:
+        if self._thread is not None:
+            self._thread.join()  # a pipeline being built cannot be abandoned half-way
+        self._clear()
+
+    def _clear(self) -> None:
+        self.key, self._thread, self._result, self._error = None, None, None, None
 
 
 def _dali_int32():

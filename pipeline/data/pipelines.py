@@ -27,16 +27,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
+from .shard_format import EXTENSIONS
 from .source import CIFAR_PAD, PAPER_SCALES
 
 READER_NAME = "Reader"  # for reader_meta(); the loader checks its epoch arithmetic against DALI's
+# Samples in DALI's shuffling buffer for sharded training (its readers' default): it holds encoded images.
+SHUFFLE_BUFFER = 1024
 
 # AlexNet's PCA colour augmentation on ImageNet (Krizhevsky et al. 2012; the values of
 # fb.resnet.torch, computed on RGB in [0, 1]): an RGB offset eigvec @ (alpha * eigval), alpha ~ N(0, sigma).
@@ -153,6 +156,31 @@ def train_pipeline(
 ):
     """Augmented training batches of ``files`` (one rank's shard of one epoch, already shuffled)."""
     jpegs, label = fn.readers.file(files=list(files), labels=list(labels), random_shuffle=False, name=READER_NAME)
+    images = _train_images(
+        jpegs,
+        style=style,
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        decoder=decoder,
+        augmentation=augmentation,
+        mean_image=mean_image,
+    )
+    return images, _labels(label, decoder)
+
+
+def _train_images(
+    jpegs,
+    *,
+    style: Literal["cifar", "imagenet"],
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    decoder: Literal["cpu", "mixed"],
+    augmentation: TrainAugment,
+    mean_image: np.ndarray | None,
+):
+    """The training graph from encoded images to augmented, normalised CHW floats (whatever reads them)."""
     images = _decode(jpegs, decoder=decoder, style=style)
     mirror = fn.random.coin_flip(probability=0.5) if augmentation.flip else 0
     if style == "cifar":
@@ -166,7 +194,7 @@ def train_pipeline(
         pos = (fn.random.uniform(values=offsets), fn.random.uniform(values=offsets))
         return _normalise(
             images, mean=mean, std=std, mean_image=None, crop=(image_size, image_size), crop_pos=pos, mirror=mirror
-        ), _labels(label, decoder)
+        )
     if augmentation.augment == "paper":
         # An integer length, each equally likely (a rounded continuous draw would halve the end points).
         low, high = augmentation.scale
@@ -179,7 +207,7 @@ def train_pipeline(
         )
         pos = (0.5, 0.5)
     offset = _lighting_offset(augmentation.lighting) if augmentation.lighting > 0 else None
-    images = _normalise(
+    return _normalise(
         images,
         mean=mean,
         std=std,
@@ -190,7 +218,6 @@ def train_pipeline(
         offset=offset,
         device=_device(decoder),
     )
-    return images, _labels(label, decoder)
 
 
 @pipeline_def
@@ -215,16 +242,44 @@ def val_pipeline(
     between images).
     """
     jpegs, label = fn.readers.file(files=list(files), labels=list(labels), random_shuffle=False, name=READER_NAME)
+    outputs = _val_images(
+        jpegs,
+        style=style,
+        image_size=image_size,
+        val_resize=val_resize,
+        mean=mean,
+        std=std,
+        decoder=decoder,
+        eval_mode=eval_mode,
+        scales=scales,
+        mean_image=mean_image,
+    )
+    return (*outputs, _labels(label, decoder))
+
+
+def _val_images(
+    jpegs,
+    *,
+    style: Literal["cifar", "imagenet"],
+    image_size: int,
+    val_resize: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    decoder: Literal["cpu", "mixed"],
+    eval_mode: Literal["center", "10crop", "multiscale"],
+    scales: Sequence[int],
+    mean_image: np.ndarray | None,
+) -> tuple:
+    """The evaluation graph from encoded images to its image outputs (one, or one per scale)."""
     images = _decode(jpegs, decoder=decoder, style=style)
     crop = (image_size, image_size)
     if eval_mode == "multiscale":
         # Whole images: a per-pixel mean has no fixed geometry here, so its per-channel average is used.
         channel_mean = list(mean) if mean_image is None else [float(v) for v in mean_image.mean(axis=(0, 1))]
-        outputs = [
+        return tuple(
             _normalise(fn.resize(images, resize_shorter=float(s)), mean=channel_mean, std=std, mean_image=None)
             for s in scales
-        ]
-        return (*outputs, _labels(label, decoder))
+        )
     if style == "imagenet":
         images = fn.resize(images, resize_shorter=float(val_resize))
     if eval_mode == "10crop":
@@ -242,8 +297,40 @@ def val_pipeline(
             )
             for x, y, m in TEN_CROP_VIEWS
         ]
-        return fn.stack(*views), _labels(label, decoder)
+        return (fn.stack(*views),)
     # For CIFAR-style images (already image_size) the centre crop is a no-op; it only keeps a
     # stray larger image from breaking the batch, and pads a smaller one instead of failing.
-    images = _normalise(images, mean=mean, std=std, mean_image=mean_image, crop=crop, pad=True, device=_device(decoder))
-    return images, _labels(label, decoder)
+    return (
+        _normalise(images, mean=mean, std=std, mean_image=mean_image, crop=crop, pad=True, device=_device(decoder)),
+    )
+
+
+@pipeline_def
+def shard_pipeline(
+    *,
+    paths: Sequence[str],
+    index_paths: Sequence[str],
+    train: bool,
+    graph: dict[str, Any],
+    shuffle_buffer: int = SHUFFLE_BUFFER,
+):
+    """Batches of WebDataset shards (:mod:`pipeline.data.shard_format`) read by DALI's ``readers.webdataset``.
+
+    ``paths[k]`` is read through ``index_paths[k]``, which may list only some of its samples: that is how the
+    loader gives a rank part of a shard. Training (``train=True``) shuffles the stream with DALI's own buffer of
+    ``shuffle_buffer`` samples (seeded by the pipeline's seed; DALI 2.4 keeps it inside the reader's epoch) and
+    augments as :func:`train_pipeline` (``graph`` holds its keywords but the lists); evaluation reads in order and takes
+    :func:`val_pipeline`'s keywords. The last output is each sample's ``.cls`` bytes (ASCII digits) on the CPU:
+    the loader turns them into labels.
+    """
+    jpegs, cls = fn.readers.webdataset(
+        paths=list(paths),
+        index_paths=list(index_paths),
+        ext=list(EXTENSIONS),
+        missing_component_behavior="error",
+        random_shuffle=train,
+        initial_fill=shuffle_buffer,
+        name=READER_NAME,
+    )
+    outputs = (_train_images(jpegs, **graph),) if train else _val_images(jpegs, **graph)
+    return (*outputs, cls)

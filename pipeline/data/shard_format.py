@@ -15,7 +15,12 @@ this module, so its schema has one home. Shards may differ in size (the last one
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
+import tarfile
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,6 +32,7 @@ FORMAT = "webdataset-dali"
 VERSION = 1
 DEFAULT_SHARD_BYTES = 256 * 1024 * 1024
 EXTENSIONS = ("jpg", "cls")  # what each sample holds, in the order DALI's reader returns them
+INDEX_VERSION = "v1.2"  # the first token of a DALI webdataset index (what DALI's wds2idx writes)
 
 
 def shard_name(index: int) -> str:
@@ -105,3 +111,86 @@ def write_manifest(store: Storage, manifest: ShardManifest) -> None:
 
 def describe(manifest: ShardManifest) -> dict[str, Any]:
     return {"shards": len(manifest.shards), "samples": manifest.num_samples, "classes": manifest.num_classes}
+
+
+# -- writing one shard ---------------------------------------------------------------------------------
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_shard(tar_path: str, samples: Iterable[tuple[str, bytes, int]], *, index_path: str = "") -> ShardInfo:
+    """Write one WebDataset shard ``tar_path`` (``<key>.jpg`` + ``<key>.cls`` per sample, in the given order) and
+    its DALI index (``index_path``, default beside it as :func:`index_name`); returns its manifest entry.
+
+    ``samples`` yields ``(key, jpeg_bytes, label)``; keys must be unique and contain no "." or "/" (DALI splits a
+    member name at its first dot). The tar is byte-reproducible (fixed mtime, owner and mode), so the same images
+    give the same sha256. Both files are written through a temporary sibling and renamed: they appear whole.
+    """
+    index_path = index_path or index_name(tar_path)
+    entries: list[list[tuple[str, int, int, str]]] = []
+    tmp = f"{tar_path}.tmp-{os.getpid()}"
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, jpeg, label in samples:
+                if not key or "." in key or "/" in key:
+                    raise DataError(f"shard sample key {key!r} is empty or holds '.' or '/'; {tar_path} not written")
+                members = []
+                for ext, data in zip(EXTENSIONS, (bytes(jpeg), str(int(label)).encode()), strict=True):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime, info.mode = len(data), 0, 0o644
+                    # The data follows the member's header (one 512-byte block for USTAR names).
+                    offset = tar.offset + len(info.tobuf(tar.format, tar.encoding, tar.errors))
+                    tar.addfile(info, io.BytesIO(data))
+                    members.append((ext, offset, len(data), info.name))
+                entries.append(members)
+        if not entries:
+            raise DataError(f"shard {tar_path} would hold no samples")
+        with open(f"{index_path}.tmp-{os.getpid()}", "w") as f:
+            f.write(index_text(entries))
+        os.replace(f"{index_path}.tmp-{os.getpid()}", index_path)
+        os.replace(tmp, tar_path)
+    finally:
+        for leftover in (tmp, f"{index_path}.tmp-{os.getpid()}"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+    return ShardInfo(
+        name=os.path.basename(tar_path),
+        samples=len(entries),
+        bytes=os.path.getsize(tar_path),
+        sha256=_file_sha256(tar_path),
+        index=os.path.basename(index_path),
+        index_sha256=_file_sha256(index_path),
+    )
+
+
+# -- DALI index files ------------------------------------------------------------------------------------
+
+
+def index_text(entries: Sequence[Sequence[tuple[str, int, int, str]]]) -> str:
+    """A DALI webdataset index: a header, then per sample its members as ``ext offset size name``."""
+    lines = [f"{INDEX_VERSION} {len(entries)}"]
+    lines += [" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in sample) for sample in entries]
+    return "\n".join(lines) + "\n"
+
+
+def parse_index(text: str, *, uri: str) -> list[str]:
+    """The per-sample lines of a DALI webdataset index (header checked), for cutting sample ranges out of it."""
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit() or int(head[1]) != len(lines) - 1:
+        raise DataError(
+            f"{uri} is not a DALI webdataset index of version {INDEX_VERSION} with as many lines as it declares; "
+            "re-create the shards"
+        )
+    return lines[1:]
+
+
+def sub_index(sample_lines: Sequence[str]) -> str:
+    """An index over some of a shard's samples (lines from :func:`parse_index`): DALI then reads only those."""
+    return f"{INDEX_VERSION} {len(sample_lines)}\n" + "".join(f"{ln}\n" for ln in sample_lines)

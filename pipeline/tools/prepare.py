@@ -5,6 +5,9 @@
         --devkit /archives/ILSVRC2012_devkit_t12.tar.gz --out /datasets/imagenet     # or s3://bucket/imagenet
     python -m pipeline.tools.prepare imagenet --out /datasets/imagenet --verify     # re-check a prepared tree
     python -m pipeline.tools.prepare mean-image /datasets/imagenet                  # (re)compute the mean image
+    python -m pipeline.tools.prepare shards /datasets/imagenet s3://bucket/imagenet-shards   # any ImageFolder tree
+    python -m pipeline.tools.prepare imagenet ... --out /datasets/imagenet --format shards \\
+        --shards-out s3://bucket/imagenet-shards         # the tree, then its splits as shards (--shard-bytes)
 
 The tree it writes (the archives may be local files or URLs too)::
 
@@ -21,6 +24,14 @@ counts as done once its ``.manifest`` entry exists, written after its files were
 matched. An interrupted run is resumed by running the same command: classes whose entry matches
 what is stored are skipped. The sizes are always checked against the manifest; ``--verify``
 re-reads every file and checks its sha256 too.
+
+Sharded splits (``shards``, or ``imagenet --format shards``): every split folder of an ImageFolder tree
+(``train/``, ``val/``, ``test/``: local or s3://) becomes ``OUT/<split>/`` in the layout of
+:mod:`pipeline.data.shard_format`: WebDataset tars of about ``--shard-bytes`` (256 MB by default) holding
+``<key>.jpg`` + ``<key>.cls`` per sample, each with its DALI index, and the split's ``manifest.json``
+(samples, bytes and sha256 per shard, the class names), written last. The samples are shuffled once
+(``--seed``) before they are cut into shards, so that a contiguous read of one shard is class-mixed. The
+member is named ``.jpg`` whatever the image's format (DALI decodes by content). Re-running rewrites the split.
 """
 
 from __future__ import annotations
@@ -31,7 +42,10 @@ import io
 import json
 import math
 import os
+import posixpath
 import sys
+import tarfile
+import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,8 +54,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.data import shard_format
 from pipeline.data.errors import DataError
-from pipeline.data.folder import is_url, scan_split
+from pipeline.data.folder import is_url, list_classes, scan_split
 from pipeline.storage import Storage, StorageError
 
 from .ilsvrc import iter_train_classes, iter_val_images, open_input, read_devkit, read_loc_csv
@@ -478,6 +493,139 @@ def write_mean_image(
 
 
 # --------------------------------------------------------------------------------------------------
+# Sharded splits
+
+
+def _tar_member_bytes(size: int) -> int:
+    return 512 + -(-size // 512) * 512  # a header block, then the data padded to whole blocks
+
+
+def _tar_bytes(members: int) -> int:
+    # Two zero blocks end the archive, and Python's tarfile pads it to whole 10 KiB records.
+    return -(-(members + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+def plan_shards(sizes: list[int], *, shard_bytes: int) -> list[list[int]]:
+    """Cut samples (their image sizes, in shard order) into runs whose tar stays within ``shard_bytes`` (a
+    sample larger than that gets a shard of its own); returns the positions of each shard's samples."""
+    shards: list[list[int]] = [[]]
+    used = 0
+    for pos, size in enumerate(sizes):
+        need = _tar_member_bytes(size) + _tar_member_bytes(4)  # the .jpg and its .cls (a few digits)
+        if shards[-1] and _tar_bytes(used + need) > shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(pos)
+        used += need
+    return shards if shards[0] else []
+
+
+def _sample_key(number: int, rel: str) -> str:
+    """Unique in the split (the shuffled position) and traceable to the source image (its name); no "." or "/"."""
+    stem = posixpath.splitext(posixpath.basename(rel))[0]
+    return f"{number:09d}_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)
+
+
+def write_sharded_split(
+    split_path: str,
+    out: str,
+    *,
+    shard_bytes: int = shard_format.DEFAULT_SHARD_BYTES,
+    seed: int = 0,
+    workers: int = 8,
+    progress: bool = True,
+) -> shard_format.ShardManifest:
+    """Write the ImageFolder split at ``split_path`` (local or s3://) as shards in ``out`` (local or s3://);
+    returns the manifest, which is written last (a folder with a manifest is complete)."""
+    if shard_bytes < 4096:
+        raise DataError(f"--shard-bytes {shard_bytes} is too small for a tar shard; use e.g. 268435456 (256 MB)")
+    index = scan_split(split_path)
+    source = Storage(split_path)
+    cut = len(split_path.rstrip("/")) + 1
+    rels = [f[cut:].replace(os.sep, "/") for f in index.files]  # scan_split joins files onto split_path as given
+    listed = source.find()  # one listing; a file it misses (below a symlinked folder) is asked for alone
+    sizes = {r: listed[r] if r in listed else source.size(r) for r in rels}
+    order = np.random.default_rng(seed).permutation(len(rels)).tolist()  # shuffled once: shards are class-mixed
+    plan = plan_shards([sizes[rels[i]] for i in order], shard_bytes=shard_bytes)
+    dest = Storage(out)
+    try:
+        dest.check_access(write=True)
+        dest.delete(shard_format.MANIFEST)  # until the new manifest is written, the folder is not a complete split
+    except StorageError as e:
+        raise DataError(f"cannot write the shards to {out}: {e}") from e
+    bar = _progress(sum(sizes[r] for r in rels), progress, posixpath.basename(split_path.rstrip("/")))
+    infos: list[shard_format.ShardInfo] = []
+    with tempfile.TemporaryDirectory(prefix="shards-") as scratch, ThreadPoolExecutor(max(1, workers)) as pool:
+        # Locally a shard is written in place (write_shard renames it into place whole); for S3 it is written
+        # to scratch space and uploaded, then checked against its local sha256.
+        folder = scratch if dest.remote else dest.root
+        for number, positions in enumerate(plan):
+            picked = [order[p] for p in positions]
+
+            def samples(picked: list[int] = picked, first: int = positions[0]):
+                read = pool.map(source.read_bytes, [rels[i] for i in picked])
+                for k, (i, data) in enumerate(zip(picked, read, strict=True)):
+                    bar.update(len(data))
+                    yield _sample_key(first + k, rels[i]), data, index.labels[i]
+
+            name = shard_format.shard_name(number)
+            info = shard_format.write_shard(os.path.join(folder, name), samples())
+            if dest.remote:
+                for file, sha in ((info.name, info.sha256), (info.index, info.index_sha256)):
+                    stored = dest.put(os.path.join(folder, file), file)
+                    os.unlink(os.path.join(folder, file))
+                    if stored.sha256 != sha:
+                        raise DataError(f"{dest.url(file)}: uploaded copy differs from the shard written; run again")
+            infos.append(info)
+    bar.close()
+    # Shards beyond this plan are from an earlier run of the split with other settings: not part of it.
+    keep = {n for i in infos for n in (i.name, i.index)}
+    for name in dest.list():
+        if name.startswith("shard-") and name not in keep:
+            dest.delete(name)
+    manifest = shard_format.ShardManifest(num_classes=len(index.classes), shards=infos, classes=list(index.classes))
+    shard_format.write_manifest(dest, manifest)
+    return manifest
+
+
+def _split_folders(root: str) -> list[str]:
+    """The split folders (train, val, test, ...) of an ImageFolder tree: sub-folders holding class folders."""
+    store = Storage(root)
+    try:
+        names = [n for n in store.list_dirs() if not n.startswith(".")]
+    except StorageError as e:
+        raise DataError(f"cannot list {root}: {e}") from e
+    splits = [n for n in names if list_classes(store.url(n))]
+    if not splits:
+        raise DataError(
+            f"{root} holds no split folders ({root}/<split>/<class>/<image>, e.g. train/ and val/); give the "
+            f"root of an ImageFolder tree"
+        )
+    return splits
+
+
+def prepare_shards(
+    root: str,
+    out: str,
+    *,
+    splits: list[str] | None = None,
+    shard_bytes: int = shard_format.DEFAULT_SHARD_BYTES,
+    seed: int = 0,
+    workers: int = 8,
+    progress: bool = True,
+) -> dict[str, shard_format.ShardManifest]:
+    """Every split of the ImageFolder tree ``root`` (or those named) as sharded splits ``out/<split>/``."""
+    splits = splits or _split_folders(root)
+    src, dst = Storage(root), Storage(out)
+    done = {}
+    for split in splits:
+        done[split] = write_sharded_split(
+            src.url(split), dst.url(split), shard_bytes=shard_bytes, seed=seed, workers=workers, progress=progress
+        )
+    return done
+
+
+# --------------------------------------------------------------------------------------------------
 # The command
 
 
@@ -527,6 +675,24 @@ def prepare_imagenet(
     return manifest
 
 
+def _write_shards(args: argparse.Namespace, root: str, out: str, splits: list[str] | None) -> None:
+    written = prepare_shards(
+        root,
+        out,
+        splits=splits,
+        shard_bytes=args.shard_bytes,
+        seed=args.seed,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    for split, manifest in written.items():
+        info = shard_format.describe(manifest)
+        print(
+            f"{Storage(out).url(split)}: {info['samples']} samples of {info['classes']} classes in {info['shards']} "
+            f"shards; train with --data.format=shards --data.root={out}"
+        )
+
+
 def _previous_mean(tree_url: str) -> dict[str, Any] | None:
     try:
         return read_dataset_manifest(tree_url).get("mean_image")
@@ -556,6 +722,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     im.add_argument("--verify", action="store_true", help="re-read every file and check it against the manifest")
     im.add_argument("--no-progress", action="store_true")
+    im.add_argument(
+        "--format",
+        choices=("folder", "shards"),
+        default="folder",
+        help="shards: after the tree at --out, write its splits as shards to --shards-out (see `shards`)",
+    )
+    im.add_argument("--shards-out", default="", help="--format shards: where the sharded splits go (local or s3://)")
+    sh = sub.add_parser("shards", help="ImageFolder tree -> WebDataset tar shards + DALI indexes + manifest per split")
+    sh.add_argument("root", help="ImageFolder tree: ROOT/<split>/<class>/<image> (local or s3://)")
+    sh.add_argument("out", help="OUT/<split>/shard-NNNNNN.{tar,idx} + manifest.json (local or s3://)")
+    sh.add_argument("--splits", default="", help="comma-separated split folders (default: every one under ROOT)")
+    sh.add_argument("--no-progress", action="store_true")
+    for parser in (im, sh):
+        parser.add_argument(
+            "--shard-bytes",
+            type=int,
+            default=shard_format.DEFAULT_SHARD_BYTES,
+            help=f"target tar size (default {shard_format.DEFAULT_SHARD_BYTES >> 20} MB)",
+        )
+        parser.add_argument("--seed", type=int, default=0, help="the once-only shuffle of the samples into shards")
+    sh.add_argument("--workers", type=int, default=8, help="parallel reads of the source images (default 8)")
     mi = sub.add_parser("mean-image", help="(re)compute ROOT/mean_image.npy from the training split")
     mi.add_argument("root")
     mi.add_argument("--size", type=int, default=224, help="crop size = data.image_size (default 224)")
@@ -564,7 +751,13 @@ def main(argv: list[str] | None = None) -> int:
     mi.add_argument("--workers", type=int, default=8)
     mi.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    if args.command == "imagenet" and args.format == "shards" and not args.shards_out:
+        p.error("--format shards needs --shards-out (a local folder or s3://bucket/prefix for the shards)")
     try:
+        if args.command == "shards":
+            splits = [s for s in args.splits.split(",") if s] or None
+            _write_shards(args, args.root, args.out, splits)
+            return 0
         if args.command == "mean-image":
             info = write_mean_image(
                 args.root,
@@ -601,8 +794,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"{split}: {info['files']} images in {len(info['classes'])} classes, "
                     f"{info['bytes'] / 2**30:.2f} GiB"
                 )
-        elif not args.verify:
-            p.error("give --train-tar and/or --val-tar to prepare, or --verify to check an existing tree")
+        elif not args.verify and args.format != "shards":
+            p.error(
+                "give --train-tar and/or --val-tar to prepare, --verify to check an existing tree, or --format shards "
+                "to shard it"
+            )
         if args.verify:
             problems = verify_tree(args.out, workers=args.workers, progress=not args.no_progress)
             for line in problems:
@@ -615,6 +811,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 1
             print(f"{args.out}: every file matches {DATASET_MANIFEST}")
+        if args.format == "shards":
+            _write_shards(args, args.out, args.shards_out, None)
     except (DataError, StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,19 +19,30 @@ The first three are errors (exit status 1). ``--write-list`` writes an exclude l
 ``data.exclude_list``: the errors are skipped; with ``--convert-to DIR`` the warnings are re-encoded
 as RGB JPEGs under DIR and the list points training at those copies (``--strict`` skips them instead).
 List format: one path relative to the root per line, optionally ``<TAB>replacement``; ``#`` comments.
+
+A sharded dataset (``python -m pipeline.tools.prepare shards``: a split folder with a shard manifest, or a
+root whose split folders have one) is checked against its manifest instead, one line per bad shard URI:
+the tar and its DALI index present, their sizes and sha256, the index naming as many samples as the
+manifest, and the samples counted from the tar's own headers (every key with its .jpg and .cls).
+
+    python -m pipeline.tools.validate s3://bucket/imagenet-shards          # exit status 1 names each bad shard
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
+import json
 import os
 import sys
+import tarfile
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from pipeline.data import shard_format
 from pipeline.data.errors import DataError
 from pipeline.data.folder import IMAGE_EXTENSIONS, _is_image, is_url
 from pipeline.data.sniff import sniff
@@ -207,6 +218,136 @@ def _bar(total: int, enabled: bool, desc: str):
 
 
 # --------------------------------------------------------------------------------------------------
+# Sharded datasets
+
+
+def sharded_splits(root: str) -> list[Storage]:
+    """The sharded split folders at ``root``: itself when it holds a shard manifest, else its sub-folders that
+    do; [] for anything else (an ImageFolder tree's own manifest.json is not a shard manifest)."""
+    tree = _image_tree(root)
+
+    def holds_shards(store: Storage) -> bool:
+        try:
+            return json.loads(store.read_text(shard_format.MANIFEST)).get("format") == shard_format.FORMAT
+        except (StorageError, ValueError, UnicodeDecodeError, AttributeError):
+            return False
+
+    if holds_shards(tree):
+        return [tree]
+    try:
+        folders = [n for n in tree.list_dirs() if not n.startswith(".")]
+    except StorageError as e:
+        raise DataError(f"cannot list {tree.uri}: {e}") from e
+    return [tree.child(n) for n in folders if holds_shards(tree.child(n))]
+
+
+class _Hashing:
+    """A read-only stream that hashes and counts what is read through it (one pass: sha256 and tar headers)."""
+
+    def __init__(self, f: io.BufferedIOBase) -> None:
+        self.f, self.sha, self.read_bytes = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.sha.update(data)
+        self.read_bytes += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def _tar_samples(stream: _Hashing, *, num_classes: int) -> tuple[int, str]:
+    """(samples, problem) from the tar's headers: a sample is a key with exactly a .jpg and a .cls member whose
+    class index is below ``num_classes``; "" when every member is in order."""
+    members: dict[str, set[str]] = {}
+    bad_label = ""
+    with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
+        for m in tar:
+            if not m.isfile():
+                continue
+            key, _, ext = m.name.partition(".")
+            members.setdefault(key, set()).add(ext)
+            if ext == "cls":
+                f = tar.extractfile(m)
+                text = f.read().decode(errors="replace") if f else ""
+                if not text.strip().isdigit() or int(text) >= num_classes:
+                    bad_label = bad_label or f"{m.name} holds {text[:20]!r}, not a class index below {num_classes}"
+    stream.drain()  # the end-of-archive padding, for the sha256
+    incomplete = sorted(k for k, exts in members.items() if exts != set(shard_format.EXTENSIONS))
+    if incomplete:
+        return len(members), f"sample {incomplete[0]} has {sorted(members[incomplete[0]])}, not one .jpg and one .cls"
+    return len(members), bad_label
+
+
+def check_shard(split: Storage, shard: shard_format.ShardInfo, *, num_classes: int) -> list[str]:
+    """What is wrong with one shard of ``split`` against its manifest entry; each line starts with its URI."""
+    uri, problems = split.url(shard.name), []
+    try:
+        size = split.size(shard.name)
+    except StorageError as e:
+        return [f"{uri}: missing or unreadable ({e})"]
+    if size != shard.bytes:
+        problems.append(f"{uri}: {size} bytes, the manifest says {shard.bytes} (truncated or rewritten)")
+    try:
+        with split.open(shard.name) as f:
+            stream = _Hashing(f)
+            try:
+                samples, bad = _tar_samples(stream, num_classes=num_classes)
+            except (tarfile.TarError, EOFError, OSError) as e:
+                stream.drain()
+                samples, bad = -1, f"not a readable tar ({type(e).__name__}: {e})"
+    except StorageError as e:
+        return [*problems, f"{uri}: cannot be read ({e})"]
+    if stream.sha.hexdigest() != shard.sha256:
+        problems.append(f"{uri}: sha256 differs from the manifest (corrupt)")
+    if bad:
+        problems.append(f"{uri}: {bad}")
+    if samples >= 0 and samples != shard.samples:
+        problems.append(f"{uri}: its tar headers hold {samples} samples, the manifest says {shard.samples}")
+    index_uri = split.url(shard.index)
+    try:
+        index = split.read_bytes(shard.index)
+    except StorageError as e:
+        return [*problems, f"{uri}: its DALI index {index_uri} is missing or unreadable ({e})"]
+    if hashlib.sha256(index).hexdigest() != shard.index_sha256:
+        problems.append(f"{uri}: its DALI index {index_uri} differs from the manifest's sha256")
+    try:
+        lines = shard_format.parse_index(index.decode(errors="replace"), uri=index_uri)
+        if len(lines) != shard.samples:
+            problems.append(f"{uri}: its DALI index lists {len(lines)} samples, the manifest says {shard.samples}")
+    except DataError as e:
+        problems.append(f"{uri}: {e}")
+    return problems
+
+
+def validate_shards(root: str, *, workers: int = 8, progress: bool = True) -> tuple[list[str], int]:
+    """Check every sharded split at ``root`` against its manifest; returns (problems, each naming its shard
+    URI, and the number of shards checked). Raises DataError when ``root`` holds no shard manifest."""
+    splits = sharded_splits(root)
+    if not splits:
+        raise DataError(f"{root} holds no shard manifest ({shard_format.MANIFEST} of a sharded split)")
+    jobs = []
+    for split in splits:
+        manifest = shard_format.read_manifest(split)
+        jobs += [(split, s, manifest.num_classes) for s in manifest.shards]
+    bar = _bar(len(jobs), progress, "shards")
+
+    def check(job: tuple[Storage, shard_format.ShardInfo, int]) -> list[str]:
+        found = check_shard(job[0], job[1], num_classes=job[2])
+        if bar is not None:
+            bar.update(1)
+        return found
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        problems = [p for found in pool.map(check, jobs) for p in found]
+    if bar is not None:
+        bar.close()
+    return problems, len(jobs)
+
+
+# --------------------------------------------------------------------------------------------------
 # Outputs
 
 
@@ -269,6 +410,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.convert_to and not args.write_list:
         p.error("--convert-to needs --write-list: training finds the converted copies through the list")
     try:
+        if sharded_splits(args.root):
+            if args.write_list:
+                p.error("--write-list is for ImageFolder trees; a sharded dataset is re-made with prepare shards")
+            bad, shards = validate_shards(args.root, workers=args.workers, progress=not args.no_progress)
+            for line in bad:
+                print(f"BAD {line}")
+            print(f"checked {shards} shards under {args.root}: {len(bad)} problem(s)")
+            if bad:
+                print(
+                    "re-create the dataset with `python -m pipeline.tools.prepare shards SRC_ROOT OUT_ROOT` "
+                    "(or copy the named shards again from a good copy)",
+                    file=sys.stderr,
+                )
+            return 1 if bad else 0
         problems, total = validate_tree(args.root, workers=args.workers, progress=not args.no_progress)
         for prob in problems:
             print(

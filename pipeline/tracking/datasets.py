@@ -60,6 +60,13 @@ def describe_split(cfg: DataConfig, *, split: str, source: Any) -> DatasetRecord
         scheme = index.path.split("://", 1)[0] if "://" in index.path else "local"
         where = index.path if "://" in index.path else os.path.abspath(index.path)
         digest = _digest({"classes": list(index.classes), "files": entries})
+    elif getattr(source, "manifest", None) is not None:  # a sharded split: its manifest names every byte
+        path = source.split_uri
+        scheme = path.split("://", 1)[0] if "://" in path else "local"
+        where = path if "://" in path else os.path.abspath(path)
+        digest = _digest(
+            {"classes": list(source.manifest.classes), "shards": [s.sha256 for s in source.manifest.shards]}
+        )
     else:  # generated on the fly: the digest covers the generation parameters
         scheme, where = "code", f"pipeline.data.{cfg.source}"
         digest = _digest(

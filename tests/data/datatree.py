@@ -182,3 +182,39 @@ def write_ilsvrc_archives(
         for i, w in enumerate(order, 1):
             f.write(f"ILSVRC2012_val_{i:08d},{w} 1 2 10 12 {w} 3 4 8 9\n")
     return {"paths": paths, "expected": expected}
+
+
+# -- sharded splits ------------------------------------------------------------------------------
+
+
+def _png(i: int, size: tuple[int, int] = (16, 16)) -> bytes:
+    import io
+
+    pixels = np.zeros((*size, 3), np.uint8)
+    pixels[..., 0] = i
+    pixels[..., 1] = 7 * (i % 2)
+    pixels[..., 2] = 50
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")  # lossless: the id survives (DALI sniffs the format)
+    return buf.getvalue()
+
+
+def write_sharded_split(folder: str, sizes: list[int], *, first_id: int = 0, num_classes: int = 2) -> dict[int, int]:
+    """A sharded split (pipeline.data.shard_format) at local ``folder``: shard k holds ``sizes[k]`` images.
+
+    Image ids run from ``first_id`` in shard order, encoded as in :func:`write_tree` (red = id; at most 256 in a
+    tree); the label of id i is ``i % num_classes``. Returns ``{id: label}``.
+    """
+    from pipeline.data.shard_format import ShardManifest, shard_name, write_manifest, write_shard
+    from pipeline.storage import Storage
+
+    os.makedirs(folder, exist_ok=True)
+    shards, labels, i = [], {}, first_id
+    for k, n in enumerate(sizes):
+        samples = [(f"{j:06d}", _png(j), j % num_classes) for j in range(i, i + n)]
+        labels.update({j: j % num_classes for j in range(i, i + n)})
+        shards.append(write_shard(os.path.join(folder, shard_name(k)), samples))
+        i += n
+    assert i <= 256
+    write_manifest(Storage(folder), ShardManifest(num_classes=num_classes, shards=shards))
+    return labels

@@ -326,3 +326,153 @@ def test_prepare_from_and_to_s3(tmp_path, archives, s3_bucket, s3_endpoint, monk
     assert verify_tree(out, progress=False) == []
     store.write_bytes(f"val/{WNIDS[0]}/ILSVRC2012_val_00000002.JPEG", b"corrupted")
     assert any("ILSVRC2012_val_00000002.JPEG" in p for p in verify_tree(out, progress=False))
+
+
+# -- sharded splits ------------------------------------------------------------------------------------------
+SHARD_LAYOUT = {"train": {"a": 9, "b": 8, "c": 7}, "val": {"a": 2, "b": 2, "c": 2}}
+SMALL_SHARDS = 10240  # a 16x16 sample takes 2 KiB of tar (4 blocks): 4 samples and the end in one 10 KiB record
+
+
+def read_with_dali(tars: list[str]) -> list[tuple[int, int]]:
+    """(image id, label) of every sample of ``tars`` through DALI's own readers.webdataset and CPU decoder, with
+    the index files beside them."""
+    from datatree import MEAN  # noqa: F401 - the tree's colours: red = image id
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=4, num_threads=1, device_id=None, prefetch_queue_depth=1)
+    def pipe():
+        jpg, cls = fn.readers.webdataset(
+            paths=tars,
+            index_paths=[t[: -len(".tar")] + ".idx" for t in tars],
+            ext=["jpg", "cls"],
+            missing_component_behavior="error",
+            name="reader",
+        )
+        return fn.decoders.image(jpg, device="cpu", output_type=types.RGB), cls
+
+    p = pipe()
+    p.build()
+    total = p.reader_meta("reader")["epoch_size"]
+    out: list[tuple[int, int]] = []
+    while len(out) < total:
+        images, labels = p.run()
+        for k in range(len(images)):
+            img = np.asarray(images.at(k))
+            out.append((int(img[img.shape[0] // 2, img.shape[1] // 2, 0]), int(bytes(np.asarray(labels.at(k))))))
+    return out[:total]
+
+
+def _expected(index: dict[str, int], split: str) -> dict[int, int]:
+    """{image id: label} of a split of a write_tree tree (labels: sorted class names)."""
+    classes = sorted(SHARD_LAYOUT[split])
+    return {i: classes.index(os.path.basename(os.path.dirname(p))) for p, i in index.items() if f"/{split}/" in p}
+
+
+@pytest.fixture
+def shard_tree(tmp_path):
+    from datatree import write_tree
+
+    root = str(tmp_path / "tree")
+    return root, write_tree(root, SHARD_LAYOUT)
+
+
+def test_shards_hold_every_image_once_readable_by_dali(tmp_path, shard_tree):
+    from pipeline.data import shard_format
+    from pipeline.storage import Storage, sha256_file
+    from pipeline.tools.prepare import prepare_shards
+
+    root, index = shard_tree
+    out = str(tmp_path / "shards")
+    written = prepare_shards(root, out, shard_bytes=SMALL_SHARDS, workers=2, progress=False)
+    assert sorted(written) == ["train", "val"]
+    for split in ("train", "val"):
+        manifest = shard_format.read_manifest(Storage(f"{out}/{split}"))
+        assert manifest == written[split]
+        assert manifest.classes == ["a", "b", "c"] and manifest.num_classes == 3
+        assert manifest.num_samples == sum(SHARD_LAYOUT[split].values())
+        assert [s.samples for s in manifest.shards][:-1] == [4] * (len(manifest.shards) - 1)
+        names = sorted(os.listdir(f"{out}/{split}"))
+        assert names == sorted(["manifest.json", *(n for s in manifest.shards for n in (s.name, s.index))])
+        for s in manifest.shards:
+            tar = f"{out}/{split}/{s.name}"
+            assert (s.bytes, s.sha256) == (os.path.getsize(tar), sha256_file(tar).sha256) and s.bytes <= SMALL_SHARDS
+            assert s.index_sha256 == sha256_file(f"{out}/{split}/{s.index}").sha256
+            with tarfile.open(tar) as t:
+                members = t.getnames()
+            assert len(members) == 2 * s.samples and [m.rsplit(".", 1)[1] for m in members[:2]] == ["jpg", "cls"]
+        got = read_with_dali([f"{out}/{split}/{s.name}" for s in manifest.shards])
+        assert sorted(got) == sorted(_expected(index, split).items())  # every image once, with its label
+    train = read_with_dali([f"{out}/train/{s.name}" for s in written["train"].shards])
+    labels = [label for _, label in train]
+    assert labels != sorted(labels), "the samples were not shuffled before being cut into shards"
+    assert any(len({lb for _, lb in train[k : k + 4]}) > 1 for k in range(0, len(train), 4)), "no class-mixed shard"
+    # The same tree and seed give the same bytes; another seed another order.
+    again = prepare_shards(root, str(tmp_path / "again"), shard_bytes=SMALL_SHARDS, workers=1, progress=False)
+    assert again == written
+    other = prepare_shards(root, str(tmp_path / "other"), shard_bytes=SMALL_SHARDS, seed=1, progress=False)
+    assert [s.sha256 for s in other["train"].shards] != [s.sha256 for s in written["train"].shards]
+
+
+def test_shards_command_and_rewrite(tmp_path, shard_tree, capsys):
+    from pipeline.data import shard_format
+    from pipeline.storage import Storage
+
+    root, _ = shard_tree
+    out = str(tmp_path / "shards")
+    assert main(["shards", root, out, "--shard-bytes", str(SMALL_SHARDS), "--splits", "train", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "24 samples of 3 classes in 6 shards" in printed and "--data.format=shards" in printed
+    assert sorted(os.listdir(out)) == ["train"]
+    # Bigger shards over the same folder: the old, now surplus shards go, the manifest is the new one.
+    assert main(["shards", root, out, "--splits", "train", "--no-progress"]) == 0
+    manifest = shard_format.read_manifest(Storage(f"{out}/train"))
+    assert len(manifest.shards) == 1 and sorted(os.listdir(f"{out}/train")) == [
+        "manifest.json",
+        "shard-000000.idx",
+        "shard-000000.tar",
+    ]
+    assert main(["shards", str(tmp_path / "nothing"), out, "--no-progress"]) == 2
+    assert "holds no split folders" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["imagenet", "--out", root, "--format", "shards"])
+    assert "--format shards needs --shards-out" in capsys.readouterr().err
+
+
+def test_imagenet_format_shards(tmp_path, archives):
+    from pipeline.data import shard_format
+    from pipeline.storage import Storage
+
+    tree, shards = str(tmp_path / "imagenet"), str(tmp_path / "imagenet-shards")
+    p = archives["paths"]
+    args = ["--train-tar", p["train"], "--val-tar", p["val"], "--devkit", p["devkit"], "--mean-samples", "0"]
+    assert main(["imagenet", "--out", tree, *args, "--format", "shards", "--shards-out", shards, "--no-progress"]) == 0
+    train = shard_format.read_manifest(Storage(f"{shards}/train"))
+    val = shard_format.read_manifest(Storage(f"{shards}/val"))
+    assert (train.num_samples, val.num_samples) == (12, 6) and train.classes == list(WNIDS) == val.classes
+
+
+@pytest.mark.slow
+def test_shards_to_and_from_s3(tmp_path, shard_tree, s3_bucket, s3_endpoint, monkeypatch):
+    from s3_server import aws_env
+
+    from pipeline.data import shard_format
+    from pipeline.storage import Storage
+    from pipeline.tools.prepare import prepare_shards
+
+    for k, v in aws_env(s3_endpoint).items():
+        monkeypatch.setenv(k, v)
+    root, _ = shard_tree
+    local = prepare_shards(root, str(tmp_path / "local"), shard_bytes=SMALL_SHARDS, progress=False)
+    src = Storage(f"{s3_bucket}/tree")
+    for folder, _, names in Storage(root).walk():
+        for n in names:
+            src.put(os.path.join(root, folder, n), f"{folder}/{n}")
+    out = f"{s3_bucket}/shards"
+    remote = prepare_shards(src.uri, out, shard_bytes=SMALL_SHARDS, workers=4, progress=False)
+    assert remote == local  # from S3 to S3: the same shards, byte for byte (sha256), as locally
+    store = Storage(out)
+    for split, manifest in remote.items():
+        assert shard_format.read_manifest(store.child(split)) == manifest
+        for s in manifest.shards:
+            assert store.read_bytes(f"{split}/{s.name}") == open(f"{tmp_path}/local/{split}/{s.name}", "rb").read()
+            assert store.read_bytes(f"{split}/{s.index}") == open(f"{tmp_path}/local/{split}/{s.index}", "rb").read()

@@ -40,7 +40,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )
     p.add_argument("--config", help="experiment TOML file (see configs/)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
-    return p.parse_known_args(argv)
+    p.add_argument(
+        "--resume",
+        metavar="auto|never|URI",
+        help="short for --checkpoint.resume: auto (default) continues this run_id from its newest committed "
+        "checkpoint and refuses a finished run; never starts it over (its checkpoints are set aside); a run or "
+        "step folder (local or s3://) starts from that checkpoint",
+    )
+    args, rest = p.parse_known_args(argv)
+    if args.resume is not None:
+        rest.append(f"--checkpoint.resume={args.resume}")  # applied last: it wins over a --checkpoint.resume
+    return args, rest
 
 
 def _setup_logging(rank: int) -> None:

@@ -6,6 +6,7 @@ where the world size matters; the digits demo configs (configs/cpu/)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,75 @@ from pipeline.signals import STOP_EXIT_CODE
 
 CACHE = f"--data.cache_dir={ROOT / '.cache/datasets'}"
 QUIET = ["--progress=false", "--tracking.enabled=false", CACHE]
+
+
+RESNET20 = {"name": "cifar_resnet20", "depth": "20", "residual": "true", "shortcut": "A", "num_classes": "10"}
+PLAIN20 = {**RESNET20, "name": "cifar_plain20", "residual": "false", "shortcut": "none"}
+
+
+def _ck(tmp_path: Path, *, world: int = 1, batch: int = 16, accum: int = 1, model=RESNET20, **cfg):
+    from pipeline.checkpoint import Checkpointer
+    from pipeline.config import CheckpointConfig
+
+    return Checkpointer(
+        CheckpointConfig(uri=str(tmp_path / "ckpt"), **cfg),
+        run_id="run",
+        rank=0,
+        world_size=world,
+        config_hash="h",
+        staging_dir=str(tmp_path / "staging"),
+        record={
+            "model": model,
+            "config": {"data.batch_size": str(batch)},
+            "global_batch": world * batch * accum,
+            "batch_size": batch,
+            "grad_accum": accum,
+        },
+    )
+
+
+def _saved_at_step_4(tmp_path: Path, **kw) -> None:
+    from test_checkpoint import FakeEngine
+
+    ck = _ck(tmp_path, **kw)
+    ck.save(FakeEngine(4.0), step=4, epoch=0, trainer_state={"step": 4})
+    ck.close()
+
+
+def test_resume_refuses_before_reading_any_checkpoint_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """In-process, a world of one: each refusal is decided from the manifest (no file downloaded, nothing written)."""
+    from test_checkpoint import FakeEngine
+
+    from pipeline.checkpoint import CheckpointError
+
+    _saved_at_step_4(tmp_path)
+    run = tmp_path / "ckpt" / "run"
+    manifest = json.loads((run / "step-4" / "manifest.json").read_text())
+    assert manifest["model"] == RESNET20 and manifest["global_batch"] == 16
+    before = _files(tmp_path / "ckpt")
+    with pytest.raises(
+        CheckpointError, match="holds cifar_resnet20 .* asks for cifar_plain20 .*residual: true vs false"
+    ):
+        _ck(tmp_path, model=PLAIN20).resume(FakeEngine())
+    with pytest.raises(CheckpointError, match="global batch of 16 .* this run's is 8") as e:
+        _ck(tmp_path, batch=8).resume(FakeEngine())
+    assert "--distributed.grad_accum=2 or --data.batch_size=16" in str(e.value)
+    with pytest.raises(CheckpointError, match=r"run run is finished: .*step-4 is at step 4.*--run_id=.*--resume=never"):
+        _ck(tmp_path).resume(FakeEngine(), end_step=4)
+    with pytest.raises(CheckpointError, match="at or past the end of this schedule"):
+        _ck(tmp_path, resume=str(run / "step-4")).resume(FakeEngine(), end_step=3)
+    assert _files(tmp_path / "ckpt") == before
+    assert not (tmp_path / "staging" / "run").exists() or not any((tmp_path / "staging" / "run").rglob("*.pt"))
+
+    # The same model and global batch under another config: resumed, the warning names the key.
+    eng = FakeEngine()
+    with caplog.at_level(logging.INFO, logger="pipeline.checkpoint"):
+        other = _ck(tmp_path, world=2, batch=8)
+        other.config_hash = "h2"
+        assert other.resume(eng, end_step=5) == {"step": 4} and float(eng.w[0]) == 4.0
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("resumed run run at step 4 (epoch 0) from "), lines
+    assert "hash h, now h2; changed: data.batch_size 16 -> 8" in lines[1], lines
 
 
 def _first_pipeline_line(stderr: str) -> str:

@@ -85,7 +85,13 @@ class TrainingRun:
                 # The world_size tag shows the current size: the sizes the run went through are kept beside it.
                 history = ", ".join(f"{w} ranks from step {s}" for s, w in trainer.world_sizes)
                 self.tracker.set_tags({"world_size_history": history})
-                log.warning("run %s changed its world size at the same global batch: %s", self.run_id, history)
+                if trainer.world_sizes[-1][0] == trainer.step:  # the change is this start's
+                    log.warning(
+                        "run %s goes on at the same global batch on another world size (MLflow tag "
+                        "world_size_history: %s)",
+                        self.run_id,
+                        history,
+                    )
             self.tracker.log_inputs(
                 [describe_split(cfg.data, split=split, source=source) for split, source in self.sources.items()]
             )

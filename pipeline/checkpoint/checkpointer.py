@@ -9,6 +9,11 @@ step has no manifest.
 Resuming: the newest committed checkpoint whose files all match the manifest's sizes and sha256 is
 loaded; a missing or corrupt file makes resume fall back to the previous one with a warning naming the
 file. If ``latest`` exists but nothing verifies, start-up fails instead of silently starting over.
+``checkpoint.resume`` (``--resume``) chooses: ``auto`` this run_id's newest committed checkpoint, ``never``
+from scratch (the run's committed checkpoints are set aside, not deleted, so two timelines never mix under
+one ``latest``), or a checkpoint URI. Each manifest records the model, the flattened config and the global
+batch, and a resume refuses (before downloading anything) a checkpoint of another model, at another global
+batch (its steps would count other samples), or at the schedule's end (a finished run is not trained further).
 
 Stop requests: the trainer agrees on a stop flag across ranks at its metric reduction (every
 ``log_every`` steps), saves through ``save`` and ``close`` waits for the commit before the process

@@ -173,10 +173,15 @@ def _history(ckpt: Path, run: str, step: int) -> tuple[dict[int, float], dict]:
 
 
 @pytest.mark.slow
-def test_resume_on_another_world_size_keeps_the_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_on_another_world_size_keeps_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_server
+) -> None:
     """2 ranks x 64 stopped at step 15 of an epoch schedule (3 epochs of 11 steps, warm-up 1 epoch, lr / 10 at
-    epoch 2) and resumed on 1 rank x 128: the same steps, samples and lr at every step as 2 ranks uninterrupted.
-    1 rank x 64 (another global batch) is refused with the keys that keep it; the finished run is refused."""
+    epoch 2) and resumed on 1 rank x 128: the same steps, samples and lr at every step as 2 ranks uninterrupted,
+    in the same MLflow run, whose world_size tag change is recorded beside it. 1 rank x 64 (another global batch)
+    is refused with the keys that keep it; the finished run is refused."""
+    from mlflow import MlflowClient
+
     ckpt = tmp_path / "ckpt"
     wrapper = str(ROOT / "tests/helpers/train_wrapper.py")
     common = [
@@ -189,8 +194,18 @@ def test_resume_on_another_world_size_keeps_the_budget(tmp_path: Path, monkeypat
         f"--checkpoint.uri={ckpt}",
         *QUIET,
     ]
-    two = ["--data.batch_size=64", *common]
-    r = torchrun([wrapper, *two, "--run_id=ref", f"--output_dir={tmp_path}/ref"], cwd=tmp_path)
+    tracked = [
+        "--tracking.enabled=true",
+        f"--tracking.uri={mlflow_server.uri}",
+        "--tracking.experiment=moved",
+        "--tracking.log_model=false",
+        "--tracking.system_metrics=false",
+        "--tracking.flush_interval_s=0.5",
+    ]
+    two = ["--data.batch_size=64", *common, *tracked]
+    r = torchrun(
+        [wrapper, *two, "--tracking.enabled=false", "--run_id=ref", f"--output_dir={tmp_path}/ref"], cwd=tmp_path
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert ", 33 steps (11 per epoch)" in r.stderr
     ref_lr, ref = _history(ckpt, "ref", 33)
@@ -210,7 +225,7 @@ def test_resume_on_another_world_size_keeps_the_budget(tmp_path: Path, monkeypat
     assert "--distributed.grad_accum=2" in msg and "--data.batch_size=128" in msg, msg
     assert _files(ckpt) == before
 
-    one = ["--data.batch_size=128", *common, "--run_id=moved", f"--output_dir={tmp_path}/moved"]
+    one = ["--data.batch_size=128", *common, *tracked, "--run_id=moved", f"--output_dir={tmp_path}/moved"]
     r = torchrun([wrapper, *one], cwd=tmp_path, nproc=1)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed run moved at step 15 (epoch 1)" in _first_pipeline_line(r.stderr)
@@ -230,3 +245,11 @@ def test_resume_on_another_world_size_keeps_the_budget(tmp_path: Path, monkeypat
     assert _files(ckpt) == before
     manifest = json.loads((ckpt / "moved" / "step-33" / "manifest.json").read_text())
     assert manifest["global_batch"] == 128 and manifest["model"]["name"] == "cifar_resnet20"
+
+    # One MLflow run (the refused starts opened none): world_size is the current size, the change is recorded.
+    client = MlflowClient(mlflow_server.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("moved").experiment_id])
+    assert run.info.run_id == moved["tracking_run_id"]
+    assert run.data.tags["world_size"] == "1" and run.data.params["world_size"] == "2"
+    assert run.data.tags["world_size_history"] == "2 ranks from step 0, 1 ranks from step 15"
+    assert run.data.tags["global_batch"] == "128"

@@ -2,6 +2,9 @@
 
 torchrun --nproc_per_node 8 pipeline/train.py --config configs/imagenet/resnet50.toml --optim.lr=0.2
 python -m pipeline.train --help-config      # every key, its default and what it does
+
+--resume auto (the default: this run_id's newest committed checkpoint; a finished run is refused), never (start
+this run_id over) or a checkpoint URI. The first log line says which checkpoint and step the run starts from.
 """
 
 from __future__ import annotations

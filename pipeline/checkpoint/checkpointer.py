@@ -385,7 +385,8 @@ class Checkpointer:
             if own_run:
                 raise CheckpointError(
                     f"run {self.run_id} is finished: its newest committed checkpoint {url} is at step "
-                    f"{manifest['step']}, the end of its schedule ({end_step} steps); to train again, {new}"
+                    f"{manifest['step']}, {'the' if int(manifest['step']) == end_step else 'past the'} end of its "
+                    f"schedule ({end_step} steps); to train again, {new}"
                 )
             raise CheckpointError(
                 f"checkpoint.resume = {self.cfg.resume!r}: {url} is at step {manifest['step']}, at or past the end "

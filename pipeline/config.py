@@ -272,9 +272,11 @@ class ScheduleConfig:
     kind: Literal["step", "multistep", "cosine", "plateau", "constant"] = doc(
         "multistep", "step == multistep with `milestones`"
     )
-    epochs: int = doc(10, "training length in epochs (ignored when max_steps > 0)")
+    epochs: int = doc(10, "training length in epochs of the training split (ignored when max_steps > 0)")
     max_steps: int = doc(
-        0, "training length in optimizer steps; > 0 overrides epochs (the CIFAR recipe counts iterations)"
+        0,
+        "training length in optimizer steps; > 0 overrides epochs (the CIFAR recipe counts iterations; a smaller "
+        "value truncates any schedule, e.g. a smoke run: milestones and warmup keep their unit)",
     )
     unit: Literal["epoch", "step"] = doc("epoch", "unit of milestones and warmup")
     milestones: list[int] = field(
@@ -309,20 +311,14 @@ class ScheduleConfig:
         if self.kind in ("step", "multistep"):
             if sorted(self.milestones) != list(self.milestones) or len(set(self.milestones)) != len(self.milestones):
                 raise ConfigError(f"schedule.milestones = {self.milestones}: must be strictly increasing")
-            limit = (
-                self.max_steps
-                if self.unit == "step" and self.max_steps
-                else (self.epochs if self.unit == "epoch" else None)
-            )
-            if limit is not None and any(m <= 0 or m >= limit for m in self.milestones):
+            # Epoch milestones lie inside the epoch budget; step milestones only need to be positive: a max_steps
+            # (a smoke run, say) that ends before some of them truncates the schedule, it does not redefine it.
+            limit = self.epochs if self.unit == "epoch" else None
+            if any(m <= 0 or (limit is not None and m >= limit) for m in self.milestones):
                 raise ConfigError(
-                    f"schedule.milestones = {self.milestones}: each must lie inside (0, {limit}) "
-                    f"{'steps' if self.unit == 'step' else 'epochs'}"
+                    f"schedule.milestones = {self.milestones}: each must lie inside "
+                    f"{f'(0, {limit}) epochs' if limit is not None else '(0, inf) steps'}"
                 )
-        if self.unit == "epoch" and self.max_steps and (self.milestones or self.warmup):
-            raise ConfigError(
-                "schedule.max_steps is set but schedule.unit = 'epoch': use unit = 'step' for milestones and warmup"
-            )
         if not 0 < self.gamma < 1:
             raise ConfigError(f"schedule.gamma = {self.gamma}: must be in (0, 1)")
         if not 0 < self.warmup_factor <= 1:
@@ -362,7 +358,13 @@ class CheckpointConfig:
     at_end: bool = doc(True, "save when training finishes")
     keep_last: int = doc(2, "keep the newest K committed checkpoints")
     keep_every: int = doc(0, "additionally keep every M-th step checkpoint; 0 disables")
-    resume: str = doc("auto", '"auto" (newest committed of this run), "never", or a checkpoint URI')
+    resume: str = doc(
+        "auto",
+        '"auto": the newest committed checkpoint of this run_id, from scratch when it has none (what a SLURM '
+        'requeue needs; a finished run is refused); "never": start from scratch (committed checkpoints of this '
+        "run_id are set aside as step-*/manifest.set-aside.json); or a checkpoint URI (a run or step folder, "
+        "local or s3://). Also --resume on the command line",
+    )
     staging_dir: str = doc("", 'node-local staging folder; "" = <output_dir>/staging')
     endpoint_url: str = doc(
         "", 'S3 endpoint; "" = $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL (credentials: environment or profile only)'
@@ -402,14 +404,20 @@ class CheckpointConfig:
                 "max_pending": 1,
                 "time_check_steps": 1,
             },
-            above={"close_timeout_min": 0},
+            above={
+                "close_timeout_min": 0,
+                "max_wait_s": 0,
+                "stop_wait_s": 0,
+                "connect_timeout_s": 0,
+                "read_timeout_s": 0,
+            },
         )
         if not self.uri:
             raise ConfigError("checkpoint.uri is empty: give a local folder, file:///path or s3://bucket/prefix")
-        for key in ("max_wait_s", "stop_wait_s", "connect_timeout_s", "read_timeout_s"):
-            value = getattr(self, key)
-            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):  # NaN compares False
-                raise ConfigError(f"checkpoint.{key} = {value}: must be a finite number of seconds > 0")
+        if not self.resume.strip():
+            raise ConfigError(
+                'checkpoint.resume is empty: give "auto", "never" or a checkpoint URI (a run or step folder)'
+            )
 
 
 @dataclass
@@ -545,10 +553,15 @@ class TrainConfig:
         run's names) is left out, so a requeued or relocated run still matches its checkpoints; so are the
         diagnostics, which only read the model.
         """
+        return hashlib.sha256(json.dumps(self.experiment(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def experiment(self) -> dict[str, Any]:
+        """The part of the config that ``hash`` covers (manifests record it flattened, so that a resume under
+        another config can name the keys that changed)."""
         d = self.to_dict()
         for key in ("name", "output_dir", "run_id", "progress", "checkpoint", "tracking", "diagnostics"):
             d.pop(key, None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return d
 
 
 # --------------------------------------------------------------------------------------------------
@@ -720,8 +733,8 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     return from_table(TrainConfig, data)
 
 
-def flatten(cfg: TrainConfig) -> dict[str, str]:
-    """Dotted key -> string value, for MLflow params."""
+def flatten(cfg: TrainConfig | dict[str, Any]) -> dict[str, str]:
+    """Dotted key -> string value, for MLflow params (of a config, or of a part of one as a dict)."""
     out: dict[str, str] = {}
 
     def walk(d: dict[str, Any], prefix: str) -> None:
@@ -731,7 +744,7 @@ def flatten(cfg: TrainConfig) -> dict[str, str]:
             else:
                 out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else str(v)
 
-    walk(cfg.to_dict(), "")
+    walk(cfg if isinstance(cfg, dict) else cfg.to_dict(), "")
     return out
 
 

@@ -33,6 +33,7 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,12 +148,17 @@ def _verified_model(store: Any, tag: str, manifest: dict[str, Any], local: str |
     verified_file(store, f"{tag}/{MODEL_FILE}", local, entry)
 
 
-def load_model_state(uri: str, *, storage: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], str]:
+def load_model_state(
+    uri: str, *, storage: dict[str, str] | None = None, check: Callable[[str, dict[str, Any]], None] | None = None
+) -> tuple[dict[str, torch.Tensor], str]:
     """The model weights of the checkpoint at ``uri`` (verified against its manifest when it has one),
-    and the folder they came from. ``storage``: Storage options, as for ``resolve_checkpoint``."""
+    and the folder they came from. ``storage``: Storage options, as for ``resolve_checkpoint``. ``check``:
+    called with the folder and its manifest (when it has one) before the weights are read; it raises to refuse."""
     with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
         local = Path(tmp) / MODEL_FILE
-        folder, _ = resolve_checkpoint(uri, local, storage=storage)
+        folder, manifest = resolve_checkpoint(uri, local, storage=storage)
+        if check is not None and manifest is not None:
+            check(folder, manifest)
         # DeepSpeed's file also holds its config and versions (plain Python objects); the weights are
         # all this reads from it.
         state = torch.load(local, map_location="cpu", weights_only=False)
@@ -331,11 +337,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Evaluate as the command line says; every rank returns the same result."""
-    from pipeline.checkpoint.layout import storage_options
+    from pipeline.checkpoint.layout import check_model, config_changes, storage_options
+    from pipeline.config import flatten
     from pipeline.data import prepare_dataset_root
     from pipeline.distributed import broadcast_object, close_distributed, init_distributed
     from pipeline.models import build_model
-    from pipeline.wiring import split_source
+    from pipeline.wiring import model_record, split_source
 
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
@@ -360,7 +367,23 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         root = broadcast_object(prepare_dataset_root(cfg.data) if env.rank == 0 else None)
         source = split_source(cfg, env, "val", root=root, eval_mode=args.mode, scales=scales)
-        state, folder = load_model_state(args.checkpoint, storage=storage_options(cfg.checkpoint))
+
+        def written_for(folder: str, manifest: dict[str, Any]) -> None:
+            # Another network of the same shapes (plain-20 and ResNet-20 with option A) would load without a word.
+            recorded = manifest.get("model")
+            check_model(
+                manifest,
+                url=folder,
+                model=model_record(cfg),
+                fix=f"evaluate it with the config it was trained with (model.name = "
+                f"{recorded.get('name') if isinstance(recorded, dict) else None!r}), or give the checkpoint of a "
+                f"{cfg.model.name} run",
+            )
+            changes = config_changes(manifest, config=flatten(cfg.experiment()), config_hash=cfg.hash())
+            if changes and env.rank == 0:
+                log.warning("the config differs from the one that trained %s (%s)", folder, changes)
+
+        state, folder = load_model_state(args.checkpoint, storage=storage_options(cfg.checkpoint), check=written_for)
         model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, **cfg.model.overrides())
         try:
             model.load_state_dict(state, strict=True)

@@ -1,5 +1,10 @@
 """Learning-rate schedules, computed from the global step so that a resume needs only the step.
 
+A schedule is a budget of samples: a step is one global batch (``data.batch_size`` x ranks x
+``distributed.grad_accum`` images), an epoch is :func:`epoch_steps` steps, so the same config at the same
+global batch sees the same samples, with its lr milestones at the same ones, on 1, 2 or 8 ranks. A resume
+at another global batch would change what the steps mean: the checkpointer refuses it.
+
 The plateau rule and the "warm up until training error < X" rule (the paper's ResNet-110 recipe) depend
 on measurements, so they keep a tiny state that travels in the checkpoint.
 """
@@ -12,8 +17,18 @@ from typing import Any
 from pipeline.config import ScheduleConfig
 
 
+def epoch_steps(num_samples: int, *, global_batch: int) -> int:
+    """Optimizer steps per epoch of a training split of ``num_samples`` images: ``num_samples // global_batch``,
+    whatever the world size W or grad_accum g. It is what the training sources yield: each rank
+    ``(N // W) // b`` micro-batches, g of them per step, and ``((N // W) // b) // g == N // (W * b * g)``."""
+    return num_samples // global_batch
+
+
 class LRSchedule:
-    """lr(step) for the schedule kinds of ``ScheduleConfig``; ``base_lr`` is already batch-scaled."""
+    """lr(step) for the schedule kinds of ``ScheduleConfig``; ``base_lr`` is already batch-scaled.
+
+    ``total_steps`` is ``schedule.max_steps`` when set (a smaller one truncates the schedule: epoch milestones
+    and warm-up stay at their epochs), else ``epochs`` x ``steps_per_epoch`` (:func:`epoch_steps`)."""
 
     def __init__(self, cfg: ScheduleConfig, *, base_lr: float, steps_per_epoch: int) -> None:
         self.cfg = cfg

@@ -2,6 +2,9 @@
 
 torchrun --nproc_per_node 8 pipeline/train.py --config configs/imagenet/resnet50.toml --optim.lr=0.2
 python -m pipeline.train --help-config      # every key, its default and what it does
+
+--resume auto (the default: this run_id's newest committed checkpoint; a finished run is refused), never (start
+this run_id over) or a checkpoint URI. The first log line says which checkpoint and step the run starts from.
 """
 
 from __future__ import annotations
@@ -40,7 +43,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     )
     p.add_argument("--config", help="experiment TOML file (see configs/)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and meaning")
-    return p.parse_known_args(argv)
+    p.add_argument(
+        "--resume",
+        metavar="auto|never|URI",
+        help="short for --checkpoint.resume: auto (default) continues this run_id from its newest committed "
+        "checkpoint and refuses a finished run; never starts it over (its checkpoints are set aside); a run or "
+        "step folder (local or s3://) starts from that checkpoint",
+    )
+    args, rest = p.parse_known_args(argv)
+    if args.resume is not None:
+        rest.append(f"--checkpoint.resume={args.resume}")  # applied last: it wins over a --checkpoint.resume
+    return args, rest
 
 
 def _setup_logging(rank: int) -> None:

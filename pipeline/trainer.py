@@ -46,6 +46,7 @@ class FitResult:
     step: int
     epoch: int
     stopped: bool  # True when a stop signal ended the run early (the caller exits with the requeue code)
+    samples: int = 0  # training images the optimizer steps consumed: step x global batch (the schedule's budget)
     final_val: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)  # rank 0: one entry per logged step/eval
 
@@ -95,6 +96,8 @@ class Trainer:
         self._logs_this_step = False  # the step being taken ends with a metric reduction (_log)
         self._grad_sq: torch.Tensor | None = None  # per-stage squared gradient norms of that step, on the device
         self.grad_accum = engine.gradient_accumulation_steps()
+        self.global_batch = int(engine.train_batch_size())  # images per optimizer step over all ranks
+        self.world_sizes: list[list[int]] = [[0, world_size]]  # [first step, world size] of each stretch of the run
         self.steps_per_epoch = max(1, len(train_source) // self.grad_accum)
         self.step = 0  # optimizer steps taken; the epoch and batch within it are the train source's position
         self._buffers_synced_at = -1  # the step whose BN buffers were last averaged over ranks
@@ -183,6 +186,9 @@ class Trainer:
             "epoch": epoch,
             "micro_in_epoch": micro_in_epoch,
             "world_size": self.world_size,
+            "world_sizes": self.world_sizes,
+            "global_batch": self.global_batch,
+            "samples": self.step * self.global_batch,  # the same at any world size: resumes keep the global batch
             "schedule": self.schedule.state_dict(),
             "data": self.train_source.state_dict(),
             "history": self.history if self.rank == 0 else [],
@@ -200,6 +206,9 @@ class Trainer:
         self._buffers_synced_at = self.step  # a checkpoint's buffers were averaged when it was saved
         self.schedule.load_state_dict(state["schedule"])
         self.history = list(state.get("history", []))
+        self.world_sizes = [list(w) for w in state.get("world_sizes", [[0, state["world_size"]]])]
+        if self.world_sizes[-1][1] != self.world_size:
+            self.world_sizes.append([self.step, self.world_size])
         if state["world_size"] == self.world_size:
             self.train_source.load_state_dict(state["data"])  # the exact position, epoch included
             rng = state["rng"]
@@ -380,7 +389,9 @@ class Trainer:
                 epoch_ended = self._optimizer_step()
                 last = self.step >= self.total_steps
                 if self._logs_at(self.step):
-                    stopped = self._log()
+                    # A stop agreed at the last step finishes the run instead (its final evaluation and save follow
+                    # at once): a checkpoint at the schedule's end is always a finished run's, which resume refuses.
+                    stopped = self._log() and not last
                 if stopped:
                     self._save()
                 elif not last:
@@ -400,5 +411,10 @@ class Trainer:
                 self._console = None
             self._epoch_batches = None
         return FitResult(
-            step=self.step, epoch=self.epoch, stopped=stopped, final_val=self._last_val, history=self.history
+            step=self.step,
+            epoch=self.epoch,
+            stopped=stopped,
+            samples=self.step * self.global_batch,
+            final_val=self._last_val,
+            history=self.history,
         )

@@ -24,7 +24,7 @@ from pipeline.distributed import DistEnv, broadcast_object
 from pipeline.engine import build_engine
 from pipeline.models import build_model, model_spec
 from pipeline.preflight import check_run
-from pipeline.schedule import LRSchedule, scaled_lr
+from pipeline.schedule import LRSchedule, epoch_steps, scaled_lr
 from pipeline.signals import StopFlag
 from pipeline.storage import StorageError
 from pipeline.tracking import Tracker, build_tracker
@@ -62,11 +62,13 @@ class TrainingRun:
         """Resume from the run's checkpoint if there is one, open the tracking run (a collective: every rank
         calls it) and, on rank 0, write the run's records. Returns the resumed trainer state, or None."""
         cfg, env, trainer = self.cfg, self.env, self.trainer
-        state = self.checkpointer.resume(self.engine) if self.checkpointer is not None else None
+        state = None
+        if self.checkpointer is not None:
+            # Refuses a finished run, another model and another global batch (the checkpointer says which
+            # checkpoint and step the run starts from, or that it starts from scratch).
+            state = self.checkpointer.resume(self.engine, end_step=self.schedule.total_steps)
         if state is not None:
             trainer.load_state_dict(state)
-            if env.is_main:
-                log.info("resumed run %s at step %d (epoch %d)", self.run_id, trainer.step, trainer.epoch)
         # Rank 0 creates or reopens the MLflow run and broadcasts its id.
         self.tracker.start((state or {}).get("tracking_run_id"))
         if env.is_main:
@@ -80,6 +82,17 @@ class TrainingRun:
             self.tracker.log_params({**flatten(cfg), **identity})
             # The same as tags, for search; a tag shows the current value (world_size after a resume elsewhere).
             self.tracker.set_tags({**identity, "model": cfg.model.name, **self.engine.fast_path.as_params()})
+            if len(trainer.world_sizes) > 1:
+                # The world_size tag shows the current size: the sizes the run went through are kept beside it.
+                history = ", ".join(f"{w} ranks from step {s}" for s, w in trainer.world_sizes)
+                self.tracker.set_tags({"world_size_history": history})
+                if trainer.world_sizes[-1][0] == trainer.step:  # the change is this start's
+                    log.warning(
+                        "run %s goes on at the same global batch on another world size (MLflow tag "
+                        "world_size_history: %s)",
+                        self.run_id,
+                        history,
+                    )
             self.tracker.log_inputs(
                 [describe_split(cfg.data, split=split, source=source) for split, source in self.sources.items()]
             )
@@ -130,6 +143,14 @@ class TrainingRun:
             if committed:
                 tags["checkpoint_uri"] = self.checkpointer.store.url(committed[0])
         self.tracker.log_model(self.engine.module, input_example=example, tags=tags)
+
+
+def model_record(cfg: TrainConfig) -> dict[str, str]:
+    """The network ``cfg`` builds, as checkpoint manifests record it and resume and evaluate compare it: the
+    model name, its architecture (depth, blocks, residual, shortcut, ...) and the number of classes."""
+    tags = model_spec(cfg.model.name, **cfg.model.overrides()).tags()
+    tags.pop("zero_init_residual", None)  # how the weights start, not what they are
+    return {"name": cfg.model.name, "num_classes": str(cfg.model.num_classes), **tags}
 
 
 def seed_everything(seed: int) -> None:
@@ -189,7 +210,7 @@ def build_run(
         compile_mode=cfg.model.compile_mode,
         compile_backend=cfg.model.compile_backend,
     )
-    steps_per_epoch = len(sources["train"]) // cfg.distributed.grad_accum
+    steps_per_epoch = epoch_steps(sources["train"].num_samples, global_batch=global_batch)
     if steps_per_epoch < 1:
         raise ConfigError(
             f"data.batch_size = {cfg.data.batch_size} x {env.world_size} ranks x grad_accum "
@@ -207,6 +228,13 @@ def build_run(
             config_hash=cfg.hash(),
             staging_dir=cfg.checkpoint.staging_dir or str(Path(cfg.resolved_output_dir) / "staging"),
             stop=stop,
+            record={
+                "model": model_record(cfg),
+                "config": flatten(cfg.experiment()),
+                "global_batch": global_batch,
+                "batch_size": cfg.data.batch_size,
+                "grad_accum": cfg.distributed.grad_accum,
+            },
         )
         checkpointer.check_access()
     tracker = build_tracker(

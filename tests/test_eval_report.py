@@ -125,3 +125,51 @@ def test_10crop_evaluation_reaches_the_members_run_and_the_report(mlflow_server,
     # Tiny data, one epoch: the recipe column says what differs instead of comparing.
     assert cells[6].startswith("paper recipe except: ") and "1 epochs" in cells[6], cells[6]
     assert "Table 3 layout: tiny_imagenet" in report.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_a_checkpoint_of_another_model(tmp_path: Path) -> None:
+    """plain-20 and ResNet-20 (option A) have the same shapes: the manifest's model record, not the weights, tells
+    them apart. On 2 ranks every rank refuses alike (exit 2); the same model under another config is evaluated,
+    with a warning naming the keys that differ."""
+    cpu = REPO / "configs/cpu"
+    common = [
+        f"--data.cache_dir={REPO / '.cache/datasets'}",
+        "--data.batch_size=32",
+        "--progress=false",
+        "--tracking.enabled=false",
+    ]
+    _run(
+        [
+            "pipeline.train",
+            "--config",
+            str(cpu / "digits_plain20.toml"),
+            "--schedule.max_steps=2",
+            *common,
+            f"--checkpoint.uri={tmp_path / 'ckpt'}",
+            f"--output_dir={tmp_path / 'out'}",
+        ],
+        tmp_path,
+    )
+    run = tmp_path / "ckpt" / "digits_plain20"
+    evaluate = [str(REPO / "pipeline/evaluate.py"), "--checkpoint", str(run), "--no-log", *common]
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node=2", "--standalone", *evaluate, "--config", str(cpu / "digits_resnet20.toml")],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]  # rank 0 only
+    assert f"{run}/step-2 holds cifar_plain20" in line and "asks for cifar_resnet20" in line, line
+    assert "residual: false vs true" in line and "model.name = 'cifar_plain20'" in line, line
+    assert "top-1 error" not in proc.stdout
+
+    ok = _run(
+        ["pipeline.evaluate", *evaluate[1:], "--config", str(cpu / "digits_plain20.toml"), "--optim.lr=0.2"], tmp_path
+    )
+    assert "center: top-1 error" in ok.stdout
+    assert "the config differs from the one that trained" in ok.stderr and "optim.lr 0.1 -> 0.2" in ok.stderr

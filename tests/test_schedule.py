@@ -62,3 +62,37 @@ def test_resnet110_warmup_until_train_error_below_80():
 
 def test_linear_scaling_rule():
     assert scaled_lr(0.1, reference_batch=256, global_batch=8192) == pytest.approx(3.2)
+
+
+@pytest.mark.parametrize("num_samples", [1437, 1000, 50000, 127])
+@pytest.mark.parametrize("world, batch, accum", [(1, 16, 1), (2, 8, 1), (1, 8, 2), (4, 2, 2), (8, 1, 2)])
+def test_an_epoch_is_the_same_steps_at_any_world_size(num_samples, world, batch, accum):
+    """What the training sources yield per rank ((N // W) // b micro-batches, grad_accum per step) is
+    epoch_steps(N, global batch): at a global batch of 16 every split above has the same epoch on 1 to 8 ranks."""
+    from pipeline.schedule import epoch_steps
+
+    assert ((num_samples // world) // batch) // accum == epoch_steps(num_samples, global_batch=world * batch * accum)
+    assert epoch_steps(num_samples, global_batch=world * batch * accum) == num_samples // 16
+
+
+def test_max_steps_truncates_an_epoch_schedule_with_milestones_and_warmup():
+    # One override for a smoke run of an epoch config (configs/cpu/_digits.toml's schedule): milestones and the
+    # warm-up stay at their epochs, the run just ends earlier.
+    s = sched(kind="multistep", epochs=10, milestones=[7, 9], warmup=1, max_steps=75)
+    full = sched(kind="multistep", epochs=10, milestones=[7, 9], warmup=1)
+    assert s.total_steps == 75 and full.total_steps == 100
+    assert [s.lr(x) for x in (0, 5, 10, 69, 70, 74)] == pytest.approx([full.lr(x) for x in (0, 5, 10, 69, 70, 74)])
+    assert s.lr(70) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(
+    "config",
+    ["configs/cpu/digits_resnet20.toml", "configs/cifar10/cifar_resnet20.toml", "configs/imagenet/resnet50.toml"],
+)
+def test_max_steps_is_accepted_by_every_kind_of_config(config):
+    from pathlib import Path
+
+    from pipeline.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / config, ["--schedule.max_steps=20"])
+    assert cfg.schedule.max_steps == 20 and cfg.schedule.milestones  # the milestones stay, in their unit

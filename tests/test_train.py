@@ -224,3 +224,16 @@ def test_resume_from_a_save_at_an_epoch_end_continues_like_the_uninterrupted_run
     assert resumed_history == history
     assert resumed_weights.keys() == weights.keys()
     assert all(torch.equal(weights[k], resumed_weights[k]) for k in weights)
+
+
+@pytest.mark.parametrize("value", ["never", "auto", "s3://bucket/ckpt/run/step-40", "/shared/ckpt/run"])
+def test_resume_is_short_for_checkpoint_resume(value):
+    from pipeline.config import load_config
+    from pipeline.train import parse_args
+
+    for argv in (["--resume", value], [f"--resume={value}"], ["--checkpoint.resume=auto", "--resume", value]):
+        args, rest = parse_args(["--config", CPU_CONFIG, *argv, "--optim.lr=0.2"])
+        cfg = load_config(ROOT / args.config, rest)
+        assert cfg.checkpoint.resume == value and cfg.optim.lr == 0.2
+    _, rest = parse_args(["--config", CPU_CONFIG])
+    assert load_config(ROOT / CPU_CONFIG, rest).checkpoint.resume == "auto"  # the default: what requeues rely on

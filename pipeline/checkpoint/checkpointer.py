@@ -9,6 +9,11 @@ step has no manifest.
 Resuming: the newest committed checkpoint whose files all match the manifest's sizes and sha256 is
 loaded; a missing or corrupt file makes resume fall back to the previous one with a warning naming the
 file. If ``latest`` exists but nothing verifies, start-up fails instead of silently starting over.
+``checkpoint.resume`` (``--resume``) chooses: ``auto`` this run_id's newest committed checkpoint, ``never``
+from scratch (the run's committed checkpoints are set aside, not deleted, so two timelines never mix under
+one ``latest``), or a checkpoint URI. Each manifest records the model, the flattened config and the global
+batch, and a resume refuses (before downloading anything) a checkpoint of another model, at another global
+batch (its steps would count other samples), or at the schedule's end (a finished run is not trained further).
 
 Stop requests: the trainer agrees on a stop flag across ranks at its metric reduction (every
 ``log_every`` steps), saves through ``save`` and ``close`` waits for the commit before the process
@@ -51,8 +56,10 @@ from pipeline.checkpoint.layout import (
     MANIFEST,
     CheckpointError,
     apply_retention,
+    check_model,
     committed_candidates,
     committed_tags,
+    config_changes,
     first_good,
     list_steps,
     read_latest,
@@ -94,8 +101,13 @@ class Checkpointer:
         staging_dir: str,
         local_rank: int | None = None,
         stop: StopFlag | None = None,
+        record: dict[str, Any] | None = None,
     ) -> None:
         self.cfg = cfg
+        # What every manifest records about the run besides the checkpoint, and what a resume compares: "model"
+        # (pipeline.wiring.model_record), "config" (the flattened experiment keys), "global_batch", "batch_size",
+        # "grad_accum". Absent keys are neither recorded nor compared.
+        self.record = dict(record or {})
         self.run_id = run_id
         self.rank = rank
         self.world_size = world_size
@@ -174,6 +186,7 @@ class Checkpointer:
             "world_size": self.world_size,
             "zero_stage": int(engine.zero_optimization_stage()) if hasattr(engine, "zero_optimization_stage") else 0,
             "versions": _versions(),
+            **self.record,
         }
         # The folder is complete: a later start may upload it if this process never does (see _recover_staged).
         staged_marker(local).write_text(json.dumps({"meta": meta, "session": self.session, "rank": self.rank}))
@@ -389,13 +402,18 @@ class Checkpointer:
             self._uploader = None
 
     # ---------------------------------------------------------------------------------------------
-    def resume(self, engine: Any) -> dict[str, Any] | None:
-        """Load the checkpoint chosen by ``checkpoint.resume``; returns this rank's trainer state,
-        or None when the run starts fresh. A collective."""
+    def resume(self, engine: Any, *, end_step: int | None = None) -> dict[str, Any] | None:
+        """Load the checkpoint chosen by ``checkpoint.resume``; returns this rank's trainer state, or None when
+        the run starts from scratch. A collective. Rank 0's first line says which checkpoint and step the run
+        starts from, or that it starts from scratch.
+
+        Refused, on every rank alike and before anything is downloaded or written (CheckpointError): a
+        checkpoint of another model (the manifest's record), at another global batch (steps would count other
+        samples), or at or past ``end_step`` (the schedule's end: the run is finished)."""
         mode = self.cfg.resume
         if mode == "never":
-            if self.rank == 0:
-                self._set_aside_all()
+            if self.rank == 0 and not self._set_aside_all():  # which logs that the run starts from scratch
+                log.info("run %s starts from scratch (checkpoint.resume = never)", self.run_id)
             barrier(group=self._group)
             return None
         survey = broadcast_object(self._survey(mode) if self.rank == 0 else None, group=self._group)
@@ -404,8 +422,11 @@ class Checkpointer:
         store = Storage(survey["root"], **self._opts)
         if not survey["candidates"]:
             if self.rank == 0:
-                log.info("no committed checkpoint of run %s at %s: starting from scratch", self.run_id, store.uri)
+                log.info("run %s starts from scratch: no committed checkpoint at %s", self.run_id, store.uri)
             return None
+        # Every rank holds the same manifests (rank 0's survey) and the same config: the same verdict, no collective.
+        newest = survey["candidates"][0]
+        self._accept(store, *newest, own_run=survey["own_run"], end_step=end_step)
 
         def check(tag: str, manifest: dict[str, Any]) -> None:
             # One download per node; a tag any rank cannot use is rejected on every rank.
@@ -422,27 +443,69 @@ class Checkpointer:
                 f"checkpoint.resume at a good checkpoint URI, or pass --checkpoint.resume=never"
             )
         tag, manifest = chosen
+        if tag != newest[0]:
+            self._accept(store, tag, manifest, own_run=survey["own_run"], end_step=end_step)
+        if self.rank == 0:
+            log.info(
+                "resumed run %s at step %d (epoch %d) from %s, written by %d ranks",
+                self.run_id,
+                manifest["step"],
+                manifest["epoch"],
+                store.url(tag),
+                manifest["world_size"],
+            )
+            changes = config_changes(manifest, config=self.record.get("config"), config_hash=self.config_hash)
+            if changes:
+                log.warning("the config differs from the one that wrote %s (%s)", tag, changes)
         state = self._load(engine, tag, manifest)
         if self.rank == 0 and survey["own_run"]:
             self._after_resume(store, tag, [t for t, _ in rejected])
         barrier(group=self._group)
         shutil.rmtree(self._restore_root(), ignore_errors=True)
-        if self.rank == 0:
-            log.info(
-                "resumed from %s (step %d, epoch %d, written by %d ranks)",
-                store.url(tag),
-                manifest["step"],
-                manifest["epoch"],
-                manifest["world_size"],
-            )
-            if manifest.get("config_hash") != self.config_hash:
-                log.warning(
-                    "the config differs from the one that wrote %s (hash %s, now %s)",
-                    tag,
-                    manifest.get("config_hash"),
-                    self.config_hash,
-                )
         return state
+
+    def _accept(
+        self, store: Storage, tag: str, manifest: dict[str, Any], *, own_run: bool, end_step: int | None
+    ) -> None:
+        """Raise CheckpointError when this run must not continue from ``tag`` (see ``resume``)."""
+        url = store.url(tag)
+        new = "start a new run (--run_id=<new id>) or start this one over (--resume=never)"
+        if "model" in self.record:
+            recorded = manifest.get("model")
+            name = recorded.get("name") if isinstance(recorded, dict) else None
+            check_model(
+                manifest,
+                url=url,
+                model=self.record["model"],
+                fix=f"resume with the config that wrote it (model.name = {name!r}), or {new}",
+            )
+        old, now = manifest.get("global_batch"), self.record.get("global_batch")
+        if old is not None and now is not None and int(old) != int(now):
+            ranks, batch, accum = self.world_size, self.record.get("batch_size"), self.record.get("grad_accum")
+            keep = []
+            if batch and old % (ranks * batch) == 0:
+                keep.append(f"--distributed.grad_accum={old // (ranks * batch)}")
+            if accum and old % (ranks * accum) == 0:
+                keep.append(f"--data.batch_size={old // (ranks * accum)}")
+            raise CheckpointError(
+                f"checkpoint {url} was written at a global batch of {old} images per step ({manifest['world_size']} "
+                f"ranks x data.batch_size {manifest.get('batch_size')} x distributed.grad_accum "
+                f"{manifest.get('grad_accum')}), this run's is {now} ({ranks} x {batch} x {accum}): its steps, "
+                f"epochs and lr milestones would count other samples. Keep the global batch on {ranks} ranks "
+                f"({' or '.join(keep) or f'data.batch_size x distributed.grad_accum = {old / ranks:g}'}), or {new}"
+            )
+        if end_step is not None and int(manifest["step"]) >= end_step:
+            if own_run:
+                raise CheckpointError(
+                    f"run {self.run_id} is finished: its newest committed checkpoint {url} is at step "
+                    f"{manifest['step']}, {'the' if int(manifest['step']) == end_step else 'past the'} end of its "
+                    f"schedule ({end_step} steps); to train again, {new}"
+                )
+            raise CheckpointError(
+                f"checkpoint.resume = {self.cfg.resume!r}: {url} is at step {manifest['step']}, at or past the end "
+                f"of this schedule ({end_step} steps): nothing is left to train; lengthen the schedule "
+                f"(schedule.epochs or schedule.max_steps) or resume from an earlier checkpoint"
+            )
 
     def _survey(self, mode: str) -> dict[str, Any] | str:
         """Rank 0: the candidates to try, newest first, or an error message for every rank to raise."""
@@ -602,7 +665,8 @@ class Checkpointer:
         except StorageError as e:
             log.warning("could not tidy %s after resuming (%s)", store.uri, e)
 
-    def _set_aside_all(self) -> None:
+    def _set_aside_all(self) -> int:
+        """Rank 0, checkpoint.resume = never: uncommit every committed checkpoint of the run; returns how many."""
         try:
             tags = committed_tags(self.store)
             for t in tags:
@@ -610,12 +674,13 @@ class Checkpointer:
             self.store.delete(LATEST)
             if tags:
                 log.warning(
-                    "checkpoint.resume = never: %d committed checkpoints of run %s at %s were set aside "
-                    "(manifest.json renamed to manifest.set-aside.json) and the run starts from scratch",
-                    len(tags),
+                    "run %s starts from scratch (checkpoint.resume = never): its %d committed checkpoints at %s "
+                    "were set aside (manifest.json renamed to manifest.set-aside.json)",
                     self.run_id,
+                    len(tags),
                     self.store.uri,
                 )
+            return len(tags)
         except StorageError as e:
             raise CheckpointError(f"checkpoint.resume = never: cannot set aside the old checkpoints ({e})") from e
 

@@ -187,6 +187,47 @@ def verified_file(store: Storage, rel: str, local: str | Path, entry: dict[str, 
 
 
 # --------------------------------------------------------------------------------------------------
+# What a checkpoint was written for: its manifest records the model and the config (resume and evaluate compare)
+
+
+def describe_model(model: dict[str, str]) -> str:
+    """``cifar_resnet20 (depth 20, residual true, shortcut A, 10 classes)`` for a recorded model."""
+    return (
+        f"{model.get('name', '?')} (depth {model.get('depth', '?')}, residual {model.get('residual', '?')}, "
+        f"shortcut {model.get('shortcut', '?')}, {model.get('num_classes', '?')} classes)"
+    )
+
+
+def check_model(manifest: dict[str, Any], *, url: str, model: dict[str, str], fix: str) -> None:
+    """Refuse the checkpoint at ``url`` when its manifest records another model than ``model`` (two networks of
+    the same shapes, such as plain-20 and ResNet-20 with option A, would load without a word): a CheckpointError
+    naming both and ``fix``. A manifest written before models were recorded is not compared, with a warning."""
+    recorded = manifest.get("model")
+    if not isinstance(recorded, dict):
+        log.warning("%s records no model (written by an older version): it is not checked against %s", url, model)
+        return
+    differ = [k for k in sorted(set(recorded) | set(model)) if str(recorded.get(k)) != str(model.get(k))]
+    if differ:
+        raise CheckpointError(
+            f"checkpoint {url} holds {describe_model(recorded)} but the config asks for {describe_model(model)} "
+            f"({', '.join(f'{k}: {recorded.get(k)} vs {model.get(k)}' for k in differ)}); {fix}"
+        )
+
+
+def config_changes(manifest: dict[str, Any], *, config: dict[str, str] | None, config_hash: str) -> str:
+    """ "" when the manifest's config hash is ``config_hash``; else the hashes and, when the manifest records the
+    flattened experiment keys (and ``config`` is given), the keys that differ with both values: for a warning."""
+    if manifest.get("config_hash") == config_hash:
+        return ""
+    out = f"hash {manifest.get('config_hash')}, now {config_hash}"
+    old = manifest.get("config")
+    if isinstance(old, dict) and config is not None:
+        changed = [k for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k)]
+        out += "; changed: " + ", ".join(f"{k} {old.get(k, '(unset)')} -> {config.get(k, '(unset)')}" for k in changed)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
 # Parts: what each rank uploaded, before rank 0 commits
 
 

@@ -7,14 +7,13 @@ Several ranks are simulated in one process by building one source per rank.
 
 from __future__ import annotations
 
-import io
 import os
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-from datatree import ids, write_sharded_split
+from datatree import environ, ids, record_reader, roundtrip, take, write_sharded_split
 
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data import DataError, build_source
@@ -47,34 +46,10 @@ def shard_cfg(make_cfg, root, **kw):
     return make_cfg(root=root, format="shards", **kw)
 
 
-def record_reader(src) -> list[list[int]]:
-    """Every batch the source's DALI pipelines produce (yielded or dropped): one list of ids per batch."""
-    batches: list[list[int]] = []
-    real_run = src._run
-
-    def run(pipe, *args):
-        out = real_run(pipe, *args)
-        batches.append(ids(torch.from_numpy(np.array(out[0].as_tensor()))))
-        return out
-
-    src._run = run
-    return batches
-
-
 def piece_ids(src, pieces) -> list[int]:
     """The ids a list of (shard, first, end) pieces holds (write_sharded_split numbers them in shard order)."""
     starts = np.cumsum([0] + [s.samples for s in src.manifest.shards])
     return [int(starts[s]) + j for s, first, end in pieces for j in range(first, end)]
-
-
-def take(src, n):
-    out = []
-    while len(out) < n:
-        for batch in src:
-            out.append(batch)
-            if len(out) == n:
-                break
-    return out
 
 
 # -- exactly once ----------------------------------------------------------------------------------
@@ -139,13 +114,6 @@ def test_shuffle_is_seeded_and_changes_every_epoch(sharded, make_cfg):
 
 
 # -- exact resume ----------------------------------------------------------------------------------
-
-
-def roundtrip(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -221,17 +189,9 @@ def s3(tmp_path_factory):
     from s3_server import S3_DELAY_S, aws_env, direct_url, start_moto_server
 
     with start_moto_server(log_dir=tmp_path_factory.mktemp("moto"), delay_s=S3_DELAY_S) as url:
-        saved = {k: os.environ.get(k) for k in aws_env(url)}
-        os.environ.update(aws_env(url))
-        s3fs.S3FileSystem(endpoint_url=direct_url(url), key="testing", secret="testing").mkdir("shards")
-        try:
+        with environ(aws_env(url)):
+            s3fs.S3FileSystem(endpoint_url=direct_url(url), key="testing", secret="testing").mkdir("shards")
             yield url
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def upload(tmp_path, name, sizes=TRAIN, val=VAL):

@@ -381,3 +381,34 @@ def test_the_tracked_dataset_record_names_the_split_and_its_shards(sharded, make
     other = str(tmp_path / "other")
     write_sharded_split(os.path.join(other, "train"), [17, 17])
     assert describe_split(cfg, split="train", source=source(shard_cfg(make_cfg, other), other)).digest != record.digest
+
+
+def test_the_ranks_of_a_node_download_each_shard_once(s3, tmp_path, make_cfg):
+    import threading
+
+    from s3_server import count_requests
+
+    root, train = upload(tmp_path, "shared", sizes=[7, 5, 9, 3, 6, 4, 8, 6], val=[3])
+    cfg = shard_cfg(make_cfg, root, batch_size=4, cache_dir=str(tmp_path / "node-cache"))
+    ranks = [source(cfg, root, rank=r, world_size=2, seed=1) for r in range(2)]
+    seen: list[list[int]] = [[], []]
+    errors = []
+
+    def read(r):
+        try:
+            for _ in range(2):  # the second epoch gives each rank other shards, already on the node
+                seen[r] += [i for x, _ in ranks[r] for i in ids(x)]
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    with count_requests(s3) as log:
+        threads = [threading.Thread(target=read, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        gets = Counter(r.path for r in log.requests() if r.method == "GET" and r.path.endswith(".tar"))
+    assert not errors, errors
+    assert sorted(gets) == [f"/shards/shared/train/shard-{k:06d}.tar" for k in range(8)]
+    assert set(gets.values()) == {1}, gets  # one download per shard for the whole node
+    assert len(seen[0]) == len(seen[1]) == 2 * len(ranks[0]) * 4

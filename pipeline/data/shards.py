@@ -191,6 +191,7 @@ class ShardSource(DaliSource):
     def _build_pipeline(self, epoch: int, segment: int, *, checkpoint: bytes | None) -> tuple[Any, tuple[str, ...]]:
         pieces = self.segment_pieces(epoch, segment)
         needed = self.epoch_shards(epoch, segment)
+        self._shard_files.want(needed)  # all queued at once, first: the fetchers work on them together
         if self.split == "train":
             # The shards of the segment after this one are fetched while this one is read (a segment is built
             # half-way through the one before it, so the fetcher runs one to two segments ahead of the reader).

@@ -38,7 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from servers import TcpForwarder
+from servers import ForwarderProcess, TcpForwarder
 from servers import free_port as _free_port  # also imported by the storage and checkpoint tests
 
 _SERVERS: dict[str, _Server] = {}  # endpoint_url -> server, so stop/restart can find it
@@ -64,8 +64,12 @@ class _Server:
         self.port = _free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.forwarder = TcpForwarder(
-            "127.0.0.1", self.backend_port, port=self.port, delay_s=delay_s, name="s3-forwarder"
+        # A delaying forwarder runs in its own process: DALI holds the GIL while it tears down a pipeline that
+        # read S3, and waits for its requests (servers.ForwarderProcess).
+        self.forwarder: TcpForwarder | ForwarderProcess = (
+            ForwarderProcess("127.0.0.1", self.backend_port, port=self.port, delay_s=delay_s, name="s3-forwarder")
+            if delay_s > 0
+            else TcpForwarder("127.0.0.1", self.backend_port, port=self.port, name="s3-forwarder")
         )
         # moto's request recorder appends to this file (its default is ./moto_recording, in the caller's cwd).
         self._scratch = tempfile.mkdtemp(prefix="moto-recording-")

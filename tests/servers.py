@@ -8,14 +8,23 @@ slow = TcpForwarder("127.0.0.1", backend_port, delay_s=0.020)   # every chunk he
 
 The delay stands in for network latency: this machine's kernel has no ``netem`` queueing discipline, so
 ``tc qdisc ... netem delay`` is not available; a forwarder that holds each chunk is the next best thing.
+
+``ForwarderProcess`` is the same forwarder in a child process (same start/stop/port). Use it when the
+process that talks through the forwarder may block in native code holding the GIL: a DALI pipeline that
+read S3 holds it while it is destroyed and waits for its open requests, which an in-process forwarder can
+then never answer (each teardown took ~10 s, until the SDK's timeout).
 """
 
 from __future__ import annotations
 
+import argparse
 import queue
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -24,7 +33,32 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class TcpForwarder:
+class _Forwarder:
+    """What both forwarders share: where they listen, where they forward to, and the delay each way."""
+
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        listen_host: str = "127.0.0.1",
+        port: int = 0,
+        delay_s: float = 0.0,
+        name: str = "tcp-forwarder",
+    ) -> None:
+        if delay_s < 0:
+            raise ValueError(f"delay_s must be >= 0, not {delay_s}")
+        self.target = (target_host, target_port)
+        self.listen_host, self.port = listen_host, port
+        self.delay_s = delay_s
+        self.name = name
+
+    @property
+    def address(self) -> str:
+        return f"{self.listen_host}:{self.port}"
+
+
+class TcpForwarder(_Forwarder):
     """Accepts on ``listen_host:port`` and pipes every connection to ``target_host:target_port``.
 
     ``port=0`` takes a free port at the first ``start()``; later starts listen on that same port again.
@@ -49,21 +83,12 @@ class TcpForwarder:
         delay_s: float = 0.0,
         name: str = "tcp-forwarder",
     ) -> None:
-        if delay_s < 0:
-            raise ValueError(f"delay_s must be >= 0, not {delay_s}")
-        self.target = (target_host, target_port)
-        self.delay_s = delay_s
-        self.listen_host, self.port = listen_host, port
+        super().__init__(target_host, target_port, listen_host=listen_host, port=port, delay_s=delay_s, name=name)
         self.connect_timeout = connect_timeout
-        self.name = name
         self._listener: socket.socket | None = None
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-
-    @property
-    def address(self) -> str:
-        return f"{self.listen_host}:{self.port}"
 
     @property
     def running(self) -> bool:
@@ -104,19 +129,15 @@ class TcpForwarder:
                 threading.Thread(target=pump, args=(a, b), daemon=True, name=f"{self.name}-pump").start()
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            self._close_pair(src, dst)
+        self._forward(src, dst, iter(lambda: src.recv(1 << 16), b""))
 
     def _pump_delayed(self, src: socket.socket, dst: socket.socket) -> None:
         """Read ``src`` as fast as it sends; a sender thread writes each chunk to ``dst`` ``delay_s`` after it
         arrived. The end of ``src`` (b"") travels through the queue too, so it is delivered after the data."""
         chunks: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
-        sender = threading.Thread(target=self._send_late, args=(chunks, src, dst), daemon=True, name=self.name)
+        sender = threading.Thread(
+            target=self._forward, args=(src, dst, _when_due(chunks)), daemon=True, name=f"{self.name}-sender"
+        )
         sender.start()
         try:
             while data := src.recv(1 << 16):
@@ -125,17 +146,10 @@ class TcpForwarder:
             pass
         chunks.put((time.monotonic() + self.delay_s, b""))
 
-    def _send_late(
-        self, chunks: queue.SimpleQueue[tuple[float, bytes]], src: socket.socket, dst: socket.socket
-    ) -> None:
+    def _forward(self, src: socket.socket, dst: socket.socket, chunks: Iterator[bytes]) -> None:
+        """Send every chunk to ``dst``; at the end (or a dead socket) close both sockets of the connection."""
         try:
-            while True:
-                due, data = chunks.get()
-                wait = due - time.monotonic()
-                if wait > 0:
-                    time.sleep(wait)
-                if not data:
-                    break
+            for data in chunks:
                 dst.sendall(data)
         except OSError:
             pass
@@ -162,6 +176,17 @@ class TcpForwarder:
             _shut(s)
 
 
+def _when_due(chunks: queue.SimpleQueue[tuple[float, bytes]]) -> Iterator[bytes]:
+    """The queued chunks, each at its due time, until the end marker (b"")."""
+    while True:
+        due, data = chunks.get()
+        if (wait := due - time.monotonic()) > 0:
+            time.sleep(wait)
+        if not data:
+            return
+        yield data
+
+
 def _shut(s: socket.socket) -> None:
     """Shut down both directions (wakes a thread blocked on it) and close; a dead socket is fine."""
     try:
@@ -169,3 +194,52 @@ def _shut(s: socket.socket) -> None:
     except OSError:
         pass
     s.close()
+
+
+class ForwarderProcess(_Forwarder):
+    """A :class:`TcpForwarder` in a child process (``python servers.py ...``), with the same interface.
+
+    ``stop()`` kills the child: its listener and every open connection close at once, as with a dead server.
+    """
+
+    _proc: subprocess.Popen[str] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        cmd = [sys.executable, __file__, f"{self.target[0]}:{self.target[1]}", f"{self.listen_host}:{self.port}"]
+        proc = subprocess.Popen([*cmd, "--delay-s", str(self.delay_s)], stdout=subprocess.PIPE, text=True)
+        line = proc.stdout.readline() if proc.stdout else ""  # the port, once it listens
+        if not line.strip().isdigit():
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"{self.name}: the forwarder process did not start ({cmd}): {line!r}")
+        self.port = int(line)
+        self._proc = proc
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            if self._proc.stdout:
+                self._proc.stdout.close()
+            self._proc = None
+
+
+def _serve(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="forward LISTEN to TARGET until killed")
+    p.add_argument("target", help="host:port")
+    p.add_argument("listen", help="host:port (port 0: a free one)")
+    p.add_argument("--delay-s", type=float, default=0.0)
+    args = p.parse_args(argv)
+    (th, tp), (lh, lp) = (a.rsplit(":", 1) for a in (args.target, args.listen))
+    fwd = TcpForwarder(th, int(tp), listen_host=lh, port=int(lp), delay_s=args.delay_s)
+    fwd.start()
+    print(fwd.port, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    _serve()

@@ -564,3 +564,22 @@ def test_histories_import_as_the_study_runner_would_log_them(tmp_path):
     assert c.data.tags["study"] == "cifar10_table6" and c.data.tags["depth"] == "20"
     assert [m.step for m in client.get_metric_history(c.info.run_id, "train_loss")] == [50, 100]
     assert "| 20" in (tmp_path / "report" / "table.md").read_text()
+
+
+# -- the data benchmark ----------------------------------------------------------------------------------------
+def test_data_benchmark_measures_three_sources_behind_the_delay(tmp_path, tiny_jpegs):
+    """benchmarks/data_throughput.py at toy size: local files, per-object S3 and sharded S3 in one run, behind
+    the 20 ms proxy, with S3 requests counted by moto."""
+    rows_file = tmp_path / "rows.jsonl"
+    args = ["--jpegs", str(tiny_jpegs), "--images", "12", "--object-images", "12", "--epochs", "2", "--rounds", "1"]
+    r = run_py(["benchmarks/data_throughput.py", *args, "--batch-size", "4", "--out", str(rows_file)], timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {row["source"]: row for row in map(json.loads, rows_file.read_text().splitlines())}
+    assert sorted(rows) == ["local", "s3-objects", "s3-shards"]
+    for row in rows.values():
+        assert row["images"] == 24 and row["img_per_s"] > 0 and len(row["epoch_gaps_ms"]) == 1
+        assert row["delay_ms_each_way"] == 20.0 and "DALI" in row["versions"]
+    assert "s3_requests" not in rows["local"]
+    assert rows["s3-objects"]["requests_per_image"] >= 1.9  # DALI's file reader: a HEAD and a GET per image
+    assert rows["s3-shards"]["requests_per_image_after_epoch1"] == 0  # a warm node cache asks S3 nothing
+    assert "| s3-shards |" in r.stdout and "worst gap / median" in r.stdout

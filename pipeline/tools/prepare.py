@@ -543,7 +543,8 @@ def write_sharded_split(
     source = Storage(split_path)
     cut = len(split_path.rstrip("/")) + 1
     rels = [f[cut:].replace(os.sep, "/") for f in index.files]  # scan_split joins files onto split_path as given
-    sizes = source.find()
+    listed = source.find()  # one listing; a file it misses (below a symlinked folder) is asked for alone
+    sizes = {r: listed[r] if r in listed else source.size(r) for r in rels}
     order = np.random.default_rng(seed).permutation(len(rels)).tolist()  # shuffled once: shards are class-mixed
     plan = plan_shards([sizes[rels[i]] for i in order], shard_bytes=shard_bytes)
     dest = Storage(out)

@@ -106,3 +106,17 @@ def test_requests_are_counted_at_the_server(delayed):
     with count_requests(delayed) as again:  # a new block starts from zero
         s3.list_objects_v2(Bucket="bkt")
     assert [r.method for r in again.requests()] == ["GET"] and again.requests()[0].query.startswith("list-type=2")
+
+
+def test_a_delayed_endpoint_has_outages_too(tmp_path):
+    from s3_server import outage
+
+    with start_moto_server(log_dir=tmp_path, delay_s=S3_DELAY_S) as url:
+        s3 = _client(direct_url(url))
+        s3.create_bucket(Bucket="bkt")
+        s3.put_object(Bucket="bkt", Key="small", Body=b"x")
+        assert _round_trip(url, "small")[1] == b"x"
+        with outage(url):
+            with pytest.raises(ConnectionRefusedError):
+                _round_trip(url, "small")
+        assert _round_trip(url, "small")[1] == b"x"  # the same port again, the data intact

@@ -9,8 +9,8 @@ The rules are :class:`~pipeline.data.loader.DaliSource`'s, with shards in place 
   exactly once per epoch over all ranks, however uneven the shards. Inside its run a rank's samples are
   shuffled by DALI's own buffer (``readers.webdataset(random_shuffle=True)``, seeded by the pipeline's
   seed). Every rank yields ``(N // W) // batch_size`` batches and reads and drops the rest, as for files;
-  the run is not padded (DALI's shuffle would yield padding beside its original) but the reader's last
-  batch runs on into its next reader epoch, which is dropped with it.
+  the run is not padded (DALI's shuffle would yield padding beside its original) but DALI pads the
+  reader's last batch with its last sample, dropped with it.
 * Evaluation: the shards in manifest order, no shuffling; each rank yields its run's samples once, the
   padding (at the end) is dropped.
 
@@ -145,9 +145,9 @@ class ShardSource(DaliSource):
             if pos >= self._stop:
                 break
         if self.split == "train":
-            # No padding: it would be shuffled in among the run and yielded beside its original. DALI fills the
-            # last reader batch from its next reader epoch instead, after every sample of this one (its shuffle
-            # stays inside a reader epoch); that batch is past len() and dropped.
+            # No padding here: it would be shuffled in among the run and yielded beside its original. DALI pads
+            # the last reader batch with the last sample instead (pad_last_batch), after every sample of the run
+            # (its shuffle stays inside a reader epoch); that batch is past len() and dropped.
             return pieces
         # Evaluation reads in order: the padding (read, never yielded) repeats the run from its start.
         need = self._reader_batches * self.batch_size - (self._stop - self._start)

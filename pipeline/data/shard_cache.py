@@ -85,7 +85,7 @@ class ShardCache:
         self._done: dict[str, tuple[str, str]] = {}
         self._failed: dict[str, DataError] = {}
         self._pinned: Counter[str] = Counter()  # handed to this process's readers and not yet opened by DALI
-        self._urgent: set[str] = set()  # a reader waits on these now
+        self._urgent: Counter[str] = Counter()  # readers wait on these now (the loop's and the one building ahead)
         self._ahead: set[str] = set()  # to be read later (lookahead): not evicted to make room for other lookahead
         self._partial_dir = self.folder / f".partial-{socket.gethostname()}-{os.getpid()}"
         self._fetching: dict[str, int] = {}  # being downloaded by this process: name -> bytes reserved
@@ -128,13 +128,15 @@ class ShardCache:
     def paths(self, shard: ShardInfo) -> tuple[str, str]:
         while True:
             with self._cond:
-                self._urgent.add(shard.name)
+                self._urgent[shard.name] += 1
                 self._ahead.discard(shard.name)
                 self._enqueue(shard, first=True)
                 self._cond.notify_all()
                 while shard.name not in self._done and shard.name not in self._failed:
                     self._cond.wait()
-                self._urgent.discard(shard.name)
+                self._urgent[shard.name] -= 1
+                if self._urgent[shard.name] <= 0:
+                    del self._urgent[shard.name]
                 if shard.name in self._failed:
                     raise self._failed[shard.name]
                 tar, index = self._done[shard.name]
@@ -292,7 +294,7 @@ class ShardCache:
             partial = self._downloading_elsewhere()
             with self._cond:
                 total = sum(size for _, _, size in cached) + sum(self._fetching.values()) + partial
-                keep = set(self._pinned) | self._urgent
+                keep = set(self._pinned) | set(self._urgent)
                 if shard.name not in self._urgent:
                     keep |= self._ahead
             for _mtime, name, size in sorted(cached):
@@ -319,7 +321,7 @@ class ShardCache:
     def _evict(self, *, free_all: bool) -> None:
         with _locked(self.folder / ".evict.lock"):
             with self._cond:
-                pinned = set(self._pinned) | self._urgent
+                pinned = set(self._pinned) | set(self._urgent)
             for _mtime, name, _size in sorted(self._cached()):
                 if free_all and name not in pinned:
                     self._remove(name)
@@ -335,7 +337,7 @@ class ShardCache:
 
     def _too_small(self, shard: ShardInfo) -> DataError:
         with self._cond:
-            held_names = set(self._pinned) | self._urgent
+            held_names = set(self._pinned) | set(self._urgent)
         held = sum(s.bytes for s in self.manifest.shards if s.name in held_names)
         return DataError(
             f"data.cache_bytes = {self.cache_bytes} cannot hold the shards this node's readers need at once: "

@@ -17,6 +17,8 @@ from .source import PAPER_SCALES, DataSource, SourceOptions
 if TYPE_CHECKING:
     from pipeline.config import DataConfig
 
+    from .loader import DaliSettings
+
 
 def prepare_dataset_root(cfg: DataConfig) -> str:
     """The ImageFolder root for ``cfg``: ``cfg.root`` for ``"folder"``, the digits tree (built
@@ -125,11 +127,11 @@ def build_source(
 
     if root is None:
         root = prepare_dataset_root(cfg)
-    decoder = resolve_decoder(cfg.decoder, device)
+    settings = _dali_settings(
+        cfg, root=root, decoder=resolve_decoder(cfg.decoder, device), eval_mode=eval_mode, scales=scales
+    )
     if cfg.format == "shards":
-        return _shard_source(
-            cfg, options, root=root, decoder=decoder, num_classes=num_classes, eval_mode=eval_mode, scales=scales
-        )
+        return _shard_source(cfg, options, root=root, num_classes=num_classes, settings=settings)
     fixes = None
     if cfg.exclude_list:
         from .folder import read_exclude_list
@@ -153,13 +155,32 @@ def build_source(
             mean=cfg.mean,
             std=cfg.std,
             flip=cfg.flip,
-            decoder=decoder,
+            decoder=settings.decoder,
             num_threads=cfg.num_threads,
             root=root,
         )
-    return DaliSource(
-        index,
-        options,
+    return DaliSource(index, options, settings=settings, root=root)
+
+
+def _dali_settings(
+    cfg: DataConfig,
+    *,
+    root: str,
+    decoder: Literal["cpu", "mixed"],
+    eval_mode: Literal["center", "10crop", "multiscale"],
+    scales: tuple[int, ...],
+) -> DaliSettings:
+    from .loader import DaliSettings
+    from .pipelines import TrainAugment
+
+    # PCA lighting is ImageNet's colour augmentation; CIFAR-style training has none.
+    augmentation = TrainAugment(
+        flip=cfg.flip,
+        augment=cfg.augment,
+        scale=(cfg.scale[0], cfg.scale[1]),
+        lighting=cfg.lighting if cfg.style == "imagenet" else 0.0,
+    )
+    return DaliSettings(
         style=cfg.style,
         image_size=cfg.image_size,
         val_resize=cfg.val_resize,
@@ -168,35 +189,15 @@ def build_source(
         num_threads=cfg.num_threads,
         prefetch=cfg.prefetch,
         decoder=decoder,
-        augmentation=_augmentation(cfg),
+        augmentation=augmentation,
         mean_image=load_mean_image(cfg.mean_image, root=root, image_size=cfg.image_size) if cfg.mean_image else None,
         eval_mode=eval_mode,
         scales=scales,
-        root=root,
-    )
-
-
-def _augmentation(cfg: DataConfig):
-    from .pipelines import TrainAugment
-
-    # PCA lighting is ImageNet's colour augmentation; CIFAR-style training has none.
-    return TrainAugment(
-        flip=cfg.flip,
-        augment=cfg.augment,
-        scale=(cfg.scale[0], cfg.scale[1]),
-        lighting=cfg.lighting if cfg.style == "imagenet" else 0.0,
     )
 
 
 def _shard_source(
-    cfg: DataConfig,
-    options: SourceOptions,
-    *,
-    root: str,
-    decoder: Literal["cpu", "mixed"],
-    num_classes: int,
-    eval_mode: Literal["center", "10crop", "multiscale"],
-    scales: tuple[int, ...],
+    cfg: DataConfig, options: SourceOptions, *, root: str, num_classes: int, settings: DaliSettings
 ) -> DataSource:
     """A :class:`~pipeline.data.shards.ShardSource` for the sharded split folder of ``options.split`` under ``root``."""
     from pipeline.storage import Storage
@@ -218,24 +219,7 @@ def _shard_source(
         if store.remote
         else LocalShards(store.root)
     )
-    return ShardSource(
-        manifest,
-        options,
-        files=files,
-        split_uri=store.uri,
-        style=cfg.style,
-        image_size=cfg.image_size,
-        val_resize=cfg.val_resize,
-        mean=cfg.mean,
-        std=cfg.std,
-        num_threads=cfg.num_threads,
-        prefetch=cfg.prefetch,
-        decoder=decoder,
-        augmentation=_augmentation(cfg),
-        mean_image=load_mean_image(cfg.mean_image, root=root, image_size=cfg.image_size) if cfg.mean_image else None,
-        eval_mode=eval_mode,
-        scales=scales,
-    )
+    return ShardSource(manifest, options, files=files, split_uri=store.uri, settings=settings)
 
 
 def load_mean_image(path: str, *, root: str, image_size: int) -> np.ndarray:

@@ -36,6 +36,7 @@ import math
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -63,6 +64,24 @@ def _pipeline_seed(seed: int, rank: int, split: str, epoch: int, segment: int = 
     return int(state[0]) & 0x7FFFFFFF
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
+class DaliSettings:
+    """How a DALI source decodes and augments (the graph's settings) and with how many threads and queued batches."""
+
+    style: Literal["cifar", "imagenet"]
+    image_size: int
+    val_resize: int
+    mean: Sequence[float]
+    std: Sequence[float]
+    num_threads: int
+    prefetch: int
+    decoder: Literal["cpu", "mixed"]
+    augmentation: TrainAugment = TrainAugment()
+    mean_image: np.ndarray | None = None
+    eval_mode: Literal["center", "10crop", "multiscale"] = "center"
+    scales: Sequence[int] = PAPER_SCALES
+
+
 class DaliSource(EpochSource):
     """One split of an ImageFolder dataset for one rank; see the module docstring for epoch rules.
 
@@ -74,67 +93,14 @@ class DaliSource(EpochSource):
 
     state_kind = "dali"
 
-    def __init__(
-        self,
-        index: SplitIndex,
-        options: SourceOptions,
-        *,
-        style: Literal["cifar", "imagenet"],
-        image_size: int,
-        val_resize: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        num_threads: int,
-        prefetch: int,
-        decoder: Literal["cpu", "mixed"],
-        augmentation: TrainAugment = TrainAugment(),
-        mean_image: np.ndarray | None = None,
-        eval_mode: Literal["center", "10crop", "multiscale"] = "center",
-        scales: Sequence[int] = PAPER_SCALES,
-        root: str = "",
-    ) -> None:
+    def __init__(self, index: SplitIndex, options: SourceOptions, *, settings: DaliSettings, root: str = "") -> None:
         self.index = index
-        self._setup(
-            options,
-            num_samples=len(index),
-            path=index.path,
-            style=style,
-            image_size=image_size,
-            val_resize=val_resize,
-            mean=mean,
-            std=std,
-            num_threads=num_threads,
-            prefetch=prefetch,
-            decoder=decoder,
-            augmentation=augmentation,
-            mean_image=mean_image,
-            eval_mode=eval_mode,
-            scales=scales,
-            root=root or index.path,
-        )
+        self._setup(options, num_samples=len(index), path=index.path, settings=settings, root=root or index.path)
 
-    def _setup(
-        self,
-        options: SourceOptions,
-        *,
-        num_samples: int,
-        path: str,
-        style: Literal["cifar", "imagenet"],
-        image_size: int,
-        val_resize: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        num_threads: int,
-        prefetch: int,
-        decoder: Literal["cpu", "mixed"],
-        augmentation: TrainAugment,
-        mean_image: np.ndarray | None,
-        eval_mode: Literal["center", "10crop", "multiscale"],
-        scales: Sequence[int],
-        root: str,
-    ) -> None:
+    def _setup(self, options: SourceOptions, *, num_samples: int, path: str, settings: DaliSettings, root: str) -> None:
         """What every DALI-fed source sets up: the graph's settings, the epoch arithmetic and the reader state."""
         split = options.split
+        style, decoder, eval_mode = settings.style, settings.decoder, settings.eval_mode
         if eval_mode not in EVAL_MODES:
             raise DataError(f"evaluation mode {eval_mode!r} is not one of {', '.join(EVAL_MODES)}")
         if eval_mode != "center" and (split != "val" or style != "imagenet"):
@@ -144,20 +110,20 @@ class DaliSource(EpochSource):
             )
         self._pipe_kwargs: dict[str, Any] = dict(
             style=style,
-            image_size=image_size,
-            mean=list(mean),
-            std=list(std),
+            image_size=settings.image_size,
+            mean=list(settings.mean),
+            std=list(settings.std),
             decoder=decoder,
-            mean_image=mean_image,
+            mean_image=settings.mean_image,
             batch_size=options.batch_size,
-            num_threads=num_threads,
-            prefetch_queue_depth=prefetch,
+            num_threads=settings.num_threads,
+            prefetch_queue_depth=settings.prefetch,
             device_id=_device_id(options.device) if decoder == "mixed" else None,
         )
         if split == "val":
-            self._pipe_kwargs.update(val_resize=val_resize, eval_mode=eval_mode, scales=tuple(scales))
+            self._pipe_kwargs.update(val_resize=settings.val_resize, eval_mode=eval_mode, scales=tuple(settings.scales))
         else:
-            self._pipe_kwargs.update(augmentation=augmentation)
+            self._pipe_kwargs.update(augmentation=settings.augmentation)
         super().__init__(options, num_samples=num_samples, num_batches=options.epoch_length(num_samples, path=path))
         self.decoder = decoder
         self.eval_mode = eval_mode
@@ -290,20 +256,24 @@ class DaliSource(EpochSource):
         files = tuple(self.index.files[i] for i in order)
         labels = [self.index.labels[i] for i in order]
         build = train_pipeline if self.split == "train" else val_pipeline
-        pipe = build(
-            files=files,
-            labels=labels,
-            **self._pipe_kwargs,
-            seed=_pipeline_seed(self.seed, self.rank, self.split, epoch),
-            enable_checkpointing=self.split == "train",
-            checkpoint=checkpoint,
-        )
+        pipe = build(files=files, labels=labels, **self._pipe_kwargs, **self._run_args(epoch, 0, checkpoint))
+        self._build_checked(pipe, files, samples=len(order))
+        return pipe, files
+
+    def _run_args(self, epoch: int, segment: int, checkpoint: bytes | None) -> dict[str, Any]:
+        """The pipeline arguments that make a run reproducible: its seed and the DALI checkpoint it starts from."""
+        return {
+            "seed": _pipeline_seed(self.seed, self.rank, self.split, epoch, segment),
+            "enable_checkpointing": self.split == "train",
+            "checkpoint": checkpoint,
+        }
+
+    def _build_checked(self, pipe, files: Sequence[str], *, samples: int) -> None:
         try:
             pipe.build()
         except RuntimeError as e:
             raise self._explain(e, files) from e
-        check_reader_epoch(pipe, len(order))
-        return pipe, files
+        check_reader_epoch(pipe, samples)
 
     def _drop_pipeline(self) -> None:
         pipe, self._pipe, self._pipe_key, self._pipe_scheduled = self._pipe, None, None, False

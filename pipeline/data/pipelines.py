@@ -330,6 +330,9 @@ def shard_pipeline(
         missing_component_behavior="error",
         random_shuffle=train,
         initial_fill=shuffle_buffer,
+        # The last batch is filled with the last sample again (dropped by the loader) rather than from the next
+        # reader epoch, which would refill the whole shuffle buffer at the epoch boundary.
+        pad_last_batch=True,
         name=READER_NAME,
     )
     outputs = (_train_images(jpegs, **graph),) if train else _val_images(jpegs, **graph)

@@ -24,6 +24,7 @@ import errno
 import fcntl
 import hashlib
 import os
+import socket
 import threading
 import weakref
 from collections import Counter
@@ -56,6 +57,9 @@ def _no_space(e: BaseException) -> bool:
     return False
 
 
+FETCHERS = 4  # shards downloaded at once per process: latency overlaps, and one stream rarely fills a node's link
+
+
 class _NoRoom(Exception):
     """Not enough room in the cache now; raised inside the fetcher only."""
 
@@ -81,19 +85,26 @@ class ShardCache:
         self._done: dict[str, tuple[str, str]] = {}
         self._failed: dict[str, DataError] = {}
         self._pinned: Counter[str] = Counter()  # handed to this process's readers and not yet opened by DALI
-        self._urgent: set[str] = set()  # a reader waits on these now
+        self._urgent: Counter[str] = Counter()  # readers wait on these now (the loop's and the one building ahead)
         self._ahead: set[str] = set()  # to be read later (lookahead): not evicted to make room for other lookahead
+        self._partial_dir = self.folder / f".partial-{socket.gethostname()}-{os.getpid()}"
+        self._fetching: dict[str, int] = {}  # being downloaded by this process: name -> bytes reserved
         self._closed = False
-        # The thread holds the cache only weakly between rounds, so a dropped source's cache (and thread) go away.
-        self._thread = threading.Thread(target=_fetcher, args=(weakref.ref(self),), daemon=True, name="shard-fetcher")
-        self._thread.start()
+        # The threads hold the cache only weakly between rounds, so a dropped source's cache (and threads) go away.
+        self._threads = [
+            threading.Thread(target=_fetcher, args=(weakref.ref(self),), daemon=True, name=f"shard-fetcher-{k}")
+            for k in range(FETCHERS)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def close(self) -> None:
-        """Stop the fetcher (after the shard it is on); the cached files stay."""
+        """Stop the fetchers (after the shards they are on); the cached files stay."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout=600)
+        for thread in self._threads:
+            thread.join(timeout=600)
 
     # ------------------------------------------------------------------------------------------
     def uri(self, shard: ShardInfo) -> str:
@@ -117,13 +128,15 @@ class ShardCache:
     def paths(self, shard: ShardInfo) -> tuple[str, str]:
         while True:
             with self._cond:
-                self._urgent.add(shard.name)
+                self._urgent[shard.name] += 1
                 self._ahead.discard(shard.name)
                 self._enqueue(shard, first=True)
                 self._cond.notify_all()
                 while shard.name not in self._done and shard.name not in self._failed:
                     self._cond.wait()
-                self._urgent.discard(shard.name)
+                self._urgent[shard.name] -= 1
+                if self._urgent[shard.name] <= 0:
+                    del self._urgent[shard.name]
                 if shard.name in self._failed:
                     raise self._failed[shard.name]
                 tar, index = self._done[shard.name]
@@ -138,7 +151,7 @@ class ShardCache:
                     self._done.pop(shard.name, None)
 
     def _enqueue(self, shard: ShardInfo, *, first: bool = False) -> None:
-        if shard.name in self._done or shard.name in self._failed:
+        if shard.name in self._done or shard.name in self._failed or shard.name in self._fetching:
             return
         queued = [s.name for s in self._queue]
         if shard.name in queued:
@@ -160,15 +173,18 @@ class ShardCache:
                 return False
             if not self._queue:
                 return True
-            shard = self._queue[0]
+            shard = self._queue.pop(0)
+            self._fetching[shard.name] = 0
         error: DataError | None = None
         result = None
         try:
             result = self._fetch(shard)
         except _NoRoom:
             with self._cond:
-                # A lookahead fetch waits for a reader to release shards (or to need this one now).
                 if shard.name not in self._urgent:
+                    # A lookahead fetch waits for a reader to release shards (or to need this one now).
+                    del self._fetching[shard.name]
+                    self._enqueue(shard, first=True)
                     self._cond.wait(timeout=1.0)
                     return True
             error = self._too_small(shard)
@@ -177,8 +193,7 @@ class ShardCache:
         except Exception as e:  # noqa: BLE001 - handed to the reader that waits on this shard
             error = DataError(f"cannot fetch shard {self.uri(shard)}: {type(e).__name__}: {e}")
         with self._cond:
-            if self._queue and self._queue[0].name == shard.name:
-                self._queue.pop(0)
+            self._fetching.pop(shard.name, None)
             if result is not None:
                 self._done[shard.name] = result
             else:
@@ -225,9 +240,10 @@ class ShardCache:
 
     def _download(self, rel: str, sha256: str, size: int | None, shard: ShardInfo) -> None:
         final = self.folder / rel
-        partial = self.folder / f".{rel}.partial-{os.getpid()}"
+        partial = self._partial_dir / rel  # a folder per process: the others can tell what is on its way
         uri = self.store.url(rel)
         try:
+            self._partial_dir.mkdir(exist_ok=True)
             info = self.store.get(rel, partial)
         except StorageError as e:
             if _no_space(e):
@@ -273,25 +289,39 @@ class ShardCache:
             )
         with _locked(self.folder / ".evict.lock"):
             cached = self._cached()
-            total = sum(size for _, _, size in cached)
+            # What is on its way counts too: this process's other downloads (reserved in full) and the partial
+            # files of the node's other ranks (as far as they have got).
+            partial = self._downloading_elsewhere()
             with self._cond:
-                keep = set(self._pinned) | self._urgent
+                total = sum(size for _, _, size in cached) + sum(self._fetching.values()) + partial
+                keep = set(self._pinned) | set(self._urgent)
                 if shard.name not in self._urgent:
                     keep |= self._ahead
             for _mtime, name, size in sorted(cached):
                 if total + need <= self.cache_bytes:
-                    return
+                    break
                 if name in keep:
                     continue
                 self._remove(name)
                 total -= size
             if total + need > self.cache_bytes:
                 raise _NoRoom
+            with self._cond:
+                self._fetching[shard.name] = need
+
+    def _downloading_elsewhere(self) -> int:
+        """Bytes that the node's other processes have downloaded so far into their partial folders."""
+        total = 0
+        for entry in os.scandir(self.folder):
+            if entry.name.startswith(".partial-") and entry.name != self._partial_dir.name and entry.is_dir():
+                with contextlib.suppress(FileNotFoundError):
+                    total += sum(f.stat().st_size for f in os.scandir(entry.path))
+        return total
 
     def _evict(self, *, free_all: bool) -> None:
         with _locked(self.folder / ".evict.lock"):
             with self._cond:
-                pinned = set(self._pinned) | self._urgent
+                pinned = set(self._pinned) | set(self._urgent)
             for _mtime, name, _size in sorted(self._cached()):
                 if free_all and name not in pinned:
                     self._remove(name)
@@ -307,7 +337,7 @@ class ShardCache:
 
     def _too_small(self, shard: ShardInfo) -> DataError:
         with self._cond:
-            held_names = set(self._pinned) | self._urgent
+            held_names = set(self._pinned) | set(self._urgent)
         held = sum(s.bytes for s in self.manifest.shards if s.name in held_names)
         return DataError(
             f"data.cache_bytes = {self.cache_bytes} cannot hold the shards this node's readers need at once: "

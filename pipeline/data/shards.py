@@ -9,8 +9,8 @@ The rules are :class:`~pipeline.data.loader.DaliSource`'s, with shards in place 
   exactly once per epoch over all ranks, however uneven the shards. Inside its run a rank's samples are
   shuffled by DALI's own buffer (``readers.webdataset(random_shuffle=True)``, seeded by the pipeline's
   seed). Every rank yields ``(N // W) // batch_size`` batches and reads and drops the rest, as for files;
-  the run is not padded (DALI's shuffle would yield padding beside its original) but the reader's last
-  batch runs on into its next reader epoch, which is dropped with it.
+  the run is not padded (DALI's shuffle would yield padding beside its original) but DALI pads the
+  reader's last batch with its last sample, dropped with it.
 * Evaluation: the shards in manifest order, no shuffling; each rank yields its run's samples once, the
   padding (at the end) is dropped.
 
@@ -32,16 +32,16 @@ import shutil
 import tempfile
 import weakref
 from collections.abc import Sequence
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from .errors import DataError
-from .loader import DaliSource, _dali_reason, _pipeline_seed, check_reader_epoch
-from .pipelines import TrainAugment, shard_pipeline
+from .loader import DaliSettings, DaliSource, _dali_reason
+from .pipelines import shard_pipeline
 from .shard_format import ShardInfo, ShardManifest, parse_index, sub_index
-from .source import PAPER_SCALES, SourceOptions
+from .source import SourceOptions
 
 # A training epoch is read by several pipelines in turn, each over about this many shards' samples: a rank then
 # needs only those shards local to start reading (the cache fetches the rest meanwhile), and DALI's shuffle
@@ -118,40 +118,12 @@ class ShardSource(DaliSource):
         *,
         files: ShardFiles,
         split_uri: str,
-        style: Literal["cifar", "imagenet"],
-        image_size: int,
-        val_resize: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        num_threads: int,
-        prefetch: int,
-        decoder: Literal["cpu", "mixed"],
-        augmentation: TrainAugment = TrainAugment(),
-        mean_image: np.ndarray | None = None,
-        eval_mode: Literal["center", "10crop", "multiscale"] = "center",
-        scales: Sequence[int] = PAPER_SCALES,
+        settings: DaliSettings,
     ) -> None:
         self.manifest = manifest
         self.split_uri = split_uri
         self._shard_files = files
-        self._setup(
-            options,
-            num_samples=manifest.num_samples,
-            path=split_uri,
-            style=style,
-            image_size=image_size,
-            val_resize=val_resize,
-            mean=mean,
-            std=std,
-            num_threads=num_threads,
-            prefetch=prefetch,
-            decoder=decoder,
-            augmentation=augmentation,
-            mean_image=mean_image,
-            eval_mode=eval_mode,
-            scales=scales,
-            root=split_uri,
-        )
+        self._setup(options, num_samples=manifest.num_samples, path=split_uri, settings=settings, root=split_uri)
         # Per-epoch index files for partial shards: DALI reads them when a pipeline is built, then they go.
         self._index_dir = tempfile.mkdtemp(prefix="shard-index-")
         weakref.finalize(self, shutil.rmtree, self._index_dir, True)
@@ -173,9 +145,9 @@ class ShardSource(DaliSource):
             if pos >= self._stop:
                 break
         if self.split == "train":
-            # No padding: it would be shuffled in among the run and yielded beside its original. DALI fills the
-            # last reader batch from its next reader epoch instead, after every sample of this one (its shuffle
-            # stays inside a reader epoch); that batch is past len() and dropped.
+            # No padding here: it would be shuffled in among the run and yielded beside its original. DALI pads
+            # the last reader batch with the last sample instead (pad_last_batch), after every sample of the run
+            # (its shuffle stays inside a reader epoch); that batch is past len() and dropped.
             return pieces
         # Evaluation reads in order: the padding (read, never yielded) repeats the run from its start.
         need = self._reader_batches * self.batch_size - (self._stop - self._start)
@@ -219,6 +191,7 @@ class ShardSource(DaliSource):
     def _build_pipeline(self, epoch: int, segment: int, *, checkpoint: bytes | None) -> tuple[Any, tuple[str, ...]]:
         pieces = self.segment_pieces(epoch, segment)
         needed = self.epoch_shards(epoch, segment)
+        self._shard_files.want(needed)  # all queued at once, first: the fetchers work on them together
         if self.split == "train":
             # The shards of the segment after this one are fetched while this one is read (a segment is built
             # half-way through the one before it, so the fetcher runs one to two segments ahead of the reader).
@@ -257,18 +230,12 @@ class ShardSource(DaliSource):
                 train=self.split == "train",
                 graph={k: v for k, v in self._pipe_kwargs.items() if k not in _PIPELINE_ARGS},
                 **ctor,
-                seed=_pipeline_seed(self.seed, self.rank, self.split, epoch, segment),
-                enable_checkpointing=self.split == "train",
-                checkpoint=checkpoint,
+                **self._run_args(epoch, segment, checkpoint),
             )
-            try:
-                pipe.build()
-            except RuntimeError as e:
-                raise self._explain(e, files) from e
+            self._build_checked(pipe, files, samples=sum(end - first for _, first, end in pieces))
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # DALI read the indexes while building
             self._shard_files.release(held)  # and holds the shards open: a cache may evict them now
-        check_reader_epoch(pipe, sum(end - first for _, first, end in pieces))
         return pipe, files
 
     def _label_tensor(self, labels, stream) -> torch.Tensor:

@@ -7,7 +7,10 @@ CIFAR crop keeps the centre pixel inside the image, and flips don't change a sol
 
 from __future__ import annotations
 
+import io
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -218,3 +221,54 @@ def write_sharded_split(folder: str, sizes: list[int], *, first_id: int = 0, num
     assert i <= 256
     write_manifest(Storage(folder), ShardManifest(num_classes=num_classes, shards=shards))
     return labels
+
+
+# -- reading sources -------------------------------------------------------------------------------
+
+
+def take(src, n):
+    """The next n batches, continuing across epochs."""
+    out = []
+    while len(out) < n:
+        for batch in src:
+            out.append(batch)
+            if len(out) == n:
+                break
+    return out
+
+
+def record_reader(src) -> list[list[int]]:
+    """Record every batch the source's DALI pipelines produce (yielded or dropped by the loader):
+    one list of image ids per reader batch."""
+    batches: list[list[int]] = []
+    real_run = src._run
+
+    def run(pipe, *args):
+        out = real_run(pipe, *args)
+        batches.append(ids(torch.from_numpy(np.array(out[0].as_tensor()))))
+        return out
+
+    src._run = run
+    return batches
+
+
+def roundtrip(state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@contextmanager
+def environ(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` updated with ``values`` inside the block, as it was afterwards (DALI and s3fs read it)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -5,12 +5,10 @@ Several ranks are simulated in one process by building one source per rank.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
-from datatree import MEAN, STD, ids, pixel_values
+from datatree import MEAN, STD, ids, pixel_values, record_reader, roundtrip, take
 
 from pipeline.data import DataError, DataSource, build_source, resolve_decoder
 from pipeline.data.source import shard_sizes
@@ -22,17 +20,6 @@ def source(cfg, root, split="train", rank=0, world_size=1, seed=0, num_classes=2
     return build_source(
         cfg, split=split, rank=rank, world_size=world_size, device=CPU, seed=seed, num_classes=num_classes, root=root
     )
-
-
-def take(src, n):
-    """The next n batches, continuing across epochs."""
-    out = []
-    while len(out) < n:
-        for batch in src:
-            out.append(batch)
-            if len(out) == n:
-                break
-    return out
 
 
 def two_class_tree(tree, n_train=24, n_val=10, **kw):
@@ -141,21 +128,6 @@ def test_imagenet_val_resizes_shorter_side_then_centre_crops(tree, make_cfg):
 # -- sharding ------------------------------------------------------------------------------------
 
 
-def record_reader(src) -> list[list[int]]:
-    """Record every batch the source's DALI pipelines produce (yielded or dropped by the loader):
-    one list of image ids per reader batch."""
-    batches: list[list[int]] = []
-    real_run = src._run
-
-    def run(pipe, *args):
-        out = real_run(pipe, *args)
-        batches.append(ids(torch.from_numpy(np.array(out[0].as_tensor()))))
-        return out
-
-    src._run = run
-    return batches
-
-
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_train_shards_read_every_image_exactly_once_per_epoch(tree, make_cfg, world_size):
     root, index = two_class_tree(tree, n_train=23)  # 23 = not divisible by 2 or 3
@@ -250,13 +222,6 @@ def test_shuffle_is_seeded_and_changes_every_epoch(tree, make_cfg):
 
 
 # -- exact resume --------------------------------------------------------------------------------
-
-
-def roundtrip(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
 
 
 @pytest.mark.parametrize("style", ["cifar", "imagenet"])

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from datatree import _jpeg, ids, write_tree
+from datatree import _jpeg, environ, ids, write_tree
 
 from pipeline.data import DataError, build_source
 from pipeline.data.loader import explain_pipeline_error
@@ -33,17 +33,9 @@ def s3(tmp_path_factory):
         # pipeline per epoch.
         backend = getattr(_SERVERS.get(url), "backend_port", None)
         url = f"http://127.0.0.1:{backend}" if backend else url
-        saved = {k: os.environ.get(k) for k in aws_env(url)}
-        os.environ.update(aws_env(url))
-        s3fs.S3FileSystem(endpoint_url=url, key="testing", secret="testing", skip_instance_cache=True).mkdir("data")
-        try:
+        with environ(aws_env(url)):
+            s3fs.S3FileSystem(endpoint_url=url, key="testing", secret="testing", skip_instance_cache=True).mkdir("data")
             yield url, "s3://data"
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def upload_tree(tmp_path, s3, name, layout=None, **kw):

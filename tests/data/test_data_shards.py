@@ -7,14 +7,14 @@ Several ranks are simulated in one process by building one source per rank.
 
 from __future__ import annotations
 
-import io
+import contextlib
 import os
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-from datatree import ids, write_sharded_split
+from datatree import environ, ids, record_reader, roundtrip, take, write_sharded_split
 
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data import DataError, build_source
@@ -47,34 +47,10 @@ def shard_cfg(make_cfg, root, **kw):
     return make_cfg(root=root, format="shards", **kw)
 
 
-def record_reader(src) -> list[list[int]]:
-    """Every batch the source's DALI pipelines produce (yielded or dropped): one list of ids per batch."""
-    batches: list[list[int]] = []
-    real_run = src._run
-
-    def run(pipe, *args):
-        out = real_run(pipe, *args)
-        batches.append(ids(torch.from_numpy(np.array(out[0].as_tensor()))))
-        return out
-
-    src._run = run
-    return batches
-
-
 def piece_ids(src, pieces) -> list[int]:
     """The ids a list of (shard, first, end) pieces holds (write_sharded_split numbers them in shard order)."""
     starts = np.cumsum([0] + [s.samples for s in src.manifest.shards])
     return [int(starts[s]) + j for s, first, end in pieces for j in range(first, end)]
-
-
-def take(src, n):
-    out = []
-    while len(out) < n:
-        for batch in src:
-            out.append(batch)
-            if len(out) == n:
-                break
-    return out
 
 
 # -- exactly once ----------------------------------------------------------------------------------
@@ -139,13 +115,6 @@ def test_shuffle_is_seeded_and_changes_every_epoch(sharded, make_cfg):
 
 
 # -- exact resume ----------------------------------------------------------------------------------
-
-
-def roundtrip(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
 
 
 @pytest.mark.parametrize("world_size", [1, 2])
@@ -221,17 +190,9 @@ def s3(tmp_path_factory):
     from s3_server import S3_DELAY_S, aws_env, direct_url, start_moto_server
 
     with start_moto_server(log_dir=tmp_path_factory.mktemp("moto"), delay_s=S3_DELAY_S) as url:
-        saved = {k: os.environ.get(k) for k in aws_env(url)}
-        os.environ.update(aws_env(url))
-        s3fs.S3FileSystem(endpoint_url=direct_url(url), key="testing", secret="testing").mkdir("shards")
-        try:
+        with environ(aws_env(url)):
+            s3fs.S3FileSystem(endpoint_url=direct_url(url), key="testing", secret="testing").mkdir("shards")
             yield url
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 def upload(tmp_path, name, sizes=TRAIN, val=VAL):
@@ -288,7 +249,8 @@ def test_a_corrupt_or_missing_s3_shard_is_named(s3, tmp_path, make_cfg):
         assert ("missing" if victim.endswith("4.tar") else "corrupt or truncated") in str(e.value)
         with pytest.raises(DataError, match=f"{root}/train/shard-00000[134].tar"):
             list(src)
-    assert not [f for f in os.listdir(src._shard_files.folder) if f.startswith(".") and "partial" in f]
+    partial = src._shard_files._partial_dir
+    assert not partial.exists() or not os.listdir(partial)  # nothing half-downloaded is left behind
 
 
 def test_a_cache_too_small_is_reported(s3, tmp_path, make_cfg):
@@ -352,6 +314,16 @@ def test_segments_resume_exactly(many, make_cfg, n_before):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
+def on_disk(folder) -> int:
+    """Bytes of complete shards in a cache folder (the fetchers may remove some meanwhile)."""
+    total = 0
+    for entry in os.scandir(folder):
+        if not entry.name.startswith("."):
+            with contextlib.suppress(FileNotFoundError):
+                total += entry.stat().st_size
+    return total
+
+
 def test_s3_streams_through_a_cache_smaller_than_the_split(s3, tmp_path, make_cfg):
     root, train = upload(tmp_path, "stream", sizes=[5] * 24, val=[3])  # 3 segments of 8 shards
     probe = source(shard_cfg(make_cfg, root, batch_size=4, cache_dir=str(tmp_path / "probe")), root)
@@ -363,8 +335,7 @@ def test_s3_streams_through_a_cache_smaller_than_the_split(s3, tmp_path, make_cf
         seen = []
         for x, _ in src:
             seen += ids(x)
-            on_disk = sum(f.stat().st_size for f in folder.iterdir() if not f.name.startswith("."))
-            assert on_disk <= room
+            assert on_disk(folder) <= room
         assert sorted(seen) == sorted(train)
 
 
@@ -421,3 +392,34 @@ def test_the_tracked_dataset_record_names_the_split_and_its_shards(sharded, make
     other = str(tmp_path / "other")
     write_sharded_split(os.path.join(other, "train"), [17, 17])
     assert describe_split(cfg, split="train", source=source(shard_cfg(make_cfg, other), other)).digest != record.digest
+
+
+def test_the_ranks_of_a_node_download_each_shard_once(s3, tmp_path, make_cfg):
+    import threading
+
+    from s3_server import count_requests
+
+    root, train = upload(tmp_path, "shared", sizes=[7, 5, 9, 3, 6, 4, 8, 6], val=[3])
+    cfg = shard_cfg(make_cfg, root, batch_size=4, cache_dir=str(tmp_path / "node-cache"))
+    ranks = [source(cfg, root, rank=r, world_size=2, seed=1) for r in range(2)]
+    seen: list[list[int]] = [[], []]
+    errors = []
+
+    def read(r):
+        try:
+            for _ in range(2):  # the second epoch gives each rank other shards, already on the node
+                seen[r] += [i for x, _ in ranks[r] for i in ids(x)]
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    with count_requests(s3) as log:
+        threads = [threading.Thread(target=read, args=(r,)) for r in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        gets = Counter(r.path for r in log.requests() if r.method == "GET" and r.path.endswith(".tar"))
+    assert not errors, errors
+    assert sorted(gets) == [f"/shards/shared/train/shard-{k:06d}.tar" for k in range(8)]
+    assert set(gets.values()) == {1}, gets  # one download per shard for the whole node
+    assert len(seen[0]) == len(seen[1]) == 2 * len(ranks[0]) * 4

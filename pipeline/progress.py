@@ -135,6 +135,11 @@ def wrap_long_lines(text: str, *, width: int = MAX_LINE) -> str:
     return "\n".join(out)
 
 
+def unwrap_lines(text: str) -> str:
+    """The inverse of :func:`wrap_long_lines`: continued pieces joined back onto their line (for reading logs)."""
+    return text.replace("\n" + _CONTINUATION, "")
+
+
 class ShortLines(logging.Formatter):
     """A log format whose lines are at most :data:`MAX_LINE` characters: a longer line is wrapped, not cut."""
 

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 
+from pipeline.progress import unwrap_lines
 from pipeline.signals import STOP_EXIT_CODE
 from pipeline.storage import sha256_file
 
@@ -126,13 +127,18 @@ def _assert_same_weights(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert len(ma) == len(mb) and all(torch.equal(x, y) for x, y in zip(ma, mb, strict=True))
 
 
+def _text(log: Path) -> str:
+    """The log with long lines joined back (the log format wraps lines over 300 characters)."""
+    return unwrap_lines(log.read_text())
+
+
 def _wait_for(pred: Any, what: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         if proc.poll() is not None:
-            raise AssertionError(f"run ended (rc {proc.returncode}) before {what}:\n{log.read_text()[-4000:]}")
+            raise AssertionError(f"run ended (rc {proc.returncode}) before {what}:\n{_text(log)[-4000:]}")
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
+            raise AssertionError(f"timed out waiting for {what}:\n{_text(log)[-4000:]}")
         time.sleep(0.1)
 
 
@@ -230,8 +236,8 @@ def test_server_outage_mid_upload(reference: dict[str, Any], tmp_path: Path, req
         (pause / "go").touch()
         losses = tmp_path / "outage.jsonl"
         _wait_for(lambda: STEPS in _losses(losses), "training to go on while S3 is down", proc, log)
-        _wait_for(lambda: "retry 2 in" in log.read_text(), "the upload retries", proc, log)
-        text = log.read_text()
+        _wait_for(lambda: "retry 2 in" in _text(log), "the upload retries", proc, log)
+        text = _text(log)
         assert "pending: step-4 (1 of 2 files" in text and "cannot be reached" in text
         _kill(proc)  # the whole job dies while the endpoint is down
     finally:
@@ -282,9 +288,9 @@ def test_stop_while_s3_is_down_then_the_next_start_uploads_the_stranded_steps(
         stop_server(endpoint, lose_data=True)
         restart_server(endpoint)  # an empty server: the bucket is gone
         (pause / "go").touch()
-        _wait_for(lambda: "training blocked on storage" in log.read_text(), "training to block", proc, log)
+        _wait_for(lambda: "training blocked on storage" in _text(log), "training to block", proc, log)
         _wait_for(
-            lambda: re.search(r"failed on rank 0 .*; training blocked on storage\n", log.read_text()),
+            lambda: re.search(r"failed on rank 0 .*; training blocked on storage\n", _text(log)),
             "an upload retry line that says training is blocked",
             proc,
             log,
@@ -296,7 +302,7 @@ def test_stop_while_s3_is_down_then_the_next_start_uploads_the_stranded_steps(
         took = time.monotonic() - t0
     finally:
         _kill(proc)
-    text = log.read_text()
+    text = _text(log)
     assert took < 60, (took, text[-4000:])
     assert f"exitcode  : {STOP_EXIT_CODE}" in text, text[-4000:]
     named = re.search(

@@ -43,6 +43,7 @@ if __package__ in (None, ""):  # `torchrun pipeline/evaluate.py` runs this file 
 import torch
 
 from pipeline.config import ConfigError, load_config
+from pipeline.progress import is_terminal
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 TRAINER_STATE = "trainer-rank0.pt"  # the trainer's state, saved by rank 0 beside the weights: the tracking run id
@@ -403,7 +404,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             mode=args.mode,
             device=env.device,
             autocast_dtype=autocast,
-            progress=env.rank == 0 and cfg.progress,
+            # A bar only on a terminal: in a job's log file its redraws would be one endless line.
+            progress=env.rank == 0 and cfg.progress and is_terminal(sys.stderr),
         )
         result.update(
             mode=args.mode,

@@ -19,6 +19,7 @@ import torch
 from pipeline.config import load_config
 from pipeline.distributed import DistEnv
 from pipeline.preflight import PreflightError, check_run, data_problem, gpu_problem, storage_problem, tracking_problem
+from pipeline.progress import unwrap_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_CONFIG = "configs/cpu/digits_resnet20.toml"
@@ -61,7 +62,9 @@ def _train(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tup
         text=True,
         timeout=300,
     )
-    return r, time.monotonic() - t0
+    took = time.monotonic() - t0
+    r.stderr = unwrap_lines(r.stderr)  # long log lines joined back: a test reads a message whole
+    return r, took
 
 
 def _one_rank() -> DistEnv:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pipeline.progress import unwrap_lines
+
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 CPU_CONFIG = "configs/cpu/digits_resnet20.toml"
@@ -25,14 +27,23 @@ SHORT = [
 
 def torchrun(args: list[str], *, cwd: Path, timeout: int = 600, nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [TORCHRUN, f"--nproc_per_node={nproc}", "--standalone", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+    return _joined(
+        subprocess.run(
+            [TORCHRUN, f"--nproc_per_node={nproc}", "--standalone", *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     )
+
+
+def _joined(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """The run with its long log lines joined back (the log format wraps lines over 300 characters), so a test
+    reads a message whole."""
+    r.stderr = unwrap_lines(r.stderr or "")
+    return r
 
 
 def colour_tree(root: Path, *, per_class: int, classes: int = 2) -> Path:
@@ -166,13 +177,15 @@ def train_cli(args: list[str], *, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
         env.pop(k, None)
-    return subprocess.run(
-        [sys.executable, str(ROOT / "pipeline/train.py"), "--config", str(ROOT / CPU_CONFIG), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    return _joined(
+        subprocess.run(
+            [sys.executable, str(ROOT / "pipeline/train.py"), "--config", str(ROOT / CPU_CONFIG), *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     )
 
 

@@ -50,6 +50,10 @@ from .source import PAPER_SCALES, EpochSource, SourceOptions, derive_seed, shard
 EVAL_MODES = ("center", "10crop", "multiscale")
 
 
+# A pipeline for the next epoch (or segment) is started at least this many batches before the current one ends.
+BUILD_AHEAD_BATCHES = 16
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """The global training order of ``epoch``: a permutation of range(n), the same on every rank."""
     rng = np.random.default_rng(np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, epoch, 0x5EED]))
@@ -184,10 +188,13 @@ class DaliSource(EpochSource):
         return self._epoch, min(bisect.bisect_right(bounds, batch) - 1, len(bounds) - 2)
 
     def _maybe_build_ahead(self) -> None:
-        """Half-way through a pipeline's batches, start building the one that follows it."""
+        """Half-way through a pipeline's batches, start building the one that follows it; in a short one (a
+        small epoch, a shard segment) at least BUILD_AHEAD_BATCHES before its end, since a build takes a fixed
+        time (tens of ms on a CPU) that a few fast batches do not cover."""
         epoch, seg = self._key(self._batch - 1)
         bounds = self._segments(epoch)
-        if self._batch >= bounds[seg] + (bounds[seg + 1] - bounds[seg]) // 2:
+        lo, hi = bounds[seg], bounds[seg + 1]
+        if self._batch >= max(lo + 1, min(lo + (hi - lo) // 2, hi - BUILD_AHEAD_BATCHES)):
             self._build_ahead((epoch, seg + 1) if seg + 2 < len(bounds) else (epoch + 1, 0))
 
     def _build_ahead(self, key: tuple[int, int]) -> None:

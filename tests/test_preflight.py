@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import torchrun
 
 from pipeline.config import load_config
 from pipeline.distributed import DistEnv
@@ -23,7 +24,6 @@ from pipeline.progress import unwrap_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_CONFIG = "configs/cpu/digits_resnet20.toml"
-TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
 def _cfg(tmp_path: Path, *overrides: str):
@@ -229,13 +229,9 @@ def test_two_ranks_fail_together_without_waiting(tmp_path, s3_endpoint):
     collective for the timeout."""
     from s3_server import aws_env
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **aws_env(s3_endpoint)}
     t0 = time.monotonic()
-    r = subprocess.run(
+    r = torchrun(
         [
-            TORCHRUN,
-            "--nproc_per_node=2",
-            "--standalone",
             str(ROOT / "pipeline/train.py"),
             "--config",
             str(ROOT / CPU_CONFIG),
@@ -246,10 +242,8 @@ def test_two_ranks_fail_together_without_waiting(tmp_path, s3_endpoint):
             "--distributed.timeout_s=300",
         ],
         cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
         timeout=300,
+        env=aws_env(s3_endpoint),
     )
     took = time.monotonic() - t0
     assert r.returncode != 0

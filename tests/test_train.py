@@ -25,8 +25,10 @@ SHORT = [
 ]
 
 
-def torchrun(args: list[str], *, cwd: Path, timeout: int = 600, nproc: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def torchrun(
+    args: list[str], *, cwd: Path, timeout: int = 600, nproc: int = 2, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     return _joined(
         subprocess.run(
             [TORCHRUN, f"--nproc_per_node={nproc}", "--standalone", *args],

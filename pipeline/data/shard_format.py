@@ -15,7 +15,6 @@ this module, so its schema has one home. Shards may differ in size (the last one
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -24,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..storage import Storage, StorageError
+from ..storage import Storage, StorageError, sha256_file
 from .errors import DataError
 
 MANIFEST = "manifest.json"
@@ -116,14 +115,6 @@ def describe(manifest: ShardManifest) -> dict[str, Any]:
 # -- writing one shard ---------------------------------------------------------------------------------
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_shard(tar_path: str, samples: Iterable[tuple[str, bytes, int]], *, index_path: str = "") -> ShardInfo:
     """Write one WebDataset shard ``tar_path`` (``<key>.jpg`` + ``<key>.cls`` per sample, in the given order) and
     its DALI index (``index_path``, default beside it as :func:`index_name`); returns its manifest entry.
@@ -159,13 +150,14 @@ def write_shard(tar_path: str, samples: Iterable[tuple[str, bytes, int]], *, ind
         for leftover in (tmp, f"{index_path}.tmp-{os.getpid()}"):
             if os.path.exists(leftover):
                 os.unlink(leftover)
+    tar = sha256_file(tar_path)
     return ShardInfo(
         name=os.path.basename(tar_path),
         samples=len(entries),
-        bytes=os.path.getsize(tar_path),
-        sha256=_file_sha256(tar_path),
+        bytes=tar.size,
+        sha256=tar.sha256,
         index=os.path.basename(index_path),
-        index_sha256=_file_sha256(index_path),
+        index_sha256=sha256_file(index_path).sha256,
     )
 
 

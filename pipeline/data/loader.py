@@ -15,7 +15,9 @@ iterators, because they must be exact:
   an epoch boundary costs no pipeline start-up. Every rank yields
   ``(num_samples // world_size) // batch_size`` batches, so all ranks issue the same number of
   collectives; the rest of its shard (fewer than ``batch_size`` images, plus at most one image) is
-  read and dropped, a different rest each epoch.
+  read and dropped, a different rest each epoch. The rest (one reader batch, with the padding) has a
+  small pipeline of its own, decoded on the CPU and built ahead with the next epoch's: its batch is
+  ready before the epoch ends, so dropping it adds nothing to the boundary.
 * Evaluation: every image is yielded exactly once over all ranks, in file order. A rank yields its
   shard's ``n_r`` images, the last batch partially, and drops the padding. Ranks may therefore
   yield different numbers of batches (and samples): reduce metric *sums* across ranks after the
@@ -141,8 +143,13 @@ class DaliSource(EpochSource):
 
         self._pipe = None
         self._pipe_key: tuple[int, int] | None = None  # (epoch, segment) it reads
-        self._pipe_scheduled = False  # its first batch was already scheduled (a pipeline built ahead)
+        # Iterations of it scheduled so far and outputs taken; how many batches it is read for (None: no end, the
+        # evaluation pipeline serves pass after pass). See _run.
+        self._pipe_sched = self._pipe_reads = self._pipe_depth = 0
+        self._pipe_batches: int | None = None
         self._ahead = PipelineAhead()
+        # Pipelines that finished their epoch (or segment), torn down by the next build ahead (see _retire).
+        self._retired: list[Any] = []
         self._files: tuple[str, ...] = ()
         self._pending_checkpoint: bytes | None = None
 
@@ -163,22 +170,45 @@ class DaliSource(EpochSource):
             self._finish_epoch()
         while self._batch < self._len:
             valid = min(self.batch_size, self._shard_len - self._batch * self.batch_size)
-            # No local reference to the pipeline: the one in self goes when the epoch ends (see _dispose).
+            # No local reference to the pipeline: the one in self is put aside when it has been read (see _retire).
             batch = self._next_batch(self._pipeline(), valid)
             self._batch += 1
-            if self.split == "train":
-                self._maybe_build_ahead()
             yield batch
             if generation != self._generation:
                 return
+            if self.split == "train":
+                # After the yield: starting a build (a thread) must not hold back the batch, a segment's first above all.
+                self._maybe_build_ahead()
         self._finish_epoch()
 
     def _segments(self, epoch: int) -> list[int]:
         """Reader-batch bounds ``[0, ..., reader batches]`` of the pipelines that read ``epoch`` one after the other.
 
-        One pipeline per epoch here; a subclass may split an epoch (see :class:`~pipeline.data.shards.ShardSource`).
+        Here one pipeline for the yielded batches and, in training, one for the rest (see :meth:`_rest_bounds`); a
+        subclass may split an epoch further (see :class:`~pipeline.data.shards.ShardSource`).
         """
-        return [0, self._reader_batches]
+        return [0, *self._rest_bounds()]
+
+    def _rest_bounds(self) -> list[int]:
+        """``[len(), reader batches]`` in training where the reader reads more than it yields, else ``[reader
+        batches]``: the last bounds of every training epoch's segments. The reader batch with the rest (and the
+        padding) then has a pipeline of its own, built ahead with the next epoch's first: it is decoded while the
+        epoch runs, not at its end, where the reader would otherwise make the trainer wait one batch for images it
+        drops."""
+        if self.split == "train" and 0 < self._len < self._reader_batches:
+            return [self._len, self._reader_batches]
+        return [self._reader_batches]
+
+    def _is_rest(self, epoch: int, segment: int) -> bool:
+        """Whether ``segment`` of ``epoch`` is the dropped rest (see :meth:`_rest_bounds`)."""
+        return self.split == "train" and self._segments(epoch)[segment] >= self._len
+
+    def _segment_kwargs(self, epoch: int, segment: int) -> dict[str, Any]:
+        """The pipeline keywords of one segment: the rest's batch is never seen, so it is decoded on the CPU (no GPU
+        decoder state to set up for one batch) with one batch in flight (a second would run past its end)."""
+        if not self._is_rest(epoch, segment):
+            return self._pipe_kwargs
+        return {**self._pipe_kwargs, "decoder": "cpu", "device_id": None, "prefetch_queue_depth": 1}
 
     def _key(self, batch: int) -> tuple[int, int]:
         """(epoch, segment) of the pipeline that reads reader batch ``batch`` of the current epoch."""
@@ -188,20 +218,30 @@ class DaliSource(EpochSource):
         return self._epoch, min(bisect.bisect_right(bounds, batch) - 1, len(bounds) - 2)
 
     def _maybe_build_ahead(self) -> None:
-        """Half-way through a pipeline's batches, start building the one that follows it; in a short one (a
-        small epoch, a shard segment) at least BUILD_AHEAD_BATCHES before its end, since a build takes a fixed
-        time (tens of ms on a CPU) that a few fast batches do not cover."""
+        """Half-way through a pipeline's batches, start building the ones that follow it (the next segment, and
+        after the rest's the next epoch's first); in a short one (a small epoch, a shard segment) at least
+        BUILD_AHEAD_BATCHES before its end, since a build takes a fixed time (tens of ms on a CPU) that a few fast
+        batches do not cover."""
         epoch, seg = self._key(self._batch - 1)
         bounds = self._segments(epoch)
         lo, hi = bounds[seg], bounds[seg + 1]
         if self._batch >= max(lo + 1, min(lo + (hi - lo) // 2, hi - BUILD_AHEAD_BATCHES)):
-            self._build_ahead((epoch, seg + 1) if seg + 2 < len(bounds) else (epoch + 1, 0))
+            self._build_ahead(self._segments_after(epoch, seg))
 
-    def _build_ahead(self, key: tuple[int, int]) -> None:
-        """Start building ``key``'s pipeline (and filling its prefetch queue) in the background, once."""
-        if self._ahead.key != key:
+    def _segments_after(self, epoch: int, segment: int) -> tuple[tuple[int, int], ...]:
+        """The (epoch, segment) read after ``segment`` of ``epoch``; after the dropped rest's (read at once, at the
+        epoch's end) also the next epoch's first, which is needed right after it."""
+        nxt = (epoch, segment + 1) if segment + 2 < len(self._segments(epoch)) else (epoch + 1, 0)
+        return (nxt, (epoch + 1, 0)) if self._is_rest(*nxt) else (nxt,)
 
-            def build() -> tuple[Any, tuple[str, ...]]:
+    def _build_ahead(self, keys: tuple[tuple[int, int], ...]) -> None:
+        """Start building the pipelines of ``keys`` (and filling their prefetch queues) in the background, once."""
+        if self._ahead.keys != keys:
+            retired, self._retired = self._retired, []
+
+            def build(key: tuple[int, int]) -> tuple[Any, tuple[str, ...]]:
+                while retired:  # the finished pipelines go first: at most three are alive at any time
+                    _teardown(retired.pop(), self.device)
                 pipe, files = self._build_pipeline(*key, checkpoint=None)
                 try:
                     pipe.schedule_run()  # the first batches decode now, on DALI's threads
@@ -209,7 +249,7 @@ class DaliSource(EpochSource):
                     raise self._explain(e, files) from e
                 return pipe, files
 
-            self._ahead.start(key, build)
+            self._ahead.start(keys, build)
 
     def _finish_epoch(self) -> None:
         while self._batch < self._reader_batches:
@@ -218,16 +258,23 @@ class DaliSource(EpochSource):
         self._epoch += 1
         self._batch = 0
         if self.split == "train":
-            self._drop_pipeline()  # the next epoch reads another list
+            self._retire()  # the next epoch reads another list
 
     def _run(self, pipe, *args):
         # DALI's scheduled API throughout (what pipe.run() does inside), since a pipeline built ahead has had
         # its first schedule_run() already and DALI refuses to mix that with run().
+        # Keeps `prefetch` iterations in flight ahead of the one read (the first schedule_run schedules that many
+        # at once), but none past the last batch the pipeline is read for: one scheduled there would run into its
+        # reader's next epoch (for shards, refilling the shuffle buffer) on the cores the next pipeline needs.
+        depth = self._pipe_depth
+        want = depth + self._pipe_reads
+        if self._pipe_batches is not None:
+            want = min(want, self._pipe_batches)
         try:
-            if self._pipe_scheduled:
-                self._pipe_scheduled = False
-            else:
+            if self._pipe_sched == 0 or self._pipe_sched < want:
                 pipe.schedule_run()
+                self._pipe_sched += depth if self._pipe_sched == 0 else 1
+            self._pipe_reads += 1
             return pipe.outputs(*args)
         except RuntimeError as e:
             self._drop_pipeline()  # DALI: "Current pipeline object is no longer valid"
@@ -241,7 +288,7 @@ class DaliSource(EpochSource):
     def _pipeline(self):
         key = self._key(self._batch)
         if self._pipe is None or self._pipe_key != key:
-            self._drop_pipeline()
+            self._retire()  # a training segment's pipeline that read all its batches
             # A pipeline built ahead starts at its first batch: it serves no restored position.
             at_start = self._batch == (self._segments(key[0])[key[1]] if self.split == "train" else 0)
             ready = self._ahead.take(key) if self._pending_checkpoint is None and at_start else None
@@ -249,7 +296,12 @@ class DaliSource(EpochSource):
                 pipe, self._files = ready
             else:
                 pipe, self._files = self._build_pipeline(*key, checkpoint=self._pending_checkpoint)
-            self._pipe, self._pipe_key, self._pipe_scheduled = pipe, key, ready is not None
+            self._pipe, self._pipe_key = pipe, key
+            self._pipe_depth = self._segment_kwargs(*key)["prefetch_queue_depth"]
+            self._pipe_sched = self._pipe_depth if ready is not None else 0
+            self._pipe_reads = 0
+            # A training pipeline is read from here to its segment's end (the last batch dropped), then retired.
+            self._pipe_batches = self._segments(key[0])[key[1] + 1] - self._batch if self.split == "train" else None
             self._pending_checkpoint = None
         return self._pipe
 
@@ -259,11 +311,13 @@ class DaliSource(EpochSource):
 
         Also runs on :class:`PipelineAhead`'s thread: it reads only what does not change while an epoch runs.
         """
-        order = self.shard(epoch)
+        bounds = self._segments(epoch)
+        order = self.shard(epoch)[bounds[segment] * self.batch_size : bounds[segment + 1] * self.batch_size]
         files = tuple(self.index.files[i] for i in order)
         labels = [self.index.labels[i] for i in order]
         build = train_pipeline if self.split == "train" else val_pipeline
-        pipe = build(files=files, labels=labels, **self._pipe_kwargs, **self._run_args(epoch, 0, checkpoint))
+        kwargs = self._segment_kwargs(epoch, segment)
+        pipe = build(files=files, labels=labels, **kwargs, **self._run_args(epoch, segment, checkpoint))
         self._build_checked(pipe, files, samples=len(order))
         return pipe, files
 
@@ -283,9 +337,18 @@ class DaliSource(EpochSource):
         check_reader_epoch(pipe, samples)
 
     def _drop_pipeline(self) -> None:
-        pipe, self._pipe, self._pipe_key, self._pipe_scheduled = self._pipe, None, None, False
-        if pipe is not None:
-            _dispose(pipe, self.device)
+        pipe, self._pipe, self._pipe_key = self._pipe, None, None
+        for old in [*self._retired, *([pipe] if pipe is not None else [])]:
+            _dispose(old, self.device)
+        self._retired = []
+
+    def _retire(self) -> None:
+        """Put aside the current pipeline, which has read everything it was built for, for the thread that builds the
+        next pipeline ahead to tear down first. Not torn down here: even starting a thread for it, with DALI's
+        teardown then holding the GIL in bursts, put milliseconds into the epoch boundary."""
+        if self._pipe is not None:
+            self._retired.append(self._pipe)
+        self._pipe, self._pipe_key = None, None
 
     def _next_batch(self, pipe, valid: int):
         if self.decoder == "mixed":
@@ -347,6 +410,11 @@ class DaliSource(EpochSource):
                 f"DaliSource.state_dict()"
             )
         self._seek(int(state["epoch"]), int(state["batch"]) if self.split == "train" else 0)
+        if self.split == "train" and state["batch"] in starts:
+            # A segment's pipeline starts fresh from (seed, rank, epoch, segment). A checkpoint here can only be the
+            # state of the pipeline before it (as written at the end of the yielded batches before the rest had a
+            # pipeline of its own): nothing yielded depends on it.
+            pipeline = None
         self._pending_checkpoint = bytes(pipeline) if pipeline is not None else None  # _pipeline() rebuilds from it
 
     def _seek(self, epoch: int, batch: int) -> None:
@@ -356,18 +424,19 @@ class DaliSource(EpochSource):
         super()._seek(epoch, batch)
 
 
+def _teardown(pipe, device: torch.device) -> None:
+    """Tear ``pipe`` down now: DALI's teardown (joining its threads, freeing its buffers) takes 10-40 ms on a CPU and
+    more on a GPU, so it runs on a background thread (:func:`_dispose`, or the thread that builds ahead)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # copies out of its buffers may still be queued on torch's stream
+    shutdown = getattr(pipe, "_shutdown", None)  # what Pipeline.__del__ calls (DALI 2.4)
+    if shutdown is not None:
+        shutdown()
+
+
 def _dispose(pipe, device: torch.device) -> None:
-    """Tear ``pipe`` down on a background thread: DALI's teardown (joining its threads, freeing its buffers) takes
-    10-40 ms on a CPU and more on a GPU, time that would otherwise sit in the epoch boundary."""
-
-    def work() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # copies out of its buffers may still be queued on torch's stream
-        shutdown = getattr(pipe, "_shutdown", None)  # what Pipeline.__del__ calls (DALI 2.4)
-        if shutdown is not None:
-            shutdown()
-
-    _background(work, name="dali-teardown")
+    """Tear ``pipe`` down on a background thread."""
+    _background(lambda: _teardown(pipe, device), name="dali-teardown")
 
 
 # Threads that build or tear down DALI pipelines. They are daemons (one stuck on storage must not hang the process
@@ -416,42 +485,50 @@ def check_reader_epoch(pipe, samples: int) -> None:
 
 
 class PipelineAhead:
-    """One pipeline built on a background thread for a later epoch, handed over when that epoch starts.
+    """Pipelines built on a background thread for later segments or epochs, each handed over when it is read.
 
     DALI pipelines are independent objects (its graph-building context is thread-local), so the next
-    epoch's can be built, and its prefetch queue filled, while the current one runs. An error while
-    building is kept and raised by :meth:`take`, at the point where a synchronous build would have raised.
+    epoch's can be built, and its prefetch queue filled, while the current one runs. Several keys (the
+    pipelines read one after the other) are built in turn on one thread. An error while building is kept
+    and raised by :meth:`take`, at the point where a synchronous build would have raised; the keys after
+    it are not built.
     """
 
     def __init__(self) -> None:
-        self.key: Any = None  # what the pipeline being built is for
+        self.keys: tuple[Any, ...] = ()  # what the pipelines being built are for, in reading order
         self._thread: threading.Thread | None = None
-        self._result: Any = None
-        self._error: BaseException | None = None
+        self._results: dict[Any, Any] = {}
+        self._error: tuple[Any, BaseException] | None = None
 
-    def start(self, key: Any, build: Callable[[], Any]) -> None:
+    def start(self, keys: tuple[Any, ...], build: Callable[[Any], Any]) -> None:
         self.drop()
-        self.key = key
+        self.keys = keys
 
         def work() -> None:
-            try:
-                self._result = build()
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer by take()
-                self._error = e
+            for key in keys:
+                try:
+                    self._results[key] = build(key)
+                except BaseException as e:  # noqa: BLE001 - handed to the consumer by take()
+                    self._error = (key, e)
+                    return
 
-        self._thread = _background(work, name=f"dali-ahead-{key}")
+        self._thread = _background(work, name=f"dali-ahead-{keys[0]}")
 
     def take(self, key: Any) -> Any:
-        """What ``build`` returned, if it was started for ``key`` (else None; a stale one is dropped)."""
-        if self.key != key:
+        """What ``build`` returned for ``key``, if it was started for it (else None; stale ones are dropped)."""
+        if key not in self.keys:
             self.drop()
             return None
         assert self._thread is not None
         self._thread.join()
-        result, error = self._result, self._error
-        self._clear()
-        if error is not None:
+        if self._error is not None and self._error[0] == key:
+            error = self._error[1]
+            self._clear()
             raise error
+        result = self._results.pop(key, None)
+        self.keys = self.keys[self.keys.index(key) + 1 :]
+        if not self.keys:
+            self._clear()
         return result
 
     def drop(self) -> None:
@@ -460,7 +537,7 @@ class PipelineAhead:
         self._clear()
 
     def _clear(self) -> None:
-        self.key, self._thread, self._result, self._error = None, None, None, None
+        self.keys, self._thread, self._results, self._error = (), None, {}, None
 
 
 def _dali_int32():

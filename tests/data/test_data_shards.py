@@ -8,16 +8,18 @@ Several ranks are simulated in one process by building one source per rank.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
-from datatree import environ, ids, record_reader, roundtrip, take, write_sharded_split
+from datatree import _png, environ, ids, record_reader, roundtrip, take, write_sharded_split
 
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data import DataError, build_source
+from pipeline.data.shard_format import read_manifest, write_manifest, write_shard
 from pipeline.data.shards import ShardSource
 from pipeline.storage import Storage
 
@@ -166,6 +168,31 @@ def test_a_corrupt_image_in_a_local_shard_names_the_shard(sharded, make_cfg):
         list(source(shard_cfg(make_cfg, root, batch_size=4), root))
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_labels_of_one_and_two_digits_in_one_batch(tmp_path, make_cfg, split):
+    # The .cls members of a batch differ in length ("7", "11"): DALI pads them to one array the loader parses whole.
+    root = str(tmp_path / "wide")
+    labels = write_sharded_split(os.path.join(root, "train"), [9, 8], num_classes=12)
+    labels |= write_sharded_split(os.path.join(root, "val"), [12], first_id=100, num_classes=12)
+    cfg = shard_cfg(make_cfg, root, batch_size=5)
+    src = build_source(cfg, split=split, rank=0, world_size=1, device=CPU, seed=1, num_classes=12, root=root)
+    got = [(i, label) for x, y in src for i, label in zip(ids(x), y.tolist(), strict=True)]
+    assert len(got) == (15 if split == "train" else 12)
+    assert all(label == labels[i] for i, label in got) and {label for _, label in got} & {10, 11}
+
+
+def test_a_label_that_is_no_class_is_named(sharded, make_cfg):
+    root, _, _ = sharded
+    folder = os.path.join(root, "val")  # evaluation yields every sample: the bad one is not a dropped rest
+    manifest = read_manifest(Storage(folder))
+    bad = write_shard(
+        os.path.join(folder, manifest.shards[0].name), [("000100", _png(100), 0), ("000101", _png(101), 7)]
+    )
+    write_manifest(Storage(folder), dataclasses.replace(manifest, shards=[bad, *manifest.shards[1:]]))
+    with pytest.raises(DataError, match=r"has \.cls b'7', not a class index below 2; check the split with"):
+        list(source(shard_cfg(make_cfg, root, batch_size=2), root, split="val"))
+
+
 def test_config_and_layout_errors(sharded, make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="data.format = 'shards'.*data.source = 'folder'"):
         DataConfig(format="shards", source="digits")
@@ -281,7 +308,8 @@ def test_segments_read_every_sample_once(many, make_cfg, world_size):
     root, train = many
     cfg = shard_cfg(make_cfg, root, batch_size=4)
     ranks = [source(cfg, root, rank=r, world_size=world_size, seed=2) for r in range(world_size)]
-    assert len(ranks[0]._segments(0)) - 1 == (5 if world_size == 1 else 2)
+    # 3 ranks: two segments of yielded batches, then the dropped rest's own (1 rank reads no rest: 200 = 50 x 4).
+    assert len(ranks[0]._segments(0)) - 1 == (5 if world_size == 1 else 3)
     reader = [record_reader(s) for s in ranks]
     for epoch in range(2):
         produced, seen = Counter(), []

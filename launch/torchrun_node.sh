@@ -16,8 +16,10 @@
 # - The workers log which signal stopped them: before the SIGTERM the wrapper writes the signal it got
 #   (e.g. SIGUSR1) to the file named in PIPELINE_STOP_SIGNAL_FILE, which pipeline/signals.py reads.
 # - torchrun reports any non-zero worker exit, 75 included, as 1, with a 25-line Python traceback and a
-#   failure table. The wrapper reads torchrun's stderr: when every failed worker exited 75 (stopped after
-#   saving; torchrun may end the last ones by SIGTERM while they finish) it drops that report and exits 75;
+#   failure table (and a signal that reaches torchrun itself with a traceback of its own internals, which
+#   the wrapper turns into one line naming the signal). The wrapper reads torchrun's stderr: when every
+#   failed worker exited 75 (stopped after saving; torchrun may end the last ones by SIGTERM while they
+#   finish, or srun end the step after another node stopped) it drops that report and exits 75;
 #   otherwise it replaces it with one line per failed rank and exits with the failed worker's own code (2
 #   for a config error), not torchrun's 1, even when a stop request (srun killing the step after another
 #   node failed) reached it too. (Not when stderr is a terminal: there torchrun writes to it directly, so
@@ -86,6 +88,13 @@ filter_report() {
         elif [[ $line == torch.distributed.elastic.multiprocessing.errors.ChildFailedError* ]]; then
           state=report borders=0 section="" found=()
           held+=("$line")
+        elif [[ $line =~ ^torch\.distributed\.elastic\.multiprocessing\.api\.SignalException:.*signal:\ *([0-9]+) ]] &&
+          [[ ${held[*]} == *torch/distributed/run.py* ]]; then
+          # torchrun itself got a signal (srun ending the step after another node stopped or failed, scancel,
+          # preemption): its traceback shows only its own internals. It ends its workers; what they did decides
+          # the exit code, as for any stop.
+          say "torchrun got SIG$(kill -l "${BASH_REMATCH[1]}" 2>/dev/null || echo "${BASH_REMATCH[1]}") and ended its workers"
+          state=pass held=()
         else  # a worker's traceback: pass it on whole
           printf '%s\n' "${held[@]}" "$line"
           state=pass held=()

@@ -510,6 +510,57 @@ def test_real_torchrun_report_is_dropped_for_a_stop_and_condensed_for_a_failure(
         assert log.count("Traceback (most recent call last):") == 1 and "ValueError: boom on rank 1" in log, log
 
 
+STOPPING_WORKER = """import os, signal, sys, time
+def stop(signum, frame):  # as pipeline/signals.py: finish the step, save, exit 75 (here: 2 s of saving)
+    print(f"worker {os.environ['RANK']} saving", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second stop request changes nothing
+    time.sleep(2)
+    sys.exit(75)
+signal.signal(signal.SIGTERM, stop)
+print(f"worker {os.environ['RANK']} ran", file=sys.stderr, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_sigterm_to_torchrun_while_its_workers_save_is_one_line_and_still_a_stop(tmp_path: Path):
+    """What srun does on the other node when one node has stopped (exit 75, --kill-on-bad-exit): SIGTERM to every
+    process of the step, torchrun included, while its workers are still saving. torchrun's own traceback (its
+    signal handler's exception) becomes one line, and the node still exits 75 (stopped, requeue)."""
+    script = tmp_path / "worker.py"
+    script.write_text(STOPPING_WORKER)
+    env = {**os.environ, "TORCHRUN": str(Path(sys.executable).with_name("torchrun"))}
+    cmd = [str(LAUNCH / "torchrun_node.sh"), "--standalone", "--nnodes=1", "--nproc_per_node=2", "--max_restarts=0"]
+    log_path = tmp_path / "node.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            [*cmd, str(script)],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while log_path.read_text().count(" ran") < 2:
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+            proc.send_signal(signal.SIGUSR1)  # the stop request: the wrapper passes it on to the workers
+            while log_path.read_text().count(" saving") < 2:
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGTERM)  # srun ending the step: every process, torchrun included
+            rc = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    log = log_path.read_text()
+    assert rc == 75, log
+    assert "Traceback" not in log and "SignalException" not in log, log
+    assert "launch: torchrun got SIGTERM and ended its workers" in log, log
+    assert "launch: torchrun exited 1 after SIGUSR1: exit 75" in log, log
+
+
 # --------------------------------------------------------------------------------------------------
 # pipeline.study --slurm when sbatch refuses the array
 

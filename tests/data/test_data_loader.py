@@ -68,19 +68,20 @@ def test_an_epoch_boundary_waits_for_no_pipeline_build(train_source):
 def test_no_pipeline_decodes_past_the_last_batch_it_is_read_for(train_source, monkeypatch):
     # An iteration scheduled past a pipeline's last batch runs into its reader's next epoch: decoding (and, for
     # shards, a shuffle buffer refilled) that nobody reads, on the cores the next epoch's pipeline needs.
-    scheduled: dict[int, int] = {}
-    read: dict[int, int] = {}
-    depth: dict[int, int] = {}
+    # Counted on each pipeline object, all of them held until the end: an id() may be reused once one is freed.
+    pipes: list[Pipeline] = []
     real_schedule, real_outputs = Pipeline.schedule_run, Pipeline.outputs
 
     def schedule_run(self):
-        key = id(self)
-        depth[key] = self.prefetch_queue_depth
-        scheduled[key] = scheduled.get(key, 0) + (1 if key in scheduled else self.prefetch_queue_depth)
+        if not hasattr(self, "_test_scheduled"):
+            pipes.append(self)
+            self._test_scheduled, self._test_read = self.prefetch_queue_depth, 0  # the first call fills the queue
+        else:
+            self._test_scheduled += 1
         return real_schedule(self)
 
     def outputs(self, *args, **kw):
-        read[id(self)] = read.get(id(self), 0) + 1
+        self._test_read += 1
         return real_outputs(self, *args, **kw)
 
     monkeypatch.setattr(Pipeline, "schedule_run", schedule_run)
@@ -88,26 +89,32 @@ def test_no_pipeline_decodes_past_the_last_batch_it_is_read_for(train_source, mo
     src = train_source(prefetch=3)
     for _ in range(EPOCHS):
         assert len(list(src)) == 5
-    for key, n in scheduled.items():
+    for pipe in pipes:
         # What a pipeline's first schedule_run() fills its queue with, then one per batch read, never more.
-        assert n <= max(read.get(key, 0), depth[key]), (n, read.get(key, 0), depth[key])
-    assert sum(read.values()) == EPOCHS * 6  # 5 yielded + the rest, per epoch
+        depth, n, read = pipe.prefetch_queue_depth, pipe._test_scheduled, pipe._test_read
+        assert n <= max(read, depth), (n, read, depth)
+    assert sum(pipe._test_read for pipe in pipes) == EPOCHS * 6  # 5 yielded + the rest, per epoch
 
 
 def test_finished_pipelines_are_torn_down_not_piled_up(train_source, monkeypatch):
-    alive: dict[int, weakref.ref] = {}  # every pipeline that ran (each is scheduled before it is read)
-    shut: list[int] = []
+    # Marked on each pipeline object (an id() may be reused once one is freed); held weakly, so that a pipeline
+    # freed without an explicit shutdown does not count as alive.
+    alive: list[weakref.ref] = []  # every pipeline that ran (each is scheduled before it is read)
+    shut: list[weakref.ref] = []
     real_schedule, real_shutdown = Pipeline.schedule_run, Pipeline._shutdown
 
     def schedule_run(self):
-        alive.setdefault(id(self), weakref.ref(self))
+        if not hasattr(self, "_test_seen"):
+            self._test_seen = True
+            alive.append(weakref.ref(self))
         return real_schedule(self)
 
     def shutdown(self):
-        shut.append(id(self))
+        if not getattr(self, "_test_shut", False):
+            self._test_shut = True
+            shut.append(weakref.ref(self))
         return real_shutdown(self)
 
-    monkeypatch.setattr(Pipeline, "schedule_run", schedule_run)
     monkeypatch.setattr(Pipeline, "_shutdown", shutdown)
     src = train_source()
     for _ in range(EPOCHS):
@@ -116,7 +123,7 @@ def test_finished_pipelines_are_torn_down_not_piled_up(train_source, monkeypatch
         # first), and the next epoch's, built ahead.
         assert len(src._retired) <= 2
     assert len(shut) >= 2 * (EPOCHS - 1)  # each finished epoch's two pipelines were shut down
-    live = [key for key, ref in alive.items() if ref() is not None and key not in shut]
+    live = [ref for ref in alive if ref() is not None and not getattr(ref(), "_test_shut", False)]
     assert len(live) <= 3
 
 

@@ -271,7 +271,7 @@ class DaliSource(EpochSource):
         if self._pipe_batches is not None:
             want = min(want, self._pipe_batches)
         try:
-            if self._pipe_sched == 0 or self._pipe_sched < want:
+            if self._pipe_sched < want:  # always true for the first read (want >= 1)
                 pipe.schedule_run()
                 self._pipe_sched += depth if self._pipe_sched == 0 else 1
             self._pipe_reads += 1

@@ -312,16 +312,16 @@ def shard_pipeline(
     index_paths: Sequence[str],
     train: bool,
     graph: dict[str, Any],
-    shuffle: bool | None = None,
+    shuffle: bool,
     shuffle_buffer: int = SHUFFLE_BUFFER,
 ):
     """Batches of WebDataset shards (:mod:`pipeline.data.shard_format`) read by DALI's ``readers.webdataset``.
 
     ``paths[k]`` is read through ``index_paths[k]``, which may list only some of its samples: that is how the
-    loader gives a rank part of a shard. Training (``train=True``) shuffles the stream with DALI's own buffer of
-    ``shuffle_buffer`` samples (seeded by the pipeline's seed; DALI 2.4 keeps it inside the reader's epoch) and
+    loader gives a rank part of a shard. ``shuffle`` shuffles the stream with DALI's own buffer of ``shuffle_buffer``
+    samples (seeded by the pipeline's seed; DALI 2.4 keeps it inside the reader's epoch). Training (``train=True``)
     augments as :func:`train_pipeline` (``graph`` holds its keywords but the lists); evaluation reads in order and takes
-    :func:`val_pipeline`'s keywords; ``shuffle`` (default: ``train``) may turn the shuffling off on its own. The last
+    :func:`val_pipeline`'s keywords. The last
     output is each sample's ``.cls`` bytes (ASCII digits) on the CPU, padded with zero bytes to the batch's longest
     (one array for the whole batch): the loader turns them into labels.
     """
@@ -330,7 +330,7 @@ def shard_pipeline(
         index_paths=list(index_paths),
         ext=list(EXTENSIONS),
         missing_component_behavior="error",
-        random_shuffle=train if shuffle is None else shuffle,
+        random_shuffle=shuffle,
         initial_fill=shuffle_buffer,
         # The last batch is filled with the last sample again (dropped by the loader) rather than from the next
         # reader epoch, which would refill the whole shuffle buffer at the epoch boundary.

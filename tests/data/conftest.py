@@ -40,10 +40,13 @@ def make_cfg() -> Callable[..., DataConfig]:
 
 @pytest.fixture
 def tree(tmp_path) -> Callable[..., tuple[str, dict[str, int]]]:
-    """``tree({split: {class: count}}, ...) -> (root, {path: index})`` in a fresh folder."""
+    """``tree({split: {class: count}}, ...) -> (root, {path: index})`` in a fresh folder, each call its own: DALI maps
+    the files it reads, so rewriting a tree that a live pipeline reads would be a bus error in DALI's threads."""
+    made = []
 
     def make(layout: dict[str, dict[str, int]], **kw) -> tuple[str, dict[str, int]]:
-        root = str(tmp_path / "ds")
+        root = str(tmp_path / ("ds" if not made else f"ds{len(made) + 1}"))
+        made.append(root)
         return root, write_tree(root, layout, **kw)
 
     return make

@@ -28,14 +28,18 @@ EPOCHS = 4
 def train_source(request, tree, tmp_path, make_cfg):
     """A one-rank training source whose epoch ends with a dropped rest: 23 images at batch 4 (5 batches + 3)."""
 
+    # Written once: the sources of one test share it. Writing it again for each would rewrite files that an earlier
+    # source's pipelines still read (DALI maps them), and a mapped file cut short is a bus error in DALI's threads.
+    if request.param == "files":
+        root, _ = tree({"train": {"a": 11, "b": 12}, "val": {"a": 1, "b": 1}})
+        extra = {}
+    else:
+        root = str(tmp_path / "sharded")
+        write_sharded_split(os.path.join(root, "train"), [7, 5, 6, 5])
+        extra = {"root": root, "format": "shards"}
+
     def make(**cfg) -> DaliSource:
-        if request.param == "files":
-            root, _ = tree({"train": {"a": 11, "b": 12}, "val": {"a": 1, "b": 1}})
-            config = make_cfg(batch_size=4, **cfg)
-        else:
-            root = str(tmp_path / "sharded")
-            write_sharded_split(os.path.join(root, "train"), [7, 5, 6, 5])
-            config = make_cfg(batch_size=4, root=root, format="shards", **cfg)
+        config = make_cfg(batch_size=4, **extra, **cfg)
         return build_source(config, split="train", rank=0, world_size=1, device=CPU, seed=3, num_classes=2, root=root)
 
     return make

@@ -19,12 +19,15 @@ prints one JSON line per source and a table:
 
 The sources: ``local`` (data.root = the local tree), ``s3-objects`` (data.root = s3://..., one object per
 image, read by DALI's own S3 client) and ``s3-shards`` (the same images written by ``python -m
-pipeline.tools.prepare shards`` and read with data.format = "shards" through the node cache).
+pipeline.tools.prepare shards`` and read with data.format = "shards" through the node cache). On request
+(``--sources local,local-mmap``) also ``local-mmap``: the local tree with DALI mapping the files (its default)
+instead of reading them (``pipeline.data.pipelines.READER_IO``), for the cost of that choice in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -34,6 +37,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,6 +54,20 @@ from pipeline.config import DataConfig  # noqa: E402
 
 CIFAR = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 SOURCES = ("local", "s3-objects", "s3-shards")
+EXTRA_SOURCES = ("local-mmap",)  # measured only when --sources names them
+
+
+@contextlib.contextmanager
+def mapped_files(on: bool) -> Iterator[None]:
+    """DALI's readers map the local files (``on``) instead of reading them, for pipelines built inside."""
+    from pipeline.data import pipelines
+
+    saved = pipelines.READER_IO
+    pipelines.READER_IO = {**saved, "dont_use_mmap": False} if on else saved
+    try:
+        yield
+    finally:
+        pipelines.READER_IO = saved
 
 
 # -- the images ----------------------------------------------------------------------------------------------
@@ -241,13 +259,13 @@ def main(argv: list[str] | None = None) -> int:
         default=3,
         help="times local and s3-shards are measured, interleaved (median reported); s3-objects once",
     )
-    p.add_argument("--sources", default=",".join(SOURCES), help=f"any of {', '.join(SOURCES)}")
+    p.add_argument("--sources", default=",".join(SOURCES), help=f"any of {', '.join(SOURCES + EXTRA_SOURCES)}")
     p.add_argument("--workdir", default="", help="scratch folder (default: a temporary one)")
     p.add_argument("--out", default="", help="append the JSON rows here")
     args = p.parse_args(argv)
     sources = [s for s in args.sources.split(",") if s]
-    if unknown := set(sources) - set(SOURCES):
-        p.error(f"--sources: unknown {sorted(unknown)}; choose from {', '.join(SOURCES)}")
+    if unknown := set(sources) - set(SOURCES + EXTRA_SOURCES):
+        p.error(f"--sources: unknown {sorted(unknown)}; choose from {', '.join(SOURCES + EXTRA_SOURCES)}")
     torch.set_num_threads(1)
 
     from s3_server import aws_env, count_requests, direct_url, start_moto_server
@@ -303,20 +321,22 @@ def main(argv: list[str] | None = None) -> int:
                             continue  # minutes per round, and far from the others whatever the load
                         cfg = {
                             "local": lambda: dataclasses.replace(base, root=str(tree)),
+                            "local-mmap": lambda: dataclasses.replace(base, root=str(tree)),
                             "s3-objects": lambda: dataclasses.replace(base, root="s3://bench/objects"),
                             "s3-shards": lambda: dataclasses.replace(base, root="s3://bench/shards", format="shards"),
                         }[name]()
-                        prefix = {"local": "/none/", "s3-objects": "/bench/objects/", "s3-shards": "/bench/shards/"}
+                        prefix = {"s3-objects": "/bench/objects/", "s3-shards": "/bench/shards/"}.get(name)
                         try:
-                            row = measure(
-                                name,
-                                cfg,
-                                epochs=args.epochs,
-                                step_s=args.step_ms / 1000,
-                                log=None if name == "local" else log,
-                                prefix=prefix[name],
-                                num_classes=len(classes),
-                            )
+                            with mapped_files(name == "local-mmap"):
+                                row = measure(
+                                    name,
+                                    cfg,
+                                    epochs=args.epochs,
+                                    step_s=args.step_ms / 1000,
+                                    log=None if prefix is None else log,
+                                    prefix=prefix or "/none/",
+                                    num_classes=len(classes),
+                                )
                         except Exception as e:  # noqa: BLE001 - a failed source is a row, the others still run
                             row = {"source": name, "error": f"{type(e).__name__}: {e}"}
                         print(json.dumps({"round": round_ + 1, **row}), flush=True)

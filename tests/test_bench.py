@@ -583,3 +583,28 @@ def test_data_benchmark_measures_three_sources_behind_the_delay(tmp_path, tiny_j
     assert rows["s3-objects"]["requests_per_image"] >= 1.9  # DALI's file reader: a HEAD and a GET per image
     assert rows["s3-shards"]["requests_per_image_after_epoch1"] == 0  # a warm node cache asks S3 nothing
     assert "| s3-shards |" in r.stdout and "worst gap / median" in r.stdout
+
+
+def test_data_benchmark_puts_mapped_files_beside_read_ones(tmp_path, tiny_jpegs):
+    """--sources local,local-mmap: the local tree read as training reads it and with DALI mapping the files, in one
+    run (the figure behind pipeline.data.pipelines.READER_IO); the reader setting is back as it was afterwards."""
+    import importlib.util
+
+    rows_file = tmp_path / "rows.jsonl"
+    args = ["--jpegs", str(tiny_jpegs), "--images", "12", "--epochs", "2", "--rounds", "1", "--batch-size", "4"]
+    r = run_py(["benchmarks/data_throughput.py", *args, "--sources", "local,local-mmap", "--out", str(rows_file)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = {row["source"]: row for row in map(json.loads, rows_file.read_text().splitlines())}
+    assert sorted(rows) == ["local", "local-mmap"]
+    assert all(row["images"] == 24 and row["img_per_s"] > 0 and "s3_requests" not in row for row in rows.values())
+    assert "| local-mmap |" in r.stdout
+
+    spec = importlib.util.spec_from_file_location("data_throughput", REPO / "benchmarks" / "data_throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from pipeline.data import pipelines
+
+    assert pipelines.READER_IO == {"dont_use_mmap": True}
+    with bench.mapped_files(True):
+        assert pipelines.READER_IO == {"dont_use_mmap": False}
+    assert pipelines.READER_IO == {"dont_use_mmap": True}

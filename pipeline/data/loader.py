@@ -549,9 +549,9 @@ def _dali_int32():
 def explain_pipeline_error(error: BaseException, *, files: Sequence[str], root: str) -> DataError:
     """Turn a DALI pipeline error into a DataError that names the image at fault and the fix.
 
-    DALI 2.4 names the file for some failures ("Failed to decode sample #1 : <path>", "File mapping
-    failed: <path>", "S3 Object not found. bucket=B object=K") and not for others ("nvImageCodec
-    failure: '#4'" for bytes that are no image at all, or an empty object on S3). In the second case
+    DALI 2.4 names the file for some failures ("Failed to decode sample #1 : <path>", "S3 Object not
+    found. bucket=B object=K") and not for others ("nvImageCodec failure: '#4'" for bytes that are no
+    image at all, or an empty file or S3 object). In the second case
     the split's files are checked quickly (size and leading bytes, see
     :func:`pipeline.data.sniff.quick_scan`) to find the culprit.
     """

@@ -60,6 +60,7 @@ def decode_split(
     from nvidia.dali import pipeline_def
 
     from .loader import _device_id, explain_pipeline_error
+    from .pipelines import READER_IO
 
     n = len(index)
     batch = min(_DECODE_BATCH, n)
@@ -72,7 +73,9 @@ def decode_split(
         device_id=_device_id(device) if mixed else None,
     )
     def decode():
-        jpegs, _ = fn.readers.file(files=list(index.files), random_shuffle=False, pad_last_batch=True, name="Reader")
+        jpegs, _ = fn.readers.file(
+            files=list(index.files), random_shuffle=False, pad_last_batch=True, name="Reader", **READER_IO
+        )
         images = fn.decoders.image(jpegs, device="mixed" if mixed else "cpu", output_type=types.RGB)
         return fn.crop(images, crop=(image_size, image_size), out_of_bounds_policy="pad", fill_values=0)
 

@@ -38,6 +38,12 @@ from .shard_format import EXTENSIONS
 from .source import CIFAR_PAD, PAPER_SCALES
 
 READER_NAME = "Reader"  # for reader_meta(); the loader checks its epoch arithmetic against DALI's
+# How the readers open the user's local files: read(), not DALI's default mmap. A mapped file that shrinks or fails to
+# read (a dataset rewritten under a running job, a network filesystem's I/O error) is a SIGBUS that kills the rank
+# with no file named; read() makes it a DALI error that names the file. DALI's docs give mapping "a small benefit"
+# on local disks and none on most network filesystems; read() was faster on small JPEGs and level on ImageNet-sized
+# ones (benchmarks/RESULTS.md, "Reading local files"). s3:// paths are never mapped.
+READER_IO: dict[str, Any] = {"dont_use_mmap": True}
 # Samples in DALI's shuffling buffer for sharded training (its readers' default): it holds encoded images.
 SHUFFLE_BUFFER = 1024
 
@@ -155,7 +161,9 @@ def train_pipeline(
     mean_image: np.ndarray | None = None,
 ):
     """Augmented training batches of ``files`` (one rank's shard of one epoch, already shuffled)."""
-    jpegs, label = fn.readers.file(files=list(files), labels=list(labels), random_shuffle=False, name=READER_NAME)
+    jpegs, label = fn.readers.file(
+        files=list(files), labels=list(labels), random_shuffle=False, name=READER_NAME, **READER_IO
+    )
     images = _train_images(
         jpegs,
         style=style,
@@ -241,7 +249,9 @@ def val_pipeline(
     sample), and one image output per scale followed by the labels for ``multiscale`` (sizes differ
     between images).
     """
-    jpegs, label = fn.readers.file(files=list(files), labels=list(labels), random_shuffle=False, name=READER_NAME)
+    jpegs, label = fn.readers.file(
+        files=list(files), labels=list(labels), random_shuffle=False, name=READER_NAME, **READER_IO
+    )
     outputs = _val_images(
         jpegs,
         style=style,
@@ -313,6 +323,8 @@ def shard_pipeline(
     train: bool,
     graph: dict[str, Any],
     shuffle: bool,
+    map_files: bool,
+    sample_bytes: int,
     shuffle_buffer: int = SHUFFLE_BUFFER,
 ):
     """Batches of WebDataset shards (:mod:`pipeline.data.shard_format`) read by DALI's ``readers.webdataset``.
@@ -321,7 +333,11 @@ def shard_pipeline(
     loader gives a rank part of a shard. ``shuffle`` shuffles the stream with DALI's own buffer of ``shuffle_buffer``
     samples (seeded by the pipeline's seed; DALI 2.4 keeps it inside the reader's epoch). Training (``train=True``)
     augments as :func:`train_pipeline` (``graph`` holds its keywords but the lists); evaluation reads in order and takes
-    :func:`val_pipeline`'s keywords. The last
+    :func:`val_pipeline`'s keywords. ``map_files`` maps the tars (DALI's default) instead of reading them
+    (:data:`READER_IO`): a node-local cache needs it, since it evicts a shard once DALI has opened it, and DALI
+    reopens a file it reads with read() by name, but keeps reading an unlinked one it mapped. ``sample_bytes`` (the
+    split's mean) sizes the buffer DALI allocates for each sample it holds: its default, 1 MB, made filling the
+    shuffle buffer (at every pipeline's start and, wasted, at its end) cost 10-20 ms of allocations. The last
     output is each sample's ``.cls`` bytes (ASCII digits) on the CPU, padded with zero bytes to the batch's longest
     (one array for the whole batch): the loader turns them into labels.
     """
@@ -336,6 +352,8 @@ def shard_pipeline(
         # reader epoch, which would refill the whole shuffle buffer at the epoch boundary.
         pad_last_batch=True,
         name=READER_NAME,
+        dont_use_mmap=not map_files,
+        tensor_init_bytes=sample_bytes,
     )
     outputs = (_train_images(jpegs, **graph),) if train else _val_images(jpegs, **graph)
     return (*outputs, fn.pad(cls, fill_value=0))

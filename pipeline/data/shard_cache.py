@@ -67,6 +67,8 @@ class _NoRoom(Exception):
 class ShardCache:
     """Local copies of the shards of the split at ``store``, fetched ahead by one background thread."""
 
+    mapped = True  # a shard may be evicted (unlinked) once DALI has opened it: only a mapping keeps it readable
+
     def __init__(self, store: Storage, manifest: ShardManifest, *, cache_dir: str, cache_bytes: int) -> None:
         self.store = store
         self.manifest = manifest

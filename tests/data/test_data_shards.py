@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import re
 from collections import Counter
 
 import numpy as np
@@ -19,6 +20,7 @@ from datatree import _png, environ, ids, record_reader, roundtrip, take, write_s
 
 from pipeline.config import ConfigError, DataConfig
 from pipeline.data import DataError, build_source
+from pipeline.data import shards as shards_module
 from pipeline.data.shard_format import read_manifest, write_manifest, write_shard
 from pipeline.data.shards import ShardSource
 from pipeline.storage import Storage
@@ -193,6 +195,35 @@ def test_a_label_that_is_no_class_is_named(sharded, make_cfg):
         list(source(shard_cfg(make_cfg, root, batch_size=2), root, split="val"))
 
 
+@pytest.mark.parametrize(
+    "cls, want",
+    [
+        ([b"7", b"11", b"0"], [7, 11, 0]),  # what shard_format writes, zero-padded by DALI to one array
+        ([b" 7\n", b"11"], [7, 11]),  # blanks around the digits: read one sample at a time
+        ([b"7", b""], "b''"),
+        ([b"7", b"1_0"], "b'1_0'"),  # Python's int() would take it; a class index is digits only
+        ([b"-1"], "b'-1'"),
+        ([b"12"], "b'12'"),  # not below the 12 classes
+        ([b"1" * 19], "b'1111111111111111111"),
+    ],
+)
+def test_cls_bytes_become_labels_or_an_error_naming_them(tmp_path, make_cfg, cls, want):
+    from nvidia.dali.tensors import TensorListCPU
+
+    root = str(tmp_path / "twelve")
+    write_sharded_split(os.path.join(root, "train"), [12], num_classes=12)
+    src = build_source(
+        shard_cfg(make_cfg, root), split="train", rank=0, world_size=1, device=CPU, seed=0, num_classes=12, root=root
+    )
+    width = max(len(c) for c in cls)
+    padded = np.array([np.frombuffer(c.ljust(width, b"\0"), dtype=np.uint8) for c in cls])
+    if isinstance(want, list):
+        assert src._label_tensor(TensorListCPU(padded), None).tolist() == want
+    else:
+        with pytest.raises(DataError, match=re.escape(f"has .cls {want}")):
+            src._label_tensor(TensorListCPU(padded), None)
+
+
 def test_config_and_layout_errors(sharded, make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="data.format = 'shards'.*data.source = 'folder'"):
         DataConfig(format="shards", source="digits")
@@ -294,13 +325,30 @@ def test_a_cache_too_small_is_reported(s3, tmp_path, make_cfg):
 
 # -- an epoch read in segments (one pipeline per SEGMENT_SHARDS shards) --------------------------------
 
-MANY = [5] * 40  # 200 samples; at batch 4 a segment is 8 shards = 10 batches
+MANY = [5] * 40  # 200 samples; at batch 4 a segment is 8 shards = 10 batches (without the samples' floor)
 
 
 @pytest.fixture
-def many(tmp_path):
+def small_segments(monkeypatch):
+    """Segments of SEGMENT_SHARDS shards however few samples they hold: these splits are far below the floor."""
+    monkeypatch.setattr(shards_module, "SEGMENT_MIN_SAMPLES", 0)
+
+
+@pytest.fixture
+def many(tmp_path, small_segments):
     root = str(tmp_path / "many")
     return root, write_sharded_split(os.path.join(root, "train"), MANY)
+
+
+def test_a_segment_holds_8_shards_and_at_least_the_floor_of_samples(tmp_path, make_cfg, monkeypatch):
+    root = str(tmp_path / "many")
+    write_sharded_split(os.path.join(root, "train"), MANY)
+    src = source(shard_cfg(make_cfg, root, batch_size=4), root)
+    assert src._segments(0) == [0, 50]  # 200 samples, below the floor: one pipeline reads the epoch
+    monkeypatch.setattr(shards_module, "SEGMENT_MIN_SAMPLES", 80)  # 20 batches, more than 8 shards' 10
+    assert src._segments(0) == [0, 20, 40, 50]
+    monkeypatch.setattr(shards_module, "SEGMENT_MIN_SAMPLES", 0)
+    assert src._segments(0) == [0, 10, 20, 30, 40, 50]
 
 
 @pytest.mark.parametrize("world_size", [1, 3])
@@ -352,7 +400,7 @@ def on_disk(folder) -> int:
     return total
 
 
-def test_s3_streams_through_a_cache_smaller_than_the_split(s3, tmp_path, make_cfg):
+def test_s3_streams_through_a_cache_smaller_than_the_split(s3, tmp_path, make_cfg, small_segments):
     root, train = upload(tmp_path, "stream", sizes=[5] * 24, val=[3])  # 3 segments of 8 shards
     probe = source(shard_cfg(make_cfg, root, batch_size=4, cache_dir=str(tmp_path / "probe")), root)
     room = 12 * max(s.bytes + 256 * s.samples for s in probe.manifest.shards)  # half the split

@@ -1,15 +1,17 @@
 """python -m pipeline.tools.validate, data.exclude_list, and what training does with a bad image.
 
 DALI 2.4's CPU decoder, inside a training pipeline, was checked directly: a truncated JPEG raises
-"Failed to decode sample #k : <path>", a zero-byte local file "File mapping failed: <path>", and bytes
-that are no image at all "nvImageCodec failure: '#4'" without a path. The loader turns each of these
-into a DataError that names the file; these tests prove the path is in the message.
+"Failed to decode sample #k : <path>", and a zero-byte file or bytes that are no image at all
+"nvImageCodec failure: '#4'" without a path (read with mmap, DALI's default, which the readers here turn off, a
+zero-byte file said "File mapping failed: <path>"). The loader turns each of these into a DataError that names the
+file; these tests prove the path is in the message.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 
 import numpy as np
 import pytest
@@ -164,3 +166,57 @@ def test_quick_scan(tree):
     assert set(found) == {os.path.join(root, f"train/a/{n}.JPEG") for n in ("truncated", "empty", "garbage")}
     assert "empty" in found[os.path.join(root, "train/a/empty.JPEG")]
     assert "truncated" in found[os.path.join(root, "train/a/truncated.JPEG")]
+
+
+# -- a file cut short under a running job -------------------------------------------------------------------------
+CUT_SHORT = """
+import os, sys
+import torch
+sys.path.insert(0, {here!r})
+from datatree import write_sharded_split, write_tree
+from pipeline.config import DataConfig
+from pipeline.data import DataError, build_source
+
+root, fmt = sys.argv[1], sys.argv[2]
+if fmt == "files":
+    files = sorted(write_tree(root, {{"train": {{"a": 24, "b": 24}}, "val": {{"a": 1, "b": 1}}}}, ext=".jpg",
+                              size=(96, 96)))
+else:
+    write_sharded_split(os.path.join(root, "train"), [16, 16, 16])
+    files = sorted(os.path.join(root, "train", f) for f in os.listdir(os.path.join(root, "train")) if f.endswith(".tar"))
+cfg = DataConfig(source="folder", root=root, format=fmt, batch_size=4, image_size=16, val_resize=18, num_threads=1,
+                 prefetch=2, decoder="cpu", scale=[16, 24], lighting=0.0)
+src = build_source(cfg, split="train", rank=0, world_size=1, device=torch.device("cpu"), seed=0, num_classes=2,
+                   root=root)
+batches = iter(src)
+next(batches)
+for path in files:  # what a copy or `prepare` writing in place does first: the file is empty for a moment
+    os.truncate(path, 0)
+try:
+    for _ in range(3):
+        for _ in batches:
+            pass
+        batches = iter(src)
+except DataError as e:
+    print("DataError:", e)
+    sys.exit(3)
+print("read on without an error")
+"""
+
+
+@pytest.mark.parametrize("fmt", ["files", "shards"])
+def test_a_file_cut_short_while_a_job_reads_it_is_named_not_a_bus_error(tmp_path, fmt):
+    # Run apart: were DALI to map the files (its default), this is a SIGBUS in its threads that would end pytest too.
+    import subprocess
+    import sys
+
+    root = str(tmp_path / "ds")
+    script = CUT_SHORT.format(here=os.path.dirname(__file__))
+    proc = subprocess.run(
+        [sys.executable, "-c", script, root, fmt], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out[-3000:]  # not -7 (SIGBUS): the job stops with the error below
+    assert "DataError:" in out and root in out, out[-3000:]
+    if fmt == "shards":  # DALI names the shard's index (shorter tar than it says): the error names the shard
+        assert re.search(rf"DataError: {re.escape(root)}/train/shard-\d+\.tar: DALI cannot read this shard", out), out

@@ -352,8 +352,8 @@ def shard_pipeline(
         # reader epoch, which would refill the whole shuffle buffer at the epoch boundary.
         pad_last_batch=True,
         name=READER_NAME,
-        dont_use_mmap=not map_files,
         tensor_init_bytes=sample_bytes,
+        **({} if map_files else READER_IO),
     )
     outputs = (_train_images(jpegs, **graph),) if train else _val_images(jpegs, **graph)
     return (*outputs, fn.pad(cls, fill_value=0))

@@ -17,12 +17,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The venv first on PATH (torchrun, and ninja should DeepSpeed ever JIT-build an op: a different ninja hashes
-# the build differently). A CPU run builds none: pipeline.distributed keeps DeepSpeed from compiling its
+# the build differently). A CPU run builds none: pipeline.core.distributed keeps DeepSpeed from compiling its
 # shared-memory comm op, which only tensor-parallel inference uses.
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
 demo: $(STAMP)
-	$(RUN) $(BIN)/python -m pipeline.demo
+	$(RUN) $(BIN)/python -m pipeline.study.demo
 
 test: $(STAMP)
 	$(RUN) $(BIN)/python -m pytest tests

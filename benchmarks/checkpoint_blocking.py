@@ -77,7 +77,7 @@ def _measure(uri: str, size_mib: int, staging: Path, repeats: int) -> dict[str, 
         ck.wait()
         committed.append(time.perf_counter() - t0)
     ck.close()
-    from pipeline.storage import Storage
+    from pipeline.core.storage import Storage
 
     store = Storage(uri).child(f"bench-{size_mib}")
     actual = sum(size for f, size in store.find(f"step-{repeats}").items() if f.endswith(".pt"))
@@ -98,7 +98,7 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from pipeline.distributed import read_env
+    from pipeline.core.distributed import read_env
 
     read_env()  # a world of one: DeepSpeed still wants a process group
     import deepspeed

@@ -114,7 +114,7 @@ if [ -f "$ARCHIVE" ]; then
     say "extracting $ARCHIVE (once, into .cache/datasets)"
     "$PY" - "$ARCHIVE" <<'EOF' || exit 2
 import sys
-from pipeline.tools.archive import extract_archive
+from pipeline.data.archive import extract_archive
 from pipeline.tools.cifar10 import CIFAR10_SHA256
 print(extract_archive(sys.argv[1], cache_dir=".cache/datasets", sha256=CIFAR10_SHA256))
 EOF

@@ -111,7 +111,7 @@ def jpeg_tree(src: Path, out: Path, *, images: int) -> int:
 
 
 def upload(local: Path, url: str, *, endpoint_url: str) -> None:
-    from pipeline.storage import Storage
+    from pipeline.core.storage import Storage
 
     store = Storage(url, endpoint_url=endpoint_url)
     files = [f"{d}/{n}" if d else n for d, _, names in Storage(str(local)).walk() for n in names]

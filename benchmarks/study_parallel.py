@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # `python benchmarks/study_parallel.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import TrainConfig, flatten, load_config, to_toml
-from pipeline.study import Member, Study, member_config, read_study
+from pipeline.study.runner import Member, Study, member_config, read_study
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_PORT = 29600
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         return _run_untracked(study, members, configs, args, overrides, logs)
     from mlflow import MlflowClient
 
-    from pipeline.study import close_parent, finished_children, open_parent
+    from pipeline.study.runner import close_parent, finished_children, open_parent
     from pipeline.tracking import resolve_uri
 
     first = next(iter(configs.values()))
@@ -250,7 +250,7 @@ def import_histories(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
 
-    from pipeline.study import open_parent
+    from pipeline.study.runner import open_parent
     from pipeline.tracking import get_or_create_experiment
 
     study = read_study(args.study)

@@ -20,7 +20,7 @@ so every row carries its ratio to the reference from the same machine and minute
     python benchmarks/throughput.py --table results.jsonl      # the summary table of a results file
 
 ``--data`` takes ``synthetic``, ``folder:DIR`` (an ImageFolder, of which only train/ is read, decoded by
-DALI) and ``s3://bucket/prefix`` (the same layout in S3, listed by pipeline.storage and read by DALI's own
+DALI) and ``s3://bucket/prefix`` (the same layout in S3, listed by pipeline.core.storage and read by DALI's own
 S3 client; ``--s3-endpoint`` or $AWS_ENDPOINT_URL for S3-compatible stores).
 """
 
@@ -57,10 +57,10 @@ from pipeline.config import (
     TrainConfig,
     load_config,
 )
-from pipeline.engine import FastPath, resolve_fast_path
+from pipeline.runtime.engine import FastPath, resolve_fast_path
 
 if TYPE_CHECKING:
-    from pipeline.distributed import DistEnv
+    from pipeline.core.distributed import DistEnv
     from pipeline.trainer import Trainer
 
 PROCESS_START = time.time()  # the probe reports how long start-up (imports, data, engine) took
@@ -190,7 +190,7 @@ def bench_config(case: Case, args: argparse.Namespace) -> TrainConfig:
 
         root = case.data.removeprefix("folder:")
         if root.startswith("s3://") and args.s3_endpoint:
-            os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint  # the listing (pipeline.storage) and DALI's reader
+            os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint  # the listing (pipeline.core.storage) and DALI's reader
         # Only train/ is needed (val_dir = train); the class count is the tree's, so any tree works.
         data = replace(data, source="folder", root=root, val_dir="train")
         train = root.rstrip("/") + "/train" if root.startswith("s3://") else os.path.join(root, "train")
@@ -384,7 +384,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace, device: torch.device, dist_env: DistEnv | None = None) -> None:
         self.args = args
         self.device = device
-        self.dist_env = dist_env  # pipeline.distributed's DistEnv; None with --pipeline-only (no process group)
+        self.dist_env = dist_env  # pipeline.core.distributed's DistEnv; None with --pipeline-only (no process group)
         self.env = environment(device)
         self.peak: dict[str, Any] = {}
         self.refs: dict[tuple, dict[str, float]] = {}  # (model, batch, size) -> {"eager": img/s, "compiled": ...}
@@ -858,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.targets:
             print(targets(rows))
         return 0
-    from pipeline.distributed import init_distributed
+    from pipeline.core.distributed import init_distributed
 
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks: read_env picks CUDA whenever it sees a GPU

@@ -3,7 +3,7 @@
 # sbatch copies a batch script into the node's spool directory, so the scripts source this file from
 # the submission directory (the repository root), not from their own location.
 
-readonly STOP_EXIT_CODE=75  # pipeline/signals.py: "stopped after a committed checkpoint, requeue me"
+readonly STOP_EXIT_CODE=75  # pipeline/core/stop.py: "stopped after a committed checkpoint, requeue me"
 
 say() { printf '%s batch: %s\n' "$(date '+%F %T')" "$*" >&2; }
 
@@ -67,7 +67,7 @@ add_overrides() {
 # returns srun's exit code, which alone cannot tell a stop from a failure (srun returns the highest of the
 # nodes' codes, and a node whose peer failed is stopped by SIGTERM). So this restart gets a folder of its
 # own, LOG_DIR/launch/job-<id>-restart-<n>/, where rank 0 writes stop.json (PIPELINE_STOP_RECORD,
-# pipeline/stop_record.py) once every rank stopped with a committed checkpoint, and each node's
+# pipeline/core/stop.py) once every rank stopped with a committed checkpoint, and each node's
 # launch/torchrun_node.sh writes its exit code (PIPELINE_NODE_STATUS_DIR). LOG_DIR must be on a
 # filesystem every node shares, as for the logs themselves. `finish` reads both.
 run_on_nodes() {

@@ -7,14 +7,14 @@
 # Why a wrapper and not `exec torchrun`:
 # - SLURM's warning signal (sbatch --signal=USR1@T, scancel --signal=USR1) is USR1. torchrun does not
 #   handle USR1, whose default action kills it, and its workers are then orphaned mid-step. torchrun is
-#   therefore started with USR1 ignored; its workers install their own handler (pipeline/signals.py).
+#   therefore started with USR1 ignored; its workers install their own handler (pipeline/core/stop.py).
 # - A signal may reach only this wrapper (a site whose process tracking signals the task, not every
 #   process of the step), so the wrapper passes the stop on as SIGTERM, which the workers treat like
 #   USR1. It signals the workers themselves, not torchrun: torchrun answers SIGTERM by killing its
 #   workers after TORCH_ELASTIC_SHUTDOWN_TIMEOUT (30 s, not settable before torch 2.12), which can cut
 #   a checkpoint upload short.
 # - The workers log which signal stopped them: before the SIGTERM the wrapper writes the signal it got
-#   (e.g. SIGUSR1) to the file named in PIPELINE_STOP_SIGNAL_FILE, which pipeline/signals.py reads.
+#   (e.g. SIGUSR1) to the file named in PIPELINE_STOP_SIGNAL_FILE, which pipeline/core/stop.py reads.
 # - torchrun reports any non-zero worker exit, 75 included, as 1, with a 25-line Python traceback and a
 #   failure table (and a signal that reaches torchrun itself with a traceback of its own internals, which
 #   the wrapper turns into one line naming the signal). The wrapper reads torchrun's stderr: when every
@@ -32,14 +32,14 @@
 set -euo pipefail
 
 
-readonly STOP_EXIT_CODE=75  # pipeline/signals.py STOP_EXIT_CODE
+readonly STOP_EXIT_CODE=75  # pipeline/core/stop.py STOP_EXIT_CODE
 torchrun=${TORCHRUN:-torchrun}
 node=$(hostname -s 2>/dev/null || hostname)
 stop_signal=""
 torchrun_pid=""
 work=$(mktemp -d "${TMPDIR:-/tmp}/torchrun_node.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-export PIPELINE_STOP_SIGNAL_FILE=$work/stop-signal  # pipeline/signals.py SIGNAL_FILE_ENV
+export PIPELINE_STOP_SIGNAL_FILE=$work/stop-signal  # pipeline/core/stop.py SIGNAL_FILE_ENV
 failures=$work/failures                             # "code rank host" per failed worker, root cause first
 
 say() { printf '%s %s launch: %s\n' "$(date '+%F %T')" "$node" "$*" >&2; }

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.tracking.study_runs import MemberRun
+from pipeline.study.runs import MemberRun
 
 Net = tuple[bool, int, str]  # (residual, depth, shortcut: "A" | "B" | "C" | "none")
 

@@ -23,8 +23,8 @@ from pathlib import Path
 from monitoring.figures import plot_depth_curves, plot_response_std
 from monitoring.paper import recipe_mismatches, table_for
 from monitoring.tables import Table, comparison_table, member_summary, table3
-from pipeline.diagnostics import RESPONSE_STD_ARTIFACT, read_response_std
-from pipeline.tracking.study_runs import MemberRun, StudyNotFound, StudyRuns, load_study
+from pipeline.runtime.diagnostics import RESPONSE_STD_ARTIFACT, read_response_std
+from pipeline.study.runs import MemberRun, StudyNotFound, StudyRuns, load_study
 
 
 @dataclass
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--json",
         action="store_true",
-        help="print where everything went as one JSON object (for programs such as pipeline.demo) instead of the table",
+        help="print where everything went as one JSON object (for programs such as pipeline.study.demo) instead of the table",
     )
     args = p.parse_args(argv)
 

@@ -14,7 +14,7 @@ from monitoring.paper import (
     recipe_mismatches,
     table_for,
 )
-from pipeline.tracking.study_runs import MemberRun, StudyRuns
+from pipeline.study.runs import MemberRun, StudyRuns
 
 
 @dataclass

@@ -30,11 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from pipeline.core.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key and what is allowed."""
+
+    same_on_every_rank = True  # every rank reads the same files and flags
 
 
 def doc(default: Any, text: str) -> Any:

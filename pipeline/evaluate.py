@@ -43,7 +43,8 @@ if __package__ in (None, ""):  # `torchrun pipeline/evaluate.py` runs this file 
 import torch
 
 from pipeline.config import ConfigError, load_config
-from pipeline.progress import is_terminal
+from pipeline.core.errors import UserError, error_line
+from pipeline.runtime.progress import is_terminal
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 TRAINER_STATE = "trainer-rank0.pt"  # the trainer's state, saved by rank 0 beside the weights: the tracking run id
@@ -52,7 +53,7 @@ MODES = ("center", "10crop", "multiscale")
 log = logging.getLogger("pipeline.evaluate")
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(UserError, RuntimeError):
     """A checkpoint or evaluation problem; the message names the URI or file and the fix."""
 
 
@@ -82,7 +83,7 @@ def resolve_checkpoint(
         read_manifest,
         step_of,
     )
-    from pipeline.storage import Storage, StorageError
+    from pipeline.core.storage import Storage, StorageError
 
     opts = storage or {}
     try:
@@ -220,7 +221,7 @@ def evaluate_source(
 ) -> dict[str, float]:
     """Top-1/top-5 error (%) and the loss of the averaged scores over the whole split: every rank runs
     its shard, then the sums are all-reduced (a collective when a process group exists)."""
-    from pipeline.metrics import MetricSums
+    from pipeline.runtime.metrics import MetricSums
 
     model.eval()
     sums = MetricSums(device)
@@ -260,7 +261,7 @@ def checkpoint_run(folder: str, *, storage: dict[str, str] | None = None) -> tup
     state saved beside its weights; (None, None) for a folder without one (DeepSpeed's files alone). A committed
     checkpoint's trainer state is checked against its manifest, as its weights were."""
     from pipeline.checkpoint.layout import CheckpointError, read_manifest, verified_file
-    from pipeline.storage import Storage, StorageError
+    from pipeline.core.storage import Storage, StorageError
 
     try:
         store = Storage(folder, **(storage or {}))
@@ -340,8 +341,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Evaluate as the command line says; every rank returns the same result."""
     from pipeline.checkpoint.layout import check_model, config_changes, storage_options
     from pipeline.config import flatten
+    from pipeline.core.distributed import broadcast_object, close_distributed, init_distributed
     from pipeline.data import prepare_dataset_root
-    from pipeline.distributed import broadcast_object, close_distributed, init_distributed
     from pipeline.models import build_model
     from pipeline.wiring import model_record, split_source
 
@@ -432,15 +433,15 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.checkpoint.layout import CheckpointError
-    from pipeline.storage import StorageError
+    from pipeline.core.storage import StorageError
 
     rank = int(os.environ.get("RANK", "0"))
     try:
         result = run(argv)
-    except (ConfigError, ValueError, EvaluationError, CheckpointError, StorageError) as e:
-        if rank == 0 or type(e).__name__ not in ("ConfigError", "DataError"):
-            print(f"error{'' if rank == 0 else f' (rank {rank})'}: {e}", file=sys.stderr)
+    except (UserError, ValueError, StorageError) as e:
+        line = error_line(e, rank=rank)
+        if line:
+            print(line, file=sys.stderr)
         return 2
     if rank == 0:
         print(

@@ -19,8 +19,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # `torchrun pipeline/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.config import ConfigError, TrainConfig, describe, load_config
-from pipeline.signals import STOP_EXIT_CODE, StopFlag
+from pipeline.config import TrainConfig, describe, load_config
+from pipeline.core.errors import UserError, error_line
+from pipeline.core.stop import STOP_EXIT_CODE, StopFlag
+from pipeline.runtime.progress import wrap_long_lines
 
 log = logging.getLogger("pipeline")
 
@@ -57,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def _setup_logging(rank: int) -> None:
-    from pipeline.progress import ShortLines
+    from pipeline.runtime.progress import ShortLines
 
     # Only rank 0 talks to the console; other ranks stay quiet unless something is fatal. Every line stays short
     # enough to read in a job's log file (ShortLines wraps longer ones), Python warnings (DALI's, torch's)
@@ -73,8 +75,8 @@ def _setup_logging(rank: int) -> None:
 def run(cfg: TrainConfig, *, stop: StopFlag | None = None) -> RunOutcome:
     """Build every component (pipeline.wiring), start, train, and close. Called on every rank."""
     from pipeline.checkpoint.layout import tag_for
-    from pipeline.distributed import close_distributed, init_distributed
-    from pipeline.stop_record import write_stop_record
+    from pipeline.core.distributed import close_distributed, init_distributed
+    from pipeline.core.stop import write_stop_record
     from pipeline.wiring import TrainingRun, build_run
 
     stop = stop or StopFlag().install()
@@ -128,13 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, rest)
         outcome = run(cfg)
-    except (ConfigError, ValueError, RuntimeError) as e:
-        # Every rank validates the same config and fails the same way; one message is enough.
-        if rank == 0 or type(e).__name__ not in ("ConfigError", "DataError", "PreflightError"):
-            from pipeline.progress import wrap_long_lines
-
-            print(wrap_long_lines(f"error{'' if rank == 0 else f' (rank {rank})'}: {e}"), file=sys.stderr)
-        return 2 if type(e).__name__ in ("ConfigError", "DataError", "CheckpointError", "PreflightError") else 1
+    except (UserError, ValueError, RuntimeError) as e:
+        # A UserError that every rank raises alike is printed once, by rank 0; anything else is a bug (exit 1).
+        line = error_line(e, rank=rank)
+        if line:
+            print(wrap_long_lines(line), file=sys.stderr)
+        return e.exit_code if isinstance(e, UserError) else 1
     # The result of a finished run only: a stopped one (exit 75) has at most an intermediate evaluation.
     if rank == 0 and outcome.exit_code == 0 and outcome.final_val:
         v = outcome.final_val

@@ -4,7 +4,7 @@ The loop avoids host synchronisation: losses and hits accumulate on the device a
 ranks every ``log_every`` steps. That reduction is also where ranks agree on stop requests and
 non-finite losses, so every rank takes the same branch and no collective is left waiting.
 
-With ``diagnostics`` (pipeline/diagnostics.py), the steps that log also take per-stage gradient norms (reduced
+With ``diagnostics`` (pipeline/runtime/diagnostics.py), the steps that log also take per-stage gradient norms (reduced
 in that same collective), and rank 0 measures Figure 7's response std at chosen steps and at the end.
 
 The trainer counts optimizer steps only; which epoch and which batch of it the run is at is the
@@ -25,13 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.diagnostics import Diagnostics
-from pipeline.distributed import all_reduce_max, all_reduce_sum, is_multi_rank
-from pipeline.engine import set_lr
-from pipeline.metrics import MetricSums
-from pipeline.progress import ConsoleReporter
-from pipeline.schedule import LRSchedule
-from pipeline.signals import StopFlag
+from pipeline.core.distributed import all_reduce_max, all_reduce_sum, is_multi_rank
+from pipeline.core.stop import StopFlag
+from pipeline.runtime.diagnostics import Diagnostics
+from pipeline.runtime.engine import set_lr
+from pipeline.runtime.metrics import MetricSums
+from pipeline.runtime.progress import ConsoleReporter
+from pipeline.runtime.schedule import LRSchedule
 from pipeline.tracking import NullTracker, Tracker
 
 log = logging.getLogger("pipeline.trainer")

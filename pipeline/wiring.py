@@ -18,15 +18,15 @@ import torch
 from pipeline.checkpoint import Checkpointer
 from pipeline.checkpoint.layout import committed_tags
 from pipeline.config import ConfigError, TrainConfig, flatten, to_toml
+from pipeline.core.distributed import DistEnv, broadcast_object
+from pipeline.core.stop import StopFlag
+from pipeline.core.storage import StorageError
 from pipeline.data import DataSource, build_source, prepare_dataset_root
-from pipeline.diagnostics import Diagnostics
-from pipeline.distributed import DistEnv, broadcast_object
-from pipeline.engine import build_engine
 from pipeline.models import build_model, model_spec
-from pipeline.preflight import check_run
-from pipeline.schedule import LRSchedule, epoch_steps, scaled_lr
-from pipeline.signals import StopFlag
-from pipeline.storage import StorageError
+from pipeline.runtime.diagnostics import Diagnostics
+from pipeline.runtime.engine import build_engine
+from pipeline.runtime.preflight import check_run
+from pipeline.runtime.schedule import LRSchedule, epoch_steps, scaled_lr
 from pipeline.tracking import Tracker, build_tracker
 from pipeline.tracking.datasets import dataset_name, describe_split
 from pipeline.trainer import Trainer

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # so tests can `import s3_server`
-# pipeline.distributed keeps DeepSpeed from JIT-building its CPU comm op (tests/test_startup.py); should a test
+# pipeline.core.distributed keeps DeepSpeed from JIT-building its CPU comm op (tests/test_startup.py); should a test
 # build any op, it goes to a folder per checkout (inherited by every process a test starts), not to
 # ~/.cache/torch_extensions, which every checkout on the machine shares and would rebuild in turn.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.engine import FastPath, resolve_fast_path
+from pipeline.runtime.engine import FastPath, resolve_fast_path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -106,9 +106,9 @@ def test_fast_path_config_keys_default_to_auto_and_validate():
 ENGINE_CHECK = r"""
 import json, sys, torch, torch.nn.functional as F
 from pipeline.config import DistributedConfig, OptimConfig, PrecisionConfig
-from pipeline.distributed import init_distributed
+from pipeline.core.distributed import init_distributed
 init_distributed(DistributedConfig())
-from pipeline.engine import build_engine
+from pipeline.runtime.engine import build_engine
 from pipeline.models import build_model
 
 def engine(**kw):
@@ -515,7 +515,7 @@ def test_histories_import_as_the_study_runner_would_log_them(tmp_path):
     from mlflow import MlflowClient
 
     from pipeline.config import flatten
-    from pipeline.study import member_config, read_study
+    from pipeline.study.runner import member_config, read_study
 
     study = read_study(REPO / "configs/study/cifar10_table6.toml")
     hist = tmp_path / "h"

@@ -21,7 +21,7 @@ import torch
 from pipeline.checkpoint import Checkpointer, CheckpointError
 from pipeline.checkpoint.layout import committed_tags, read_manifest
 from pipeline.config import CheckpointConfig
-from pipeline.storage import Storage, sha256_file
+from pipeline.core.storage import Storage, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -380,7 +380,7 @@ def test_stop_while_blocked_on_storage_stages_and_names_the_steps(
 
     from s3_server import outage
 
-    from pipeline.signals import StopFlag
+    from pipeline.core.stop import StopFlag
 
     stop = StopFlag()
     ck = Checkpointer(

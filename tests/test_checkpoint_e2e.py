@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline.progress import unwrap_lines
-from pipeline.signals import STOP_EXIT_CODE
-from pipeline.storage import sha256_file
+from pipeline.core.stop import STOP_EXIT_CODE
+from pipeline.core.storage import sha256_file
+from pipeline.runtime.progress import unwrap_lines
 
 pytestmark = pytest.mark.slow
 

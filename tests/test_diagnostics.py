@@ -1,4 +1,4 @@
-"""The paper's diagnostics (pipeline/diagnostics.py): per-stage gradient norms and Figure 7's response std.
+"""The paper's diagnostics (pipeline/runtime/diagnostics.py): per-stage gradient norms and Figure 7's response std.
 
 The fast tests check the measurements against direct computations on real models; the slow ones train on the
 digits with real DALI and DeepSpeed (2 ranks on gloo) and read the study back from a real ``mlflow server``.
@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from tiny import digits_study
 
 from pipeline.config import ConfigError, DiagnosticsConfig, TrainConfig, load_config
-from pipeline.diagnostics import GradNorms, response_layers, response_std, stage_groups
-from pipeline.metrics import MetricSums
 from pipeline.models import build_model
+from pipeline.runtime.diagnostics import GradNorms, response_layers, response_std, stage_groups
+from pipeline.runtime.metrics import MetricSums
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,7 @@ def test_diagnostics_are_off_by_default_and_do_not_change_the_experiment(tmp_pat
 
 
 def test_every_study_turns_the_diagnostics_on() -> None:
-    from pipeline.study import member_config, read_study
+    from pipeline.study.runner import member_config, read_study
 
     for path in sorted((ROOT / "configs/study").glob("*.toml")):
         study = read_study(path)
@@ -214,7 +214,7 @@ def test_digits_study_shows_grad_norms_in_mlflow_and_figure7_in_its_report(mlflo
     from mlflow import MlflowClient
 
     from monitoring.report import main as report_main
-    from pipeline.tracking.study_runs import load_study
+    from pipeline.study.runs import load_study
 
     cmd, env = digits_study(
         tmp_path, mlflow_server.uri, "--tracking.system_metrics=false", "--tracking.log_model=false"

@@ -1,4 +1,4 @@
-"""pipeline.distributed: the one home of the pipeline's collectives, on a real 2-process gloo group."""
+"""pipeline.core.distributed: the one home of the pipeline's collectives, on a real 2-process gloo group."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_object_broadcast_has_one_home() -> None:
         for i, line in enumerate(p.read_text().splitlines(), 1)
         if call.search(line)
     ]
-    assert len(hits) == 1 and hits[0].startswith("pipeline/distributed.py:"), hits
+    assert len(hits) == 1 and hits[0].startswith("pipeline/core/distributed.py:"), hits
 
 
 def _free_port() -> int:
@@ -45,7 +45,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         OMP_NUM_THREADS="1",
     )
     from pipeline.config import DistributedConfig
-    from pipeline.distributed import (
+    from pipeline.core.distributed import (
         all_gather_objects,
         all_reduce_sum,
         barrier,
@@ -55,7 +55,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         init_distributed,
         is_multi_rank,
     )
-    from pipeline.metrics import MetricSums
+    from pipeline.runtime.metrics import MetricSums
 
     env = init_distributed(DistributedConfig(backend="gloo", timeout_s=60))
     try:
@@ -96,7 +96,7 @@ def test_helpers_on_two_gloo_ranks(tmp_path: Path) -> None:
 
 
 def test_helpers_without_a_process_group() -> None:
-    from pipeline.distributed import all_gather_objects, all_reduce_sum, barrier, broadcast_object, control_group
+    from pipeline.core.distributed import all_gather_objects, all_reduce_sum, barrier, broadcast_object, control_group
 
     assert not torch.distributed.is_initialized()
     assert broadcast_object("x") == "x" and all_gather_objects(3) == [3] and control_group() is None

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pipeline.config import DistributedConfig, PrecisionConfig
-from pipeline.engine import deepspeed_config, param_groups
 from pipeline.models import build_model
+from pipeline.runtime.engine import deepspeed_config, param_groups
 
 
 def test_bf16_goes_through_torch_autocast_not_bf16_weights():

@@ -11,7 +11,7 @@ from test_report import _member as report_member
 
 from monitoring.figures import depth_curves_figure, plot_response_std
 from monitoring.report import paper_marks
-from pipeline.tracking.study_runs import MemberRun
+from pipeline.study.runs import MemberRun
 
 
 def _member(depth: int, residual: bool, params: dict[str, str]) -> MemberRun:

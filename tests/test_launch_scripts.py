@@ -207,7 +207,7 @@ def test_node_wrapper_turns_usr1_into_sigterm_for_the_workers(fakes):
     log, _ = p.communicate(timeout=30)
     assert p.returncode == 75, log
     assert (out / "worker0-got").read_text() == "SIGTERM" and (out / "worker1-got").read_text() == "SIGTERM"
-    # ... with the signal the wrapper got written where pipeline/signals.py reads it.
+    # ... with the signal the wrapper got written where pipeline/core/stop.py reads it.
     assert (out / "worker0-relayed").read_text() == "SIGUSR1\n"
     assert not (out / "torchrun-got-TERM").exists(), "the wrapper must signal the workers, not torchrun"
     assert "SIGUSR1: asking the workers to save and stop" in log and "exit 75" in log
@@ -511,7 +511,7 @@ def test_real_torchrun_report_is_dropped_for_a_stop_and_condensed_for_a_failure(
 
 
 STOPPING_WORKER = """import os, signal, sys, time
-def stop(signum, frame):  # as pipeline/signals.py: finish the step, save, exit 75 (here: 2 s of saving)
+def stop(signum, frame):  # as pipeline/core/stop.py: finish the step, save, exit 75 (here: 2 s of saving)
     print(f"worker {os.environ['RANK']} saving", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second stop request changes nothing
     time.sleep(2)
@@ -570,7 +570,7 @@ def test_failed_study_submission_leaves_the_parent_run_failed(mlflow_server, tmp
     with the reason as a tag; a later submission that works reopens it and drops the stale reason."""
     from mlflow import MlflowClient
 
-    from pipeline.study import SUBMIT_ERROR_TAG, main
+    from pipeline.study.runner import SUBMIT_ERROR_TAG, main
 
     monkeypatch.chdir(tmp_path)
     bin_dir = tmp_path / "bin"

@@ -43,7 +43,7 @@ def test_pipeline_never_imports_monitoring() -> None:
 def test_dataset_tools_stay_offline() -> None:
     forbidden = (
         "pipeline.trainer",
-        "pipeline.engine",
+        "pipeline.runtime.engine",
         "pipeline.train.",
         "pipeline.data.loader",
         "pipeline.data.pipelines",

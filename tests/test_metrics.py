@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.metrics import MetricSums, topk_correct
+from pipeline.runtime.metrics import MetricSums, topk_correct
 
 
 def test_topk_counts_hits():

@@ -24,10 +24,10 @@ from pipeline.config import DataConfig, TrackingConfig
 from pipeline.data import build_source
 from pipeline.data.folder import scan_split
 from pipeline.models import build_model
-from pipeline.study import close_parent, parent_state
+from pipeline.study.runner import close_parent, parent_state
+from pipeline.study.runs import member_runs
 from pipeline.tracking import build_tracker
 from pipeline.tracking.datasets import DatasetRecord, describe_split
-from pipeline.tracking.study_runs import member_runs
 
 REPO = Path(__file__).resolve().parents[1]
 IDENTITY = ("depth", "residual", "shortcut", "stride_in", "block", "dataset", "train_samples", "val_samples")

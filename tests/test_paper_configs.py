@@ -13,7 +13,7 @@ from monitoring.paper import TABLE2, TABLE3, TABLE6, describe_recipe, recipe_dif
 from pipeline.config import TrainConfig, flatten, load_config
 from pipeline.models import build_model, model_spec
 from pipeline.models.flops import count_macs
-from pipeline.study import member_config, read_study
+from pipeline.study.runner import member_config, read_study
 from pipeline.tracking.datasets import dataset_name
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""Start-up checks (pipeline.preflight): a wrong store, tracking URI, dataset root or GPU count fails in seconds,
+"""Start-up checks (pipeline.runtime.preflight): a wrong store, tracking URI, dataset root or GPU count fails in seconds,
 before any model, engine or DALI pipeline is built, with one line naming the thing and the fix, and exit 2."""
 
 from __future__ import annotations
@@ -18,9 +18,16 @@ import torch
 from test_train import torchrun
 
 from pipeline.config import load_config
-from pipeline.distributed import DistEnv
-from pipeline.preflight import PreflightError, check_run, data_problem, gpu_problem, storage_problem, tracking_problem
-from pipeline.progress import unwrap_lines
+from pipeline.core.distributed import DistEnv
+from pipeline.runtime.preflight import (
+    PreflightError,
+    check_run,
+    data_problem,
+    gpu_problem,
+    storage_problem,
+    tracking_problem,
+)
+from pipeline.runtime.progress import unwrap_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_CONFIG = "configs/cpu/digits_resnet20.toml"

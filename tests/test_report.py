@@ -16,7 +16,7 @@ from mlflow.entities import Metric, Param, RunTag
 
 from monitoring.report import main
 from monitoring.tables import comparison_table
-from pipeline.tracking.study_runs import MemberRun, StudyRuns
+from pipeline.study.runs import MemberRun, StudyRuns
 
 CIFAR_RECIPE = {
     "data.batch_size": "128",
@@ -151,7 +151,7 @@ def test_report_from_a_synthetic_cifar_study(mlflow_server, tmp_path: Path, caps
     assert main(["--study", "nope", "--tracking-uri", mlflow_server.uri, "--no-log"]) == 2
     capsys.readouterr()
 
-    # --json (what pipeline.demo reads): the same table and files, as one object.
+    # --json (what pipeline.study.demo reads): the same table and files, as one object.
     assert main(again + ["--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["parent_run_id"] == parent and summary["table"].splitlines()[0] in printed

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_train import ROOT, torchrun, train_cli
 
-from pipeline.signals import STOP_EXIT_CODE
+from pipeline.core.stop import STOP_EXIT_CODE
 
 CACHE = f"--data.cache_dir={ROOT / '.cache/datasets'}"
 QUIET = ["--progress=false", "--tracking.enabled=false", CACHE]

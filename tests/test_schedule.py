@@ -7,7 +7,7 @@ import math
 import pytest
 
 from pipeline.config import ScheduleConfig
-from pipeline.schedule import LRSchedule, scaled_lr
+from pipeline.runtime.schedule import LRSchedule, scaled_lr
 
 
 def sched(**kw) -> LRSchedule:
@@ -69,7 +69,7 @@ def test_linear_scaling_rule():
 def test_an_epoch_is_the_same_steps_at_any_world_size(num_samples, world, batch, accum):
     """What the training sources yield per rank ((N // W) // b micro-batches, grad_accum per step) is
     epoch_steps(N, global batch): at a global batch of 16 every split above has the same epoch on 1 to 8 ranks."""
-    from pipeline.schedule import epoch_steps
+    from pipeline.runtime.schedule import epoch_steps
 
     assert ((num_samples // world) // batch) // accum == epoch_steps(num_samples, global_batch=world * batch * accum)
     assert epoch_steps(num_samples, global_batch=world * batch * accum) == num_samples // 16

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _START = """
 import json, sys, torch
 from pipeline.config import DistributedConfig
-from pipeline.distributed import close_distributed, init_distributed
+from pipeline.core.distributed import close_distributed, init_distributed
 import deepspeed.comm as ds_comm
 
 env = init_distributed(DistributedConfig(backend="gloo", timeout_s=60))

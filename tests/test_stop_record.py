@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.signals import SIGNAL_FILE_ENV, STOP_SIGNALS, StopFlag
-from pipeline.stop_record import ENV_VAR, read_stop_record, write_stop_record
+from pipeline.core.stop import SIGNAL_FILE_ENV, STOP_SIGNALS, StopFlag, read_stop_record, write_stop_record
+from pipeline.core.stop import STOP_RECORD_ENV as ENV_VAR
 
 
 def test_record_goes_where_the_launcher_says_and_nowhere_without_it(tmp_path: Path, monkeypatch) -> None:

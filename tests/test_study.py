@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from tiny import digits_study
 
 from pipeline.config import ConfigError
-from pipeline.study import Member, Study, main, member_config, read_study
+from pipeline.study.runner import Member, Study, main, member_config, read_study
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -75,10 +75,10 @@ from pipeline.checkpoint.layout import (
 from pipeline.checkpoint.reshard import load_zero1_resharded
 from pipeline.checkpoint.upload import PartsMissing, Uploader, UploadJob, staged_marker
 from pipeline.config import CheckpointConfig
-from pipeline.distributed import all_gather_objects, barrier, broadcast_object, control_group
-from pipeline.retry import Backoff
-from pipeline.signals import StopFlag
-from pipeline.storage import Storage, StorageError
+from pipeline.core.distributed import all_gather_objects, barrier, broadcast_object, control_group
+from pipeline.core.retry import Backoff
+from pipeline.core.stop import StopFlag
+from pipeline.core.storage import Storage, StorageError
 
 log = logging.getLogger("pipeline.checkpoint")
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import CheckpointConfig
-from pipeline.storage import FileInfo, Storage, StorageError
+from pipeline.core.errors import UserError
+from pipeline.core.storage import FileInfo, Storage, StorageError
 
 log = logging.getLogger("pipeline.checkpoint")
 
@@ -34,7 +35,7 @@ FORMAT = 1
 _TAG = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint problem; the message names the URI or file and what to do."""
 
 

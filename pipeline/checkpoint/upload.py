@@ -7,7 +7,7 @@ and the ``latest`` marker. No collective call happens here: a collective from a 
 the training loop's own collectives, so ranks coordinate through the storage instead.
 
 A failing upload (endpoint down, throttling) is retried forever with exponential backoff
-(``pipeline.retry``) while training goes on; the local files are deleted only after the upload
+(``pipeline.core.retry``) while training goes on; the local files are deleted only after the upload
 succeeded, so nothing is lost. The owner bounds how many checkpoints may wait (``Checkpointer``
 blocks a new save when too many are pending, for at most ``checkpoint.max_wait_s``) and tells the
 uploader what training is doing meanwhile (``activity``), which each retry line repeats.
@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.checkpoint.layout import write_part
-from pipeline.retry import Backoff, RetryStopped, retry
-from pipeline.storage import FileInfo, Storage
+from pipeline.core.retry import Backoff, RetryStopped, retry
+from pipeline.core.storage import FileInfo, Storage
 
 log = logging.getLogger("pipeline.checkpoint")
 

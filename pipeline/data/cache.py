@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from pipeline.data.errors import DataError
 
 MARKER = ".complete"
 

@@ -6,7 +6,7 @@ torchvision's ImageFolder), and every layout mistake becomes a :class:`DataError
 before a pipeline or a process group exists, instead of a C++ exception on one rank mid-job.
 
 A root may be a local folder or an object-store URL (``s3://bucket/imagenet``). Both are listed
-through :mod:`pipeline.storage` (a local walk, or one paginated listing per split); remote files are
+through :mod:`pipeline.core.storage` (a local walk, or one paginated listing per split); remote files are
 handed to DALI as URLs, which its own S3 client reads.
 
 An exclude list (``data.exclude_list``, written by ``python -m pipeline.tools.validate``) removes
@@ -22,12 +22,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pipeline.config import describe_path
-from pipeline.storage import Storage, StorageError
+from pipeline.core.storage import Storage, StorageError
 
 # is_url: an object-store URL (s3://...); file:// and plain paths are local
-from pipeline.storage import is_remote as is_url
-
-from .errors import DataError
+from pipeline.core.storage import is_remote as is_url
+from pipeline.data.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # compared case-insensitively (.JPEG is ImageNet's)
 

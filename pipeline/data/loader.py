@@ -44,10 +44,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .errors import DataError
-from .folder import SplitIndex, is_url
-from .pipelines import READER_NAME, TrainAugment, train_pipeline, val_pipeline
-from .source import PAPER_SCALES, EpochSource, SourceOptions, derive_seed, shard_range
+from pipeline.data.errors import DataError
+from pipeline.data.folder import SplitIndex, is_url
+from pipeline.data.pipelines import READER_NAME, TrainAugment, train_pipeline, val_pipeline
+from pipeline.data.source import PAPER_SCALES, EpochSource, SourceOptions, derive_seed, shard_range
 
 EVAL_MODES = ("center", "10crop", "multiscale")
 
@@ -587,7 +587,7 @@ def explain_pipeline_error(error: BaseException, *, files: Sequence[str], root: 
             f"DALI cannot read {root} from object storage ({reason}); check AWS_ENDPOINT_URL, "
             f"AWS_REGION and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
         )
-    from .sniff import quick_scan
+    from pipeline.data.sniff import quick_scan
 
     suspects = quick_scan(files, time_budget_s=120.0)
     if suspects:

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError
-from .folder import SplitIndex
-from .source import CIFAR_PAD, EpochSource, SourceOptions, shard_range
+from pipeline.data.errors import DataError
+from pipeline.data.folder import SplitIndex
+from pipeline.data.source import CIFAR_PAD, EpochSource, SourceOptions, shard_range
 
 _DECODE_BATCH = 1000
 
@@ -59,8 +59,8 @@ def decode_split(
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
 
-    from .loader import _device_id, explain_pipeline_error
-    from .pipelines import READER_IO
+    from pipeline.data.loader import _device_id, explain_pipeline_error
+    from pipeline.data.pipelines import READER_IO
 
     n = len(index)
     batch = min(_DECODE_BATCH, n)

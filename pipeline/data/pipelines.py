@@ -34,8 +34,8 @@ import nvidia.dali.fn as fn
 import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 
-from .shard_format import EXTENSIONS
-from .source import CIFAR_PAD, PAPER_SCALES
+from pipeline.data.shard_format import EXTENSIONS
+from pipeline.data.source import CIFAR_PAD, PAPER_SCALES
 
 READER_NAME = "Reader"  # for reader_meta(); the loader checks its epoch arithmetic against DALI's
 # How the readers open the user's local files: read(), not DALI's default mmap. A mapped file that shrinks or fails to

@@ -5,7 +5,7 @@
     tar, index = cache.paths(shard)       # blocks until that shard is local (and verified), and keeps it
     cache.release(shards)                 # opened by DALI: they may be evicted now
 
-Each shard is one streamed download (:meth:`pipeline.storage.Storage.get`, large ranged GETs), checked against
+Each shard is one streamed download (:meth:`pipeline.core.storage.Storage.get`, large ranged GETs), checked against
 the manifest's size and sha256 and only then renamed to its final name: a file at a final name is whole and
 verified, so a warm cache is used without a single S3 request. The cache folder is shared by every rank of
 the node (any number of processes): a file lock per shard makes one of them download it while the others
@@ -31,9 +31,9 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from ..storage import Storage, StorageError
-from .errors import DataError
-from .shard_format import ShardInfo, ShardManifest
+from pipeline.core.storage import Storage, StorageError
+from pipeline.data.errors import DataError
+from pipeline.data.shard_format import ShardInfo, ShardManifest
 
 
 @contextlib.contextmanager

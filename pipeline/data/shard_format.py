@@ -23,8 +23,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..storage import Storage, StorageError, sha256_file
-from .errors import DataError
+from pipeline.core.storage import Storage, StorageError, sha256_file
+from pipeline.data.errors import DataError
 
 MANIFEST = "manifest.json"
 FORMAT = "webdataset-dali"

@@ -38,11 +38,11 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from .errors import DataError
-from .loader import DaliSettings, DaliSource, _dali_reason
-from .pipelines import shard_pipeline
-from .shard_format import ShardInfo, ShardManifest, parse_index, sub_index
-from .source import SourceOptions
+from pipeline.data.errors import DataError
+from pipeline.data.loader import DaliSettings, DaliSource, _dali_reason
+from pipeline.data.pipelines import shard_pipeline
+from pipeline.data.shard_format import ShardInfo, ShardManifest, parse_index, sub_index
+from pipeline.data.source import SourceOptions
 
 # A training epoch is read by several pipelines in turn, each over about this many shards' samples: a rank then
 # needs only those shards local to start reading (the cache fetches the rest meanwhile), and DALI's shuffle

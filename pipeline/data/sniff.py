@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from pipeline.storage import Storage
+from pipeline.core.storage import Storage
 
 _MAGIC = (
     (b"\xff\xd8\xff", "jpeg"),

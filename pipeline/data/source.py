@@ -12,7 +12,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from .errors import DataError
+from pipeline.data.errors import DataError
 
 STATE_FORMAT = 1  # bump when a source's state_dict layout changes
 CIFAR_PAD = 4  # "4 pixels are padded on each side" (He et al. 2015, section 4.2)

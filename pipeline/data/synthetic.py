@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from .errors import DataError
-from .source import EpochSource, SourceOptions, derive_seed
+from pipeline.data.errors import DataError
+from pipeline.data.source import EpochSource, SourceOptions, derive_seed
 
 
 class SyntheticSource(EpochSource):

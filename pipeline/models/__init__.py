@@ -6,11 +6,11 @@ build_model("cifar_resnet110")               # section 4.2, option A
 model_spec("resnet50", stride_in="1x1").tags()
 """
 
-from .blocks import BasicBlock, Bottleneck, ZeroPadShortcut
-from .flops import count_macs
-from .registry import build_model, list_models, model_spec
-from .resnet import ResNet
-from .spec import ModelSpec
+from pipeline.models.blocks import BasicBlock, Bottleneck, ZeroPadShortcut
+from pipeline.models.flops import count_macs
+from pipeline.models.registry import build_model, list_models, model_spec
+from pipeline.models.resnet import ResNet
+from pipeline.models.spec import ModelSpec
 
 __all__ = [
     "BasicBlock",

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .spec import STRIDE_INS, Shortcut, StrideIn
+from pipeline.models.spec import STRIDE_INS, Shortcut, StrideIn
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .resnet import ResNet
-from .spec import ModelSpec
+from pipeline.models.resnet import ResNet
+from pipeline.models.spec import ModelSpec
 
 # Stages per depth, table 1 of the paper.
 _IMAGENET_LAYERS: dict[int, tuple[str, tuple[int, ...]]] = {

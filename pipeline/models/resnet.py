@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import BasicBlock, Bottleneck, make_shortcut
-from .spec import ModelSpec
+from pipeline.models.blocks import BasicBlock, Bottleneck, make_shortcut
+from pipeline.models.spec import ModelSpec
 
 _BLOCKS: dict[str, type[BasicBlock] | type[Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 

@@ -1,9 +1,9 @@
-"""CIFAR-10 as an image tree: the hash of the shared JPEG archive, and the official download turned into PNGs.
+"""CIFAR-10 as an image tree: the official download turned into PNGs (the JPEG archive's hash is in pipeline.data.archive).
 
     python -m pipeline.tools.cifar10 cifar-10-python.tar.gz OUT     # OUT/{train,test}/<class>/NNNNN.png
 
 for ``--data.root=OUT`` when the CIFAR-10 JPEG archive that the configs name (extracted by
-:mod:`pipeline.tools.archive`) is not at hand.
+:mod:`pipeline.data.archive`) is not at hand.
 """
 
 from __future__ import annotations
@@ -12,18 +12,8 @@ import io
 import tarfile
 from pathlib import Path
 
+from pipeline.core.storage import Storage
 from pipeline.data.errors import DataError
-from pipeline.storage import Storage
-
-# sha256 of cifar10-jpeg.tar.gz, the CIFAR-10 JPEG archive (class folders) that configs/cifar10 names.
-CIFAR10_SHA256 = "efac85c8ed52f4ead1e1f1b670d8dcf435d551fccebdd8b6365e0a01a504f3a4"
-HOW_TO_GET_CIFAR10 = (
-    "the configs in configs/cifar10 read the CIFAR-10 JPEG archive cifar10-jpeg.tar.gz (class folders) at data.root; "
-    "without it, download the python version (cifar-10-python.tar.gz) from https://www.cs.toronto.edu/~kriz/cifar.html, run "
-    "`python -m pipeline.tools.cifar10 cifar-10-python.tar.gz data/cifar10` (writes data/cifar10/{train,test}/<class>/"
-    "*.png) and pass --data.root=data/cifar10 --data.root_sha256=''"
-)
-
 
 # -- CIFAR-10 from the official download ---------------------------------------------------------------------
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

@@ -9,7 +9,7 @@
   (``ImageId,PredictionString``, the first token of PredictionString being the WNID).
 
 Archives are read with ``tarfile`` in stream mode (``r|``): one sequential pass, one image in memory
-at a time, from a local file or an object-store URL (through :mod:`pipeline.storage`). Used by
+at a time, from a local file or an object-store URL (through :mod:`pipeline.core.storage`). Used by
 :mod:`pipeline.tools.prepare`.
 """
 
@@ -26,8 +26,8 @@ import zlib
 from collections.abc import Callable, Iterator
 from typing import IO, TypeVar
 
+from pipeline.core.storage import Storage, StorageError
 from pipeline.data.errors import DataError
-from pipeline.storage import Storage, StorageError
 
 WNID = re.compile(r"^n\d{8}$")
 VAL_NAME = re.compile(r"^ILSVRC2012_val_(\d{8})\.JPEG$")

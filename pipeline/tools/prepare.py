@@ -54,12 +54,11 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.storage import Storage, StorageError
 from pipeline.data import shard_format
 from pipeline.data.errors import DataError
 from pipeline.data.folder import is_url, list_classes, scan_split
-from pipeline.storage import Storage, StorageError
-
-from .ilsvrc import iter_train_classes, iter_val_images, open_input, read_devkit, read_loc_csv
+from pipeline.tools.ilsvrc import iter_train_classes, iter_val_images, open_input, read_devkit, read_loc_csv
 
 DATASET_FORMAT = 1  # of the dataset manifest and its per-class records (not pipeline.checkpoint's manifests)
 DATASET_MANIFEST = "manifest.json"

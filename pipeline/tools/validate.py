@@ -42,11 +42,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from pipeline.core.storage import Storage, StorageError
 from pipeline.data import shard_format
 from pipeline.data.errors import DataError
 from pipeline.data.folder import IMAGE_EXTENSIONS, _is_image, is_url
 from pipeline.data.sniff import sniff
-from pipeline.storage import Storage, StorageError
 
 ERRORS = ("empty", "not-an-image", "corrupt")  # DALI stops on these
 WARNINGS = ("wrong-format", "cmyk", "grayscale")  # DALI decodes these

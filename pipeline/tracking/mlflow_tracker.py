@@ -4,7 +4,7 @@ Rank 0 creates (or, on resume, reopens) the run and broadcasts its id; the check
 a requeued job continues the same run. Every MLflow call goes through the background sender: the
 training loop only appends to a queue, and an unreachable server costs it nothing.
 
-Local rank 0 of every node (rank 0's too) adds MLflow's system metrics to the same run (pipeline.system_metrics).
+Local rank 0 of every node (rank 0's too) adds MLflow's system metrics to the same run (pipeline.tracking.system_metrics).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import TrackingConfig
-from pipeline.system_metrics import NodeSystemMetrics, start_node_metrics
 from pipeline.tracking.base import NullTracker
 from pipeline.tracking.datasets import DatasetRecord
 from pipeline.tracking.sender import MAX_BATCH, BatchSender
@@ -32,6 +31,7 @@ from pipeline.tracking.store import (
     run_url,
     unique_run_name,
 )
+from pipeline.tracking.system_metrics import NodeSystemMetrics, start_node_metrics
 
 if TYPE_CHECKING:
     import numpy as np
@@ -48,7 +48,7 @@ def _chunks(items: list[Any], n: int) -> list[list[Any]]:
 
 def share_run(run_id: str | None, start_time_s: float | None) -> tuple[str | None, float | None]:
     """Rank 0's run id and start time on every rank (a collective when there are several ranks)."""
-    from pipeline.distributed import broadcast_object
+    from pipeline.core.distributed import broadcast_object
 
     return broadcast_object((run_id, start_time_s))
 

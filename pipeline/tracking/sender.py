@@ -3,7 +3,7 @@
 Training never waits on the network. Calls are queued in order; metric points are coalesced into
 ``log_batch`` requests of up to 1,000 points. While MLflow is unreachable the queue holds on to
 everything (metric points up to ``max_buffered``, then the oldest are dropped, with a warning) and
-retries with backoff (``pipeline.retry.Backoff``), so the points arrive once the server is back.
+retries with backoff (``pipeline.core.retry.Backoff``), so the points arrive once the server is back.
 
 Each metric key's step must increase: a point at or below the highest step already logged for its
 key is dropped. With the high-water marks read back from the server when a run is resumed, that
@@ -23,7 +23,7 @@ from typing import Any
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
-from pipeline.retry import Backoff
+from pipeline.core.retry import Backoff
 
 log = logging.getLogger("pipeline.tracking")
 

@@ -136,7 +136,7 @@ class Submission:
 
     def stop_record(self, restart: int) -> dict | None:
         """What rank 0 recorded for the batch script after a committed stop (launch/slurm_lib.sh)."""
-        from pipeline.stop_record import read_stop_record
+        from pipeline.core.stop import read_stop_record
 
         return read_stop_record(self.logs / "nodes" / "launch" / f"job-{self.job.id}-restart-{restart}" / "stop.json")
 
@@ -365,7 +365,7 @@ def test_depth_study_as_a_job_array(
     task, each on its own node, both nested under the study's parent MLflow run."""
     from mlflow import MlflowClient
 
-    from pipeline.study import read_study, run_study
+    from pipeline.study.runner import read_study, run_study
 
     for k, v in slurm_cluster.env(
         {

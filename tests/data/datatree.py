@@ -208,8 +208,8 @@ def write_sharded_split(folder: str, sizes: list[int], *, first_id: int = 0, num
     Image ids run from ``first_id`` in shard order, encoded as in :func:`write_tree` (red = id; at most 256 in a
     tree); the label of id i is ``i % num_classes``. Returns ``{id: label}``.
     """
+    from pipeline.core.storage import Storage
     from pipeline.data.shard_format import ShardManifest, shard_name, write_manifest, write_shard
-    from pipeline.storage import Storage
 
     os.makedirs(folder, exist_ok=True)
     shards, labels, i = [], {}, first_id

@@ -211,7 +211,7 @@ def test_checkpoint_storage_settings_come_from_the_config(
 ):
     from s3_server import aws_env
 
-    from pipeline.storage import Storage
+    from pipeline.core.storage import Storage
 
     root, config = imagenet
     for k, v in aws_env(s3_endpoint).items():
@@ -231,7 +231,7 @@ def test_checkpoint_storage_settings_come_from_the_config(
 def test_checkpoint_from_s3(tmp_path, s3_bucket, s3_endpoint, monkeypatch):
     from s3_server import aws_env
 
-    from pipeline.storage import Storage
+    from pipeline.core.storage import Storage
 
     for k, v in aws_env(s3_endpoint).items():
         monkeypatch.setenv(k, v)

@@ -1,4 +1,4 @@
-"""data.root = "s3://bucket/prefix": classes listed through pipeline.storage (s3fs), images read by DALI's
+"""data.root = "s3://bucket/prefix": classes listed through pipeline.core.storage (s3fs), images read by DALI's
 own S3 client, against a real S3-compatible server (moto_server on 127.0.0.1).
 
 DALI creates its S3 client once per process, from the environment at its first S3 read
@@ -14,9 +14,9 @@ import pytest
 import torch
 from datatree import _jpeg, environ, ids, write_tree
 
+from pipeline.core.storage import Storage
 from pipeline.data import DataError, build_source
 from pipeline.data.loader import explain_pipeline_error
-from pipeline.storage import Storage
 
 CPU = torch.device("cpu")
 

@@ -19,11 +19,11 @@ import torch
 from datatree import _png, environ, ids, record_reader, roundtrip, take, write_sharded_split
 
 from pipeline.config import ConfigError, DataConfig
+from pipeline.core.storage import Storage
 from pipeline.data import DataError, build_source
 from pipeline.data import shards as shards_module
 from pipeline.data.shard_format import read_manifest, write_manifest, write_shard
 from pipeline.data.shards import ShardSource
-from pipeline.storage import Storage
 
 CPU = torch.device("cpu")
 TRAIN = [7, 5, 9, 3, 6, 4]  # uneven shards, 34 samples: not divisible by 2, 3 or the batch size
@@ -432,7 +432,7 @@ def test_a_full_disk_is_reported_with_the_shard_and_the_settings(s3, tmp_path, m
         "from pipeline.data.shard_cache import ShardCache\n"
         "from pipeline.data.shard_format import read_manifest\n"
         "from pipeline.data import DataError\n"
-        "from pipeline.storage import Storage\n"
+        "from pipeline.core.storage import Storage\n"
         f"store = Storage({root + '/train'!r})\n"
         "manifest = read_manifest(store)\n"
         f"cache = ShardCache(store, manifest, cache_dir={str(mnt)!r}, cache_bytes=1 << 30)\n"

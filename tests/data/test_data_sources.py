@@ -11,7 +11,7 @@ import torch
 
 from pipeline.config import DataConfig
 from pipeline.data import DataError, DataSource, build_source, prepare_dataset_root
-from pipeline.tools import digits as digits_module
+from pipeline.data import digits as digits_module
 
 CPU = torch.device("cpu")
 

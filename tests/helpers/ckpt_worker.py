@@ -45,7 +45,7 @@ def main() -> int:
 
     from pipeline.checkpoint import Checkpointer, CheckpointError
     from pipeline.config import CheckpointConfig
-    from pipeline.distributed import skip_shm_comm_build
+    from pipeline.core.distributed import skip_shm_comm_build
 
     skip_shm_comm_build()  # as pipeline's own start does: no g++ build of an op training never uses
     deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=120), verbose=False)

@@ -63,7 +63,7 @@ def _install() -> None:
     if pause:
         tag, rank, nth, folder = pause.split(":", 3)
         if int(rank) == RANK:
-            from pipeline import storage
+            from pipeline.core import storage
 
             orig_put = storage.Storage.put
             seen: list[str] = []

@@ -17,11 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
+from pipeline.core.distributed import close_distributed, init_distributed  # noqa: E402
 from pipeline.data import prepare_dataset_root  # noqa: E402
-from pipeline.distributed import close_distributed, init_distributed  # noqa: E402
-from pipeline.engine import build_engine  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
-from pipeline.schedule import LRSchedule  # noqa: E402
+from pipeline.runtime.engine import build_engine  # noqa: E402
+from pipeline.runtime.schedule import LRSchedule  # noqa: E402
 from pipeline.trainer import Trainer  # noqa: E402
 from pipeline.wiring import split_source  # noqa: E402
 

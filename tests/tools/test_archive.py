@@ -20,7 +20,7 @@ import pytest
 
 from pipeline.config import DataConfig
 from pipeline.data import DataError, prepare_dataset_root
-from pipeline.tools import archive as archives
+from pipeline.data import archive as archives
 from pipeline.tools import cifar10
 
 REPO = Path(__file__).resolve().parents[2]
@@ -196,7 +196,7 @@ def test_official_python_download_becomes_an_image_tree(tmp_path):
 @pytest.fixture(scope="module")
 def cifar_root(tmp_path_factory) -> str:
     cache = tmp_path_factory.mktemp("cifar-cache")
-    return archives.extract_archive(str(SHARED_ARCHIVE), cache_dir=str(cache), sha256=cifar10.CIFAR10_SHA256)
+    return archives.extract_archive(str(SHARED_ARCHIVE), cache_dir=str(cache), sha256=archives.CIFAR10_SHA256)
 
 
 @needs_cifar
@@ -216,7 +216,7 @@ def test_real_cifar10_archive_has_the_paper_splits(cifar_root):
 def test_real_cifar10_trains_through_the_full_path(cifar_root, tmp_path, monkeypatch):
     """A short run of the Table 6 ResNet-20 config on the real archive: in-memory source, DeepSpeed, checkpoint."""
     from pipeline.config import load_config
-    from pipeline.signals import StopFlag
+    from pipeline.core.stop import StopFlag
     from pipeline.train import run
 
     cfg = load_config(

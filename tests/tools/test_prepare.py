@@ -291,7 +291,7 @@ def test_unwritable_output(tmp_path, archives, capsys):
 def test_prepare_from_and_to_s3(tmp_path, archives, s3_bucket, s3_endpoint, monkeypatch):
     from s3_server import aws_env
 
-    from pipeline.storage import Storage
+    from pipeline.core.storage import Storage
 
     for k, v in aws_env(s3_endpoint).items():
         monkeypatch.setenv(k, v)
@@ -377,8 +377,8 @@ def shard_tree(tmp_path):
 
 
 def test_shards_hold_every_image_once_readable_by_dali(tmp_path, shard_tree):
+    from pipeline.core.storage import Storage, sha256_file
     from pipeline.data import shard_format
-    from pipeline.storage import Storage, sha256_file
     from pipeline.tools.prepare import prepare_shards
 
     root, index = shard_tree
@@ -414,8 +414,8 @@ def test_shards_hold_every_image_once_readable_by_dali(tmp_path, shard_tree):
 
 
 def test_shards_command_and_rewrite(tmp_path, shard_tree, capsys):
+    from pipeline.core.storage import Storage
     from pipeline.data import shard_format
-    from pipeline.storage import Storage
 
     root, _ = shard_tree
     out = str(tmp_path / "shards")
@@ -439,8 +439,8 @@ def test_shards_command_and_rewrite(tmp_path, shard_tree, capsys):
 
 
 def test_imagenet_format_shards(tmp_path, archives):
+    from pipeline.core.storage import Storage
     from pipeline.data import shard_format
-    from pipeline.storage import Storage
 
     tree, shards = str(tmp_path / "imagenet"), str(tmp_path / "imagenet-shards")
     p = archives["paths"]
@@ -455,8 +455,8 @@ def test_imagenet_format_shards(tmp_path, archives):
 def test_shards_to_and_from_s3(tmp_path, shard_tree, s3_bucket, s3_endpoint, monkeypatch):
     from s3_server import aws_env
 
+    from pipeline.core.storage import Storage
     from pipeline.data import shard_format
-    from pipeline.storage import Storage
     from pipeline.tools.prepare import prepare_shards
 
     for k, v in aws_env(s3_endpoint).items():

@@ -8,7 +8,7 @@ import os
 import pytest
 from datatree import write_tree
 
-from pipeline.storage import Storage
+from pipeline.core.storage import Storage
 from pipeline.tools.prepare import prepare_shards
 from pipeline.tools.validate import main, sharded_splits, validate_shards
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import io
 import os
 
+from pipeline.core.storage import Storage
 from pipeline.data.cache import build_once
-from pipeline.storage import Storage
 
 DIGITS_DIR = "digits"
 _VERSION = 1  # bump when the images or the split change; an older tree is then rebuilt

@@ -18,17 +18,20 @@ from pathlib import Path
 
 from pipeline.checkpoint.layout import storage_options
 from pipeline.config import TrainConfig, describe_path
+from pipeline.core.distributed import DistEnv, all_gather_objects, control_group
+from pipeline.core.errors import UserError
+from pipeline.core.storage import Storage, StorageError, is_remote
 from pipeline.data import DataError, prepare_dataset_root
-from pipeline.distributed import DistEnv, all_gather_objects, control_group
-from pipeline.storage import Storage, StorageError, is_remote
-from pipeline.tools.archive import is_archive
+from pipeline.data.archive import is_archive
 from pipeline.tracking.store import configure_http_for_training, resolve_uri
 
 log = logging.getLogger("pipeline")
 
 
-class PreflightError(RuntimeError):
+class PreflightError(UserError, RuntimeError):
     """One or more start-up checks failed; one line per problem, each naming the thing and the fix."""
+
+    same_on_every_rank = True  # the checks' verdict is agreed across ranks before it is raised
 
 
 def gpu_problem(*, device_type: str, local_world_size: int, device_count: int) -> str:

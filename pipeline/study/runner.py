@@ -54,9 +54,9 @@ from pipeline.config import (
     read_toml,
     to_toml,
 )
-from pipeline.signals import STOP_EXIT_CODE
+from pipeline.core.stop import STOP_EXIT_CODE
+from pipeline.study.runs import PARENT_ROLE, member_runs, newest_parent
 from pipeline.tracking.datasets import dataset_name
-from pipeline.tracking.study_runs import PARENT_ROLE, member_runs, newest_parent
 
 log = logging.getLogger("pipeline.study")
 
@@ -503,7 +503,3 @@ def _uri_of(study: Study, overrides: list[str]) -> str:
     from pipeline.tracking import resolve_uri
 
     return resolve_uri(member_config(study, study.members[0], overrides=overrides).tracking)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

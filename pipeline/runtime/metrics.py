@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.distributed import all_reduce_sum
+from pipeline.core.distributed import all_reduce_sum
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from pipeline.config import ConfigError
-from pipeline.study import member_config, read_study, run_report, run_study, summary
+from pipeline.study.runner import member_config, read_study, run_report, run_study, summary
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "configs/study/digits_depth.toml"

@@ -10,7 +10,7 @@ retrying may help (endpoint unreachable, timeouts) as opposed to a missing bucke
 
 On S3 every request is cut by an explicit connect and read timeout (``connect_timeout_s``, ``read_timeout_s``:
 a paused server fails the request instead of hanging it), and neither botocore nor s3fs retries silently: a
-transient failure is retried here, through ``pipeline.retry``, ``attempts`` times in all with a warning each.
+transient failure is retried here, through ``pipeline.core.retry``, ``attempts`` times in all with a warning each.
 
 S3 settings come from the usual AWS variables (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE, AWS_REGION / AWS_DEFAULT_REGION) unless given
@@ -34,9 +34,9 @@ from typing import IO, Any, TypeVar
 
 import fsspec
 
-from pipeline.retry import Backoff, retry
+from pipeline.core.retry import Backoff, retry
 
-log = logging.getLogger("pipeline.storage")
+log = logging.getLogger("pipeline.core.storage")
 
 CHUNK = 8 << 20  # streaming hash/copy block; large enough that S3 range reads stay efficient
 _RETRY = Backoff(first_s=0.5, factor=2.0, max_s=4.0)  # between attempts of one transient-failing S3 request

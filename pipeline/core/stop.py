@@ -1,17 +1,29 @@
-"""Stop requests (SLURM's --signal=USR1@T, preemption's SIGTERM) become a flag read at step boundaries.
+"""The stop/requeue contract with the launch scripts (launch/torchrun_node.sh, launch/slurm_lib.sh).
 
-No work happens in the handler: saving from inside a signal handler could interrupt a collective or a
-half-written file. The trainer agrees on the flag across ranks, saves, commits and exits with
-``STOP_EXIT_CODE`` so a launcher knows to requeue.
+Stop requests (SLURM's --signal=USR1@T, preemption's SIGTERM) become a flag read at step boundaries. No work
+happens in the handler: saving from inside a signal handler could interrupt a collective or a half-written
+file. The trainer agrees on the flag across ranks, saves, commits and exits with ``STOP_EXIT_CODE`` so a
+launcher knows to requeue.
+
+The stop record is rank 0's word to the batch script that this allocation stopped with a committed
+checkpoint. srun merges its tasks' exit codes into the highest one, and a node whose peer failed is stopped by
+SIGTERM (``--kill-on-bad-exit``) and reports the stop code too, so an exit code cannot tell "every rank saved,
+requeue me" from "something failed". The launch scripts therefore name a file per job and restart in
+``PIPELINE_STOP_RECORD``; rank 0 writes it once every rank has stopped and the stop's checkpoint is committed,
+and the batch script requeues only when it finds it. Outside SLURM (the variable unset) nothing is written.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType
+
+from pipeline.core.storage import Storage
 
 # EX_TEMPFAIL: "try again later", distinct from success (0) and from a crash (1).
 STOP_EXIT_CODE = 75
@@ -19,6 +31,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # launch/torchrun_node.sh passes a stop on to the workers as SIGTERM and writes the signal it got itself
 # (e.g. "SIGUSR1") to this file first, so the log names the signal the operator or SLURM sent.
 SIGNAL_FILE_ENV = "PIPELINE_STOP_SIGNAL_FILE"
+# The stop record's file, named by launch/slurm_lib.sh.
+STOP_RECORD_ENV = "PIPELINE_STOP_RECORD"
 
 
 class StopFlag:
@@ -75,3 +89,30 @@ def _relayed_signal() -> str | None:
     except OSError:
         return None
     return name if name.startswith("SIG") and name[3:].isalnum() else None
+
+
+def write_stop_record(
+    *, step: int, signal: str | None, checkpoint: str, run_id: str, path: str | None = None
+) -> Path | None:
+    """Write the record (JSON: step, signal, checkpoint tag, run id, time) to ``path``, else to
+    ``$PIPELINE_STOP_RECORD``; returns where it went, or None when neither names a file."""
+    target = path or os.environ.get(STOP_RECORD_ENV, "")
+    if not target:
+        return None
+    record = {
+        "step": step,
+        "signal": signal or "",
+        "checkpoint": checkpoint,
+        "run_id": run_id,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    p = Path(target)
+    # Atomic: the batch script reads it on another node of a shared filesystem and must never see half of it.
+    Storage(str(p.parent)).write_text(p.name, json.dumps(record) + "\n")
+    return p
+
+
+def read_stop_record(path: str | Path) -> dict[str, object] | None:
+    """The record at ``path``, or None when there is none."""
+    p = Path(path)
+    return json.loads(p.read_text()) if p.is_file() else None

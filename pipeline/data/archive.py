@@ -24,7 +24,14 @@ from pathlib import Path
 from pipeline.data.cache import build_once
 from pipeline.data.errors import DataError
 
-from .cifar10 import HOW_TO_GET_CIFAR10
+# sha256 of cifar10-jpeg.tar.gz, the CIFAR-10 JPEG archive (class folders) that configs/cifar10 names.
+CIFAR10_SHA256 = "efac85c8ed52f4ead1e1f1b670d8dcf435d551fccebdd8b6365e0a01a504f3a4"
+HOW_TO_GET_CIFAR10 = (
+    "the configs in configs/cifar10 read the CIFAR-10 JPEG archive cifar10-jpeg.tar.gz (class folders) at data.root; "
+    "without it, download the python version (cifar-10-python.tar.gz) from https://www.cs.toronto.edu/~kriz/cifar.html, run "
+    "`python -m pipeline.tools.cifar10 cifar-10-python.tar.gz data/cifar10` (writes data/cifar10/{train,test}/<class>/"
+    "*.png) and pass --data.root=data/cifar10 --data.root_sha256=''"
+)
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _VERSION = 1
@@ -45,7 +52,7 @@ def resolve_archive(path: str) -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    from pipeline.storage import sha256_file
+    from pipeline.core.storage import sha256_file
 
     return sha256_file(path).sha256
 

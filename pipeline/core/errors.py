@@ -1,0 +1,27 @@
+"""The one base for errors a user can fix, and the exit code each carries.
+
+Every such error's message names the file, config key or URI at fault and what to do. The entry points
+(``pipeline.train``, ``pipeline.evaluate``) catch ``UserError`` once and exit with its code; anything else is a
+bug or an outage and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class UserError(Exception):
+    """An error the user can fix (a bad config value, dataset, checkpoint or environment)."""
+
+    # 2: "usage", as argparse exits for a bad flag; distinct from a crash (1) and a stop (75, core.stop).
+    exit_code: ClassVar[int] = 2
+    # True where every rank checks the same inputs and fails alike (config, data, start-up checks): rank 0's
+    # line is enough. False where one rank may fail alone (a checkpoint part only that rank reads).
+    same_on_every_rank: ClassVar[bool] = False
+
+
+def error_line(e: BaseException, *, rank: int) -> str | None:
+    """The ``error: ...`` line this rank prints for ``e``, or None when rank 0 speaks for every rank."""
+    if rank != 0 and isinstance(e, UserError) and e.same_on_every_rank:
+        return None
+    return f"error{'' if rank == 0 else f' (rank {rank})'}: {e}"

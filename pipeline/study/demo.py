@@ -22,7 +22,7 @@ from pathlib import Path
 from pipeline.config import ConfigError
 from pipeline.study.runner import member_config, read_study, run_report, run_study, summary
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 STUDY = ROOT / "configs/study/digits_depth.toml"
 
 

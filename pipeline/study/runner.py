@@ -60,7 +60,7 @@ from pipeline.tracking.datasets import dataset_name
 
 log = logging.getLogger("pipeline.study")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 SLURM_SCRIPT = "launch/slurm_depth_study.sh"
 SUBMIT_ERROR_TAG = "submit_error"  # on the parent run: why the last --slurm submission failed
 

@@ -1,7 +1,7 @@
 """Infrastructure that knows nothing of training: the user-error type, retries, storage, process groups and the
 stop/requeue contract with the launch scripts. Imports no other package of ``pipeline``.
 
-* ``errors``: ``UserError``, the base of every error a user can fix, carrying the exit code;
+* ``errors``: ``UserError``, the base of every error a user can fix, carrying the exit code (and ``ConfigError``);
 * ``retry``: the one retry policy (backoff, deadline, stop check);
 * ``storage``: one storage layer for local paths, ``file://`` and ``s3://``;
 * ``distributed``: the torchrun environment, process-group start, broadcast, gather, barrier, reductions;

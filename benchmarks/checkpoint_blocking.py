@@ -30,6 +30,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from pipeline.checkpoint import Checkpointer  # noqa: E402
+from pipeline.config import CheckpointConfig  # noqa: E402
+from pipeline.core.distributed import read_env  # noqa: E402
+from pipeline.core.storage import Storage  # noqa: E402
+
 
 def _engine(size_mib: int):  # type: ignore[no-untyped-def]
     import deepspeed
@@ -56,9 +61,6 @@ def _engine(size_mib: int):  # type: ignore[no-untyped-def]
 
 
 def _measure(uri: str, size_mib: int, staging: Path, repeats: int) -> dict[str, float]:
-    from pipeline.checkpoint import Checkpointer
-    from pipeline.config import CheckpointConfig
-
     engine = _engine(size_mib)
     ck = Checkpointer(
         CheckpointConfig(uri=uri, keep_last=1),
@@ -77,7 +79,6 @@ def _measure(uri: str, size_mib: int, staging: Path, repeats: int) -> dict[str, 
         ck.wait()
         committed.append(time.perf_counter() - t0)
     ck.close()
-    from pipeline.core.storage import Storage
 
     store = Storage(uri).child(f"bench-{size_mib}")
     actual = sum(size for f, size in store.find(f"step-{repeats}").items() if f.endswith(".pt"))
@@ -98,7 +99,6 @@ def main() -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from pipeline.core.distributed import read_env
 
     read_env()  # a world of one: DeepSpeed still wants a process group
     import deepspeed

@@ -51,6 +51,9 @@ sys.path.insert(0, str(REPO / "tests"))  # the S3 harness: moto_server, the dela
 import torch  # noqa: E402
 
 from pipeline.config import DataConfig  # noqa: E402
+from pipeline.core.storage import Storage  # noqa: E402
+from pipeline.data import build_source, pipelines  # noqa: E402
+from pipeline.tools.prepare import prepare_shards  # noqa: E402
 
 CIFAR = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 SOURCES = ("local", "s3-objects", "s3-shards")
@@ -60,8 +63,6 @@ EXTRA_SOURCES = ("local-mmap",)  # measured only when --sources names them
 @contextlib.contextmanager
 def mapped_files(on: bool) -> Iterator[None]:
     """DALI's readers map the local files (``on``) instead of reading them, for pipelines built inside."""
-    from pipeline.data import pipelines
-
     saved = pipelines.READER_IO
     pipelines.READER_IO = {**saved, "dont_use_mmap": False} if on else saved
     try:
@@ -111,8 +112,6 @@ def jpeg_tree(src: Path, out: Path, *, images: int) -> int:
 
 
 def upload(local: Path, url: str, *, endpoint_url: str) -> None:
-    from pipeline.core.storage import Storage
-
     store = Storage(url, endpoint_url=endpoint_url)
     files = [f"{d}/{n}" if d else n for d, _, names in Storage(str(local)).walk() for n in names]
     with ThreadPoolExecutor(16) as pool:
@@ -123,8 +122,6 @@ def upload(local: Path, url: str, *, endpoint_url: str) -> None:
 def measure(
     name: str, cfg: DataConfig, *, epochs: int, step_s: float, log: Any, prefix: str, num_classes: int
 ) -> dict[str, Any]:
-    from pipeline.data import build_source
-
     if log is not None:
         log.reset()
     t0 = time.perf_counter()
@@ -269,8 +266,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     from s3_server import aws_env, count_requests, direct_url, start_moto_server
-
-    from pipeline.tools.prepare import prepare_shards
 
     with tempfile.TemporaryDirectory(prefix="data-bench-", dir=args.workdir or None) as scratch:
         work = Path(scratch)

@@ -39,8 +39,12 @@ from typing import Any
 if __package__ in (None, ""):  # `python benchmarks/study_parallel.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from monitoring.report import main as report_main
 from pipeline.config import TrainConfig, flatten, load_config, to_toml
-from pipeline.study.runner import Member, Study, member_config, read_study
+from pipeline.models import model_spec
+from pipeline.study.runner import Member, Study, close_parent, finished_children, member_config, open_parent, read_study
+from pipeline.tracking import get_or_create_experiment, resolve_uri
+from pipeline.train import run as train_run
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_PORT = 29600
@@ -145,9 +149,6 @@ def run(args: argparse.Namespace, overrides: list[str]) -> int:
         return _run_untracked(study, members, configs, args, overrides, logs)
     from mlflow import MlflowClient
 
-    from pipeline.study.runner import close_parent, finished_children, open_parent
-    from pipeline.tracking import resolve_uri
-
     first = next(iter(configs.values()))
     uri = resolve_uri(first.tracking)
     client = MlflowClient(uri)
@@ -221,12 +222,9 @@ def _run_untracked(
 
 def member(args: argparse.Namespace) -> int:
     """One member with tracking off: pipeline.train.run, then its history as JSON."""
-    from pipeline.train import run as train_run
-
     cfg = load_config(args.config)
     t0 = time.time()
     outcome = train_run(cfg)
-    from pipeline.models import model_spec
 
     spec = model_spec(cfg.model.name, **cfg.model.overrides())
     out = {
@@ -249,9 +247,6 @@ def import_histories(args: argparse.Namespace) -> int:
     """Histories written by ``run --no-mlflow`` into an MLflow store, as the study runner would have."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param, RunTag
-
-    from pipeline.study.runner import open_parent
-    from pipeline.tracking import get_or_create_experiment
 
     study = read_study(args.study)
     files = {p.stem: p for p in Path(args.history_dir).glob("*.json")}
@@ -302,8 +297,6 @@ def import_histories(args: argparse.Namespace) -> int:
 
 
 def _report(study: str, uri: str, out: str | None) -> None:
-    from monitoring.report import main as report_main
-
     report_main(["--study", study, "--tracking-uri", uri, *(["--out", out] if out else [])])
 
 

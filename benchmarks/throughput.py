@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 if __package__ in (None, ""):  # `python benchmarks/throughput.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -57,11 +57,13 @@ from pipeline.config import (
     TrainConfig,
     load_config,
 )
+from pipeline.core.distributed import DistEnv, init_distributed
+from pipeline.data import build_source, prepare_dataset_root
+from pipeline.data.folder import list_classes
+from pipeline.models import build_model, count_macs
 from pipeline.runtime.engine import FastPath, resolve_fast_path
-
-if TYPE_CHECKING:
-    from pipeline.core.distributed import DistEnv
-    from pipeline.trainer import Trainer
+from pipeline.trainer import Trainer
+from pipeline.wiring import build_run
 
 PROCESS_START = time.time()  # the probe reports how long start-up (imports, data, engine) took
 
@@ -139,8 +141,6 @@ def matmul_peak(device: torch.device, *, size: int = 0, seconds: float = 1.0) ->
 
 def flops_per_image(model: str, image_size: int, num_classes: int) -> float:
     """Training FLOPs per image: 3 x the forward (backward ~ 2 x forward), 2 FLOPs per multiply-add."""
-    from pipeline.models import build_model, count_macs
-
     with torch.device("meta"):
         m = build_model(model, num_classes=num_classes)
     return 6.0 * count_macs(m, (3, image_size, image_size))
@@ -186,8 +186,6 @@ def bench_config(case: Case, args: argparse.Namespace) -> TrainConfig:
     )
     num_classes = args.num_classes
     if case.data.startswith(("folder:", "s3://")):
-        from pipeline.data.folder import list_classes
-
         root = case.data.removeprefix("folder:")
         if root.startswith("s3://") and args.s3_endpoint:
             os.environ["AWS_ENDPOINT_URL"] = args.s3_endpoint  # the listing (pipeline.core.storage) and DALI's reader
@@ -221,8 +219,6 @@ def bench_config(case: Case, args: argparse.Namespace) -> TrainConfig:
 
 def build_data(case: Case, args: argparse.Namespace, device: torch.device):
     """The training source of ``case`` alone (--pipeline-only: no engine, no process group)."""
-    from pipeline.data import build_source, prepare_dataset_root
-
     cfg = bench_config(case, args)
     return build_source(
         cfg.data,
@@ -271,8 +267,6 @@ def build_trainer(case: Case, args: argparse.Namespace, env: DistEnv, *, evaluat
 
     Only ``train_step`` (and in the probe ``evaluate``) is timed, never ``fit``: no checkpointer is built, and
     without ``evaluation`` the validation source is the training one."""
-    from pipeline.wiring import build_run
-
     return build_run(bench_config(case, args), env=env, checkpointing=False, evaluation=evaluation).trainer
 
 
@@ -349,8 +343,6 @@ def reference_step(
     compile_backend: str,
 ):
     """Plain PyTorch: same model and precision, channels_last, fused SGD with momentum, synthetic data."""
-    from pipeline.models import build_model
-
     model = build_model(case.model, num_classes=num_classes).to(device)
     fmt = torch.channels_last if fast.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
@@ -850,16 +842,8 @@ def _cases(args: argparse.Namespace) -> list[Case]:
     return cases
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.table:
-        rows = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
-        print(table(rows))
-        if args.targets:
-            print(targets(rows))
-        return 0
-    from pipeline.core.distributed import init_distributed
-
+def start(args: argparse.Namespace) -> tuple[torch.device, DistEnv | None]:
+    """The device the cases run on, and the process group (None with --pipeline-only: no engine)."""
     if args.device == "cpu":
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks: read_env picks CUDA whenever it sees a GPU
     dist_env = None
@@ -869,13 +853,34 @@ def main(argv: list[str] | None = None) -> int:
     else:
         dist_env = init_distributed(DistributedConfig())
         device = dist_env.device
-    import torch._dynamo as dynamo
+    import torch._dynamo as dynamo  # heavy: only a run that compiles needs it
 
     # One process compiles several engines of one network (reference, module, engine); the default limit
     # of 8 graphs per code object would silently send later ones back to eager.
     for limit in ("recompile_limit", "cache_size_limit"):  # the newer name, and the older one of torch <= 2.5
         if hasattr(dynamo.config, limit):
             setattr(dynamo.config, limit, max(getattr(dynamo.config, limit), 64))
+    return device, dist_env
+
+
+def measure_pipelines(bench: Bench, cases: list[Case]) -> None:
+    """--pipeline-only: each distinct data pipeline once (the cases that differ only in compile mode share one)."""
+    seen = set()
+    for c in cases:
+        if (c.data, c.batch, c.image_size, c.augment) not in seen:
+            seen.add((c.data, c.batch, c.image_size, c.augment))
+            bench.pipeline(c)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.table:
+        rows = [json.loads(line) for line in Path(args.table).read_text().splitlines() if line.strip()]
+        print(table(rows))
+        if args.targets:
+            print(targets(rows))
+        return 0
+    device, dist_env = start(args)
     if args.device == "cuda" and device.type != "cuda":
         print("error: --device cuda but no CUDA device is visible", file=sys.stderr)
         return 2
@@ -884,11 +889,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_matmul and not args.pipeline_only and not args.probe_dir:
         bench.matmul()
     if args.pipeline_only:
-        seen = set()
-        for c in cases:
-            if (c.data, c.batch, c.image_size, c.augment) not in seen:
-                seen.add((c.data, c.batch, c.image_size, c.augment))
-                bench.pipeline(c)
+        measure_pipelines(bench, cases)
         return 0
     refs = [r for r in args.reference.split(",") if r and r != "none"]
     if not args.probe_dir:

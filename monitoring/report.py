@@ -25,6 +25,7 @@ from monitoring.paper import recipe_mismatches, table_for
 from monitoring.tables import Table, comparison_table, member_summary, table3
 from pipeline.runtime.diagnostics import RESPONSE_STD_ARTIFACT, read_response_std
 from pipeline.study.runs import MemberRun, StudyNotFound, StudyRuns, load_study
+from pipeline.tracking import resolve_uri
 
 
 @dataclass
@@ -188,9 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = p.parse_args(argv)
 
-    from mlflow import MlflowClient
-
-    from pipeline.tracking import resolve_uri
+    from mlflow import MlflowClient  # heavy: loaded only when the report reads MLflow
 
     client = MlflowClient(resolve_uri(uri=args.tracking_uri))
     try:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from monitoring.paper import (
     TABLE2,
     TABLE3,
+    PaperTable,
     describe_recipe,
     member_params,
     recipe_differences,
@@ -67,13 +68,41 @@ def _marked(value: float | None, test: str) -> str:
     return _fmt(value) + (f" ({test})" if test and value is not None else "")
 
 
+def _comparison_notes(
+    study: StudyRuns,
+    paper: PaperTable,
+    *,
+    depths: list[int],
+    matching: dict[tuple[bool, int], bool],
+    show_paper: dict[bool, bool],
+    differs: list[str],
+    unfinished: list[str],
+) -> list[str]:
+    """The notes under the comparison table: where its paper numbers come from, or why there are none, and which
+    runs had not finished."""
+    notes: list[str] = []
+    if any(show_paper.values()):
+        notes.append(f"Paper column: {paper.note}.")
+    if paper.plain_note and any(matching.get((False, d)) for d in depths):
+        notes.append(f"Plain nets: {paper.plain_note}.")
+    if differs:
+        notes.append(
+            "Paper numbers not compared where the recipe differs from the paper's: " + "; ".join(differs) + "."
+        )
+    if not any(show_paper.values()) and not differs:
+        datasets = ", ".join(sorted(study.datasets)) or "unknown"
+        notes.append(f"No paper numbers: the paper has none for this dataset ({datasets}) and depths.")
+    if unfinished:
+        notes.append("* not finished: " + ", ".join(unfinished) + "; the last logged value is shown.")
+    return notes
+
+
 def comparison_table(study: StudyRuns) -> Table:
     members = study.members
     paper = table_for(members)
     with_top5 = paper is TABLE2  # top-5 is reported for ImageNet only, as in the paper
     by_key = {(m.residual, m.depth): m for m in members}
     depths = sorted({m.depth for m in members})
-    notes: list[str] = []
 
     # The paper's number goes next to ours only for runs that followed the paper's recipe.
     matching: dict[tuple[bool, int], bool] = {}
@@ -112,19 +141,9 @@ def comparison_table(study: StudyRuns) -> Table:
                 row.append(value or "—")
         rows.append(row)
 
-    if any(show_paper.values()):
-        notes.append(f"Paper column: {paper.note}.")
-    if paper.plain_note and any(matching.get((False, d)) for d in depths):
-        notes.append(f"Plain nets: {paper.plain_note}.")
-    if differs:
-        notes.append(
-            "Paper numbers not compared where the recipe differs from the paper's: " + "; ".join(differs) + "."
-        )
-    if not any(show_paper.values()) and not differs:
-        datasets = ", ".join(sorted(study.datasets)) or "unknown"
-        notes.append(f"No paper numbers: the paper has none for this dataset ({datasets}) and depths.")
-    if unfinished:
-        notes.append("* not finished: " + ", ".join(unfinished) + "; the last logged value is shown.")
+    notes = _comparison_notes(
+        study, paper, depths=depths, matching=matching, show_paper=show_paper, differs=differs, unfinished=unfinished
+    )
     title = f"{paper.title.split(' (')[0]} layout: {study.name}, final validation error (%)"
     return Table(title=title, columns=columns, rows=rows, notes=notes)
 

@@ -13,14 +13,25 @@ import os
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from pipeline.config import DistributedConfig
+from pipeline.core.errors import ConfigError
 
 T = TypeVar("T")
+
+
+class DistributedSettings(Protocol):
+    """What ``init_distributed`` reads of the config's ``distributed`` section (``pipeline.config``'s
+    ``DistributedConfig``), so that core needs no config."""
+
+    @property
+    def backend(self) -> str: ...
+
+    @property
+    def timeout_s(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -72,21 +83,19 @@ def read_env() -> DistEnv:
     return DistEnv(rank, world, local_rank, local_world, node_rank, device, backend)
 
 
-def init_distributed(cfg: DistributedConfig) -> DistEnv:
+def init_distributed(cfg: DistributedSettings) -> DistEnv:
     """Create the process group through DeepSpeed (so its comm layer and ours agree); training and
     evaluation both start here."""
     env = read_env()
     backend = env.backend if cfg.backend == "auto" else cfg.backend
     if backend == "nccl" and env.device.type != "cuda":
-        from pipeline.config import ConfigError
-
         raise ConfigError("distributed.backend = 'nccl' needs CUDA GPUs; use 'gloo' or 'auto' on CPU machines")
     if env.device.type == "cuda":
         torch.cuda.set_device(env.device)
     else:
         # DeepSpeed picks its accelerator at import; without a GPU it must be the CPU one.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
+    import deepspeed  # heavy, and must come after DS_ACCELERATOR is set: only starting a process group needs it
 
     skip_shm_comm_build()
 
@@ -109,7 +118,7 @@ def skip_shm_comm_build() -> None:
     unavailable. DeepSpeed keeps that table in one module-level dict, probed once, so the edit holds.
     (The CUDA accelerator has no such op: GPU runs build nothing at start.)
     """
-    import deepspeed.ops
+    import deepspeed.ops  # heavy: only starting a process group needs it
 
     table = getattr(deepspeed.ops, "__compatible_ops__", None)  # DeepSpeed 0.19.8; another version may lack it
     if isinstance(table, dict):

@@ -25,3 +25,9 @@ def error_line(e: BaseException, *, rank: int) -> str | None:
     if rank != 0 and isinstance(e, UserError) and e.same_on_every_rank:
         return None
     return f"error{'' if rank == 0 else f' (rank {rank})'}: {e}"
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem; the message names the key and what is allowed."""
+
+    same_on_every_rank = True  # every rank reads the same files and flags

@@ -24,7 +24,6 @@ import hashlib
 import logging
 import os
 import posixpath
-import socket
 import tempfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -35,6 +34,7 @@ from typing import IO, Any, TypeVar
 import fsspec
 
 from pipeline.core.retry import Backoff, retry
+from pipeline.core.s3 import error_kind, is_no_bucket, raised_by_storage, s3_filesystem
 
 log = logging.getLogger("pipeline.core.storage")
 
@@ -80,35 +80,6 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
-def _is_connection_error(exc: BaseException) -> bool:
-    names = {c.__name__ for c in type(exc).__mro__}
-    return bool(
-        names
-        & {
-            "EndpointConnectionError",
-            "ConnectTimeoutError",
-            "ReadTimeoutError",
-            "ConnectionClosedError",
-            "ClientConnectorError",
-            "ServerDisconnectedError",
-            "ClientOSError",
-            "ConnectionError",
-            "TimeoutError",
-            "FSTimeoutError",
-        }
-    ) or isinstance(exc, (socket.timeout, ConnectionError))
-
-
-def _from_storage(exc: BaseException) -> bool:
-    """Whether ``exc`` is a failure of the storage (I/O, the S3 client stack) rather than of a caller's code."""
-    if isinstance(exc, OSError):
-        return True
-    return any(
-        c.__module__.split(".")[0] in ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "urllib3")
-        for c in type(exc).__mro__
-    )
-
-
 def _replace_atomically(path: str, write: Callable[[IO[bytes]], T], *, durable: bool = True) -> T:
     """Write a local file through a temporary sibling, fsync it (unless ``durable`` is False) and rename it over
     ``path``: readers see the old file or the whole new one, never a torn one, and a failure leaves no temporary
@@ -146,81 +117,6 @@ def _child_names(paths: Iterable[str], parent: str) -> list[str]:
     return sorted(n for n in names if n)
 
 
-# S3 error codes (botocore ClientError.response["Error"]["Code"]) by the StorageError kind they mean. s3fs
-# turns a ClientError into FileNotFoundError / PermissionError / OSError and chains the original to it.
-_NO_BUCKET_CODES = {"NoSuchBucket"}
-_NOT_FOUND_CODES = {"NoSuchKey", "NotFound", "404", "NoSuchUpload", "NoSuchVersion"}
-_DENIED_CODES = {
-    "AccessDenied",
-    "403",
-    "Forbidden",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "ExpiredToken",
-    "InvalidToken",
-    "TokenRefreshRequired",
-    "AccountProblem",
-    "AllAccessDisabled",
-    "InvalidSecurity",
-    "AuthorizationHeaderMalformed",
-    "RequestTimeTooSkewed",
-}
-_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
-
-
-def _s3_code(exc: BaseException) -> str:
-    """The S3 error code of the first botocore ClientError in ``exc``'s chain; "" when there is none."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        response = getattr(e, "response", None)
-        if isinstance(response, dict) and isinstance(response.get("Error"), dict):
-            return str(response["Error"].get("Code") or "")
-        e = e.__cause__ or e.__context__
-    return ""
-
-
-def _no_bucket(e: BaseException) -> bool:
-    return _s3_code(e) in _NO_BUCKET_CODES
-
-
-def _classify(e: BaseException) -> str:
-    """The StorageError kind of an exception from fsspec/s3fs/botocore, by its type and S3 error code."""
-    if {c.__name__ for c in type(e).__mro__} & _NO_CREDENTIALS:
-        return "no_credentials"
-    code = _s3_code(e)
-    if code in _NO_BUCKET_CODES:
-        return "no_bucket"
-    if code in _DENIED_CODES or isinstance(e, PermissionError):
-        return "permission"
-    if code in _NOT_FOUND_CODES or isinstance(e, FileNotFoundError):
-        return "not_found"
-    if _is_connection_error(e):
-        return "unreachable"
-    return "other"
-
-
-_SESSIONS: dict[str, Any] = {}  # AWS profile -> its aiobotocore session (one per profile keeps s3fs's cache)
-
-
-def _no_expect_continue(request: Any, **_: Any) -> None:
-    # botocore asks for "Expect: 100-continue" on PUTs, and aiohttp waits for the 100 with no timeout at all: a
-    # paused server would hang an upload forever instead of failing it at the read timeout. Expect is unsigned.
-    request.headers.pop("Expect", None)
-
-
-def _s3_session(profile: str) -> Any:
-    """The aiobotocore session for ``profile`` ("" = the environment's), with the handler above."""
-    if profile not in _SESSIONS:
-        from aiobotocore.session import AioSession
-
-        session = AioSession(profile=profile or None)
-        session.register("before-send.s3", _no_expect_continue)
-        _SESSIONS[profile] = session
-    return _SESSIONS[profile]
-
-
 class Storage:
     """A root URI plus the filesystem that serves it."""
 
@@ -254,45 +150,20 @@ class Storage:
             endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
         )
         if self.uri.startswith("s3://"):
-            self.fs, self.root = self._s3(
+            self.fs = s3_filesystem(
                 endpoint_url=self.endpoint_url,
                 region=region,
                 profile=profile,
                 connect_timeout_s=connect_timeout_s,
                 read_timeout_s=read_timeout_s,
             )
+            self.root = self.uri[len("s3://") :].rstrip("/")
         elif self.remote:
             self.fs, self.root = fsspec.core.url_to_fs(self.uri)
         else:
             local = self.uri[len("file://") :] if self.uri.startswith("file://") else self.uri
             self.fs = fsspec.filesystem("file")
             self.root = str(Path(local).expanduser().absolute())
-
-    def _s3(
-        self, *, endpoint_url: str, region: str, profile: str, connect_timeout_s: float, read_timeout_s: float
-    ) -> tuple[Any, str]:
-        import s3fs
-
-        client_kwargs: dict[str, Any] = {}
-        if region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"):
-            client_kwargs["region_name"] = region or os.environ.get("AWS_REGION") or os.environ["AWS_DEFAULT_REGION"]
-        kwargs: dict[str, Any] = {
-            "endpoint_url": endpoint_url or None,
-            "client_kwargs": client_kwargs,
-            # Other processes write the same prefixes (other ranks, the commit): never trust a cached listing.
-            "use_listings_cache": False,
-            # A dead or paused endpoint fails the request at these timeouts. One attempt only: botocore's own
-            # retries (and s3fs's, below) would multiply a hang silently; ``_call`` retries with a log line.
-            "config_kwargs": {
-                "connect_timeout": connect_timeout_s,
-                "read_timeout": read_timeout_s,
-                "retries": {"total_max_attempts": 1, "mode": "standard"},
-            },
-            "session": _s3_session(profile),
-        }
-        fs = s3fs.S3FileSystem(**kwargs)
-        fs.retries = 1  # s3fs retries timeouts 5 times by default, without a word
-        return fs, self.uri[len("s3://") :].rstrip("/")
 
     # ---------------------------------------------------------------------------------------------
     @classmethod
@@ -341,7 +212,7 @@ class Storage:
     def _call(self, what: str, rel: str, fn: Callable[[], T]) -> T:
         """``fn()`` under the error translation. On an object store a transient failure (timeout, cut or refused
         connection, server error) is retried, ``attempts`` calls in all, with a warning naming the URI each time;
-        the clients underneath make one attempt per call (see ``_s3``), so a hung request costs one read timeout.
+        the clients underneath make one attempt per call (see ``pipeline.core.s3``), so a hung request costs one read timeout.
         Only for idempotent calls (every one here: writes replace whole objects)."""
 
         def once() -> T:
@@ -368,7 +239,7 @@ class Storage:
         text = str(e) or type(e).__name__
         if type(e).__name__ == "FSTimeoutError":  # fsspec's, from an upload's deadline (_upload_timeout)
             text = "the upload made no progress within its deadline (timeout)"
-        kind = _classify(e)
+        kind = error_kind(e)
         if kind == "no_credentials":
             return StorageError(
                 f"cannot {what} {uri}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
@@ -421,7 +292,7 @@ class Storage:
             try:
                 return getattr(self.fs, method)(self._path(rel), **kwargs)
             except FileNotFoundError as e:
-                if _no_bucket(e):
+                if is_no_bucket(e):
                     raise
                 return empty
 
@@ -501,7 +372,7 @@ class Storage:
         except BaseException as e:
             with contextlib.suppress(Exception):
                 f.close()
-            if _from_storage(e):
+            if raised_by_storage(e):
                 raise self._explain(e, "read or write", self.url(rel)) from e
             raise
         with self._errors("close", rel):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError
 from pipeline.study.runner import member_config, read_study, run_report, run_study, summary
+from pipeline.tracking import resolve_uri
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 STUDY = ROOT / "configs/study/digits_depth.toml"
@@ -52,8 +53,6 @@ def main(argv: list[str] | None = None) -> int:
         study.name = f"{study.name}_{Path(args.data).resolve().name}"
     if args.fresh:
         study.name = f"{study.name}_{time.strftime('%Y%m%d-%H%M%S')}"
-
-    from pipeline.tracking import resolve_uri
 
     try:
         first = member_config(study, study.members[0], overrides=overrides)

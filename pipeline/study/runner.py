@@ -56,7 +56,9 @@ from pipeline.config import (
 )
 from pipeline.core.stop import STOP_EXIT_CODE
 from pipeline.study.runs import PARENT_ROLE, member_runs, newest_parent
+from pipeline.tracking import get_or_create_experiment, resolve_uri
 from pipeline.tracking.datasets import dataset_name
+from pipeline.tracking.store import git_commit
 
 log = logging.getLogger("pipeline.study")
 
@@ -171,7 +173,7 @@ def member_config(
 
 # -- MLflow ------------------------------------------------------------------------------------------
 def _client(uri: str) -> Any:
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # heavy: loaded only when the study talks to MLflow
 
     return MlflowClient(uri)
 
@@ -182,10 +184,7 @@ def open_parent(
     """Find the study's newest parent run, or create it (with the study file as an artifact). A found parent
     is left as it is: :func:`run_study` marks it RUNNING only when members are about to run.
     ``create=False`` only looks (None when there is none yet) and changes nothing."""
-    from mlflow.entities import Param
-
-    from pipeline.tracking import get_or_create_experiment
-    from pipeline.tracking.store import git_commit
+    from mlflow.entities import Param  # heavy: loaded only when the study talks to MLflow
 
     if create:
         exp_id = get_or_create_experiment(client, experiment)
@@ -289,8 +288,6 @@ def run_study(
     out_dir: str | Path | None = None,
 ) -> list[MemberOutcome]:
     """Run (or submit) the members that have not finished yet; returns one outcome per member."""
-    from pipeline.tracking import resolve_uri
-
     overrides = list(overrides or [])
     members = [m for m in study.members if not only or m.name in only]
     if only and (missing := set(only) - {m.name for m in study.members}):
@@ -500,6 +497,4 @@ def _child_env() -> dict[str, str]:
 
 
 def _uri_of(study: Study, overrides: list[str]) -> str:
-    from pipeline.tracking import resolve_uri
-
     return resolve_uri(member_config(study, study.members[0], overrides=overrides).tracking)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pipeline.config import TrackingConfig
 from pipeline.tracking.base import NullTracker, Tracker
+from pipeline.tracking.mlflow_tracker import FollowerTracker, MLflowTracker
 from pipeline.tracking.store import DEFAULT_URI, get_or_create_experiment, resolve_uri
 
 __all__ = ["DEFAULT_URI", "NullTracker", "Tracker", "build_tracker", "get_or_create_experiment", "resolve_uri"]
@@ -20,8 +21,6 @@ def build_tracker(
     ``run_name`` is used when tracking.run_name is empty (train.py passes the config name)."""
     if not cfg.enabled:
         return NullTracker()
-    from pipeline.tracking.mlflow_tracker import FollowerTracker, MLflowTracker
-
     if is_main:
         return MLflowTracker(cfg, run_name=run_name, node_id=node_id)
     return FollowerTracker(cfg, node_id=node_id, is_local_main=bool(is_local_main))

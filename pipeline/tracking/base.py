@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
+from pipeline.tracking.datasets import DatasetRecord
+
 if TYPE_CHECKING:
     import numpy as np
-
-    from pipeline.tracking.datasets import DatasetRecord
 
 
 class Tracker(Protocol):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import DataConfig
+from pipeline.data.folder import SplitIndex
 
 CONTEXTS = {"train": "training", "val": "validation"}  # MLflow's usual mlflow.data.context values
 
@@ -52,8 +53,6 @@ def _relative(path: str, base: str) -> str:
 
 def describe_split(cfg: DataConfig, *, split: str, source: Any) -> DatasetRecord:
     """The record of one built source (``pipeline.data.build_source``'s result) of split ``split``."""
-    from pipeline.data.folder import SplitIndex
-
     index = getattr(source, "index", None)
     if isinstance(index, SplitIndex):
         entries = sorted((_relative(f, index.path), label) for f, label in zip(index.files, index.labels, strict=True))

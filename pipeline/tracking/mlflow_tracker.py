@@ -4,7 +4,8 @@ Rank 0 creates (or, on resume, reopens) the run and broadcasts its id; the check
 a requeued job continues the same run. Every MLflow call goes through the background sender: the
 training loop only appends to a queue, and an unreachable server costs it nothing.
 
-Local rank 0 of every node (rank 0's too) adds MLflow's system metrics to the same run (pipeline.tracking.system_metrics).
+Local rank 0 of every node (rank 0's too) adds MLflow's system metrics to the same run (``system_metrics``, fed through
+the sender; it knows nothing of this module).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.config import TrackingConfig
+from pipeline.core.distributed import broadcast_object
 from pipeline.tracking.base import NullTracker
 from pipeline.tracking.datasets import DatasetRecord
 from pipeline.tracking.sender import MAX_BATCH, BatchSender
@@ -48,13 +50,11 @@ def _chunks(items: list[Any], n: int) -> list[list[Any]]:
 
 def share_run(run_id: str | None, start_time_s: float | None) -> tuple[str | None, float | None]:
     """Rank 0's run id and start time on every rank (a collective when there are several ranks)."""
-    from pipeline.core.distributed import broadcast_object
-
     return broadcast_object((run_id, start_time_s))
 
 
 def _new_sender(cfg: TrackingConfig, uri: str, name: str, default_run_id: Any = lambda: None) -> BatchSender | None:
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # heavy: mlflow loads only once a run is tracked
 
     configure_http_for_training()
     try:
@@ -132,14 +132,14 @@ class MLflowTracker:
                 node_id=self.node_id,
                 interval_s=self.cfg.system_metrics_interval_s,
                 uri=self.uri,
-                sender=self.sender,
+                sink=self.sender,
                 start_time_s=start,
             )
         atexit.register(self._at_exit)
         return self.run_id
 
     def _open_run(self, client: Any, resume_id: str | None) -> None:
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException  # heavy: mlflow loads only once a run is tracked
 
         self.experiment_id = get_or_create_experiment(client, self.cfg.experiment)
         if resume_id:
@@ -250,7 +250,7 @@ class MLflowTracker:
         self._submit(lambda c: self._log_new_params(c, wanted), f"log {len(wanted)} params")
 
     def _log_new_params(self, client: Any, wanted: dict[str, str]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param  # heavy: mlflow loads only once a run is tracked
 
         have = client.get_run(self._rid()).data.params
         changed = sorted(k for k, v in wanted.items() if k in have and have[k] != v)
@@ -267,7 +267,7 @@ class MLflowTracker:
 
     def log_inputs(self, datasets: list[DatasetRecord]) -> None:
         """The run's datasets (MLflow's Datasets column), each with its context: training or validation."""
-        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.entities import Dataset, DatasetInput, InputTag  # heavy: mlflow loads only once a run is tracked
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         inputs = [
@@ -287,14 +287,14 @@ class MLflowTracker:
             self._submit(lambda c: c.log_inputs(self._rid(), datasets=inputs), f"log {len(inputs)} dataset inputs")
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
+        from mlflow.entities import RunTag  # heavy: mlflow loads only once a run is tracked
 
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         for chunk in _chunks(items, _MAX_TAGS):
             self._submit(lambda c, chunk=chunk: c.log_batch(self._rid(), tags=chunk), f"set {len(chunk)} tags")
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # heavy: mlflow loads only once a run is tracked
 
         if self.sender is None or self._finished:
             return
@@ -317,7 +317,7 @@ class MLflowTracker:
             self._submit(lambda c: self._resend(c, points), f"re-send {len(points)} history points")
 
     def _resend(self, client: Any, points: dict[tuple[str, int], float]) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # heavy: mlflow loads only once a run is tracked
 
         run_id = self._rid()
         have = {key: {m.step for m in client.get_metric_history(run_id, key)} for key in {k for k, _ in points}}
@@ -361,7 +361,7 @@ class MLflowTracker:
         self._submit(lambda c: self._log_model(snapshot, name, input_example, dict(tags or {})), f"log model {name}")
 
     def _log_model(self, model: Any, name: str, example: np.ndarray | None, tags: dict[str, str]) -> None:
-        import mlflow
+        import mlflow  # heavy: mlflow loads only once a run is tracked
         import mlflow.pytorch
         import torch
         from mlflow.models import infer_signature
@@ -419,7 +419,7 @@ class FollowerTracker(NullTracker):
                     node_id=self.node_id,
                     interval_s=self.cfg.system_metrics_interval_s,
                     uri=uri,
-                    sender=self._sender,
+                    sink=self._sender,
                     start_time_s=start if start is not None else time.time(),
                 )
                 # train.run() finishes the tracker on rank 0 only: deliver this node's samples at exit.

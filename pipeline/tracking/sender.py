@@ -18,12 +18,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-from mlflow.entities import Metric
-from mlflow.exceptions import MlflowException
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core.retry import Backoff
+
+if TYPE_CHECKING:
+    from mlflow.entities import Metric
 
 log = logging.getLogger("pipeline.tracking")
 
@@ -43,6 +43,8 @@ _TRANSIENT_CODES = {
 
 
 def is_transient(exc: BaseException) -> bool:
+    from mlflow.exceptions import MlflowException  # heavy: only a tracked run, which has imported mlflow, gets here
+
     if isinstance(exc, MlflowException):
         return exc.error_code in _TRANSIENT_CODES
     return isinstance(exc, (OSError, TimeoutError, ConnectionError)) or "requests" in type(exc).__module__

@@ -42,7 +42,7 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str:
 
 
 def get_or_create_experiment(client: Any, name: str) -> str:
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # heavy: mlflow loads only once a run is tracked
 
     exp = client.get_experiment_by_name(name)
     if exp is None:
@@ -93,7 +93,7 @@ def git_commit(path: str | None = None) -> str:
 
 def gpu_type() -> str:
     try:
-        import torch
+        import torch  # heavy: only a run that records its GPU type needs it
 
         if torch.cuda.is_available():
             return torch.cuda.get_device_name(torch.cuda.current_device())

@@ -1,80 +1,27 @@
-"""Typed experiment configuration: TOML files plus dotted command-line overrides.
-
-Every component receives only its own section (``cfg.data`` goes to the data sources, ``cfg.optim``
-to the optimizer, ...). Every section checks its values when it is built, and ``TrainConfig`` checks
-what spans sections, so a bad config - read from a file or built in code - fails identically on every
-rank, before any process group, DALI pipeline or file is touched, instead of hanging a collective.
-
-A config file may start from another one: ``base = "_paper.toml"`` (a path relative to the file that
-names it; bases may chain). The file's keys override the base's: tables are merged key by key, lists
-and scalars replaced. The run is named by the file given (``name``, else its file name), never by a
-base. ``--section.key=value`` overrides apply last. ``python -m pipeline.train --help-config`` prints
-every key with its default and documentation, as TOML.
-
-Datasets: ``python -m pipeline.tools.prepare`` builds an ImageNet tree (``data.root``, the per-pixel
-``data.mean_image``), ``python -m pipeline.tools.validate`` lists the images DALI cannot decode
-(``data.exclude_list``).
-"""
+"""The sections of the training config, each checking its own values, and ``TrainConfig``, which holds them
+and checks what spans sections; ``load_config`` builds one from a file and overrides (``pipeline.config.loader``
+does the generic reading and checking of types)."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import json
-import math
-import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pipeline.core.errors import UserError
-
-T = TypeVar("T")
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration problem; the message names the key and what is allowed."""
-
-    same_on_every_rank = True  # every rank reads the same files and flags
-
-
-def doc(default: Any, text: str) -> Any:
-    """A dataclass field with its default and its one-line documentation (what ``--help-config`` prints
-    beside it). A list default is a ``field(default_factory=..., metadata={"doc": ...})`` of its own."""
-    return field(default=default, metadata={"doc": text})
-
-
-def check_numbers(
-    section: Any, prefix: str, *, at_least: dict[str, float] | None = None, above: dict[str, float] | None = None
-) -> None:
-    """The range checks of one section, in one line per key: every float of ``section`` (a list's too) is
-    finite (NaN passes every comparison, so ``lr <= 0`` alone lets it through), each ``at_least`` key is >= its
-    bound and each ``above`` key > its bound. ``prefix`` is the section's name in the message ("optim.")."""
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
-            raise ConfigError(f"{prefix}{f.name} = {value}: must be a finite number")
-    for name, low in (at_least or {}).items():
-        if getattr(section, name) < low:
-            raise ConfigError(f"{prefix}{name} = {getattr(section, name)}: must be >= {low:g}")
-    for name, low in (above or {}).items():
-        if getattr(section, name) <= low:
-            raise ConfigError(f"{prefix}{name} = {getattr(section, name)}: must be > {low:g}")
-
-
-def describe_path(path: str | Path) -> str:
-    """What is at ``path``, worded for an error: "does not exist", "is a directory", "is a file" (or "is neither a
-    file nor a directory"), so a path of the wrong kind says what it is instead of "does not exist"."""
-    p = Path(path)
-    if p.is_dir():
-        return "is a directory"
-    if p.is_file():
-        return "is a file"
-    return "is neither a file nor a directory" if p.exists() else "does not exist"
-
+from pipeline.config.loader import (
+    apply_override,
+    check_numbers,
+    describe_fields,
+    describe_path,
+    doc,
+    from_table,
+    read_config_file,
+)
+from pipeline.core.errors import ConfigError
+from pipeline.models import list_models, model_spec
 
 # --------------------------------------------------------------------------------------------------
 # Sections. Every field carries its one-line documentation in ``metadata["doc"]`` (``doc(default, text)``).
@@ -188,6 +135,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         # data.root may stay empty here: the data layer takes the root from its caller; a run needs one
         # (TrainConfig checks it).
+        self._check_each_value()
+        self._check_combinations()
+
+    def _check_each_value(self) -> None:
+        """The keys that are wrong on their own, whatever the others say."""
         check_numbers(
             self, "data.", at_least={"num_threads": 1, "prefetch": 1, "val_resize": 1, "synthetic_batches": 1}
         )
@@ -206,11 +158,6 @@ class DataConfig:
                 f"data.root_sha256 = {self.root_sha256!r}: must be 64 lowercase hex digits (sha256sum's output) "
                 "or empty"
             )
-        if self.in_memory and (self.source == "synthetic" or self.style != "cifar"):
-            raise ConfigError(
-                f"data.in_memory = true needs data.style = 'cifar' and an image dataset (folder or digits); got "
-                f"source {self.source!r}, style {self.style!r}"
-            )
         if self.val_batch_size < 0:
             raise ConfigError(f"data.val_batch_size = {self.val_batch_size}: must be >= 0 (0 = data.batch_size)")
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
@@ -218,28 +165,36 @@ class DataConfig:
                 f"data.scale = {self.scale}: must be [min, max] shorter-side lengths with 0 < min <= max "
                 f"(the paper: [256, 480])"
             )
+        if self.lighting < 0:
+            raise ConfigError(f"data.lighting = {self.lighting}: must be >= 0 (0 disables the colour augmentation)")
+        if self.format not in ("files", "shards"):
+            raise ConfigError(f"data.format = {self.format!r}: must be 'files' or 'shards'")
+        if self.cache_bytes < 1:
+            raise ConfigError(
+                f"data.cache_bytes = {self.cache_bytes}: must be >= 1 (bytes of shards in data.cache_dir)"
+            )
+
+    def _check_combinations(self) -> None:
+        """The keys that only some sources, styles or formats allow."""
+        if self.in_memory and (self.source == "synthetic" or self.style != "cifar"):
+            raise ConfigError(
+                f"data.in_memory = true needs data.style = 'cifar' and an image dataset (folder or digits); got "
+                f"source {self.source!r}, style {self.style!r}"
+            )
         if self.style == "imagenet" and self.augment == "paper" and self.scale[0] < self.image_size:
             raise ConfigError(
                 f"data.scale = {self.scale} starts below data.image_size = {self.image_size}: the random "
                 f"{self.image_size}x{self.image_size} crop would not fit; raise data.scale[0]"
             )
-        if self.lighting < 0:
-            raise ConfigError(f"data.lighting = {self.lighting}: must be >= 0 (0 disables the colour augmentation)")
         if self.style == "imagenet" and self.val_resize < self.image_size:
             raise ConfigError(
                 f"data.val_resize = {self.val_resize} is below data.image_size = {self.image_size}: the "
                 f"{self.image_size}x{self.image_size} centre crop would not fit; raise data.val_resize"
             )
-        if self.format not in ("files", "shards"):
-            raise ConfigError(f"data.format = {self.format!r}: must be 'files' or 'shards'")
         if self.format == "shards" and (self.source != "folder" or self.in_memory):
             raise ConfigError(
                 f"data.format = 'shards' reads a sharded dataset at data.root: it needs data.source = 'folder' and "
                 f"data.in_memory = false (got source {self.source!r}, in_memory {self.in_memory})"
-            )
-        if self.cache_bytes < 1:
-            raise ConfigError(
-                f"data.cache_bytes = {self.cache_bytes}: must be >= 1 (bytes of shards in data.cache_dir)"
             )
         if self.mean_image and self.style != "imagenet":
             raise ConfigError(
@@ -510,8 +465,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # Each section checked itself when it was built; what follows needs more than one section.
-        from pipeline.models import list_models, model_spec
-
         check_numbers(self, "", at_least={"seed": 0})  # numpy and DALI seeds are unsigned
 
         if self.data.source == "folder" and not self.data.root:
@@ -569,150 +522,7 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------------------------------
-# Loading
-
-
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return "tables"
-    if typing.get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str, noun: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected, and a
-    table where a dataclass is expected is built into one."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            header = f"[[{key.rsplit('[', 1)[0]}]]" if key.endswith("]") else f"[{key}]"  # a list's entry: [[key]]
-            raise ConfigError(f"{key} must be a table ({header}), got {value!r}")
-        return _build(tp, value, f"{key}.", noun)
-    if origin is Literal:
-        allowed = typing.get_args(tp)
-        if value not in allowed:
-            raise ConfigError(f"{key} = {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
-        return value
-    if origin in (list, tuple):
-        (inner,) = typing.get_args(tp)[:1]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} = {value!r}: expected a list of {_type_name(inner)}")
-        return [_coerce(v, inner, f"{key}[{i}]", noun) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a table ([{key}]), got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, key, noun)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key} = {value!r}: expected {' or '.join(_type_name(a) for a in typing.get_args(tp))}")
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is bool and not isinstance(value, bool):
-        raise ConfigError(f"{key} = {value!r}: expected true or false")
-    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{key} = {value!r}: expected an integer")
-    if tp in (float, str) and not isinstance(value, tp):
-        raise ConfigError(f"{key} = {value!r}: expected {tp.__name__}")
-    return value
-
-
-def _build(cls: type[T], data: dict[str, Any], prefix: str, noun: str) -> T:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    for key in data:
-        if key not in names:
-            table = prefix.rstrip(".")
-            where = "the top level" if not table else table if table.endswith("]") else f"[{table}]"
-            raise ConfigError(f"unknown {noun} '{prefix}{key}' in {where}; allowed keys: {', '.join(sorted(names))}")
-    return cls(**{name: _coerce(value, hints[name], f"{prefix}{name}", noun) for name, value in data.items()})
-
-
-def from_table(cls: type[T], data: dict[str, Any], *, noun: str = "config key") -> T:
-    """Build the dataclass ``cls`` from a TOML table: unknown keys and wrong types are errors naming the
-    dotted key (``noun`` words the unknown-key error), nested dataclasses and lists of them are built from
-    their tables, and each dataclass checks its values as it is built."""
-    return _build(cls, data, "", noun)
-
-
-def merge_tables(into: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """``update`` over ``into``, in place: tables merged key by key, lists and scalars replaced."""
-    for k, v in update.items():
-        if isinstance(v, dict) and isinstance(into.get(k), dict):
-            merge_tables(into[k], v)
-        else:
-            into[k] = copy.deepcopy(v)
-    return into
-
-
-def _parse_value(text: str) -> Any:
-    """TOML literal if it parses (numbers, booleans, lists, quoted strings), else the raw string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply one ``--section.key=value`` (or ``section.key=value``) override to a raw config dict."""
-    body = item[2:] if item.startswith("--") else item
-    if "=" not in body:
-        raise ConfigError(f"override {item!r} has no '=': write it as --section.key=value (e.g. --optim.lr=0.4)")
-    key, text = body.split("=", 1)
-    parts = key.strip().split(".")
-    node = data
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
-    node[parts[-1]] = _parse_value(text.strip())
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A config file's table with its chain of ``base`` files merged under it (the file's keys win).
-
-    A base's ``name`` is dropped: the file given names the run, never a base."""
-    return _read_chain(Path(path), named_by=None, chain=())
-
-
-def read_toml(path: Path, *, what: str) -> dict[str, Any]:
-    """The table of a TOML file; ``what`` names the file in the error when it does not parse."""
-    try:
-        return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{what} is not valid TOML: {e}") from e
-
-
-def _read_chain(p: Path, *, named_by: Path | None, chain: tuple[Path, ...]) -> dict[str, Any]:
-    what = f"config file {str(p)!r}" if named_by is None else f"base {str(p)!r} (named by {str(named_by)!r})"
-    data = read_toml(p, what=what)
-    if "base" not in data:
-        return data
-    base = data.pop("base")
-    if not isinstance(base, str) or not base:
-        raise ConfigError(f"{what}: base = {base!r}: expected the path of another config file, relative to this one")
-    path = p.parent / base
-    if not path.is_file():
-        raise ConfigError(
-            f"{what} names base = {base!r}, but {str(path)!r} {describe_path(path)}, expected a TOML file (a base "
-            f"is found relative to the file that names it)"
-        )
-    here = (*chain, p.resolve())
-    if path.resolve() in here:
-        loop = " -> ".join(str(x) for x in (*here, path.resolve()))
-        raise ConfigError(
-            f"{what} names base = {base!r}, which is already in its chain of bases ({loop}): a "
-            f"cycle; remove one of the base keys"
-        )
-    inherited = _read_chain(path, named_by=p, chain=here)
-    inherited.pop("name", None)  # a base never names the run
-    return merge_tables(inherited, data)
+# Building a TrainConfig
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -737,57 +547,7 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     return from_table(TrainConfig, data)
 
 
-def flatten(cfg: TrainConfig | dict[str, Any]) -> dict[str, str]:
-    """Dotted key -> string value, for MLflow params (of a config, or of a part of one as a dict)."""
-    out: dict[str, str] = {}
-
-    def walk(d: dict[str, Any], prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else str(v)
-
-    walk(cfg if isinstance(cfg, dict) else cfg.to_dict(), "")
-    return out
-
-
-def _toml_value(v: Any) -> str:
-    """A TOML literal for a config value (floats as Python's shortest repr, which reads back exactly)."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return repr(v)
-
-
-def to_toml(cfg: TrainConfig) -> str:
-    """Serialise the resolved config as TOML (written next to the run's outputs)."""
-    d = cfg.to_dict()
-    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
-    for k, v in d.items():
-        if isinstance(v, dict):
-            lines.append(f"\n[{k}]")
-            lines += [f"{kk} = {_toml_value(vv)}" for kk, vv in v.items()]
-    return "\n".join(lines) + "\n"
-
-
 def describe() -> str:
-    """Every key with its default and its documentation (the field's ``doc``), as a TOML file.
-
-    One line per key, ``section.key = default  # documentation``: a dotted key is TOML for a key of the
-    table ``[section]``, and is spelt as on the command line (``--section.key=value``)."""
-    lines: list[str] = []
-
-    def walk(obj: Any, prefix: str) -> None:
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-            else:
-                lines.append(f"{prefix}{f.name} = {_toml_value(value)}  # {f.metadata.get('doc', '')}")
-
-    walk(TrainConfig(), "")
-    return "\n".join(lines)
+    """Every key of the training config with its default and its documentation, as a TOML file (what
+    ``--help-config`` prints)."""
+    return describe_fields(TrainConfig())

@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from s3_server import aws_env, count_requests, direct_url, start_moto_server
 
-    from pipeline.tools.prepare import prepare_shards
+    from pipeline.tools.shard_writer import prepare_shards
 
     with tempfile.TemporaryDirectory(prefix="data-bench-", dir=args.workdir or None) as scratch:
         work = Path(scratch)

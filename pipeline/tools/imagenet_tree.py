@@ -1,13 +1,4 @@
-"""Prepare ImageNet (ILSVRC-2012) from its official archives as an ImageFolder tree, locally or on S3.
-
-    python -m pipeline.tools.prepare imagenet \\
-        --train-tar /archives/ILSVRC2012_img_train.tar --val-tar /archives/ILSVRC2012_img_val.tar \\
-        --devkit /archives/ILSVRC2012_devkit_t12.tar.gz --out /datasets/imagenet     # or s3://bucket/imagenet
-    python -m pipeline.tools.prepare imagenet --out /datasets/imagenet --verify     # re-check a prepared tree
-    python -m pipeline.tools.prepare mean-image /datasets/imagenet                  # (re)compute the mean image
-    python -m pipeline.tools.prepare shards /datasets/imagenet s3://bucket/imagenet-shards   # any ImageFolder tree
-    python -m pipeline.tools.prepare imagenet ... --out /datasets/imagenet --format shards \\
-        --shards-out s3://bucket/imagenet-shards         # the tree, then its splits as shards (--shard-bytes)
+"""ILSVRC-2012 archives -> an ImageFolder tree, locally or on S3 (``python -m pipeline.tools.prepare imagenet``).
 
 The tree it writes (the archives may be local files or URLs too)::
 
@@ -24,45 +15,28 @@ counts as done once its ``.manifest`` entry exists, written after its files were
 matched. An interrupted run is resumed by running the same command: classes whose entry matches
 what is stored are skipped. The sizes are always checked against the manifest; ``--verify``
 re-reads every file and checks its sha256 too.
-
-Sharded splits (``shards``, or ``imagenet --format shards``): every split folder of an ImageFolder tree
-(``train/``, ``val/``, ``test/``: local or s3://) becomes ``OUT/<split>/`` in the layout of
-:mod:`pipeline.data.shard_format`: WebDataset tars of about ``--shard-bytes`` (256 MB by default) holding
-``<key>.jpg`` + ``<key>.cls`` per sample, each with its DALI index, and the split's ``manifest.json``
-(samples, bytes and sha256 per shard, the class names), written last. The samples are shuffled once
-(``--seed``) before they are cut into shards, so that a contiguous read of one shard is class-mixed. The
-member is named ``.jpg`` whatever the image's format (DALI decodes by content). Re-running rewrites the split.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import io
 import json
-import math
-import os
-import posixpath
 import sys
-import tarfile
-import tempfile
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
-
 from pipeline.core.storage import Storage, StorageError
-from pipeline.data import shard_format
 from pipeline.data.errors import DataError
-from pipeline.data.folder import is_url, list_classes, scan_split
+from pipeline.data.folder import is_url
 from pipeline.tools.ilsvrc import iter_train_classes, iter_val_images, open_input, read_devkit, read_loc_csv
+from pipeline.tools.mean_image import write_mean_image
+from pipeline.tools.progress import progress_bar
 
 DATASET_FORMAT = 1  # of the dataset manifest and its per-class records (not pipeline.checkpoint's manifests)
 DATASET_MANIFEST = "manifest.json"
-MEAN_IMAGE = "mean_image.npy"
 PARTS = ".manifest"
 STAGING = ".partial"
 SPLITS = ("train", "val")
@@ -193,22 +167,6 @@ class _Writer:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, dynamic_ncols=True)
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _size_of(path: str) -> int:
     with open_input(path) as (_, size):
         return size
@@ -220,7 +178,7 @@ def _size_of(path: str) -> int:
 
 def _prepare_train(tree: _PreparedTree, train_tar: str, writer: _Writer, *, progress: bool) -> tuple[int, int]:
     """Returns (classes written, classes skipped as already complete)."""
-    bar = _progress(_size_of(train_tar), progress, "train")
+    bar = progress_bar(_size_of(train_tar), enabled=progress, desc="train", unit="B")
     written = skipped = 0
     try:
         for cls, archived, images in iter_train_classes(train_tar):
@@ -257,7 +215,7 @@ def _prepare_val(
         tree.begin("val", c, fresh=False)  # val images of all classes arrive interleaved: keep what is there
     files: dict[str, dict[str, list]] = {c: {} for c in todo}
     seen = 0
-    bar = _progress(_size_of(val_tar), progress, "val")
+    bar = progress_bar(_size_of(val_tar), enabled=progress, desc="val", unit="B")
     try:
         for name, data in iter_val_images(val_tar):
             cls = labels.get(name)
@@ -398,7 +356,7 @@ def verify_tree(tree_url: str, *, workers: int = 8, progress: bool = True) -> li
                 problems.append(
                     f"{tree.store.url(f'{split}/{cls}/{extra}')}: not in the manifest (it would be trained on)"
                 )
-    bar = _progress(sum(s for _, _, s, _ in to_hash), progress, "verify")
+    bar = progress_bar(sum(s for _, _, s, _ in to_hash), enabled=progress, desc="verify", unit="B")
 
     def check(item: tuple[str, str, int, str]) -> str | None:
         _, rel, size, sha = item
@@ -413,219 +371,6 @@ def verify_tree(tree_url: str, *, workers: int = 8, progress: bool = True) -> li
         problems += [p for p in pool.map(check, to_hash) if p]
     bar.close()
     return problems
-
-
-# --------------------------------------------------------------------------------------------------
-# Mean image
-
-
-def compute_mean_image(
-    tree_url: str,
-    *,
-    size: int = 224,
-    resize: int = 256,
-    samples: int = 10000,
-    split: str = "train",
-    workers: int = 8,
-    progress: bool = True,
-) -> tuple[np.ndarray, int]:
-    """The per-pixel mean (size x size x 3, float32, 0-255) of training images seen as the centre-crop
-    evaluation sees them (shorter side ``resize``, centre ``size`` crop), over up to ``samples`` images
-    spread evenly across the classes (the first files of each class, so the result is reproducible)."""
-    from PIL import Image
-
-    root = tree_url.rstrip("/")
-    split_path = f"{root}/{split}" if is_url(root) else os.path.join(root, split)
-    index = scan_split(split_path)
-    per_class = max(1, math.ceil(samples / len(index.classes)))
-    chosen: list[str] = []
-    counts: dict[int, int] = {}
-    for path, label in zip(index.files, index.labels, strict=True):
-        if counts.get(label, 0) < per_class:
-            counts[label] = counts.get(label, 0) + 1
-            chosen.append(path)
-
-    def load(path: str) -> np.ndarray:
-        folder, name = Storage.of_file(path)
-        data = folder.read_bytes(name)
-        with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            scale = resize / min(w, h)
-            im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-            w, h = im.size
-            left, top = (w - size) // 2, (h - size) // 2
-            return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.float64)
-
-    total = np.zeros((size, size, 3), np.float64)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(chosen), unit="img", desc="mean image", dynamic_ncols=True)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for arr in pool.map(load, chosen):
-            total += arr
-            if bar is not None:
-                bar.update(1)
-    if bar is not None:
-        bar.close()
-    return (total / len(chosen)).astype(np.float32), len(chosen)
-
-
-def write_mean_image(
-    tree_url: str, *, size: int = 224, resize: int = 256, samples: int = 10000, workers: int = 8, progress: bool = True
-) -> dict[str, Any]:
-    mean, n = compute_mean_image(
-        tree_url, size=size, resize=resize, samples=samples, workers=workers, progress=progress
-    )
-    buf = io.BytesIO()
-    np.save(buf, mean, allow_pickle=False)
-    Storage(tree_url).write_bytes(MEAN_IMAGE, buf.getvalue())
-    return {
-        "file": MEAN_IMAGE,
-        "size": size,
-        "resize": resize,
-        "samples": n,
-        "channel_mean": [round(float(v), 3) for v in mean.mean(axis=(0, 1))],
-    }
-
-
-# --------------------------------------------------------------------------------------------------
-# Sharded splits
-
-
-def _tar_member_bytes(size: int) -> int:
-    return 512 + -(-size // 512) * 512  # a header block, then the data padded to whole blocks
-
-
-def _tar_bytes(members: int) -> int:
-    # Two zero blocks end the archive, and Python's tarfile pads it to whole 10 KiB records.
-    return -(-(members + 1024) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
-
-
-def plan_shards(sizes: list[int], *, shard_bytes: int) -> list[list[int]]:
-    """Cut samples (their image sizes, in shard order) into runs whose tar stays within ``shard_bytes`` (a
-    sample larger than that gets a shard of its own); returns the positions of each shard's samples."""
-    shards: list[list[int]] = [[]]
-    used = 0
-    for pos, size in enumerate(sizes):
-        need = _tar_member_bytes(size) + _tar_member_bytes(4)  # the .jpg and its .cls (a few digits)
-        if shards[-1] and _tar_bytes(used + need) > shard_bytes:
-            shards.append([])
-            used = 0
-        shards[-1].append(pos)
-        used += need
-    return shards if shards[0] else []
-
-
-def _sample_key(number: int, rel: str) -> str:
-    """Unique in the split (the shuffled position) and traceable to the source image (its name); no "." or "/"."""
-    stem = posixpath.splitext(posixpath.basename(rel))[0]
-    return f"{number:09d}_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in stem)
-
-
-def write_sharded_split(
-    split_path: str,
-    out: str,
-    *,
-    shard_bytes: int = shard_format.DEFAULT_SHARD_BYTES,
-    seed: int = 0,
-    workers: int = 8,
-    progress: bool = True,
-) -> shard_format.ShardManifest:
-    """Write the ImageFolder split at ``split_path`` (local or s3://) as shards in ``out`` (local or s3://);
-    returns the manifest, which is written last (a folder with a manifest is complete)."""
-    if shard_bytes < 4096:
-        raise DataError(f"--shard-bytes {shard_bytes} is too small for a tar shard; use e.g. 268435456 (256 MB)")
-    index = scan_split(split_path)
-    source = Storage(split_path)
-    cut = len(split_path.rstrip("/")) + 1
-    rels = [f[cut:].replace(os.sep, "/") for f in index.files]  # scan_split joins files onto split_path as given
-    listed = source.find()  # one listing; a file it misses (below a symlinked folder) is asked for alone
-    sizes = {r: listed[r] if r in listed else source.size(r) for r in rels}
-    order = np.random.default_rng(seed).permutation(len(rels)).tolist()  # shuffled once: shards are class-mixed
-    plan = plan_shards([sizes[rels[i]] for i in order], shard_bytes=shard_bytes)
-    dest = Storage(out)
-    try:
-        dest.check_access(write=True)
-        dest.delete(shard_format.MANIFEST)  # until the new manifest is written, the folder is not a complete split
-    except StorageError as e:
-        raise DataError(f"cannot write the shards to {out}: {e}") from e
-    bar = _progress(sum(sizes[r] for r in rels), progress, posixpath.basename(split_path.rstrip("/")))
-    infos: list[shard_format.ShardInfo] = []
-    with tempfile.TemporaryDirectory(prefix="shards-") as scratch, ThreadPoolExecutor(max(1, workers)) as pool:
-        # Locally a shard is written in place (write_shard renames it into place whole); for S3 it is written
-        # to scratch space and uploaded, then checked against its local sha256.
-        folder = scratch if dest.remote else dest.root
-        for number, positions in enumerate(plan):
-            picked = [order[p] for p in positions]
-
-            def samples(picked: list[int] = picked, first: int = positions[0]):
-                read = pool.map(source.read_bytes, [rels[i] for i in picked])
-                for k, (i, data) in enumerate(zip(picked, read, strict=True)):
-                    bar.update(len(data))
-                    yield _sample_key(first + k, rels[i]), data, index.labels[i]
-
-            name = shard_format.shard_name(number)
-            info = shard_format.write_shard(os.path.join(folder, name), samples())
-            if dest.remote:
-                for file, sha in ((info.name, info.sha256), (info.index, info.index_sha256)):
-                    stored = dest.put(os.path.join(folder, file), file)
-                    os.unlink(os.path.join(folder, file))
-                    if stored.sha256 != sha:
-                        raise DataError(f"{dest.url(file)}: uploaded copy differs from the shard written; run again")
-            infos.append(info)
-    bar.close()
-    # Shards beyond this plan are from an earlier run of the split with other settings: not part of it.
-    keep = {n for i in infos for n in (i.name, i.index)}
-    for name in dest.list():
-        if name.startswith("shard-") and name not in keep:
-            dest.delete(name)
-    manifest = shard_format.ShardManifest(num_classes=len(index.classes), shards=infos, classes=list(index.classes))
-    shard_format.write_manifest(dest, manifest)
-    return manifest
-
-
-def _split_folders(root: str) -> list[str]:
-    """The split folders (train, val, test, ...) of an ImageFolder tree: sub-folders holding class folders."""
-    store = Storage(root)
-    try:
-        names = [n for n in store.list_dirs() if not n.startswith(".")]
-    except StorageError as e:
-        raise DataError(f"cannot list {root}: {e}") from e
-    splits = [n for n in names if list_classes(store.url(n))]
-    if not splits:
-        raise DataError(
-            f"{root} holds no split folders ({root}/<split>/<class>/<image>, e.g. train/ and val/); give the "
-            f"root of an ImageFolder tree"
-        )
-    return splits
-
-
-def prepare_shards(
-    root: str,
-    out: str,
-    *,
-    splits: list[str] | None = None,
-    shard_bytes: int = shard_format.DEFAULT_SHARD_BYTES,
-    seed: int = 0,
-    workers: int = 8,
-    progress: bool = True,
-) -> dict[str, shard_format.ShardManifest]:
-    """Every split of the ImageFolder tree ``root`` (or those named) as sharded splits ``out/<split>/``."""
-    splits = splits or _split_folders(root)
-    src, dst = Storage(root), Storage(out)
-    done = {}
-    for split in splits:
-        done[split] = write_sharded_split(
-            src.url(split), dst.url(split), shard_bytes=shard_bytes, seed=seed, workers=workers, progress=progress
-        )
-    return done
-
-
-# --------------------------------------------------------------------------------------------------
-# The command
 
 
 def prepare_imagenet(
@@ -674,149 +419,8 @@ def prepare_imagenet(
     return manifest
 
 
-def _write_shards(args: argparse.Namespace, root: str, out: str, splits: list[str] | None) -> None:
-    written = prepare_shards(
-        root,
-        out,
-        splits=splits,
-        shard_bytes=args.shard_bytes,
-        seed=args.seed,
-        workers=args.workers,
-        progress=not args.no_progress,
-    )
-    for split, manifest in written.items():
-        info = shard_format.describe(manifest)
-        print(
-            f"{Storage(out).url(split)}: {info['samples']} samples of {info['classes']} classes in {info['shards']} "
-            f"shards; train with --data.format=shards --data.root={out}"
-        )
-
-
 def _previous_mean(tree_url: str) -> dict[str, Any] | None:
     try:
         return read_dataset_manifest(tree_url).get("mean_image")
     except DataError:
         return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m pipeline.tools.prepare",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = p.add_subparsers(dest="command", required=True)
-    im = sub.add_parser("imagenet", help="ILSVRC-2012 archives -> ImageFolder tree (or --verify a tree)")
-    im.add_argument("--out", required=True, help="tree root: a local folder or s3://bucket/prefix")
-    im.add_argument("--train-tar", default="", help="ILSVRC2012_img_train.tar (path or URL)")
-    im.add_argument("--val-tar", default="", help="ILSVRC2012_img_val.tar (path or URL)")
-    im.add_argument("--devkit", default="", help="ILSVRC2012_devkit_t12.tar.gz: validation labels")
-    im.add_argument("--val-labels", default="", help="LOC_val_solution.csv: validation labels (instead of --devkit)")
-    im.add_argument("--workers", type=int, default=8, help="parallel writes (default 8; more for S3)")
-    im.add_argument(
-        "--mean-samples",
-        type=int,
-        default=10000,
-        help="training images averaged into mean_image.npy (default 10000; 0 skips it)",
-    )
-    im.add_argument("--verify", action="store_true", help="re-read every file and check it against the manifest")
-    im.add_argument("--no-progress", action="store_true")
-    im.add_argument(
-        "--format",
-        choices=("folder", "shards"),
-        default="folder",
-        help="shards: after the tree at --out, write its splits as shards to --shards-out (see `shards`)",
-    )
-    im.add_argument("--shards-out", default="", help="--format shards: where the sharded splits go (local or s3://)")
-    sh = sub.add_parser("shards", help="ImageFolder tree -> WebDataset tar shards + DALI indexes + manifest per split")
-    sh.add_argument("root", help="ImageFolder tree: ROOT/<split>/<class>/<image> (local or s3://)")
-    sh.add_argument("out", help="OUT/<split>/shard-NNNNNN.{tar,idx} + manifest.json (local or s3://)")
-    sh.add_argument("--splits", default="", help="comma-separated split folders (default: every one under ROOT)")
-    sh.add_argument("--no-progress", action="store_true")
-    for parser in (im, sh):
-        parser.add_argument(
-            "--shard-bytes",
-            type=int,
-            default=shard_format.DEFAULT_SHARD_BYTES,
-            help=f"target tar size (default {shard_format.DEFAULT_SHARD_BYTES >> 20} MB)",
-        )
-        parser.add_argument("--seed", type=int, default=0, help="the once-only shuffle of the samples into shards")
-    sh.add_argument("--workers", type=int, default=8, help="parallel reads of the source images (default 8)")
-    mi = sub.add_parser("mean-image", help="(re)compute ROOT/mean_image.npy from the training split")
-    mi.add_argument("root")
-    mi.add_argument("--size", type=int, default=224, help="crop size = data.image_size (default 224)")
-    mi.add_argument("--resize", type=int, default=256, help="shorter side before the centre crop (default 256)")
-    mi.add_argument("--samples", type=int, default=10000)
-    mi.add_argument("--workers", type=int, default=8)
-    mi.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    if args.command == "imagenet" and args.format == "shards" and not args.shards_out:
-        p.error("--format shards needs --shards-out (a local folder or s3://bucket/prefix for the shards)")
-    try:
-        if args.command == "shards":
-            splits = [s for s in args.splits.split(",") if s] or None
-            _write_shards(args, args.root, args.out, splits)
-            return 0
-        if args.command == "mean-image":
-            info = write_mean_image(
-                args.root,
-                size=args.size,
-                resize=args.resize,
-                samples=args.samples,
-                workers=args.workers,
-                progress=not args.no_progress,
-            )
-            try:
-                manifest = read_dataset_manifest(args.root)
-                manifest["mean_image"] = info
-                Storage(args.root).write_text(DATASET_MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
-            except DataError:
-                pass  # a tree not written by prepare: the .npy alone is what training reads
-            print(
-                f"wrote {args.root.rstrip('/')}/{MEAN_IMAGE} from {info['samples']} images "
-                f"(per-channel mean {info['channel_mean']}); use --data.mean_image={MEAN_IMAGE}"
-            )
-            return 0
-        if args.train_tar or args.val_tar:
-            manifest = prepare_imagenet(
-                args.out,
-                train_tar=args.train_tar,
-                val_tar=args.val_tar,
-                devkit=args.devkit,
-                val_labels=args.val_labels,
-                workers=args.workers,
-                mean_samples=args.mean_samples,
-                progress=not args.no_progress,
-            )
-            for split, info in manifest["splits"].items():
-                print(
-                    f"{split}: {info['files']} images in {len(info['classes'])} classes, "
-                    f"{info['bytes'] / 2**30:.2f} GiB"
-                )
-        elif not args.verify and args.format != "shards":
-            p.error(
-                "give --train-tar and/or --val-tar to prepare, --verify to check an existing tree, or --format shards "
-                "to shard it"
-            )
-        if args.verify:
-            problems = verify_tree(args.out, workers=args.workers, progress=not args.no_progress)
-            for line in problems:
-                print(f"BAD {line}")
-            if problems:
-                print(
-                    f"{args.out}: {len(problems)} problem(s); run the prepare command again to rewrite the "
-                    f"classes concerned (delete their {PARTS}/<split>/<class>.json first)",
-                    file=sys.stderr,
-                )
-                return 1
-            print(f"{args.out}: every file matches {DATASET_MANIFEST}")
-        if args.format == "shards":
-            _write_shards(args, args.out, args.shards_out, None)
-    except (DataError, StorageError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,20 +1,9 @@
 """ILSVRC-2012 archives -> an ImageFolder tree, locally or on S3 (``python -m pipeline.tools.prepare imagenet``).
 
-The tree it writes (the archives may be local files or URLs too)::
-
-    train/<wnid>/<wnid>_NNNN.JPEG          1,281,167 images in 1,000 classes
-    val/<wnid>/ILSVRC2012_val_NNNNNNNN.JPEG    50,000 images
-    .manifest/<split>/<wnid>.json          per class: every file's size and sha256
-    mean_image.npy                         per-pixel mean (224 x 224 x 3, 0-255) for data.mean_image
-    manifest.json                          per class: file count, bytes, sha256 of its file list; written last
-
-Each archive is read once, as a stream (one image in memory at a time); images are written by a
-pool of threads. A class becomes visible only when complete: locally it is written under
-``.partial/`` and renamed into place; on S3 (no rename) objects are written in place and the class
-counts as done once its ``.manifest`` entry exists, written after its files were listed back and
-matched. An interrupted run is resumed by running the same command: classes whose entry matches
-what is stored are skipped. The sizes are always checked against the manifest; ``--verify``
-re-reads every file and checks its sha256 too.
+The layout of the tree (classes, per-class records under ``.manifest/``, ``manifest.json`` written last) and how an
+interrupted run resumes are in the help text of :mod:`pipeline.tools.prepare`. Each archive is read
+once, as a stream; images are written by a bounded pool of threads (:class:`_Writer`); :class:`_PreparedTree` knows
+where a class is staged and when it counts as done.
 """
 
 from __future__ import annotations

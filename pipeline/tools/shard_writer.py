@@ -1,11 +1,7 @@
 """An ImageFolder tree's splits as sharded splits (``python -m pipeline.tools.prepare shards``, or ``imagenet
---format shards``): every split folder of an ImageFolder tree
-(``train/``, ``val/``, ``test/``: local or s3://) becomes ``OUT/<split>/`` in the layout of
-:mod:`pipeline.data.shard_format`: WebDataset tars of about ``--shard-bytes`` (256 MB by default) holding
-``<key>.jpg`` + ``<key>.cls`` per sample, each with its DALI index, and the split's ``manifest.json``
-(samples, bytes and sha256 per shard, the class names), written last. The samples are shuffled once
-(``--seed``) before they are cut into shards, so that a contiguous read of one shard is class-mixed. The
-member is named ``.jpg`` whatever the image's format (DALI decodes by content). Re-running rewrites the split.
+--format shards``), in the layout of :mod:`pipeline.data.shard_format`; the help text of :mod:`pipeline.tools.prepare`
+describes the result. The samples are shuffled once (``seed``) and cut into shards of about ``shard_bytes``
+(:func:`plan_shards`); the split's manifest is written last.
 """
 
 from __future__ import annotations

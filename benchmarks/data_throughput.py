@@ -53,7 +53,7 @@ import torch  # noqa: E402
 from pipeline.config import DataConfig  # noqa: E402
 from pipeline.core.storage import Storage  # noqa: E402
 from pipeline.data import build_source, pipelines  # noqa: E402
-from pipeline.tools.prepare import prepare_shards  # noqa: E402
+from pipeline.tools.shard_writer import prepare_shards  # noqa: E402
 
 CIFAR = REPO.parent / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
 SOURCES = ("local", "s3-objects", "s3-shards")

@@ -21,6 +21,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
+from pipeline.core.storage import sha256_file
 from pipeline.data.cache import build_once
 from pipeline.data.errors import DataError
 
@@ -52,8 +53,6 @@ def resolve_archive(path: str) -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    from pipeline.core.storage import sha256_file
-
     return sha256_file(path).sha256
 
 

@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import io
 import os
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
-from pipeline.config import describe_path
+from pipeline.config import DataConfig, describe_path
+from pipeline.core.storage import Storage, StorageError
+from pipeline.data.archive import extract_archive, is_archive
+from pipeline.data.digits import prepare_digits
 from pipeline.data.errors import DataError
+from pipeline.data.folder import is_url, read_exclude_list, scan_dataset
+from pipeline.data.loader import DaliSettings, DaliSource
+from pipeline.data.memory import InMemorySource
+from pipeline.data.pipelines import TrainAugment
+from pipeline.data.shard_cache import ShardCache
+from pipeline.data.shard_format import read_manifest
+from pipeline.data.shards import LocalShards, ShardSource
 from pipeline.data.source import PAPER_SCALES, DataSource, SourceOptions
-
-if TYPE_CHECKING:
-    from pipeline.config import DataConfig
-    from pipeline.data.loader import DaliSettings
+from pipeline.data.synthetic import SyntheticSource
 
 
 def prepare_dataset_root(cfg: DataConfig) -> str:
@@ -25,8 +32,6 @@ def prepare_dataset_root(cfg: DataConfig) -> str:
     if cfg.source == "synthetic":
         return ""
     if cfg.source == "digits":
-        from pipeline.data.digits import prepare_digits
-
         return prepare_digits(cfg.cache_dir)
     if cfg.source == "folder":
         if not cfg.root:
@@ -35,12 +40,8 @@ def prepare_dataset_root(cfg: DataConfig) -> str:
                 f"directory (with {cfg.train_dir}/ and {cfg.val_dir}/ inside), or use "
                 "--data.source=digits for the offline demo set"
             )
-        from pipeline.data.folder import is_url
-
         if is_url(cfg.root):
             return cfg.root.rstrip("/")  # listed (and checked) through pipeline.core.storage when a source is built
-        from pipeline.data.archive import extract_archive, is_archive
-
         if is_archive(cfg.root):
             return extract_archive(cfg.root, cache_dir=cfg.cache_dir, sha256=cfg.root_sha256)
         if not os.path.isdir(cfg.root):
@@ -116,12 +117,7 @@ def build_source(
         batch_size=batch_size,
     )
     if cfg.source == "synthetic":
-        from pipeline.data.synthetic import SyntheticSource
-
         return SyntheticSource(options, image_size=cfg.image_size, num_batches=cfg.synthetic_batches)
-
-    from pipeline.data.folder import scan_dataset
-    from pipeline.data.loader import DaliSource
 
     if root is None:
         root = prepare_dataset_root(cfg)
@@ -132,8 +128,6 @@ def build_source(
         return _shard_source(cfg, options, root=root, num_classes=num_classes, settings=settings)
     fixes = None
     if cfg.exclude_list:
-        from pipeline.data.folder import read_exclude_list
-
         fixes = read_exclude_list(cfg.exclude_list, root=root)
     index = scan_dataset(
         root,
@@ -144,8 +138,6 @@ def build_source(
         fixes=fixes,
     )
     if cfg.in_memory:
-        from pipeline.data.memory import InMemorySource
-
         return InMemorySource(
             index,
             options,
@@ -168,8 +160,6 @@ def _dali_settings(
     eval_mode: Literal["center", "10crop", "multiscale"],
     scales: tuple[int, ...],
 ) -> DaliSettings:
-    from pipeline.data.loader import DaliSettings
-    from pipeline.data.pipelines import TrainAugment
 
     # PCA lighting is ImageNet's colour augmentation; CIFAR-style training has none.
     augmentation = TrainAugment(
@@ -198,10 +188,6 @@ def _shard_source(
     cfg: DataConfig, options: SourceOptions, *, root: str, num_classes: int, settings: DaliSettings
 ) -> DataSource:
     """A :class:`~pipeline.data.shards.ShardSource` for the sharded split folder of ``options.split`` under ``root``."""
-    from pipeline.core.storage import Storage
-    from pipeline.data.shard_cache import ShardCache
-    from pipeline.data.shard_format import read_manifest
-    from pipeline.data.shards import LocalShards, ShardSource
 
     split_dir = cfg.train_dir if options.split == "train" else cfg.val_dir
     store = Storage(root).child(split_dir)
@@ -221,8 +207,6 @@ def _shard_source(
 
 def load_mean_image(path: str, *, root: str, image_size: int) -> np.ndarray:
     """The per-pixel mean image (H x W x 3 float32, 0-255) at ``path`` (relative paths are under ``root``)."""
-    from pipeline.core.storage import Storage, StorageError
-    from pipeline.data.folder import is_url
 
     full = (
         path

@@ -56,7 +56,7 @@ class FileFixes:
         return bool(self.skip or self.replace)
 
 
-def _is_image(name: str) -> bool:
+def is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
@@ -106,7 +106,7 @@ def _split_images(split_path: str, classes: Iterable[str]) -> dict[str, list[str
         if not parts or parts[0] not in wanted:
             continue
         # Joined onto split_path as given (not Storage's absolute root): _apply_fixes slices them by its length.
-        per_class[parts[0]].extend(_join(split_path, *parts, n) for n in names if _is_image(n))
+        per_class[parts[0]].extend(_join(split_path, *parts, n) for n in names if is_image(n))
     return per_class
 
 
@@ -119,7 +119,7 @@ def _check_split_layout(split_path: str, classes: list[str]) -> None:
             f"{split_path} is empty: expected an ImageFolder layout {split_path}/<class>/<image> "
             f"with one folder per class"
         )
-    loose = [n for n in names if _is_image(n)]
+    loose = [n for n in names if is_image(n)]
     what = f"{len(loose)} images directly in it (e.g. {loose[0]!r})" if loose else f"only files ({names[0]!r}, ...)"
     raise DataError(
         f"{split_path} is not an ImageFolder layout: expected {split_path}/<class>/<image>, but it has "

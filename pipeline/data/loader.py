@@ -11,7 +11,7 @@ iterators, because they must be exact:
   on every rank, so the shards of one epoch are disjoint and together read every image exactly
   once; the order differs every epoch and depends on the seed only. Each epoch has its own pipeline
   (seeded by seed, rank and epoch) reading that epoch's list; the next epoch's is built on a background
-  thread half-way through the current one and its prefetch queue filled (:class:`PipelineAhead`), so
+  thread half-way through the current one and its prefetch queue filled (:class:`~pipeline.data.ahead.PipelineAhead`), so
   an epoch boundary costs no pipeline start-up. Every rank yields
   ``(num_samples // world_size) // batch_size`` batches, so all ranks issue the same number of
   collectives; the rest of its shard (fewer than ``batch_size`` images, plus at most one image) is
@@ -27,26 +27,27 @@ iterators, because they must be exact:
 RNGs); a rebuilt source that loads it continues with bitwise-identical batches.
 
 An image DALI cannot read or decode stops iteration with a :class:`DataError` that names the file
-(see :func:`explain_pipeline_error`); nothing is skipped silently.
+(see :func:`~pipeline.data.dali_errors.explain_pipeline_error`); nothing is skipped silently.
 """
 
 from __future__ import annotations
 
-import atexit
 import bisect
 import math
-import re
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import nvidia.dali.types as types
 import torch
+from nvidia.dali.plugin.pytorch import feed_ndarray
 
+from pipeline.data.ahead import PipelineAhead, dispose_pipeline, teardown_pipeline
+from pipeline.data.dali_errors import explain_pipeline_error
 from pipeline.data.errors import DataError
-from pipeline.data.folder import SplitIndex, is_url
-from pipeline.data.pipelines import READER_NAME, TrainAugment, train_pipeline, val_pipeline
+from pipeline.data.folder import SplitIndex
+from pipeline.data.pipelines import READER_NAME, TrainAugment, decoder_device_id, train_pipeline, val_pipeline
 from pipeline.data.source import PAPER_SCALES, EpochSource, SourceOptions, derive_seed, shard_range
 
 EVAL_MODES = ("center", "10crop", "multiscale")
@@ -88,23 +89,21 @@ class DaliSettings:
     scales: Sequence[int] = PAPER_SCALES
 
 
-class DaliSource(EpochSource):
-    """One split of an ImageFolder dataset for one rank; see the module docstring for epoch rules.
+class DaliPipelineSource(EpochSource):
+    """An epoch source read by DALI pipelines, one per segment of an epoch (see the module docstring).
 
-    Iterating yields the rest of the current epoch. For training a new ``iter()`` continues where
-    the last one stopped (that is what resuming needs); an epoch that was fully consumed moves on
-    to the next. For evaluation each ``iter()`` is one complete pass, even if the previous pass
-    was abandoned half-way.
+    What both DALI-fed sources share: the graph's settings, the epoch arithmetic, the pipelines built ahead and
+    retired, the batches handed to torch and the saved state. A subclass says what a segment's pipeline reads
+    (:meth:`_build_pipeline`), how an epoch is cut into segments (:meth:`_segments`) and how a DALI failure is
+    explained (:meth:`_explain`): :class:`DaliSource` for an image folder, :class:`~pipeline.data.shards.ShardSource`
+    for a sharded split. Iteration replaces :meth:`EpochSource._iterate`, since the reader must also read (and
+    drop) the rest of an epoch's shard.
     """
 
-    state_kind = "dali"
-
-    def __init__(self, index: SplitIndex, options: SourceOptions, *, settings: DaliSettings, root: str = "") -> None:
-        self.index = index
-        self._setup(options, num_samples=len(index), path=index.path, settings=settings, root=root or index.path)
-
-    def _setup(self, options: SourceOptions, *, num_samples: int, path: str, settings: DaliSettings, root: str) -> None:
-        """What every DALI-fed source sets up: the graph's settings, the epoch arithmetic and the reader state."""
+    def __init__(
+        self, options: SourceOptions, *, num_samples: int, path: str, settings: DaliSettings, root: str
+    ) -> None:
+        """The graph's settings, the epoch arithmetic and the reader state for ``num_samples`` read from ``path``."""
         split = options.split
         style, decoder, eval_mode = settings.style, settings.decoder, settings.eval_mode
         if eval_mode not in EVAL_MODES:
@@ -124,7 +123,7 @@ class DaliSource(EpochSource):
             batch_size=options.batch_size,
             num_threads=settings.num_threads,
             prefetch_queue_depth=settings.prefetch,
-            device_id=_device_id(options.device) if decoder == "mixed" else None,
+            device_id=decoder_device_id(options.device) if decoder == "mixed" else None,
         )
         if split == "val":
             self._pipe_kwargs.update(val_resize=settings.val_resize, eval_mode=eval_mode, scales=tuple(settings.scales))
@@ -152,17 +151,6 @@ class DaliSource(EpochSource):
         self._retired: list[Any] = []
         self._files: tuple[str, ...] = ()
         self._pending_checkpoint: bytes | None = None
-
-    # ------------------------------------------------------------------------------------------
-    def shard(self, epoch: int) -> list[int]:
-        """Indices into ``index.files`` that this rank reads in ``epoch``, padding included."""
-        if self.split == "train":
-            chosen = epoch_order(self.num_samples, self.seed, epoch)[self._start : self._stop].tolist()
-        else:
-            chosen = list(range(self._start, self._stop))
-        # Padding (read, never yielded) repeats the shard from its start: a whole number of batches.
-        need = self._reader_batches * self.batch_size - len(chosen)
-        return chosen + [chosen[k % len(chosen)] for k in range(need)]
 
     def _iterate(self, generation: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Not the shared rule: the reader must also read (and drop) the rest of an epoch's shard.
@@ -241,7 +229,7 @@ class DaliSource(EpochSource):
 
             def build(key: tuple[int, int]) -> tuple[Any, tuple[str, ...]]:
                 while retired:  # the finished pipelines go first: at most three are alive at any time
-                    _teardown(retired.pop(), self.device)
+                    teardown_pipeline(retired.pop(), self.device)
                 pipe, files = self._build_pipeline(*key, checkpoint=None)
                 try:
                     pipe.schedule_run()  # the first batches decode now, on DALI's threads
@@ -282,7 +270,7 @@ class DaliSource(EpochSource):
 
     def _explain(self, error: RuntimeError, files: Sequence[str]) -> DataError:
         """The DataError for a DALI failure while reading ``files`` (what the pipeline reads, in order)."""
-        return explain_pipeline_error(error, files=files, root=self.root)
+        raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------
     def _pipeline(self):
@@ -309,17 +297,10 @@ class DaliSource(EpochSource):
         """A built pipeline for ``segment`` of ``epoch`` (restored from ``checkpoint``) and the files it reads, for
         error messages.
 
-        Also runs on :class:`PipelineAhead`'s thread: it reads only what does not change while an epoch runs.
+        Also runs on :class:`~pipeline.data.ahead.PipelineAhead`'s thread: it may read only what does not change
+        while an epoch runs.
         """
-        bounds = self._segments(epoch)
-        order = self.shard(epoch)[bounds[segment] * self.batch_size : bounds[segment + 1] * self.batch_size]
-        files = tuple(self.index.files[i] for i in order)
-        labels = [self.index.labels[i] for i in order]
-        build = train_pipeline if self.split == "train" else val_pipeline
-        kwargs = self._segment_kwargs(epoch, segment)
-        pipe = build(files=files, labels=labels, **kwargs, **self._run_args(epoch, segment, checkpoint))
-        self._build_checked(pipe, files, samples=len(order))
-        return pipe, files
+        raise NotImplementedError
 
     def _run_args(self, epoch: int, segment: int, checkpoint: bytes | None) -> dict[str, Any]:
         """The pipeline arguments that make a run reproducible: its seed and the DALI checkpoint it starts from."""
@@ -339,7 +320,7 @@ class DaliSource(EpochSource):
     def _drop_pipeline(self) -> None:
         pipe, self._pipe, self._pipe_key = self._pipe, None, None
         for old in [*self._retired, *([pipe] if pipe is not None else [])]:
-            _dispose(old, self.device)
+            dispose_pipeline(old, self.device)
         self._retired = []
 
     def _retire(self) -> None:
@@ -374,9 +355,7 @@ class DaliSource(EpochSource):
 
     def _to_torch(self, tensor, stream) -> torch.Tensor:
         if stream is not None:
-            from nvidia.dali.plugin.pytorch import feed_ndarray
-
-            dtype = torch.int32 if tensor.dtype == _dali_int32() else torch.float32
+            dtype = torch.int32 if tensor.dtype == types.DALIDataType.INT32 else torch.float32
             out = torch.empty(tensor.shape(), dtype=dtype, device=self.device)
             feed_ndarray(tensor, out, cuda_stream=stream)
             return out
@@ -424,54 +403,45 @@ class DaliSource(EpochSource):
         super()._seek(epoch, batch)
 
 
-def _teardown(pipe, device: torch.device) -> None:
-    """Tear ``pipe`` down now: DALI's teardown (joining its threads, freeing its buffers) takes 10-40 ms on a CPU and
-    more on a GPU, so it runs on a background thread (:func:`_dispose`, or the thread that builds ahead)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # copies out of its buffers may still be queued on torch's stream
-    shutdown = getattr(pipe, "_shutdown", None)  # what Pipeline.__del__ calls (DALI 2.4)
-    if shutdown is not None:
-        shutdown()
+class DaliSource(DaliPipelineSource):
+    """One split of an ImageFolder dataset for one rank; see the module docstring for epoch rules.
 
+    Iterating yields the rest of the current epoch. For training a new ``iter()`` continues where
+    the last one stopped (that is what resuming needs); an epoch that was fully consumed moves on
+    to the next. For evaluation each ``iter()`` is one complete pass, even if the previous pass
+    was abandoned half-way.
+    """
 
-def _dispose(pipe, device: torch.device) -> None:
-    """Tear ``pipe`` down on a background thread."""
-    _background(lambda: _teardown(pipe, device), name="dali-teardown")
+    state_kind = "dali"
 
+    def __init__(self, index: SplitIndex, options: SourceOptions, *, settings: DaliSettings, root: str = "") -> None:
+        self.index = index
+        super().__init__(options, num_samples=len(index), path=index.path, settings=settings, root=root or index.path)
 
-# Threads that build or tear down DALI pipelines. They are daemons (one stuck on storage must not hang the process
-# at exit), but one still inside DALI while the interpreter finalises aborts it ("terminate called without an
-# active exception"), so an exit waits for them first. Registered after DALI's own exit hook, so it runs before it.
-_THREADS: set[threading.Thread] = set()
-_THREADS_LOCK = threading.Lock()
+    def shard(self, epoch: int) -> list[int]:
+        """Indices into ``index.files`` that this rank reads in ``epoch``, padding included."""
+        if self.split == "train":
+            chosen = epoch_order(self.num_samples, self.seed, epoch)[self._start : self._stop].tolist()
+        else:
+            chosen = list(range(self._start, self._stop))
+        # Padding (read, never yielded) repeats the shard from its start: a whole number of batches.
+        need = self._reader_batches * self.batch_size - len(chosen)
+        return chosen + [chosen[k % len(chosen)] for k in range(need)]
 
+    def _build_pipeline(self, epoch: int, segment: int, *, checkpoint: bytes | None) -> tuple[Any, tuple[str, ...]]:
+        """The segment's reader batches of :meth:`shard`: the files and labels of the split's index."""
+        bounds = self._segments(epoch)
+        order = self.shard(epoch)[bounds[segment] * self.batch_size : bounds[segment + 1] * self.batch_size]
+        files = tuple(self.index.files[i] for i in order)
+        labels = [self.index.labels[i] for i in order]
+        build = train_pipeline if self.split == "train" else val_pipeline
+        kwargs = self._segment_kwargs(epoch, segment)
+        pipe = build(files=files, labels=labels, **kwargs, **self._run_args(epoch, segment, checkpoint))
+        self._build_checked(pipe, files, samples=len(order))
+        return pipe, files
 
-def _background(target: Callable[[], None], *, name: str) -> threading.Thread:
-    def run() -> None:
-        try:
-            target()
-        finally:
-            with _THREADS_LOCK:
-                _THREADS.discard(threading.current_thread())
-
-    thread = threading.Thread(target=run, daemon=True, name=name)
-    with _THREADS_LOCK:
-        _THREADS.add(thread)
-    thread.start()
-    return thread
-
-
-@atexit.register
-def _join_background(timeout_s: float = 300.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with _THREADS_LOCK:
-            threads = list(_THREADS)
-        if not threads or time.monotonic() > deadline:
-            return
-        threads[0].join(timeout=max(0.0, deadline - time.monotonic()))
+    def _explain(self, error: RuntimeError, files: Sequence[str]) -> DataError:
+        return explain_pipeline_error(error, files=files, root=self.root)
 
 
 def check_reader_epoch(pipe, samples: int) -> None:
@@ -482,149 +452,3 @@ def check_reader_epoch(pipe, samples: int) -> None:
             f"DALI reader epoch {meta} does not match the loader's list of {samples} "
             f"samples; the DALI version changed behaviour"
         )
-
-
-class PipelineAhead:
-    """Pipelines built on a background thread for later segments or epochs, each handed over when it is read.
-
-    DALI pipelines are independent objects (its graph-building context is thread-local), so the next
-    epoch's can be built, and its prefetch queue filled, while the current one runs. Several keys (the
-    pipelines read one after the other) are built in turn on one thread. An error while building is kept
-    and raised by :meth:`take`, at the point where a synchronous build would have raised; the keys after
-    it are not built.
-    """
-
-    def __init__(self) -> None:
-        self.keys: tuple[Any, ...] = ()  # what the pipelines being built are for, in reading order
-        self._thread: threading.Thread | None = None
-        self._results: dict[Any, Any] = {}
-        self._error: tuple[Any, BaseException] | None = None
-
-    def start(self, keys: tuple[Any, ...], build: Callable[[Any], Any]) -> None:
-        self.drop()
-        self.keys = keys
-
-        def work() -> None:
-            for key in keys:
-                try:
-                    self._results[key] = build(key)
-                except BaseException as e:  # noqa: BLE001 - handed to the consumer by take()
-                    self._error = (key, e)
-                    return
-
-        self._thread = _background(work, name=f"dali-ahead-{keys[0]}")
-
-    def take(self, key: Any) -> Any:
-        """What ``build`` returned for ``key``, if it was started for it (else None; stale ones are dropped)."""
-        if key not in self.keys:
-            self.drop()
-            return None
-        assert self._thread is not None
-        self._thread.join()
-        if self._error is not None and self._error[0] == key:
-            error = self._error[1]
-            self._clear()
-            raise error
-        result = self._results.pop(key, None)
-        self.keys = self.keys[self.keys.index(key) + 1 :]
-        if not self.keys:
-            self._clear()
-        return result
-
-    def drop(self) -> None:
-        if self._thread is not None:
-            self._thread.join()  # a pipeline being built cannot be abandoned half-way
-        self._clear()
-
-    def _clear(self) -> None:
-        self.keys, self._thread, self._results, self._error = (), None, {}, None
-
-
-def _dali_int32():
-    import nvidia.dali.types as types
-
-    return types.DALIDataType.INT32
-
-
-def explain_pipeline_error(error: BaseException, *, files: Sequence[str], root: str) -> DataError:
-    """Turn a DALI pipeline error into a DataError that names the image at fault and the fix.
-
-    DALI 2.4 names the file for some failures ("Failed to decode sample #1 : <path>", "S3 Object not
-    found. bucket=B object=K") and not for others ("nvImageCodec failure: '#4'" for bytes that are no
-    image at all, or an empty file or S3 object). In the second case
-    the split's files are checked quickly (size and leading bytes, see
-    :func:`pipeline.data.sniff.quick_scan`) to find the culprit.
-    """
-    text = str(error)
-    reason = _dali_reason(text)
-    fix = (
-        f"find every such file with `python -m pipeline.tools.validate {root} --write-list bad.txt` and set "
-        f"--data.exclude_list=bad.txt (or replace the file)"
-    )
-    path = _named_file(text, files)
-    if path is not None:
-        return DataError(f"{path}: DALI cannot read or decode this image ({reason}); {fix}")
-    remote = any(is_url(f) for f in files[:1])
-    low = text.lower()
-    if (
-        remote
-        and "s3" in low
-        and any(
-            w in low
-            for w in ("not supported", "unsupported", "not compiled", "unknown scheme", "no filesystem", "not built")
-        )
-    ):
-        return DataError(
-            f"this DALI build cannot read s3:// URLs ({reason}); copy the dataset to a local or "
-            f"node-local folder (e.g. `aws s3 sync {root} /local/imagenet`) and set --data.root to it, "
-            f"or install a DALI wheel with S3 support (nvidia-dali-cuda* >= 1.41)"
-        )
-    if remote and any(
-        w in low
-        for w in ("curl", "timeout", "could not connect", "connection", "credentials", "access denied", "forbidden")
-    ):
-        return DataError(
-            f"DALI cannot read {root} from object storage ({reason}); check AWS_ENDPOINT_URL, "
-            f"AWS_REGION and the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE)"
-        )
-    from pipeline.data.sniff import quick_scan
-
-    suspects = quick_scan(files, time_budget_s=120.0)
-    if suspects:
-        shown = "; ".join(f"{p}: {why}" for p, why in suspects[:5]) + ("; ..." if len(suspects) > 5 else "")
-        return DataError(
-            f"DALI failed on an image it did not name ({reason}); these files are not valid images: {shown}; {fix}"
-        )
-    return DataError(
-        f"DALI failed while reading {root} ({reason}) without naming a file, and a quick check of the "
-        f"{len(files)} files found nothing; {fix}"
-    )
-
-
-def _dali_reason(text: str) -> str:
-    # DALI's message: a traceback of the graph, then "encountered:" and the operator's own words.
-    body = text.split("encountered:", 1)[1] if "encountered:" in text else text
-    lines = [
-        ln.strip()
-        for ln in body.splitlines()
-        if ln.strip() and "no longer valid" not in ln and not ln.strip().startswith("C++ context")
-    ]
-    return " ".join(lines[:2])[:300] or text[:300]
-
-
-def _named_file(text: str, files: Sequence[str]) -> str | None:
-    m = re.search(r"bucket=(\S+) object=(\S+?):?\s", text + " ")
-    if m:
-        return f"s3://{m.group(1)}/{m.group(2)}"
-    known = set(files)
-    for token in re.findall(r"[^\s'\"`]+", text):
-        token = token.rstrip(".,:;)")
-        if token in known:
-            return token
-    return None
-
-
-def _device_id(device: torch.device) -> int:
-    if device.type != "cuda":
-        raise DataError(f"GPU decoding needs a CUDA device, got device {device}; set --data.decoder=cpu")
-    return device.index if device.index is not None else torch.cuda.current_device()

@@ -26,11 +26,17 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
+import nvidia.dali.fn as fn
+import nvidia.dali.types as types
 import torch
 import torch.nn.functional as F
+from nvidia.dali import pipeline_def
+from nvidia.dali.plugin.pytorch import feed_ndarray
 
+from pipeline.data.dali_errors import explain_pipeline_error
 from pipeline.data.errors import DataError
 from pipeline.data.folder import SplitIndex
+from pipeline.data.pipelines import READER_IO, decoder_device_id
 from pipeline.data.source import CIFAR_PAD, EpochSource, SourceOptions, shard_range
 
 _DECODE_BATCH = 1000
@@ -55,13 +61,6 @@ def decode_split(
     Images are centre-cropped (or zero-padded) to ``image_size``, which leaves CIFAR's 32x32 untouched. An
     image DALI cannot read or decode raises :class:`DataError` naming the file, as in :class:`DaliSource`
     (``root``, the dataset root, defaults to the split folder and only appears in that message)."""
-    import nvidia.dali.fn as fn
-    import nvidia.dali.types as types
-    from nvidia.dali import pipeline_def
-
-    from pipeline.data.loader import _device_id, explain_pipeline_error
-    from pipeline.data.pipelines import READER_IO
-
     n = len(index)
     batch = min(_DECODE_BATCH, n)
     mixed = decoder == "mixed"
@@ -70,7 +69,7 @@ def decode_split(
         batch_size=batch,
         num_threads=max(1, num_threads),
         prefetch_queue_depth=2,
-        device_id=_device_id(device) if mixed else None,
+        device_id=decoder_device_id(device) if mixed else None,
     )
     def decode():
         jpegs, _ = fn.readers.file(
@@ -93,8 +92,6 @@ def decode_split(
         images = images.as_tensor()
         take = min(batch, n - start)  # the reader repeats the last image to fill the final batch
         if mixed:
-            from nvidia.dali.plugin.pytorch import feed_ndarray
-
             stream = torch.cuda.current_stream(device)
             full = torch.empty(images.shape(), dtype=torch.uint8, device=device)
             feed_ndarray(images, full, cuda_stream=stream)

@@ -32,8 +32,10 @@ from typing import Any, Literal
 import numpy as np
 import nvidia.dali.fn as fn
 import nvidia.dali.types as types
+import torch
 from nvidia.dali import pipeline_def
 
+from pipeline.data.errors import DataError
 from pipeline.data.shard_format import EXTENSIONS
 from pipeline.data.source import CIFAR_PAD, PAPER_SCALES
 
@@ -71,6 +73,13 @@ class TrainAugment:
     augment: Literal["paper", "rrc"] = "paper"
     scale: tuple[int, int] = (256, 480)  # augment = "paper": [min, max] of the random shorter side
     lighting: float = 0.0  # std of the PCA colour augmentation; 0 disables it
+
+
+def decoder_device_id(device: torch.device) -> int:
+    """The ``device_id`` of a pipeline that decodes with ``decoder="mixed"``: the index of the CUDA ``device``."""
+    if device.type != "cuda":
+        raise DataError(f"GPU decoding needs a CUDA device, got device {device}; set --data.decoder=cpu")
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _decode(jpegs, *, decoder: Literal["cpu", "mixed"], style: str):

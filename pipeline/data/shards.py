@@ -17,7 +17,7 @@ The rules are :class:`~pipeline.data.loader.DaliSource`'s, with shards in place 
 A training epoch is read in segments of about :data:`SEGMENT_SHARDS` shards and at least
 :data:`SEGMENT_MIN_SAMPLES` samples, one pipeline each (reader-batch aligned, so a segment's samples are
 shuffled among themselves), each built ahead while the one before runs (see
-:class:`~pipeline.data.loader.PipelineAhead`). ``state_dict`` holds (epoch, batch) and the live
+:class:`~pipeline.data.ahead.PipelineAhead`). ``state_dict`` holds (epoch, batch) and the live
 pipeline's DALI checkpoint (reader position, shuffle buffer, augmentation RNGs): a source that loads it
 continues with bitwise-identical batches.
 
@@ -38,8 +38,9 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from pipeline.data.dali_errors import dali_reason
 from pipeline.data.errors import DataError
-from pipeline.data.loader import DaliSettings, DaliSource, _dali_reason
+from pipeline.data.loader import DaliPipelineSource, DaliSettings
 from pipeline.data.pipelines import shard_pipeline
 from pipeline.data.shard_format import ShardInfo, ShardManifest, parse_index, sub_index
 from pipeline.data.source import SourceOptions
@@ -118,11 +119,14 @@ class LocalShards:
         return tar, index
 
 
-class ShardSource(DaliSource):
+class ShardSource(DaliPipelineSource):
     """One sharded split for one rank; see the module docstring for the epoch rules."""
 
     state_kind = "shards"
-    identity_keys = (*DaliSource.identity_keys, "num_shards")  # another sharding of the same images reads otherwise
+    identity_keys = (
+        *DaliPipelineSource.identity_keys,
+        "num_shards",
+    )  # another sharding of the same images reads otherwise
 
     def __init__(
         self,
@@ -136,7 +140,7 @@ class ShardSource(DaliSource):
         self.manifest = manifest
         self.split_uri = split_uri
         self._shard_files = files
-        self._setup(options, num_samples=manifest.num_samples, path=split_uri, settings=settings, root=split_uri)
+        super().__init__(options, num_samples=manifest.num_samples, path=split_uri, settings=settings, root=split_uri)
         # Per-epoch index files for partial shards: DALI reads them when a pipeline is built, then they go.
         self._index_dir = tempfile.mkdtemp(prefix="shard-index-")
         weakref.finalize(self, shutil.rmtree, self._index_dir, True)
@@ -291,7 +295,7 @@ class ShardSource(DaliSource):
 
     def _explain(self, error: RuntimeError, files: Sequence[str]) -> DataError:
         text = str(error)
-        reason = _dali_reason(text)
+        reason = dali_reason(text)
         fix = f"check the split with `python -m pipeline.tools.validate {self.split_uri}` and re-create the shard"
         for local, uri in list(self._local.items()):  # the thread building ahead may add to it
             # DALI names the tar or, for a tar shorter than its index says, the index beside it (shard-k.idx).

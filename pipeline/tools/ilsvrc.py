@@ -10,7 +10,7 @@
 
 Archives are read with ``tarfile`` in stream mode (``r|``): one sequential pass, one image in memory
 at a time, from a local file or an object-store URL (through :mod:`pipeline.core.storage`). Used by
-:mod:`pipeline.tools.prepare`.
+:mod:`pipeline.tools.imagenet_tree`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from typing import IO, TypeVar
+
+import numpy as np
 
 from pipeline.core.storage import Storage, StorageError
 from pipeline.data.errors import DataError
@@ -96,8 +98,7 @@ def read_devkit(path: str) -> dict[str, str]:
 
 def parse_meta(data: bytes, *, source: str) -> dict[int, str]:
     """{ILSVRC2012_ID: WNID} of the 1,000 leaf classes in the devkit's ``meta.mat``."""
-    import numpy as np
-    import scipy.io
+    import scipy.io  # heavy (up to a second to import) and needed only for the devkit's labels: imported when they are read
 
     try:
         mat = scipy.io.loadmat(io.BytesIO(data), squeeze_me=True)

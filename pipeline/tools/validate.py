@@ -42,11 +42,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import numpy as np
+from PIL import Image, ImageFile
+
 from pipeline.core.storage import Storage, StorageError
 from pipeline.data import shard_format
 from pipeline.data.errors import DataError
-from pipeline.data.folder import IMAGE_EXTENSIONS, _is_image, is_url
+from pipeline.data.folder import IMAGE_EXTENSIONS, is_image, is_url
 from pipeline.data.sniff import sniff
+from pipeline.tools.progress import progress_bar
 
 ERRORS = ("empty", "not-an-image", "corrupt")  # DALI stops on these
 WARNINGS = ("wrong-format", "cmyk", "grayscale")  # DALI decodes these
@@ -87,7 +91,7 @@ def _images(tree: Storage) -> list[str]:
         walked = tree.walk(skip_hidden=True)
     except StorageError as e:
         raise DataError(f"cannot list {tree.uri}: {e}") from e
-    return [f"{folder}/{name}" if folder else name for folder, _, names in walked for name in names if _is_image(name)]
+    return [f"{folder}/{name}" if folder else name for folder, _, names in walked for name in names if is_image(name)]
 
 
 def _inspect(rel: str, data: bytes) -> Problem | None:
@@ -101,8 +105,6 @@ def _inspect(rel: str, data: bytes) -> Problem | None:
     if _EXPECTED.get(ext, fmt) != fmt:
         return Problem(rel, "wrong-format", f"{fmt.upper()} data named {ext}")
     try:
-        from PIL import Image
-
         with Image.open(io.BytesIO(data)) as im:
             mode = im.mode
     except Exception:  # noqa: BLE001 - the decoder check below reports the reason
@@ -115,8 +117,6 @@ def _inspect(rel: str, data: bytes) -> Problem | None:
 
 
 def _pil_reason(data: bytes) -> str:
-    from PIL import Image, ImageFile
-
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -131,6 +131,7 @@ class _Decoder:
 
     def __init__(self) -> None:
         try:
+            # Optional here: without DALI (a stripped install) the check falls back to PIL.
             import nvidia.dali.experimental.dynamic as ndd  # noqa: F401
 
             self.ndd = ndd
@@ -143,8 +144,6 @@ class _Decoder:
             return {}
         if self.ndd is None:
             return {rel: why for rel, data in items if (why := _pil_reason(data))}
-        import numpy as np
-
         ndd = self.ndd
         try:
             out = ndd.decoders.image(ndd.as_batch([np.frombuffer(d, np.uint8) for _, d in items]), device="cpu")
@@ -172,7 +171,7 @@ def validate_tree(root: str, *, workers: int = 8, progress: bool = True) -> tupl
         )
     decoder = _Decoder()
     problems: list[Problem] = []
-    bar = _bar(len(images), progress, "validate")
+    bar = progress_bar(len(images), enabled=progress, desc="validate")
 
     def load(rel: str) -> tuple[str, bytes | None, str]:
         try:
@@ -197,24 +196,14 @@ def validate_tree(root: str, *, workers: int = 8, progress: bool = True) -> tupl
                 if rel in warned:  # a decode failure outranks a format warning
                     problems[:] = [p for p in problems if p.path != rel]
                 problems.append(Problem(rel, "corrupt", why or "DALI cannot decode it"))
-            if bar is not None:
-                bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+            bar.update(len(chunk))
+    bar.close()
     return sorted(problems, key=lambda p: p.path), len(images)
 
 
 def _chunks(items: list[str], n: int) -> Iterator[list[str]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
-
-
-def _bar(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="img", desc=desc, dynamic_ncols=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -332,18 +321,16 @@ def validate_shards(root: str, *, workers: int = 8, progress: bool = True) -> tu
     for split in splits:
         manifest = shard_format.read_manifest(split)
         jobs += [(split, s, manifest.num_classes) for s in manifest.shards]
-    bar = _bar(len(jobs), progress, "shards")
+    bar = progress_bar(len(jobs), enabled=progress, desc="shards")
 
     def check(job: tuple[Storage, shard_format.ShardInfo, int]) -> list[str]:
         found = check_shard(job[0], job[1], num_classes=job[2])
-        if bar is not None:
-            bar.update(1)
+        bar.update(1)
         return found
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         problems = [p for found in pool.map(check, jobs) for p in found]
-    if bar is not None:
-        bar.close()
+    bar.close()
     return problems, len(jobs)
 
 
@@ -353,8 +340,6 @@ def validate_shards(root: str, *, workers: int = 8, progress: bool = True) -> tu
 
 def convert_to_rgb_jpeg(data: bytes, *, quality: int = 95) -> bytes:
     """Re-encode any image PIL reads as a baseline RGB JPEG."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as im:
         rgb = im.convert("RGB")
     out = io.BytesIO()

@@ -17,7 +17,7 @@ from datatree import write_ilsvrc_archives
 
 from pipeline import evaluate as ev
 from pipeline.models import build_model
-from pipeline.tools.prepare import prepare_imagenet
+from pipeline.tools.imagenet_tree import prepare_imagenet
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")

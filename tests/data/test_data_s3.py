@@ -16,7 +16,7 @@ from datatree import _jpeg, environ, ids, write_tree
 
 from pipeline.core.storage import Storage
 from pipeline.data import DataError, build_source
-from pipeline.data.loader import explain_pipeline_error
+from pipeline.data.dali_errors import explain_pipeline_error
 
 CPU = torch.device("cpu")
 

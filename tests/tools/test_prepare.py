@@ -12,10 +12,14 @@ import numpy as np
 import pytest
 from datatree import WNIDS, _add, _jpeg, write_ilsvrc_archives, write_meta_mat
 
-from pipeline.data import DataError
-from pipeline.tools import prepare as prepare_mod
-from pipeline.tools.prepare import DATASET_MANIFEST as MANIFEST
-from pipeline.tools.prepare import MEAN_IMAGE, main, prepare_imagenet, verify_tree
+from pipeline.core.storage import Storage, sha256_file
+from pipeline.data import DataError, shard_format
+from pipeline.tools import imagenet_tree
+from pipeline.tools.imagenet_tree import DATASET_MANIFEST as MANIFEST
+from pipeline.tools.imagenet_tree import prepare_imagenet, verify_tree
+from pipeline.tools.mean_image import MEAN_IMAGE
+from pipeline.tools.prepare import main
+from pipeline.tools.shard_writer import prepare_shards
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +71,7 @@ def test_prepare_writes_the_imagefolder_tree(tmp_path, archives, labels):
 
 def test_resume_skips_finished_classes(tmp_path, archives, monkeypatch):
     out = str(tmp_path / "imagenet")
-    real_write = prepare_mod._PreparedTree.write
+    real_write = imagenet_tree._PreparedTree.write
     writes = []
 
     def failing(self, split, cls, name, data):
@@ -76,7 +80,7 @@ def test_resume_skips_finished_classes(tmp_path, archives, monkeypatch):
         writes.append((split, cls))
         return real_write(self, split, cls, name, data)
 
-    monkeypatch.setattr(prepare_mod._PreparedTree, "write", failing)
+    monkeypatch.setattr(imagenet_tree._PreparedTree, "write", failing)
     with pytest.raises(OSError, match="simulated crash"):
         run_prepare(out, archives)
     assert os.listdir(os.path.join(out, "train")) == [WNIDS[0]]  # only the finished class is visible
@@ -84,7 +88,7 @@ def test_resume_skips_finished_classes(tmp_path, archives, monkeypatch):
 
     writes.clear()
     monkeypatch.setattr(
-        prepare_mod._PreparedTree, "write", lambda self, *a: (writes.append(a[:2]), real_write(self, *a))
+        imagenet_tree._PreparedTree, "write", lambda self, *a: (writes.append(a[:2]), real_write(self, *a))
     )
     run_prepare(out, archives)
     assert ("train", WNIDS[0]) not in writes and ("train", WNIDS[1]) in writes  # the finished class is not redone
@@ -98,7 +102,7 @@ def test_resume_skips_finished_classes(tmp_path, archives, monkeypatch):
 
 def test_interrupted_validation_keeps_written_images(tmp_path, archives, monkeypatch):
     out = str(tmp_path / "imagenet")
-    real_write = prepare_mod._PreparedTree.write
+    real_write = imagenet_tree._PreparedTree.write
     count = {"val": 0}
 
     def failing(self, split, cls, name, data):
@@ -108,7 +112,7 @@ def test_interrupted_validation_keeps_written_images(tmp_path, archives, monkeyp
                 raise OSError("simulated crash")
         return real_write(self, split, cls, name, data)
 
-    monkeypatch.setattr(prepare_mod._PreparedTree, "write", failing)
+    monkeypatch.setattr(imagenet_tree._PreparedTree, "write", failing)
     with pytest.raises(OSError):
         run_prepare(out, archives)
     assert not os.path.exists(os.path.join(out, "val"))  # nothing half-done is visible
@@ -291,8 +295,6 @@ def test_unwritable_output(tmp_path, archives, capsys):
 def test_prepare_from_and_to_s3(tmp_path, archives, s3_bucket, s3_endpoint, monkeypatch):
     from s3_server import aws_env
 
-    from pipeline.core.storage import Storage
-
     for k, v in aws_env(s3_endpoint).items():
         monkeypatch.setenv(k, v)
     src = Storage(f"{s3_bucket}/archives")
@@ -300,7 +302,7 @@ def test_prepare_from_and_to_s3(tmp_path, archives, s3_bucket, s3_endpoint, monk
         src.put(path, os.path.basename(path))
     p = {k: src.url(os.path.basename(v)) for k, v in archives["paths"].items()}
     out = f"{s3_bucket}/imagenet"
-    real_write = prepare_mod._PreparedTree.write
+    real_write = imagenet_tree._PreparedTree.write
     calls = []
 
     def crash_on_third_class(self, split, cls, name, data):
@@ -309,11 +311,11 @@ def test_prepare_from_and_to_s3(tmp_path, archives, s3_bucket, s3_endpoint, monk
         calls.append(cls)
         return real_write(self, split, cls, name, data)
 
-    monkeypatch.setattr(prepare_mod._PreparedTree, "write", crash_on_third_class)
+    monkeypatch.setattr(imagenet_tree._PreparedTree, "write", crash_on_third_class)
     args = dict(train_tar=p["train"], val_tar=p["val"], devkit=p["devkit"], workers=4, mean_samples=50)
     with pytest.raises(OSError):
         prepare_imagenet(out, **args, image_size=16, resize=18, progress=False)
-    monkeypatch.setattr(prepare_mod._PreparedTree, "write", real_write)
+    monkeypatch.setattr(imagenet_tree._PreparedTree, "write", real_write)
     manifest = prepare_imagenet(out, **args, image_size=16, resize=18, progress=False)
     assert manifest["splits"]["train"]["files"] == 12 and manifest["splits"]["val"]["files"] == 6
     store = Storage(out)
@@ -377,9 +379,6 @@ def shard_tree(tmp_path):
 
 
 def test_shards_hold_every_image_once_readable_by_dali(tmp_path, shard_tree):
-    from pipeline.core.storage import Storage, sha256_file
-    from pipeline.data import shard_format
-    from pipeline.tools.prepare import prepare_shards
 
     root, index = shard_tree
     out = str(tmp_path / "shards")
@@ -414,8 +413,6 @@ def test_shards_hold_every_image_once_readable_by_dali(tmp_path, shard_tree):
 
 
 def test_shards_command_and_rewrite(tmp_path, shard_tree, capsys):
-    from pipeline.core.storage import Storage
-    from pipeline.data import shard_format
 
     root, _ = shard_tree
     out = str(tmp_path / "shards")
@@ -439,8 +436,6 @@ def test_shards_command_and_rewrite(tmp_path, shard_tree, capsys):
 
 
 def test_imagenet_format_shards(tmp_path, archives):
-    from pipeline.core.storage import Storage
-    from pipeline.data import shard_format
 
     tree, shards = str(tmp_path / "imagenet"), str(tmp_path / "imagenet-shards")
     p = archives["paths"]
@@ -454,10 +449,6 @@ def test_imagenet_format_shards(tmp_path, archives):
 @pytest.mark.slow
 def test_shards_to_and_from_s3(tmp_path, shard_tree, s3_bucket, s3_endpoint, monkeypatch):
     from s3_server import aws_env
-
-    from pipeline.core.storage import Storage
-    from pipeline.data import shard_format
-    from pipeline.tools.prepare import prepare_shards
 
     for k, v in aws_env(s3_endpoint).items():
         monkeypatch.setenv(k, v)

@@ -9,7 +9,7 @@ import pytest
 from datatree import write_tree
 
 from pipeline.core.storage import Storage
-from pipeline.tools.prepare import prepare_shards
+from pipeline.tools.shard_writer import prepare_shards
 from pipeline.tools.validate import main, sharded_splits, validate_shards
 
 LAYOUT = {"train": {"a": 6, "b": 6}, "val": {"a": 2, "b": 2}}

@@ -302,7 +302,7 @@ def test_crash_during_outage_keeps_previous_latest(s3_uri: str, s3_endpoint: str
     with outage(s3_endpoint):
         _save(ck, 2)
         time.sleep(0.5)
-        ck._uploader.close()  # the process "dies" with step-2 unsent
+        ck._saver.uploader.close()  # the process "dies" with step-2 unsent
     run = Storage(s3_uri).child("run")
     assert run.read_text("latest") == "step-1" and committed_tags(run) == ["step-1"]
     eng = FakeEngine()
@@ -319,7 +319,7 @@ def test_next_start_uploads_the_staged_steps_and_resumes_from_the_newest(
     with outage(s3_endpoint):
         _save(ck, 2)
         _save(ck, 3)
-        ck._uploader.close()  # the process "dies" with step-2 and step-3 unsent
+        ck._saver.uploader.close()  # the process "dies" with step-2 and step-3 unsent
     staged = tmp_path / "staging" / "run" / "rank-00000"
     assert (staged / "step-3.staged.json").exists()
     eng = FakeEngine()
@@ -337,7 +337,7 @@ def test_next_start_without_every_ranks_staged_files_says_what_it_loses(
     uri = str(tmp_path / "ckpt")
     ck = _ck_with_step_1(uri, tmp_path)
     _save(ck, 4)
-    ck._uploader.close()  # may have sent it already: stage a step by hand that claims a second rank
+    ck._saver.uploader.close()  # may have sent it already: stage a step by hand that claims a second rank
     marker = tmp_path / "staging" / "run" / "rank-00000" / "step-6.staged.json"
     (marker.parent / "step-6").mkdir(parents=True)
     meta = {"tag": "step-6", "step": 6, "world_size": 2}
@@ -361,7 +361,7 @@ def test_blocked_save_fails_after_max_wait_naming_the_staged_steps(
         with pytest.raises(CheckpointError) as e:
             _save(ck, 3)  # waits for step-2, which cannot be sent
         waited = time.monotonic() - t0
-        ck._uploader.close()
+        ck._saver.uploader.close()
     assert 6 <= waited < 60, waited
     msg = str(e.value)
     assert s3_uri in msg and "step-2, step-3" in msg and str(tmp_path / "staging" / "run") in msg, msg

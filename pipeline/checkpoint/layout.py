@@ -1,4 +1,4 @@
-"""What a run's checkpoints look like on storage, and how to read, choose, verify and tidy them.
+"""What a run's checkpoints look like on storage, and how to commit, read, choose, verify and tidy them.
 
 Layout under ``<checkpoint.uri>/<run_id>/``::
 
@@ -19,6 +19,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -229,7 +230,7 @@ def config_changes(manifest: dict[str, Any], *, config: dict[str, str] | None, c
 
 
 # --------------------------------------------------------------------------------------------------
-# Parts: what each rank uploaded, before rank 0 commits
+# Parts: what each rank uploaded, and rank 0's commit once all are stored
 
 
 def write_part(store: Storage, tag: str, *, rank: int, session: str, step: int, files: list[FileInfo]) -> None:
@@ -259,6 +260,42 @@ def read_parts(store: Storage, tag: str) -> dict[int, dict[str, Any]]:
             raise
         out[int(part["rank"])] = part
     return out
+
+
+class PartsMissing(Exception):
+    """Raised by ``commit`` while some ranks' parts are not stored yet (the message lists them)."""
+
+
+def commit(
+    store: Storage, tag: str, *, meta: dict[str, Any], session: str, world_size: int, keep_last: int, keep_every: int
+) -> None:
+    """Once all ``world_size`` ranks' parts of ``session`` are stored, write the manifest (``meta`` and the
+    files), then ``latest``, then apply retention; raises PartsMissing before that."""
+    parts = {r: p for r, p in read_parts(store, tag).items() if p.get("session") == session}
+    missing = [r for r in range(world_size) if r not in parts]
+    if missing:
+        raise PartsMissing(", ".join(map(str, missing)))
+    files = [f for r in sorted(parts) for f in parts[r]["files"]]
+    manifest = {
+        **meta,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "files": sorted(files, key=lambda f: f["path"]),
+    }
+    store.write_text(f"{tag}/{MANIFEST}", json.dumps(manifest, indent=1))
+    store.write_text(LATEST, tag)
+    log.info(
+        "checkpoint %s committed (%d files, %.1f MiB) at %s",
+        tag,
+        len(files),
+        sum(f["size"] for f in files) / 2**20,
+        store.url(tag),
+    )
+    try:
+        deleted = apply_retention(store, keep_last=keep_last, keep_every=keep_every, newest=tag)
+        if deleted:
+            log.info("retention: deleted %s", ", ".join(deleted))
+    except StorageError as e:
+        log.warning("retention after %s failed (%s); older checkpoints stay until the next commit", tag, e)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def load_zero1_resharded(engine: Any, root: Path, tag: str, *, old_world: int, n
     opt = engine.optimizer
     missing = [m for m in PRIVATE_METHODS if not callable(getattr(opt, m, None))]
     if missing:
-        import deepspeed
+        import deepspeed  # heavy: only this refusal names its version
 
         raise CheckpointError(
             f"checkpoint {tag} was written by {old_world} ranks with ZeRO-1 and this run has {new_world}: "
@@ -42,7 +42,7 @@ def load_zero1_resharded(engine: Any, root: Path, tag: str, *, old_world: int, n
             f"{', '.join(missing)}; this code was written for DeepSpeed {WRITTEN_FOR}); resume at the old world "
             f"size ({old_world} ranks), or install deepspeed=={WRITTEN_FOR}"
         )
-    from deepspeed.checkpoint.constants import (
+    from deepspeed.checkpoint.constants import (  # heavy: only a resharding resume needs it
         BASE_OPTIMIZER_STATE,
         BASE_OPTIMIZER_STATE_STEP,
         GROUP_PADDINGS,

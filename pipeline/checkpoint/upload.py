@@ -8,13 +8,13 @@ the training loop's own collectives, so ranks coordinate through the storage ins
 
 A failing upload (endpoint down, throttling) is retried forever with exponential backoff
 (``pipeline.core.retry``) while training goes on; the local files are deleted only after the upload
-succeeded, so nothing is lost. The owner bounds how many checkpoints may wait (``Checkpointer``
+succeeded, so nothing is lost. The owner bounds how many checkpoints may wait (``save.Saver``
 blocks a new save when too many are pending, for at most ``checkpoint.max_wait_s``) and tells the
 uploader what training is doing meanwhile (``activity``), which each retry line repeats.
 
 Staging layout (per rank): ``rank-<R>/step-<N>/`` holds the files, ``rank-<R>/step-<N>.staged.json``
 (``staged_marker``) is written once they are complete and names the step, world size and session: a later
-start finds unsent steps by it (``Checkpointer`` uploads them before resuming).
+start finds unsent steps by it (``resume.Resumer`` uploads them before resuming).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoint.layout import write_part
+from pipeline.checkpoint.layout import PartsMissing, write_part
 from pipeline.core.retry import Backoff, RetryStopped, retry
 from pipeline.core.storage import FileInfo, Storage
 
@@ -42,6 +42,12 @@ _PARTS_WAIT = Backoff(first_s=0.075, factor=1.5, max_s=2.0)
 def staged_marker(local_dir: Path) -> Path:
     """The marker beside a staged checkpoint folder: present once its files are complete, gone once uploaded."""
     return local_dir.parent / f"{local_dir.name}.staged.json"
+
+
+def drop_staged(local_dir: Path) -> None:
+    """Delete a staged checkpoint folder, its marker first: a folder without it is never re-sent."""
+    staged_marker(local_dir).unlink(missing_ok=True)
+    shutil.rmtree(local_dir, ignore_errors=True)
 
 
 @dataclass
@@ -89,7 +95,7 @@ class Uploader:
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self.committed: list[str] = []  # tags whose job finished (on rank 0: committed)
-        # What training does while uploads fail, for the retry lines; the Checkpointer changes it when it waits.
+        # What training does while uploads fail, for the retry lines; the Saver changes it when it waits.
         self.activity = "training goes on"
         self.last_progress = time.monotonic()  # last successful storage call (or start of the current job)
         # Daemon: if the process dies, an unfinished upload is simply never committed.
@@ -169,8 +175,7 @@ class Uploader:
         )
         if self.commit is not None:
             self.retry(lambda: self._commit_when_complete(job), job, "commit")
-        staged_marker(job.local_dir).unlink(missing_ok=True)  # first: a folder without it is never re-sent
-        shutil.rmtree(job.local_dir, ignore_errors=True)
+        drop_staged(job.local_dir)
 
     def retry(self, fn: Callable[[], Any], job: UploadJob, what: str) -> Any:
         """``fn`` until it succeeds (every failure is retried: dropping a checkpoint is worse), or until
@@ -228,7 +233,3 @@ class Uploader:
             log_recovery=False,
             logger=log,
         )
-
-
-class PartsMissing(Exception):
-    """Raised by a commit callback while some ranks' parts are not stored yet (the message lists them)."""

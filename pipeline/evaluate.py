@@ -62,7 +62,7 @@ from pipeline.config import ConfigError, flatten, load_config
 from pipeline.core.distributed import broadcast_object, close_distributed, init_distributed
 from pipeline.core.errors import UserError, error_line
 from pipeline.core.storage import Storage, StorageError
-from pipeline.data import prepare_dataset_root
+from pipeline.data import DataSource, prepare_dataset_root
 from pipeline.models import build_model
 from pipeline.runtime.metrics import MetricSums
 from pipeline.runtime.progress import is_terminal
@@ -152,7 +152,7 @@ def resolve_checkpoint(
         raise EvaluationError(f"--checkpoint {uri}: {e}") from e
 
 
-def _verified_model(store: Any, tag: str, manifest: dict[str, Any], local: str | Path) -> None:
+def _verified_model(store: Storage, tag: str, manifest: dict[str, Any], local: str | Path) -> None:
     """Download ``tag``'s model file to ``local``, checked against ``manifest``; CheckpointError if it fails."""
     entry = next((f for f in manifest.get("files", []) if f.get("path") == MODEL_FILE), None)
     if entry is None:
@@ -220,7 +220,7 @@ def _scores(model: torch.nn.Module, images: Any, mode: str) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_source(
     model: torch.nn.Module,
-    source: Any,
+    source: DataSource,
     *,
     mode: str,
     device: torch.device,

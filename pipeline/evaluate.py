@@ -33,6 +33,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,32 @@ if __package__ in (None, ""):  # `torchrun pipeline/evaluate.py` runs this file 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+from tqdm.auto import tqdm
 
-from pipeline.config import ConfigError, load_config
+from pipeline.checkpoint.layout import (
+    LATEST,
+    MANIFEST,
+    CheckpointError,
+    check_model,
+    committed_candidates,
+    config_changes,
+    first_good,
+    read_manifest,
+    step_of,
+    storage_options,
+    verified_file,
+)
+from pipeline.config import ConfigError, flatten, load_config
+from pipeline.core.distributed import broadcast_object, close_distributed, init_distributed
 from pipeline.core.errors import UserError, error_line
+from pipeline.core.storage import Storage, StorageError
+from pipeline.data import DataSource, prepare_dataset_root
+from pipeline.models import build_model
+from pipeline.runtime.metrics import MetricSums
 from pipeline.runtime.progress import is_terminal
+from pipeline.tracking import resolve_uri
+from pipeline.wiring import model_record, split_source
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 TRAINER_STATE = "trainer-rank0.pt"  # the trainer's state, saved by rank 0 beside the weights: the tracking run id
@@ -74,17 +97,6 @@ def resolve_checkpoint(
     if local is None:
         with tempfile.TemporaryDirectory(prefix="evaluate-") as tmp:
             return resolve_checkpoint(uri, Path(tmp) / MODEL_FILE, storage=storage)
-    from pipeline.checkpoint.layout import (
-        LATEST,
-        MANIFEST,
-        CheckpointError,
-        committed_candidates,
-        first_good,
-        read_manifest,
-        step_of,
-    )
-    from pipeline.core.storage import Storage, StorageError
-
     opts = storage or {}
     try:
         store = Storage(uri, **opts)
@@ -140,10 +152,8 @@ def resolve_checkpoint(
         raise EvaluationError(f"--checkpoint {uri}: {e}") from e
 
 
-def _verified_model(store: Any, tag: str, manifest: dict[str, Any], local: str | Path) -> None:
+def _verified_model(store: Storage, tag: str, manifest: dict[str, Any], local: str | Path) -> None:
     """Download ``tag``'s model file to ``local``, checked against ``manifest``; CheckpointError if it fails."""
-    from pipeline.checkpoint.layout import MANIFEST, CheckpointError, verified_file
-
     entry = next((f for f in manifest.get("files", []) if f.get("path") == MODEL_FILE), None)
     if entry is None:
         raise CheckpointError(f"the manifest {store.url(f'{tag}/{MANIFEST}')} does not list {MODEL_FILE}")
@@ -172,8 +182,6 @@ def load_model_state(
 def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # torch.compile's wrapper and DDP-style wrappers prefix every key (wrapped twice: twice); the plain
     # model has none.
-    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
-
     out = dict(sd)  # stripped in place: leave the caller's dict alone
     for prefix in ("_orig_mod.", "module."):
         while any(k.startswith(prefix) for k in out):
@@ -212,7 +220,7 @@ def _scores(model: torch.nn.Module, images: Any, mode: str) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_source(
     model: torch.nn.Module,
-    source: Any,
+    source: DataSource,
     *,
     mode: str,
     device: torch.device,
@@ -221,14 +229,10 @@ def evaluate_source(
 ) -> dict[str, float]:
     """Top-1/top-5 error (%) and the loss of the averaged scores over the whole split: every rank runs
     its shard, then the sums are all-reduced (a collective when a process group exists)."""
-    from pipeline.runtime.metrics import MetricSums
-
     model.eval()
     sums = MetricSums(device)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(source), unit="batch", desc=f"evaluate {mode}", dynamic_ncols=True)
     for images, labels in source:
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -260,9 +264,6 @@ def checkpoint_run(folder: str, *, storage: dict[str, str] | None = None) -> tup
     """The MLflow run id that trained the checkpoint in ``folder`` and the checkpoint's step, from the trainer
     state saved beside its weights; (None, None) for a folder without one (DeepSpeed's files alone). A committed
     checkpoint's trainer state is checked against its manifest, as its weights were."""
-    from pipeline.checkpoint.layout import CheckpointError, read_manifest, verified_file
-    from pipeline.core.storage import Storage, StorageError
-
     try:
         store = Storage(folder, **(storage or {}))
         if not store.exists(TRAINER_STATE):
@@ -287,8 +288,7 @@ def checkpoint_run(folder: str, *, storage: dict[str, str] | None = None) -> tup
 def log_result(result: dict[str, Any], *, tracking_uri: str, run_id: str, step: int) -> None:
     """Add the evaluation to the run ``run_id``: ``eval_<mode>_{top1_error,top5_error,loss}`` at ``step`` and
     the checkpoint it scored as the tag ``eval_<mode>_checkpoint``. Rank 0 only."""
-    import time
-
+    # mlflow is heavy (seconds to import) and only this rank-0 logging path needs it
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
     from mlflow.exceptions import MlflowException
@@ -339,13 +339,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Evaluate as the command line says; every rank returns the same result."""
-    from pipeline.checkpoint.layout import check_model, config_changes, storage_options
-    from pipeline.config import flatten
-    from pipeline.core.distributed import broadcast_object, close_distributed, init_distributed
-    from pipeline.data import prepare_dataset_root
-    from pipeline.models import build_model
-    from pipeline.wiring import model_record, split_source
-
     args, overrides = parse_args(argv)
     cfg = load_config(args.config, overrides)
     try:
@@ -415,8 +408,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
             **({"scales": list(scales)} if args.mode == "multiscale" else {}),
         )
         if env.rank == 0 and cfg.tracking.enabled and not args.no_log:
-            from pipeline.tracking import resolve_uri
-
             run_id, step = checkpoint_run(folder, storage=storage_options(cfg.checkpoint))
             if run_id is None:
                 log.warning("%s names no MLflow run (no %s): the result is not logged", folder, TRAINER_STATE)
@@ -433,8 +424,6 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.core.storage import StorageError
-
     rank = int(os.environ.get("RANK", "0"))
     try:
         result = run(argv)

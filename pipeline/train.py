@@ -19,10 +19,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # `torchrun pipeline/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from pipeline.checkpoint.layout import tag_for
 from pipeline.config import TrainConfig, describe, load_config
+from pipeline.core.distributed import close_distributed, init_distributed
 from pipeline.core.errors import UserError, error_line
-from pipeline.core.stop import STOP_EXIT_CODE, StopFlag
-from pipeline.runtime.progress import wrap_long_lines
+from pipeline.core.stop import STOP_EXIT_CODE, StopFlag, write_stop_record
+from pipeline.runtime.progress import ShortLines, wrap_long_lines
+from pipeline.wiring import TrainingRun, build_run
 
 log = logging.getLogger("pipeline")
 
@@ -59,8 +62,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def _setup_logging(rank: int) -> None:
-    from pipeline.runtime.progress import ShortLines
-
     # Only rank 0 talks to the console; other ranks stay quiet unless something is fatal. Every line stays short
     # enough to read in a job's log file (ShortLines wraps longer ones), Python warnings (DALI's, torch's)
     # included, which would otherwise bypass the format.
@@ -74,11 +75,6 @@ def _setup_logging(rank: int) -> None:
 
 def run(cfg: TrainConfig, *, stop: StopFlag | None = None) -> RunOutcome:
     """Build every component (pipeline.wiring), start, train, and close. Called on every rank."""
-    from pipeline.checkpoint.layout import tag_for
-    from pipeline.core.distributed import close_distributed, init_distributed
-    from pipeline.core.stop import write_stop_record
-    from pipeline.wiring import TrainingRun, build_run
-
     stop = stop or StopFlag().install()
     env = init_distributed(cfg.distributed)
     _setup_logging(env.rank)
@@ -87,8 +83,7 @@ def run(cfg: TrainConfig, *, stop: StopFlag | None = None) -> RunOutcome:
         built = build_run(cfg, env=env, stop=stop)
         built.start()
         result = built.trainer.fit()
-        if built.checkpointer is not None:
-            built.checkpointer.close()
+        built.close()
         # Steps a stop left staged (the store was down) make it a stop too, even after the last step.
         stranded = built.checkpointer.stranded if built.checkpointer is not None else []
         exit_code = STOP_EXIT_CODE if result.stopped or stranded else 0

@@ -17,18 +17,20 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.core.distributed import all_reduce_max, all_reduce_sum, is_multi_rank
+from pipeline.config import CheckpointConfig
+from pipeline.core.distributed import DistEnv, all_reduce_max, all_reduce_sum, is_multi_rank
 from pipeline.core.stop import StopFlag
+from pipeline.data import DataSource
 from pipeline.runtime.diagnostics import Diagnostics
-from pipeline.runtime.engine import set_lr
+from pipeline.runtime.engine import TrainingEngine, set_lr
 from pipeline.runtime.metrics import MetricSums
 from pipeline.runtime.progress import ConsoleReporter
 from pipeline.runtime.schedule import LRSchedule
@@ -51,58 +53,74 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)  # rank 0: one entry per logged step/eval
 
 
+class CheckpointSaver(Protocol):
+    """What the trainer uses of a :class:`~pipeline.checkpoint.Checkpointer`: when to save, and saving."""
+
+    cfg: CheckpointConfig  # the trainer reads ``at_end``
+
+    def should_save(self, step: int) -> bool: ...
+
+    def save(self, engine: TrainingEngine, *, step: int, epoch: int, trainer_state: dict[str, Any]) -> str: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopSettings:
+    """How long the loop runs and how often it reports: optimizer steps, steps per metric reduction, epochs per
+    evaluation, and whether rank 0 draws a progress bar (on a terminal; log lines otherwise)."""
+
+    total_steps: int
+    log_every: int = 10
+    eval_every: int = 1
+    progress: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerParts:
+    """The collaborators the trainer drives, each built elsewhere (pipeline.wiring). ``val_source`` is scored
+    by every evaluation; ``checkpointer`` None saves nothing; ``diagnostics`` None measures nothing extra."""
+
+    engine: TrainingEngine
+    train_source: DataSource
+    val_source: DataSource
+    schedule: LRSchedule
+    tracker: Tracker | None = None  # None: a NullTracker
+    checkpointer: CheckpointSaver | None = None
+    diagnostics: Diagnostics | None = None
+    stop: StopFlag | None = None  # None: a flag no signal sets
+
+
 class Trainer:
     """fit / train_step / evaluate / state_dict. Every collaborator is built elsewhere and passed in."""
 
-    def __init__(
-        self,
-        *,
-        engine: Any,
-        train_source: Any,
-        val_source: Any,
-        schedule: LRSchedule,
-        total_steps: int,
-        rank: int,
-        world_size: int,
-        device: torch.device,
-        log_every: int = 10,
-        eval_every: int = 1,
-        progress: bool = True,
-        tracker: Tracker | None = None,
-        checkpointer: Any = None,
-        stop: StopFlag | None = None,
-        seed: int = 0,
-        on_log: Callable[[dict[str, float]], None] | None = None,
-        diagnostics: Diagnostics | None = None,
-    ) -> None:
+    def __init__(self, parts: TrainerParts, *, loop: LoopSettings, env: DistEnv) -> None:
+        engine = parts.engine
         self.engine = engine
-        self.train_source = train_source
-        self.val_source = val_source
-        self.schedule = schedule
-        self.total_steps = total_steps
-        self.rank = rank
-        self.world_size = world_size
-        self.device = device
-        self.log_every = log_every
-        self.eval_every = eval_every
-        self.progress = progress and rank == 0
-        self.tracker = tracker or NullTracker()
-        self.checkpointer = checkpointer
-        self.stop = stop or StopFlag()
-        self.seed = seed
-        self.on_log = on_log
-        self.diagnostics = diagnostics
-        self._grad_norms = diagnostics.grad_norms if diagnostics is not None else None
+        self.train_source = parts.train_source
+        self.val_source = parts.val_source
+        self.schedule = parts.schedule
+        self.total_steps = loop.total_steps
+        self.rank = env.rank
+        self.world_size = env.world_size
+        self.device = env.device
+        self.log_every = loop.log_every
+        self.eval_every = loop.eval_every
+        self.progress = loop.progress and env.is_main
+        self.tracker: Tracker = parts.tracker or NullTracker()
+        self.checkpointer = parts.checkpointer
+        self.stop = parts.stop or StopFlag()
+        self.diagnostics = parts.diagnostics
+        self._grad_norms = parts.diagnostics.grad_norms if parts.diagnostics is not None else None
         self._logs_this_step = False  # the step being taken ends with a metric reduction (_log)
         self._grad_sq: torch.Tensor | None = None  # per-stage squared gradient norms of that step, on the device
         self.grad_accum = engine.gradient_accumulation_steps()
         self.global_batch = int(engine.train_batch_size())  # images per optimizer step over all ranks
-        self.world_sizes: list[list[int]] = [[0, world_size]]  # [first step, world size] of each stretch of the run
-        self.steps_per_epoch = max(1, len(train_source) // self.grad_accum)
+        # [first step, world size] of each stretch of the run
+        self.world_sizes: list[list[int]] = [[0, self.world_size]]
+        self.steps_per_epoch = max(1, len(self.train_source) // self.grad_accum)
         self.step = 0  # optimizer steps taken; the epoch and batch within it are the train source's position
         self._buffers_synced_at = -1  # the step whose BN buffers were last averaged over ranks
         self.history: list[dict[str, float]] = []
-        self._sums = MetricSums(device)
+        self._sums = MetricSums(self.device)
         self._wait = 0.0
         self._busy = 0.0
         self._images = 0
@@ -246,7 +264,7 @@ class Trainer:
         self._wait += time.perf_counter() - t0
         return batch
 
-    def _log(self, *, final: bool = False) -> bool:
+    def _log(self) -> bool:
         """Reduce metrics across ranks; returns True when the ranks agree to stop. A collective call."""
         self.sync_buffers()
         grad_norms: dict[str, float] = {}
@@ -298,8 +316,6 @@ class Trainer:
         self.history.append(row)
         metrics = {k: v for k, v in row.items() if k not in ("step",)}
         self.tracker.log_metrics(int(row["step"]), metrics)
-        if self.on_log:
-            self.on_log(row)
         if self._console is not None:
             self._console.report(row)
 

@@ -24,12 +24,12 @@ from pipeline.core.storage import StorageError
 from pipeline.data import DataSource, build_source, prepare_dataset_root
 from pipeline.models import build_model, model_spec
 from pipeline.runtime.diagnostics import Diagnostics
-from pipeline.runtime.engine import build_engine
+from pipeline.runtime.engine import TrainingEngine, build_engine
 from pipeline.runtime.preflight import check_run
 from pipeline.runtime.schedule import LRSchedule, epoch_steps, scaled_lr
 from pipeline.tracking import Tracker, build_tracker
 from pipeline.tracking.datasets import dataset_name, describe_split
-from pipeline.trainer import Trainer
+from pipeline.trainer import LoopSettings, Trainer, TrainerParts
 
 log = logging.getLogger("pipeline")
 
@@ -41,7 +41,7 @@ class TrainingRun:
     cfg: TrainConfig
     env: DistEnv
     sources: dict[str, DataSource]  # "train" and "val"
-    engine: Any  # the DeepSpeed engine
+    engine: TrainingEngine
     lr: float  # cfg.optim.lr scaled to the global batch
     global_batch: int  # images per optimizer step over all ranks
     steps_per_epoch: int
@@ -109,6 +109,12 @@ class TrainingRun:
                 self.steps_per_epoch,
             )
         return state
+
+    def close(self) -> None:
+        """Every rank, after ``fit``: wait until the checkpoints saved are committed (or stranded, see
+        ``checkpointer.stranded``) and stop the upload thread. The run's other parts hold nothing to close."""
+        if self.checkpointer is not None:
+            self.checkpointer.close()
 
     def identity(self) -> dict[str, str]:
         """What tells this run's experiment apart from another's: the network (depth, residual, shortcut,
@@ -250,22 +256,20 @@ def build_run(
             out_dir=cfg.resolved_output_dir,
         )
     trainer = Trainer(
-        engine=engine,
-        train_source=sources["train"],
-        val_source=sources.get("val", sources["train"]),
-        schedule=schedule,
-        total_steps=schedule.total_steps,
-        rank=env.rank,
-        world_size=env.world_size,
-        device=env.device,
-        log_every=cfg.log_every,
-        eval_every=cfg.eval_every,
-        progress=cfg.progress,
-        tracker=tracker,
-        checkpointer=checkpointer,
-        stop=stop,
-        seed=cfg.seed,
-        diagnostics=diagnostics,
+        TrainerParts(
+            engine=engine,
+            train_source=sources["train"],
+            val_source=sources.get("val", sources["train"]),
+            schedule=schedule,
+            tracker=tracker,
+            checkpointer=checkpointer,
+            diagnostics=diagnostics,
+            stop=stop,
+        ),
+        loop=LoopSettings(
+            total_steps=schedule.total_steps, log_every=cfg.log_every, eval_every=cfg.eval_every, progress=cfg.progress
+        ),
+        env=env,
     )
     return TrainingRun(
         cfg=cfg,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -120,6 +120,31 @@ def deepspeed_config(
     return cfg
 
 
+class TrainingEngine(Protocol):
+    """What the trainer and the run use of the DeepSpeed engine :func:`build_engine` returns."""
+
+    module: nn.Module  # the wrapped model
+    optimizer: torch.optim.Optimizer  # the SGD the engine steps
+    global_steps: int  # optimizer steps taken
+    fast_path: FastPath  # set by build_engine
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    def backward(self, loss: torch.Tensor) -> Any: ...
+
+    def step(self) -> None: ...
+
+    def train(self, mode: bool = True) -> Any: ...
+
+    def eval(self) -> Any: ...
+
+    def gradient_accumulation_steps(self) -> int: ...
+
+    def train_batch_size(self) -> int: ...
+
+    def is_gradient_accumulation_boundary(self) -> bool: ...
+
+
 def build_engine(
     model: nn.Module,
     *,
@@ -134,13 +159,13 @@ def build_engine(
     compile: str = "off",
     compile_mode: str = "default",
     compile_backend: str = "inductor",
-) -> Any:
+) -> TrainingEngine:
     """Wrap ``model`` in a DeepSpeed engine with SGD; returns the engine (its ``.optimizer`` is the SGD).
 
     ``engine.fast_path`` records the resolved :class:`FastPath`. The config's "auto" values may be passed
     as they are (``precision.dtype``, ``optim.fused`` and ``precision.cudnn_benchmark`` are read here).
     """
-    import deepspeed
+    import deepspeed  # heavy (CUDA extensions, seconds): only the paths that build an engine import it
 
     device = torch.device(device)
     fast = resolve_fast_path(

@@ -16,6 +16,8 @@ import socket
 import threading
 from pathlib import Path
 
+import torch
+
 from pipeline.checkpoint.layout import storage_options
 from pipeline.config import TrainConfig, describe_path
 from pipeline.core.distributed import DistEnv, all_gather_objects, control_group
@@ -90,7 +92,7 @@ def _probe_mlflow(uri: str, timeout_s: float) -> str:
             return f"names a database in {folder}, which this user cannot write to"
         return ""
     configure_http_for_training()  # one attempt, no client-side retries with backoff
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # heavy (seconds): only an http(s) tracking URI is asked here
 
     answer: list[str] = []
 
@@ -134,8 +136,6 @@ def tracking_problem(cfg: TrainConfig) -> str:
 def check_run(cfg: TrainConfig, *, env: DistEnv, checkpointing: bool = True) -> None:
     """Run the start-up checks of ``cfg`` on this rank and agree on the verdict with every other rank (a
     collective). Raises PreflightError on every rank when any check failed anywhere."""
-    import torch
-
     gpus = gpu_problem(
         device_type=env.device.type,
         local_world_size=env.local_world_size,

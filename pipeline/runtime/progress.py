@@ -17,6 +17,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from tqdm.auto import tqdm
+
 log = logging.getLogger("pipeline.runtime.progress")
 
 MAX_LINE = 300  # the longest line a training job's log may have
@@ -54,8 +56,6 @@ class ConsoleReporter:
         self._bar: Any = None
         self._shown: dict[str, str] = {}  # the bar's postfix
         if bar and is_terminal(stream):
-            from tqdm.auto import tqdm
-
             self._bar = tqdm(
                 total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, desc="train", file=stream
             )

@@ -22,7 +22,7 @@ from pipeline.data import prepare_dataset_root  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.runtime.engine import build_engine  # noqa: E402
 from pipeline.runtime.schedule import LRSchedule  # noqa: E402
-from pipeline.trainer import Trainer  # noqa: E402
+from pipeline.trainer import LoopSettings, Trainer, TrainerParts  # noqa: E402
 from pipeline.wiring import split_source  # noqa: E402
 
 
@@ -70,16 +70,9 @@ def main() -> None:
     )
     schedule = LRSchedule(cfg.schedule, base_lr=0.05, steps_per_epoch=len(train))
     trainer = Trainer(
-        engine=engine,
-        train_source=train,
-        val_source=val,
-        schedule=schedule,
-        total_steps=schedule.total_steps,
-        rank=env.rank,
-        world_size=env.world_size,
-        device=env.device,
-        log_every=2,
-        progress=False,
+        TrainerParts(engine=engine, train_source=train, val_source=val, schedule=schedule),
+        loop=LoopSettings(total_steps=schedule.total_steps, log_every=2, progress=False),
+        env=env,
     )
     result = trainer.fit()
     digest = hashlib.sha256()

@@ -64,11 +64,11 @@ def _report(stream, *, bar: bool, caplog) -> list[str]:
     console.report(ROW)
     console.report(VAL)
     console.close()
-    return [r.getMessage() for r in caplog.records if r.name == "pipeline.runtime.progress"]
+    return [r.getMessage() for r in caplog.records if r.name == "pipeline.progress"]
 
 
 def test_a_terminal_gets_the_bar_and_a_file_or_progress_false_gets_lines(tmp_path: Path, caplog) -> None:
-    caplog.set_level(logging.INFO, logger="pipeline.runtime.progress")
+    caplog.set_level(logging.INFO, logger="pipeline.progress")
     main, side = os.openpty()  # a real terminal, 120 columns wide (a new one has 0: the bar would be empty)
     fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
     try:
@@ -146,7 +146,7 @@ def test_a_job_log_in_a_file_has_one_short_line_per_log_and_per_evaluation(tmp_p
     assert res.returncode == 0, log[-3000:]
     assert "\r" not in log
     assert max(map(len, log.splitlines())) <= MAX_LINE
-    lines = [line.split(" ", 2)[2] for line in log.splitlines() if "pipeline.runtime.progress" in line]
+    lines = [line.split(" ", 2)[2] for line in log.splitlines() if "pipeline.progress" in line]
     steps = [int(m.group(1)) for m in map(TRAIN_LINE.search, lines) if m]
     assert steps == list(range(5, 51, 5)), lines
     assert [int(m.group(1)) for m in map(EVAL_LINE.search, lines) if m] == [44, 50], lines

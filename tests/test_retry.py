@@ -33,7 +33,7 @@ def test_backoff_is_exponential_and_capped() -> None:
 def test_retries_until_success_with_the_schedule(caplog: pytest.LogCaptureFixture) -> None:
     slept: list[float] = []
     fn = Flaky(3)
-    with caplog.at_level(logging.WARNING, logger="pipeline.core.retry"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.retry"):
         assert retry(fn, what="upload x", backoff=Backoff(first_s=1, max_s=3), sleep=slept.append) == "ok"
     assert fn.calls == 4 and slept == [1, 2, 3]
     lines = [r.getMessage() for r in caplog.records]
@@ -81,7 +81,7 @@ def test_should_stop_ends_the_wait_between_attempts() -> None:
 
 def test_on_retry_replaces_the_log_line_and_nested_stops_propagate(caplog: pytest.LogCaptureFixture) -> None:
     seen: list[tuple[str, int, float]] = []
-    with caplog.at_level(logging.WARNING, logger="pipeline.core.retry"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.retry"):
         retry(
             Flaky(2),
             what="x",

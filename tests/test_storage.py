@@ -161,7 +161,7 @@ def test_paused_server_is_cut_by_the_read_timeout_with_a_retry_line(
     _aws(monkeypatch, s3_endpoint)
     s = Storage(f"{s3_bucket}/p", read_timeout_s=1, connect_timeout_s=1, attempts=2)
     s.write_text("k", "v")
-    with paused(s3_endpoint), caplog.at_level(logging.WARNING, logger="pipeline.core.storage"):
+    with paused(s3_endpoint), caplog.at_level(logging.WARNING, logger="pipeline.storage"):
         for op in (lambda: s.read_text("k"), lambda: s.write_text("k", "w")):  # a PUT too: no 100-continue wait
             caplog.clear()
             t0 = time.monotonic()

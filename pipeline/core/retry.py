@@ -17,7 +17,7 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-log = logging.getLogger("pipeline.core.retry")
+log = logging.getLogger("pipeline.retry")
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import fsspec
 from pipeline.core.retry import Backoff, retry
 from pipeline.core.s3 import error_kind, is_no_bucket, raised_by_storage, s3_filesystem
 
-log = logging.getLogger("pipeline.core.storage")
+log = logging.getLogger("pipeline.storage")
 
 CHUNK = 8 << 20  # streaming hash/copy block; large enough that S3 range reads stay efficient
 _RETRY = Backoff(first_s=0.5, factor=2.0, max_s=4.0)  # between attempts of one transient-failing S3 request

@@ -29,7 +29,7 @@ from torch import nn
 
 from pipeline.config import DiagnosticsConfig
 
-log = logging.getLogger("pipeline.runtime.diagnostics")
+log = logging.getLogger("pipeline.diagnostics")
 
 RESPONSE_STD_ARTIFACT = "diagnostics/response_std.json"  # where the report looks for Figure 7's numbers
 

@@ -3,7 +3,7 @@
 A bar redraws itself with ``\\r``; written to a file (every SLURM job's ``.out``) that becomes one line of tens of
 thousands of characters. So the bar is drawn only when stderr is a terminal and ``progress`` is on; otherwise
 each metric reduction (every ``log_every`` steps) is one line with step, epoch, loss, error, img/s, data wait,
-lr and ETA, and each evaluation one line, through the ``pipeline.runtime.progress`` logger (timestamped like the rest).
+lr and ETA, and each evaluation one line, through the ``pipeline.progress`` logger (timestamped like the rest).
 
 :class:`ShortLines` is the log format of a training process: it keeps every line of a record, tracebacks
 included, within :data:`MAX_LINE` characters by wrapping longer ones, so nothing (a long MLflow or DALI
@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
-log = logging.getLogger("pipeline.runtime.progress")
+log = logging.getLogger("pipeline.progress")
 
 MAX_LINE = 300  # the longest line a training job's log may have
 _CONTINUATION = "    ... "  # starts each piece of a wrapped line

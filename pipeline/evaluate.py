@@ -60,7 +60,7 @@ from pipeline.checkpoint.layout import (
 )
 from pipeline.config import ConfigError, flatten, load_config
 from pipeline.core.distributed import broadcast_object, close_distributed, init_distributed
-from pipeline.core.errors import UserError, error_line
+from pipeline.core.errors import UserError, report_error
 from pipeline.core.storage import Storage, StorageError
 from pipeline.data import DataSource, prepare_dataset_root
 from pipeline.models import build_model
@@ -428,9 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run(argv)
     except (UserError, ValueError, StorageError) as e:
-        line = error_line(e, rank=rank)
-        if line:
-            print(line, file=sys.stderr)
+        report_error(e, rank=rank)
         return 2
     if rank == 0:
         print(

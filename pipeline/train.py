@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # `torchrun pipeline/train.py` runs this file as 
 from pipeline.checkpoint.layout import tag_for
 from pipeline.config import TrainConfig, describe, load_config
 from pipeline.core.distributed import close_distributed, init_distributed
-from pipeline.core.errors import UserError, error_line
+from pipeline.core.errors import UserError, report_error
 from pipeline.core.stop import STOP_EXIT_CODE, StopFlag, write_stop_record
 from pipeline.runtime.progress import ShortLines, wrap_long_lines
 from pipeline.wiring import TrainingRun, build_run
@@ -127,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = run(cfg)
     except (UserError, ValueError, RuntimeError) as e:
         # A UserError that every rank raises alike is printed once, by rank 0; anything else is a bug (exit 1).
-        line = error_line(e, rank=rank)
-        if line:
-            print(wrap_long_lines(line), file=sys.stderr)
+        report_error(e, rank=rank, fmt=wrap_long_lines)
         return e.exit_code if isinstance(e, UserError) else 1
     # The result of a finished run only: a stopped one (exit 75) has at most an intermediate evaluation.
     if rank == 0 and outcome.exit_code == 0 and outcome.final_val:

@@ -7,6 +7,9 @@ bug or an outage and keeps its traceback.
 
 from __future__ import annotations
 
+import sys
+import time
+from collections.abc import Callable
 from typing import ClassVar
 
 
@@ -31,3 +34,19 @@ class ConfigError(UserError, ValueError):
     """A configuration problem; the message names the key and what is allowed."""
 
     same_on_every_rank = True  # every rank reads the same files and flags
+
+
+# How long a rank that stays silent waits before it exits: torchrun stops the whole group as soon as one worker
+# exits, so a silent rank that exits first could kill rank 0 before rank 0 has printed the line it speaks for all.
+SILENT_RANK_GRACE_S = 5.0
+
+
+def report_error(
+    e: BaseException, *, rank: int, fmt: Callable[[str], str] = str, grace_s: float = SILENT_RANK_GRACE_S
+) -> None:
+    """Print this rank's ``error:`` line for ``e`` to stderr; a rank that rank 0 speaks for waits ``grace_s`` first."""
+    line = error_line(e, rank=rank)
+    if line is None:
+        time.sleep(grace_s)
+        return
+    print(fmt(line), file=sys.stderr, flush=True)

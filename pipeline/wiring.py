@@ -155,7 +155,8 @@ def model_record(cfg: TrainConfig) -> dict[str, str]:
     """The network ``cfg`` builds, as checkpoint manifests record it and resume and evaluate compare it: the
     model name, its architecture (depth, blocks, residual, shortcut, ...) and the number of classes."""
     tags = model_spec(cfg.model.name, **cfg.model.overrides()).tags()
-    tags.pop("zero_init_residual", None)  # how the weights start, not what they are
+    for how_weights_start in ("zero_init_residual", "bn_weight_init"):  # not what the network is
+        tags.pop(how_weights_start, None)
     return {"name": cfg.model.name, "num_classes": str(cfg.model.num_classes), **tags}
 
 

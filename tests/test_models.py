@@ -244,6 +244,22 @@ def test_option_a_bottleneck_net_forwards():
         assert model(torch.randn(1, 3, 50, 50)).shape == (1, 1000)
 
 
+@pytest.mark.parametrize("name", ["resnet50", "cifar_resnet56", "plain18"])
+def test_bn_weight_init_uniform(name):
+    """bn_weight_init="uniform": every BN scale in [0, 1) (PyTorch < 1.2's start), shifts at 0; zero_init_residual
+    still zeroes each branch's last BN on top of it."""
+    torch.manual_seed(0)
+    model = build_model(name, bn_weight_init="uniform")
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    scales = torch.cat([m.weight.detach() for m in bns])
+    assert 0 <= scales.min() and scales.max() < 1 and 0.45 < scales.mean() < 0.55
+    assert not torch.cat([m.bias.detach() for m in bns]).any()
+    if model.spec.residual:
+        both = build_model(name, bn_weight_init="uniform", zero_init_residual=True)
+        assert all(not b.last_bn().weight.any() for b in both.blocks())
+        assert (both.bn1.weight < 1).all() and both.bn1.weight.any()
+
+
 @pytest.mark.parametrize("name", ["resnet50", "cifar_resnet20"])
 def test_zero_init_residual(name):
     model = build_model(name, zero_init_residual=True)
@@ -324,6 +340,7 @@ def test_unknown_model_is_named_with_the_alternatives(name):
         ("plain18", {"shortcut": "B"}, r"shortcut='B'.*residual=False"),
         ("resnet18", {"residual": False, "shortcut": "A"}, r"shortcut='A'.*residual=False"),
         ("plain18", {"zero_init_residual": True}, r"zero_init_residual=True.*residual=False"),
+        ("resnet18", {"bn_weight_init": "normal"}, r"bn_weight_init='normal'.*'ones', 'uniform'"),
         ("cifar_resnet20", {"num_classes": 0}, r"num_classes=0"),
     ],
 )
@@ -353,6 +370,7 @@ def test_model_spec_is_data():
         "shortcut": "B",
         "stride_in": "3x3",
         "zero_init_residual": "false",
+        "bn_weight_init": "ones",
     }
     cifar = model_spec("cifar_resnet110")
     assert (cifar.layers, cifar.widths, cifar.shortcut, cifar.input_size) == (

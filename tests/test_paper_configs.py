@@ -121,3 +121,20 @@ def test_paper_tables_hold_the_papers_numbers() -> None:
     assert list(TABLE3.top1.values()) == ["25.03", "24.52", "24.19", "22.85", "21.75", "21.43"]
     assert list(TABLE3.top5.values()) == ["7.76", "7.46", "7.40", "6.71", "6.05", "5.71"]
     assert TABLE6.depth_top1(True, 1202) == "7.93"
+
+
+@pytest.mark.parametrize("path", _files("cifar10"), ids=lambda p: p.stem)
+def test_cifar_paper_configs_start_bn_scales_from_uniform(path: Path) -> None:
+    """The fix that lets ResNet-44/56/110 train at lr 0.1 from step 0 (benchmarks/RESULTS.md): every BN scale of a
+    CIFAR paper config starts in [0, 1), not at 1; the ImageNet configs keep torchvision's start."""
+    cfg = load_config(path, [])
+    torch.manual_seed(0)
+    model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, **cfg.model.overrides())
+    scales = torch.cat([m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)])
+    assert cfg.model.bn_weight_init == "uniform"
+    assert 0 <= scales.min() and scales.max() < 1 and 0.4 < scales.mean() < 0.6, scales.mean()
+
+
+@pytest.mark.parametrize("path", _files("imagenet") + MODERN, ids=lambda p: p.stem)
+def test_imagenet_configs_start_bn_scales_at_one(path: Path) -> None:
+    assert load_config(path, []).model.bn_weight_init == "ones"

@@ -34,6 +34,11 @@ class ModelConfig:
     shortcut: Literal["", "A", "B", "C"] = doc("", '"" keeps the model\'s default (A for CIFAR, B for ImageNet)')
     stride_in: Literal["", "3x3", "1x1"] = doc("", 'bottleneck stride placement; "" = model default ("3x3")')
     zero_init_residual: bool = doc(False, "zero the last BN of every residual branch")
+    bn_weight_init: Literal["ones", "uniform"] = doc(
+        "ones",
+        'how every BN scale starts: "ones" (torchvision; the Caffe Scale layer of the paper\'s released models) '
+        'or "uniform", U[0,1) (PyTorch < 1.2; the CIFAR paper configs: deep nets then train at lr 0.1 from step 0)',
+    )
     channels_last: bool | Literal["auto"] = doc(
         "auto", "NHWC memory format, applied after deepspeed.initialize; auto: on with CUDA"
     )
@@ -58,6 +63,8 @@ class ModelConfig:
             out["stride_in"] = self.stride_in
         if self.zero_init_residual:
             out["zero_init_residual"] = True
+        if self.bn_weight_init != "ones":
+            out["bn_weight_init"] = self.bn_weight_init
         return out
 
 

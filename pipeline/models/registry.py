@@ -24,7 +24,7 @@ _CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
 _CIFAR_PLAIN_DEPTHS = (20, 32, 44, 56, 110)
 _CIFAR_WIDTHS = (16, 32, 64)
 
-OVERRIDES = ("residual", "shortcut", "stride_in", "zero_init_residual")
+OVERRIDES = ("residual", "shortcut", "stride_in", "zero_init_residual", "bn_weight_init")
 
 
 def _imagenet(depth: int, *, residual: bool) -> ModelSpec:
@@ -104,6 +104,7 @@ def build_model(name: str, *, num_classes: int | None = None, **overrides: Any) 
 
     num_classes defaults to 1000 for ImageNet networks and 10 for CIFAR ones.
     overrides: residual (bool), shortcut ("A" | "B" | "C"), stride_in
-    ("3x3" | "1x1", bottlenecks only), zero_init_residual (bool).
+    ("3x3" | "1x1", bottlenecks only), zero_init_residual (bool), bn_weight_init
+    ("ones" | "uniform").
     """
     return ResNet(model_spec(name, num_classes=num_classes, **overrides))

@@ -74,7 +74,14 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
+                # "uniform" on CIFAR: with every gamma at 1 the residual stream of a deep net sums many
+                # unit-variance branches, so the pooled features are large and lr 0.1 overshoots the FC layer
+                # in the first steps (ResNet-56's loss spikes to 5-6 and sits near chance for ~100 steps,
+                # benchmarks/RESULTS.md). U[0, 1) gammas (mean 1/2, mean square 1/3) shrink each branch.
+                if self.spec.bn_weight_init == "uniform":
+                    nn.init.uniform_(m.weight)
+                else:
+                    nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         if self.spec.zero_init_residual:
             # Each residual block then starts as the identity (Goyal et al. 2017),

@@ -14,11 +14,13 @@ Block = Literal["basic", "bottleneck"]
 Stem = Literal["imagenet", "cifar"]
 Shortcut = Literal["A", "B", "C"]
 StrideIn = Literal["3x3", "1x1"]
+BnWeightInit = Literal["ones", "uniform"]
 
 BLOCKS: tuple[Block, ...] = ("basic", "bottleneck")
 STEMS: tuple[Stem, ...] = ("imagenet", "cifar")
 SHORTCUTS: tuple[Shortcut, ...] = ("A", "B", "C")
 STRIDE_INS: tuple[StrideIn, ...] = ("3x3", "1x1")
+BN_WEIGHT_INITS: tuple[BnWeightInit, ...] = ("ones", "uniform")
 
 # Convolutions on the residual branch of one block; the depth the paper quotes
 # counts these plus the stem conv and the classifier.
@@ -67,6 +69,9 @@ class ModelSpec:
     shortcut: Shortcut | None
     stride_in: StrideIn = "3x3"
     zero_init_residual: bool = False
+    # How every BN's scale (gamma) starts: "ones" (torchvision, Caffe's Scale layer, PyTorch >= 1.2) or
+    # "uniform", U[0, 1) (PyTorch before 1.2). See ResNet._init_weights for why it matters on CIFAR.
+    bn_weight_init: BnWeightInit = "ones"
     num_classes: int = 1000
 
     def __post_init__(self) -> None:
@@ -83,6 +88,7 @@ class ModelSpec:
         _check_bool("residual", self.residual)
         _check_bool("zero_init_residual", self.zero_init_residual)
         _check_choice("stride_in", self.stride_in, STRIDE_INS)
+        _check_choice("bn_weight_init", self.bn_weight_init, BN_WEIGHT_INITS)
         if type(self.num_classes) is not int or self.num_classes < 1:
             raise ValueError(f"num_classes={self.num_classes!r} is not allowed; expected a positive int")
         if self.residual:
@@ -122,4 +128,5 @@ class ModelSpec:
             "shortcut": self.shortcut or "none",
             "stride_in": self.stride_in,
             "zero_init_residual": str(self.zero_init_residual).lower(),
+            "bn_weight_init": self.bn_weight_init,
         }

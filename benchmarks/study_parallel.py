@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ if __package__ in (None, ""):  # `python benchmarks/study_parallel.py`
 from monitoring.report import main as report_main
 from pipeline.config import TrainConfig, flatten, load_config, to_toml
 from pipeline.models import model_spec
+from pipeline.study.launch import Job, run_jobs
 from pipeline.study.runner import Member, Study, close_parent, finished_children, member_config, open_parent, read_study
 from pipeline.tracking import get_or_create_experiment, resolve_uri
 from pipeline.train import run as train_run
@@ -76,66 +76,18 @@ def _env(port: int) -> dict[str, str]:
 
 
 def _launch(commands: list[tuple[str, list[str], Path]], *, parallel: int, deadline_s: float = 0.0) -> dict[str, int]:
-    """Run (name, argv, log) commands, at most ``parallel`` at a time; returns each exit code.
-
-    Past ``deadline_s`` (0: none) every running command's process group gets SIGTERM, which the
-    training processes turn into a checkpoint and a clean stop; commands not started yet are skipped."""
-    pending = list(commands)
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
-    codes: dict[str, int] = {}
+    """Run (name, argv, log) commands through the study's launcher (pipeline.study.launch): at most ``parallel``
+    at a time, each on its own cores; past ``deadline_s`` (0: none) the running ones checkpoint and stop."""
     port = BASE_PORT + (os.getpid() % 200) * 10
-    start = time.monotonic()
-    stopping = False
-    while pending or running:
-        while pending and len(running) < parallel and not stopping:
-            name, argv, log = pending.pop(0)
-            log.parent.mkdir(parents=True, exist_ok=True)
-            port += 1
-            with open(log, "ab") as f:
-                # Own session: a stop reaches the study runner and the training process under it.
-                proc = subprocess.Popen(
-                    argv, stdout=f, stderr=subprocess.STDOUT, env=_env(port), cwd=os.getcwd(), start_new_session=True
-                )
-            running[name] = (proc, time.monotonic())
-            print(f"  started {name} (pid {proc.pid}, log {log})", flush=True)
-        time.sleep(0.5)
-        if deadline_s and not stopping and time.monotonic() - start > deadline_s:
-            stopping = True
-            print(
-                f"  deadline of {deadline_s:.0f} s reached: stopping {', '.join(running) or 'nothing'} "
-                f"(checkpoint, then exit); not starting {', '.join(n for n, _, _ in pending) or 'anything else'}",
-                flush=True,
-            )
-            for proc, _ in running.values():
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-            for name, _, _ in pending:
-                codes[name] = -1
-            pending = []
-        for name, (proc, t0) in list(running.items()):
-            rc = proc.poll()
-            if rc is not None:
-                _wait_group(proc.pid)
-                codes[name] = rc
-                del running[name]
-                print(
-                    f"  {name}: {'finished' if rc == 0 else f'exit code {rc}'} after {time.monotonic() - t0:.0f} s",
-                    flush=True,
-                )
-    return codes
+    jobs = [Job(name, argv, log=log, env=_env(port + i)) for i, (name, argv, log) in enumerate(commands, 1)]
 
+    def started(job: Job, proc: subprocess.Popen) -> None:
+        print(f"  started {job.name} (pid {proc.pid}, log {job.log})", flush=True)
 
-def _wait_group(pgid: int, timeout_s: float = 180.0) -> None:
-    """Wait for the rest of a process group: a stopped study runner's training child may still be saving."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return
-        time.sleep(0.5)
+    def ended(job: Job, rc: int, seconds: float) -> None:
+        print(f"  {job.name}: {'finished' if rc == 0 else f'exit code {rc}'} after {seconds:.0f} s", flush=True)
+
+    return run_jobs(jobs, parallel=parallel, deadline_s=deadline_s, on_start=started, on_exit=ended)
 
 
 # -- run ----------------------------------------------------------------------------------------------------

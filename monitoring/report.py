@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from monitoring.figures import plot_depth_curves, plot_response_std
+from monitoring.finding import degradation_finding
 from monitoring.paper import recipe_mismatches, table_for
 from monitoring.tables import Table, comparison_table, member_summary, table3
 from pipeline.runtime.diagnostics import RESPONSE_STD_ARTIFACT, read_response_std
@@ -199,10 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     except StudyNotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finding = degradation_finding(report.study.members)
     if args.json:
         print(
             json.dumps(
                 {
+                    "finding": finding,
                     "parent_run_id": report.study.parent_run_id,
                     "page": str(report.page.resolve()),
                     "figure": str(report.figure.resolve()),
@@ -213,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         return 0
+    if finding:
+        print(finding)
     print(report.table.text())
     if report.table3:
         print(report.table3.text())

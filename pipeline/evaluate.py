@@ -67,7 +67,7 @@ from pipeline.models import build_model
 from pipeline.runtime.metrics import MetricSums
 from pipeline.runtime.progress import is_terminal
 from pipeline.tracking import resolve_uri
-from pipeline.wiring import model_record, split_source
+from pipeline.wiring import model_record, size_cpu_threads, split_source
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 TRAINER_STATE = "trainer-rank0.pt"  # the trainer's state, saved by rank 0 beside the weights: the tracking run id
@@ -361,6 +361,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     env = init_distributed(cfg.distributed)  # as training starts it
     try:
         root = broadcast_object(prepare_dataset_root(cfg.data) if env.rank == 0 else None)
+        size_cpu_threads(cfg, env)
         source = split_source(cfg, env, "val", root=root, eval_mode=args.mode, scales=scales)
 
         def written_for(folder: str, manifest: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 from pipeline.checkpoint import Checkpointer
 from pipeline.checkpoint.layout import committed_tags
 from pipeline.config import ConfigError, TrainConfig, flatten, to_toml
+from pipeline.core.cpu import ThreadPlan, plan_threads
 from pipeline.core.distributed import DistEnv, broadcast_object
 from pipeline.core.stop import StopFlag
 from pipeline.core.storage import StorageError
@@ -166,12 +168,30 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def cpu_threads(cfg: TrainConfig, env: DistEnv) -> ThreadPlan:
+    """The threads of this rank: sized from the cores its node gives its ranks (core.cpu)."""
+    return plan_threads(data_threads=cfg.data.num_threads, ranks_here=env.local_world_size)
+
+
+def size_cpu_threads(cfg: TrainConfig, env: DistEnv) -> None:
+    """On the CPU, torch's intra-op pool sized for this rank (its default, every core of the machine, fights
+    DALI's threads); a no-op on a GPU, where the host threads only feed the device."""
+    if env.device.type != "cpu":
+        return
+    threads = cpu_threads(cfg, env)
+    torch.set_num_threads(threads.torch)
+    if env.is_main:
+        log.info("CPU threads: %s", threads)
+
+
 def split_source(cfg: TrainConfig, env: DistEnv, split: str, *, root: str | None, **options: Any) -> DataSource:
     """This rank's source for ``split`` of ``cfg``'s dataset (``root``: what prepare_dataset_root gave rank 0;
     ``options``: build_source's evaluation keywords). Training, evaluation and the tests' workers all build
     their sources here, so they shard and seed alike."""
+    # DALI's CPU threads never outnumber this rank's share of the cores (core.cpu); the config keeps its value.
+    data = dataclasses.replace(cfg.data, num_threads=cpu_threads(cfg, env).data)
     return build_source(
-        cfg.data,
+        data,
         split=split,
         rank=env.rank,
         world_size=env.world_size,
@@ -195,6 +215,7 @@ def build_run(
     """
     # Storage, tracking, data root and GPUs first: a wrong URI fails in seconds, before the model and engine.
     check_run(cfg, env=env, checkpointing=checkpointing)
+    size_cpu_threads(cfg, env)
     seed_everything(cfg.seed + env.rank)
     root = broadcast_object(prepare_dataset_root(cfg.data) if env.is_main else None)
     sources = {

@@ -55,6 +55,7 @@ from pipeline.config import (
     to_toml,
 )
 from pipeline.core.stop import STOP_EXIT_CODE
+from pipeline.study.launch import Job, run_jobs
 from pipeline.study.runs import PARENT_ROLE, member_runs, newest_parent
 from pipeline.tracking import get_or_create_experiment, resolve_uri
 from pipeline.tracking.datasets import dataset_name
@@ -98,6 +99,11 @@ class Study:
     )
     experiment: str = doc("", 'MLflow experiment; "" = tracking.experiment of the members\' configs')
     nproc: int = doc(1, "processes per member (torchrun when > 1)")
+    parallel: int = doc(
+        1,
+        "members trained at once on this machine, each pinned to its own share of the cores (its threads sized "
+        "from them) with its output in runs/studies/<study>/logs/<member>.log; 1 = one after another",
+    )
     shared: dict[str, Any] = field(
         default_factory=dict, metadata={"doc": "settings every member shares: tables and keys as in a train config"}
     )
@@ -113,6 +119,8 @@ class Study:
         names = [m.name for m in self.members]
         if len(set(names)) != len(names):
             raise ConfigError(f"member names must be unique; got {names}")
+        if self.parallel < 1:
+            raise ConfigError(f"parallel = {self.parallel}: must be >= 1 (1 trains the members one after another)")
 
 
 @dataclass
@@ -286,8 +294,10 @@ def run_study(
     slurm: bool = False,
     dry_run: bool = False,
     out_dir: str | Path | None = None,
+    parallel: int = 0,
 ) -> list[MemberOutcome]:
-    """Run (or submit) the members that have not finished yet; returns one outcome per member."""
+    """Run (or submit) the members that have not finished yet; returns one outcome per member.
+    ``parallel``: members at once on this machine (0: the study file's ``parallel``)."""
     overrides = list(overrides or [])
     members = [m for m in study.members if not only or m.name in only]
     if only and (missing := set(only) - {m.name for m in study.members}):
@@ -356,16 +366,16 @@ def run_study(
         if submitted and parent is not None and SUBMIT_ERROR_TAG in client.get_run(parent).data.tags:
             client.delete_tag(parent, SUBMIT_ERROR_TAG)  # an earlier failed submission's reason no longer holds
         return outcomes + submitted
-    for i, (m, path) in enumerate(todo, 1):
-        cmd = member_command(path, nproc=m.nproc or study.nproc)
-        print(f"== [{i}/{len(todo)}] {m.name}: {shlex.join(cmd)}", flush=True)
-        if dry_run:
-            continue
-        outcome = _run_member(m, cmd)
-        outcome.run_id, outcome.val_top1_error = _child_result(client, parent, exp_id, m.name)
-        outcomes.append(outcome)
-        if outcome.state == "stopped":
-            break  # the study itself is being stopped (SLURM time limit, preemption): rerun to continue
+    outcomes += _run_local(
+        study,
+        todo,
+        parallel=parallel or study.parallel,
+        folder=folder,
+        dry_run=dry_run,
+        client=client,
+        parent=parent,
+        exp_id=exp_id,
+    )
     if not dry_run and parent is not None:
         close_parent(
             client,
@@ -378,20 +388,54 @@ def run_study(
     return outcomes
 
 
-def _run_member(m: Member, cmd: list[str]) -> MemberOutcome:
-    try:
-        rc = subprocess.run(cmd, env=_child_env()).returncode
-    except KeyboardInterrupt:
-        return MemberOutcome(m.name, "stopped", exit_code=130)
+def _member_state(rc: int) -> str:
     if rc == 0:
-        return MemberOutcome(m.name, "finished", exit_code=0)
-    state = "stopped" if rc in (STOP_EXIT_CODE, -2, -15, 130) else "failed"
-    print(
-        f"  {m.name}: {'stopped' if state == 'stopped' else 'failed'} with exit code {rc}"
-        f"{'' if state == 'stopped' else '; the other members go on'}",
-        flush=True,
-    )
-    return MemberOutcome(m.name, state, exit_code=rc)
+        return "finished"
+    return "stopped" if rc in (STOP_EXIT_CODE, -2, -15, 130) else "failed"
+
+
+def _run_local(
+    study: Study,
+    todo: list[tuple[Member, Path]],
+    *,
+    parallel: int,
+    folder: Path,
+    dry_run: bool,
+    client: Any,
+    parent: str | None,
+    exp_id: str,
+) -> list[MemberOutcome]:
+    """Train the members on this machine, ``parallel`` at a time (pipeline.study.launch); a stopped member (SLURM
+    time limit, preemption, Ctrl-C) starts no further one: rerun the study to continue."""
+    jobs, names = [], [m.name for m, _ in todo]
+    for i, (m, path) in enumerate(todo, 1):
+        cmd = member_command(path, nproc=m.nproc or study.nproc)
+        log_file = folder / "logs" / f"{m.name}.log" if parallel > 1 else None
+        where = f" (log: {log_file})" if log_file else ""
+        print(f"== [{i}/{len(todo)}] {m.name}: {shlex.join(cmd)}{where}", flush=True)
+        jobs.append(Job(m.name, cmd, log=log_file, env=_child_env()))
+    if dry_run or not jobs:
+        return []
+    if parallel > 1:
+        print(f"   {min(parallel, len(jobs))} members at a time, each on its own cores", flush=True)
+
+    def ended(job: Job, rc: int, seconds: float) -> None:
+        state = _member_state(rc)
+        how = "finished" if state == "finished" else f"{state} with exit code {rc}"
+        rest = "; the other members go on" if state == "failed" else ""
+        print(f"  {job.name}: {how} after {seconds:.0f} s{rest}", flush=True)
+
+    codes = run_jobs(jobs, parallel=parallel, on_exit=ended, stop_after=lambda rc: _member_state(rc) == "stopped")
+    outcomes = []
+    for name in names:
+        rc = codes.get(name, -1)
+        if rc == -1:
+            continue  # never started: the study was stopped first
+        outcome = MemberOutcome(name, _member_state(rc), exit_code=rc)
+        if parent is not None:
+            outcome.run_id, outcome.val_top1_error = _child_result(client, parent, exp_id, name)
+        outcomes.append(outcome)
+    return outcomes
 
 
 def _child_result(client: Any, parent: str, exp_id: str, member: str) -> tuple[str | None, float | None]:
@@ -450,6 +494,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"print (and, where sbatch exists, submit) a SLURM job "
         f"array of the unfinished members, using {SLURM_SCRIPT}",
     )
+    p.add_argument(
+        "--parallel",
+        type=int,
+        default=0,
+        help="members trained at once on this machine, each on its own cores (default: the study's `parallel`)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the commands; train and submit nothing")
     p.add_argument("--report", action="store_true", help="write the report (monitoring.report) when done")
     args, rest = p.parse_known_args(argv)
@@ -463,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             force=args.force,
             slurm=args.slurm,
             dry_run=args.dry_run,
+            parallel=args.parallel,
         )
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -448,6 +448,23 @@ def test_binary_latest_falls_back_to_the_newest_committed_with_a_warning(
     assert latest.read_text() == "step-2"  # mended
 
 
+def test_latest_naming_a_missing_step_warns_and_resumes_the_newest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`printf step-99 > latest`: like every other bad `latest`, a warning naming it, then the newest committed."""
+    uri = str(tmp_path / "ckpt")
+    ck = _ck(uri, tmp_path)
+    for step in (1, 2):
+        _save(ck, step)
+    ck.close()
+    latest = tmp_path / "ckpt" / "run" / "latest"
+    latest.write_text("step-99")
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        assert _ck(uri, tmp_path).resume(FakeEngine()) == {"step": 2}
+    assert f"{latest} names step-99, which does not exist" in caplog.text, caplog.text
+    assert latest.read_text() == "step-2"  # mended
+
+
 @pytest.mark.parametrize("key", ["max_wait_s", "stop_wait_s", "connect_timeout_s", "read_timeout_s"])
 @pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf")])
 def test_wait_and_timeout_settings_are_range_checked(key: str, value: float) -> None:

@@ -82,8 +82,11 @@ pass_stop_on() {
     if handles_term "$pid"; then ready+=("$pid"); else later+=("$pid"); fi
   done
   # A worker still importing has no handler yet: SIGTERM would kill it; it reads the file when it installs one.
-  say "SIG$1: asking the workers to save and stop (SIGTERM to pids ${ready[*]:-none}${later[*]:+; pids ${later[*]} are" \
-    "still starting: they take the stop when their handler is installed})"
+  local starting=""
+  if ((${#later[@]})); then
+    starting="; pids ${later[*]} are still starting: they take the stop when their handler is installed"
+  fi
+  say "SIG$1: asking the workers to save and stop (SIGTERM to pids ${ready[*]:-none}$starting)"
   if ((${#ready[@]})); then
     kill -TERM "${ready[@]}" 2>/dev/null || true
   fi
@@ -167,21 +170,41 @@ filter_report() {
   fi
 }
 
+# peer_ranks: the ranks whose own error line says they failed because a peer died (rank 0's line names no rank).
+peer_ranks() {
+  local line
+  [[ -s $worker_errors ]] || return 0
+  while IFS= read -r line; do
+    if [[ $line =~ ^error\ \(rank\ ([0-9]+)\):\ a\ peer\ died ]]; then
+      echo "${BASH_REMATCH[1]}"
+    elif [[ $line == "error: a peer died"* ]]; then
+      echo 0
+    fi
+  done <"$worker_errors"
+}
+
 # verdict: reads "code rank host" lines (torchrun's failed workers, root cause first); prints "stopped" when
 # they stopped after saving: every one exited 75, or some did and torchrun then ended the others (SIGTERM,
 # SIGKILL: 143, 137) while they were finishing too; else "failed CODE RANK HOST" for the first real failure.
 verdict() {
-  local code rank host saved=0 killed=""
+  local code rank host saved=0 killed="" follower="" peers
+  peers=" $(peer_ranks) "
   while read -r code rank host; do
     if ((code == STOP_EXIT_CODE)); then
       saved=1
     elif ((code == 143 || code == 137)); then
       killed=${killed:-"$code $rank $host"}
+    elif [[ $peers == *" $rank "* ]]; then
+      follower=${follower:-"$code $rank $host"}  # failed because a peer died: a worker killed here is the cause
     else
       echo "failed $code $rank $host"
       return 0
     fi
   done
+  if [[ -n $follower ]]; then
+    echo "failed ${killed:-$follower}"
+    return 0
+  fi
   if ((saved)) || [[ -z $killed ]]; then
     echo stopped
   else
@@ -269,7 +292,7 @@ elif [[ -s $worker_errors ]]; then
   failed="1 $rank $node"
 fi
 peer=""
-if [[ -s $worker_errors ]] && grep -q "a peer died" "$worker_errors"; then
+if [[ -n $failed && " $(peer_ranks | tr '\n' ' ') " == *" $(cut -d' ' -f2 <<<"$failed") "* ]]; then
   peer=" because a peer died (another rank's process ended; the first failed node's log has the cause)"
 fi
 if [[ -z $failed && ( -n $stop_signal || -s $failures ) ]]; then

@@ -117,19 +117,27 @@ run_on_nodes() {
   return "$rc"
 }
 
-# finish RC RUN: requeue this job when rank 0 recorded a stop with a committed checkpoint in this restart,
-# else exit with RC (0), or with the code of the node that failed first, its last error lines and log
+# finish RC RUN: requeue this job when rank 0 recorded a stop with a committed checkpoint in this restart, or a
+# node's launcher recorded a stop during the start-up and every node reports a stop, else exit with RC (0), or with the code of the node that failed first, its last error lines and log
 # named at the end of the job's output.
 finish() {
   local rc=$1 run=$2 restarts=${SLURM_RESTART_COUNT:-0} max=${MAX_REQUEUES:-50}
   local record=${PIPELINE_STOP_RECORD:-}
+  if [[ -n $record && -s $record ]] && grep -q '"by": "launcher' "$record" && ! every_node_stopped; then
+    say "a node launcher recorded a stop before training started, but not every node reports a stop" \
+      "($(tr -d '\n' <"$record"))"
+    record=""
+  fi
   if [[ -n $record && -s $record ]]; then
+    local what="training stopped with a committed checkpoint"
+    if grep -q '"by": "launcher' "$record"; then
+      what="training was stopped during start-up, before any step (nothing to save)"
+    fi
     if ((restarts >= max)); then
-      say "stopped with a committed checkpoint, but this is restart $restarts (MAX_REQUEUES=$max): not requeueing"
+      say "$what, but this is restart $restarts (MAX_REQUEUES=$max): not requeueing"
       exit "$STOP_EXIT_CODE"
     fi
-    say "training stopped with a committed checkpoint ($(tr -d '\n' <"$record")): requeueing job" \
-      "$SLURM_JOB_ID to resume $run"
+    say "$what ($(tr -d '\n' <"$record")): requeueing job $SLURM_JOB_ID to resume $run"
     # --requeue keeps the job id, hence the run id, the checkpoint folder and the MLflow run.
     if scontrol requeue "$SLURM_JOB_ID"; then
       exit 0
@@ -143,23 +151,40 @@ finish() {
   report_failure "$rc" "$run"
 }
 
+# every_node_stopped: whether every node of this restart wrote "<code> stopped" (launch/torchrun_node.sh). A stop
+# recorded by a node's launcher (a stop during the rendezvous) is a stop only when no node failed or vanished.
+every_node_stopped() {
+  local n c kind
+  for n in "${launch_nodes[@]}"; do
+    read -r c kind <"$launch_dir/node-$n.exit" 2>/dev/null || return 1
+    [[ $kind == stopped ]] || return 1
+  done
+}
+
 # report_failure RC RUN: the nodes that failed (earliest first) with their last error lines, then one line
 # naming the first one, its exit code and log; exits with that code (RC when no node reported one).
 report_failure() {
-  local rc=$1 run=$2 code=$1 first="" i n f c kind log
+  local rc=$1 run=$2 code=$1 first="" follower="" follower_code="" i n f c kind log
   local -A failed=()
   if [[ -n ${launch_dir:-} && -d $launch_dir ]]; then
     while read -r f; do
       read -r c kind <"$launch_dir/$f" || continue
       n=${f#node-}
       n=${n%.exit}
-      if [[ $kind == failed ]]; then
+      if [[ $kind == failed* ]]; then
         failed[$n]=$c
-        if [[ -z $first ]]; then
+        # A node whose ranks failed because a peer died ("failed peer") only followed: the first node that failed
+        # on its own is named, though the follower's collective may have noticed first.
+        if [[ $kind == "failed peer" ]]; then
+          follower=${follower:-$n} follower_code=${follower_code:-$c}
+        elif [[ -z $first ]]; then
           first=$n code=$c
         fi
       fi
     done < <(cd "$launch_dir" && ls -tr -- node-*.exit 2>/dev/null)
+  fi
+  if [[ -z $first && -n $follower ]]; then
+    first=$follower code=$follower_code
   fi
   for i in "${!launch_nodes[@]}"; do
     n=${launch_nodes[$i]}
@@ -180,12 +205,15 @@ report_failure() {
   exit "$code"
 }
 
-# node_errors LOG OFFSET: the lines of LOG after byte OFFSET (this restart's) that look like errors, the
-# last 12 (or its last 12 lines when none does), cut at 300 characters.
+# node_errors LOG OFFSET: the lines of LOG after byte OFFSET (this restart's) that report an error, the last 12
+# (or its last 12 lines when none does), cut at 300 characters. Error lines: a traceback and its exception line,
+# an "error:"/"Error:" line, a logged ERROR or CRITICAL, a launcher's exit reason, a killed process, SLURM's own;
+# never a progress line, which has "| error 52.19% |" in every one.
 node_errors() {
   local lines
   lines=$(tail -c +"$(($2 + 1))" "$1" 2>/dev/null | tail -n 400 |
-    grep -aiE 'error|exception|traceback|fatal|killed|abort|exited with code' | tail -n 12 || true)
+    grep -aE '(^|[ (])(error|Error)( \(rank [0-9]+\))?: |\b(ERROR|CRITICAL|FATAL)\b|^Traceback |^[A-Za-z_.]*(Error|Exception|Interrupt)(: |$)|launch: .*(exit|failed|killed|died)|[Kk]illed|Aborted|Segmentation fault|slurmstepd: ' |
+    grep -avE '\| (top-1 |top-5 )?error [0-9.]+% \|' | tail -n 12 || true)
   if [[ -z $lines ]]; then
     lines=$(tail -c +"$(($2 + 1))" "$1" 2>/dev/null | tail -n 12 || true)
   fi

@@ -25,8 +25,13 @@
 #   node failed) reached it too. (Not when stderr is a terminal: there torchrun writes to it directly, so
 #   the training still sees a terminal.)
 # - With PIPELINE_NODE_STATUS_DIR set (launch/slurm_lib.sh), the wrapper writes "<exit code> <finished|
-#   stopped|failed>" to node-<node>.exit there, so the batch script can name the node that failed first
-#   and the code it failed with.
+#   stopped|failed|failed peer>" to node-<node>.exit there ("failed peer": its workers failed because a peer
+#   died), so the batch script can name the node that failed first and the code it failed with.
+# - A stop before the workers can take it still ends in a requeue: in the rendezvous (no worker yet) the
+#   wrapper ends torchrun and writes the stop record itself (pipeline/core/stop.py); while the workers still
+#   import (no SIGTERM handler yet) it writes the signal file, which they read when they install their handler.
+# - When torchrun is ended by a signal it reports no exit codes: a worker's own "error ..." line (a peer's
+#   death, a broken collective) then makes the node a failure, not a stop.
 # SIGTERM that reaches torchrun directly (preemption, scancel) still follows torchrun's own rule:
 # TORCH_ELASTIC_SHUTDOWN_TIMEOUT bounds the save.
 set -euo pipefail
@@ -36,33 +41,54 @@ readonly STOP_EXIT_CODE=75  # pipeline/core/stop.py STOP_EXIT_CODE
 torchrun=${TORCHRUN:-torchrun}
 node=$(hostname -s 2>/dev/null || hostname)
 stop_signal=""
+stopped_before_workers=""
 torchrun_pid=""
 work=$(mktemp -d "${TMPDIR:-/tmp}/torchrun_node.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 export PIPELINE_STOP_SIGNAL_FILE=$work/stop-signal  # pipeline/core/stop.py SIGNAL_FILE_ENV
 failures=$work/failures                             # "code rank host" per failed worker, root cause first
+worker_errors=$work/worker-errors                   # the workers' own "error (rank N): ..." lines
 
 say() { printf '%s %s launch: %s\n' "$(date '+%F %T')" "$node" "$*" >&2; }
+
+# handles_term PID: whether the process has a SIGTERM handler installed (SigCgt in /proc/PID/status).
+handles_term() {
+  local mask
+  mask=$(awk '/^SigCgt:/ {print $2}' "/proc/$1/status" 2>/dev/null) || return 1
+  [[ -n $mask ]] && (((16#$mask >> 14) & 1))  # bit 14: signal 15
+}
 
 pass_stop_on() {
   if [[ -n $stop_signal ]]; then
     return 0  # the workers already have it; a second one would only be logged by them
   fi
   stop_signal=$1
+  # Written first, whatever follows: a worker that installs its handler after the check below reads the stop
+  # here (pipeline/core/stop.py StopFlag.install), and a SIGTERMed one names the signal that was really sent.
+  printf 'SIG%s\n' "$1" >"$PIPELINE_STOP_SIGNAL_FILE"
   if [[ -z $torchrun_pid ]]; then
     return 0  # torchrun not started yet: the check after it starts passes the stop on
   fi
-  local workers
+  local workers pid ready=() later=()
   workers=$(pgrep -P "$torchrun_pid" || true)
-  if [[ -n $workers ]]; then
-    # Written before the SIGTERM, so the workers' stop line names the signal that was really sent.
-    printf 'SIG%s\n' "$1" >"$PIPELINE_STOP_SIGNAL_FILE"
-    say "SIG$1: asking the workers to save and stop (SIGTERM to pids $(echo "$workers" | tr '\n' ' '))"
-    # shellcheck disable=SC2086 # one pid per word
-    kill -TERM $workers 2>/dev/null || true
-  else
+  if [[ -z $workers ]]; then
+    # Still in the rendezvous (which may wait RDZV_TIMEOUT for the other nodes): nothing trained, nothing to save.
     say "SIG$1 with no worker running: stopping torchrun (nothing to save)"
+    stopped_before_workers=1
     kill -TERM "$torchrun_pid" 2>/dev/null || true
+    return 0
+  fi
+  for pid in $workers; do
+    if handles_term "$pid"; then ready+=("$pid"); else later+=("$pid"); fi
+  done
+  # A worker still importing has no handler yet: SIGTERM would kill it; it reads the file when it installs one.
+  local starting=""
+  if ((${#later[@]})); then
+    starting="; pids ${later[*]} are still starting: they take the stop when their handler is installed"
+  fi
+  say "SIG$1: asking the workers to save and stop (SIGTERM to pids ${ready[*]:-none}$starting)"
+  if ((${#ready[@]})); then
+    kill -TERM "${ready[@]}" 2>/dev/null || true
   fi
 }
 
@@ -80,6 +106,11 @@ filter_report() {
           state=traceback held=("$line")
         elif [[ ! $line =~ elastic/multiprocessing/api\.py:[0-9]+\]\ failed\ \(exitcode:\ 75\) ]]; then
           printf '%s\n' "$line"  # (torchrun's one-line note of an exit 75 waits for the report's verdict)
+          if [[ $line =~ ^error(\ \(rank\ [0-9]+\))?:\  ]]; then
+            # A worker's last word before a failing exit (pipeline/core/errors.py error_line): when torchrun is
+            # ended by a signal it reports no exit codes, and this is what tells a failure from a stop.
+            printf '%s\n' "$line" >>"$worker_errors"
+          fi
         fi
         ;;
       traceback)
@@ -139,21 +170,41 @@ filter_report() {
   fi
 }
 
+# peer_ranks: the ranks whose own error line says they failed because a peer died (rank 0's line names no rank).
+peer_ranks() {
+  local line
+  [[ -s $worker_errors ]] || return 0
+  while IFS= read -r line; do
+    if [[ $line =~ ^error\ \(rank\ ([0-9]+)\):\ a\ peer\ died ]]; then
+      echo "${BASH_REMATCH[1]}"
+    elif [[ $line == "error: a peer died"* ]]; then
+      echo 0
+    fi
+  done <"$worker_errors"
+}
+
 # verdict: reads "code rank host" lines (torchrun's failed workers, root cause first); prints "stopped" when
 # they stopped after saving: every one exited 75, or some did and torchrun then ended the others (SIGTERM,
 # SIGKILL: 143, 137) while they were finishing too; else "failed CODE RANK HOST" for the first real failure.
 verdict() {
-  local code rank host saved=0 killed=""
+  local code rank host saved=0 killed="" follower="" peers
+  peers=" $(peer_ranks) "
   while read -r code rank host; do
     if ((code == STOP_EXIT_CODE)); then
       saved=1
     elif ((code == 143 || code == 137)); then
       killed=${killed:-"$code $rank $host"}
+    elif [[ $peers == *" $rank "* ]]; then
+      follower=${follower:-"$code $rank $host"}  # failed because a peer died: a worker killed here is the cause
     else
       echo "failed $code $rank $host"
       return 0
     fi
   done
+  if [[ -n $follower ]]; then
+    echo "failed ${killed:-$follower}"
+    return 0
+  fi
   if ((saved)) || [[ -z $killed ]]; then
     echo stopped
   else
@@ -208,6 +259,19 @@ status() {  # the node's outcome for the batch script (launch/slurm_lib.sh)
   fi
 }
 
+# record_early_stop: the stop record (pipeline/core/stop.py) for a stop that came before any worker existed, so
+# that the batch script requeues the job; never over rank 0's record of a committed stop.
+record_early_stop() {
+  local record=${PIPELINE_STOP_RECORD:-} tmp
+  if [[ -z $record || -e $record ]]; then
+    return 0
+  fi
+  tmp=$record.$node.tmp
+  printf '{"step": null, "signal": "SIG%s", "checkpoint": "", "run_id": "", "by": "launcher %s", "time": "%s"}\n' \
+    "$stop_signal" "$node" "$(date '+%Y-%m-%dT%H:%M:%S%z')" >"$tmp" && mv -f "$tmp" "$record" || true
+  say "stopped before any worker started: recorded the stop in $record (nothing to save)"
+}
+
 if ((rc == 0)); then
   status 0 finished
   exit 0
@@ -217,6 +281,19 @@ if [[ -s $failures ]]; then
   failed=$(verdict <"$failures")
   failed=${failed#stopped}
   failed=${failed#failed }
+elif [[ -s $worker_errors ]]; then
+  # torchrun was ended by a signal (srun ending the step after another node failed) and reported no exit
+  # codes, but a worker failed on its own before that (a peer's crash, a broken collective): not a stop.
+  first_error=$(head -n 1 "$worker_errors")
+  rank=0
+  if [[ $first_error =~ ^error\ \(rank\ ([0-9]+)\) ]]; then
+    rank=${BASH_REMATCH[1]}
+  fi
+  failed="1 $rank $node"
+fi
+peer=""
+if [[ -n $failed && " $(peer_ranks | tr '\n' ' ') " == *" $(cut -d' ' -f2 <<<"$failed") "* ]]; then
+  peer=" because a peer died (another rank's process ended; the first failed node's log has the cause)"
 fi
 if [[ -z $failed && ( -n $stop_signal || -s $failures ) ]]; then
   if [[ -n $stop_signal ]]; then
@@ -226,14 +303,17 @@ if [[ -z $failed && ( -n $stop_signal || -s $failures ) ]]; then
     say "every worker stopped with exit $STOP_EXIT_CODE: exit $STOP_EXIT_CODE (resume from the last committed" \
       "checkpoint)"
   fi
+  if [[ -n $stopped_before_workers ]]; then
+    record_early_stop
+  fi
   status "$STOP_EXIT_CODE" stopped
   exit "$STOP_EXIT_CODE"
 fi
 if [[ -n $failed ]]; then
   read -r code rank host <<<"$failed"
-  say "torchrun failed: worker rank $rank on $host exited with code $code:" \
+  say "torchrun failed: worker rank $rank on $host exited with code $code$peer:" \
     "exit $code${stop_signal:+ (a SIG$stop_signal came too; it is not a stop)}"
-  status "$code" failed
+  status "$code" "failed${peer:+ peer}"
   exit "$code"
 fi
 say "torchrun failed with exit code $rc"

@@ -147,6 +147,14 @@ def resolve_checkpoint(
                 f"does not match its manifest ({'; '.join(f'{t}: {e}' for t, e in rejected)}); the "
                 f"checkpoints are damaged: restore them, or give a step folder of another copy"
             )
+        if rejected:
+            # The result belongs to an older step than the run's newest: say which, and why, next to the result.
+            log.warning(
+                "evaluating %s (step %s), not the newest committed checkpoint: %s",
+                store.url(chosen[0]),
+                chosen[1].get("step", step_of(chosen[0])),
+                "; ".join(f"{t} failed verification ({e})" for t, e in rejected),
+            )
         return store.url(chosen[0]), chosen[1]
     except (StorageError, CheckpointError) as e:
         raise EvaluationError(f"--checkpoint {uri}: {e}") from e

@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # `torchrun pipeline/train.py` runs this file as 
 
 from pipeline.checkpoint.layout import tag_for
 from pipeline.config import TrainConfig, describe, load_config
-from pipeline.core.distributed import close_distributed, init_distributed
+from pipeline.core.distributed import close_distributed, init_distributed, peer_died
 from pipeline.core.errors import UserError, report_error
 from pipeline.core.stop import STOP_EXIT_CODE, StopFlag, write_stop_record
 from pipeline.runtime.progress import ShortLines, wrap_long_lines
@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, rest)
         outcome = run(cfg)
     except (UserError, ValueError, RuntimeError) as e:
-        # A UserError that every rank raises alike is printed once, by rank 0; anything else is a bug (exit 1).
+        # A UserError that every rank raises alike is printed once, by rank 0; anything else is a bug (exit 1), or
+        # this rank following another's death, which its line says (the launcher reports it as a failure).
+        e = peer_died(e) or e
         report_error(e, rank=rank, fmt=wrap_long_lines)
         return e.exit_code if isinstance(e, UserError) else 1
     # The result of a finished run only: a stopped one (exit 75) has at most an intermediate evaluation.

@@ -431,8 +431,16 @@ def test_hung_store_is_cut_by_the_read_timeout_and_retried_with_a_log_line(
     assert Storage(s3_uri).child("run").read_text("latest") == "step-1"
 
 
-def test_binary_latest_falls_back_to_the_newest_committed_with_a_warning(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize(
+    ("content", "warning"),
+    [
+        (b"\x80\xff\x00\x9c binary", "exists but cannot be used (it holds binary bytes"),
+        (b"step-99", "names step-99, which does not exist"),  # `printf step-99 > latest`
+    ],
+    ids=["binary", "missing-step"],
+)
+def test_bad_latest_falls_back_to_the_newest_committed_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, content: bytes, warning: str
 ) -> None:
     uri = str(tmp_path / "ckpt")
     ck = _ck(uri, tmp_path)
@@ -440,11 +448,11 @@ def test_binary_latest_falls_back_to_the_newest_committed_with_a_warning(
         _save(ck, step)
     ck.close()
     latest = tmp_path / "ckpt" / "run" / "latest"
-    latest.write_bytes(b"\x80\xff\x00\x9c binary")
+    latest.write_bytes(content)
     eng = FakeEngine()
     with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
         assert _ck(uri, tmp_path).resume(eng) == {"step": 2} and float(eng.w[0]) == 2.0
-    assert f"{latest} exists but cannot be used (it holds binary bytes" in caplog.text, caplog.text
+    assert f"{latest} {warning}" in caplog.text, caplog.text
     assert latest.read_text() == "step-2"  # mended
 
 

@@ -82,8 +82,11 @@ FAKE_TORCHRUN = r'''#!/usr/bin/env python3
 """Behaves like torchrun where the wrapper depends on it: starts workers as children in their own
 sessions, does not handle USR1 (so its default action would kill it), turns any non-zero worker exit
 into exit 1, and on SIGTERM stops its workers and exits 143."""
-import os, signal, subprocess, sys
+import os, signal, subprocess, sys, time
 out = os.environ["FAKE_OUT"]
+signal.signal(signal.SIGTERM, lambda n, f: sys.exit(143))  # torchrun's handler; in its rendezvous: no workers
+time.sleep(float(os.environ.get("FAKE_RDZV_S", "0")))
+open(f"{out}/torchrun-spawns", "w").close()
 workers = [subprocess.Popen([sys.executable, os.environ["FAKE_WORKER"], str(i)], start_new_session=True)
            for i in range(2)]
 def term(signum, frame):
@@ -100,10 +103,16 @@ sys.exit(0 if all(c == 0 for c in codes) else 1)
 FAKE_WORKER = r"""import os, signal, sys, time
 out, rank = os.environ["FAKE_OUT"], sys.argv[1]
 got = []
+mode = os.environ.get("FAKE_MODE", "wait")
+relayed = os.environ.get("PIPELINE_STOP_SIGNAL_FILE", "")  # where the wrapper names the signal it got
+if mode == "late":  # still importing: no handler yet, as a real worker's first seconds
+    open(f"{out}/worker{rank}-started", "w").close()
+    time.sleep(1.5)
 for s in (signal.SIGTERM, signal.SIGUSR1):
     signal.signal(s, lambda n, f: got.append(signal.Signals(n).name))
+if os.path.exists(relayed):  # as pipeline/core/stop.py StopFlag.install
+    got.append("file")
 open(f"{out}/worker{rank}-ready", "w").close()
-mode = os.environ.get("FAKE_MODE", "wait")
 deadline = time.monotonic() + 20
 while not got and time.monotonic() < deadline:
     if mode == "finish":
@@ -112,7 +121,9 @@ while not got and time.monotonic() < deadline:
         sys.exit(3)
     time.sleep(0.05)
 open(f"{out}/worker{rank}-got", "w").write(",".join(got))
-relayed = os.environ.get("PIPELINE_STOP_SIGNAL_FILE", "")  # where the wrapper names the signal it got
+if mode == "peer":  # its collective failed on a peer's death as the stop came (pipeline/train.py's line)
+    print(f"error (rank {rank}): a peer died: Connection reset by peer", file=sys.stderr, flush=True)
+    sys.exit(1)
 open(f"{out}/worker{rank}-relayed", "w").write(open(relayed).read() if os.path.exists(relayed) else "")
 time.sleep(0.3)  # the save
 sys.exit(75 if got else 9)
@@ -145,9 +156,14 @@ def fakes(tmp_path: Path) -> dict[str, str]:
         if [[ -n ${{FAKE_STOP_RECORD:-}} ]]; then
           echo '{{"step": 8, "signal": "SIGUSR1", "checkpoint": "step-8"}}' > "$PIPELINE_STOP_RECORD"
         fi
+        if [[ -n ${{FAKE_LAUNCHER_RECORD:-}} ]]; then
+          echo '{{"step": null, "signal": "SIGUSR1", "checkpoint": "", "by": "launcher gpu01"}}' > "$PIPELINE_STOP_RECORD"
+        fi
         for s in ${{FAKE_NODE_EXITS:-}}; do
           n=${{s%%=*}} v=${{s#*=}}
+          echo "step 3/16 | epoch 0 | loss 2.1 | error 52.19% | 80 img/s" >> "$LOG_DIR/$n.log"
           echo "error: $n broke" >> "$LOG_DIR/$n.log"
+          echo "step 4/16 | epoch 0 | loss 2.0 | error 50.00% | 80 img/s" >> "$LOG_DIR/$n.log"
           echo "${{v%%:*}} ${{v#*:}}" > "$PIPELINE_NODE_STATUS_DIR/node-$n.exit"
           sleep 0.05  # distinct mtimes: the batch script names the node that failed first
         done
@@ -227,6 +243,55 @@ def test_usr1_to_every_process_does_not_kill_torchrun(fakes):
     assert p.returncode == 75, log
     assert {(out / f"worker{i}-got").read_text().split(",")[0] for i in range(2)} <= {"SIGUSR1", "SIGTERM"}
     assert "torchrun exited 1 after SIGUSR1" in log, log  # 1: torchrun's own exit, not death by USR1
+
+
+def test_usr1_before_the_workers_handle_it_is_kept_for_them(fakes):
+    """USR1 while the workers still import (no handler yet): a SIGTERM would kill them, so the wrapper writes the
+    stop down for them instead; they take it when they install their handler, save and exit 75."""
+    p = _node(fakes, mode="late")
+    out = Path(fakes["FAKE_OUT"])
+    deadline = time.monotonic() + 20
+    while not all((out / f"worker{i}-started").exists() for i in range(2)):
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.05)
+    p.send_signal(signal.SIGUSR1)
+    log, _ = p.communicate(timeout=30)
+    assert p.returncode == 75, log
+    assert [(out / f"worker{i}-got").read_text() for i in range(2)] == ["file", "file"], log
+    assert "still starting: they take the stop when their handler is installed" in log, log
+
+
+def test_usr1_during_the_rendezvous_records_the_stop_for_the_batch_script(fakes, tmp_path):
+    """USR1 before any worker exists (torchrun still in its rendezvous): torchrun is ended, nothing is saved, and
+    the wrapper itself writes the stop record, so the batch script requeues the job."""
+    record = tmp_path / "stop.json"
+    status = tmp_path / "status"
+    status.mkdir()
+    extra = {"FAKE_RDZV_S": "30", "PIPELINE_STOP_RECORD": str(record), "PIPELINE_NODE_STATUS_DIR": str(status)}
+    p = _node({**fakes, **extra, "SLURMD_NODENAME": "n1"})
+    time.sleep(1)
+    p.send_signal(signal.SIGUSR1)
+    log, _ = p.communicate(timeout=30)
+    assert p.returncode == 75, log
+    assert not (Path(fakes["FAKE_OUT"]) / "torchrun-spawns").exists(), log
+    from pipeline.core.stop import read_stop_record
+
+    rec = read_stop_record(record)
+    assert rec and rec["signal"] == "SIGUSR1" and rec["step"] is None and rec["by"].startswith("launcher"), rec
+    assert (status / "node-n1.exit").read_text() == "75 stopped\n"
+    assert "with no worker running" in log and "recorded the stop" in log, log
+
+
+def test_a_worker_that_failed_on_a_dead_peer_is_a_failure_not_a_stop(fakes):
+    """srun's SIGTERM reaches the node after a peer crashed: torchrun reports no exit codes, but a worker's own
+    error line says it failed (a peer died): the node fails with it, it is not a stop."""
+    p = _node(fakes, mode="peer")
+    _wait_ready(Path(fakes["FAKE_OUT"]))
+    os.killpg(p.pid, signal.SIGTERM)
+    log, _ = p.communicate(timeout=30)
+    assert p.returncode == 1, log
+    assert re.search(r"launch: torchrun failed: worker rank \d on \S+ exited with code 1 because a peer died", log), log
+    assert "(a SIGTERM came too; it is not a stop)" in log and "exit 75" not in log, log
 
 
 def test_node_wrapper_passes_success_and_failure_through(fakes):
@@ -368,8 +433,28 @@ def test_exit_75_without_a_stop_record_is_a_failure_named_at_the_end(fakes):
     assert "gpu01 failed" not in r.stderr and "node gpu03 reported no exit" in r.stderr, r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert f"training failed (exit 2) on node gpu02, log {out}/logs/gpu02.log: not requeued" in last, r.stderr
+    assert "error 52.19%" not in r.stderr and "error 50.00%" not in r.stderr, r.stderr  # progress lines
     r = _batch("slurm_resnet152.sh", fakes, srun_rc=75)
     assert r.returncode == 75 and "no stop record" in r.stderr and "not requeueing" in r.stderr, r.stderr
+
+
+def test_a_stop_recorded_by_a_launcher_requeues_only_when_every_node_stopped(fakes):
+    """A stop during the rendezvous, recorded by a node's launcher (no checkpoint): requeued when every node
+    reports a stop; when one failed, the failure is reported and nothing is requeued."""
+    stopped = "gpu01=75:stopped gpu02=75:stopped gpu03=75:stopped gpu04=75:stopped"
+    r = _batch("slurm_resnet152.sh", fakes, srun_rc=75, FAKE_LAUNCHER_RECORD="1", FAKE_NODE_EXITS=stopped)
+    assert r.returncode == 0 and "stopped during start-up" in r.stderr and "requeueing job 4123" in r.stderr, r.stderr
+    calls = Path(fakes["FAKE_OUT"]) / "scontrol-calls"
+    assert calls.read_text().split("\n")[0] == "requeue 4123"
+    calls.unlink()
+    r = _batch(
+        "slurm_resnet152.sh",
+        fakes,
+        srun_rc=75,
+        FAKE_LAUNCHER_RECORD="1",
+        FAKE_NODE_EXITS=stopped.replace("gpu03=75:stopped", "gpu03=1:failed"),
+    )
+    assert r.returncode == 1 and "node gpu03 failed (exit 1)" in r.stderr and not calls.exists(), r.stderr
 
 
 def test_no_gpus_needs_gpus_per_node(fakes):

@@ -88,6 +88,35 @@ def test_resume_refuses_before_reading_any_checkpoint_file(tmp_path: Path, caplo
     assert "hash h, now h2; changed: data.batch_size 16 -> 8" in lines[1], lines
 
 
+def test_finished_run_whose_final_checkpoint_fails_its_checksum_is_named_not_finished(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The final checkpoint is verified before "finished" is believed: a corrupt one is named and the run resumes
+    from the one before it (to train the last steps again); with none left that verifies, no "finished" either."""
+    from test_checkpoint import FakeEngine, _flip_byte
+
+    from pipeline.checkpoint import CheckpointError
+
+    ck = _ck(tmp_path)
+    for step in (2, 4):
+        ck.save(FakeEngine(float(step)), step=step, epoch=0, trainer_state={"step": step})
+    ck.close()
+    final = tmp_path / "ckpt" / "run" / "step-4" / "mp_rank_00_model_states.pt"
+    _flip_byte(final, 10)
+    eng = FakeEngine()
+    with caplog.at_level(logging.WARNING, logger="pipeline.checkpoint"):
+        assert _ck(tmp_path).resume(eng, end_step=4) == {"step": 2} and float(eng.w[0]) == 2.0
+    assert f"{final} fails its checksum" in caplog.text and "falling back to step-2" in caplog.text, caplog.text
+    assert "is finished" not in caplog.text
+
+    _flip_byte(tmp_path / "ckpt" / "run" / "step-2" / "mp_rank_00_model_states.pt", 10)
+    (tmp_path / "ckpt" / "run" / "step-4" / "manifest.rejected.json").rename(final.parent / "manifest.json")
+    with pytest.raises(CheckpointError) as e:
+        _ck(tmp_path).resume(FakeEngine(), end_step=4)
+    assert "no checkpoint of" in str(e.value) and "step-4, step-2" in str(e.value), e.value
+    assert "is finished" not in str(e.value)
+
+
 def _first_pipeline_line(stderr: str) -> str:
     return next(line for line in stderr.splitlines() if " pipeline" in line)
 

@@ -50,11 +50,24 @@ def test_stop_flag_names_the_signal_the_launcher_got(
     tmp_path: Path, monkeypatch, handlers, sent: str, relayed: str | None, logged: str
 ) -> None:
     f = tmp_path / "stop-signal"
-    if relayed is not None:
-        f.write_text(relayed)
     monkeypatch.setenv(SIGNAL_FILE_ENV, str(f))
     flag = StopFlag().install()
+    if relayed is not None:  # the launcher writes it as it relays the signal, after the handler was installed
+        f.write_text(relayed)
     os.kill(os.getpid(), signal.Signals[sent])
     assert flag.is_set and flag.signal_name == logged and flag.count == 1
     flag.request("again")
     assert flag.signal_name == logged
+
+
+def test_a_stop_the_launcher_recorded_before_the_handler_existed_is_taken_at_install(
+    tmp_path: Path, monkeypatch, handlers
+) -> None:
+    """A USR1 while the worker was still importing: the launcher wrote the signal down instead of sending SIGTERM
+    (which would have killed it); installing the handler takes the stop, named after the launcher's signal."""
+    f = tmp_path / "stop-signal"
+    monkeypatch.setenv(SIGNAL_FILE_ENV, str(f))
+    assert not StopFlag().install().is_set  # no file: no stop
+    f.write_text("SIGUSR1\n")
+    flag = StopFlag().install()
+    assert flag.is_set and flag.signal_name == "SIGUSR1"

@@ -112,12 +112,13 @@ def committed_tags(store: Storage) -> list[str]:
 def committed_candidates(store: Storage) -> list[tuple[str, dict[str, Any]]]:
     """The committed checkpoints of a run folder with their manifests, newest first: the ones to try,
     in order, when resuming or evaluating. Step folders without a manifest (uncommitted, set aside) or
-    with an unreadable one are skipped with a warning; so is a ``latest`` that names an uncommitted tag
-    or holds no step name. Raises CheckpointError when ``latest`` exists but nothing is committed (the
+    with an unreadable one are skipped with a warning; so is a ``latest`` that names an uncommitted or
+    missing tag or holds no step name. Raises CheckpointError when ``latest`` exists but nothing is committed (the
     checkpoints were lost, which must never read as "no checkpoint yet")."""
     latest, latest_err = read_latest(store)
     candidates = []
-    for tag in list_steps(store):
+    steps = list_steps(store)
+    for tag in steps:
         try:
             manifest = read_manifest(store, tag)
         except CheckpointError as e:
@@ -128,6 +129,13 @@ def committed_candidates(store: Storage) -> list[tuple[str, dict[str, Any]]]:
                 log.warning("%s names %s, which has no manifest (not committed); falling back", store.url(LATEST), tag)
             continue
         candidates.append((tag, manifest))
+    if latest and latest not in steps:
+        log.warning(
+            "%s names %s, which does not exist under %s; falling back to the newest committed checkpoint",
+            store.url(LATEST),
+            latest,
+            store.uri,
+        )
     if latest_err:
         log.warning(
             "%s exists but cannot be used (%s); choosing among committed checkpoints", store.url(LATEST), latest_err

@@ -95,8 +95,10 @@ class Resumer:
         starts from, or that it starts from scratch.
 
         Refused, on every rank alike and before anything is downloaded or written (CheckpointError): a
-        checkpoint of another model (the manifest's record), at another global batch (steps would count other
-        samples), or at or past ``end_step`` (the schedule's end: the run is finished)."""
+        checkpoint of another model (the manifest's record), or at another global batch (steps would count other
+        samples). A checkpoint at or past ``end_step`` (the schedule's end: the run is finished) is refused once it
+        has passed verification like any other: a damaged final checkpoint is named and resume falls back to the
+        previous one, so a run is never called finished on the word of a checkpoint that cannot be loaded."""
         mode = self.ctx.cfg.resume
         if mode == "never":
             if self.ctx.rank == 0 and not self._set_aside_all():  # which logs that the run starts from scratch
@@ -113,7 +115,7 @@ class Resumer:
             return None
         # Every rank holds the same manifests (rank 0's survey) and the same config: the same verdict, no collective.
         newest = survey["candidates"][0]
-        self._accept(store, *newest, own_run=survey["own_run"], end_step=end_step)
+        self._accept(store, *newest, own_run=survey["own_run"], end_step=None)
 
         def check(tag: str, manifest: dict[str, Any]) -> None:
             # One download per node; a tag any rank cannot use is rejected on every rank.
@@ -130,8 +132,11 @@ class Resumer:
                 f"checkpoint.resume at a good checkpoint URI, or pass --checkpoint.resume=never"
             )
         tag, manifest = chosen
-        if tag != newest[0]:
+        try:
             self._accept(store, tag, manifest, own_run=survey["own_run"], end_step=end_step)
+        except CheckpointError:
+            shutil.rmtree(self._restore_root(), ignore_errors=True)  # a finished run leaves no download behind
+            raise
         if self.ctx.rank == 0:
             log.info(
                 "resumed run %s at step %d (epoch %d) from %s, written by %d ranks",

@@ -18,7 +18,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 import torch.distributed as dist
 
-from pipeline.core.errors import ConfigError
+from pipeline.core.errors import ConfigError, UserError
 
 T = TypeVar("T")
 
@@ -51,6 +51,39 @@ class DistEnv:
     @property
     def is_local_main(self) -> bool:
         return self.local_rank == 0
+
+
+# What a collective raises on the ranks that are left when another rank's process has died (gloo's TCP pairs,
+# NCCL's abort on a dead peer, the c10d store's connection).
+_PEER_DEATH = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "remote process exited",
+    "NCCL communicator was aborted",
+)
+
+
+class PeerDied(RuntimeError):
+    """A collective failed because another rank's process ended: this rank's failure follows that one."""
+
+
+def peer_died(e: BaseException) -> PeerDied | None:
+    """``e`` restated as PeerDied when it is a collective's failure caused by another rank's death, else None; the
+    message says so, so that the log of a node whose ranks only followed a crash points at the first failure."""
+    if isinstance(e, PeerDied):
+        return e
+    if isinstance(e, UserError) or not isinstance(e, RuntimeError):
+        return None
+    text = str(e).strip()
+    network_error = getattr(dist, "DistNetworkError", ())
+    if not (any(p in text for p in _PEER_DEATH) or (network_error and isinstance(e, network_error))):
+        return None
+    first = text.splitlines()[0] if text else type(e).__name__
+    return PeerDied(
+        f"a peer died: another rank's process ended and this rank's collective failed ({first[:200]}); this rank "
+        f"did not fail first: the log of the node that failed first names the cause"
+    )
 
 
 def _free_port() -> int:

@@ -11,6 +11,13 @@ SIGTERM (``--kill-on-bad-exit``) and reports the stop code too, so an exit code 
 requeue me" from "something failed". The launch scripts therefore name a file per job and restart in
 ``PIPELINE_STOP_RECORD``; rank 0 writes it once every rank has stopped and the stop's checkpoint is committed,
 and the batch script requeues only when it finds it. Outside SLURM (the variable unset) nothing is written.
+
+A stop can come before the workers can take it. While torchrun is still in its rendezvous (no worker exists),
+launch/torchrun_node.sh ends it and writes the record itself, with ``"by": "launcher <node>"``, ``"step":
+null`` and no checkpoint (nothing was trained: the next start begins or resumes as before); the batch script
+trusts such a record only when every node reported a stop. Once the workers exist but have not installed
+their handler yet (importing torch takes seconds), a SIGTERM would kill them: the launcher writes the signal
+file instead, and ``StopFlag.install`` reads it, so the stop set before the handler existed is not lost.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 SIGNAL_FILE_ENV = "PIPELINE_STOP_SIGNAL_FILE"
 # The stop record's file, named by launch/slurm_lib.sh.
 STOP_RECORD_ENV = "PIPELINE_STOP_RECORD"
+# Who wrote a stop record: rank 0 after a committed stop; launch/torchrun_node.sh writes "launcher <node>".
+RECORD_BY_RANK0 = "rank 0"
 
 
 class StopFlag:
@@ -67,9 +76,16 @@ class StopFlag:
         self._event.set()
 
     def install(self) -> StopFlag:
+        """Handle the stop signals from now on, and take a stop the launcher recorded before they were handled."""
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 signal.signal(sig, self._handler)
+        # Read after the handler is in place: the launcher writes the file before it looks whether a worker
+        # handles SIGTERM, so a stop is either signalled to this process or found here.
+        early = _relayed_signal()
+        if early and not self.is_set:
+            self.signal_name = early
+            self._event.set()
         return self
 
     def request(self, reason: str = "requested") -> None:
@@ -104,6 +120,7 @@ def write_stop_record(
         "signal": signal or "",
         "checkpoint": checkpoint,
         "run_id": run_id,
+        "by": RECORD_BY_RANK0,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     p = Path(target)

@@ -9,7 +9,9 @@ listen: moto (S3) and MLflow are reached from inside the nodes' namespaces at th
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -171,20 +173,23 @@ class Submission:
         return sorted((m.step, m.value) for m in hist)
 
 
+def _pids_on(node: str, *, workers_only: bool = False) -> list[int]:
+    """The training processes on ``node`` (torchrun and its workers), or only the workers, by pid."""
+    pids = []
+    for pid in netns_pids(node):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        worker = b"pipeline/train.py" in cmd and b"torchrun" not in cmd
+        if worker or (not workers_only and (b"pipeline/train.py" in cmd or b"torchrun" in cmd)):
+            pids.append(pid)
+    return pids
+
+
 def _training_pids() -> dict[str, list[int]]:
     """Training processes still alive on each node."""
-    out = {}
-    for node in NODES:
-        pids = []
-        for pid in netns_pids(node):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"pipeline/train.py" in cmd or b"torchrun" in cmd:
-                pids.append(pid)
-        out[node] = pids
-    return out
+    return {node: _pids_on(node) for node in NODES}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,3 +447,68 @@ def test_gpu_less_job_needs_gpus_per_node(slurm_cluster: SlurmCluster, services:
     assert "2 ranks on cpu" in sub.node_log("node1") + sub.node_log("node2"), sub.all_logs()
     assert sub.latest() == "step-4"
     print(f"gpu-less jobs: unset {t1 - t0:.0f}s, GPUS_PER_NODE=1 {time.monotonic() - t1:.0f}s")
+
+
+def _rank_of(pid: int) -> int:
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(e for e in env if e.startswith(b"RANK=")).split(b"=", 1)[1])
+
+
+@pytest.mark.slow
+def test_early_stops_requeue_and_a_killed_worker_fails_naming_its_rank(
+    slurm_cluster: SlurmCluster, services: Services, tmp_path: Path
+):
+    """Three jobs, one after another on the two nodes. USR1 1 s after the node launchers start (torchrun still
+    starting, no worker yet) and USR1 as soon as the workers exist (their handler not installed yet, about 4 s in):
+    both are requeued and complete. A SIGKILLed worker: the job ends FAILED naming the killed rank, with no progress
+    line among the error lines, and the surviving node's log says it failed because a peer died."""
+    steps = 6
+    timings = {}
+
+    def started(sub: Submission) -> bool:
+        return all((sub.logs / "nodes" / f"{n}.log").exists() for n in NODES)
+
+    for name, when in (("usr1-rdzv", "1s"), ("usr1-import", "workers")):
+        t0 = time.monotonic()
+        sub = Submission(slurm_cluster, services, tmp_path / name, name, steps)
+        wait_for(lambda s=sub: started(s), 300, f"{name}: the node launchers to start\n{sub.all_logs()}", poll_s=0.1)
+        if when == "1s":
+            time.sleep(1)
+        else:
+            wait_for(
+                lambda: any(_pids_on(n, workers_only=True) for n in NODES),
+                120,
+                f"{name}: workers\n{sub.all_logs()}",
+                poll_s=0.05,
+            )
+        slurm_cluster.run("scancel", "--signal=USR1", sub.job.id)
+        info = sub.wait_done(480)
+        timings[name] = time.monotonic() - t0
+        log, node_logs = sub.batch_log, sub.node_log("node1") + sub.node_log("node2")
+        assert info["JobState"] == "COMPLETED" and info.get("Restarts") == "1", (info, sub.all_logs())
+        assert "requeueing job" in log and "it is not a stop" not in node_logs, sub.all_logs()
+        assert sub.latest() == f"step-{steps}", sub.all_logs()
+        if when == "1s":
+            assert "with no worker running: stopping torchrun" in node_logs, sub.all_logs()
+            assert "stopped during start-up" in log, log
+        else:
+            assert "still starting: they take the stop when their handler is installed" in node_logs, sub.all_logs()
+            assert re.search(r"stopped by SIGUSR1 at step \d+; checkpoint committed", node_logs), sub.all_logs()
+
+    t0 = time.monotonic()
+    sub = Submission(slurm_cluster, services, tmp_path / "kill", "kill", 40, "--checkpoint.every_steps=2")
+    wait_for(sub.latest, 420, f"a first checkpoint of {sub.run_id}\n{sub.all_logs()}", poll_s=1)
+    victim = _pids_on("node2", workers_only=True)[0]
+    rank = _rank_of(victim)
+    os.kill(victim, signal.SIGKILL)
+    info = sub.wait_done(300)
+    timings["kill"] = time.monotonic() - t0
+    log = sub.batch_log
+    assert info["JobState"] == "FAILED" and info.get("Restarts") == "0", (info, sub.all_logs())
+    assert re.search(rf"worker rank {rank} on \S+ exited with code 137", log), sub.all_logs()
+    assert "training failed (exit 137) on node node2" in log.strip().splitlines()[-1], log
+    error_lines = [line for line in log.splitlines() if line.startswith("    | ")]
+    assert error_lines and not any(re.search(r"\| error [0-9.]+% \|", line) for line in error_lines), log
+    survivor = sub.node_log("node1")
+    assert "a peer died" in survivor and "exit 75" not in survivor, sub.all_logs()
+    print("early stops and killed worker: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))

@@ -100,11 +100,12 @@ class TrainingRun:
             )
             self.tracker.log_artifact(str(out_dir / "config.toml"))
             log.info(
-                "%s: %s, %d ranks on %s, global batch %d, lr %g, %d steps (%d per epoch)",
+                "%s: %s, %d ranks on %s%s, global batch %d, lr %g, %d steps (%d per epoch)",
                 self.run_id,
                 cfg.model.name,
                 env.world_size,
                 env.device.type,
+                f" ({cpu_threads(cfg, env)})" if env.device.type == "cpu" else "",
                 self.global_batch,
                 self.lr,
                 self.schedule.total_steps,
@@ -178,10 +179,7 @@ def size_cpu_threads(cfg: TrainConfig, env: DistEnv) -> None:
     DALI's threads); a no-op on a GPU, where the host threads only feed the device."""
     if env.device.type != "cpu":
         return
-    threads = cpu_threads(cfg, env)
-    torch.set_num_threads(threads.torch)
-    if env.is_main:
-        log.info("CPU threads: %s", threads)
+    torch.set_num_threads(cpu_threads(cfg, env).torch)  # said in the run's first line (TrainingRun.start)
 
 
 def split_source(cfg: TrainConfig, env: DistEnv, split: str, *, root: str | None, **options: Any) -> DataSource:

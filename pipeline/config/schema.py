@@ -119,8 +119,9 @@ class DataConfig:
     )
     mean_image: str = doc(
         "",
-        "imagenet style: per-pixel mean (.npy, image_size x image_size x 3, 0-255) used instead of data.mean; a "
-        'relative path is under data.root ("mean_image.npy" is what `python -m pipeline.tools.prepare` writes)',
+        "the paper's per-pixel mean (.npy, image_size x image_size x 3, 0-255) subtracted instead of data.mean; a "
+        'relative path is under data.root ("mean_image.npy" is what `python -m pipeline.tools.prepare` writes; '
+        "CIFAR: `prepare mean-image ROOT --size 32 --resize 32`)",
     )
     exclude_list: str = doc(
         "",
@@ -202,11 +203,6 @@ class DataConfig:
             raise ConfigError(
                 f"data.format = 'shards' reads a sharded dataset at data.root: it needs data.source = 'folder' and "
                 f"data.in_memory = false (got source {self.source!r}, in_memory {self.in_memory})"
-            )
-        if self.mean_image and self.style != "imagenet":
-            raise ConfigError(
-                f"data.mean_image = {self.mean_image!r} needs data.style = 'imagenet' (the CIFAR pipeline "
-                f"normalises with data.mean/data.std); set data.mean_image = ''"
             )
 
 

@@ -430,19 +430,25 @@ class DiagnosticsConfig:
     )
     response_std: bool = doc(
         False,
-        "Figure 7: std of each 3x3 layer's response (after BN, before addition and ReLU) on a fixed validation "
-        "batch at the end of training, as an artifact (diagnostics/response_std.json) and per-stage metrics",
+        "Figure 7: std of each 3x3 layer's response (after BN, before addition and ReLU) on a fixed, "
+        "class-stratified set of validation images, at every evaluation and at the end: per-stage metrics at "
+        "each (a line per stage in MLflow) and the per-layer numbers as diagnostics/response_std.json",
     )
     response_std_steps: list[int] = field(
-        default_factory=list, metadata={"doc": "response_std: also measure after these optimizer steps"}
+        default_factory=list,
+        metadata={"doc": "response_std: also measure after these optimizer steps (each also as a JSON artifact)"},
+    )
+    response_std_every: int = doc(
+        0, "response_std: also measure every this many optimizer steps (0: at evaluations and the end only)"
     )
 
     def __post_init__(self) -> None:
-        check_numbers(self, "diagnostics.")
+        check_numbers(self, "diagnostics.", at_least={"response_std_every": 0})
         if any(s < 1 for s in self.response_std_steps):
             raise ConfigError(f"diagnostics.response_std_steps = {self.response_std_steps}: steps must be >= 1")
-        if self.response_std_steps and not self.response_std:
-            raise ConfigError("diagnostics.response_std_steps is set but diagnostics.response_std = false: enable it")
+        for key in ("response_std_steps", "response_std_every"):
+            if getattr(self, key) and not self.response_std:
+                raise ConfigError(f"diagnostics.{key} is set but diagnostics.response_std = false: enable it")
 
 
 @dataclass

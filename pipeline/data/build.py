@@ -130,18 +130,20 @@ def build_source(
     )
     if cfg.format == "shards":
         return _shard_source(cfg, options, root=root, num_classes=num_classes, settings=settings)
-    fixes = None
-    if cfg.exclude_list:
-        fixes = read_exclude_list(cfg.exclude_list, root=root)
-    index = scan_dataset(
+    index = _scan(cfg, root=root, split=split, num_classes=num_classes)
+    return _index_source(cfg, options, index, root=root, settings=settings)
+
+
+def _scan(cfg: DataConfig, *, root: str, split: str, num_classes: int) -> SplitIndex:
+    """The file index of ``split`` of an image-folder dataset, with the exclude list applied."""
+    return scan_dataset(
         root,
         split_dir=cfg.train_dir if split == "train" else cfg.val_dir,
         train_dir=cfg.train_dir,
         val_dir=cfg.val_dir,
         num_classes=num_classes,
-        fixes=fixes,
+        fixes=read_exclude_list(cfg.exclude_list, root=root) if cfg.exclude_list else None,
     )
-    return _index_source(cfg, options, index, root=root, settings=settings)
 
 
 def _index_source(
@@ -194,14 +196,7 @@ def measurement_batch(
     if cfg.format == "shards":
         source = _shard_source(cfg, options, root=root, num_classes=num_classes, settings=settings)
         return _stratified(iter(source), per_class=per_class, num_classes=num_classes)
-    index = scan_dataset(
-        root,
-        split_dir=cfg.val_dir,
-        train_dir=cfg.train_dir,
-        val_dir=cfg.val_dir,
-        num_classes=num_classes,
-        fixes=read_exclude_list(cfg.exclude_list, root=root) if cfg.exclude_list else None,
-    )
+    index = _scan(cfg, root=root, split="val", num_classes=num_classes)
     taken: dict[int, int] = {}
     chosen = []
     for i, label in enumerate(index.labels):  # grouped by class, sorted within: the first files of each class

@@ -119,25 +119,40 @@ def depth_curves_figure(
 
 
 def plot_response_std(
-    members: list[MemberRun], stds: dict[str, list[float]], path: str | Path, *, title: str = ""
+    members: list[MemberRun],
+    stds: dict[str, list[float]],
+    path: str | Path,
+    *,
+    title: str = "",
+    per_channel: dict[str, list[float]] | None = None,
+    branch: dict[str, list[float]] | None = None,
 ) -> Path:
-    """Figure 7's layout: each member's 3x3-layer response std (``stds``: member name -> values in layer order)
-    against the layer index, top in layer order and bottom sorted by magnitude; plain nets dashed, ResNets
-    solid, one colour per depth. Writes ``path`` (PNG) and returns it."""
+    """Figure 7's layout: each member's 3x3-layer response std (``stds``: member name -> values in layer order,
+    over all elements) against the layer index, top in layer order and below sorted by magnitude; then, where
+    given, the per-channel std (``per_channel``) in layer order and the bottleneck branch outputs (``branch``).
+    Plain nets dashed, ResNets solid, one colour per depth. Writes ``path`` (PNG) and returns it."""
     color = _depth_colors(members)
-    fig, axes = plt.subplots(2, 1, figsize=(8, 7.2))
-    for m in sorted(members, key=lambda m: (m.residual, m.depth)):
-        values = stds.get(m.name)
-        if not values:
-            continue
-        style = {"color": color[m.depth], "linestyle": "-" if m.residual else "--", "linewidth": 1.4}
-        index = range(1, len(values) + 1)
-        axes[0].plot(index, values, label=m.label, **style)
-        axes[1].plot(index, sorted(values, reverse=True), label=m.label, **style)
-    for ax, xlabel in ((axes[0], "layer index (original)"), (axes[1], "layer index (sorted by magnitude)")):
+    panels = [
+        (stds, False, "layer index (original)", "std (all elements)"),
+        (stds, True, "layer index (sorted by magnitude)", "std (all elements)"),
+    ]
+    if per_channel:
+        panels.append((per_channel, False, "layer index (original)", "std per channel, averaged"))
+    if branch:
+        panels.append((branch, False, "block index (bottleneck branch output, bn3)", "std (all elements)"))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3.6 * len(panels)), squeeze=False)
+    for ax, (values_of, ordered, xlabel, ylabel) in zip(axes[:, 0], panels, strict=True):
+        for m in sorted(members, key=lambda m: (m.residual, m.depth)):
+            values = values_of.get(m.name)
+            if not values:
+                continue
+            style = {"color": color[m.depth], "linestyle": "-" if m.residual else "--", "linewidth": 1.4}
+            ax.plot(
+                range(1, len(values) + 1), sorted(values, reverse=True) if ordered else values, label=m.label, **style
+            )
         ax.set_xlabel(xlabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are counted, not measured
-        ax.set_ylabel("std")
+        ax.set_ylabel(ylabel)
         ax.grid(True, linewidth=0.3, alpha=0.5)
         ax.set_ylim(bottom=0)
         ax.legend(loc="best", fontsize=8, frameon=True)

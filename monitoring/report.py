@@ -52,36 +52,78 @@ def paper_marks(members: list[MemberRun]) -> dict[str, float]:
     return out
 
 
-def response_stds(client: object, members: list[MemberRun]) -> dict[str, list[float]]:
-    """Member name -> its final 3x3-layer response std in layer order (``RESPONSE_STD_ARTIFACT``), for the
-    members that logged one."""
+MEASURES = ("layers", "per_channel", "branch")  # what a response_std.json holds (pipeline.runtime.diagnostics)
+
+
+def response_stds(client: object, members: list[MemberRun]) -> dict[str, dict[str, list[float]]]:
+    """Measure ("layers": over all elements, the paper's; "per_channel"; "branch": bottleneck outputs) -> member
+    name -> its final response stds in layer order (``RESPONSE_STD_ARTIFACT``), for the members that logged one."""
     folder, name = RESPONSE_STD_ARTIFACT.rsplit("/", 1)
     # A few small JSON files: MLflow's per-download progress bars would only clutter the report's output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    out = {}
+    out: dict[str, dict[str, list[float]]] = {measure: {} for measure in MEASURES}
     with tempfile.TemporaryDirectory() as tmp:
         for m in members:
             listed = {a.path for a in client.list_artifacts(m.run_id, folder)}  # type: ignore[attr-defined]
             if RESPONSE_STD_ARTIFACT not in listed:
                 continue
             local = client.download_artifacts(m.run_id, RESPONSE_STD_ARTIFACT, tmp)  # type: ignore[attr-defined]
-            out[m.name] = list(read_response_std(Path(local).read_text()).values())
+            text = Path(local).read_text()
+            for measure in MEASURES:
+                values = list(read_response_std(text, measure=measure).values())
+                if values:
+                    out[measure][m.name] = values
     return out
 
 
-def _figure7_section(study: StudyRuns, stds: dict[str, list[float]], figure7: Path | None) -> list[str]:
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def residual_vs_plain(members: list[MemberRun], stds: dict[str, list[float]]) -> str:
+    """Whether the ResNets' responses come out smaller than the plain nets' of the same depth, as in the paper's
+    Figure 7, with the mean std over layers of each pair."""
+    by = {(m.residual, m.depth): m for m in members if stds.get(m.name)}
+    pairs = sorted(d for r, d in by if not r and (True, d) in by)
+    if not pairs:
+        return "No depth has both a plain and a residual net measured, so the paper's comparison cannot be made."
+    last = max((s for m in by.values() for s, _ in m.curves.get("train_top1_error", [])), default=0)
+    at = f" after {last} iterations" if last else ""
+    said = []
+    for d in pairs:
+        plain, res = _mean(stds[by[(False, d)].name]), _mean(stds[by[(True, d)].name])
+        said.append(f"{d} layers: ResNet {res:.3f} {'<' if res < plain else '>='} plain {plain:.3f}")
+    smaller = [d for d in pairs if _mean(stds[by[(True, d)].name]) < _mean(stds[by[(False, d)].name])]
+    verdict = (
+        "smaller than the plain nets' at every depth, as in the paper"
+        if len(smaller) == len(pairs)
+        else "not smaller than the plain nets' at every depth, unlike the paper"
+        if smaller
+        else "not smaller than the plain nets' at any depth, unlike the paper"
+    )
+    return f"The ResNets' responses are {verdict}{at} (mean std over layers; " + "; ".join(said) + ")."
+
+
+def _figure7_section(study: StudyRuns, measures: dict[str, dict[str, list[float]]], figure7: Path | None) -> list[str]:
     if figure7 is None:
         return []
-    means = ", ".join(
-        f"{m.label} {sum(stds[m.name]) / len(stds[m.name]):.3f}" for m in study.members if stds.get(m.name)
+    stds = measures.get("layers", {})
+    means = ", ".join(f"{m.label} {_mean(stds[m.name]):.3f}" for m in study.members if stds.get(m.name))
+    branch = (
+        " Bottleneck nets: the last panel is each block's branch output (bn3, the response that meets the addition)."
+        if measures.get("branch")
+        else ""
     )
     return [
         "## Layer responses (Figure 7 layout)",
         "",
-        "Std of each 3x3 layer's response (the output of its BN, before the addition and ReLU) on one fixed "
-        "validation batch at the end of training; top in layer order, bottom sorted by magnitude. Plain "
-        "networks dashed, ResNets solid. The paper finds the ResNets' responses generally smaller than the "
-        f"plain nets'. Mean over layers: {means}.",
+        "Std of each 3x3 layer's response (the output of its BN, before the addition and ReLU) at the end of "
+        "training, on a fixed, class-stratified set of validation images (the first files of every class, the "
+        "same for every net); top in layer order, then sorted by magnitude: the std over all N·C·H·W elements "
+        "of a response (believed to be the paper's); the bottom panel takes the std per channel, then averages "
+        f"over the channels (without the spread between the channels' BN offsets).{branch} Plain networks dashed, "
+        "ResNets solid. The paper finds the ResNets' responses generally smaller than the plain nets'. "
+        f"{residual_vs_plain(study.members, stds)} Mean over layers: {means}.",
         "",
         f"![Figure 7 layout]({figure7.name})",
         "",
@@ -94,7 +136,7 @@ def _page(
     members: Table,
     figure: Path,
     *,
-    stds: dict[str, list[float]] | None = None,
+    stds: dict[str, dict[str, list[float]]] | None = None,
     figure7: Path | None = None,
 ) -> str:
     paper = table_for(study.members)
@@ -152,9 +194,14 @@ def build_report(
     )
     stds = response_stds(client, runs.members)
     figure7 = None
-    if stds:
+    if stds["layers"]:
         figure7 = plot_response_std(
-            runs.members, stds, out / "figure7.png", title=f"{runs.name}: std of the 3x3 layers' responses"
+            runs.members,
+            stds["layers"],
+            out / "figure7.png",
+            title=f"{runs.name}: std of the 3x3 layers' responses",
+            per_channel=stds["per_channel"],
+            branch=stds["branch"],
         )
     table_file = out / "table.md"
     table_file.write_text("\n".join(t.markdown() for t in tables))

@@ -11,8 +11,8 @@ from monitoring.paper import (
     PaperTable,
     describe_recipe,
     member_params,
+    recipe_deviations,
     recipe_differences,
-    recipe_mismatches,
     table_for,
 )
 from pipeline.study.runs import MemberRun, StudyRuns
@@ -68,6 +68,31 @@ def _marked(value: float | None, test: str) -> str:
     return _fmt(value) + (f" ({test})" if test and value is not None else "")
 
 
+def _replica_cell(values: list[float]) -> str:
+    """Seed replicas of one network as the paper gives its ResNet-110: mean ± sample std (n runs)."""
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.2f}±{std:.2f} (n={len(values)})"
+
+
+def _paper_cell(paper: PaperTable, group: list[MemberRun]) -> str:
+    """The paper's number for a row: its mean ± std where we have seed replicas and it has one, else its number
+    (for Table 6's ResNet-110 marked as the best of its 5 runs, which one run of ours is compared with)."""
+    printed = paper.paper_top1(group[0]) or "—"
+    mean = paper.paper_mean(group[0])
+    if mean is None:
+        return printed
+    return f"{mean} (mean of 5)" if len(group) > 1 else f"{printed} (best of 5)"
+
+
+def _deviation_note(paper: PaperTable, members: list[MemberRun]) -> list[str]:
+    """The deliberate deviations (monitoring.paper's) of the runs compared with the paper, stated once each."""
+    deviations = dict.fromkeys(d for m in members for d in recipe_deviations(paper, member_params(m)))
+    if not deviations:
+        return []
+    return ["Deliberate deviations from the paper's recipe in the compared runs: " + "; ".join(deviations) + "."]
+
+
 def _comparison_notes(
     study: StudyRuns,
     paper: PaperTable,
@@ -78,11 +103,12 @@ def _comparison_notes(
     differs: list[str],
     unfinished: list[str],
 ) -> list[str]:
-    """The notes under the comparison table: where its paper numbers come from, or why there are none, and which
-    runs had not finished."""
+    """The notes under the comparison table: where its paper numbers come from, or why there are none, the
+    deliberate deviations of the runs they are compared with, and which runs had not finished."""
     notes: list[str] = []
     if any(show_paper.values()):
         notes.append(f"Paper column: {paper.note}.")
+        notes += _deviation_note(paper, [m for m in study.members if matching.get((m.residual, m.depth))])
     if paper.plain_note and any(matching.get((False, d)) for d in depths):
         notes.append(f"Plain nets: {paper.plain_note}.")
     if differs:
@@ -97,21 +123,44 @@ def _comparison_notes(
     return notes
 
 
+def _our_cells(group: list[MemberRun], *, with_top5: bool, unfinished: list[str]) -> list[str]:
+    """Our top-1 (and top-5) for one network: one run's, or the mean ± std of its seed replicas."""
+    mark = ""
+    for m in group:
+        if m.status != "FINISHED":
+            mark = "*"
+            unfinished.append(f"{m.label} ({m.status.lower()})")
+    if not group:
+        return ["—"] * (2 if with_top5 else 1)
+    results = [final_errors(m) for m in group]
+    if len(group) == 1:
+        top1, top5, test = results[0]
+        return [_marked(top1, test) + mark] + ([_marked(top5, test) + mark] if with_top5 else [])
+    cells = []
+    for k in (0, 1) if with_top5 else (0,):
+        values = [r[k] for r in results if r[k] is not None]
+        cells.append((_replica_cell(values) if len(values) > 1 else _fmt(values[0] if values else None)) + mark)
+    return cells
+
+
 def comparison_table(study: StudyRuns) -> Table:
     members = study.members
     paper = table_for(members)
     with_top5 = paper is TABLE2  # top-5 is reported for ImageNet only, as in the paper
-    by_key = {(m.residual, m.depth): m for m in members}
+    # Members of the same network (seed replicas: the same member config with another `seed`) share a row.
+    groups: dict[tuple[bool, int], list[MemberRun]] = {}
+    for m in members:
+        groups.setdefault((m.residual, m.depth), []).append(m)
     depths = sorted({m.depth for m in members})
 
     # The paper's number goes next to ours only for runs that followed the paper's recipe.
     matching: dict[tuple[bool, int], bool] = {}
     differs: list[str] = []
-    for m in members:
-        miss = recipe_mismatches(paper, m)
-        matching[(m.residual, m.depth)] = not miss
-        if miss and paper.depth_top1(m.residual, m.depth) is not None:
-            differs.append(f"{m.label}: {', '.join(miss)}")
+    for key, group in groups.items():
+        misses = {m.name: recipe_differences(paper, member_params(m)) for m in group}
+        matching[key] = not any(misses.values())
+        if paper.depth_top1(*key) is not None:
+            differs += [f"{group[0].label}: {describe_recipe(d)}" for d in misses.values() if d][:1]
     arches = [(False, "plain"), (True, "ResNet")]
     show_paper = {res: any(matching.get((res, d)) and paper.depth_top1(res, d) for d in depths) for res, _ in arches}
 
@@ -123,22 +172,14 @@ def comparison_table(study: StudyRuns) -> Table:
         if show_paper[res]:
             columns.append(f"{name} top-1 ({paper.metric})")
     rows = []
-    unfinished = []
+    unfinished: list[str] = []
     for d in depths:
         row = [str(d)]
         for res, _ in arches:
-            m = by_key.get((res, d))
-            top1, top5, test = final_errors(m) if m else (None, None, "")
-            mark = ""
-            if m is not None and m.status != "FINISHED":
-                mark = "*"
-                unfinished.append(f"{m.label} ({m.status.lower()})")
-            row.append(_marked(top1, test) + mark)
-            if with_top5:
-                row.append(_marked(top5, test) + mark)
+            group = groups.get((res, d), [])
+            row += _our_cells(group, with_top5=with_top5, unfinished=unfinished)
             if show_paper[res]:
-                value = paper.depth_top1(res, d) if m is not None and matching.get((res, d)) else None
-                row.append(value or "—")
+                row.append(_paper_cell(paper, group) if group and matching.get((res, d)) else "—")
         rows.append(row)
 
     notes = _comparison_notes(
@@ -174,6 +215,7 @@ def table3(study: StudyRuns) -> Table | None:
         )
     notes = [
         f"Paper columns: {TABLE3.note}.",
+        *_deviation_note(TABLE3, members),
         'The paper\'s numbers are ours to compare only where the recipe column says "paper recipe"; otherwise '
         "it lists what this run did differently.",
     ]

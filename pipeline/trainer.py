@@ -362,18 +362,21 @@ class Trainer:
         """Whether ``fit`` reduces metrics after optimizer step ``step`` (every ``log_every`` steps and the last)."""
         return step % self.log_every == 0 or step >= self.total_steps
 
-    def _measure_responses(self, *, final: bool = False) -> None:
-        """Figure 7's response std on rank 0, when due now (a chosen step, or the end): no collective."""
-        if self.diagnostics is None or not self.diagnostics.response_due(self.step, final=final):
+    def _measure_responses(self, *, final: bool = False, evaluated: bool = False) -> None:
+        """Figure 7's response std on rank 0, when due now (after an evaluation, a chosen step, every N steps, or
+        the end), logged at this step so MLflow draws each stage's line over training: no collective."""
+        if self.diagnostics is None or not self.diagnostics.response_due(self.step, final=final, evaluated=evaluated):
             return
-        path, metrics = self.diagnostics.measure_responses(self.val_source, step=self.step, final=final)
-        self.tracker.log_artifact(str(path), "diagnostics")
+        path, metrics = self.diagnostics.measure_responses(step=self.step, final=final)
+        if path is not None:
+            self.tracker.log_artifact(str(path), "diagnostics")
         self.tracker.log_metrics(self.step, metrics)
 
     def _end_epoch(self) -> None:
         """Evaluate every ``eval_every`` epochs. Not called at the last step: the final evaluation covers it."""
         if self.epoch % self.eval_every == 0:
             self._eval_and_record()
+            self._measure_responses(evaluated=True)
             self._mark = time.perf_counter()  # evaluation time is not training time in images_per_s
 
     def _save_due(self) -> bool:

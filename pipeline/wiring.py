@@ -23,7 +23,7 @@ from pipeline.core.cpu import ThreadPlan, plan_threads
 from pipeline.core.distributed import DistEnv, broadcast_object
 from pipeline.core.stop import StopFlag
 from pipeline.core.storage import StorageError
-from pipeline.data import DataSource, build_source, prepare_dataset_root
+from pipeline.data import DataSource, build_source, measurement_batch, prepare_dataset_root
 from pipeline.models import build_model, model_spec
 from pipeline.runtime.diagnostics import Diagnostics
 from pipeline.runtime.engine import TrainingEngine, build_engine
@@ -274,6 +274,10 @@ def build_run(
             optimizer=engine.optimizer,
             rank=env.rank,
             out_dir=cfg.resolved_output_dir,
+            # Figure 7's images: every class of the validation set, the same for every net (rank 0 loads them).
+            measurement=lambda: measurement_batch(
+                cfg.data, device=env.device, num_classes=cfg.model.num_classes, root=root
+            )[0],
         )
     trainer = Trainer(
         TrainerParts(

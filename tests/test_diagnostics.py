@@ -19,8 +19,15 @@ import torch.nn.functional as F
 from tiny import digits_study
 
 from pipeline.config import ConfigError, DiagnosticsConfig, TrainConfig, load_config
-from pipeline.models import build_model
-from pipeline.runtime.diagnostics import GradNorms, response_layers, response_std, stage_groups
+from pipeline.models import build_model, list_models
+from pipeline.runtime.diagnostics import (
+    Diagnostics,
+    GradNorms,
+    branch_layers,
+    response_layers,
+    response_std,
+    stage_groups,
+)
 from pipeline.runtime.metrics import MetricSums
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +61,8 @@ def test_response_std_is_the_bn_output_before_the_addition_and_changes_nothing(n
     model.train()
     model(x)  # running statistics away from their initial values
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    stds = response_std(model, x)
+    stats = response_std(model, x)
+    stds = stats.layers
     assert model.training, "the module's mode is restored"
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "measuring must not touch parameters or BN stats"
@@ -70,6 +78,68 @@ def test_response_std_is_the_bn_output_before_the_addition_and_changes_nothing(n
     assert stds["layer1.0.conv2"] == pytest.approx(r2.std().item(), rel=1e-5)
     if name == "cifar_resnet20":
         assert r2.std().item() != pytest.approx((r2 + stem).std().item(), rel=1e-3)  # the addition would show
+    # Per channel, then averaged: the spread between the channels' BN offsets left out.
+    per_channel = r1.transpose(0, 1).reshape(r1.shape[1], -1).std(dim=1).mean().item()
+    assert stats.per_channel["layer1.0.conv1"] == pytest.approx(per_channel, rel=1e-5)
+    assert list(stats.per_channel) == list(stds) and not stats.branch  # basic blocks: no separate branch output
+    # In chunks (how ImageNet's 1,000 images are measured): the same numbers as one batch.
+    chunked = response_std(model, list(x.split(5)))
+    assert chunked.layers == pytest.approx(stds, rel=1e-6)
+    assert chunked.per_channel == pytest.approx(stats.per_channel, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_bottleneck_nets_also_record_the_branch_output_that_meets_the_addition(name: str) -> None:
+    with torch.device("meta"):
+        model = build_model(name, num_classes=10)
+    branch = [n for n, _ in branch_layers(model)]
+    blocks = [f"{s}.{i}" for s in model.stage_names for i in range(len(getattr(model, s)))]
+    threes = {n for n, _ in response_layers(model)}
+    if any(type(b).__name__ == "Bottleneck" for b in model.modules()):
+        assert branch == [f"{b}.bn3" for b in blocks]  # one per block, in layer order
+        assert all(b.replace(".bn3", ".conv2") in threes for b in branch)  # beside the middle 3x3's response
+    else:
+        assert branch == []
+
+
+def test_bottleneck_branch_std_is_bn3s_output() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet50", num_classes=10)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    block = model.layer1[0]
+    seen: list[torch.Tensor] = []  # a hook returning a tensor would replace the output: append returns None
+    handle = block.bn3.register_forward_hook(lambda _m, _i, out: seen.append(out.clone()))
+    stats = response_std(model, x)
+    handle.remove()
+    assert stats.branch["layer1.0.bn3"] == pytest.approx(seen[0].std().item(), rel=1e-5)
+    assert len(stats.branch) == 16 and len(stats.layers) == 16
+
+
+def test_figure7_is_measured_at_every_evaluation_and_logged_per_step(tmp_path: Path) -> None:
+    """Each measurement's per-stage means are metrics at its step (a line per stage in MLflow, not one dot);
+    the per-layer JSON only at the end and at the chosen steps."""
+    model = build_model("cifar_resnet20", num_classes=10)
+    images = torch.randn(12, 3, 32, 32)
+    loads = []
+    cfg = DiagnosticsConfig(response_std=True, response_std_steps=[3], response_std_every=4)
+    diag = Diagnostics(cfg, module=model, rank=0, out_dir=tmp_path, measurement=lambda: loads.append(1) or images)
+    due = [s for s in range(1, 10) if diag.response_due(s, evaluated=s == 5)]
+    assert due == [3, 4, 5, 8]
+    logged = {}
+    for step in due:
+        path, metrics = diag.measure_responses(step=step, final=False)
+        logged[step] = metrics
+        assert (path is not None) == (step == 3)
+    assert not diag.response_due(8, evaluated=True)  # measured once per step
+    assert loads == [1]  # the image set is loaded once
+    keys = {"response_std/stem", "response_std/layer1", "response_std_channel/layer3"}
+    assert keys <= set(logged[4]) and logged[4] == logged[8]  # same model, same images, same numbers
+    path, _ = diag.measure_responses(step=9, final=True)
+    final = json.loads(path.read_text())
+    assert path.name == "response_std.json" and final["step"] == 9
+    assert set(final) == {"step", "layers", "per_channel", "branch"} and len(final["per_channel"]) == 19
+    assert not Diagnostics(cfg, module=model, rank=1, out_dir=tmp_path).response_due(4)  # rank 0 only
 
 
 def test_grad_norms_per_stage_match_a_direct_computation() -> None:
@@ -108,6 +178,10 @@ def test_diagnostics_are_off_by_default_and_do_not_change_the_experiment(tmp_pat
         DiagnosticsConfig(response_std_steps=[5])
     with pytest.raises(ConfigError, match="response_std_steps"):
         DiagnosticsConfig(response_std=True, response_std_steps=[0])
+    with pytest.raises(ConfigError, match="diagnostics.response_std_every = -1"):
+        DiagnosticsConfig(response_std=True, response_std_every=-1)
+    with pytest.raises(ConfigError, match="response_std_every is set but diagnostics.response_std = false"):
+        DiagnosticsConfig(response_std_every=10)
 
 
 def test_every_study_turns_the_diagnostics_on() -> None:

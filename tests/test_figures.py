@@ -51,3 +51,19 @@ def test_figure7_has_the_layer_order_and_the_sorted_panel(tmp_path: Path) -> Non
     stds = {"plain20": [1.0, 3.0, 2.0], "resnet20": [0.5, 0.7, 0.6]}
     path = plot_response_std(members, stds, tmp_path / "f7.png")
     assert path.stat().st_size > 5_000
+
+
+def test_figure7_draws_per_channel_and_bottleneck_branch_panels_when_recorded(tmp_path: Path) -> None:
+    from monitoring.report import residual_vs_plain
+
+    members = [_member(20, False, CIFAR_RECIPE), _member(20, True, CIFAR_RECIPE)]
+    stds = {"plain20": [1.0, 3.0, 2.0], "resnet20": [0.5, 0.7, 0.6]}
+    per_channel = {"plain20": [0.9, 1.0, 1.1], "resnet20": [0.4, 0.5, 0.5]}
+    path = plot_response_std(members, stds, tmp_path / "f7.png", per_channel=per_channel, branch={"resnet20": [0.3]})
+    assert path.stat().st_size > 5_000
+    said = residual_vs_plain(members, stds)
+    assert said.startswith("The ResNets' responses are smaller than the plain nets' at every depth, as in the paper")
+    assert "after 64000 iterations" in said and "ResNet 0.600 < plain 2.000" in said
+    flipped = residual_vs_plain(members, {"plain20": [0.5], "resnet20": [1.0]})
+    assert "not smaller than the plain nets' at any depth, unlike the paper" in flipped
+    assert "cannot be made" in residual_vs_plain(members[:1], stds)

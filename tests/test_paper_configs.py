@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from monitoring.paper import TABLE2, TABLE3, TABLE6, describe_recipe, recipe_differences, tables_for_params
+from monitoring.paper import (
+    CIFAR10_SHA256,
+    TABLE2,
+    TABLE3,
+    TABLE6,
+    describe_recipe,
+    recipe_deviations,
+    recipe_differences,
+    tables_for_params,
+)
 from pipeline.config import TrainConfig, flatten, load_config
 from pipeline.models import build_model, model_spec
 from pipeline.models.flops import count_macs
@@ -138,3 +147,86 @@ def test_cifar_paper_configs_start_bn_scales_from_uniform(path: Path) -> None:
 @pytest.mark.parametrize("path", _files("imagenet") + MODERN, ids=lambda p: p.stem)
 def test_imagenet_configs_start_bn_scales_at_one(path: Path) -> None:
     assert load_config(path, []).model.bn_weight_init == "ones"
+
+
+# Each override of a paper config that changes the experiment, and what the report then says it did instead.
+RECIPE_HOLES = [
+    ("cifar10/cifar_resnet56.toml", 1, ["optim.nesterov=true"], "Nesterov momentum"),
+    ("cifar10/cifar_resnet56.toml", 1, ["optim.grad_clip=1"], "gradient norm clipped at 1.0"),
+    ("cifar10/cifar_resnet56.toml", 1, ["model.zero_init_residual=true"], "zero-initialised last BN"),
+    ("cifar10/cifar_resnet56.toml", 1, ['data.val_dir="train"'], "error measured on the training split"),
+    ("cifar10/cifar_resnet56.toml", 1, ['data.root_sha256=""'], "CIFAR-10 data not identified"),
+    ("cifar10/cifar_resnet56.toml", 1, ["schedule.warmup_until_error=80"], "warm-up until error 80.0"),
+    ("cifar10/cifar_resnet110.toml", 1, ["schedule.warmup_until_error=99"], "warm-up until error 99.0"),
+    ("cifar10/cifar_resnet110.toml", 1, ["schedule.warmup_until_error=1"], "warm-up until error 1.0"),
+    ("cifar10/cifar_resnet110.toml", 1, ["schedule.warmup_until_error=0"], "no warm-up"),
+    ("imagenet/resnet50.toml", 256, ["schedule.warmup=5"], "global batch 8192"),
+    ("imagenet/resnet50.toml", 8, ["data.batch_size=256", "schedule.warmup=5"], "global batch 2048"),
+    ("imagenet/resnet34.toml", 4, ["schedule.warmup=0"], "global batch 128"),
+]
+
+
+@pytest.mark.parametrize(("path", "world", "overrides", "said"), RECIPE_HOLES, ids=lambda v: str(v))
+def test_every_key_that_changes_the_experiment_is_named(path: str, world: int, overrides: list[str], said: str) -> None:
+    params = run_params(load_config(CONFIGS / path, overrides), world_size=world)
+    (table,) = tables_for_params(params)[-1:]
+    text = describe_recipe(recipe_differences(table, params))
+    assert text.startswith("paper recipe except: ") and said in text, text
+
+
+def test_a_cifar_subset_or_another_copy_of_cifar10_is_told_by_its_sizes() -> None:
+    cfg = load_config(CONFIGS / "cifar10/cifar_resnet56.toml", ['data.root_sha256=""'])
+    params = run_params(cfg, world_size=1)
+    # Another copy of CIFAR-10 (no known sha256): its logged split sizes say it is CIFAR-10 ...
+    assert not recipe_differences(TABLE6, {**params, "train_samples": "50000", "val_samples": "10000"})
+    # ... and a 45,000-image training subset is not, whatever archive it came from.
+    for extra in ({"train_samples": "45000", "val_samples": "5000"}, {"train_samples": "45000"}):
+        subset = {**params, "data.root_sha256": CIFAR10_SHA256, **extra}
+        text = describe_recipe(recipe_differences(TABLE6, subset))
+        assert "CIFAR-10 data of 45,000 train" in text, text
+
+
+def test_the_known_cifar10_archive_is_the_one_the_paper_configs_read() -> None:
+    assert load_config(CONFIGS / "cifar10/cifar_resnet20.toml").data.root_sha256 == CIFAR10_SHA256
+
+
+@pytest.mark.parametrize("kind", ["multistep", "step"])
+def test_step_schedule_is_the_papers_multistep(kind: str) -> None:
+    for path, world in (("cifar10/cifar_resnet20.toml", 1), ("imagenet/resnet34.toml", 8)):
+        params = run_params(load_config(CONFIGS / path, [f'schedule.kind="{kind}"']), world_size=world)
+        assert not any(d for d in _differences(params).values()), (path, _differences(params))
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_paper_configs_state_their_deliberate_deviations(path: Path) -> None:
+    """What the paper configs do differently on purpose passes the check, but the report states it, and the
+    config's first comment says so too."""
+    params = run_params(load_config(path), world_size=intended_world_size(path))
+    (table,) = tables_for_params(params)[-1:]
+    deviations = recipe_deviations(table, params)
+    assert any("bf16 autocast" in d for d in deviations) and any("fan_out" in d for d in deviations)
+    assert any("per-channel mean/std" in d for d in deviations) != bool(load_config(path).data.mean_image)
+    if table is TABLE6:
+        assert any("U[0, 1)" in d for d in deviations) and any("BN statistics" in d for d in deviations)
+    base = (path.parent / "_paper.toml").read_text().split("\n\n")[0].lower()
+    for said in ("bf16", "fan_out", "per-pixel mean") + (("u[0, 1)", "2 gpus x 64") if table is TABLE6 else ()):
+        assert said in base, f"{path.parent.name}/_paper.toml's first comment does not state {said!r}"
+
+
+def test_resnet110_seed_replicas_are_compared_with_the_papers_mean() -> None:
+    from test_report import CIFAR_RECIPE
+    from test_report import _member as report_member
+
+    from monitoring.tables import comparison_table
+    from pipeline.study.runs import StudyRuns
+
+    params = dict(CIFAR_RECIPE, **{"schedule.warmup_until_error": "80.0"})
+    replicas = []
+    for seed, err in enumerate((6.5, 6.7, 6.9)):
+        m = report_member(110, True, top1=err, top5=0.0, dataset="cifar", params=params, stem="cifar")
+        m.name, m.tags["world_size"] = f"resnet110_s{seed}", "1"
+        replicas.append(m)
+    table = comparison_table(StudyRuns("t6", "p", "1", "uri", replicas))
+    assert table.rows == [["110", "—", "6.70±0.20 (n=3)", "6.61±0.16 (mean of 5)"]]
+    one = comparison_table(StudyRuns("t6", "p", "1", "uri", replicas[:1]))
+    assert one.rows == [["110", "—", "6.50", "6.43 (best of 5)"]]

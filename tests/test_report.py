@@ -14,6 +14,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from monitoring.paper import CIFAR10_SHA256
 from monitoring.report import main
 from monitoring.tables import comparison_table
 from pipeline.study.runs import MemberRun, StudyRuns
@@ -38,6 +39,7 @@ CIFAR_RECIPE = {
     "data.flip": "True",
     "optim.no_decay_bn_bias": "False",
     "precision.dtype": "bf16",
+    "data.root_sha256": CIFAR10_SHA256,  # the paper configs' CIFAR-10 archive
 }
 IMAGENET_RECIPE = {
     "data.batch_size": "32",
@@ -134,8 +136,11 @@ def test_report_from_a_synthetic_cifar_study(mlflow_server, tmp_path: Path, caps
     lines = {line.split()[0]: line.split() for line in printed.splitlines() if line.strip()[:1].isdigit()}
     assert lines["20"] == ["20", "9.50", "8.60", "8.75"]
     assert lines["56"] == ["56", "13.80", "7.10", "—"]
-    assert lines["110"][:3] == ["110", "—", "6.50"] and "6.43 (6.61±0.16)" in printed
-    assert "ResNet-56: 64k iterations" in printed
+    # One ResNet-110 run: the paper's best of 5 beside it.
+    assert lines["110"][:3] == ["110", "—", "6.50"] and "6.43 (best of 5)" in printed
+    assert "ResNet-56: paper recipe except: lr x0.1 at steps [32000, 48000] of 1000 steps" in printed
+    assert "Deliberate deviations from the paper's recipe in the compared runs: " in printed
+    assert "bf16 autocast" in printed
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![Figure 6 layout](figure.png)" in (out / "report.md").read_text()
     assert sorted(a.path for a in client.list_artifacts(parent, "report")) == [
@@ -208,7 +213,7 @@ def test_imagenet_table_has_top5_and_the_10crop_paper_column() -> None:
     assert rows["18"] == ["18", "28.10", "9.90", "27.94", "28.00", "9.80", "27.88"]
     assert rows["34"] == ["34", "29.00", "10.20", "28.54", "25.50", "8.00", "—"]  # option B: Table 2 used A
     assert rows["50"] == ["50", "—", "—", "—", "23.90", "7.10", "—"]
-    assert any("ResNet-34: option A shortcuts" in n for n in table.notes)
+    assert any("ResNet-34: paper recipe except: option B shortcuts" in n for n in table.notes)
     assert any("10 crops" in n for n in table.notes)
 
 
@@ -222,7 +227,7 @@ def test_digits_study_has_no_paper_column() -> None:
     assert table.columns == ["layers", "plain top-1", "ResNet top-1"]
     assert table.rows == [["20", "3.00", "2.50"]]
     assert "Table 6 layout" in table.title
-    assert any("recipe differs" in n and "CIFAR-10" in n for n in table.notes)
+    assert any("recipe differs" in n and "paper recipe except: digits data" in n for n in table.notes)
 
 
 def test_table3_lists_the_recipe_beside_the_papers_numbers_and_prefers_10crop() -> None:

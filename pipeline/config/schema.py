@@ -119,8 +119,9 @@ class DataConfig:
     )
     mean_image: str = doc(
         "",
-        "imagenet style: per-pixel mean (.npy, image_size x image_size x 3, 0-255) used instead of data.mean; a "
-        'relative path is under data.root ("mean_image.npy" is what `python -m pipeline.tools.prepare` writes)',
+        "the paper's per-pixel mean (.npy, image_size x image_size x 3, 0-255) subtracted instead of data.mean; a "
+        'relative path is under data.root ("mean_image.npy" is what `python -m pipeline.tools.prepare` writes; '
+        "CIFAR: `prepare mean-image ROOT --size 32 --resize 32`)",
     )
     exclude_list: str = doc(
         "",
@@ -202,11 +203,6 @@ class DataConfig:
             raise ConfigError(
                 f"data.format = 'shards' reads a sharded dataset at data.root: it needs data.source = 'folder' and "
                 f"data.in_memory = false (got source {self.source!r}, in_memory {self.in_memory})"
-            )
-        if self.mean_image and self.style != "imagenet":
-            raise ConfigError(
-                f"data.mean_image = {self.mean_image!r} needs data.style = 'imagenet' (the CIFAR pipeline "
-                f"normalises with data.mean/data.std); set data.mean_image = ''"
             )
 
 
@@ -434,19 +430,25 @@ class DiagnosticsConfig:
     )
     response_std: bool = doc(
         False,
-        "Figure 7: std of each 3x3 layer's response (after BN, before addition and ReLU) on a fixed validation "
-        "batch at the end of training, as an artifact (diagnostics/response_std.json) and per-stage metrics",
+        "Figure 7: std of each 3x3 layer's response (after BN, before addition and ReLU) on a fixed, "
+        "class-stratified set of validation images, at every evaluation and at the end: per-stage metrics at "
+        "each (a line per stage in MLflow) and the per-layer numbers as diagnostics/response_std.json",
     )
     response_std_steps: list[int] = field(
-        default_factory=list, metadata={"doc": "response_std: also measure after these optimizer steps"}
+        default_factory=list,
+        metadata={"doc": "response_std: also measure after these optimizer steps (each also as a JSON artifact)"},
+    )
+    response_std_every: int = doc(
+        0, "response_std: also measure every this many optimizer steps (0: at evaluations and the end only)"
     )
 
     def __post_init__(self) -> None:
-        check_numbers(self, "diagnostics.")
+        check_numbers(self, "diagnostics.", at_least={"response_std_every": 0})
         if any(s < 1 for s in self.response_std_steps):
             raise ConfigError(f"diagnostics.response_std_steps = {self.response_std_steps}: steps must be >= 1")
-        if self.response_std_steps and not self.response_std:
-            raise ConfigError("diagnostics.response_std_steps is set but diagnostics.response_std = false: enable it")
+        for key in ("response_std_steps", "response_std_every"):
+            if getattr(self, key) and not self.response_std:
+                raise ConfigError(f"diagnostics.{key} is set but diagnostics.response_std = false: enable it")
 
 
 @dataclass

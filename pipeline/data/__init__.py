@@ -10,8 +10,8 @@ Commands: ``python -m pipeline.tools.prepare imagenet`` (ILSVRC-2012 archives ->
 or s3://) and ``python -m pipeline.tools.validate ROOT`` (images DALI cannot decode -> exclude list).
 """
 
-from pipeline.data.build import build_source, prepare_dataset_root, resolve_decoder
+from pipeline.data.build import build_source, measurement_batch, prepare_dataset_root, resolve_decoder
 from pipeline.data.errors import DataError
 from pipeline.data.source import DataSource
 
-__all__ = ["DataError", "DataSource", "build_source", "prepare_dataset_root", "resolve_decoder"]
+__all__ = ["DataError", "DataSource", "build_source", "measurement_batch", "prepare_dataset_root", "resolve_decoder"]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import math
 import os
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -14,7 +16,7 @@ from pipeline.core.storage import Storage, StorageError
 from pipeline.data.archive import extract_archive, is_archive
 from pipeline.data.digits import prepare_digits
 from pipeline.data.errors import DataError
-from pipeline.data.folder import is_url, read_exclude_list, scan_dataset
+from pipeline.data.folder import SplitIndex, is_url, read_exclude_list, scan_dataset
 from pipeline.data.loader import DaliSettings, DaliSource
 from pipeline.data.memory import InMemorySource
 from pipeline.data.pipelines import TrainAugment
@@ -23,6 +25,8 @@ from pipeline.data.shard_format import read_manifest
 from pipeline.data.shards import LocalShards, ShardSource
 from pipeline.data.source import PAPER_SCALES, DataSource, SourceOptions
 from pipeline.data.synthetic import SyntheticSource
+
+MEASURE_IMAGES = 500  # about how many images measurement_batch holds (at least one of every class)
 
 
 def prepare_dataset_root(cfg: DataConfig) -> str:
@@ -126,17 +130,26 @@ def build_source(
     )
     if cfg.format == "shards":
         return _shard_source(cfg, options, root=root, num_classes=num_classes, settings=settings)
-    fixes = None
-    if cfg.exclude_list:
-        fixes = read_exclude_list(cfg.exclude_list, root=root)
-    index = scan_dataset(
+    index = _scan(cfg, root=root, split=split, num_classes=num_classes)
+    return _index_source(cfg, options, index, root=root, settings=settings)
+
+
+def _scan(cfg: DataConfig, *, root: str, split: str, num_classes: int) -> SplitIndex:
+    """The file index of ``split`` of an image-folder dataset, with the exclude list applied."""
+    return scan_dataset(
         root,
         split_dir=cfg.train_dir if split == "train" else cfg.val_dir,
         train_dir=cfg.train_dir,
         val_dir=cfg.val_dir,
         num_classes=num_classes,
-        fixes=fixes,
+        fixes=read_exclude_list(cfg.exclude_list, root=root) if cfg.exclude_list else None,
     )
+
+
+def _index_source(
+    cfg: DataConfig, options: SourceOptions, index: SplitIndex, *, root: str, settings: DaliSettings
+) -> DataSource:
+    """The source of an image-folder split's ``index``: decoded once into device memory, or read by DALI."""
     if cfg.in_memory:
         return InMemorySource(
             index,
@@ -148,8 +161,77 @@ def build_source(
             decoder=settings.decoder,
             num_threads=cfg.num_threads,
             root=root,
+            mean_image=settings.mean_image,
         )
     return DaliSource(index, options, settings=settings, root=root)
+
+
+def measurement_batch(
+    cfg: DataConfig, *, device: torch.device, num_classes: int, root: str | None = None, images: int = MEASURE_IMAGES
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed, class-stratified set of validation images, preprocessed as the evaluation sees them: the first
+    ``ceil(images / classes)`` files of every class (500 for CIFAR-10: 50 per class; ImageNet: one per class),
+    the same for every run on the same data, whatever its rank count. Figure 7 measures the layer responses on it:
+    the first validation batch in file order would be one class. Returns ``(images, labels)`` on ``device``.
+
+    Synthetic data has no classes: its first validation batch. Shards (written in one fixed order) are streamed
+    on this process until every class has its images, once per run."""
+    per_class = max(1, math.ceil(images / num_classes))
+    if root is None:
+        root = prepare_dataset_root(cfg)
+    options = SourceOptions(
+        split="val",
+        rank=0,
+        world_size=1,
+        device=device,
+        seed=0,
+        num_classes=num_classes,
+        batch_size=cfg.val_batch_size or cfg.batch_size,
+    )
+    if cfg.source == "synthetic":
+        return next(iter(SyntheticSource(options, image_size=cfg.image_size, num_batches=1)))
+    settings = _dali_settings(
+        cfg, root=root, decoder=resolve_decoder(cfg.decoder, device), eval_mode="center", scales=PAPER_SCALES
+    )
+    if cfg.format == "shards":
+        source = _shard_source(cfg, options, root=root, num_classes=num_classes, settings=settings)
+        return _stratified(iter(source), per_class=per_class, num_classes=num_classes)
+    index = _scan(cfg, root=root, split="val", num_classes=num_classes)
+    taken: dict[int, int] = {}
+    chosen = []
+    for i, label in enumerate(index.labels):  # grouped by class, sorted within: the first files of each class
+        if taken.get(label, 0) < per_class:
+            taken[label] = taken.get(label, 0) + 1
+            chosen.append(i)
+    subset = SplitIndex(
+        path=index.path,
+        classes=index.classes,
+        files=tuple(index.files[i] for i in chosen),
+        labels=tuple(index.labels[i] for i in chosen),
+    )
+    batches = list(_index_source(cfg, options, subset, root=root, settings=settings))
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+
+def _stratified(
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]], *, per_class: int, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``per_class`` images of every class from a stream of batches (stops once all are there)."""
+    kept_x: list[torch.Tensor] = []
+    kept_y: list[torch.Tensor] = []
+    counts = torch.zeros(num_classes, dtype=torch.int64)
+    for x, y in batches:
+        rank_in_class = torch.zeros_like(y, device="cpu")
+        labels = y.cpu()
+        for k, label in enumerate(labels.tolist()):
+            rank_in_class[k] = counts[label]
+            counts[label] += 1
+        keep = (rank_in_class < per_class).to(y.device)
+        kept_x.append(x[keep])
+        kept_y.append(y[keep])
+        if bool((counts >= per_class).all()):
+            break
+    return torch.cat(kept_x), torch.cat(kept_y)
 
 
 def _dali_settings(

@@ -123,8 +123,11 @@ class InMemorySource(EpochSource):
         num_threads: int = 2,
         images: torch.Tensor | None = None,
         root: str = "",
+        mean_image: np.ndarray | None = None,
     ) -> None:
-        """``images`` (uint8 NHWC, index order) skips decoding: tests and callers that hold the split already."""
+        """``images`` (uint8 NHWC, index order) skips decoding: tests and callers that hold the split already.
+        ``mean_image`` (H x W x 3, 0-255): the paper's per-pixel mean, subtracted before the padding, so a pad pixel
+        is the mean (0) as in the paper's zero-padded mean-subtracted images; ``mean`` is then not used."""
         n = len(index)
         super().__init__(options, num_samples=n, num_batches=options.epoch_length(n, path=index.path))
         self.index = index
@@ -150,6 +153,12 @@ class InMemorySource(EpochSource):
         self._labels = torch.tensor(index.labels, dtype=torch.int64, device=self.device)
         self._scale = (1.0 / torch.tensor(list(std), dtype=torch.float32)).view(1, 3, 1, 1).to(self.device)
         self._shift = (-torch.tensor(list(mean), dtype=torch.float32)).view(1, 3, 1, 1).to(self.device) * self._scale
+        self._mean_image: torch.Tensor | None = None
+        if mean_image is not None:
+            self._shift = torch.zeros_like(self._shift)
+            pad = CIFAR_PAD if self.split == "train" else 0  # lined up with the padded training images
+            m = torch.from_numpy(np.asarray(mean_image, np.float32)).permute(2, 0, 1)
+            self._mean_image = F.pad(m, (pad,) * 4).permute(1, 2, 0).contiguous().to(self.device)
         self._ar = torch.arange(image_size, device=self.device)
         self._plan_epoch = -1
         self._plan: dict[str, torch.Tensor] = {}
@@ -196,12 +205,17 @@ class InMemorySource(EpochSource):
         idx, rows, cols = plan["index"][sl], plan["rows"][sl], plan["cols"][sl]
         # Pad + crop + flip as one gather: output pixel (i, j) of sample k is padded[idx_k, rows_ki, cols_kj].
         x = self._images[idx[:, None, None], rows[:, :, None], cols[:, None, :]]
+        if self._mean_image is not None:  # the mean under each output pixel, through the same crop and flip
+            x = x.float() - self._mean_image[rows[:, :, None], cols[:, None, :]]
         return self._normalise(x), self._labels[idx]
 
     def _val_batch(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         lo = self._shard_start + b * self.batch_size
         hi = min(self._shard_start + self._shard_len, lo + self.batch_size)
-        return self._normalise(self._images[lo:hi]), self._labels[lo:hi]
+        x = self._images[lo:hi]
+        if self._mean_image is not None:
+            x = x.float() - self._mean_image
+        return self._normalise(x), self._labels[lo:hi]
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self._shift, x.permute(0, 3, 1, 2).float(), self._scale)

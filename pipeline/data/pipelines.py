@@ -205,6 +205,13 @@ def _train_images(
         # torchvision's RandomCrop(padding=4) before Normalize); then a crop at one of the
         # (2 * pad + 1)^2 integer offsets, each equally likely. The centred oversize crop pads an
         # image_size image by exactly CIFAR_PAD on each side.
+        # With the paper's per-pixel mean image it is subtracted first, so a pad pixel is the mean (0), as in the
+        # paper's zero-padded, mean-subtracted images (InMemorySource does the same).
+        if mean_image is not None:
+            images = fn.cast(images, dtype=types.FLOAT) - types.Constant(
+                np.asarray(mean_image, np.float32), device=_device(decoder)
+            )
+            mean = (0.0, 0.0, 0.0)
         padded = image_size + 2 * CIFAR_PAD
         images = fn.crop(images, crop=(padded, padded), out_of_bounds_policy="pad", fill_values=0)
         offsets = [i / (2 * CIFAR_PAD) for i in range(2 * CIFAR_PAD + 1)]

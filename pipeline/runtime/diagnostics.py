@@ -10,9 +10,18 @@ keep non-zero variance and backward gradients "exhibit healthy norms". Two measu
   moves them into its optimizer's partitions (``.grad`` is None by then), one slice per rank, which are read
   there instead;
 - Figure 7: the standard deviation of each 3x3 layer's response, the output of the BN that follows the 3x3
-  conv, before the addition and ReLU, on one fixed validation batch (the first of rank 0's shard), measured
-  with forward hooks in eval mode (running statistics, no update), written as ``diagnostics/response_std.json``
-  (layer name -> std, in layer order).
+  conv, before the addition and ReLU, measured with forward hooks in eval mode (running statistics, no update)
+  on one fixed, class-stratified set of validation images (``pipeline.data.measurement_batch``: the first files
+  of every class, the same for every net; the first validation batch in file order would be one class). Two
+  stds per layer: over all N*C*H*W elements of the response (``layers``), and per channel, then averaged over
+  the channels (``per_channel``). The paper's Figure 7 is believed to be the first: it speaks of "the std of
+  the layer responses" with no per-channel step, and the simple reading of a Caffe blob is its std over every
+  element; it includes the spread between channels' BN offsets, which the per-channel one leaves out. For
+  bottleneck blocks the branch output (``bn3``, which meets the addition) is recorded too (``branch``),
+  beside the middle 3x3's BN. Measured at every evaluation, every ``response_std_every`` steps, at the
+  ``response_std_steps`` and at the end, each logged at its step as per-stage means (``response_std/<stage>``,
+  ``response_std_channel/<stage>``, ``response_std_branch/<stage>``: one line per stage in MLflow), and written
+  as ``diagnostics/response_std.json`` at the end (``response_std_step<N>.json`` at a chosen step).
 
 Both only read the model: training with them is bitwise the training without them.
 """
@@ -21,6 +30,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -113,51 +124,130 @@ def response_layers(module: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
     return out
 
 
+def branch_layers(module: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
+    """The BN at the end of each bottleneck's branch (``bn3``, the response that meets the addition), in layer
+    order; a basic block's last BN is a 3x3 layer's, already in :func:`response_layers`."""
+    threes = {id(bn) for _, bn in response_layers(module)}
+    out = []
+    for prefix, m in module.named_modules():
+        last = getattr(m, "last_bn", None)
+        bn = last() if callable(last) else None
+        if isinstance(bn, nn.BatchNorm2d) and id(bn) not in threes:
+            name = next(n for n, child in m.named_children() if child is bn)
+            out.append((f"{prefix}.{name}", bn))
+    return out
+
+
+@dataclass
+class ResponseStats:
+    """Figure 7's numbers at one measurement: layer name -> std, in layer order."""
+
+    layers: dict[str, float]  # over all N*C*H*W elements of the response (the paper's, see the module docstring)
+    per_channel: dict[str, float]  # per channel over N*H*W, then averaged over the channels
+    branch: dict[str, float] = field(default_factory=dict)  # bottleneck branch outputs (bn3), over all elements
+
+    def as_json(self, step: int) -> str:
+        return json.dumps(
+            {"step": step, "layers": self.layers, "per_channel": self.per_channel, "branch": self.branch}, indent=1
+        )
+
+
+class _Moments:
+    """Per-channel sums of x and x^2 in float64 over the chunks of a measurement, for both stds at once."""
+
+    def __init__(self) -> None:
+        self.n = 0  # elements per channel
+        self.s1: torch.Tensor | None = None
+        self.s2: torch.Tensor | None = None
+
+    def add(self, out: torch.Tensor) -> None:
+        x = out.detach().double().transpose(0, 1).reshape(out.shape[1], -1)
+        s1, s2 = x.sum(dim=1), x.square().sum(dim=1)
+        self.s1 = s1 if self.s1 is None else self.s1 + s1
+        self.s2 = s2 if self.s2 is None else self.s2 + s2
+        self.n += x.shape[1]
+
+    def stds(self) -> torch.Tensor:
+        """(std over all elements, mean over channels of each channel's std), unbiased as torch.std."""
+        assert self.s1 is not None and self.s2 is not None
+        total = self.n * self.s1.numel()
+        var_all = (self.s2.sum() - self.s1.sum() ** 2 / total) / (total - 1)
+        var_ch = (self.s2 - self.s1**2 / self.n) / (self.n - 1)
+        return torch.stack([var_all.clamp_min(0).sqrt(), var_ch.clamp_min(0).sqrt().mean()])
+
+
 @torch.no_grad()
-def response_std(module: nn.Module, images: torch.Tensor) -> dict[str, float]:
-    """Std of each 3x3 layer's response to ``images`` (layer name -> std, in layer order), in eval mode.
+def response_std(module: nn.Module, images: torch.Tensor | Sequence[torch.Tensor]) -> ResponseStats:
+    """Std of each 3x3 layer's response to ``images`` (one batch, or a sequence of chunks measured as one set),
+    both ways (see :class:`ResponseStats`), and of each bottleneck branch's output, in eval mode.
 
     The hook reads the BN output as it is returned: the block then adds the shortcut to it in place, so the
     std must be taken there and then. Eval mode uses the running statistics and updates none of them; the
     module's mode is restored afterwards."""
-    layers = response_layers(module)
-    stds: dict[str, torch.Tensor] = {}
+    layers, branches = response_layers(module), branch_layers(module)
+    moments = {name: _Moments() for name, _ in layers + branches}
 
     def hook(name: str):
         def read(_m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
-            stds[name] = out.float().std()
+            moments[name].add(out)
 
         return read
 
-    handles = [bn.register_forward_hook(hook(name)) for name, bn in layers]
+    handles = [bn.register_forward_hook(hook(name)) for name, bn in layers + branches]
     was_training = module.training
     module.eval()
+    device = next(module.parameters()).device
     try:
-        # forward(), not __call__: a module compiled in place (nn.Module.compile) would run its graph, where hooks
-        # added now mean a recompile; its submodules still run eagerly, hooks included.
-        module.forward(images)
+        for chunk in [images] if isinstance(images, torch.Tensor) else images:
+            # forward(), not __call__: a module compiled in place (nn.Module.compile) would run its graph, where
+            # hooks added now mean a recompile; its submodules still run eagerly, hooks included.
+            module.forward(chunk.to(device, non_blocking=True))
     finally:
         module.train(was_training)
         for h in handles:
             h.remove()
-    values = torch.stack([stds[name] for name, _ in layers]).tolist() if layers else []
-    return dict(zip([name for name, _ in layers], values, strict=True))
+    names = [name for name, _ in layers + branches]
+    values = torch.stack([moments[n].stds() for n in names]).tolist() if names else []
+    got = dict(zip(names, values, strict=True))
+    return ResponseStats(
+        layers={n: got[n][0] for n, _ in layers},
+        per_channel={n: got[n][1] for n, _ in layers},
+        branch={n: got[n][0] for n, _ in branches},
+    )
 
 
-def stage_means(stds: dict[str, float]) -> dict[str, float]:
-    """Mean response std per stage (``response_std/stem``, ``response_std/layer1``, ...): cheap metrics."""
+def stage_means(stds: dict[str, float], *, prefix: str = "response_std") -> dict[str, float]:
+    """Mean response std per stage (``<prefix>/stem``, ``<prefix>/layer1``, ...): cheap metrics."""
     by_stage: dict[str, list[float]] = {}
     for name, v in stds.items():
         stage = name.split(".")[0] if name.startswith("layer") else "stem"
         by_stage.setdefault(stage, []).append(v)
-    return {f"response_std/{k}": sum(v) / len(v) for k, v in by_stage.items()}
+    return {f"{prefix}/{k}": sum(v) / len(v) for k, v in by_stage.items()}
+
+
+def response_metrics(stats: ResponseStats) -> dict[str, float]:
+    """The per-stage means of every measure, as the metrics logged at the measurement's step."""
+    return {
+        **stage_means(stats.layers),
+        **stage_means(stats.per_channel, prefix="response_std_channel"),
+        **stage_means(stats.branch, prefix="response_std_branch"),
+    }
 
 
 class Diagnostics:
-    """What ``cfg`` turns on, for one rank's trainer: gradient norms on every rank, response std on rank 0."""
+    """What ``cfg`` turns on, for one rank's trainer: gradient norms on every rank, response std on rank 0.
+    ``measurement``: loads Figure 7's fixed image set (``pipeline.data.measurement_batch``), called once, on rank 0
+    at its first measurement."""
 
     def __init__(
-        self, cfg: DiagnosticsConfig, *, module: nn.Module, optimizer: Any = None, rank: int, out_dir: str | Path
+        self,
+        cfg: DiagnosticsConfig,
+        *,
+        module: nn.Module,
+        optimizer: Any = None,
+        rank: int,
+        out_dir: str | Path,
+        measurement: Callable[[], torch.Tensor] | None = None,
     ) -> None:
         self.cfg = cfg
         self.module = module
@@ -165,30 +255,43 @@ class Diagnostics:
         self.out_dir = Path(out_dir)
         self.grad_norms = GradNorms(module, optimizer=optimizer) if cfg.grad_norms else None
         self._steps = set(cfg.response_std_steps)
-        self._batch: torch.Tensor | None = None
+        self._measurement = measurement
+        self._chunks: list[torch.Tensor] | None = None
+        self._measured: int | None = None  # the last step measured: one measurement per step
 
-    def response_due(self, step: int, *, final: bool = False) -> bool:
-        return self.cfg.response_std and self.rank == 0 and (final or step in self._steps)
+    def response_due(self, step: int, *, final: bool = False, evaluated: bool = False) -> bool:
+        """Whether rank 0 measures now: at the end, after an evaluation, at a chosen step or every N steps."""
+        if not (self.cfg.response_std and self.rank == 0):
+            return False
+        every = self.cfg.response_std_every
+        return final or (
+            step != self._measured and (evaluated or step in self._steps or (every > 0 and step % every == 0))
+        )
 
-    def fixed_batch(self, val_source: Any) -> torch.Tensor:
-        """The first validation batch of this rank, kept: the same images at every measurement (a val source
-        restarts its pass at each ``iter()``, so taking one batch leaves the next evaluation whole)."""
-        if self._batch is None:
-            images, _ = next(iter(val_source))
-            self._batch = images.clone()
-        return self._batch
+    def fixed_chunks(self) -> list[torch.Tensor]:
+        """The measurement images, loaded once and kept on the host in chunks of 256: the same images at every
+        measurement, without holding ImageNet's 1,000 images on the device between measurements."""
+        if self._chunks is None:
+            if self._measurement is None:
+                raise RuntimeError("Diagnostics(response_std) needs a measurement set: pass measurement=")
+            self._chunks = [c.cpu() for c in self._measurement().split(256)]
+        return self._chunks
 
-    def measure_responses(self, val_source: Any, *, step: int, final: bool) -> tuple[Path, dict[str, float]]:
-        """Rank 0: Figure 7's numbers now, written as JSON (the final one as ``response_std.json``, a chosen
-        step's as ``response_std_step<N>.json``); returns the file and per-stage mean metrics."""
-        stds = response_std(self.module, self.fixed_batch(val_source))
-        name = Path(RESPONSE_STD_ARTIFACT).name if final else f"response_std_step{step}.json"
-        path = self.out_dir / "diagnostics" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"step": step, "layers": stds}, indent=1))
-        return path, stage_means(stds)
+    def measure_responses(self, *, step: int, final: bool) -> tuple[Path | None, dict[str, float]]:
+        """Rank 0: Figure 7's numbers now; returns the file written (the final one as ``response_std.json``, a chosen
+        step's as ``response_std_step<N>.json``, else None) and the per-stage metrics to log at ``step``."""
+        stats = response_std(self.module, self.fixed_chunks())
+        self._measured = step
+        path = None
+        if final or step in self._steps:
+            name = Path(RESPONSE_STD_ARTIFACT).name if final else f"response_std_step{step}.json"
+            path = self.out_dir / "diagnostics" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(stats.as_json(step))
+        return path, response_metrics(stats)
 
 
-def read_response_std(text: str) -> dict[str, float]:
-    """Layer name -> std from a ``response_std.json`` (in layer order)."""
-    return dict(json.loads(text)["layers"])
+def read_response_std(text: str, *, measure: str = "layers") -> dict[str, float]:
+    """Layer name -> std from a ``response_std.json`` (in layer order): ``measure`` "layers" (over all elements,
+    the paper's), "per_channel" or "branch" (absent in files written before they were recorded: empty)."""
+    return dict(json.loads(text).get(measure, {}))

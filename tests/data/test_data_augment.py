@@ -130,6 +130,30 @@ def test_per_pixel_mean_image(tmp_path, make_cfg):
             assert all(f or p for f, p in zip(flipped, plain, strict=True)) and any(flipped) and any(plain)
 
 
+@pytest.mark.parametrize("in_memory", [False, True], ids=["dali", "in_memory"])
+def test_cifar_per_pixel_mean_image_is_subtracted_before_the_padding(tmp_path, make_cfg, in_memory):
+    """The paper's CIFAR preprocessing: the per-pixel mean subtracted, then 4 zero pixels (the mean) of padding and a
+    random crop; both CIFAR sources do it the same way."""
+    value = 130
+    root = image_tree(tmp_path / "ds", np.full((16, 16, 3), value, np.uint8))
+    yy, xx, cc = np.meshgrid(np.arange(16), np.arange(16), np.arange(3), indexing="ij")
+    mean = (yy * 3 + xx + cc * 10).astype(np.float32)
+    write_mean(tmp_path / "ds" / "mean_image.npy", mean)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    centred = torch.from_numpy(value - mean).permute(2, 0, 1)  # (C, H, W)
+    padded = torch.nn.functional.pad(centred, (4, 4, 4, 4))  # pad pixels: the mean, 0 after subtraction
+    crops = [padded[:, dy : dy + 16, dx : dx + 16] for dy in range(9) for dx in range(9)]
+    cfg = make_cfg(style="cifar", mean_image="mean_image.npy", flip=False, in_memory=in_memory, mean=[99.0] * 3)
+    for split in ("val", "train"):
+        src = build_source(cfg, split=split, rank=0, world_size=1, device=CPU, seed=0, num_classes=2, root=root)
+        x = torch.cat([b for b, _ in src]) * std
+        if split == "val":
+            assert torch.allclose(x, centred.expand_as(x), atol=1e-3)
+        else:
+            assert all(any(torch.allclose(img, c, atol=1e-3) for c in crops) for img in x)
+            assert not all(torch.allclose(img, centred, atol=1e-3) for img in x)  # crops at several offsets
+
+
 def test_mean_image_errors(tmp_path, make_cfg):
     root = image_tree(tmp_path / "ds", np.full((16, 16, 3), 9, np.uint8))
     bad = write_mean(tmp_path / "bad.npy", np.zeros((8, 8, 3)))
@@ -174,7 +198,6 @@ def test_random_resized_crop_stays_available(tmp_path, make_cfg):
         ("[data]\nscale = [256]\n", "data.scale = [256]"),
         ("[data]\nlighting = -0.1\n", "data.lighting = -0.1"),
         ("[data]\naugment = 'autoaugment'\n", "data.augment = 'autoaugment' is not allowed"),
-        ("[data]\nstyle = 'cifar'\nmean_image = 'm.npy'\n", "data.mean_image = 'm.npy' needs data.style = 'imagenet'"),
     ],
 )
 def test_config_validation_names_the_key(tmp_path, text, needle):

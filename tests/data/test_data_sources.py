@@ -216,3 +216,51 @@ def test_digits_sources_end_to_end(digits_cache):
     assert sum(len(y) for _, y in val) == val.num_samples - val.num_samples // 2
     with pytest.raises(DataError, match="set --model.num_classes=10"):
         build_source(cfg, split="val", rank=0, world_size=1, device=CPU, seed=0, num_classes=100, root=root)
+
+
+# -- Figure 7's measurement set ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_memory", [False, True], ids=["dali", "in_memory"])
+def test_measurement_batch_holds_every_class_of_the_validation_set(tree, make_cfg, in_memory):
+    """The validation split in file order is grouped by class (its first batch is one class): Figure 7's images
+    are the first files of every class, as many of each, the same at every call and for any rank count."""
+    from datatree import ids
+
+    from pipeline.data import measurement_batch
+
+    classes = {f"c{k}": 12 for k in range(5)}
+    root, index = tree({"train": {c: 2 for c in classes}, "val": classes})
+    cfg = make_cfg(style="cifar", in_memory=in_memory, val_batch_size=4)
+    x, y = measurement_batch(cfg, device=CPU, num_classes=5, root=root, images=20)
+    assert sorted(y.tolist()) == [c for c in range(5) for _ in range(4)]  # every class, 4 each
+    val = sorted(i for p, i in index.items() if f"{os.sep}val{os.sep}" in p)
+    assert sorted(ids(x)) == sorted(v for c in range(5) for v in val[12 * c : 12 * c + 4])  # first files of each
+    again, _ = measurement_batch(cfg, device=CPU, num_classes=5, root=root, images=20)
+    assert torch.equal(x, again)
+    first = next(
+        iter(build_source(cfg, split="val", rank=0, world_size=1, device=CPU, seed=0, num_classes=5, root=root))
+    )
+    assert first[1].unique().tolist() == [0]  # what Figure 7 measured before: one class
+    # Fewer images than classes: still one of every class; a class with fewer files gives what it has.
+    _, y1 = measurement_batch(cfg, device=CPU, num_classes=5, root=root, images=3)
+    _, y2 = measurement_batch(cfg, device=CPU, num_classes=5, root=root, images=500)
+    assert y1.tolist() == [0, 1, 2, 3, 4] and y2.bincount().tolist() == [12] * 5
+
+
+def test_measurement_batch_from_shards_streams_until_every_class_is_there(tmp_path, make_cfg):
+    from pipeline.data import measurement_batch
+    from pipeline.tools.prepare import main as prepare_main
+
+    root, _ = write_tree_for_shards(tmp_path)
+    assert prepare_main(["shards", root, str(tmp_path / "sh"), "--no-progress"]) == 0
+    cfg = make_cfg(style="cifar", root=str(tmp_path / "sh"), format="shards", val_batch_size=4)
+    x, y = measurement_batch(cfg, device=CPU, num_classes=3, root=str(tmp_path / "sh"), images=6)
+    assert y.bincount().tolist() == [2, 2, 2] and x.shape == (6, 3, 16, 16)
+
+
+def write_tree_for_shards(tmp_path):
+    from datatree import write_tree
+
+    root = str(tmp_path / "tree")
+    return root, write_tree(root, {"train": {"a": 2, "b": 2, "c": 2}, "val": {"a": 5, "b": 5, "c": 5}})

@@ -60,7 +60,7 @@ from pipeline.config import (
 from pipeline.core.distributed import DistEnv, init_distributed
 from pipeline.data import build_source, prepare_dataset_root
 from pipeline.data.folder import list_classes
-from pipeline.models import build_model, count_macs
+from pipeline.models import build_model, train_flops_per_image
 from pipeline.runtime.engine import FastPath, resolve_fast_path
 from pipeline.trainer import Trainer
 from pipeline.wiring import build_run
@@ -137,13 +137,6 @@ def matmul_peak(device: torch.device, *, size: int = 0, seconds: float = 1.0) ->
         "n": n,
         "tflops": 2 * n**3 * iters / dt / 1e12,
     }
-
-
-def flops_per_image(model: str, image_size: int, num_classes: int) -> float:
-    """Training FLOPs per image: 3 x the forward (backward ~ 2 x forward), 2 FLOPs per multiply-add."""
-    with torch.device("meta"):
-        m = build_model(model, num_classes=num_classes)
-    return 6.0 * count_macs(m, (3, image_size, image_size))
 
 
 def _peak_mem_mb(device: torch.device) -> tuple[float, str]:
@@ -407,7 +400,11 @@ class Bench:
     def _mfu(self, img_s: float, model: str, image_size: int, num_classes: int) -> float | None:
         if not self.peak.get("tflops"):
             return None
-        return img_s * flops_per_image(model, image_size, num_classes) / (self.peak["tflops"] * 1e12)
+        return (
+            img_s
+            * train_flops_per_image(model, image_size=image_size, num_classes=num_classes)
+            / (self.peak["tflops"] * 1e12)
+        )
 
     def matmul(self) -> None:
         self.peak = self.emit({**matmul_peak(self.device, size=self.args.matmul_size), **self.env})

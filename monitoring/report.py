@@ -4,8 +4,9 @@
     python -m monitoring.report --study 3f2a...e1 --out runs/reports/x --tracking-uri http://mlflow:5000
 
 Writes ``figure.png`` (Figure 4/6 layout), ``table.md`` (Table 2/6 layout, and Table 3 for ImageNet ResNets),
-``figure7.png`` (Figure 7 layout, when the members measured their response std: ``diagnostics.response_std``)
-and ``report.md`` into the output folder, logs them as artifacts of the study's parent run (under ``report/``),
+``figure7.png`` (Figure 7 layout, when the members measured their response std: ``diagnostics.response_std``),
+``report.md`` and ``report.html`` (the same page with its figures inline, for MLflow's artifact viewer) into the
+output folder, logs them as artifacts of the study's parent run (under ``report/``),
 and prints the table.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from monitoring.figures import plot_depth_curves, plot_response_std
 from monitoring.finding import degradation_finding
+from monitoring.html import markdown_page_html
 from monitoring.paper import recipe_mismatches, table_for
 from monitoring.tables import Table, comparison_table, member_summary, table3
 from pipeline.runtime.diagnostics import RESPONSE_STD_ARTIFACT, read_response_std
@@ -39,6 +41,12 @@ class Report:
     table_file: Path
     table3: Table | None = None  # Table 3's layout, when the study has ImageNet ResNets with a row in it
     figure7: Path | None = None  # Figure 7 layout; None when no member measured its response std
+    html: Path | None = None  # the page as HTML with its figures inline (what MLflow's artifact viewer shows)
+
+    @property
+    def figures(self) -> list[Path]:
+        """Every figure the report wrote, in the page's order."""
+        return [f for f in (self.figure, self.figure7) if f is not None]
 
 
 def paper_marks(members: list[MemberRun]) -> dict[str, float]:
@@ -149,6 +157,7 @@ def _page(
             f"Parent run `{study.parent_run_id}` (experiment {study.experiment_id}) at `{study.tracking_uri}`; "
             f"generated {when}.",
             "",
+            *([f"**{finding}**", ""] if (finding := degradation_finding(study.members)) else []),
             *(t.markdown() for t in tables),
             f"## Training curves ({fig_name} layout)",
             "",
@@ -206,9 +215,13 @@ def build_report(
     table_file = out / "table.md"
     table_file.write_text("\n".join(t.markdown() for t in tables))
     page = out / "report.md"
-    page.write_text(_page(runs, tables, member_summary(runs.members), figure, stds=stds, figure7=figure7))
+    markdown = _page(runs, tables, member_summary(runs.members), figure, stds=stds, figure7=figure7)
+    page.write_text(markdown)
+    # MLflow's artifact viewer shows markdown as text, image links included: the HTML page shows the figures.
+    html_page = out / "report.html"
+    html_page.write_text(markdown_page_html(markdown, title=f"Depth study {runs.name}", folder=out))
     if log_artifacts:
-        for f in (figure, figure7, table_file, page):
+        for f in (figure, figure7, table_file, page, html_page):
             if f is not None:
                 client.log_artifact(runs.parent_run_id, str(f), "report")  # type: ignore[attr-defined]
     return Report(
@@ -220,6 +233,7 @@ def build_report(
         table_file=table_file,
         table3=t3,
         figure7=figure7,
+        html=html_page,
     )
 
 
@@ -257,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                     "page": str(report.page.resolve()),
                     "figure": str(report.figure.resolve()),
                     "figure7": str(report.figure7.resolve()) if report.figure7 else None,
+                    "figures": [str(f.resolve()) for f in report.figures],
+                    "html": str(report.html.resolve()) if report.html else None,
                     "table": report.table.text(),
                     **({"table3": report.table3.text()} if report.table3 else {}),
                 }
@@ -268,10 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table.text())
     if report.table3:
         print(report.table3.text())
-    print(f"figure: {report.figure.resolve()}")
-    if report.figure7 is not None:
-        print(f"figure 7: {report.figure7.resolve()}")
+    for f in report.figures:
+        print(f"figure: {f.resolve()}")
     print(f"report: {report.page.resolve()}")
+    if report.html is not None:
+        print(f"report (HTML, figures inline; also the parent run's report/report.html): {report.html.resolve()}")
     return 0
 
 

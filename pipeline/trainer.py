@@ -31,7 +31,7 @@ from pipeline.core.stop import StopFlag
 from pipeline.data import DataSource
 from pipeline.runtime.diagnostics import Diagnostics
 from pipeline.runtime.engine import TrainingEngine, set_lr
-from pipeline.runtime.metrics import MetricSums
+from pipeline.runtime.metrics import MetricSums, efficiency
 from pipeline.runtime.progress import ConsoleReporter
 from pipeline.runtime.schedule import LRSchedule
 from pipeline.tracking import NullTracker, Tracker
@@ -72,6 +72,7 @@ class LoopSettings:
     log_every: int = 10
     eval_every: int = 1
     progress: bool = True
+    flops_per_image: float = 0.0  # training FLOPs of one image (forward and backward), for TFLOP/s and MFU; 0 = none
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +106,7 @@ class Trainer:
         self.log_every = loop.log_every
         self.eval_every = loop.eval_every
         self.progress = loop.progress and env.is_main
+        self.flops_per_image = loop.flops_per_image
         self.tracker: Tracker = parts.tracker or NullTracker()
         self.checkpointer = parts.checkpointer
         self.stop = parts.stop or StopFlag()
@@ -124,6 +126,7 @@ class Trainer:
         self._wait = 0.0
         self._busy = 0.0
         self._images = 0
+        self._steps_timed = 0  # optimizer steps since the last log
         self._mark = 0.0  # when the current step's time started counting
         self._epoch_batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._last_val: dict[str, float] = {}
@@ -287,6 +290,14 @@ class Trainer:
                 f"--optim.grad_clip; the last committed checkpoint is kept"
             )
         epoch, batch = self.train_source.position
+        images_per_s = self._images * self.world_size / max(elapsed_max, 1e-9)
+        speed = efficiency(
+            step_time_s=elapsed_max / max(1, self._steps_timed),
+            images_per_s=images_per_s,
+            world_size=self.world_size,
+            flops_per_image=self.flops_per_image,
+            device=self.device,
+        )
         row = {
             "step": self.step,
             "epoch": epoch + batch / max(1, len(self.train_source)),
@@ -294,8 +305,9 @@ class Trainer:
             "train_top1_error": m["top1_error"],
             "train_top5_error": m["top5_error"],
             "lr": self.schedule.lr(max(0, self.step - 1)),
-            "images_per_s": self._images * self.world_size / max(elapsed_max, 1e-9),
+            "images_per_s": images_per_s,
             "data_wait_share": wait_max / max(elapsed_max, 1e-9),
+            **speed,
             **grad_norms,
         }
         if self.schedule.observe_train_error(m["top1_error"]) and self.rank == 0:
@@ -307,7 +319,7 @@ class Trainer:
         self._record(row)
         self._sums.reset()
         self._wait = self._busy = 0.0
-        self._images = 0
+        self._images = self._steps_timed = 0
         return bool(stop_any)
 
     def _record(self, row: dict[str, float]) -> None:
@@ -351,6 +363,7 @@ class Trainer:
             if epoch_ended:
                 self._end_epoch()
         self.step += 1
+        self._steps_timed += 1
         now = time.perf_counter()
         self._busy += now - self._mark
         self._mark = now

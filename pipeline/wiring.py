@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -24,16 +25,18 @@ from pipeline.core.distributed import DistEnv, broadcast_object
 from pipeline.core.stop import StopFlag
 from pipeline.core.storage import StorageError
 from pipeline.data import DataSource, build_source, measurement_batch, prepare_dataset_root
-from pipeline.models import build_model, model_spec
+from pipeline.models import build_model, model_spec, train_flops_per_image
 from pipeline.runtime.diagnostics import Diagnostics
 from pipeline.runtime.engine import TrainingEngine, build_engine
 from pipeline.runtime.preflight import check_run
 from pipeline.runtime.schedule import LRSchedule, epoch_steps, scaled_lr
-from pipeline.tracking import Tracker, build_tracker
-from pipeline.tracking.datasets import dataset_name, describe_split
+from pipeline.tracking import ModelCard, Tracker, build_tracker, resolve_uri
+from pipeline.tracking.datasets import dataset_name, describe_split, split_classes
 from pipeline.trainer import LoopSettings, Trainer, TrainerParts
 
 log = logging.getLogger("pipeline")
+
+_INLINE_CLASSES = 100  # class names in the model's metadata up to this many; ImageNet's 1,000 go in a file
 
 
 @dataclass
@@ -81,7 +84,7 @@ class TrainingRun:
             # parallel coordinates can use depth, residual, ... A resumed run keeps each param's first value
             # (world_size included: the tag shows the current one); a new run logs them all.
             identity = self.identity()
-            self.tracker.log_params({**flatten(cfg), **identity})
+            self.tracker.log_params(self.params(identity))
             # The same as tags, for search; a tag shows the current value (world_size after a resume elsewhere).
             self.tracker.set_tags({**identity, "model": cfg.model.name, **self.engine.fast_path.as_params()})
             if len(trainer.world_sizes) > 1:
@@ -131,13 +134,34 @@ class TrainingRun:
             "world_size": str(self.env.world_size),
         }
 
+    def params(self, identity: dict[str, str]) -> dict[str, str]:
+        """Every config key and the identity, as MLflow params. A key left empty for the run to resolve is logged
+        as what it resolved to (``model.shortcut`` "" as the model's default, the same value as ``shortcut``):
+        an empty twin beside the resolved param would be what the UI's column and axis pickers offer first.
+        ``lr_effective`` is the peak lr after scaling ``optim.lr`` to the global batch."""
+        params = {**flatten(self.cfg), **identity, "lr_effective": f"{self.lr:g}"}
+        cfg = self.cfg
+        resolved = {
+            "model.shortcut": identity["shortcut"],
+            "model.stride_in": identity["stride_in"],
+            "run_id": cfg.resolved_run_id,
+            "tracking.run_name": cfg.tracking.run_name or cfg.name,
+            "tracking.uri": resolve_uri(cfg.tracking),
+        }
+        if self.checkpointer is not None:
+            resolved["checkpoint.staging_dir"] = staging_dir(cfg)
+        params.update({k: v for k, v in resolved.items() if params.get(k) == ""})
+        return params
+
     def log_model(self) -> None:
-        """Rank 0, after the checkpointer closed: the final model, named after the run, with a one-image input
-        example (its signature is inferred from it) and the URI of the last committed checkpoint as a tag."""
+        """Rank 0, after the checkpointer closed: the final model, named after the run and logged at its last step
+        (linked to its final training and validation metrics), with one preprocessed validation image as input
+        example, metadata that says how to feed it (:meth:`model_metadata`) and the last committed checkpoint's
+        URI as a tag."""
         if not (self.cfg.tracking.enabled and self.cfg.tracking.log_model):
             return  # nothing would be logged: list no checkpoints for it
-        size = self.cfg.data.image_size
-        example = np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)
+        images, _ = next(iter(self.sources["val"]))  # a val source restarts its pass at each iter()
+        example = images[:1].float().contiguous().cpu().numpy()
         tags = {}
         if self.checkpointer is not None:
             try:
@@ -151,7 +175,46 @@ class TrainingRun:
                 committed = []
             if committed:
                 tags["checkpoint_uri"] = self.checkpointer.store.url(committed[0])
-        self.tracker.log_model(self.engine.module, input_example=example, tags=tags)
+        metadata, files = self.model_metadata(checkpoint_uri=tags.get("checkpoint_uri", ""))
+        card = ModelCard(step=self.trainer.step, input_example=example, metadata=metadata, extra_files=files)
+        self.tracker.log_model(self.engine.module, card=card, tags=tags)
+
+    def model_metadata(self, *, checkpoint_uri: str = "") -> tuple[dict[str, Any], tuple[str, ...]]:
+        """How to feed the model and read what it returns, as MLflow model metadata, and the files to log with it:
+        the input layout and size, the normalisation (on the 0-255 scale), the class names (more than
+        ``_INLINE_CLASSES``: a ``class_index.json`` logged with the model instead), "logits", the config hash and
+        the checkpoint."""
+        data = self.cfg.data
+        size = data.image_size
+        metadata: dict[str, Any] = {
+            "input": {
+                "layout": "NCHW",
+                "channels": "RGB",
+                "shape": [3, size, size],
+                "dtype": "float32",
+                "normalisation": {
+                    "scale": "0-255",
+                    "formula": "(pixel - mean) / std",
+                    "mean": list(data.mean),
+                    "std": list(data.std),
+                    **({"mean_image": data.mean_image} if data.mean_image else {}),
+                },
+            },
+            "output": "logits",
+            "num_classes": self.cfg.model.num_classes,
+            "config_hash": self.cfg.hash(),
+            "checkpoint_uri": checkpoint_uri,
+        }
+        classes = split_classes(self.sources["val"])
+        files: tuple[str, ...] = ()
+        if classes and len(classes) <= _INLINE_CLASSES:
+            metadata["class_names"] = list(classes)
+        elif classes:
+            index = self.output_dir / "class_index.json"
+            index.write_text(json.dumps({str(i): name for i, name in enumerate(classes)}))
+            metadata["class_index"] = f"extra_files/{index.name}"  # where MLflow's pytorch flavor keeps it
+            files = (str(index),)
+        return metadata, files
 
 
 def model_record(cfg: TrainConfig) -> dict[str, str]:
@@ -161,6 +224,11 @@ def model_record(cfg: TrainConfig) -> dict[str, str]:
     for how_weights_start in ("zero_init_residual", "bn_weight_init"):  # not what the network is
         tags.pop(how_weights_start, None)
     return {"name": cfg.model.name, "num_classes": str(cfg.model.num_classes), **tags}
+
+
+def staging_dir(cfg: TrainConfig) -> str:
+    """Where checkpoints wait for their upload: checkpoint.staging_dir, else the run's output folder."""
+    return cfg.checkpoint.staging_dir or str(Path(cfg.resolved_output_dir) / "staging")
 
 
 def seed_everything(seed: int) -> None:
@@ -252,7 +320,7 @@ def build_run(
             rank=env.rank,
             world_size=env.world_size,
             config_hash=cfg.hash(),
-            staging_dir=cfg.checkpoint.staging_dir or str(Path(cfg.resolved_output_dir) / "staging"),
+            staging_dir=staging_dir(cfg),
             stop=stop,
             record={
                 "model": model_record(cfg),
@@ -291,7 +359,16 @@ def build_run(
             stop=stop,
         ),
         loop=LoopSettings(
-            total_steps=schedule.total_steps, log_every=cfg.log_every, eval_every=cfg.eval_every, progress=cfg.progress
+            total_steps=schedule.total_steps,
+            log_every=cfg.log_every,
+            eval_every=cfg.eval_every,
+            progress=cfg.progress,
+            flops_per_image=train_flops_per_image(
+                cfg.model.name,
+                image_size=cfg.data.image_size,
+                num_classes=cfg.model.num_classes,
+                **cfg.model.overrides(),
+            ),
         ),
         env=env,
     )

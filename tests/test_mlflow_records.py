@@ -9,11 +9,13 @@ digits study (plain-20 and ResNet-20, a few steps each) and reads it back as the
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -26,7 +28,7 @@ from pipeline.data.folder import scan_split
 from pipeline.models import build_model
 from pipeline.study.runner import close_parent, parent_state
 from pipeline.study.runs import member_runs
-from pipeline.tracking import build_tracker
+from pipeline.tracking import ModelCard, build_tracker
 from pipeline.tracking.datasets import DatasetRecord, describe_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,8 +91,6 @@ def test_new_runs_of_a_taken_name_get_a_suffix_and_a_resume_keeps_its_name(mlflo
 
 
 def test_dataset_inputs_and_a_named_registered_model_with_a_signature(mlflow_server) -> None:
-    import mlflow
-
     client = MlflowClient(mlflow_server.uri)
     tracker = build_tracker(_cfg(mlflow_server.uri, register_model=True), is_main=True, run_name="resnet20")
     run_id = tracker.start(None)
@@ -99,9 +99,12 @@ def test_dataset_inputs_and_a_named_registered_model_with_a_signature(mlflow_ser
         DatasetRecord("digits-val", "fedcba9876543210", "local", "/data/digits/val", 360, "validation"),
     ]
     tracker.log_inputs(records)
+    tracker.log_metrics(10, {"train_top1_error": 3.0, "lr": 0.1})
+    tracker.log_metrics(10, {"val_top1_error": 1.5, "val_top5_error": 0.0})
     example = np.zeros((1, 3, 32, 32), dtype=np.float32)
     model = build_model("cifar_resnet20", num_classes=10)
-    tracker.log_model(model, input_example=example, tags={"checkpoint_uri": "s3://ckpt/run/step-00000010"})
+    card = ModelCard(step=10, input_example=example, metadata={"output": "logits"})
+    tracker.log_model(model, card=card, tags={"checkpoint_uri": "s3://ckpt/run/step-00000010"})
     tracker.finish("FINISHED")
 
     run = client.get_run(run_id)
@@ -114,15 +117,28 @@ def test_dataset_inputs_and_a_named_registered_model_with_a_signature(mlflow_ser
         "digits-val": ("fedcba9876543210", "validation", '{"num_samples": 360}'),
     }
     (logged,) = client.search_logged_models([run.info.experiment_id])
-    assert logged.name == "resnet20" and logged.source_run_id == run_id
+    assert logged.name == "resnet20" and logged.source_run_id == run_id and logged.status == "READY"
     assert logged.tags["checkpoint_uri"] == "s3://ckpt/run/step-00000010"
+    # The model is the run's result at step 10: its train and val metrics, each with the dataset it was measured on,
+    # once (the run's history keeps one point per step), and the run lists it at that step.
+    linked = {(m.key, m.step, m.dataset_name) for m in logged.metrics}
+    assert linked == {
+        ("train_top1_error", 10, "digits-train"),
+        ("val_top1_error", 10, "digits-val"),
+        ("val_top5_error", 10, "digits-val"),
+    }
+    assert len(client.get_metric_history(run_id, "val_top1_error")) == 1
+    assert [(o.model_id, o.step) for o in client.get_run(run_id).outputs.model_outputs] == [(logged.model_id, 10)]
+    assert client.search_logged_models([run.info.experiment_id], filter_string="metrics.val_top1_error < 2")
     mlflow.set_tracking_uri(mlflow_server.uri)
     info = mlflow.models.get_model_info(f"models:/{logged.model_id}")
     (inp,), (out,) = info.signature.inputs.inputs, info.signature.outputs.inputs
     assert (inp.type, inp.shape, out.shape) == (np.dtype("float32"), (-1, 3, 32, 32), (-1, 10))
     assert info.saved_input_example_info is not None
+    assert info.metadata == {"output": "logits"}
     (version,) = client.search_model_versions("name = 'resnet20'")
     assert version.run_id == run_id and version.tags["checkpoint_uri"] == "s3://ckpt/run/step-00000010"
+    assert version.source == f"models:/{logged.model_id}"  # the version shows that model's metrics and datasets
 
 
 def test_dataset_digests_follow_the_file_index_not_its_place(tmp_path: Path) -> None:
@@ -194,9 +210,13 @@ def test_the_parent_reads_its_status_and_end_from_its_members(mlflow_server) -> 
 @pytest.mark.slow
 def test_study_members_show_their_identity_datasets_system_metrics_and_models(mlflow_server, tmp_path: Path) -> None:
     cmd, env = digits_study(
-        tmp_path, mlflow_server.uri, "--tracking.system_metrics_interval_s=1", "--tracking.register_model=true"
+        tmp_path,
+        mlflow_server.uri,
+        "--tracking.system_metrics_interval_s=1",
+        "--tracking.register_model=true",
+        "--checkpoint.uri=ckpt",  # relative to the study's working directory
     )
-    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([*cmd, "--report"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
     client = MlflowClient(mlflow_server.uri)
@@ -222,6 +242,19 @@ def test_study_members_show_their_identity_datasets_system_metrics_and_models(ml
         assert (p["depth"], p["block"], p["stride_in"], p["dataset"]) == ("20", "basic", "3x3", "digits")
         assert (p["global_batch"], p["world_size"]) == ("32", "1")
         assert int(p["train_samples"]) > int(p["val_samples"]) > 0
+        # What a filter or a column picker finds: one spelling of booleans, no empty twin of a resolved param, and
+        # the lr the run used (optim.lr scaled from reference_batch 128 to the global batch 32).
+        assert (p["model.shortcut"], p["model.stride_in"]) == (p["shortcut"], p["stride_in"])
+        assert [k for k, v in p.items() if v == "" and k.rsplit(".", 1)[-1] in p] == []
+        assert (p["model.zero_init_residual"], p["tracking.register_model"], float(p["lr_effective"])) == (
+            "false",
+            "true",
+            float(p["optim.lr"]) * 32 / 128,
+        )
+    run_tags = [{t["key"]: t["value"] for t in r["data"]["tags"]} for r in runs]
+    spelled = {v for values in [*params.values(), *run_tags] for v in values.values()}
+    assert not spelled & {"True", "False"}
+    assert sorted(plain) == sorted(res20)
 
     # A member read back: its datasets (with digests and sizes) and its model, named after it.
     member = member_runs(client, pid, exp)["resnet20"]
@@ -235,23 +268,61 @@ def test_study_members_show_their_identity_datasets_system_metrics_and_models(ml
     assert json.loads(train.profile)["num_samples"] == int(res20["train_samples"])
     assert json.loads(val.profile)["num_samples"] == int(res20["val_samples"])
     assert json.loads(train.source)["uri"].endswith("/train")
-    # MLflow's own system metrics, under its standard names with the node id.
+    # MLflow's own system metrics, under its standard names with the node id; the step time every log_every steps
+    # and the training TFLOP/s (no MFU on the CPU: no peak to measure it against).
     system = {k for k in member.data.metrics if k.startswith("system/")}
     assert {"system/node_0/cpu_utilization_percentage", "system/node_0/system_memory_usage_megabytes"} <= system, system
+    step_times = client.get_metric_history(member.info.run_id, "step_time_s")
+    assert sorted(m.step for m in step_times) == [2, 4, 6, 8, 10] and all(m.value > 0 for m in step_times)
+    assert member.data.metrics["tflops_per_device"] > 0 and "mfu" not in member.data.metrics
     models = {m.name: m for m in client.search_logged_models([exp])}
     assert sorted(models) == ["plain20", "resnet20"]
     logged = models["resnet20"]
     assert logged.source_run_id == member.info.run_id
-    import mlflow
-
     mlflow.set_tracking_uri(mlflow_server.uri)
     signature = mlflow.models.get_model_info(f"models:/{logged.model_id}").signature
     assert [s.shape for s in signature.inputs.inputs] == [(-1, 3, 32, 32)]
     ckpt = logged.tags["checkpoint_uri"]
-    assert ckpt.endswith("/digits_depth_resnet20/step-10")
-    assert Path(ckpt.removeprefix("file://"), "manifest.json").is_file()
+    assert ckpt == str(tmp_path / "ckpt/digits_depth_resnet20/step-10")  # absolute, though configured relative
+    assert Path(ckpt, "manifest.json").is_file()
     (version,) = client.search_model_versions("name = 'resnet20'")
-    assert version.tags["checkpoint_uri"] == ckpt
+    assert version.tags["checkpoint_uri"] == ckpt and version.source == f"models:/{logged.model_id}"
+
+    # The model is the run's result at its last step, measured on the validation split; a metric filter finds both.
+    linked = {m.key: m for m in logged.metrics}
+    final = linked["val_top1_error"]
+    assert (final.step, final.value) == (10, member.data.metrics["val_top1_error"])
+    assert (final.dataset_name, final.dataset_digest) == (val.name, val.digest)
+    found = client.search_logged_models([exp], filter_string="metrics.val_top1_error <= 100")
+    assert sorted(m.name for m in found) == ["plain20", "resnet20"]
+    # How to feed it: a real preprocessed validation image as the example, the normalisation and class names.
+    model_info = mlflow.models.get_model_info(f"models:/{logged.model_id}")
+    local = mlflow.artifacts.download_artifacts(f"models:/{logged.model_id}", dst_path=str(tmp_path / "model"))
+    example = mlflow.models.Model.load(local).load_input_example(local)
+    mean, std = np.array([123.675, 116.28, 103.53]), np.array([58.395, 57.12, 57.375])
+    assert example.shape == (1, 3, 32, 32) and example.dtype == np.float32
+    assert (
+        (example >= (-mean / std)[:, None, None] - 1e-4) & (example <= ((255 - mean) / std)[:, None, None] + 1e-4)
+    ).all()
+    assert example.min() < -1.5 < 1.5 < example.max()  # dark background, bright strokes
+    meta = model_info.metadata
+    assert meta["input"]["normalisation"]["mean"] == list(mean) and meta["input"]["layout"] == "NCHW"
+    assert meta["class_names"] == [str(d) for d in range(10)] and meta["output"] == "logits"
+    assert meta["checkpoint_uri"] == ckpt and len(meta["config_hash"]) == 16
+
+    # The parent: each member's result, sortable at the study's level, and who ran which code.
+    parent = client.get_run(pid)
+    for name, run in member_runs(client, pid, exp).items():
+        assert parent.data.metrics[f"{name}/val_top1_error"] == run.data.metrics["val_top1_error"]
+        assert parent.data.metrics[f"{name}/val_top5_error"] == run.data.metrics["val_top5_error"]
+    assert parent.data.tags["mlflow.source.git.commit"] and parent.data.tags["mlflow.user"]
+    assert client.get_experiment(exp).tags["mlflow.experimentKind"] == "custom_model_development"
+    # The report as the artifact viewer shows it: HTML with its figures inline, their files beside it.
+    report = {a.path for a in client.list_artifacts(pid, "report")}
+    page = Path(client.download_artifacts(pid, "report/report.html", str(tmp_path / "page"))).read_text()
+    figures = re.findall(r'<img src="data:image/png;base64,[^"]+" alt="[^"]*" data-file="([^"]+)"', page)
+    assert figures == ["figure.png", "figure7.png"] and page.count("<img") == 2
+    assert {f"report/{f}" for f in figures} <= report
 
     # The parent: FINISHED, ending with its last member; a rerun with nothing to do leaves it as it was.
     ends = [r.info.end_time for r in member_runs(client, pid, exp).values()]

@@ -143,8 +143,13 @@ def test_report_from_a_synthetic_cifar_study(mlflow_server, tmp_path: Path, caps
     assert "bf16 autocast" in printed
     assert (out / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![Figure 6 layout](figure.png)" in (out / "report.md").read_text()
+    # The HTML page shows the same figure inline (MLflow's artifact viewer shows report.md's link as text).
+    page = (out / "report.html").read_text()
+    assert '<img src="data:image/png;base64,' in page and 'data-file="figure.png"' in page
+    assert "<table>" in page and "<h1>Depth study <code>synthetic</code></h1>" in page
     assert sorted(a.path for a in client.list_artifacts(parent, "report")) == [
         "report/figure.png",
+        "report/report.html",
         "report/report.md",
         "report/table.md",
     ]
@@ -161,6 +166,7 @@ def test_report_from_a_synthetic_cifar_study(mlflow_server, tmp_path: Path, caps
     summary = json.loads(capsys.readouterr().out)
     assert summary["parent_run_id"] == parent and summary["table"].splitlines()[0] in printed
     assert summary["page"] == str((tmp_path / "r2" / "report.md").resolve()) and Path(summary["figure"]).is_file()
+    assert summary["figures"] == [summary["figure"]] and Path(summary["html"]).is_file()
 
 
 def _member(

@@ -172,6 +172,7 @@ def test_two_member_study_nests_children_reports_and_skips_finished_members(mlfl
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} == {
         "report/figure.png",
         "report/figure7.png",  # the study turns diagnostics.response_std on
+        "report/report.html",
         "report/report.md",
         "report/table.md",
     }

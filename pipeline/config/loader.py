@@ -211,6 +211,14 @@ def _read_chain(p: Path, *, named_by: Path | None, chain: tuple[Path, ...]) -> d
     return merge_tables(inherited, data)
 
 
+def param_value(v: Any) -> str:
+    """A config value as an MLflow param or tag string: booleans lower-case as in TOML (one spelling, so a filter
+    ``params.x = 'true'`` finds every run), lists as JSON, anything else as ``str``."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return json.dumps(v) if isinstance(v, list) else str(v)
+
+
 def flatten(cfg: Any) -> dict[str, str]:
     """Dotted key -> string value, for MLflow params (of a config dataclass, or of a part of one as a dict)."""
     out: dict[str, str] = {}
@@ -220,7 +228,7 @@ def flatten(cfg: Any) -> dict[str, str]:
             if isinstance(v, dict):
                 walk(v, f"{prefix}{k}.")
             else:
-                out[f"{prefix}{k}"] = json.dumps(v) if isinstance(v, list) else str(v)
+                out[f"{prefix}{k}"] = param_value(v)
 
     walk(cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg), "")
     return out

@@ -183,7 +183,10 @@ class Storage:
         return Storage(self.url(rel), **self._opts)
 
     def url(self, rel: str = "") -> str:
-        return f"{self.uri}/{rel.strip('/')}" if rel.strip("/") else self.uri
+        """``rel`` below this store as a full address: the remote URL, or the absolute local path (a relative
+        path, as a user may configure one, means nothing in MLflow's UI or on another machine)."""
+        base = self.uri if self.remote else self.root
+        return f"{base}/{rel.strip('/')}" if rel.strip("/") else base
 
     def _path(self, rel: str) -> str:
         rel = rel.strip("/")

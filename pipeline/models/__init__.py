@@ -8,7 +8,7 @@ model_spec("resnet50", stride_in="1x1").tags()
 
 from pipeline.models.blocks import BasicBlock, Bottleneck, ZeroPadShortcut
 from pipeline.models.flops import count_macs
-from pipeline.models.registry import build_model, list_models, model_spec
+from pipeline.models.registry import build_model, list_models, model_spec, train_flops_per_image
 from pipeline.models.resnet import ResNet
 from pipeline.models.spec import ModelSpec
 
@@ -22,4 +22,5 @@ __all__ = [
     "count_macs",
     "list_models",
     "model_spec",
+    "train_flops_per_image",
 ]

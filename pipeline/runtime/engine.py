@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from pipeline.config import DistributedConfig, OptimConfig, PrecisionConfig
+from pipeline.config import DistributedConfig, OptimConfig, PrecisionConfig, param_value
 
 
 def param_groups(model: nn.Module, *, weight_decay: float, no_decay_bn_bias: bool) -> list[dict[str, Any]]:
@@ -49,7 +49,7 @@ class FastPath:
     cudnn_benchmark: bool
 
     def as_params(self) -> dict[str, str]:
-        return {f"fast.{k}": str(v) for k, v in dataclasses.asdict(self).items()}
+        return {f"fast.{k}": param_value(v) for k, v in dataclasses.asdict(self).items()}
 
     def compile_kwargs(self) -> dict[str, Any]:
         # dynamic=False: a new batch size (the last val batch) gets its own static graph instead of turning

@@ -66,3 +66,52 @@ class MetricSums:
             "count": n_images,
         }
         return out, rest
+
+
+# Dense bf16 tensor-core peak of one device in TFLOP/s (NVIDIA's datasheets, without sparsity), matched in this order
+# against the lower-case CUDA device name: the more specific names first ("h100 pcie" before "h100"). A device that
+# is not listed (or a CPU) gets no MFU; its TFLOP/s are still logged.
+BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("gh200", 989.0),
+    ("h200", 989.0),
+    ("h100 pcie", 756.0),
+    ("h100 nvl", 835.0),
+    ("h100", 989.0),
+    ("h800", 989.0),
+    ("b200", 2250.0),
+    ("b100", 1750.0),
+    ("a100", 312.0),
+    ("a800", 312.0),
+    ("l40s", 362.0),
+    ("l40", 181.0),
+    ("l4", 121.0),
+    ("a30", 165.0),
+    ("a40", 150.0),
+    ("a10", 125.0),
+)
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    """The listed bf16 peak of a CUDA device by its name (``torch.cuda.get_device_name``), or None."""
+    name = device_name.lower()
+    return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
+
+
+def efficiency(
+    *, step_time_s: float, images_per_s: float, world_size: int, flops_per_image: float, device: torch.device
+) -> dict[str, float]:
+    """What a logging step adds about speed: the mean optimizer step time, each device's training TFLOP/s
+    (``flops_per_image``: forward and backward, 0 = not counted) and on a listed GPU its MFU against the bf16
+    peak; on CUDA the allocator's peak memory since the last call (reset here). Host-side reads only: no sync."""
+    out = {"step_time_s": step_time_s}
+    if flops_per_image > 0:
+        tflops = flops_per_image * images_per_s / world_size / 1e12
+        out["tflops_per_device"] = tflops
+        peak = bf16_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+        if peak:
+            out["mfu"] = tflops / peak
+    if device.type == "cuda":
+        out["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["memory/max_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+        torch.cuda.reset_peak_memory_stats(device)
+    return out

@@ -34,7 +34,10 @@ def _store_and_ui(uri: str) -> tuple[str, str]:
     exe = str(mlflow) if mlflow.exists() else "mlflow"
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///")).resolve()
-        return str(db), f"{exe} ui --backend-store-uri sqlite:///{db} --port 5000   # then open http://127.0.0.1:5000"
+        return (
+            str(db),
+            f"{exe} ui --backend-store-uri sqlite:///{db} --port 5000   # then open http://127.0.0.1:5000/#/?workflowType=machine_learning",
+        )
     if uri.startswith(("http://", "https://")):
         return uri, f"open {uri} in a browser (the server is already running)"
     return uri, f"{exe} ui --backend-store-uri {uri} --port 5000"
@@ -89,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nMLflow store: {store} (experiment {first.tracking.experiment!r}, parent run {report['parent_run_id']})")
     print(f"MLflow UI:    {ui}")
     print(f"report:       {report['page']}")
-    for label, key in (("figure 6:", "figure"), ("figure 7:", "figure7")):
-        if report.get(key):
-            print(f"{label:<13} {report[key]}")
+    if report.get("html"):
+        print(f"report page:  {report['html']}   (figures inline; also on the parent run in MLflow)")
+    for figure in report.get("figures", []):
+        print(f"figure:       {figure}")
     return 1 if failed else 0
 
 

@@ -32,12 +32,14 @@ finished, FAILED when one failed, ending with the last member (a rerun with noth
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,6 +218,10 @@ def open_parent(
             "study_role": PARENT_ROLE,
             "dataset": dataset,
             "git_commit": git_commit(),
+            # What the UI's "Source" and "User" columns read, as on the members' runs.
+            "mlflow.source.git.commit": git_commit().removesuffix("-dirty"),
+            "mlflow.user": getpass.getuser(),
+            "mlflow.source.type": "LOCAL",
             "mlflow.source.name": "pipeline.study",
             "mlflow.note.content": f"Depth study {study.name}: {', '.join(configs)}. Report: python -m monitoring.report --study {study.name}",
         },
@@ -256,9 +262,35 @@ def parent_state(
     return status, (max(ends) if ends else None)
 
 
+# A member's results the parent repeats as ``<member>/<key>``, so studies sort and compare at the parent's level.
+SUMMARY_KEYS = ("val_top1_error", "val_top5_error", "eval_10crop_top1_error", "eval_10crop_top5_error")
+
+
+def summarise_members(client: Any, parent: str, children: dict[str, Any]) -> dict[str, float]:
+    """Log each member's final results on the parent (``<member>/val_top1_error``, top-5, and the 10-crop ones
+    once ``pipeline.evaluate`` logged them); a value the parent already shows is not logged again. Returns them."""
+    from mlflow.entities import Metric  # heavy: loaded only when the study talks to MLflow
+
+    summary = {
+        f"{name}/{key}": run.data.metrics[key]
+        for name, run in children.items()
+        for key in SUMMARY_KEYS
+        if key in run.data.metrics
+    }
+    have = client.get_run(parent).data.metrics
+    ts = int(time.time() * 1000)
+    new = [Metric(k, v, ts, 0) for k, v in summary.items() if have.get(k) != v]
+    if new:
+        client.log_batch(parent, metrics=new)
+    return summary
+
+
 def close_parent(client: Any, parent: str, exp_id: str, members: list[str], *, failed: bool, stopped: bool) -> str:
-    """Set the parent's status and end time from its members (:func:`parent_state`); returns the status."""
-    status, end_ms = parent_state(member_runs(client, parent, exp_id), members, failed=failed, stopped=stopped)
+    """Set the parent's status and end time from its members (:func:`parent_state`), after its summary of their
+    results (:func:`summarise_members`); returns the status."""
+    children = member_runs(client, parent, exp_id)
+    summarise_members(client, parent, children)
+    status, end_ms = parent_state(children, members, failed=failed, stopped=stopped)
     if status == "RUNNING":
         client.update_run(parent, status=status)
     else:

@@ -46,7 +46,7 @@ class MemberRun:
         raw = self.params.get(key)
         if raw is None:
             return default
-        if raw in ("True", "False"):
+        if raw in ("True", "False"):  # runs logged before params spelled booleans in lower case
             return raw == "True"
         try:
             return json.loads(raw)

@@ -7,11 +7,19 @@ The trainer only sees ``Tracker``. ``start`` is a collective when tracking is en
 from __future__ import annotations
 
 from pipeline.config import TrackingConfig
-from pipeline.tracking.base import NullTracker, Tracker
+from pipeline.tracking.base import ModelCard, NullTracker, Tracker
 from pipeline.tracking.mlflow_tracker import FollowerTracker, MLflowTracker
 from pipeline.tracking.store import DEFAULT_URI, get_or_create_experiment, resolve_uri
 
-__all__ = ["DEFAULT_URI", "NullTracker", "Tracker", "build_tracker", "get_or_create_experiment", "resolve_uri"]
+__all__ = [
+    "DEFAULT_URI",
+    "ModelCard",
+    "NullTracker",
+    "Tracker",
+    "build_tracker",
+    "get_or_create_experiment",
+    "resolve_uri",
+]
 
 
 def build_tracker(

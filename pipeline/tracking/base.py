@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.tracking.datasets import DatasetRecord
 
 if TYPE_CHECKING:
     import numpy as np
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelCard:
+    """What a logged model says about itself: its name ("" = the run's), the run's step it is the result of, an
+    input example (a preprocessed batch, from which its signature is inferred), metadata (how to feed it, what it
+    returns) and files logged with it (e.g. an ImageNet class index)."""
+
+    name: str = ""
+    step: int = 0
+    input_example: np.ndarray | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    extra_files: tuple[str, ...] = ()
 
 
 class Tracker(Protocol):
@@ -20,9 +34,7 @@ class Tracker(Protocol):
     def resend_history(self, rows: list[dict[str, float]]) -> None: ...
     def log_inputs(self, datasets: list[DatasetRecord]) -> None: ...
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None: ...
-    def log_model(
-        self, model: Any, *, name: str = "", input_example: np.ndarray | None = None, tags: dict[str, str] | None = None
-    ) -> None: ...
+    def log_model(self, model: Any, *, card: ModelCard | None = None, tags: dict[str, str] | None = None) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -53,9 +65,7 @@ class NullTracker:
     def log_inputs(self, datasets: list[DatasetRecord]) -> None:
         pass
 
-    def log_model(
-        self, model: Any, *, name: str = "", input_example: np.ndarray | None = None, tags: dict[str, str] | None = None
-    ) -> None:
+    def log_model(self, model: Any, *, card: ModelCard | None = None, tags: dict[str, str] | None = None) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:

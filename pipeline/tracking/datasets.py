@@ -51,6 +51,16 @@ def _relative(path: str, base: str) -> str:
     return path[len(prefix) + 1 :].replace(os.sep, "/") if path.startswith(prefix) else path
 
 
+def split_classes(source: Any) -> tuple[str, ...] | None:
+    """The class names of a built source, in label order (its folder index or shard manifest); None for
+    generated data, whose classes have no names."""
+    index = getattr(source, "index", None)
+    if isinstance(index, SplitIndex):
+        return tuple(index.classes)
+    manifest = getattr(source, "manifest", None)
+    return tuple(manifest.classes) if manifest is not None else None
+
+
 def describe_split(cfg: DataConfig, *, split: str, source: Any) -> DatasetRecord:
     """The record of one built source (``pipeline.data.build_source``'s result) of split ``split``."""
     index = getattr(source, "index", None)
@@ -58,13 +68,13 @@ def describe_split(cfg: DataConfig, *, split: str, source: Any) -> DatasetRecord
         entries = sorted((_relative(f, index.path), label) for f, label in zip(index.files, index.labels, strict=True))
         scheme = index.path.split("://", 1)[0] if "://" in index.path else "local"
         where = index.path if "://" in index.path else os.path.abspath(index.path)
-        digest = _digest({"classes": list(index.classes), "files": entries})
+        digest = _digest({"classes": list(split_classes(source) or ()), "files": entries})
     elif getattr(source, "manifest", None) is not None:  # a sharded split: its manifest names every byte
         path = source.split_uri
         scheme = path.split("://", 1)[0] if "://" in path else "local"
         where = path if "://" in path else os.path.abspath(path)
         digest = _digest(
-            {"classes": list(source.manifest.classes), "shards": [s.sha256 for s in source.manifest.shards]}
+            {"classes": list(split_classes(source) or ()), "shards": [s.sha256 for s in source.manifest.shards]}
         )
     else:  # generated on the fly: the digest covers the generation parameters
         scheme, where = "code", f"pipeline.data.{cfg.source}"

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.config import TrackingConfig
 from pipeline.core.distributed import broadcast_object
-from pipeline.tracking.base import NullTracker
+from pipeline.tracking.base import ModelCard, NullTracker
 from pipeline.tracking.datasets import DatasetRecord
 from pipeline.tracking.sender import MAX_BATCH, BatchSender
 from pipeline.tracking.store import (
@@ -36,9 +36,14 @@ from pipeline.tracking.store import (
 from pipeline.tracking.system_metrics import NodeSystemMetrics, start_node_metrics
 
 if TYPE_CHECKING:
-    import numpy as np
+    from mlflow.entities import Metric
 
 log = logging.getLogger("pipeline.tracking")
+
+# The metrics a logged model is linked to, by prefix, and the dataset context each was measured on.
+_LINKED = {"train_": "training", "val_": "validation"}
+# The run's tags a logged model repeats: who made it, from which code.
+_CONTEXT_TAGS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit")
 
 _MAX_PARAMS = 100  # MLflow's log_batch limits per request
 _MAX_TAGS = 100
@@ -107,6 +112,8 @@ class MLflowTracker:
         self.sender: BatchSender | None = None
         self._monitor: NodeSystemMetrics | None = None
         self._finished = False
+        self._datasets: dict[str, DatasetRecord] = {}  # by context: what the model's metrics were measured on
+        self._latest: dict[str, Metric] = {}  # each key's last point: the model links those of its step
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self, run_id: str | None = None) -> str | None:
@@ -270,6 +277,7 @@ class MLflowTracker:
         from mlflow.entities import Dataset, DatasetInput, InputTag  # heavy: mlflow loads only once a run is tracked
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+        self._datasets.update({d.context: d for d in datasets})
         inputs = [
             DatasetInput(
                 Dataset(
@@ -300,6 +308,7 @@ class MLflowTracker:
             return
         ts = int(time.time() * 1000)
         points = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if isinstance(v, (int, float))]
+        self._latest.update((m.key, m) for m in points)
         self.sender.add_metrics(self.run_id, points)
 
     def resend_history(self, rows: list[dict[str, float]]) -> None:
@@ -344,12 +353,12 @@ class MLflowTracker:
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         self._submit(lambda c: c.log_artifact(self._rid(), path, artifact_path), f"upload {Path(path).name}")
 
-    def log_model(
-        self, model: Any, *, name: str = "", input_example: np.ndarray | None = None, tags: dict[str, str] | None = None
-    ) -> None:
-        """Log ``model`` as a logged model called ``name`` (default: the run name) with a signature inferred
-        from ``input_example`` (a tiny batch); registered under the same name when tracking.register_model,
-        with ``tags`` (e.g. the checkpoint it came from) on the logged model and on the model version."""
+    def log_model(self, model: Any, *, card: ModelCard | None = None, tags: dict[str, str] | None = None) -> None:
+        """Log ``model`` as a logged model described by ``card`` (its name, default the run name; the run's step it
+        is the result of; an input example, from which the signature is inferred; metadata; extra files), with
+        ``tags`` (e.g. the checkpoint it came from) on it and, with tracking.register_model, on a model version of
+        the same name. The run's ``train_*`` and ``val_*`` points at that step are linked to it with the training
+        and validation datasets, so its page and ``search_logged_models`` show the final results."""
         if not self.cfg.log_model:
             return
         try:
@@ -357,21 +366,58 @@ class MLflowTracker:
         except Exception as e:  # noqa: BLE001
             log.warning("MLflow: the model cannot be copied for logging (%s); not logged", e)
             return
-        name = name or self.run_name or "model"
-        self._submit(lambda c: self._log_model(snapshot, name, input_example, dict(tags or {})), f"log model {name}")
+        card = card or ModelCard()
+        name = card.name or self.run_name or "model"
+        linked = [m for m in self._latest.values() if m.step == card.step and m.key.startswith(tuple(_LINKED))]
+        self._submit(lambda c: self._log_model(c, snapshot, name, card, linked, dict(tags or {})), f"log model {name}")
 
-    def _log_model(self, model: Any, name: str, example: np.ndarray | None, tags: dict[str, str]) -> None:
+    def _linked_metrics(self, model_id: str, points: list[Metric]) -> list[Metric]:
+        from mlflow.entities import Metric  # heavy: mlflow loads only once a run is tracked
+
+        out = []
+        for m in points:
+            data = self._datasets.get(_LINKED[m.key.split("_", 1)[0] + "_"])
+            # The point's own timestamp and value: the run's history keeps it once (MLflow skips an identical row).
+            out.append(
+                Metric(
+                    m.key,
+                    m.value,
+                    m.timestamp,
+                    m.step,
+                    model_id=model_id,
+                    dataset_name=data.name if data else None,
+                    dataset_digest=data.digest if data else None,
+                    run_id=self._rid(),
+                )
+            )
+        return out
+
+    def _log_model(
+        self, client: Any, model: Any, name: str, card: ModelCard, linked: list[Metric], tags: dict[str, str]
+    ) -> None:
         import mlflow  # heavy: mlflow loads only once a run is tracked
         import mlflow.pytorch
         import torch
+        from mlflow.entities import LoggedModelOutput
         from mlflow.models import infer_signature
 
-        # The fluent API that log_model uses reads the global URI and experiment; this process has
-        # only this tracker talking to MLflow, so pointing them at our run is safe.
+        # The fluent API that log_model uses reads the global URI; this process has only this tracker talking to
+        # MLflow, so pointing it at our store is safe.
         run_id = self._rid()
         mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(experiment_id=self.experiment_id)
+        run = client.get_run(run_id)
+        # Created here rather than by log_model: given the run, log_model would link the run's metrics at the step
+        # itself, without their datasets, and the model page would list each val_* twice.
+        logged = client.create_logged_model(
+            run.info.experiment_id,
+            name=name,
+            source_run_id=run_id,
+            params=dict(run.data.params),
+            tags={**{k: v for k, v in run.data.tags.items() if k in _CONTEXT_TAGS}, **tags},
+            model_type="image-classifier",
+        )
         signature = None
+        example = card.input_example
         if example is not None:
             with torch.no_grad():
                 out = model(torch.from_numpy(example)).numpy()
@@ -384,14 +430,18 @@ class MLflowTracker:
         info = mlflow.pytorch.log_model(
             model,
             name=name,
-            run_id=run_id,
+            model_id=logged.model_id,
             signature=signature,
             input_example=example,
-            tags=tags or None,
+            metadata=card.metadata or None,
+            extra_files=list(card.extra_files) or None,
             serialization_format="pickle",
             pip_requirements=[f"torch=={torch_version}"],
             code_paths=[str(Path(__file__).resolve().parents[1])],
         )
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=card.step)])
+        for chunk in _chunks(self._linked_metrics(logged.model_id, linked), MAX_BATCH):
+            client.log_batch(run_id, metrics=chunk)
         if self.cfg.register_model:
             version = mlflow.register_model(info.model_uri, name, tags=tags or None)
             log.info("MLflow: registered model %s version %s (%s)", name, version.version, info.model_uri)

@@ -34,10 +34,19 @@ def configure_http_for_training() -> None:
         os.environ.setdefault(k, v)
 
 
+# MLflow 3's UI opens an experiment in its GenAI view (traces) unless told otherwise. Its 3.17 build chooses the view
+# from the ``workflowType`` URL parameter (or the browser's last choice), and reads the experiment's
+# ``mlflow.experimentKind`` tag only where that choice is switched off: the tag is set for those versions, and the
+# addresses this project prints carry the parameter.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI's "Model training"
+_UI_VIEW = "workflowType=machine_learning"
+
+
 def run_url(uri: str, experiment_id: str, run_id: str) -> str:
-    """Where the run is in the UI (a server), or the store and run id (embedded)."""
+    """Where the run is in the UI, in its model-training view (a server), or the store and run id (embedded)."""
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?{_UI_VIEW}"
     return f"{uri} (run {run_id})"
 
 
@@ -47,7 +56,7 @@ def get_or_create_experiment(client: Any, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name)
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":  # another process won the race
                 raise

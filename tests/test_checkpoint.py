@@ -187,6 +187,25 @@ def test_corrupt_file_falls_back_with_warning(tmp_path: Path, caplog: pytest.Log
     assert run.exists("step-3/manifest.rejected.json")
 
 
+def test_evaluate_names_the_older_step_it_falls_back_to_and_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pipeline.evaluate on a run whose newest checkpoint is damaged: the result is an older step's, and the log
+    says which step and why, next to the result."""
+    from pipeline.evaluate import resolve_checkpoint
+
+    ck = _ck(str(tmp_path / "ckpt"), tmp_path, keep_last=3)
+    for step in (1, 2):
+        _save(ck, step)
+    ck.close()
+    _flip_byte(tmp_path / "ckpt" / "run" / "step-2" / "mp_rank_00_model_states.pt")
+    with caplog.at_level(logging.WARNING, logger="pipeline.evaluate"):
+        folder, manifest = resolve_checkpoint(str(tmp_path / "ckpt" / "run"))
+    assert folder.endswith("/run/step-1") and manifest is not None and manifest["step"] == 1
+    assert "evaluating" in caplog.text and "(step 1), not the newest committed checkpoint" in caplog.text
+    assert "step-2 failed verification" in caplog.text and "sha256" in caplog.text.lower(), caplog.text
+
+
 def test_first_good_walks_newest_first_and_names_the_fallback(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from pipeline.checkpoint.layout import committed_candidates, first_good
 

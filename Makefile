@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 RUN := PATH="$(CURDIR)/$(BIN):$$PATH"
 
 demo: $(STAMP)
-	$(RUN) $(BIN)/python -m pipeline.study.demo
+	$(RUN) $(BIN)/python -m pipeline.study.demo $(ARGS)
 
 test: $(STAMP)
 	$(RUN) $(BIN)/python -m pytest tests

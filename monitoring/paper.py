@@ -265,7 +265,7 @@ def _is_cifar10(p: Params) -> bool:
 def _cifar10_run(p: Params) -> str:
     counts = _cifar10_samples(p)
     if counts:
-        return "CIFAR-10 data of " + " / ".join(f"{v:,} {k.split('_')[0]}" for k, v in counts.items()) + " images"
+        return " / ".join(f"{v:,} {k.split('_')[0]}" for k, v in counts.items()) + " images"
     return "CIFAR-10 data not identified (no data.root_sha256 of the known archive, no split sizes logged)"
 
 

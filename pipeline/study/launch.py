@@ -47,13 +47,16 @@ def run_jobs(
     on_start: Callable[[Job, subprocess.Popen], None] | None = None,
     on_exit: Callable[[Job, int, float], None] | None = None,
     stop_after: Callable[[int], bool] | None = None,
+    every_s: float = 30.0,
+    on_tick: Callable[[list[Job]], None] | None = None,
 ) -> dict[str, int]:
     """Run ``jobs``, at most ``parallel`` at once, each pinned to its own cores; returns each one's exit code.
 
     Past ``deadline_s`` (0: none) every running job's process group gets SIGTERM, which training turns into a
     checkpoint and a clean stop; jobs not started get -1. ``stop_after(code)`` True (a member was stopped)
     starts nothing more. Ctrl-C reaches the running jobs (they share this terminal's process group when
-    ``parallel`` is 1, and get SIGINT otherwise); those not started get -1."""
+    ``parallel`` is 1, and get SIGINT otherwise); those not started get -1. ``on_tick(running jobs)`` is called
+    every ``every_s`` seconds while jobs run (a status line when their output goes to logs)."""
     parallel = max(1, parallel)
     slots = cpu_slots(parallel) if parallel > 1 else []
     pending = list(jobs)
@@ -61,6 +64,7 @@ def run_jobs(
     codes: dict[str, int] = {}
     start = time.monotonic()
     halted = False
+    ticked = start
     try:
         while running or (pending and not halted):
             while pending and len(running) < parallel and not halted:
@@ -71,6 +75,9 @@ def run_jobs(
                 if on_start:
                     on_start(job, proc)
             time.sleep(POLL_S if running else 0)
+            if on_tick and running and time.monotonic() - ticked >= every_s:
+                ticked = time.monotonic()
+                on_tick([job for job, _ in running.values()])
             if deadline_s and not halted and time.monotonic() - start > deadline_s:
                 halted = True
                 _signal_all(running, signal.SIGTERM)
@@ -130,3 +137,21 @@ def _wait_group(pgid: int, timeout_s: float = 180.0) -> None:
         except (ProcessLookupError, PermissionError):
             return
         time.sleep(POLL_S)
+
+
+def last_progress(log: Path, *, tail_bytes: int = 4096) -> str:
+    """The newest "step N/M | ... | error E% | ..." of a training log, shortened to "step N/M, error E%"; "" when
+    there is none yet (the member is still starting)."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, log.stat().st_size - tail_bytes))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if "| error " in line and " step " in line:
+            parts = [p.strip() for p in line.split("|")]
+            step = parts[0].rsplit(" ", 1)[-1]
+            error = next((p for p in parts if p.startswith("error ")), "")
+            return f"step {step}, {error}" if error else f"step {step}"
+    return ""

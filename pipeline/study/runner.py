@@ -57,7 +57,7 @@ from pipeline.config import (
     to_toml,
 )
 from pipeline.core.stop import STOP_EXIT_CODE
-from pipeline.study.launch import Job, run_jobs
+from pipeline.study.launch import Job, last_progress, run_jobs
 from pipeline.study.runs import PARENT_ROLE, member_runs, newest_parent
 from pipeline.tracking import get_or_create_experiment, resolve_uri
 from pipeline.tracking.datasets import dataset_name
@@ -457,7 +457,17 @@ def _run_local(
         rest = "; the other members go on" if state == "failed" else ""
         print(f"  {job.name}: {how} after {seconds:.0f} s{rest}", flush=True)
 
-    codes = run_jobs(jobs, parallel=parallel, on_exit=ended, stop_after=lambda rc: _member_state(rc) == "stopped")
+    def status(running: list[Job]) -> None:  # the terminal has no progress bar while members log to files
+        states = [f"{job.name} {last_progress(job.log) or 'starting'}" for job in running if job.log]
+        print(f"  running: {'; '.join(states)}", flush=True)
+
+    codes = run_jobs(
+        jobs,
+        parallel=parallel,
+        on_exit=ended,
+        on_tick=status if parallel > 1 else None,
+        stop_after=lambda rc: _member_state(rc) == "stopped",
+    )
     outcomes = []
     for name in names:
         rc = codes.get(name, -1)

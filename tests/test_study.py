@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,20 @@ def test_two_member_study_nests_children_reports_and_skips_finished_members(mlfl
         "report/report.md",
         "report/table.md",
     }
+
+    # Figure 7 measured again afterwards, on the members' checkpoints, every member the same way.
+    figure7 = [sys.executable, str(REPO / "benchmarks/figure7_from_checkpoints.py"), *cmd[3:4]]
+    res7 = subprocess.run(
+        [*figure7, "--checkpoints", str(tmp_path / "ckpt"), *(a for a in cmd[4:] if a != "--report")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res7.returncode == 0, res7.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in res7.stdout.splitlines()[1:]}
+    assert set(rows) == {"plain20", "resnet20"} and all(r[1] == "step-10" and float(r[3]) > 0 for r in rows.values())
 
     # Rerun: both members finished, nothing trains again.
     res = subprocess.run(cmd[:-1], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pipeline.runtime.metrics import is_timing
 from pipeline.runtime.progress import unwrap_lines
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,9 +218,8 @@ def test_resume_from_a_save_at_an_epoch_end_continues_like_the_uninterrupted_run
     def saved(run: str, step: int) -> tuple[list[dict], dict]:
         d = tmp_path / "ckpt" / run / f"step-{step}"
         history = torch.load(d / "trainer-rank0.pt", weights_only=False)["history"]
-        timing = ("images_per_s", "data_wait_share")
         module = torch.load(d / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-        return [{k: v for k, v in row.items() if k not in timing} for row in history], module
+        return [{k: v for k, v in row.items() if not is_timing(k)} for row in history], module
 
     history, weights = saved("a", 14)
     epoch_end = next(row["step"] for row in history if "val_top1_error" in row)

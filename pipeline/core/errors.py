@@ -7,6 +7,7 @@ bug or an outage and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -36,17 +37,21 @@ class ConfigError(UserError, ValueError):
     same_on_every_rank = True  # every rank reads the same files and flags
 
 
-# How long a rank that stays silent waits before it exits: torchrun stops the whole group as soon as one worker
-# exits, so a silent rank that exits first could kill rank 0 before rank 0 has printed the line it speaks for all.
+# How long a rank that stays silent waits before it exits, on rank 0's node: torchrun stops the node's whole group
+# as soon as one worker exits, so a silent rank that exits first could kill rank 0 before rank 0 has printed the
+# line it speaks for all. On the other nodes a silent rank exits at once: its node's torchrun would otherwise
+# outlive rank 0's (whose store it needs) and end in a connection error instead of the workers' exit code.
 SILENT_RANK_GRACE_S = 5.0
 
 
 def report_error(
     e: BaseException, *, rank: int, fmt: Callable[[str], str] = str, grace_s: float = SILENT_RANK_GRACE_S
 ) -> None:
-    """Print this rank's ``error:`` line for ``e`` to stderr; a rank that rank 0 speaks for waits ``grace_s`` first."""
+    """Print this rank's ``error:`` line for ``e`` to stderr; a rank that rank 0 speaks for, on rank 0's node
+    (``rank < LOCAL_WORLD_SIZE``), waits ``grace_s`` first."""
     line = error_line(e, rank=rank)
     if line is None:
-        time.sleep(grace_s)
+        if rank < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
+            time.sleep(grace_s)
         return
     print(fmt(line), file=sys.stderr, flush=True)

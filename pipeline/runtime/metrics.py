@@ -97,6 +97,15 @@ def bf16_peak_tflops(device_name: str) -> float | None:
     return next((peak for key, peak in BF16_PEAK_TFLOPS if key in name), None)
 
 
+# What a logged row says about speed rather than training: it differs between two runs of the same steps, so a
+# comparison of runs (exact resume, diagnostics on and off) leaves these out.
+TIMING_KEYS = ("images_per_s", "data_wait_share", "step_time_s", "tflops_per_device", "mfu")
+
+
+def is_timing(key: str) -> bool:
+    return key in TIMING_KEYS or key.startswith("memory/")
+
+
 def efficiency(
     *, step_time_s: float, images_per_s: float, world_size: int, flops_per_image: float, device: torch.device
 ) -> dict[str, float]:

@@ -30,21 +30,19 @@ def final_train_error(m: MemberRun) -> float | None:
 def degradation_finding(members: list[MemberRun]) -> str | None:
     """'plain-56 ends at X% training error, plain-20 at Y%: ...' for the shallowest and deepest plain nets and
     the residual net as deep as the deepest plain one; None when the study has fewer than two plain depths."""
-    plain = sorted((m for m in members if not m.residual and final_train_error(m) is not None), key=lambda m: m.depth)
-    if len(plain) < 2 or plain[0].depth == plain[-1].depth:
+    ends = [(m, e) for m in members if (e := final_train_error(m)) is not None]
+    plain = sorted(((m, e) for m, e in ends if not m.residual), key=lambda me: me[0].depth)
+    if len(plain) < 2 or plain[0][0].depth == plain[-1][0].depth:
         return None
-    shallow, deep = plain[0], plain[-1]
-    e_shallow, e_deep = final_train_error(shallow), final_train_error(deep)
-    assert e_shallow is not None and e_deep is not None
+    (shallow, e_shallow), (deep, e_deep) = plain[0], plain[-1]
     head = f"{deep.label} ends at {e_deep:.1f}% training error, {shallow.label} at {e_shallow:.1f}%"
     if e_deep <= e_shallow + MARGIN:
         return f"{head}: the deeper plain net is not worse, so this run does not show the degradation problem."
     text = f"{head}: the deeper plain net is worse, the degradation problem."
-    res = [m for m in members if m.residual and m.depth == deep.depth and final_train_error(m) is not None]
-    if not res:
+    res = next(((m, e) for m, e in ends if m.residual and m.depth == deep.depth), None)
+    if res is None:
         return text
-    e_res = final_train_error(res[0])
-    assert e_res is not None
+    net, e_res = res
     if e_res + MARGIN < e_deep:
-        return f"{text} {res[0].label} ends at {e_res:.1f}%: the shortcuts remove it."
-    return f"{text} {res[0].label} ends at {e_res:.1f}%, no better: this run does not show the shortcuts' cure."
+        return f"{text} {net.label} ends at {e_res:.1f}%: the shortcuts remove it."
+    return f"{text} {net.label} ends at {e_res:.1f}%, no better: this run does not show the shortcuts' cure."

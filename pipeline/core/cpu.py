@@ -13,12 +13,16 @@ import os
 from dataclasses import dataclass
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask; the machine's count where there is none)."""
+def core_ids() -> list[int]:
+    """The cores this process may run on: its affinity mask, or every core of the machine where there is none."""
     try:
-        return len(os.sched_getaffinity(0))
+        return sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # macOS has no affinity mask
-        return os.cpu_count() or 1
+        return list(range(os.cpu_count() or 1))
+
+
+def usable_cores() -> int:
+    return len(core_ids())
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ def plan_threads(*, data_threads: int, ranks_here: int, cores: int | None = None
 def cpu_slots(parallel: int, *, cores: list[int] | None = None) -> list[set[int]]:
     """``parallel`` disjoint sets of this process's cores, as equal as they can be (one core each at least;
     with more processes than cores, slots share cores round-robin)."""
-    cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
+    cores = core_ids() if cores is None else cores
     n = max(1, parallel)
     if n >= len(cores):
         return [{cores[i % len(cores)]} for i in range(n)]

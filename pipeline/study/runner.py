@@ -210,6 +210,7 @@ def open_parent(
         return None
     first = next(iter(configs.values()))
     dataset = dataset_name(first.data)
+    commit = git_commit()  # two git processes: asked once
     run = client.create_run(
         exp_id,
         run_name=study.name,
@@ -217,9 +218,9 @@ def open_parent(
             "study": study.name,
             "study_role": PARENT_ROLE,
             "dataset": dataset,
-            "git_commit": git_commit(),
+            "git_commit": commit,
             # What the UI's "Source" and "User" columns read, as on the members' runs.
-            "mlflow.source.git.commit": git_commit().removesuffix("-dirty"),
+            "mlflow.source.git.commit": commit.removesuffix("-dirty"),
             "mlflow.user": getpass.getuser(),
             "mlflow.source.type": "LOCAL",
             "mlflow.source.name": "pipeline.study",

@@ -83,6 +83,7 @@ def test_member_config_precedence(tmp_path: Path) -> None:
         ('name = "s"\nbogus = 1\n[[members]]\nname = "a"\n', "unknown key"),
         ('[[members]]\nname = "a"\n[[members]]\nname = "a"\n', "unique"),
         ('[[members]]\nname = "a"\nmodel = "cifar_plain7"\n', "study member 'a': model.name"),
+        ('parallel = 0\n[[members]]\nname = "a"\n', "parallel = 0: must be >= 1"),
     ],
 )
 def test_bad_study_files_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:

@@ -418,6 +418,11 @@ _DEVIATIONS_CIFAR = [
         lambda p: p("model.bn_weight_init", p("bn_weight_init", "ones")) == "uniform",
     ),
     Deviation(
+        "the BN closing each residual branch starts with scales from U[0, 1) "
+        "(model.bn_weight_init = 'uniform_residual'; Caffe's: 1)",
+        lambda p: p("model.bn_weight_init", p("bn_weight_init", "ones")) == "uniform_residual" and p.residual,
+    ),
+    Deviation(
         "BN statistics over the images of one rank's batch (the paper: 64 on each of 2 GPUs)",
         lambda p: int(p("data.batch_size", 0)) != 64,
     ),

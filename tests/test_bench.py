@@ -1,6 +1,7 @@
 """The GPU fast path's switches and the benchmarks, on the CPU: resolution of "auto", engine options that
 must not change a number, the throughput benchmark end to end at toy sizes, the JPEG writer, the
-summary table, the CIFAR probe's projection, and the concurrent study launcher with its MLflow import."""
+summary table, the CIFAR probe's projection, the concurrent study launcher with its MLflow import, and the FC
+curvature at initialisation that explains why deep CIFAR ResNets spike."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pipeline.runtime.engine import FastPath, resolve_fast_path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import fc_curvature  # noqa: E402
 import make_jpegs  # noqa: E402
 import study_parallel  # noqa: E402
 import throughput  # noqa: E402
@@ -608,3 +610,40 @@ def test_data_benchmark_puts_mapped_files_beside_read_ones(tmp_path, tiny_jpegs)
     with bench.mapped_files(True):
         assert pipelines.READER_IO == {"dont_use_mmap": False}
     assert pipelines.READER_IO == {"dont_use_mmap": True}
+
+
+# -- the FC curvature at initialisation ------------------------------------------------------------------------
+def test_fc_curvature_is_the_top_eigenvalue_of_the_fc_layers_hessian():
+    """benchmarks/fc_curvature.py's closed form against autograd's Hessian of the same loss in the FC parameters,
+    and the effect it measures: a deeper ResNet whose BN scales start at 1 has the larger curvature."""
+    import torch
+
+    from pipeline.models import build_model
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(12, 3, 32, 32), torch.arange(12) % 10
+    model = build_model("cifar_resnet20")
+    top, loss = fc_curvature.fc_hessian_top(model, images, labels, chunk=5)
+    seen: list[torch.Tensor] = []
+    model.avgpool.register_forward_hook(lambda _m, _i, out: seen.append(out.flatten(1)))
+    with torch.no_grad():  # the same batches (BN on batch statistics) as the closed form
+        for x in images.split(5):
+            model(x)
+    feats = torch.cat(seen).double()
+    w, b = model.fc.weight.detach().double(), model.fc.bias.detach().double()
+
+    def ce(flat):
+        weight, bias = flat[: w.numel()].view_as(w), flat[w.numel() :]
+        return torch.nn.functional.cross_entropy(feats @ weight.T + bias, labels)
+
+    flat = torch.cat([w.flatten(), b])
+    hessian = torch.autograd.functional.hessian(ce, flat)
+    assert abs(loss - float(ce(flat))) < 1e-4
+    assert abs(top - float(torch.linalg.eigvalsh(hessian)[-1])) < 1e-6 * max(1.0, top)
+    torch.manual_seed(0)
+    deeper, _ = fc_curvature.fc_hessian_top(build_model("cifar_resnet56"), images, labels, chunk=5)
+    torch.manual_seed(0)
+    small, _ = fc_curvature.fc_hessian_top(
+        build_model("cifar_resnet56", bn_weight_init="uniform_residual"), images, labels, chunk=5
+    )
+    assert deeper > top and small < deeper / 2

@@ -260,6 +260,26 @@ def test_bn_weight_init_uniform(name):
         assert (both.bn1.weight < 1).all() and both.bn1.weight.any()
 
 
+@pytest.mark.parametrize("name", ["resnet50", "cifar_resnet56", "plain18", "cifar_plain20"])
+def test_bn_weight_init_uniform_residual(name):
+    """bn_weight_init="uniform_residual": only the BN that closes each residual branch starts in [0, 1); every other
+    BN at 1; a plain net, which has no branch, gets exactly the weights of "ones" from the same seed."""
+    torch.manual_seed(0)
+    model = build_model(name, bn_weight_init="uniform_residual")
+    last = {id(b.last_bn()) for b in model.blocks()} if model.spec.residual else set()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            assert not m.bias.any()
+            if id(m) in last:
+                assert 0 <= m.weight.min() and m.weight.max() < 1
+            else:
+                assert (m.weight == 1).all()
+    torch.manual_seed(0)
+    ones = build_model(name, bn_weight_init="ones")
+    same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ones.state_dict().values(), strict=True))
+    assert same == (not model.spec.residual)
+
+
 @pytest.mark.parametrize("name", ["resnet50", "cifar_resnet20"])
 def test_zero_init_residual(name):
     model = build_model(name, zero_init_residual=True)
@@ -340,7 +360,7 @@ def test_unknown_model_is_named_with_the_alternatives(name):
         ("plain18", {"shortcut": "B"}, r"shortcut='B'.*residual=False"),
         ("resnet18", {"residual": False, "shortcut": "A"}, r"shortcut='A'.*residual=False"),
         ("plain18", {"zero_init_residual": True}, r"zero_init_residual=True.*residual=False"),
-        ("resnet18", {"bn_weight_init": "normal"}, r"bn_weight_init='normal'.*'ones', 'uniform'"),
+        ("resnet18", {"bn_weight_init": "normal"}, r"bn_weight_init='normal'.*'ones', 'uniform', 'uniform_residual'"),
         ("cifar_resnet20", {"num_classes": 0}, r"num_classes=0"),
     ],
 )

@@ -14,6 +14,7 @@ from monitoring.paper import (
     TABLE2,
     TABLE3,
     TABLE6,
+    Params,
     describe_recipe,
     recipe_deviations,
     recipe_differences,
@@ -133,15 +134,30 @@ def test_paper_tables_hold_the_papers_numbers() -> None:
 
 
 @pytest.mark.parametrize("path", _files("cifar10"), ids=lambda p: p.stem)
-def test_cifar_paper_configs_start_bn_scales_from_uniform(path: Path) -> None:
-    """The fix that lets ResNet-44/56/110 train at lr 0.1 from step 0 (benchmarks/RESULTS.md): every BN scale of a
-    CIFAR paper config starts in [0, 1), not at 1; the ImageNet configs keep torchvision's start."""
+def test_cifar_paper_configs_start_residual_branches_small_and_plain_nets_as_the_paper(path: Path) -> None:
+    """The fix that lets ResNet-44/56/110 train at lr 0.1 from step 0 (benchmarks/RESULTS.md): the BN that closes
+    each residual branch starts in [0, 1), every other BN at 1; a plain net is the paper's start, bit for bit
+    (same weights as bn_weight_init = "ones" from the same seed). The ImageNet configs keep torchvision's start."""
     cfg = load_config(path, [])
+    assert cfg.model.bn_weight_init == "uniform_residual"
+    overrides = cfg.model.overrides()
     torch.manual_seed(0)
-    model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, **cfg.model.overrides())
-    scales = torch.cat([m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)])
-    assert cfg.model.bn_weight_init == "uniform"
-    assert 0 <= scales.min() and scales.max() < 1 and 0.4 < scales.mean() < 0.6, scales.mean()
+    model = build_model(cfg.model.name, num_classes=cfg.model.num_classes, **overrides)
+    last = {id(b.last_bn()) for b in model.blocks()} if model.spec.residual else set()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    closing = torch.cat([m.weight.detach() for m in bns if id(m) in last] or [torch.zeros(0)])
+    others = torch.cat([m.weight.detach() for m in bns if id(m) not in last])
+    assert (others == 1).all()
+    if model.spec.residual:
+        assert 0 <= closing.min() and closing.max() < 1 and 0.4 < closing.mean() < 0.6, closing.mean()
+    else:
+        torch.manual_seed(0)
+        paper = build_model(
+            cfg.model.name, num_classes=cfg.model.num_classes, **{**overrides, "bn_weight_init": "ones"}
+        )
+        assert all(
+            torch.equal(a, b) for a, b in zip(model.state_dict().values(), paper.state_dict().values(), strict=True)
+        )
 
 
 @pytest.mark.parametrize("path", _files("imagenet") + MODERN, ids=lambda p: p.stem)
@@ -207,7 +223,9 @@ def test_paper_configs_state_their_deliberate_deviations(path: Path) -> None:
     assert any("bf16 autocast" in d for d in deviations) and any("fan_out" in d for d in deviations)
     assert any("per-channel mean/std" in d for d in deviations) != bool(load_config(path).data.mean_image)
     if table is TABLE6:
-        assert any("U[0, 1)" in d for d in deviations) and any("BN statistics" in d for d in deviations)
+        # the BN-scale start is a deviation only where there is a residual branch: a plain net starts as the paper
+        assert any("U[0, 1)" in d for d in deviations) == Params(params).residual
+        assert any("BN statistics" in d for d in deviations)
     base = (path.parent / "_paper.toml").read_text().split("\n\n")[0].lower()
     for said in ("bf16", "fan_out", "per-pixel mean") + (("u[0, 1)", "2 gpus x 64") if table is TABLE6 else ()):
         assert said in base, f"{path.parent.name}/_paper.toml's first comment does not state {said!r}"

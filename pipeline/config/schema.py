@@ -34,10 +34,12 @@ class ModelConfig:
     shortcut: Literal["", "A", "B", "C"] = doc("", '"" keeps the model\'s default (A for CIFAR, B for ImageNet)')
     stride_in: Literal["", "3x3", "1x1"] = doc("", 'bottleneck stride placement; "" = model default ("3x3")')
     zero_init_residual: bool = doc(False, "zero the last BN of every residual branch")
-    bn_weight_init: Literal["ones", "uniform"] = doc(
+    bn_weight_init: Literal["ones", "uniform", "uniform_residual"] = doc(
         "ones",
-        'how every BN scale starts: "ones" (torchvision; the Caffe Scale layer of the paper\'s released models) '
-        'or "uniform", U[0,1) (PyTorch < 1.2; the CIFAR paper configs: deep nets then train at lr 0.1 from step 0)',
+        'how the BN scales start: "ones" (torchvision; the Caffe Scale layer of the paper\'s released models), '
+        '"uniform", U[0,1) for every BN (PyTorch < 1.2), or "uniform_residual", U[0,1) only for the last BN of each '
+        "residual branch and 1 elsewhere (the CIFAR paper configs: deep ResNets then train at lr 0.1 from step 0; "
+        'a plain net starts exactly as with "ones")',
     )
     channels_last: bool | Literal["auto"] = doc(
         "auto", "NHWC memory format, applied after deepspeed.initialize; auto: on with CUDA"

@@ -108,7 +108,7 @@ def build_model(name: str, *, num_classes: int | None = None, **overrides: Any) 
     num_classes defaults to 1000 for ImageNet networks and 10 for CIFAR ones.
     overrides: residual (bool), shortcut ("A" | "B" | "C"), stride_in
     ("3x3" | "1x1", bottlenecks only), zero_init_residual (bool), bn_weight_init
-    ("ones" | "uniform").
+    ("ones" | "uniform" | "uniform_residual").
     """
     return ResNet(model_spec(name, num_classes=num_classes, **overrides))
 

@@ -74,15 +74,21 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
-                # "uniform" on CIFAR: with every gamma at 1 the residual stream of a deep net sums many
-                # unit-variance branches, so the pooled features are large and lr 0.1 overshoots the FC layer
-                # in the first steps (ResNet-56's loss spikes to 5-6 and sits near chance for ~100 steps,
-                # benchmarks/RESULTS.md). U[0, 1) gammas (mean 1/2, mean square 1/3) shrink each branch.
                 if self.spec.bn_weight_init == "uniform":
                     nn.init.uniform_(m.weight)
                 else:
                     nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+        if self.spec.bn_weight_init == "uniform_residual":
+            # The CIFAR paper configs: with every gamma at 1 the residual stream of a deep net sums many
+            # unit-variance branches, so the pooled features are large and lr 0.1 overshoots the FC layer in
+            # the first steps (ResNet-56's loss spikes to 5-6 and sits near chance for ~100 steps,
+            # benchmarks/RESULTS.md). U[0, 1) gammas (mean square 1/3) on the BN that closes each branch
+            # shrink what every block adds. Only that BN: the others are normalised again by the next BN,
+            # and a plain net has no branch, so it starts (and draws its random numbers) exactly as "ones".
+            for block in self.blocks():
+                if block.residual:
+                    nn.init.uniform_(block.last_bn().weight)
         if self.spec.zero_init_residual:
             # Each residual block then starts as the identity (Goyal et al. 2017),
             # which eases large-batch training of the deepest nets.

@@ -14,13 +14,13 @@ Block = Literal["basic", "bottleneck"]
 Stem = Literal["imagenet", "cifar"]
 Shortcut = Literal["A", "B", "C"]
 StrideIn = Literal["3x3", "1x1"]
-BnWeightInit = Literal["ones", "uniform"]
+BnWeightInit = Literal["ones", "uniform", "uniform_residual"]
 
 BLOCKS: tuple[Block, ...] = ("basic", "bottleneck")
 STEMS: tuple[Stem, ...] = ("imagenet", "cifar")
 SHORTCUTS: tuple[Shortcut, ...] = ("A", "B", "C")
 STRIDE_INS: tuple[StrideIn, ...] = ("3x3", "1x1")
-BN_WEIGHT_INITS: tuple[BnWeightInit, ...] = ("ones", "uniform")
+BN_WEIGHT_INITS: tuple[BnWeightInit, ...] = ("ones", "uniform", "uniform_residual")
 
 # Convolutions on the residual branch of one block; the depth the paper quotes
 # counts these plus the stem conv and the classifier.
@@ -70,7 +70,9 @@ class ModelSpec:
     stride_in: StrideIn = "3x3"
     zero_init_residual: bool = False
     # How every BN's scale (gamma) starts: "ones" (torchvision, Caffe's Scale layer, PyTorch >= 1.2) or
-    # "uniform", U[0, 1) (PyTorch before 1.2). See ResNet._init_weights for why it matters on CIFAR.
+    # "uniform", U[0, 1) (PyTorch before 1.2), or "uniform_residual": U[0, 1) only for the last BN of every
+    # residual branch, the one whose output is added to the stream (a plain net starts as with "ones").
+    # See ResNet._init_weights for why it matters on CIFAR.
     bn_weight_init: BnWeightInit = "ones"
     num_classes: int = 1000
 

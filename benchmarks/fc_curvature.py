@@ -32,19 +32,30 @@ from pipeline.models.spec import BN_WEIGHT_INITS
 MOMENTUM_BOUND = 2 * (1 + 0.9)  # lr * lambda above this diverges on a quadratic (heavy ball, beta 0.9)
 
 
+def pooled_features(
+    model: torch.nn.Module, images: torch.Tensor, *, chunk: int = 100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the FC layer reads (the pooled features) and what it returns (the logits), in training mode: BN on
+    each chunk's batch statistics, as in the first training steps."""
+    feats: list[torch.Tensor] = []
+    hook = model.avgpool.register_forward_hook(lambda _m, _i, out: feats.append(out.flatten(1)))
+    model.train()
+    try:
+        with torch.no_grad():
+            logits = torch.cat([model(x) for x in images.split(chunk)])
+    finally:
+        hook.remove()
+    return torch.cat(feats), logits
+
+
 def fc_hessian_top(
     model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, chunk: int = 100
 ) -> tuple[float, float]:
     """The largest eigenvalue of the mean cross-entropy's Hessian in the FC layer's weights and bias, and the
     loss itself (2.30 at chance: a deep net whose logits are already large starts above it, on a saturated
     softmax whose curvature is small but whose gradient is not)."""
-    feats: list[torch.Tensor] = []
-    hook = model.avgpool.register_forward_hook(lambda _m, _i, out: feats.append(out.flatten(1)))
-    model.train()  # BN on batch statistics, as in the first training steps
-    with torch.no_grad():
-        logits = torch.cat([model(x) for x in images.split(chunk)])
-    hook.remove()
-    x = torch.cat(feats).double()
+    feats, logits = pooled_features(model, images, chunk=chunk)
+    x = feats.double()
     x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
     p = logits.double().softmax(1)
     k, d = p.shape[1], x.shape[1]

@@ -412,15 +412,21 @@ _DEVIATIONS_COMMON = [
     ),
 ]
 
+
+def _bn_weight_init(p: Params) -> str:
+    """How the run's BN scales started: its config key model.bn_weight_init, else the identity param of that name."""
+    return p("model.bn_weight_init", p("bn_weight_init", "ones"))
+
+
 _DEVIATIONS_CIFAR = [
     Deviation(
         "BN scales start from U[0, 1), PyTorch < 1.2's start (model.bn_weight_init = 'uniform'; Caffe's: 1)",
-        lambda p: p("model.bn_weight_init", p("bn_weight_init", "ones")) == "uniform",
+        lambda p: _bn_weight_init(p) == "uniform",
     ),
     Deviation(
         "the BN closing each residual branch starts with scales from U[0, 1) "
         "(model.bn_weight_init = 'uniform_residual'; Caffe's: 1)",
-        lambda p: p("model.bn_weight_init", p("bn_weight_init", "ones")) == "uniform_residual" and p.residual,
+        lambda p: _bn_weight_init(p) == "uniform_residual" and p.residual,
     ),
     Deviation(
         "BN statistics over the images of one rank's batch (the paper: 64 on each of 2 GPUs)",

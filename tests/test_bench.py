@@ -624,12 +624,7 @@ def test_fc_curvature_is_the_top_eigenvalue_of_the_fc_layers_hessian():
     images, labels = torch.randn(12, 3, 32, 32), torch.arange(12) % 10
     model = build_model("cifar_resnet20")
     top, loss = fc_curvature.fc_hessian_top(model, images, labels, chunk=5)
-    seen: list[torch.Tensor] = []
-    model.avgpool.register_forward_hook(lambda _m, _i, out: seen.append(out.flatten(1)))
-    with torch.no_grad():  # the same batches (BN on batch statistics) as the closed form
-        for x in images.split(5):
-            model(x)
-    feats = torch.cat(seen).double()
+    feats = fc_curvature.pooled_features(model, images, chunk=5)[0].double()  # the same batches as the closed form
     w, b = model.fc.weight.detach().double(), model.fc.bias.detach().double()
 
     def ce(flat):
